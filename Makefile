@@ -1,0 +1,34 @@
+# Every target works on a fresh clone: `make test` and `make demo` create the virtualenv first.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+# torch/torchvision are pinned to the builds this project is tested with; override for other platforms.
+TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
+DEMO_RUN ?= demo-run
+
+.PHONY: install test test-fast demo bench clean
+
+install: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet $(TORCH_SPEC)
+	$(PY) -m pip install --quiet -e '.[dev]'
+	touch $@
+
+test: install
+	$(PY) -m pytest -q
+
+test-fast: install
+	$(PY) -m pytest -q -m "not slow"
+
+demo: install
+	$(VENV)/bin/mimicfilter score demo/shards --model demo/tiny-clip.json \
+		--reference demo/reference.safetensors --batch-size 128 --out $(DEMO_RUN) --overwrite
+	$(PY) scripts/demo_summary.py $(DEMO_RUN)
+
+bench: install
+	$(PY) benchmarks/bench_score.py
+
+clean:
+	rm -rf $(VENV) $(DEMO_RUN) .pytest_cache *.egg-info

@@ -1,0 +1,67 @@
+"""What every command shares: turning library errors into one line, and the progress bar."""
+
+from __future__ import annotations
+
+import functools
+import sys
+
+import click
+from tqdm import tqdm
+
+from mimicfilter.errors import MimicfilterError
+
+
+def one_line_errors(command):
+    """Report MimicfilterError as ``Error: ... (hint: ...)`` on stderr with exit code 2."""
+
+    @functools.wraps(command)
+    def wrapper(*args, **kwargs):
+        try:
+            return command(*args, **kwargs)
+        except MimicfilterError as error:
+            click.echo(f"Error: {error}", err=True)
+            sys.exit(2)
+        except KeyboardInterrupt:
+            click.echo("Interrupted: finished parts are kept; re-run the same command to resume.", err=True)
+            sys.exit(130)
+
+    return wrapper
+
+
+class ProgressBar:
+    """A tqdm bar on stderr: samples/s, shards done, and an ETA from the mean shard size so far."""
+
+    def __init__(self, enabled: bool):
+        self.enabled = enabled
+        self.bar = None
+        self.shards_total = 0
+        self.shards_done = 0
+        self.samples_in_done_shards = 0
+        self.shards_done_now = 0
+
+    def start(self, shards_total: int, shards_done: int) -> None:
+        self.shards_total, self.shards_done = shards_total, shards_done
+        if self.enabled:
+            self.bar = tqdm(total=None, unit="sample", file=sys.stderr, dynamic_ncols=True, desc="scoring")
+            self._postfix()
+
+    def advance(self, samples: int) -> None:
+        if self.bar is not None:
+            self.bar.update(samples)
+
+    def shard_done(self, samples: int) -> None:
+        self.shards_done += 1
+        self.shards_done_now += 1
+        self.samples_in_done_shards += samples
+        if self.bar is not None:
+            remaining = self.shards_total - self.shards_done
+            mean = self.samples_in_done_shards / self.shards_done_now
+            self.bar.total = int(self.bar.n + remaining * mean)  # an estimate: shard sizes are unknown ahead
+            self._postfix()
+
+    def _postfix(self) -> None:
+        self.bar.set_postfix_str(f"shards {self.shards_done}/{self.shards_total}", refresh=True)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()

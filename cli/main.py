@@ -1,0 +1,20 @@
+"""``mimicfilter`` entry point: the command group."""
+
+import click
+
+from mimicfilter import __version__
+from mimicfilter_cli.score import score
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.version_option(__version__, prog_name="mimicfilter")
+def cli():
+    """Score and curate WebDataset image-text shards with Grad-Mimic mimic scores.
+
+    \b
+    Example:
+      mimicfilter score 'pool/{000..009}.tar' --model ViT-B-32 --reference openai --out runs/pool
+    """
+
+
+cli.add_command(score)

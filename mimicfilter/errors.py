@@ -1,0 +1,16 @@
+"""The one exception type the CLI turns into a one-line message (exit code 2)."""
+
+
+class MimicfilterError(Exception):
+    """A user-facing error: bad input, bad options, or an unusable model.
+
+    ``hint`` is a short suggestion of what to do instead; the CLI prints it after the message.
+    """
+
+    def __init__(self, message: str, hint: str | None = None):
+        super().__init__(message)
+        self.message = message
+        self.hint = hint
+
+    def __str__(self) -> str:
+        return self.message if not self.hint else f"{self.message} (hint: {self.hint})"

@@ -1,0 +1,115 @@
+"""The mimic-score math: per-sample losses, scores by one forward-mode JVP, batch weights.
+
+Everything here is a pure tensor function. The score of sample i is
+
+    s_i = <-grad_P l_i, V> / ||V||,   V = theta_P^ref - theta_P,
+
+i.e. minus the directional derivative of the per-sample loss l_i along the unit direction
+V/||V||. The whole batch's scores therefore come from ONE Jacobian-vector product of the
+per-sample-loss vector: no per-sample gradient is ever materialised (the contrastive loss couples
+samples, so per-sample gradients would recompute the batch B times).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+ParamDict = dict[str, torch.Tensor]
+
+
+@dataclass(frozen=True)
+class MimicResult:
+    """Per-sample outputs of one batch (all 1-D tensors of length B)."""
+
+    loss: torch.Tensor
+    score: torch.Tensor
+    weight: torch.Tensor  # relative weight r_i = B * softmax(s / tau)_i; 1 means uniform
+
+
+def contrastive_per_sample_loss(
+    image_features: torch.Tensor,
+    text_features: torch.Tensor,
+    logit_scale: torch.Tensor,
+    logit_bias: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Per-sample CLIP (softmax) or SigLIP (sigmoid, when ``logit_bias`` is given) loss.
+
+    Features must already be L2-normalised. Softmax: l_i = (CE(row i -> i) + CE(col i -> i)) / 2,
+    so mean_i l_i is CLIP's batch loss. Sigmoid: l_i = (sum of row i's and column i's pairwise
+    sigmoid-loss terms) / 2, so mean_i l_i is SigLIP's batch loss (sum over pairs / B).
+    """
+    logits = logit_scale * image_features @ text_features.T
+    batch = logits.shape[0]
+    if logit_bias is None:
+        targets = torch.arange(batch, device=logits.device)
+        row = F.cross_entropy(logits, targets, reduction="none")
+        column = F.cross_entropy(logits.T, targets, reduction="none")
+        return 0.5 * (row + column)
+    signs = 2.0 * torch.eye(batch, device=logits.device, dtype=logits.dtype) - 1.0
+    terms = -F.logsigmoid(signs * (logits + logit_bias))
+    return 0.5 * (terms.sum(dim=1) + terms.sum(dim=0))
+
+
+def classification_per_sample_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    return F.cross_entropy(logits, labels, reduction="none")
+
+
+def clip_similarity(image_features: torch.Tensor, text_features: torch.Tensor) -> torch.Tensor:
+    """Cosine similarity of each matching pair (features already normalised)."""
+    return (image_features * text_features).sum(dim=-1)
+
+
+def relative_weights(scores: torch.Tensor, temperature: float) -> torch.Tensor:
+    """r_i = B * softmax(s / tau)_i: the batch weights of Grad-Mimic, scaled so uniform is 1."""
+    return scores.numel() * torch.softmax(scores / temperature, dim=0)
+
+
+@dataclass(frozen=True)
+class MimicDirection:
+    """V / ||V|| per mimic layer, and ||V|| itself (recorded in run.json)."""
+
+    unit: ParamDict
+    norm: float
+
+
+def mimic_direction(reference: ParamDict, proxy: ParamDict) -> MimicDirection:
+    """The unit direction from the proxy toward the reference on the mimic layers.
+
+    Raises ValueError naming both shapes when a parameter's shapes differ, and when V = 0 (the
+    proxy already equals the reference on the mimic layers, so every score would be 0/0).
+    """
+    direction = {}
+    for name, proxy_value in proxy.items():
+        reference_value = reference[name]
+        if reference_value.shape != proxy_value.shape:
+            raise ValueError(
+                f"mimic layer {name}: reference shape {tuple(reference_value.shape)} "
+                f"!= proxy shape {tuple(proxy_value.shape)}"
+            )
+        direction[name] = (reference_value - proxy_value).detach()
+    norm = torch.sqrt(sum((value.double() ** 2).sum() for value in direction.values())).item()
+    if norm == 0.0:
+        raise ValueError("the proxy equals the reference on the mimic layers (V = 0)")
+    return MimicDirection(unit={name: value / norm for name, value in direction.items()}, norm=norm)
+
+
+def mimic_scores(
+    per_sample_loss: Callable[[ParamDict], torch.Tensor],
+    params: ParamDict,
+    unit_direction: ParamDict,
+    temperature: float,
+) -> MimicResult:
+    """Scores of a batch from one forward-mode JVP of ``per_sample_loss`` at ``params``.
+
+    ``per_sample_loss`` maps the mimic-layer parameters to the vector of per-sample losses; the
+    JVP along ``unit_direction`` gives d l_i / d eps for theta_P + eps V/||V||, and s_i is minus that.
+    """
+    primals = {name: value.detach() for name, value in params.items()}
+    tangents = {name: unit_direction[name].to(value) for name, value in primals.items()}
+    loss, directional = torch.func.jvp(per_sample_loss, (primals,), (tangents,))
+    score = -directional
+    return MimicResult(loss=loss.detach(), score=score.detach(), weight=relative_weights(score.detach(), temperature))

@@ -1,0 +1,262 @@
+"""The ``score`` pipeline: shards → decoded samples → batches → scores → one Parquet part per shard.
+
+Stages are composed here and nowhere else:
+
+    read (shards.iter_shard_samples) → decode (decode.decode_sample) → batch (batches.group_batches)
+        → score (scorer.ContrastiveScorer) → write (tables.write_part, atomic)
+
+:func:`score_shard` is the pure, idempotent unit of work (one shard → one part) for any executor;
+:func:`run_score` is the local executor: DataLoader workers read and decode whole shards in
+parallel while the main process scores, and each part is written as soon as its shard is complete.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import sys
+import time
+from collections import Counter
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterator, Protocol
+
+import pyarrow.compute as pc
+import torch
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+from mimicfilter import __version__
+from mimicfilter.batches import group_batches
+from mimicfilter.decode import DecodeConfig, decode_sample
+from mimicfilter.errors import MimicfilterError
+from mimicfilter.models import LoadedModels, ModelSpec, load_models, resolve_device
+from mimicfilter.rundir import SCORES_DIR, finish_run_dir, prepare_run_dir
+from mimicfilter.scorer import BatchScores, ContrastiveScorer
+from mimicfilter.shards import iter_shard_samples, part_name
+from mimicfilter.tables import STATUSES, read_scores, rows_to_table, write_part
+
+DEFAULT_TEMPERATURE = {"contrastive": 0.05, "classify": 1.0}
+TRAIN_MODES = ("none",)
+
+
+@dataclass(frozen=True)
+class ScoreConfig:
+    """Everything ``mimicfilter score`` needs; validated once, up front."""
+
+    shards: tuple[str, ...]
+    out_dir: Path
+    model: ModelSpec
+    decode: DecodeConfig = field(default_factory=DecodeConfig)
+    batch_size: int = 256
+    workers: int = 0
+    temperature: float | None = None
+    train: str = "none"
+    allow_pipe: bool = False
+    overwrite: bool = False
+    argv: tuple[str, ...] = ()
+
+    def __post_init__(self):
+        if not self.shards:
+            raise MimicfilterError("no shards to score", hint="pass shard files, a directory, a pattern or @list.txt")
+        if self.batch_size < 2:
+            raise MimicfilterError(f"--batch-size {self.batch_size}: need at least 2 (the loss contrasts pairs)")
+        if self.workers < 0:
+            raise MimicfilterError(f"--workers {self.workers}: must be 0 or more")
+        if self.temperature is not None and not self.temperature > 0:
+            raise MimicfilterError(f"--temperature {self.temperature}: must be positive")
+        if self.train not in TRAIN_MODES:
+            raise MimicfilterError(f"--train {self.train}: not supported", hint=f"one of {', '.join(TRAIN_MODES)}")
+
+    @property
+    def effective_temperature(self) -> float:
+        return self.temperature if self.temperature is not None else DEFAULT_TEMPERATURE[self.decode.task]
+
+
+class Progress(Protocol):
+    """What the pipeline reports while it runs (the CLI draws a bar from it)."""
+
+    def start(self, shards_total: int, shards_done: int) -> None: ...
+
+    def advance(self, samples: int) -> None: ...
+
+    def shard_done(self, samples: int) -> None: ...
+
+    def close(self) -> None: ...
+
+
+def part_path(run_dir: Path, shard: str) -> Path:
+    return run_dir / SCORES_DIR / f"{part_name(shard)}.parquet"
+
+
+def _tokenize(tokenizer: Callable, caption: str) -> torch.Tensor:
+    return tokenizer([caption])[0]
+
+
+def shard_batches(
+    shard: str, decode_config: DecodeConfig, preprocess: Callable, tokenizer: Callable, batch_size: int, allow_pipe: bool
+) -> Iterator[dict[str, Any]]:
+    """read → decode → batch for one shard."""
+    tokenize = functools.partial(_tokenize, tokenizer) if decode_config.task == "contrastive" else None
+    raw_samples = iter_shard_samples(shard, allow_pipe=allow_pipe)
+    decoded = (decode_sample(raw, decode_config, preprocess, tokenize) for raw in raw_samples)
+    yield from group_batches(decoded, batch_size, shard)
+
+
+class _ShardBatches(IterableDataset):
+    """Each DataLoader worker reads whole shards (every ``num_workers``-th one) and yields batches."""
+
+    def __init__(self, shards: list[str], decode_config, preprocess, tokenizer, batch_size: int, allow_pipe: bool):
+        self.shards = shards
+        self.arguments = (decode_config, preprocess, tokenizer, batch_size, allow_pipe)
+
+    def __iter__(self):
+        worker = get_worker_info()
+        mine = self.shards if worker is None else self.shards[worker.id :: worker.num_workers]
+        for shard in mine:
+            yield from shard_batches(shard, *self.arguments)
+
+
+def batch_rows(batch: dict[str, Any], scores: BatchScores | None, epoch: int = 0) -> list[dict[str, Any]]:
+    """One output row per sample of the batch; samples that are not ok get null scores."""
+    rows = []
+    ok_position = 0
+    for meta in batch["rows"]:
+        row = {**meta, "shard": batch["shard"], "epoch": epoch, "step": batch["step"]}
+        if meta["status"] == "ok" and scores is not None:
+            for column in ("mimic_score", "mimic_weight", "loss", "clip_score", "ref_loss"):
+                row[column] = float(getattr(scores, column)[ok_position])
+            ok_position += 1
+        rows.append(row)
+    return rows
+
+
+def score_batch(scorer: ContrastiveScorer, batch: dict[str, Any]) -> list[dict[str, Any]]:
+    scores = scorer.score(batch["images"], batch["texts"]) if batch["images"] is not None else None
+    return batch_rows(batch, scores)
+
+
+def score_shard(shard: str, scorer: ContrastiveScorer, config: ScoreConfig) -> int:
+    """Score one shard into its part file (skipped when the part exists); returns the row count.
+
+    Pure and idempotent: the part depends only on the shard and the config, so any executor may
+    call it, retry it, or run it on another machine.
+    """
+    path = part_path(config.out_dir, shard)
+    if path.exists():
+        return 0
+    models = scorer.models
+    rows = []
+    for batch in shard_batches(
+        shard, config.decode, models.preprocess, models.tokenizer, config.batch_size, config.allow_pipe
+    ):
+        rows.extend(score_batch(scorer, batch))
+    write_part(rows_to_table(rows), path)
+    return len(rows)
+
+
+def _fingerprint(config: ScoreConfig, models: LoadedModels, scorer: ContrastiveScorer) -> dict[str, Any]:
+    provenance = models.provenance
+    return {
+        "format": 1,
+        "shards": list(config.shards),
+        "architecture": provenance["architecture"],
+        "architecture_config": provenance["architecture_config"],
+        "reference": {k: v for k, v in provenance["reference"].items() if k != "path"},
+        "proxy": {k: v for k, v in provenance["proxy"].items() if k != "path"},
+        "mimic_layers": list(models.mimic_layers),
+        "batch_size": config.batch_size,
+        "temperature": config.effective_temperature,
+        "seed": config.model.seed,
+        "train": config.train,
+        "device_type": models.device.type,
+        "decode": asdict(config.decode),
+    }
+
+
+def build_scorer(config: ScoreConfig) -> ContrastiveScorer:
+    device = resolve_device(config.model.device)
+    torch.manual_seed(config.model.seed)
+    models = load_models(ModelSpec(**{**asdict(config.model), "device": str(device)}))
+    autocast = torch.bfloat16 if device.type == "cuda" else None
+    return ContrastiveScorer(models, config.effective_temperature, autocast_dtype=autocast)
+
+
+def _table_stats(run_dir: Path) -> dict[str, Any]:
+    table = read_scores(run_dir, columns=["status", "mimic_score"])
+    counts = Counter(table.column("status").to_pylist())
+    scores = table.column("mimic_score").drop_null()
+    return {
+        "rows": table.num_rows,
+        "status_counts": {status: counts.get(status, 0) for status in STATUSES},
+        "mimic_score_mean": pc.mean(scores).as_py() if len(scores) else None,
+        "mimic_score_positive_fraction": (pc.sum(pc.greater(scores, 0)).as_py() / len(scores)) if len(scores) else None,
+    }
+
+
+def run_score(config: ScoreConfig, progress: Progress | None = None) -> dict[str, Any]:
+    """Score every shard into ``config.out_dir`` (resuming an earlier identical run); returns the stats."""
+    started = time.time()
+    scorer = build_scorer(config)
+    models = scorer.models
+    provenance = {
+        "mimicfilter_version": __version__,
+        "argv": list(config.argv) or sys.argv,
+        "models": models.provenance,
+        "scoring_route": scorer.route,
+        "shared_trunk": scorer.shared_trunk,
+        "temperature": config.effective_temperature,
+        "batch_size": config.batch_size,
+        "seed": config.model.seed,
+        "train": config.train,
+        "device": str(models.device),
+        "shards": list(config.shards),
+        "started_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    }
+    run_dir = config.out_dir
+    prepare_run_dir(run_dir, _fingerprint(config, models, scorer), provenance, config.overwrite)
+    pending = [shard for shard in config.shards if not part_path(run_dir, shard).exists()]
+    if progress:
+        progress.start(len(config.shards), len(config.shards) - len(pending))
+    dataset = _ShardBatches(
+        pending, config.decode, models.preprocess, models.tokenizer, config.batch_size, config.allow_pipe
+    )
+    loader = DataLoader(
+        dataset,
+        batch_size=None,
+        num_workers=min(config.workers, len(pending)),
+        pin_memory=models.device.type == "cuda",
+    )
+    rows_by_shard: dict[str, list[dict[str, Any]]] = {}
+    scored_samples = 0
+    try:
+        for batch in loader:
+            rows = score_batch(scorer, batch)
+            rows_by_shard.setdefault(batch["shard"], []).extend(rows)
+            scored_samples += len(rows)
+            if progress:
+                progress.advance(len(rows))
+            if batch["last"]:
+                shard_rows = rows_by_shard.pop(batch["shard"])
+                write_part(rows_to_table(shard_rows), part_path(run_dir, batch["shard"]))
+                if progress:
+                    progress.shard_done(len(shard_rows))
+    finally:
+        if progress:
+            progress.close()
+    wall = time.time() - started
+    stats = {
+        **_table_stats(run_dir),
+        "shards": len(config.shards),
+        "shards_scored_now": len(pending),
+        "shards_resumed": len(config.shards) - len(pending),
+        "samples_scored_now": scored_samples,
+        "wall_seconds": round(wall, 3),
+        "samples_per_second": round(scored_samples / wall, 2) if wall > 0 else None,
+        "scoring_route": scorer.route,
+        "device": str(models.device),
+        "workers": config.workers,
+        "run_dir": str(run_dir),
+        "cpu_count": os.cpu_count(),
+    }
+    finish_run_dir(run_dir, stats)
+    return stats

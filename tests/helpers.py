@@ -1,0 +1,81 @@
+"""Small builders for test inputs: tiny open_clip configs, images and WebDataset tars."""
+
+from __future__ import annotations
+
+import io
+import json
+import tarfile
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+TINY_CLIP_CONFIG = {
+    "embed_dim": 16,
+    "vision_cfg": {"image_size": 32, "layers": 2, "width": 32, "head_width": 16, "patch_size": 8},
+    "text_cfg": {"context_length": 16, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 2},
+}
+
+
+def write_tiny_config(path: Path, config: dict | None = None) -> Path:
+    path.write_text(json.dumps(config or TINY_CLIP_CONFIG))
+    return path
+
+
+def image_bytes(seed: int, size: int = 24, fmt: str = "JPEG") -> bytes:
+    """A small deterministic RGB picture encoded as ``fmt``."""
+    rng = np.random.default_rng(seed)
+    pixels = rng.integers(0, 256, size=(size, size, 3), dtype=np.uint8)
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, format=fmt)
+    return buffer.getvalue()
+
+
+def write_tar(path: Path, samples: list[tuple[str, dict[str, bytes]]]) -> Path:
+    """Write ``samples`` as a WebDataset tar: member ``{key}.{ext}`` for every file of every sample."""
+    with tarfile.open(path, "w") as tar:
+        for key, files in samples:
+            for ext, data in files.items():
+                info = tarfile.TarInfo(f"{key}.{ext}")
+                info.size = len(data)
+                info.mtime = 0
+                tar.addfile(info, io.BytesIO(data))
+    return path
+
+
+def image_text_samples(count: int, start: int = 0, with_uid: bool = True) -> list[tuple[str, dict[str, bytes]]]:
+    samples = []
+    for i in range(start, start + count):
+        files = {"jpg": image_bytes(i), "txt": f"a picture number {i}".encode()}
+        if with_uid:
+            files["json"] = json.dumps({"uid": f"{i:032x}"}).encode()
+        samples.append((f"{i:08d}", files))
+    return samples
+
+
+def build_tiny_clip(config: dict | None = None, seed: int = 0):
+    """A randomly initialised open_clip model for ``config`` (built through open_clip's factory)."""
+    import tempfile
+
+    import open_clip
+    import torch
+
+    with tempfile.TemporaryDirectory() as config_dir:
+        payload = {"model_cfg": config or TINY_CLIP_CONFIG, "preprocess_cfg": {}}
+        (Path(config_dir) / "open_clip_config.json").write_text(json.dumps(payload))
+        torch.manual_seed(seed)
+        return open_clip.create_model(f"local-dir:{config_dir}")
+
+
+def write_random_checkpoint(path: Path, config: dict | None = None, seed: int = 0) -> Path:
+    """Save a random tiny CLIP's state dict (``.pt`` or ``.safetensors`` by suffix)."""
+    import torch
+
+    state = build_tiny_clip(config, seed).state_dict()
+    if path.suffix == ".safetensors":
+        from safetensors.torch import save_file
+
+        save_file({name: value.contiguous() for name, value in state.items()}, str(path))
+    else:
+        torch.save(state, path)
+    return path
