@@ -228,6 +228,7 @@ def run_score(config: ScoreConfig, progress: Progress | None = None) -> dict[str
     )
     rows_by_shard: dict[str, list[dict[str, Any]]] = {}
     scored_samples = 0
+    loop_started = time.time()
     try:
         for batch in loader:
             rows = score_batch(scorer, batch)
@@ -243,7 +244,8 @@ def run_score(config: ScoreConfig, progress: Progress | None = None) -> dict[str
     finally:
         if progress:
             progress.close()
-    wall = time.time() - started
+    finished = time.time()
+    wall, scoring = finished - started, finished - loop_started
     stats = {
         **_table_stats(run_dir),
         "shards": len(config.shards),
@@ -251,7 +253,8 @@ def run_score(config: ScoreConfig, progress: Progress | None = None) -> dict[str
         "shards_resumed": len(config.shards) - len(pending),
         "samples_scored_now": scored_samples,
         "wall_seconds": round(wall, 3),
-        "samples_per_second": round(scored_samples / wall, 2) if wall > 0 else None,
+        "scoring_seconds": round(scoring, 3),  # reading, decoding and scoring; model loading excluded
+        "samples_per_second": round(scored_samples / scoring, 2) if scored_samples else None,
         "scoring_route": scorer.route,
         "device": str(models.device),
         "workers": config.workers,

@@ -23,7 +23,7 @@ from collections.abc import Iterator, Sequence
 from contextlib import AbstractContextManager
 from typing import IO, TextIO
 
-from braceexpand import braceexpand
+from braceexpand import UnbalancedBracesError, braceexpand
 from webdataset.tariterators import base_plus_ext
 
 from mimicfilter.errors import MimicfilterError
@@ -85,18 +85,16 @@ def expand_shards(specs: Sequence[str], *, allow_pipe: bool = False, stdin: Text
 
 
 def _expand_spec(spec: str, *, allow_pipe: bool, stdin: TextIO | None, list_stack: tuple[str, ...]) -> list[str]:
-    spec = spec.strip()
-    if not spec:
+    if not spec.strip():
         return []
     if spec == "-":
         source = stdin if stdin is not None else sys.stdin
         return _expand_lines(source.read().splitlines(), allow_pipe=allow_pipe, stdin=stdin, list_stack=list_stack)
     if spec.startswith("@"):
         return _expand_list_file(spec[1:], allow_pipe=allow_pipe, stdin=stdin, list_stack=list_stack)
-    if spec.startswith("pipe:"):
-        # Refuse before brace expansion so one bad spec gives one message, not N.
-        if not allow_pipe:
-            raise MimicfilterError(PIPE_REFUSED, hint=PIPE_HINT)
+    if spec.startswith("pipe:") and not allow_pipe:
+        # Refused before brace expansion so one bad spec gives one message, not N.
+        raise MimicfilterError(PIPE_REFUSED, hint=PIPE_HINT)
     expanded = _brace_expand(spec)
     if expanded != [spec]:
         return _expand_brace_results(spec, expanded, allow_pipe=allow_pipe, stdin=stdin, list_stack=list_stack)
@@ -106,7 +104,7 @@ def _expand_spec(spec: str, *, allow_pipe: bool, stdin: TextIO | None, list_stac
 def _brace_expand(spec: str) -> list[str]:
     try:
         return list(braceexpand(spec))
-    except Exception as exc:  # braceexpand raises its own error types for unbalanced braces
+    except UnbalancedBracesError as exc:
         raise MimicfilterError(
             f"bad brace pattern {spec!r}: {one_line(exc)}", hint="use a form like shards/{000000..000099}.tar"
         ) from None

@@ -178,7 +178,8 @@ def test_extension_lowercased_and_non_sample_members_skipped(tmp_path):
 def test_truncated_tar_mid_member(tmp_path):
     good = write_tar(tmp_path / "good.tar", image_text_samples(5)).read_bytes()
     # Cut inside the jpg data of sample 3 (the 4th sample).
-    offsets = {m.name: m.offset_data for m in tarfile.open(tmp_path / "good.tar")}
+    with tarfile.open(tmp_path / "good.tar") as tar:
+        offsets = {m.name: m.offset_data for m in tar}
     cut = offsets["00000003.jpg"] + 100
     bad = tmp_path / "bad.tar"
     bad.write_bytes(good[:cut])
@@ -194,7 +195,8 @@ def test_truncated_tar_mid_member(tmp_path):
 def test_truncated_tar_at_header_boundary(tmp_path):
     """Python's streaming tarfile treats a missing header as end of archive; we must not."""
     write_tar(tmp_path / "good.tar", image_text_samples(3))
-    members = {m.name: m for m in tarfile.open(tmp_path / "good.tar")}
+    with tarfile.open(tmp_path / "good.tar") as tar:
+        members = {m.name: m for m in tar}
     cut = members["00000001.json"].offset  # exactly before a header
     bad = tmp_path / "bad.tar"
     bad.write_bytes((tmp_path / "good.tar").read_bytes()[:cut])
@@ -330,3 +332,20 @@ def test_part_name_stable_and_safe():
     assert not weird.startswith(".")
     assert part_name("s3://bucket/").startswith("bucket-")
     assert part_name("").startswith("shard-")
+
+
+def test_unbalanced_braces_is_a_clean_error(tmp_path):
+    with pytest.raises(MimicfilterError, match="bad brace pattern"):
+        expand_shards([f"{tmp_path}/{{000..003.tar"])
+
+
+def test_garbage_after_members_is_shard_error(tmp_path):
+    write_tar(tmp_path / "good.tar", image_text_samples(2))
+    with tarfile.open(tmp_path / "good.tar") as tar:
+        end = max(m.offset_data + m.size for m in tar)
+    data = (tmp_path / "good.tar").read_bytes()
+    bad = tmp_path / "garbage.tar"
+    bad.write_bytes(data[: (end + 511) // 512 * 512] + b"\x7f" * 1024)
+    rows = list(iter_shard_samples(str(bad)))
+    assert [(r["key"], r["status"]) for r in rows] == [("00000000", "ok"), ("00000001", "shard_error")]
+    assert rows[-1]["error"].startswith("corrupt tar") and "00000001.json" in rows[-1]["error"]
