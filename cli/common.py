@@ -29,7 +29,7 @@ def one_line_errors(command):
 
 
 class ProgressBar:
-    """A tqdm bar on stderr: samples/s, shards done, and an ETA from the mean shard size so far."""
+    """A tqdm bar on stderr: samples/s, shards (or epochs) done, and an ETA from the mean size so far."""
 
     def __init__(self, enabled: bool):
         self.enabled = enabled
@@ -38,9 +38,10 @@ class ProgressBar:
         self.shards_done = 0
         self.samples_in_done_shards = 0
         self.shards_done_now = 0
+        self.unit = "shards"
 
-    def start(self, shards_total: int, shards_done: int) -> None:
-        self.shards_total, self.shards_done = shards_total, shards_done
+    def start(self, total: int, done: int, unit: str = "shards") -> None:
+        self.shards_total, self.shards_done, self.unit = total, done, unit
         if self.enabled:
             self.bar = tqdm(total=None, unit="sample", file=sys.stderr, dynamic_ncols=True, desc="scoring")
             self._postfix()
@@ -60,7 +61,7 @@ class ProgressBar:
             self._postfix()
 
     def _postfix(self) -> None:
-        self.bar.set_postfix_str(f"shards {self.shards_done}/{self.shards_total}", refresh=True)
+        self.bar.set_postfix_str(f"{self.unit} {self.shards_done}/{self.shards_total}", refresh=True)
 
     def close(self) -> None:
         if self.bar is not None:

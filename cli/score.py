@@ -12,9 +12,11 @@ from rich.console import Console
 from rich.table import Table
 
 from mimicfilter.decode import DecodeConfig
-from mimicfilter.models import DEFAULT_MIMIC_LAYERS, MIMIC_LAYER_PRESETS, ModelSpec
-from mimicfilter.scoring import TRAIN_MODES, ScoreConfig, run_score
+from mimicfilter.models import MIMIC_LAYER_PRESETS, ModelSpec
+from mimicfilter.scorer import TRAIN_MODES
+from mimicfilter.scoring import ScoreConfig, detect_task, run_score
 from mimicfilter.shards import expand_shards
+from mimicfilter.trajectory import TrainConfig
 from mimicfilter_cli.common import ProgressBar, one_line_errors
 
 DEFAULT_WORKERS = max(0, min(8, (os.cpu_count() or 2) // 2))
@@ -25,7 +27,10 @@ def _print_summary(stats: dict) -> None:
     table = Table(title=f"mimicfilter score → {stats['run_dir']}", show_header=False)
     table.add_column("what", style="bold")
     table.add_column("value", justify="right")
-    table.add_row("shards", f"{stats['shards']} ({stats['shards_resumed']} already done)")
+    resumed = f" ({stats['shards_resumed']} already done)" if stats["shards_resumed"] is not None else ""
+    table.add_row("shards", f"{stats['shards']}{resumed}")
+    if stats["train"] != "none":
+        table.add_row("proxy trajectory", f"--train {stats['train']}, {stats['epochs']} epoch(s)")
     table.add_row("rows in table", str(stats["rows"]))
     for status, count in stats["status_counts"].items():
         if count:
@@ -46,17 +51,33 @@ def _print_summary(stats: dict) -> None:
 @click.option("--proxy", default=None, help="Proxy weights (tag or checkpoint). Default: the reference with the mimic layers re-initialised from --seed.")
 @click.option(
     "--mimic-layers",
-    default=DEFAULT_MIMIC_LAYERS,
-    show_default=True,
-    help=f"Preset ({', '.join(MIMIC_LAYER_PRESETS)}) or comma-separated globs over parameter names.",
+    default=None,
+    help=f"Preset ({', '.join(MIMIC_LAYER_PRESETS)}) or comma-separated globs over parameter names "
+    "[default: image-proj; head for classification].",
 )
+@click.option("--task", type=click.Choice(["auto", "contrastive", "classify"]), default="auto", show_default=True,
+              help="auto: classify when samples carry .cls and no caption.")
+@click.option("--classnames", type=click.Path(dir_okay=False), default=None,
+              help="Classification: class names, one per line (line i = label i); builds a zero-shot reference head.")
+@click.option("--reference-head", type=click.Path(dir_okay=False), default=None,
+              help="Classification: a trained head checkpoint {weight: [C, D], bias?: [C], logit_scale?}.")
 @click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False, path_type=Path), help="Run directory to write (re-run to resume).")
-@click.option("--train", type=click.Choice(TRAIN_MODES), default="none", show_default=True, help="none: score a frozen proxy (static).")
+@click.option("--train", type=click.Choice(TRAIN_MODES), default="head", show_default=True,
+              help="head: the mimic layers learn along the stream (Grad-Mimic); full: the whole proxy learns; "
+              "none: score a frozen proxy (static, one part per shard).")
+@click.option("--epochs", type=int, default=1, show_default=True, help="Passes over the stream (trajectory modes).")
+@click.option("--lr", type=float, default=1e-4, show_default=True, help="AdamW learning rate of the proxy.")
+@click.option("--weight-decay", type=float, default=1e-5, show_default=True, help="AdamW weight decay.")
+@click.option("--shuffle-buffer", type=int, default=1000, show_default=True,
+              help="Samples in the seeded shuffle buffer of each epoch (0: stream order).")
+@click.option("--checkpoint-every", type=int, default=500, show_default=True,
+              help="Save proxy + optimizer every N steps (and at each epoch end) for resume.")
 @click.option("--batch-size", type=int, default=256, show_default=True, help="Samples per batch (per shard; see docs/method.md).")
 @click.option("--workers", type=int, default=DEFAULT_WORKERS, show_default=True, help="DataLoader worker processes reading and decoding shards.")
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the proxy's re-initialised layers.")
-@click.option("--temperature", type=float, default=None, help="Softmax temperature of the batch weights [default: 0.05 contrastive].")
+@click.option("--temperature", type=float, default=None,
+              help="Softmax temperature of the batch weights [default: 0.05 contrastive, 1.0 classification].")
 @click.option("--image-key", default="jpg,jpeg,png,webp", show_default=True, help="Image file extensions, first present wins.")
 @click.option("--text-key", default="txt", show_default=True, help="Caption extension, or json:FIELD.")
 @click.option("--trust-checkpoint", is_flag=True, help="Allow checkpoints that are full pickles (can run code).")
@@ -65,8 +86,9 @@ def _print_summary(stats: dict) -> None:
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar and no summary table.")
 @click.option("--json", "as_json", is_flag=True, help="Print the run's stats as JSON on stdout.")
 @one_line_errors
-def score(shards, model, reference, proxy, mimic_layers, out_dir, train, batch_size, workers, device, seed,
-          temperature, image_key, text_key, trust_checkpoint, allow_pipe, overwrite, quiet, as_json):
+def score(shards, model, reference, proxy, mimic_layers, task, classnames, reference_head, out_dir, train, epochs, lr,
+          weight_decay, shuffle_buffer, checkpoint_every, batch_size, workers, device, seed, temperature, image_key,
+          text_key, trust_checkpoint, allow_pipe, overwrite, quiet, as_json):
     """Score every sample of SHARDS with the mimic score and write a run directory.
 
     SHARDS are tar files, directories, brace patterns ('pool/{000..099}.tar'), fsspec URLs
@@ -76,10 +98,18 @@ def score(shards, model, reference, proxy, mimic_layers, out_dir, train, batch_s
     Example:
       mimicfilter score 'pool/{00000..00009}.tar' --model ViT-B-32 --reference openai --out runs/pool
       mimicfilter score demo/shards --model demo/tiny-clip.json \\
-          --reference demo/reference.safetensors --out runs/demo --json | jq .status_counts
+          --reference demo/reference.safetensors --epochs 3 --out runs/demo --json | jq .status_counts
+      mimicfilter score pool/ --model ViT-B-32 --reference openai --train none --workers 8 --out runs/static
+      mimicfilter score labelled/ --model ViT-B-32 --reference openai --classnames classes.txt --out runs/cls
     """
+    shard_list = tuple(expand_shards(shards, allow_pipe=allow_pipe, stdin=sys.stdin))
+    text_key = text_key.strip()
+    image_keys = tuple(key.strip().lower() for key in image_key.split(",") if key.strip())
+    decode = DecodeConfig(image_keys=image_keys, text_key=text_key)
+    if task == "auto":
+        task = "classify" if classnames or reference_head else detect_task(shard_list, decode, allow_pipe)
     config = ScoreConfig(
-        shards=tuple(expand_shards(shards, allow_pipe=allow_pipe, stdin=sys.stdin)),
+        shards=shard_list,
         out_dir=out_dir,
         model=ModelSpec(
             model=model,
@@ -89,16 +119,22 @@ def score(shards, model, reference, proxy, mimic_layers, out_dir, train, batch_s
             trust_checkpoint=trust_checkpoint,
             seed=seed,
             device=device,
+            task=task,
+            classnames=classnames,
+            reference_head=reference_head,
         ),
-        decode=DecodeConfig(
-            task="contrastive",
-            image_keys=tuple(key.strip().lower() for key in image_key.split(",") if key.strip()),
-            text_key=text_key,
-        ),
+        decode=DecodeConfig(task=task, image_keys=image_keys, text_key=text_key),
         batch_size=batch_size,
         workers=workers,
         temperature=temperature,
-        train=train,
+        train=TrainConfig(
+            mode=train,
+            epochs=epochs,
+            lr=lr,
+            weight_decay=weight_decay,
+            shuffle_buffer=shuffle_buffer,
+            checkpoint_every=checkpoint_every,
+        ),
         allow_pipe=allow_pipe,
         overwrite=overwrite,
         argv=tuple(sys.argv),

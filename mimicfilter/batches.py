@@ -16,10 +16,10 @@ from typing import Any, Iterable, Iterator
 
 import torch
 
-META_FIELDS = ("key", "index", "uid", "status", "error", "label")
+META_FIELDS = ("shard", "key", "index", "uid", "status", "error", "label")
 
 
-def _collate(shard: str, step: int, samples: list[dict], last: bool) -> dict[str, Any]:
+def _collate(shard: str | None, step: int, samples: list[dict], last: bool) -> dict[str, Any]:
     ok = [sample for sample in samples if sample["status"] == "ok"]
     images = torch.stack([sample["image"] for sample in ok]) if ok else None
     texts = torch.stack([sample["text"] for sample in ok]) if ok and ok[0]["text"] is not None else None
@@ -39,14 +39,19 @@ def _ok_count(samples: list[dict]) -> int:
     return sum(sample["status"] == "ok" for sample in samples)
 
 
-def group_batches(samples: Iterable[dict], batch_size: int, shard: str) -> Iterator[dict[str, Any]]:
+def group_batches(
+    samples: Iterable[dict], batch_size: int, shard: str | None, first_step: int = 0
+) -> Iterator[dict[str, Any]]:
     """Collated batches of ``batch_size`` ok samples (tail rule above); the final one has ``last``.
 
-    A shard without samples still yields one empty ``last`` batch, so it gets a (zero-row) part.
+    ``shard`` names the shard of a per-shard stream (static scoring) and is None for a stream that
+    spans shards (trajectory epochs); every row carries its own shard either way. Steps count
+    from ``first_step``. An empty stream still yields one empty ``last`` batch, so a shard without
+    samples gets a (zero-row) part.
     """
     held: list[dict] | None = None  # a full batch kept back until we know whether the tail joins it
     current: list[dict] = []
-    step = 0
+    step = first_step
     for sample in samples:
         current.append(sample)
         if sample["status"] == "ok" and _ok_count(current) == batch_size:

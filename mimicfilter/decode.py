@@ -35,6 +35,7 @@ class DecodeConfig:
     text_key: str = "txt"  # or "json:FIELD" to read the caption from the sample's .json
     label_key: str = "cls"
     max_image_pixels: int = 89_478_485  # decompression-bomb guard (Pillow's default limit)
+    num_classes: int | None = None  # classify: labels must lie in [0, num_classes) when given
 
     def __post_init__(self) -> None:
         if self.task not in TASKS:
@@ -197,7 +198,10 @@ def _label(files: dict[str, bytes], config: DecodeConfig) -> int:
     text = data.decode("utf-8", errors="replace").strip()
     if not _INTEGER.fullmatch(text):
         raise _Reject("decode_error", f"label {config.label_key} is not an integer: {text[:40]!r}")
-    return int(text)
+    label = int(text)
+    if config.num_classes is not None and not 0 <= label < config.num_classes:
+        raise _Reject("decode_error", f"label {label} is outside the head's {config.num_classes} classes")
+    return label
 
 
 def _apply(name: str, func: Callable, value: object) -> torch.Tensor:

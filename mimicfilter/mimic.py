@@ -12,10 +12,13 @@ samples, so per-sample gradients would recompute the batch B times).
 
 from __future__ import annotations
 
+import contextlib
+import warnings
 from dataclasses import dataclass
 from typing import Callable
 
 import torch
+import torch.autograd.forward_ad as forward_ad
 import torch.nn.functional as F
 
 ParamDict = dict[str, torch.Tensor]
@@ -28,6 +31,15 @@ class MimicResult:
     loss: torch.Tensor
     score: torch.Tensor
     weight: torch.Tensor  # relative weight r_i = B * softmax(s / tau)_i; 1 means uniform
+
+
+@contextlib.contextmanager
+def _quiet_forward_ad():
+    # torch's forward-AD decompositions load once through torch.jit.script, which warns that it is
+    # deprecated: noise about torch internals, not about the user's run.
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=r".*torch\.jit\.script.*deprecated", category=FutureWarning)
+        yield
 
 
 def contrastive_per_sample_loss(
@@ -110,6 +122,28 @@ def mimic_scores(
     """
     primals = {name: value.detach() for name, value in params.items()}
     tangents = {name: unit_direction[name].to(value) for name, value in primals.items()}
-    loss, directional = torch.func.jvp(per_sample_loss, (primals,), (tangents,))
+    with _quiet_forward_ad():
+        loss, directional = torch.func.jvp(per_sample_loss, (primals,), (tangents,))
     score = -directional
     return MimicResult(loss=loss.detach(), score=score.detach(), weight=relative_weights(score.detach(), temperature))
+
+
+def mimic_forward(
+    per_sample_loss: Callable[[ParamDict], torch.Tensor],
+    params: ParamDict,
+    unit_direction: ParamDict,
+    temperature: float,
+) -> MimicResult:
+    """Like :func:`mimic_scores`, but the losses keep their autograd graph for a training step.
+
+    Forward-mode AD with dual tensors: one forward pass yields the losses (differentiable with
+    respect to ``params`` and anything else requiring grad) and their directional derivatives.
+    """
+    with _quiet_forward_ad(), forward_ad.dual_level():
+        duals = {name: forward_ad.make_dual(value, unit_direction[name].to(value)) for name, value in params.items()}
+        unpacked = forward_ad.unpack_dual(per_sample_loss(duals))
+        loss, directional = unpacked.primal, unpacked.tangent
+    if directional is None:  # the loss does not depend on the mimic layers at all
+        directional = torch.zeros_like(loss)
+    score = -directional.detach()
+    return MimicResult(loss=loss, score=score, weight=relative_weights(score, temperature))

@@ -20,18 +20,22 @@ from typing import Any, Callable
 
 import open_clip
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from mimicfilter.errors import MimicfilterError
 from mimicfilter.mimic import MimicDirection, mimic_direction
 
 MIMIC_LAYER_PRESETS = {
-    "image-proj": "the image tower's final projection (default)",
+    "image-proj": "the image tower's final projection (contrastive default)",
     "text-proj": "the text tower's final projection",
     "both-proj": "both towers' final projections",
     "image-last-mlp": "the MLP of the image tower's last transformer block",
+    "head": "the linear classifier head (classification default)",
 }
-DEFAULT_MIMIC_LAYERS = "image-proj"
+DEFAULT_MIMIC_LAYERS = {"contrastive": "image-proj", "classify": "head"}
+TASKS = ("contrastive", "classify")
+ZERO_SHOT_TEMPLATES = ("a photo of a {}.", "a picture of a {}.", "an image of a {}.", "a {}.")
 CHECKPOINT_SUFFIXES = (".pt", ".pth", ".bin", ".safetensors", ".ckpt")
 LOGIT_PARAMETERS = ("logit_scale", "logit_bias")
 
@@ -43,10 +47,26 @@ class ModelSpec:
     model: str
     reference: str
     proxy: str | None = None
-    mimic_layers: str = DEFAULT_MIMIC_LAYERS
+    mimic_layers: str | None = None  # None: the task's default preset
     trust_checkpoint: bool = False
     seed: int = 0
     device: str = "cpu"
+    task: str = "contrastive"
+    reference_head: str | None = None  # classification: a trained head checkpoint ...
+    classnames: str | None = None  # ... or a class-name file for a zero-shot head
+
+    def __post_init__(self):
+        if self.task not in TASKS:
+            raise MimicfilterError(f"unknown task {self.task!r}", hint="contrastive or classify")
+        if self.task == "classify" and not (self.reference_head or self.classnames):
+            raise MimicfilterError(
+                "classification needs a reference head",
+                hint="pass --classnames FILE (zero-shot head from the reference text tower) or --reference-head FILE",
+            )
+
+    @property
+    def layers(self) -> str:
+        return self.mimic_layers or DEFAULT_MIMIC_LAYERS[self.task]
 
 
 @dataclass
@@ -60,10 +80,32 @@ class LoadedModels:
     mimic_layers: tuple[str, ...]
     direction: MimicDirection
     device: torch.device
+    task: str = "contrastive"
     provenance: dict[str, Any] = field(default_factory=dict)
 
-    def tokenize(self, caption: str) -> torch.Tensor:
-        return self.tokenizer([caption])[0]
+
+class ImageClassifier(nn.Module):
+    """An image tower with a linear head on its normalised features: logits = s * W f/|f| + b.
+
+    The form of CLIP zero-shot classification, so a head built from class names and a trained
+    head (``--reference-head``) are used the same way.
+    """
+
+    def __init__(self, visual: nn.Module, weight: torch.Tensor, bias: torch.Tensor | None, logit_scale: float):
+        super().__init__()
+        self.visual = visual
+        self.head = nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None)
+        with torch.no_grad():
+            self.head.weight.copy_(weight)
+            if bias is not None:
+                self.head.bias.copy_(bias)
+        self.register_buffer("logit_scale", torch.tensor(float(logit_scale)))
+
+    def features(self, images: torch.Tensor) -> torch.Tensor:
+        return F.normalize(self.visual(images), dim=-1)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.logit_scale * self.head(self.features(images))
 
 
 def resolve_device(requested: str) -> torch.device:
@@ -264,6 +306,7 @@ def select_mimic_layers(model: nn.Module, spec: str) -> tuple[str, ...]:
         "text-proj": _text_projection,
         "both-proj": lambda m: _image_projection(m) + _text_projection(m),
         "image-last-mlp": _image_last_mlp,
+        "head": lambda m: [name for name, _ in m.named_parameters() if name.startswith("head.")],
     }
     all_names = [name for name, _ in model.named_parameters()]
     if spec in presets:
@@ -316,21 +359,103 @@ def parameters_of(model: nn.Module, names: tuple[str, ...]) -> dict[str, torch.T
     return {name: parameters[name] for name in names}
 
 
+def _read_classnames(path: str) -> list[str]:
+    try:
+        names = [line.strip() for line in Path(path).read_text(encoding="utf-8").splitlines() if line.strip()]
+    except (OSError, UnicodeDecodeError) as error:
+        raise MimicfilterError(f"cannot read class names {path}: {error}", hint="one class name per line") from error
+    if len(names) < 2:
+        raise MimicfilterError(f"class-name file {path} lists {len(names)} class(es)", hint="one class name per line")
+    return names
+
+
+def zero_shot_head(clip: nn.Module, tokenizer: Callable, classnames: list[str], templates=ZERO_SHOT_TEMPLATES) -> torch.Tensor:
+    """Class embeddings from the reference text tower: mean of normalised prompt embeddings."""
+    rows = []
+    with torch.no_grad():
+        for name in classnames:
+            prompts = tokenizer([template.format(name) for template in templates])
+            embedding = F.normalize(clip.encode_text(prompts), dim=-1).mean(dim=0)
+            rows.append(F.normalize(embedding, dim=0))
+    return torch.stack(rows)
+
+
+def _load_reference_head(path: str, trust: bool) -> dict[str, torch.Tensor]:
+    """A trained head: a state dict with ``weight`` [C, D], optional ``bias`` [C] and ``logit_scale``."""
+    file = Path(path)
+    if not file.is_file():
+        raise MimicfilterError(f"reference head {path} does not exist", hint="check the path")
+    try:
+        state = open_clip.factory.load_state_dict(str(file), weights_only=not trust)
+    except Exception as error:
+        raise MimicfilterError(f"cannot read reference head {path}: {type(error).__name__}: {error}") from error
+    if "weight" not in state or state["weight"].ndim != 2:
+        raise MimicfilterError(f"reference head {path} has no 2-D 'weight'", hint="save {'weight': [C, D], 'bias': [C]}")
+    return state
+
+
+@dataclass
+class _Classifiers:
+    reference: ImageClassifier
+    proxy: ImageClassifier
+    head_info: dict
+
+
+def _build_classifiers(spec: ModelSpec, reference: nn.Module, proxy_clip: nn.Module | None, tokenizer) -> _Classifiers:
+    if spec.reference_head:
+        state = _load_reference_head(spec.reference_head, spec.trust_checkpoint)
+        weight, bias = state["weight"].float(), state.get("bias")
+        scale = float(state["logit_scale"]) if "logit_scale" in state else reference.logit_scale.exp().item()
+        head_info = {"source": "checkpoint", "path": spec.reference_head, "sha256": sha256_of_file(Path(spec.reference_head))}
+    else:
+        classnames = _read_classnames(spec.classnames)
+        weight, bias = zero_shot_head(reference, tokenizer, classnames), None
+        scale = reference.logit_scale.exp().item()
+        head_info = {"source": "zero-shot", "classnames": classnames, "templates": list(ZERO_SHOT_TEMPLATES)}
+    embed_dim = getattr(reference.visual, "output_dim", None)
+    if embed_dim is None:
+        with torch.no_grad():
+            embed_dim = reference.visual(torch.zeros(1, 3, *_image_size(reference))).shape[-1]
+    if weight.shape[1] != embed_dim:
+        raise MimicfilterError(
+            f"reference head weight {tuple(weight.shape)} does not fit image features of size {embed_dim}",
+            hint="the head must be [classes, embed_dim]",
+        )
+    reference_classifier = ImageClassifier(reference.visual, weight, bias, scale)
+    proxy_visual = copy.deepcopy((proxy_clip or reference).visual)
+    proxy_classifier = ImageClassifier(proxy_visual, weight, bias, scale)
+    return _Classifiers(reference=reference_classifier, proxy=proxy_classifier, head_info=head_info)
+
+
+def _image_size(clip: nn.Module) -> tuple[int, int]:
+    size = getattr(clip.visual, "image_size", 224)
+    return tuple(size) if isinstance(size, (tuple, list)) else (size, size)
+
+
 def load_models(spec: ModelSpec) -> LoadedModels:
     """Build reference and proxy, select mimic layers, compute V; every check before any data is read."""
     device = torch.device(spec.device)
     architecture = _resolve_architecture(spec.model)
     built_reference = _instantiate(architecture, spec.reference, "reference", spec.trust_checkpoint)
     reference = built_reference.model
-    mimic_layers = select_mimic_layers(reference, spec.mimic_layers)
-    if spec.proxy:
-        built_proxy = _instantiate(architecture, spec.proxy, "proxy", spec.trust_checkpoint)
-        proxy, proxy_info = built_proxy.model, built_proxy.weights
+    built_proxy = _instantiate(architecture, spec.proxy, "proxy", spec.trust_checkpoint) if spec.proxy else None
+    proxy = built_proxy.model if built_proxy else None
+    extra_info = {}
+    if spec.task == "classify":
+        classifiers = _build_classifiers(spec, reference, proxy, built_reference.tokenizer)
+        reference, proxy, extra_info["reference_head"] = classifiers.reference, classifiers.proxy, classifiers.head_info
+    mimic_layers = select_mimic_layers(reference, spec.layers)
+    if built_proxy is not None and not (spec.task == "classify" and _touches_head(mimic_layers)):
+        proxy_info = built_proxy.weights
     else:
-        proxy = copy.deepcopy(reference)
+        proxy = copy.deepcopy(reference) if proxy is None else proxy
         reinitialised = _layers_to_reinitialise(mimic_layers)
         reinitialise(proxy, reinitialised, spec.seed)
-        proxy_info = {"source": "reference with re-initialised layers", "layers": list(reinitialised), "seed": spec.seed}
+        proxy_info = {
+            **(built_proxy.weights if built_proxy else {"source": "reference"}),
+            "reinitialised_layers": list(reinitialised),
+            "seed": spec.seed,
+        }
     try:
         direction = mimic_direction(parameters_of(reference, mimic_layers), parameters_of(proxy, mimic_layers))
     except ValueError as error:
@@ -340,11 +465,13 @@ def load_models(spec: ModelSpec) -> LoadedModels:
     direction = MimicDirection(unit={k: v.to(device) for k, v in direction.unit.items()}, norm=direction.norm)
     shapes = {name: list(value.shape) for name, value in parameters_of(reference, mimic_layers).items()}
     provenance = {
+        "task": spec.task,
         "architecture": spec.model,
         "architecture_config": architecture.json_config,
         "reference": built_reference.weights,
         "proxy": proxy_info,
-        "mimic_layers": {"spec": spec.mimic_layers, "shapes": shapes},
+        **extra_info,
+        "mimic_layers": {"spec": spec.layers, "shapes": shapes},
         "direction_norm": direction.norm,
     }
     return LoadedModels(
@@ -355,5 +482,11 @@ def load_models(spec: ModelSpec) -> LoadedModels:
         mimic_layers=mimic_layers,
         direction=direction,
         device=device,
+        task=spec.task,
         provenance=provenance,
     )
+
+
+def _touches_head(mimic_layers: tuple[str, ...]) -> bool:
+    """A classifier head is never in a proxy checkpoint, so mimicking it needs a re-initialised one."""
+    return any(name.startswith("head.") for name in mimic_layers)

@@ -1,13 +1,14 @@
-"""Scoring one batch: tower forward passes, the reference's baselines and the mimic JVP.
+"""Scoring one batch: tower forward passes, the reference's baselines, the mimic JVP, and (for
+trajectories) the proxy's re-weighted training step.
 
 Two exact routes, chosen once when the scorer is built:
 
-* **head route** (the default mimic layers): when every mimic layer is the final linear projection
-  of its tower, the towers run once, without gradients, up to the projection input (the projection
-  temporarily swapped for the identity through ``torch.func.functional_call``), and the JVP runs
-  only through projection, normalisation and loss. When the proxy equals the reference outside the
-  mimic layers (the default proxy), the reference's features come from the same trunk pass, so
-  scoring costs about one forward pass of one model.
+* **head route** (the default mimic layers): when every mimic layer is the final linear map of its
+  tower (CLIP projections, or a classifier head), the towers run up to the input of that map (a
+  projection is temporarily swapped for the identity through ``torch.func.functional_call``) and
+  the JVP runs only through the map, normalisation and loss. When the proxy equals the reference
+  outside the mimic layers (the default proxy, and always in ``--train head``), the reference's
+  features come from the same trunk pass, so scoring costs about one forward pass of one model.
 * **full route** (any other layer choice): one JVP through the proxy's whole forward pass, plus a
   no-grad forward pass of the reference.
 
@@ -18,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -25,19 +27,52 @@ from torch import nn
 from torch.func import functional_call
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from mimicfilter.mimic import ParamDict, clip_similarity, contrastive_per_sample_loss, mimic_scores
+from mimicfilter.mimic import (
+    ParamDict,
+    classification_per_sample_loss,
+    clip_similarity,
+    contrastive_per_sample_loss,
+    mimic_direction,
+    mimic_forward,
+    mimic_scores,
+)
 from mimicfilter.models import LOGIT_PARAMETERS, LoadedModels, is_image_parameter, parameters_of
+
+TRAIN_MODES = ("none", "head", "full")
 
 
 @dataclass(frozen=True)
 class BatchScores:
-    """Per-sample results of one batch: 1-D CPU tensors in the models' dtype."""
+    """Per-sample results of one batch: 1-D CPU tensors in the models' dtype (clip_score None for
+    classification)."""
 
     mimic_score: torch.Tensor
     mimic_weight: torch.Tensor
     loss: torch.Tensor
-    clip_score: torch.Tensor
     ref_loss: torch.Tensor
+    clip_score: torch.Tensor | None = None
+
+
+@dataclass
+class _Prepared:
+    """One batch made ready for the mimic math: the proxy's per-sample loss as a function of the
+    mimic-layer parameters, and the reference's baselines."""
+
+    per_sample_loss: Callable[[ParamDict], torch.Tensor]
+    ref_loss: torch.Tensor
+    clip_score: torch.Tensor | None
+
+
+@contextlib.contextmanager
+def _forward_ad_attention():
+    """Attention kernels with forward-mode derivatives: the fused ones have none."""
+    previous = torch.backends.mha.get_fastpath_enabled()
+    torch.backends.mha.set_fastpath_enabled(False)
+    try:
+        with sdpa_kernel(SDPBackend.MATH):
+            yield
+    finally:
+        torch.backends.mha.set_fastpath_enabled(previous)
 
 
 class _BothTowers(nn.Module):
@@ -74,18 +109,6 @@ class LinearHead:
         if self.bias:
             overrides[self.bias] = torch.zeros(width, dtype=weight.dtype, device=weight.device)
         return overrides
-
-
-@contextlib.contextmanager
-def _forward_ad_attention():
-    """Attention kernels with forward-mode derivatives: the fused ones have none."""
-    previous = torch.backends.mha.get_fastpath_enabled()
-    torch.backends.mha.set_fastpath_enabled(False)
-    try:
-        with sdpa_kernel(SDPBackend.MATH):
-            yield
-    finally:
-        torch.backends.mha.set_fastpath_enabled(previous)
 
 
 def _owning_module(model: nn.Module, name: str) -> nn.Module:
@@ -129,22 +152,22 @@ def _same_outside(reference: nn.Module, proxy: nn.Module, mimic_layers: tuple[st
     return True
 
 
-class ContrastiveScorer:
-    """Scores image–text batches; build once per run, call :meth:`score` per batch."""
+class MimicScorer:
+    """Scores batches (:meth:`score`) and takes Grad-Mimic training steps (:meth:`train_step`).
+
+    Build once per run with :func:`make_scorer`; the task-specific part is :meth:`_prepare`.
+    """
 
     def __init__(self, models: LoadedModels, temperature: float, autocast_dtype: torch.dtype | None = None):
         self.models = models
         self.temperature = temperature
         self.autocast_dtype = autocast_dtype
-        self.proxy_towers = _BothTowers(models.proxy)
-        self.reference_towers = _BothTowers(models.reference)
         self.shared_trunk = _same_outside(models.reference, models.proxy, models.mimic_layers)
-        heads = _linear_heads(models.proxy, models.mimic_layers)
-        self.heads = heads if heads is not None and self._heads_reproduce_forward(heads) else None
+        self.trunk_trains = False  # set by enable_training("full"): the trunk then drifts from the reference
 
     @property
     def route(self) -> str:
-        return "head" if self.heads is not None else "full"
+        raise NotImplementedError
 
     def _autocast(self):
         device = self.models.device
@@ -152,98 +175,162 @@ class ContrastiveScorer:
             return contextlib.nullcontext()
         return torch.autocast(device_type=device.type, dtype=self.autocast_dtype)
 
+    def _dtype(self) -> torch.dtype:
+        return next(self.models.proxy.parameters()).dtype
+
+    def _prepare(self, images: torch.Tensor, targets: torch.Tensor) -> _Prepared:
+        raise NotImplementedError
+
+    def _inputs(self, images: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        device = self.models.device
+        return images.to(device, dtype=self._dtype(), non_blocking=True), targets.to(device, non_blocking=True)
+
+    def mimic_parameters(self) -> ParamDict:
+        return parameters_of(self.models.proxy, self.models.mimic_layers)
+
+    def score(self, images: torch.Tensor, targets: torch.Tensor) -> BatchScores:
+        """Static scores of one batch (the proxy is not changed)."""
+        prepared = self._prepare(*self._inputs(images, targets))
+        result = mimic_scores(prepared.per_sample_loss, self.mimic_parameters(), self.models.direction.unit, self.temperature)
+        return self._batch_scores(result.score, result.weight, result.loss, prepared)
+
+    def enable_training(self, mode: str) -> list[nn.Parameter]:
+        """Make the trained parameters require grad; returns them (for the optimizer)."""
+        proxy = self.models.proxy
+        if mode == "head":
+            trained = list(self.mimic_parameters().values())
+        elif mode == "full":
+            trained = list(proxy.parameters())
+            self.trunk_trains = True
+        else:
+            raise ValueError(f"unknown training mode {mode!r}")
+        for parameter in trained:
+            parameter.requires_grad_(True)
+        return trained
+
+    def train_step(self, images: torch.Tensor, targets: torch.Tensor, optimizer: torch.optim.Optimizer) -> BatchScores:
+        """Score the batch at the current proxy, then update it with the re-weighted loss sum_i w_i l_i.
+
+        Mimic layers get the gradient of the re-weighted loss; with a training trunk (``full``) every
+        other parameter gets the gradient of the plain mean loss, as in the paper's code. The
+        direction V is recomputed from the current proxy at every step.
+        """
+        mimic_params = self.mimic_parameters()
+        reference_params = parameters_of(self.models.reference, self.models.mimic_layers)
+        direction = mimic_direction(reference_params, {k: v.detach() for k, v in mimic_params.items()})
+        prepared = self._prepare(*self._inputs(images, targets))
+        result = mimic_forward(prepared.per_sample_loss, mimic_params, direction.unit, self.temperature)
+        batch = result.loss.shape[0]
+        weighted_loss = (result.weight.detach() / batch * result.loss).sum()
+        optimizer.zero_grad(set_to_none=True)
+        if self.trunk_trains:
+            mimic_grads = torch.autograd.grad(weighted_loss, list(mimic_params.values()), retain_graph=True)
+            others = [p for p in self.models.proxy.parameters() if p.requires_grad and all(p is not q for q in mimic_params.values())]
+            result.loss.mean().backward(inputs=others)
+            for parameter, gradient in zip(mimic_params.values(), mimic_grads):
+                parameter.grad = gradient
+        else:
+            weighted_loss.backward()
+        optimizer.step()
+        return self._batch_scores(result.score, result.weight, result.loss.detach(), prepared)
+
+    def _batch_scores(self, score, weight, loss, prepared: _Prepared) -> BatchScores:
+        return BatchScores(
+            mimic_score=score.detach().cpu(),
+            mimic_weight=weight.detach().cpu(),
+            loss=loss.detach().cpu(),
+            ref_loss=prepared.ref_loss.detach().cpu(),
+            clip_score=None if prepared.clip_score is None else prepared.clip_score.detach().cpu(),
+        )
+
+
+class ContrastiveScorer(MimicScorer):
+    """Image–text batches; see the module docstring for the two routes."""
+
+    def __init__(self, models: LoadedModels, temperature: float, autocast_dtype: torch.dtype | None = None):
+        super().__init__(models, temperature, autocast_dtype)
+        self.proxy_towers = _BothTowers(models.proxy)
+        self.reference_towers = _BothTowers(models.reference)
+        heads = _linear_heads(models.proxy, models.mimic_layers)
+        self.heads = heads if heads is not None and self._heads_reproduce_forward(heads) else None
+
+    @property
+    def route(self) -> str:
+        return "head" if self.heads is not None else "full"
+
     def _heads_reproduce_forward(self, heads: dict[str, LinearHead]) -> bool:
         """Check on a dummy batch that head(trunk(x)) equals the model's real output."""
         proxy = self.models.proxy
         size = getattr(proxy.visual, "image_size", 224)
         height, width = size if isinstance(size, (tuple, list)) else (size, size)
         generator = torch.Generator().manual_seed(0)
-        dummy_images = torch.randn(2, 3, height, width, generator=generator).to(self.models.device)
+        dtype = self._dtype()
+        dummy_images = torch.randn(2, 3, height, width, generator=generator).to(self.models.device, dtype)
         dummy_texts = self.models.tokenizer(["a photo of a dog", "two words"]).to(self.models.device)
-        dtype = next(proxy.parameters()).dtype
         with torch.no_grad():
-            expected = self.proxy_towers(dummy_images.to(dtype), dummy_texts)
-            trunk = self._trunk(self.proxy_towers, heads, dummy_images.to(dtype), dummy_texts, autocast=False)
-            params = parameters_of(proxy, self.models.mimic_layers)
+            expected = self.proxy_towers(dummy_images, dummy_texts)
+            trunk = self._trunk(heads, dummy_images, dummy_texts, autocast=False)
+            params = self.mimic_parameters()
             for index, tower in enumerate(("image", "text")):
                 got = heads[tower].apply(params, trunk[index]) if tower in heads else trunk[index]
                 if got.shape != expected[index].shape or not torch.allclose(got, expected[index], rtol=1e-4, atol=1e-5):
                     return False
         return True
 
-    def _trunk(self, towers, heads, images, texts, autocast=True) -> tuple[torch.Tensor, torch.Tensor]:
-        """Tower outputs with each head's projection replaced by the identity (so: the head inputs)."""
-        clip = towers.clip
-        params = parameters_of(clip, self.models.mimic_layers)
+    def _trunk(self, heads, images, texts, autocast=True) -> tuple[torch.Tensor, torch.Tensor]:
+        """Proxy tower outputs with each head's projection replaced by the identity (the head inputs)."""
+        params = self.mimic_parameters()
         overrides = {}
         for head in heads.values():
             overrides.update({f"clip.{k}": v for k, v in head.identity_overrides(params).items()})
-        with torch.no_grad(), (self._autocast() if autocast else contextlib.nullcontext()):
-            return functional_call(towers, overrides, (images, texts))
+        grad = torch.enable_grad() if self.trunk_trains else torch.no_grad()
+        with grad, (self._autocast() if autocast else contextlib.nullcontext()):
+            return functional_call(self.proxy_towers, overrides, (images, texts))
 
-    def score(self, images: torch.Tensor, texts: torch.Tensor) -> BatchScores:
-        models = self.models
-        dtype = next(models.proxy.parameters()).dtype
-        images = images.to(models.device, dtype=dtype, non_blocking=True)
-        texts = texts.to(models.device, non_blocking=True)
-        if self.heads is not None:
-            per_sample_loss, reference_features = self._head_route(images, texts, dtype)
-        else:
-            per_sample_loss, reference_features = self._full_route(images, texts)
-        reference_image, reference_text = reference_features
-        reference = models.reference
+    def _reference_features(self, images, texts):
+        with torch.no_grad(), self._autocast():
+            image, text = self.reference_towers(images, texts)
+        dtype = self._dtype()
+        return F.normalize(image.to(dtype), dim=-1), F.normalize(text.to(dtype), dim=-1)
+
+    def _baselines(self, reference_image, reference_text) -> tuple[torch.Tensor, torch.Tensor]:
+        reference = self.models.reference
         with torch.no_grad():
             clip_score = clip_similarity(reference_image, reference_text)
             ref_loss = contrastive_per_sample_loss(
                 reference_image, reference_text, reference.logit_scale.exp(), reference.logit_bias
             )
-        params = parameters_of(models.proxy, models.mimic_layers)
-        result = mimic_scores(per_sample_loss, params, models.direction.unit, self.temperature)
-        return BatchScores(
-            mimic_score=result.score.cpu(),
-            mimic_weight=result.weight.cpu(),
-            loss=result.loss.cpu(),
-            clip_score=clip_score.cpu(),
-            ref_loss=ref_loss.cpu(),
-        )
+        return ref_loss, clip_score
 
-    def _head_route(self, images, texts, dtype):
-        models = self.models
+    def _prepare(self, images, texts) -> _Prepared:
+        proxy = self.models.proxy
+        if self.heads is None:
+            return self._prepare_full(images, texts)
         heads = self.heads
-        proxy_image, proxy_text = (t.to(dtype) for t in self._trunk(self.proxy_towers, heads, images, texts))
-        if self.shared_trunk:
-            reference_params = parameters_of(models.reference, models.mimic_layers)
-            reference_image = heads["image"].apply(reference_params, proxy_image) if "image" in heads else proxy_image
-            reference_text = heads["text"].apply(reference_params, proxy_text) if "text" in heads else proxy_text
+        dtype = self._dtype()
+        proxy_image, proxy_text = (t.to(dtype) for t in self._trunk(heads, images, texts))
+        if self.shared_trunk and not self.trunk_trains:
+            reference_params = parameters_of(self.models.reference, self.models.mimic_layers)
+            with torch.no_grad():
+                image = heads["image"].apply(reference_params, proxy_image) if "image" in heads else proxy_image
+                text = heads["text"].apply(reference_params, proxy_text) if "text" in heads else proxy_text
+            reference_image, reference_text = F.normalize(image, dim=-1), F.normalize(text, dim=-1)
         else:
-            with torch.no_grad(), self._autocast():
-                reference_image, reference_text = self.reference_towers(images, texts)
-        reference_features = (
-            F.normalize(reference_image.to(dtype), dim=-1),
-            F.normalize(reference_text.to(dtype), dim=-1),
-        )
-        proxy = models.proxy
-        logit_scale = proxy.logit_scale.exp()
+            reference_image, reference_text = self._reference_features(images, texts)
+        ref_loss, clip_score = self._baselines(reference_image, reference_text)
 
         def per_sample_loss(params: ParamDict) -> torch.Tensor:
             image = heads["image"].apply(params, proxy_image) if "image" in heads else proxy_image
             text = heads["text"].apply(params, proxy_text) if "text" in heads else proxy_text
             return contrastive_per_sample_loss(
-                F.normalize(image, dim=-1), F.normalize(text, dim=-1), logit_scale, proxy.logit_bias
+                F.normalize(image, dim=-1), F.normalize(text, dim=-1), proxy.logit_scale.exp(), proxy.logit_bias
             )
 
-        return per_sample_loss, reference_features
+        return _Prepared(per_sample_loss, ref_loss, clip_score)
 
-    def _full_route(self, images, texts):
-        models = self.models
-        proxy = models.proxy
-        with torch.no_grad(), self._autocast():
-            reference_image, reference_text = self.reference_towers(images, texts)
-        dtype = next(proxy.parameters()).dtype
-        reference_features = (
-            F.normalize(reference_image.to(dtype), dim=-1),
-            F.normalize(reference_text.to(dtype), dim=-1),
-        )
+    def _prepare_full(self, images, texts) -> _Prepared:
+        proxy = self.models.proxy
+        ref_loss, clip_score = self._baselines(*self._reference_features(images, texts))
 
         def per_sample_loss(params: ParamDict) -> torch.Tensor:
             # The JVP stays in full precision: no autocast on this route.
@@ -257,4 +344,50 @@ class ContrastiveScorer:
                 F.normalize(image, dim=-1), F.normalize(text, dim=-1), logit_scale, logit_bias
             )
 
-        return per_sample_loss, reference_features
+        return _Prepared(per_sample_loss, ref_loss, clip_score)
+
+
+class ClassifierScorer(MimicScorer):
+    """Labelled-image batches through an :class:`~mimicfilter.models.ImageClassifier`."""
+
+    def __init__(self, models: LoadedModels, temperature: float, autocast_dtype: torch.dtype | None = None):
+        super().__init__(models, temperature, autocast_dtype)
+        self.head_only = all(name.startswith("head.") for name in models.mimic_layers)
+
+    @property
+    def route(self) -> str:
+        return "head" if self.head_only else "full"
+
+    def _prepare(self, images, labels) -> _Prepared:
+        proxy, reference = self.models.proxy, self.models.reference
+        labels = labels.long()
+        dtype = self._dtype()
+        with torch.no_grad(), self._autocast():
+            reference_logits = reference(images).to(dtype) if not (self.shared_trunk and self.head_only) else None
+        if self.head_only:
+            grad = torch.enable_grad() if self.trunk_trains else torch.no_grad()
+            with grad, self._autocast():
+                features = proxy.features(images).to(dtype)
+            if reference_logits is None:
+                with torch.no_grad():
+                    reference_logits = reference.logit_scale * reference.head(features)
+            fixed_bias = proxy.head.bias
+
+            def per_sample_loss(params: ParamDict) -> torch.Tensor:
+                logits = F.linear(features, params["head.weight"], params.get("head.bias", fixed_bias))
+                return classification_per_sample_loss(proxy.logit_scale * logits, labels)
+
+        else:
+
+            def per_sample_loss(params: ParamDict) -> torch.Tensor:
+                with _forward_ad_attention():
+                    logits = functional_call(proxy, params, (images,))
+                return classification_per_sample_loss(logits, labels)
+
+        ref_loss = classification_per_sample_loss(reference_logits, labels)
+        return _Prepared(per_sample_loss, ref_loss, None)
+
+
+def make_scorer(models: LoadedModels, temperature: float, autocast_dtype: torch.dtype | None = None) -> MimicScorer:
+    scorer_class = ClassifierScorer if models.task == "classify" else ContrastiveScorer
+    return scorer_class(models, temperature, autocast_dtype)

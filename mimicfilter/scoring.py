@@ -1,18 +1,22 @@
-"""The ``score`` pipeline: shards → decoded samples → batches → scores → one Parquet part per shard.
+"""The ``score`` pipeline: shards → decoded samples → batches → scores → Parquet parts.
 
 Stages are composed here and nowhere else:
 
     read (shards.iter_shard_samples) → decode (decode.decode_sample) → batch (batches.group_batches)
-        → score (scorer.ContrastiveScorer) → write (tables.write_part, atomic)
+        → score (scorer.MimicScorer [+ proxy update]) → write (tables.write_part, atomic)
 
-:func:`score_shard` is the pure, idempotent unit of work (one shard → one part) for any executor;
-:func:`run_score` is the local executor: DataLoader workers read and decode whole shards in
-parallel while the main process scores, and each part is written as soon as its shard is complete.
+Static mode (``--train none``): :func:`score_shard` is the pure, idempotent unit of work (one shard
+→ one part) for any executor; :func:`run_score`'s local executor has DataLoader workers read and
+decode whole shards in parallel while the main process scores, and writes each part as soon as its
+shard is complete. Trajectory mode (``--train head|full``) is one ordered stream per epoch; see
+:mod:`mimicfilter.trajectory`.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
+import itertools
 import os
 import sys
 import time
@@ -31,12 +35,12 @@ from mimicfilter.decode import DecodeConfig, decode_sample
 from mimicfilter.errors import MimicfilterError
 from mimicfilter.models import LoadedModels, ModelSpec, load_models, resolve_device
 from mimicfilter.rundir import SCORES_DIR, finish_run_dir, prepare_run_dir
-from mimicfilter.scorer import BatchScores, ContrastiveScorer
+from mimicfilter.scorer import TRAIN_MODES, BatchScores, MimicScorer, make_scorer
 from mimicfilter.shards import iter_shard_samples, part_name
 from mimicfilter.tables import STATUSES, read_scores, rows_to_table, write_part
+from mimicfilter.trajectory import TrainConfig, run_trajectory
 
 DEFAULT_TEMPERATURE = {"contrastive": 0.05, "classify": 1.0}
-TRAIN_MODES = ("none",)
 
 
 @dataclass(frozen=True)
@@ -50,7 +54,7 @@ class ScoreConfig:
     batch_size: int = 256
     workers: int = 0
     temperature: float | None = None
-    train: str = "none"
+    train: TrainConfig = field(default_factory=lambda: TrainConfig(mode="none"))
     allow_pipe: bool = False
     overwrite: bool = False
     argv: tuple[str, ...] = ()
@@ -64,8 +68,19 @@ class ScoreConfig:
             raise MimicfilterError(f"--workers {self.workers}: must be 0 or more")
         if self.temperature is not None and not self.temperature > 0:
             raise MimicfilterError(f"--temperature {self.temperature}: must be positive")
-        if self.train not in TRAIN_MODES:
-            raise MimicfilterError(f"--train {self.train}: not supported", hint=f"one of {', '.join(TRAIN_MODES)}")
+        train = self.train
+        if train.mode not in TRAIN_MODES:
+            raise MimicfilterError(f"--train {train.mode}: not supported", hint=f"one of {', '.join(TRAIN_MODES)}")
+        if train.epochs < 1:
+            raise MimicfilterError(f"--epochs {train.epochs}: must be at least 1")
+        if train.mode == "none" and train.epochs != 1:
+            raise MimicfilterError("--epochs needs a learning proxy", hint="use --train head or full, or drop --epochs")
+        if not train.lr > 0 or train.weight_decay < 0:
+            raise MimicfilterError(f"--lr {train.lr} / --weight-decay {train.weight_decay}: lr > 0 and decay >= 0")
+        if train.shuffle_buffer < 0 or train.checkpoint_every < 0:
+            raise MimicfilterError("--shuffle-buffer and --checkpoint-every must be 0 or more")
+        if self.decode.task != self.model.task:
+            raise MimicfilterError(f"decoding for {self.decode.task!r} but models for {self.model.task!r}")
 
     @property
     def effective_temperature(self) -> float:
@@ -75,7 +90,7 @@ class ScoreConfig:
 class Progress(Protocol):
     """What the pipeline reports while it runs (the CLI draws a bar from it)."""
 
-    def start(self, shards_total: int, shards_done: int) -> None: ...
+    def start(self, total: int, done: int, unit: str = "shards") -> None: ...
 
     def advance(self, samples: int) -> None: ...
 
@@ -92,11 +107,28 @@ def _tokenize(tokenizer: Callable, caption: str) -> torch.Tensor:
     return tokenizer([caption])[0]
 
 
+def detect_task(shards: tuple[str, ...], decode: DecodeConfig, allow_pipe: bool, sample_limit: int = 16) -> str:
+    """``classify`` when the first readable samples carry a label and no caption, else ``contrastive``."""
+    text_ext = "json" if decode.json_field else decode.text_key.lower()
+    for shard in shards[:2]:
+        for raw in itertools.islice(iter_shard_samples(shard, allow_pipe=allow_pipe), sample_limit):
+            files = raw["files"]
+            if raw["status"] == "ok" and files:
+                has_label, has_text = decode.label_key in files, text_ext in files
+                return "classify" if has_label and not has_text else "contrastive"
+    return "contrastive"
+
+
+def make_tokenize(decode_config: DecodeConfig, tokenizer: Callable) -> Callable | None:
+    """A picklable caption → token-ids function (for DataLoader workers); None for classification."""
+    return functools.partial(_tokenize, tokenizer) if decode_config.task == "contrastive" else None
+
+
 def shard_batches(
     shard: str, decode_config: DecodeConfig, preprocess: Callable, tokenizer: Callable, batch_size: int, allow_pipe: bool
 ) -> Iterator[dict[str, Any]]:
     """read → decode → batch for one shard."""
-    tokenize = functools.partial(_tokenize, tokenizer) if decode_config.task == "contrastive" else None
+    tokenize = make_tokenize(decode_config, tokenizer)
     raw_samples = iter_shard_samples(shard, allow_pipe=allow_pipe)
     decoded = (decode_sample(raw, decode_config, preprocess, tokenize) for raw in raw_samples)
     yield from group_batches(decoded, batch_size, shard)
@@ -121,21 +153,27 @@ def batch_rows(batch: dict[str, Any], scores: BatchScores | None, epoch: int = 0
     rows = []
     ok_position = 0
     for meta in batch["rows"]:
-        row = {**meta, "shard": batch["shard"], "epoch": epoch, "step": batch["step"]}
+        row = {**meta, "epoch": epoch, "step": batch["step"]}
         if meta["status"] == "ok" and scores is not None:
             for column in ("mimic_score", "mimic_weight", "loss", "clip_score", "ref_loss"):
-                row[column] = float(getattr(scores, column)[ok_position])
+                values = getattr(scores, column)
+                row[column] = None if values is None else float(values[ok_position])
             ok_position += 1
         rows.append(row)
     return rows
 
 
-def score_batch(scorer: ContrastiveScorer, batch: dict[str, Any]) -> list[dict[str, Any]]:
-    scores = scorer.score(batch["images"], batch["texts"]) if batch["images"] is not None else None
+def batch_targets(batch: dict[str, Any]) -> torch.Tensor:
+    """Token ids for image–text batches, labels for classification batches."""
+    return batch["texts"] if batch["texts"] is not None else batch["labels"]
+
+
+def score_batch(scorer: MimicScorer, batch: dict[str, Any]) -> list[dict[str, Any]]:
+    scores = scorer.score(batch["images"], batch_targets(batch)) if batch["images"] is not None else None
     return batch_rows(batch, scores)
 
 
-def score_shard(shard: str, scorer: ContrastiveScorer, config: ScoreConfig) -> int:
+def score_shard(shard: str, scorer: MimicScorer, config: ScoreConfig) -> int:
     """Score one shard into its part file (skipped when the part exists); returns the row count.
 
     Pure and idempotent: the part depends only on the shard and the config, so any executor may
@@ -147,38 +185,47 @@ def score_shard(shard: str, scorer: ContrastiveScorer, config: ScoreConfig) -> i
     models = scorer.models
     rows = []
     for batch in shard_batches(
-        shard, config.decode, models.preprocess, models.tokenizer, config.batch_size, config.allow_pipe
+        shard, decode_config_for(config, models), models.preprocess, models.tokenizer, config.batch_size, config.allow_pipe
     ):
         rows.extend(score_batch(scorer, batch))
     write_part(rows_to_table(rows), path)
     return len(rows)
 
 
-def _fingerprint(config: ScoreConfig, models: LoadedModels, scorer: ContrastiveScorer) -> dict[str, Any]:
+def decode_config_for(config: ScoreConfig, models: LoadedModels) -> DecodeConfig:
+    """The decode config with what only the models know: the number of classes of the head."""
+    if models.task != "classify":
+        return config.decode
+    return dataclasses.replace(config.decode, num_classes=models.reference.head.out_features)
+
+
+def _fingerprint(config: ScoreConfig, models: LoadedModels) -> dict[str, Any]:
     provenance = models.provenance
     return {
         "format": 1,
+        "task": models.task,
         "shards": list(config.shards),
         "architecture": provenance["architecture"],
         "architecture_config": provenance["architecture_config"],
         "reference": {k: v for k, v in provenance["reference"].items() if k != "path"},
         "proxy": {k: v for k, v in provenance["proxy"].items() if k != "path"},
+        "reference_head": {k: v for k, v in provenance.get("reference_head", {}).items() if k != "path"},
         "mimic_layers": list(models.mimic_layers),
         "batch_size": config.batch_size,
         "temperature": config.effective_temperature,
         "seed": config.model.seed,
-        "train": config.train,
+        "train": asdict(config.train),
         "device_type": models.device.type,
         "decode": asdict(config.decode),
     }
 
 
-def build_scorer(config: ScoreConfig) -> ContrastiveScorer:
+def build_scorer(config: ScoreConfig) -> MimicScorer:
     device = resolve_device(config.model.device)
     torch.manual_seed(config.model.seed)
-    models = load_models(ModelSpec(**{**asdict(config.model), "device": str(device)}))
+    models = load_models(dataclasses.replace(config.model, device=str(device)))
     autocast = torch.bfloat16 if device.type == "cuda" else None
-    return ContrastiveScorer(models, config.effective_temperature, autocast_dtype=autocast)
+    return make_scorer(models, config.effective_temperature, autocast_dtype=autocast)
 
 
 def _table_stats(run_dir: Path) -> dict[str, Any]:
@@ -207,18 +254,74 @@ def run_score(config: ScoreConfig, progress: Progress | None = None) -> dict[str
         "temperature": config.effective_temperature,
         "batch_size": config.batch_size,
         "seed": config.model.seed,
-        "train": config.train,
+        "train": asdict(config.train),
         "device": str(models.device),
         "shards": list(config.shards),
         "started_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
     run_dir = config.out_dir
-    prepare_run_dir(run_dir, _fingerprint(config, models, scorer), provenance, config.overwrite)
+    prepare_run_dir(run_dir, _fingerprint(config, models), provenance, config.overwrite)
+    loop_started = time.time()
+    try:
+        if config.train.mode == "none":
+            counts = _score_static(config, scorer, progress)
+            scored_samples, shards_resumed = counts.samples_scored, counts.shards_resumed
+        else:
+            scored_samples = run_trajectory(
+                scorer,
+                config.train,
+                shards=config.shards,
+                run_dir=run_dir,
+                decode_config=decode_config_for(config, models),
+                tokenize=make_tokenize(config.decode, models.tokenizer),
+                batch_size=config.batch_size,
+                seed=config.model.seed,
+                workers=config.workers,
+                allow_pipe=config.allow_pipe,
+                rows_of_batch=batch_rows,
+                progress=progress,
+            )
+            shards_resumed = None
+    finally:
+        if progress:
+            progress.close()
+    finished = time.time()
+    wall, scoring = finished - started, finished - loop_started
+    stats = {
+        **_table_stats(run_dir),
+        "shards": len(config.shards),
+        "shards_resumed": shards_resumed,
+        "samples_scored_now": scored_samples,
+        "wall_seconds": round(wall, 3),
+        "scoring_seconds": round(scoring, 3),  # reading, decoding and scoring; model loading excluded
+        "samples_per_second": round(scored_samples / scoring, 2) if scored_samples else None,
+        "train": config.train.mode,
+        "epochs": config.train.epochs,
+        "scoring_route": scorer.route,
+        "device": str(models.device),
+        "workers": config.workers,
+        "run_dir": str(run_dir),
+        "cpu_count": os.cpu_count(),
+    }
+    finish_run_dir(run_dir, stats)
+    return stats
+
+
+@dataclass(frozen=True)
+class _StaticCounts:
+    samples_scored: int
+    shards_resumed: int
+
+
+def _score_static(config: ScoreConfig, scorer: MimicScorer, progress: Progress | None) -> _StaticCounts:
+    """The local static executor."""
+    run_dir, models = config.out_dir, scorer.models
     pending = [shard for shard in config.shards if not part_path(run_dir, shard).exists()]
     if progress:
         progress.start(len(config.shards), len(config.shards) - len(pending))
     dataset = _ShardBatches(
-        pending, config.decode, models.preprocess, models.tokenizer, config.batch_size, config.allow_pipe
+        pending, decode_config_for(config, models), models.preprocess, models.tokenizer, config.batch_size,
+        config.allow_pipe,
     )
     loader = DataLoader(
         dataset,
@@ -228,38 +331,16 @@ def run_score(config: ScoreConfig, progress: Progress | None = None) -> dict[str
     )
     rows_by_shard: dict[str, list[dict[str, Any]]] = {}
     scored_samples = 0
-    loop_started = time.time()
-    try:
-        for batch in loader:
-            rows = score_batch(scorer, batch)
-            rows_by_shard.setdefault(batch["shard"], []).extend(rows)
-            scored_samples += len(rows)
-            if progress:
-                progress.advance(len(rows))
-            if batch["last"]:
-                shard_rows = rows_by_shard.pop(batch["shard"])
-                write_part(rows_to_table(shard_rows), part_path(run_dir, batch["shard"]))
-                if progress:
-                    progress.shard_done(len(shard_rows))
-    finally:
+    for batch in loader:
+        rows = score_batch(scorer, batch)
+        shard = batch["shard"]
+        rows_by_shard.setdefault(shard, []).extend(rows)
+        scored_samples += len(rows)
         if progress:
-            progress.close()
-    finished = time.time()
-    wall, scoring = finished - started, finished - loop_started
-    stats = {
-        **_table_stats(run_dir),
-        "shards": len(config.shards),
-        "shards_scored_now": len(pending),
-        "shards_resumed": len(config.shards) - len(pending),
-        "samples_scored_now": scored_samples,
-        "wall_seconds": round(wall, 3),
-        "scoring_seconds": round(scoring, 3),  # reading, decoding and scoring; model loading excluded
-        "samples_per_second": round(scored_samples / scoring, 2) if scored_samples else None,
-        "scoring_route": scorer.route,
-        "device": str(models.device),
-        "workers": config.workers,
-        "run_dir": str(run_dir),
-        "cpu_count": os.cpu_count(),
-    }
-    finish_run_dir(run_dir, stats)
-    return stats
+            progress.advance(len(rows))
+        if batch["last"]:
+            shard_rows = rows_by_shard.pop(shard)
+            write_part(rows_to_table(shard_rows), part_path(run_dir, shard))
+            if progress:
+                progress.shard_done(len(shard_rows))
+    return _StaticCounts(samples_scored=scored_samples, shards_resumed=len(config.shards) - len(pending))

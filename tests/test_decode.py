@@ -213,3 +213,11 @@ def test_config_validation(kwargs):
 def test_config_is_frozen():
     with pytest.raises(AttributeError):
         CONTRASTIVE.task = "classify"  # type: ignore[misc]
+
+
+def test_classify_label_outside_the_head_is_a_decode_error():
+    config = DecodeConfig(task="classify", num_classes=3)
+    row = decode_sample(raw({"jpg": image_bytes(5), "cls": b"3"}), config, PREPROCESS, None)
+    assert_failed(row, "decode_error")
+    assert "outside" in row["error"]
+    assert decode_sample(raw({"jpg": image_bytes(5), "cls": b"2"}), config, PREPROCESS, None)["status"] == "ok"

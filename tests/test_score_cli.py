@@ -33,7 +33,7 @@ def shard_dir(tmp_path):
 
 def score_args(shards, tiny_config, reference_checkpoint, out, *extra):
     return ["score", *map(str, shards), "--model", str(tiny_config), "--reference", str(reference_checkpoint),
-            "--out", str(out), "--batch-size", "4", "--workers", "0", "--quiet", *extra]
+            "--out", str(out), "--batch-size", "4", "--workers", "0", "--quiet", "--train", "none", *extra]
 
 
 def invoke(args):

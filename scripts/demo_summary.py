@@ -1,0 +1,74 @@
+"""Summarise the demo run: how well the scores find the swapped captions the demo planted.
+
+The demo shards record the truth in each sample's .json ("swapped": true/false), so we can show
+what a user of real data cannot see directly: detection quality of the mimic score versus the
+reference CLIP score, and the lowest-scoring pairs.
+
+Usage: python scripts/demo_summary.py RUN_DIR
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+from rich.console import Console
+from rich.table import Table
+
+from mimicfilter.rundir import read_run_info
+from mimicfilter.shards import iter_shard_samples
+from mimicfilter.tables import read_scores
+
+
+def auroc(scores: np.ndarray, positives: np.ndarray) -> float:
+    """Probability that a random positive outranks a random negative (ties count half)."""
+    order = np.argsort(scores, kind="mergesort")
+    ranks = np.empty(len(scores))
+    sorted_scores = scores[order]
+    # average ranks over ties
+    _, first, counts = np.unique(sorted_scores, return_index=True, return_counts=True)
+    for start, count in zip(first, counts):
+        ranks[order[start : start + count]] = start + (count + 1) / 2
+    n_pos, n_neg = positives.sum(), (~positives).sum()
+    return float((ranks[positives].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
+
+
+def main(run_dir: Path) -> None:
+    info = read_run_info(run_dir)
+    truth = {}
+    for shard in info["shards"]:
+        for sample in iter_shard_samples(shard):
+            meta = json.loads(sample["files"].get("json", b"{}") or b"{}")
+            truth[(shard, sample["key"])] = meta
+    rows = [row for row in read_scores(run_dir).to_pylist() if row["status"] == "ok"]
+    swapped = np.array([truth[(row["shard"], row["key"])].get("swapped", False) for row in rows])
+    console = Console()
+    table = Table(title=f"Finding the {swapped.sum()} swapped captions among {len(rows)} demo pairs")
+    table.add_column("score (low = suspicious)")
+    table.add_column("AUROC", justify="right")
+    table.add_column(f"precision in lowest {swapped.sum()}", justify="right")
+    for column in ("mimic_score", "mimic_weight", "clip_score"):
+        values = np.array([row[column] for row in rows])
+        lowest = np.argsort(values, kind="mergesort")[: swapped.sum()]
+        table.add_row(column, f"{auroc(-values, swapped):.3f}", f"{swapped[lowest].mean():.1%}")
+    console.print(table)
+    scores = np.array([row["mimic_score"] for row in rows])
+    worst = Table(title="Lowest mimic scores (the pairs a filter drops first)")
+    for name in ("key", "emoji", "caption", "true name", "mimic score"):
+        worst.add_column(name)
+    for position in np.argsort(scores, kind="mergesort")[:8]:
+        row = rows[position]
+        meta = truth[(row["shard"], row["key"])]
+        worst.add_row(
+            row["key"], meta.get("emoji", ""), meta.get("caption", ""), meta.get("true_caption", ""), f"{row['mimic_score']:.4f}"
+        )
+    console.print(worst)
+    console.print(f"Scores: {run_dir}/scores/*.parquet  ·  provenance: {run_dir}/run.json  ·  stats: {run_dir}/stats.json")
+
+
+if __name__ == "__main__":
+    if len(sys.argv) != 2:
+        sys.exit("usage: python scripts/demo_summary.py RUN_DIR")
+    main(Path(sys.argv[1]))
