@@ -24,7 +24,7 @@ test-fast: install
 
 demo: install
 	$(VENV)/bin/mimicfilter score demo/shards --model demo/tiny-clip.json \
-		--reference demo/reference.safetensors --batch-size 128 --out $(DEMO_RUN) --overwrite
+		--reference demo/reference.safetensors --batch-size 128 --epochs 3 --out $(DEMO_RUN) --overwrite
 	$(PY) scripts/demo_summary.py $(DEMO_RUN)
 
 bench: install

@@ -35,6 +35,20 @@ def auroc(scores: np.ndarray, positives: np.ndarray) -> float:
     return float((ranks[positives].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
 
 
+def _mean_over_epochs(rows: list[dict]) -> list[dict]:
+    """One row per sample: score columns averaged over the epochs it was seen in."""
+    grouped: dict[tuple[str, str], list[dict]] = {}
+    for row in rows:
+        grouped.setdefault((row["shard"], row["key"]), []).append(row)
+    merged = []
+    for group in grouped.values():
+        row = dict(group[0])
+        for column in ("mimic_score", "mimic_weight", "clip_score"):
+            row[column] = float(np.mean([member[column] for member in group]))
+        merged.append(row)
+    return merged
+
+
 def main(run_dir: Path) -> None:
     info = read_run_info(run_dir)
     truth = {}
@@ -42,10 +56,12 @@ def main(run_dir: Path) -> None:
         for sample in iter_shard_samples(shard):
             meta = json.loads(sample["files"].get("json", b"{}") or b"{}")
             truth[(shard, sample["key"])] = meta
-    rows = [row for row in read_scores(run_dir).to_pylist() if row["status"] == "ok"]
+    rows = _mean_over_epochs([row for row in read_scores(run_dir).to_pylist() if row["status"] == "ok"])
     swapped = np.array([truth[(row["shard"], row["key"])].get("swapped", False) for row in rows])
     console = Console()
-    table = Table(title=f"Finding the {swapped.sum()} swapped captions among {len(rows)} demo pairs")
+    epochs = info["train"]["epochs"]
+    title = f"Finding the {swapped.sum()} swapped captions among {len(rows)} demo pairs"
+    table = Table(title=title + (f" (scores averaged over {epochs} epochs)" if epochs > 1 else ""))
     table.add_column("score (low = suspicious)")
     table.add_column("AUROC", justify="right")
     table.add_column(f"precision in lowest {swapped.sum()}", justify="right")
