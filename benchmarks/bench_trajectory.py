@@ -30,6 +30,8 @@ import copy
 import json
 import os
 import platform
+import re
+import resource
 import tempfile
 import time
 from pathlib import Path
@@ -40,7 +42,7 @@ import torch
 import torch.nn.functional as F
 from torch.func import functional_call, grad, vmap
 
-from mimicfilter.mimic import contrastive_per_sample_loss, mimic_direction, relative_weights
+from mimicfilter.mimic import contrastive_per_sample_loss, mimic_direction, mimic_forward
 from mimicfilter.models import LoadedModels, ModelSpec, load_models, parameters_of
 from mimicfilter.scorer import make_scorer
 
@@ -92,15 +94,55 @@ class Bench:
         return proxy
 
 
-def best_of(step: Callable[[], object], repeats: int) -> tuple[float, object, list[float]]:
+class OtherLoad:
+    """CPU seconds that other processes used meanwhile (Linux /proc/stat minus this process).
+
+    Other work on the same cores spoils every figure (the OpenMP threads wait on each other), so
+    each method's timed steps are watched and the share of the machine taken by others reported.
+    """
+
+    sections: dict[str, float] = {}
+
+    @staticmethod
+    def _busy_and_own() -> tuple[float, float]:
+        try:
+            fields = [int(v) for v in Path("/proc/stat").read_text().splitlines()[0].split()[1:]]
+            busy = (sum(fields[:8]) - fields[3] - fields[4]) / os.sysconf("SC_CLK_TCK")  # all but idle, iowait
+        except (OSError, ValueError, IndexError):
+            busy = float("nan")
+        usage = resource.getrusage(resource.RUSAGE_SELF)
+        return busy, usage.ru_utime + usage.ru_stime
+
+    def __init__(self, name: str):
+        self.name = name
+
+    def __enter__(self):
+        self.started, (self.busy, self.own) = time.perf_counter(), self._busy_and_own()
+        return self
+
+    def __exit__(self, *exc):
+        busy, own = self._busy_and_own()
+        wall = time.perf_counter() - self.started
+        other = max(0.0, (busy - self.busy) - (own - self.own))
+        # /proc/stat counts in clock ticks (10 ms): shorter sections give no meaningful share.
+        share = other / (wall * (os.cpu_count() or 1)) if wall >= 2.0 else None
+        OtherLoad.sections[self.name] = None if share is None else round(share, 3)
+
+
+def best_of(step: Callable[[], object], repeats: int, name: str) -> tuple[float, object, list[float]]:
     """One warm-up call (its output is returned: it starts from the reset proxy), then the min of ``repeats``."""
     first = step()
     times = []
-    for _ in range(repeats):
-        started = time.perf_counter()
-        step()
-        times.append(time.perf_counter() - started)
+    with OtherLoad(name):
+        for _ in range(repeats):
+            started = time.perf_counter()
+            step()
+            times.append(time.perf_counter() - started)
+    TIMES_MS[name] = [round(t * 1e3, 1) for t in times]
     return min(times), first, times
+
+
+TIMES_MS: dict[str, list[float]] = {}
 
 
 # --- plain steps -----------------------------------------------------------------------------
@@ -125,7 +167,7 @@ def plain(bench: Bench, images, texts, mode: str, repeats: int) -> float:
     for parameter in trained:
         parameter.requires_grad_(True)
     optimizer = torch.optim.AdamW(trained, lr=LR, weight_decay=WEIGHT_DECAY)
-    seconds, _, _ = best_of(lambda: plain_step(proxy, images, texts, optimizer), repeats)
+    seconds, _, _ = best_of(lambda: plain_step(proxy, images, texts, optimizer), repeats, f"plain_{mode}")
     return seconds
 
 
@@ -145,15 +187,66 @@ def ours(bench: Bench, images, texts, mode: str, repeats: int):
             after_first.update({k: v.detach().clone() for k, v in scorer.mimic_parameters().items()})
         return scores
 
-    seconds, first, _ = best_of(step, repeats)
+    seconds, first, _ = best_of(step, repeats, f"ours_{mode}")
     return seconds, first.mimic_score, after_first, scorer.route
 
 
 # --- official style (head mode) --------------------------------------------------------------
 
 
+def pre_projection(proxy: torch.nn.Module, images, texts):
+    """The towers once, without grad, up to the image projection's input (the projection as identity)."""
+    identity = torch.eye(proxy.visual.proj.shape[0], dtype=proxy.visual.proj.dtype)
+    with torch.no_grad():
+        features = functional_call(proxy.visual, {"proj": identity}, (images,))
+        text = F.normalize(proxy.encode_text(texts), dim=-1)
+        return features, text, proxy.logit_scale.exp(), getattr(proxy, "logit_bias", None)
+
+
+def official_head_update(weight, reference_weight, towers, optimizer, stats: dict) -> torch.Tensor:
+    """Scores by vmap(grad) per-sample gradients + a loop of dot products, then the weighted step."""
+    features, text, scale, bias = towers
+    batch = features.shape[0]
+
+    def per_sample_loss(w):
+        return contrastive_per_sample_loss(F.normalize(features @ w, dim=-1), text, scale, bias)
+
+    def loss_of_sample(w, one_hot):
+        # vmap cannot index with a batched tensor: pick sample i's loss by a one-hot row. The
+        # contrastive loss couples the batch, so every per-sample gradient recomputes all of it.
+        return (per_sample_loss(w) * one_hot).sum()
+
+    direction = mimic_direction({"w": reference_weight}, {"w": weight.detach()}).unit["w"]
+    gradients = vmap(grad(loss_of_sample), in_dims=(None, 0))(weight.detach(), torch.eye(batch, dtype=weight.dtype))
+    scores = torch.stack([-(gradients[i] * direction).sum() for i in range(batch)])
+    stats["gradients_mib"] = gradients.numel() * gradients.element_size() / 2**20
+    del gradients
+    weights = torch.softmax(scores / TEMPERATURE, dim=0)
+    loss = (weights * per_sample_loss(weight)).sum()
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    optimizer.step()
+    return scores
+
+
+def jvp_head_update(weight, reference_weight, towers, optimizer) -> torch.Tensor:
+    """The same update by our math (one forward-mode pass through the head), for the head-only figure."""
+    features, text, scale, bias = towers
+
+    def per_sample_loss(params):
+        return contrastive_per_sample_loss(F.normalize(features @ params["w"], dim=-1), text, scale, bias)
+
+    direction = mimic_direction({"w": reference_weight}, {"w": weight.detach()})
+    result = mimic_forward(per_sample_loss, {"w": weight}, direction.unit, TEMPERATURE)
+    loss = (result.weight.detach() / result.loss.shape[0] * result.loss).sum()
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    optimizer.step()
+    return result.score
+
+
 def official(bench: Bench, images, texts, repeats: int):
-    """The paper's route on the head: vmap(grad) per-sample gradients + a loop of dot products."""
+    """The paper's route on the head, timed as a whole step (towers without grad + head update)."""
     models = bench.models
     if models.mimic_layers != ("visual.proj",):
         raise SystemExit(f"official-style step is written for mimic layer visual.proj, got {models.mimic_layers}")
@@ -161,52 +254,46 @@ def official(bench: Bench, images, texts, repeats: int):
     weight = proxy.visual.proj
     weight.requires_grad_(True)
     optimizer = torch.optim.AdamW([weight], lr=LR, weight_decay=WEIGHT_DECAY)
-    reference_weight = models.reference.visual.proj
-    identity = torch.eye(weight.shape[0], dtype=weight.dtype)
-    batch = images.shape[0]
-    one_hots = torch.eye(batch, dtype=weight.dtype)
     stats: dict = {}
 
     def step():
-        # Towers once, without grad, up to the projection's input (the projection as identity).
-        with torch.no_grad():
-            features = functional_call(proxy.visual, {"proj": identity}, (images,))
-            text = F.normalize(proxy.encode_text(texts), dim=-1)
-            scale = proxy.logit_scale.exp()
-            bias = getattr(proxy, "logit_bias", None)
-
-        def per_sample_loss(w):
-            return contrastive_per_sample_loss(F.normalize(features @ w, dim=-1), text, scale, bias)
-
-        def loss_of_sample(w, one_hot):
-            # vmap cannot index with a batched tensor: pick sample i's loss by a one-hot row.
-            return (per_sample_loss(w) * one_hot).sum()
-
-        started = time.perf_counter()
-        direction = mimic_direction({"w": reference_weight}, {"w": weight.detach()}).unit["w"]
-        gradients = vmap(grad(loss_of_sample), in_dims=(None, 0))(weight.detach(), one_hots)
-        scores = torch.stack([-(gradients[i] * direction).sum() for i in range(batch)])
-        stats["per_sample_ms"] = min(stats.get("per_sample_ms", float("inf")), (time.perf_counter() - started) * 1e3)
-        stats["gradients_mib"] = gradients.numel() * gradients.element_size() / 2**20
-        del gradients
-        weights = torch.softmax(scores / TEMPERATURE, dim=0)
-        loss = (weights * per_sample_loss(weight)).sum()
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
+        scores = official_head_update(weight, models.reference.visual.proj, pre_projection(proxy, images, texts), optimizer, stats)
         if "after_first" not in stats:
             stats["after_first"] = weight.detach().clone()
         return scores
 
-    seconds, first_scores, _ = best_of(step, repeats)
+    seconds, first_scores, _ = best_of(step, repeats, "official_head")
     return seconds, first_scores, stats
+
+
+def head_only(bench: Bench, images, texts, repeats: int) -> dict:
+    """Only the part that differs: the head update on fixed pre-projection features, both ways."""
+    proxy = bench.reset()
+    towers = pre_projection(proxy, images, texts)
+    reference_weight = bench.models.reference.visual.proj
+    weight = proxy.visual.proj
+    times = {}
+    for name in ("official", "jvp"):
+        bench.reset()
+        weight.requires_grad_(True)
+        optimizer = torch.optim.AdamW([weight], lr=LR, weight_decay=WEIGHT_DECAY)
+        if name == "official":
+            step = lambda: official_head_update(weight, reference_weight, towers, optimizer, {})  # noqa: E731
+        else:
+            step = lambda: jvp_head_update(weight, reference_weight, towers, optimizer)  # noqa: E731
+        times[name], _, _ = best_of(step, repeats, f"head_only_{name}")
+    return {
+        "ours_ms": round(times["jvp"] * 1e3, 2),
+        "official_ms": round(times["official"] * 1e3, 2),
+        "official_over_ours": round(times["official"] / times["jvp"], 2),
+    }
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="ViT-B-32", help="open_clip architecture name or a JSON model config")
     parser.add_argument("--batch-size", type=int, default=32)
-    parser.add_argument("--repeats", type=int, default=3, help="timed steps per method (after one warm-up)")
+    parser.add_argument("--repeats", type=int, default=5, help="timed steps per method (after one warm-up)")
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -218,9 +305,6 @@ def main() -> None:
         "model": args.model,
         "batch_size": args.batch_size,
         "repeats": args.repeats,
-        # Other processes on the same cores spoil every figure (OpenMP threads wait on each other):
-        # a 1-minute load average well above 0 before the run means the timings are not trustworthy.
-        "load_average_1min_before": round(os.getloadavg()[0], 2),
     }
     with tempfile.TemporaryDirectory(prefix="mimicfilter-bench-") as scratch:
         reference = random_reference(args.model, Path(scratch))
@@ -232,6 +316,7 @@ def main() -> None:
     plain_head = plain(bench, images, texts, "head", args.repeats)
     ours_head, our_scores, our_weights, route = ours(bench, images, texts, "head", args.repeats)
     official_s, official_scores, official_stats = official(bench, images, texts, args.repeats)
+    head_math = head_only(bench, images, texts, max(10, args.repeats))
     plain_full = plain(bench, images, texts, "full", args.repeats)
     ours_full, _, _, _ = ours(bench, images, texts, "full", args.repeats)
 
@@ -251,9 +336,10 @@ def main() -> None:
     }
     results["official_style_head"] = {
         "step_ms": round(official_s * 1e3, 2),
-        "per_sample_gradients_and_loop_ms": round(official_stats["per_sample_ms"], 2),
         "per_sample_gradients_mib": round(official_stats["gradients_mib"], 2),
         "official_over_ours": round(official_s / ours_head, 3),
+        # the head update alone on fixed pre-projection features (towers excluded), min of >= 10
+        "head_update_only": head_math,
     }
     results["check"] = {
         "max_abs_score_difference": score_difference,
@@ -261,9 +347,13 @@ def main() -> None:
         "relative": score_difference / score_scale,
         "max_abs_updated_weight_difference": weight_difference,
     }
-    results["load_average_1min_after"] = round(os.getloadavg()[0], 2)
+    results["times_ms"] = TIMES_MS
+    # Share of the machine's CPU time other processes used during each method's timed steps;
+    # above ~0.05 the figures are spoiled by contention (rerun on a quiet machine).
+    results["other_processes_cpu_share"] = OtherLoad.sections
     results["total_s"] = round(time.perf_counter() - wall_started, 1)
-    print(json.dumps(results, indent=2))
+    text = json.dumps(results, indent=2)
+    print(re.sub(r"\[\s+([^\[\]{}]*?)\s+\]", lambda m: "[" + " ".join(m.group(1).split()) + "]", text))
     print(f"head step, ours / plain:  {results['head']['ratio']:.3f} (target <= 1.2)")
     print(
         f"full step, ours / plain:  {results['full']['ratio']:.3f} (no target; our step also runs the reference's "
@@ -271,9 +361,13 @@ def main() -> None:
     )
     print(
         f"official-style head step / ours: {results['official_style_head']['official_over_ours']:.2f}x "
-        f"(per-sample gradients {results['official_style_head']['per_sample_gradients_mib']:.1f} MiB)"
+        f"(per-sample gradients {results['official_style_head']['per_sample_gradients_mib']:.1f} MiB); "
+        f"head update alone: {head_math['official_over_ours']:.1f}x"
     )
     print(f"scores agree: max |diff| {score_difference:.2e} = {score_difference / score_scale:.2e} of max |score|")
+    busiest = max((v for v in OtherLoad.sections.values() if v is not None), default=0.0)
+    if busiest > 0.05:
+        print(f"WARNING: other processes used up to {busiest:.0%} of the CPU during the timings; rerun on a quiet machine")
     assert score_difference <= SCORE_TOLERANCE * score_scale, "our scores and the official-style scores disagree"
 
 

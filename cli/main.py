@@ -3,6 +3,7 @@
 import click
 
 from mimicfilter import __version__
+from mimicfilter_cli.filter import filter_command
 from mimicfilter_cli.score import score
 
 
@@ -14,7 +15,9 @@ def cli():
     \b
     Example:
       mimicfilter score 'pool/{000..009}.tar' --model ViT-B-32 --reference openai --out runs/pool
+      mimicfilter filter runs/pool --top-frac mimic_score=0.7 --out curated/
     """
 
 
 cli.add_command(score)
+cli.add_command(filter_command)

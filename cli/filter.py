@@ -1,0 +1,118 @@
+"""``mimicfilter filter``: options → FilterConfig → run_filter → a summary."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import click
+from rich.console import Console
+from rich.table import Table
+
+from mimicfilter.aggregate import BINARIZE_RULES, VOTE_COMBINERS, AggregateConfig
+from mimicfilter.filters import parse_drop, parse_rule
+from mimicfilter.manifest import FilterConfig, JoinSpec, run_filter
+from mimicfilter_cli.common import one_line_errors
+
+
+def _print_summary(summary: dict, dry_run: bool) -> None:
+    console = Console(stderr=True)
+    title = "mimicfilter filter" + (" (dry run: nothing written)" if dry_run else "")
+    table = Table(title=title, show_header=False)
+    table.add_column("what", style="bold")
+    table.add_column("value", justify="right")
+    table.add_row("rule", " AND ".join(summary["rules"]["keep"]) if summary["rules"]["combine"] == "and"
+                  else " OR ".join(summary["rules"]["keep"]))
+    for rule in summary["rules"]["drop"]:
+        table.add_row("minus", rule)
+    table.add_row("samples", str(summary["samples"]))
+    table.add_row("kept", f"{summary['kept']} ({summary['kept_fraction'] or 0:.1%})")
+    if summary["quality_estimate"] is not None:
+        table.add_row("quality estimate (kept / ok)", f"{summary['quality_estimate']:.1%}")
+    for reason, count in summary["reasons"].items():
+        table.add_row(f"  {reason}", str(count))
+    for name, path in summary.get("outputs", {}).items():
+        table.add_row(name, path)
+    console.print(table)
+
+
+@click.command(name="filter")
+@click.argument("inputs", nargs=-1, required=True)
+@click.option("--out", "out_dir", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="Directory for manifest.parquet and summary.json.")
+@click.option("--min", "minimum", multiple=True, metavar="COL=X", help="Keep COL >= X.")
+@click.option("--max", "maximum", multiple=True, metavar="COL=X", help="Keep COL <= X.")
+@click.option("--top-frac", multiple=True, metavar="COL=F", help="Keep the top fraction F by COL (global).")
+@click.option("--bottom-frac", multiple=True, metavar="COL=F", help="Keep the bottom fraction F by COL.")
+@click.option("--top-k", multiple=True, metavar="COL=N", help="Keep the N highest by COL.")
+@click.option("--keep-votes", is_flag=True, help="Keep what the per-epoch votes keep (the default rule).")
+@click.option("--where", "where", multiple=True, metavar="SQL", help="Keep rows where the SQL expression holds.")
+@click.option("--drop", multiple=True, metavar="KIND:COL=V",
+              help="Remove afterwards, e.g. bottom-frac:mimic_score=0.2 (also min/max/top-frac/top-k/where:SQL).")
+@click.option("--combine", type=click.Choice(["and", "or"]), default="and", show_default=True,
+              help="How keep rules combine.")
+@click.option("--binarize", type=click.Choice(BINARIZE_RULES), default=AggregateConfig.binarize, show_default=True,
+              help="Per-epoch vote: sign (s > 0), threshold (r > 1), kmeans or gmm.")
+@click.option("--combine-votes", type=click.Choice(VOTE_COMBINERS), default=AggregateConfig.combine_votes,
+              show_default=True, help="Combine epoch votes by majority or a Dawid-Skene label model.")
+@click.option("--join", "joins", multiple=True, metavar="FILE", help="External Parquet score table to join.")
+@click.option("--on", "join_on", type=click.Choice(["uid", "shard,key"]), default="uid", show_default=True,
+              help="Join key for --join.")
+@click.option("--keys", default=None, metavar="FILE|-", help="Write kept 'shard<TAB>key' lines (- for stdout).")
+@click.option("--datacomp-npy", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="Write the kept uids as a DataComp subset file (sorted u8,u8).")
+@click.option("--write-shards", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="Copy kept samples byte-exactly into new shards here (plus a wids index).")
+@click.option("--maxcount", type=int, default=10_000, show_default=True, help="Samples per curated shard.")
+@click.option("--dry-run", is_flag=True, help="Print what would be kept; write nothing.")
+@click.option("--memory-limit", default=None, help="DuckDB memory limit, e.g. 4GB (it spills beyond).")
+@click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON on stdout.")
+@one_line_errors
+def filter_command(inputs, out_dir, minimum, maximum, top_frac, bottom_frac, top_k, keep_votes, where, drop, combine,
+                   binarize, combine_votes, joins, join_on, keys, datacomp_npy, write_shards, maxcount, dry_run,
+                   memory_limit, as_json):
+    """Aggregate score tables and keep samples by rules; write a manifest and curated outputs.
+
+    INPUTS are run directories of `mimicfilter score` or Parquet score files/globs. With no
+    rule, samples are kept by their per-epoch votes (--keep-votes). Columns for rules: mimic_score
+    (mean over epochs), mimic_score_last, mimic_weight, loss, clip_score, ref_loss, votes, epochs,
+    label, plus any --join columns.
+
+    \b
+    Example:
+      mimicfilter filter runs/pool --out curated/
+      mimicfilter filter runs/pool --top-frac clip_score=0.3 --drop bottom-frac:mimic_score=0.2 \\
+          --out curated/ --write-shards curated/shards --maxcount 10000
+      mimicfilter filter runs/pool --join metadata.parquet --on uid --top-frac clip_l14_similarity_score=0.3 \\
+          --keys - --out curated/ | cut -f2 > kept-keys.txt
+      mimicfilter filter runs/pool --where 'mimic_score > 0 AND clip_score > 0.2' --dry-run
+    """
+    keep = [parse_rule("min", value) for value in minimum]
+    keep += [parse_rule("max", value) for value in maximum]
+    keep += [parse_rule("top-frac", value) for value in top_frac]
+    keep += [parse_rule("bottom-frac", value) for value in bottom_frac]
+    keep += [parse_rule("top-k", value) for value in top_k]
+    keep += [parse_rule("keep-votes")] if keep_votes else []
+    keep += [parse_rule("where", value) for value in where]
+    config = FilterConfig(
+        inputs=tuple(inputs),
+        out_dir=out_dir,
+        keep=tuple(keep),
+        drop=tuple(parse_drop(value) for value in drop),
+        combine=combine,
+        aggregation=AggregateConfig(binarize=binarize, combine_votes=combine_votes),
+        joins=tuple(JoinSpec(path, join_on) for path in joins),
+        keys=keys,
+        datacomp_npy=datacomp_npy,
+        write_shards=write_shards,
+        maxcount=maxcount,
+        dry_run=dry_run,
+        memory_limit=memory_limit,
+        argv=tuple(sys.argv),
+    )
+    summary = run_filter(config, stdout=sys.stdout)
+    if as_json:
+        click.echo(json.dumps(summary, indent=2, sort_keys=True, default=str))
+    elif keys != "-":
+        _print_summary(summary, dry_run)
