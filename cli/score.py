@@ -11,12 +11,7 @@ import click
 from rich.console import Console
 from rich.table import Table
 
-from mimicfilter.decode import DecodeConfig
-from mimicfilter.models import MIMIC_LAYER_PRESETS, ModelSpec
-from mimicfilter.scorer import TRAIN_MODES
-from mimicfilter.scoring import ScoreConfig, detect_task, run_score
-from mimicfilter.shards import expand_shards
-from mimicfilter.trajectory import TrainConfig
+from mimicfilter.choices import MIMIC_LAYER_PRESETS, TRAIN_MODES
 from mimicfilter_cli.common import ProgressBar, one_line_errors
 
 DEFAULT_WORKERS = max(0, min(8, (os.cpu_count() or 2) // 2))
@@ -102,6 +97,13 @@ def score(shards, model, reference, proxy, mimic_layers, task, classnames, refer
       mimicfilter score pool/ --model ViT-B-32 --reference openai --train none --workers 8 --out runs/static
       mimicfilter score labelled/ --model ViT-B-32 --reference openai --classnames classes.txt --out runs/cls
     """
+    # torch and open_clip load here, not at import: `mimicfilter --help` and `filter` stay light.
+    from mimicfilter.decode import DecodeConfig
+    from mimicfilter.models import ModelSpec
+    from mimicfilter.scoring import ScoreConfig, detect_task, run_score
+    from mimicfilter.shards import expand_shards
+    from mimicfilter.trajectory import TrainConfig
+
     shard_list = tuple(expand_shards(shards, allow_pipe=allow_pipe, stdin=sys.stdin))
     text_key = text_key.strip()
     image_keys = tuple(key.strip().lower() for key in image_key.split(",") if key.strip())

@@ -17,8 +17,22 @@ try:
 except PackageNotFoundError:  # running from a source tree without installation
     __version__ = "0.0.0+unknown"
 
-from mimicfilter.grad_mimic import GradMimic, GradMimicStep  # noqa: E402
-from mimicfilter.mimic import classification_per_sample_loss, contrastive_per_sample_loss  # noqa: E402
+# torch-backed names load on first use, so `mimicfilter --help` and `filter` start without torch.
+_LAZY = {
+    "GradMimic": "mimicfilter.grad_mimic",
+    "GradMimicStep": "mimicfilter.grad_mimic",
+    "classification_per_sample_loss": "mimicfilter.mimic",
+    "contrastive_per_sample_loss": "mimicfilter.mimic",
+}
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'mimicfilter' has no attribute {name!r}")
+
 
 __all__ = [
     "GradMimic",

@@ -23,18 +23,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from mimicfilter.choices import DEFAULT_MIMIC_LAYERS, MIMIC_LAYER_PRESETS, TASKS  # noqa: F401 (re-exported)
 from mimicfilter.errors import MimicfilterError
 from mimicfilter.mimic import MimicDirection, mimic_direction
 
-MIMIC_LAYER_PRESETS = {
-    "image-proj": "the image tower's final projection (contrastive default)",
-    "text-proj": "the text tower's final projection",
-    "both-proj": "both towers' final projections",
-    "image-last-mlp": "the MLP of the image tower's last transformer block",
-    "head": "the linear classifier head (classification default)",
-}
-DEFAULT_MIMIC_LAYERS = {"contrastive": "image-proj", "classify": "head"}
-TASKS = ("contrastive", "classify")
 ZERO_SHOT_TEMPLATES = ("a photo of a {}.", "a picture of a {}.", "an image of a {}.", "a {}.")
 CHECKPOINT_SUFFIXES = (".pt", ".pth", ".bin", ".safetensors", ".ckpt")
 LOGIT_PARAMETERS = ("logit_scale", "logit_bias")

@@ -27,6 +27,7 @@ from torch import nn
 from torch.func import functional_call
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
+from mimicfilter.choices import TRAIN_MODES  # noqa: F401 (re-exported)
 from mimicfilter.mimic import (
     ParamDict,
     classification_per_sample_loss,
@@ -38,7 +39,6 @@ from mimicfilter.mimic import (
 )
 from mimicfilter.models import LOGIT_PARAMETERS, LoadedModels, is_image_parameter, parameters_of
 
-TRAIN_MODES = ("none", "head", "full")
 
 
 @dataclass(frozen=True)
