@@ -9,7 +9,6 @@ the kept keys when it has to (``--keys``, ``--write-shards``) and fetches uids a
 
 from __future__ import annotations
 
-import io
 import json
 import os
 import sys
@@ -22,9 +21,10 @@ import duckdb
 import numpy as np
 
 from mimicfilter.aggregate import AggregateConfig, aggregate, connect, load_scores, score_files, sql_string
+from mimicfilter.datacomp import UID_DTYPE, save_uid_array
 from mimicfilter.errors import MimicfilterError
 from mimicfilter.filters import Rule, apply_rules
-from mimicfilter.tables import atomic_write_bytes, atomic_write_json
+from mimicfilter.tables import atomic_write_json
 
 JOIN_KEYS = {"uid": ("uid",), "shard,key": ("shard", "key")}
 FETCH_ROWS = 100_000
@@ -205,17 +205,46 @@ def _write_datacomp(connection, path: Path) -> int:
             f"--datacomp-npy: {missing} kept sample(s) without a uid and {bad} with a uid that is not 32 hex digits",
             hint="DataComp subsets need the 128-bit uid of each sample's .json",
         )
+    # The 128-bit uids are split into (high, low) u64 halves by DuckDB: no Python string per uid.
     halves = connection.execute(
-        "SELECT DISTINCT ('0x' || substr(uid, 1, 16))::UBIGINT AS high, ('0x' || substr(uid, 17, 16))::UBIGINT AS low "
+        "SELECT ('0x' || substr(uid, 1, 16))::UBIGINT AS high, ('0x' || substr(uid, 17, 16))::UBIGINT AS low "
         "FROM decisions WHERE kept"
     ).fetchnumpy()
-    uids = np.empty(len(halves["high"]), dtype=np.dtype("u8,u8"))
+    uids = np.empty(len(halves["high"]), dtype=UID_DTYPE)
     uids["f0"], uids["f1"] = halves["high"], halves["low"]
-    uids.sort(order=["f0", "f1"])
-    buffer = io.BytesIO()
-    np.save(buffer, uids)
-    atomic_write_bytes(path, buffer.getvalue())
-    return len(uids)
+    return save_uid_array(uids, path)
+
+
+CURATED_PREFIX = "curated"
+
+
+def _write_shards(connection, shard_order: list[str], config: FilterConfig) -> list[dict]:
+    """Curated shards of the kept samples; replaces the curated files of an earlier filter run."""
+    from mimicfilter.reshard import index_file_name, write_curated_shards  # webdataset: only when needed
+
+    directory = config.write_shards
+    if directory.exists():
+        ours = {index_file_name(CURATED_PREFIX)}
+        foreign = [p.name for p in directory.iterdir() if not (p.name in ours or
+                   (p.name.startswith(f"{CURATED_PREFIX}-") and p.name.endswith(".tar")))]
+        if foreign:
+            raise MimicfilterError(
+                f"--write-shards {directory} holds other files ({', '.join(sorted(foreign)[:3])})",
+                hint="choose an empty or new directory",
+            )
+    if summary_kept(connection) == 0:
+        return []
+    if directory.exists():
+        for old in directory.iterdir():  # an earlier run may have written more shards than this one
+            old.unlink()
+    written = write_curated_shards(
+        kept_keys(connection, shard_order), directory, maxcount=config.maxcount, prefix=CURATED_PREFIX
+    )
+    return [asdict(shard) for shard in written]
+
+
+def summary_kept(connection) -> int:
+    return connection.execute("SELECT count(*) FROM decisions WHERE kept").fetchone()[0]
 
 
 def _shard_order(connection) -> list[str]:
@@ -245,10 +274,7 @@ def run_filter(config: FilterConfig, stdout: IO[str] = sys.stdout) -> dict[str, 
             summary["datacomp_uids"] = _write_datacomp(connection, config.datacomp_npy)
             outputs["datacomp_npy"] = str(config.datacomp_npy)
         if config.write_shards:
-            from mimicfilter.reshard import write_curated_shards
-
-            written = write_curated_shards(kept_keys(connection, shard_order), config.write_shards, maxcount=config.maxcount)
-            summary["curated_shards"] = [asdict(shard) for shard in written]
+            summary["curated_shards"] = _write_shards(connection, shard_order, config)
             outputs["curated_shards"] = str(config.write_shards)
         summary["outputs"] = outputs
         atomic_write_json(out / "summary.json", summary)

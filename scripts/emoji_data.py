@@ -1,21 +1,28 @@
 """Emoji images with their CLDR names: a small real image–text dataset from two Debian packages.
 
 * ``fonts-noto-color-emoji``: /usr/share/fonts/truetype/noto/NotoColorEmoji.ttf (SIL OFL 1.1)
-* ``unicode-data``: /usr/share/unicode/emoji/emoji-test.txt (Unicode License v3)
+* ``unicode-data``: /usr/share/unicode/emoji/emoji-test.txt (© Unicode, Inc.; Unicode License for
+  data files, "Unicode License v3" in Unicode's current terms)
+
+Rendering needs Pillow's raqm layout (``PIL.features.check("raqm")``; the PyPI wheels have it once
+Debian's ``libfribidi0`` is installed): without it ZWJ sequences and flags are drawn as several
+glyphs side by side.
 
 Used by scripts/make_demo_data.py and the quality benchmarks.
 """
 
 from __future__ import annotations
 
+import ctypes.util
 import os
 import shutil
 import subprocess
 import sys
+import warnings
 from functools import lru_cache
 from pathlib import Path
 
-from PIL import Image, ImageDraw, ImageFont
+from PIL import Image, ImageDraw, ImageFont, features
 
 FONT_PATH = Path("/usr/share/fonts/truetype/noto/NotoColorEmoji.ttf")
 EMOJI_TEST_PATH = Path("/usr/share/unicode/emoji/emoji-test.txt")
@@ -23,14 +30,30 @@ PACKAGES = ("fonts-noto-color-emoji", "unicode-data")
 FONT_SIZE = 109  # a bitmap font: 109 is the only size it has
 
 
+def missing_packages() -> list[str]:
+    """The Debian packages this module needs that are not installed."""
+    missing = [package for package, path in zip(PACKAGES, (FONT_PATH, EMOJI_TEST_PATH)) if not path.exists()]
+    # Pillow's wheels carry libraqm but load libfribidi from the system; without it no raqm layout
+    if not features.check("raqm") and ctypes.util.find_library("fribidi") is None:
+        missing.append("libfribidi0")
+    return missing
+
+
 def ensure_packages() -> None:
-    """Install the Debian packages when missing (as root); otherwise say what to install."""
-    if FONT_PATH.exists() and EMOJI_TEST_PATH.exists():
+    """Install the missing Debian packages (as root); otherwise exit saying what to install.
+
+    Pillow looks for libfribidi only when it starts, so after installing libfribidi0 the running
+    program is started again (same command line).
+    """
+    missing = missing_packages()
+    if not missing:
         return
     if os.geteuid() != 0 or shutil.which("apt-get") is None:
-        sys.exit(f"error: install the Debian packages {' '.join(PACKAGES)} (apt-get install {' '.join(PACKAGES)})")
+        sys.exit(f"error: missing Debian packages; run: apt-get install {' '.join(missing)}")
     subprocess.run(["apt-get", "update", "-qq"], check=True)
-    subprocess.run(["apt-get", "install", "-y", "-qq", *PACKAGES], check=True)
+    subprocess.run(["apt-get", "install", "-y", "-qq", *missing], check=True)
+    if "libfribidi0" in missing:
+        os.execv(sys.executable, sys.orig_argv)
 
 
 def load_emoji_names(path: Path = EMOJI_TEST_PATH) -> list[tuple[str, str]]:
@@ -47,6 +70,8 @@ def load_emoji_names(path: Path = EMOJI_TEST_PATH) -> list[tuple[str, str]]:
 
 @lru_cache(maxsize=1)
 def _font() -> ImageFont.FreeTypeFont:
+    if not features.check("raqm"):
+        warnings.warn("Pillow lacks libraqm: ZWJ emoji and flags will render as separate glyphs", stacklevel=3)
     return ImageFont.truetype(str(FONT_PATH), FONT_SIZE)
 
 

@@ -3,6 +3,10 @@
     python scripts/make_demo_data.py            # writes demo/shards/*.tar, demo/tiny-clip.json,
                                                 # demo/reference.safetensors (seeded, reproducible)
 
+The reference trains for a fixed number of epochs (``--epochs``, default 46: about 3.5 minutes
+on 2 CPU cores) with a fixed thread count (``--threads``, default 2), so a re-run on the same
+software stack reproduces the checkpoint as well as the (byte-identical) shards.
+
 * Every fully-qualified emoji of Unicode's emoji-test.txt is rendered with Noto Color Emoji and
   captioned with its CLDR name.
 * The reference (a small open_clip CLIP, ``demo/tiny-clip.json``) is trained contrastively on the
@@ -88,14 +92,13 @@ def auroc(scores: np.ndarray, positives: np.ndarray) -> float:
     return float((ranks[positives].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
 
 
-def train_reference(images, tokens, seconds: float, seed: int):
+def train_reference(images, tokens, epochs: int, seed: int):
     torch.manual_seed(seed)
     model, preprocess, tokenizer = build_model(CONFIG)
     optimizer = torch.optim.AdamW(model.parameters(), lr=2e-3, weight_decay=0.1)
     loss_fn = open_clip.ClipLoss()
     generator = torch.Generator().manual_seed(seed)
-    started, epoch = time.time(), 0
-    while time.time() - started < seconds:
+    for epoch in range(1, epochs + 1):
         order = torch.randperm(len(images), generator=generator)
         model.train()
         for start in range(0, len(order) - 255, 256):
@@ -105,13 +108,12 @@ def train_reference(images, tokens, seconds: float, seed: int):
             optimizer.zero_grad()
             loss.backward()
             optimizer.step()
-        epoch += 1
         model.eval()
         if epoch % 5 == 0:
             i2t, t2i = retrieval_top1(model, images, tokens, 256)
             print(f"  epoch {epoch:3d}  loss {loss.item():.3f}  top-1 in 256: i2t {i2t:.1%} t2i {t2i:.1%}", flush=True)
     model.eval()
-    return model, preprocess, tokenizer, epoch
+    return model, preprocess, tokenizer
 
 
 def tar_bytes(samples: list[tuple[str, dict[str, bytes]]]) -> bytes:
@@ -134,9 +136,10 @@ def main() -> None:
     parser.add_argument("--pool-size", type=int, default=1024)
     parser.add_argument("--shards", type=int, default=4)
     parser.add_argument("--swap-fraction", type=float, default=0.25)
-    parser.add_argument("--train-seconds", type=float, default=240)
+    parser.add_argument("--epochs", type=int, default=46, help="reference training epochs (default 46)")
+    parser.add_argument("--threads", type=int, default=2, help="torch CPU threads (default 2)")
     args = parser.parse_args()
-    torch.set_num_threads(max(1, torch.get_num_threads()))
+    torch.set_num_threads(args.threads)
     ensure_packages()
 
     started = time.time()
@@ -147,8 +150,10 @@ def main() -> None:
     images = torch.stack([preprocess(picture) for picture in pictures])
     tokens = tokenizer([name for _, name in entries])
 
-    print(f"training the reference on {len(entries)} clean pairs for {args.train_seconds:.0f} s ...", flush=True)
-    model, _, _, epochs = train_reference(images, tokens, args.train_seconds, args.seed)
+    print(f"training the reference on {len(entries)} clean pairs for {args.epochs} epochs ...", flush=True)
+    train_started = time.time()
+    model, _, _ = train_reference(images, tokens, args.epochs, args.seed)
+    train_seconds = time.time() - train_started
 
     rng = random.Random(args.seed)
     pool = sorted(rng.sample(range(len(entries)), args.pool_size))
@@ -205,7 +210,8 @@ def main() -> None:
     size = sum(path.stat().st_size for path in shard_dir.glob("*.tar"))
     summary = {
         "emoji": len(entries),
-        "reference_epochs": epochs,
+        "reference_epochs": args.epochs,
+        "reference_train_seconds": round(train_seconds, 1),
         "top1_in_batches_of_256": {"image_to_text": round(i2t, 3), "text_to_image": round(t2i, 3)},
         "top1_over_all": {"image_to_text": round(full_i2t, 3), "text_to_image": round(full_t2i, 3)},
         "pool": args.pool_size,

@@ -228,3 +228,50 @@ def test_multiple_runs_and_parquet_globs(tmp_path):
                                       "--out", str(tmp_path / "out"), "--min", "mimic_score=0", "--json"])
     assert result.exit_code == 0, result.output
     assert json.loads(result.stdout)["samples"] == 2 and json.loads(result.stdout)["kept"] == 1
+
+
+def test_write_shards_copies_kept_samples_byte_for_byte(tmp_path):
+    import tarfile
+
+    import webdataset as wds
+    from helpers import image_text_samples, write_tar
+
+    sources = [write_tar(tmp_path / f"src{n}.tar", image_text_samples(5, start=10 * n)) for n in range(2)]
+    rows = []
+    for source, start in zip(sources, (0, 10)):
+        for i in range(5):
+            rows.append(dict(row(f"k{i}", 0, float(i % 2), shard=str(source)), key=f"{start + i:08d}", index=i))
+    run = write_run(tmp_path / "run", rows)
+    out = tmp_path / "curated"
+    result = CliRunner().invoke(cli, ["filter", str(run), "--out", str(tmp_path / "out"), "--min", "mimic_score=1",
+                                      "--write-shards", str(out), "--maxcount", "3", "--json"])
+    assert result.exit_code == 0, result.output
+    kept_keys = ["00000001", "00000003", "00000011", "00000013"]
+    names = sorted(p.name for p in out.iterdir())
+    assert names == ["curated-000000.tar", "curated-000001.tar", "curated.wids.json"]
+    source_members = {}
+    for source in sources:
+        with tarfile.open(source) as tar:
+            source_members.update({m.name: tar.extractfile(m).read() for m in tar.getmembers()})
+    copied = {}
+    for shard in sorted(out.glob("*.tar")):
+        with tarfile.open(shard) as tar:
+            copied.update({m.name: tar.extractfile(m).read() for m in tar.getmembers()})
+    assert copied == {name: data for name, data in source_members.items() if name.split(".")[0] in kept_keys}
+    keys = [sample["__key__"] for sample in wds.WebDataset([str(p) for p in sorted(out.glob("*.tar"))], shardshuffle=False)]
+    assert keys == kept_keys
+    index = json.loads((out / "curated.wids.json").read_text())
+    assert [entry["nsamples"] for entry in index["shardlist"]] == [3, 1]
+
+
+def test_write_shards_refuses_keys_that_escape_the_directory(tmp_path):
+    from helpers import image_bytes, write_tar
+
+    source = write_tar(tmp_path / "src.tar", [("../evil", {"jpg": image_bytes(0), "txt": b"x"})])
+    run = write_run(tmp_path / "run", [dict(row("k0", 0, 1.0, shard=str(source)), key="../evil")])
+    out = tmp_path / "curated"
+    result = CliRunner().invoke(cli, ["filter", str(run), "--out", str(tmp_path / "out"), "--where", "true",
+                                      "--write-shards", str(out)])
+    assert result.exit_code == 2 and "../evil" in result.stderr
+    assert not (tmp_path / "evil.jpg").exists()
+    assert not out.exists() or not list(out.glob("*.tar"))
