@@ -35,6 +35,13 @@ def auroc(scores: np.ndarray, positives: np.ndarray) -> float:
     return float((ranks[positives].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
 
 
+def read_manifest(path: Path) -> list[dict]:
+    """Kept rows of a filter manifest."""
+    import pyarrow.parquet as pq
+
+    return [row for row in pq.read_table(path, columns=["shard", "key", "kept"]).to_pylist() if row["kept"]]
+
+
 def _mean_over_epochs(rows: list[dict]) -> list[dict]:
     """One row per sample: score columns averaged over the epochs it was seen in."""
     grouped: dict[tuple[str, str], list[dict]] = {}
@@ -81,6 +88,16 @@ def main(run_dir: Path) -> None:
             row["key"], meta.get("emoji", ""), meta.get("caption", ""), meta.get("true_caption", ""), f"{row['mimic_score']:.4f}"
         )
     console.print(worst)
+    filter_summary = run_dir / "curated" / "summary.json"
+    if filter_summary.exists():
+        summary = json.loads(filter_summary.read_text())
+        kept = {(row["shard"], row["key"]) for row in read_manifest(run_dir / "curated" / "manifest.parquet")}
+        kept_swapped = sum(truth[key].get("swapped", False) for key in kept)
+        console.print(
+            f"filter ({' AND '.join(summary['rules']['keep'])}): kept {summary['kept']} of {summary['samples']} "
+            f"pairs; quality estimate {summary['quality_estimate']:.1%} vs true clean fraction "
+            f"{1 - swapped.mean():.1%}; {kept_swapped} swapped pairs left in the curated set"
+        )
     console.print(f"Scores: {run_dir}/scores/*.parquet  ·  provenance: {run_dir}/run.json  ·  stats: {run_dir}/stats.json")
 
 
