@@ -17,22 +17,10 @@ import numpy as np
 from rich.console import Console
 from rich.table import Table
 
+from mimicfilter.metrics import auroc
 from mimicfilter.rundir import read_run_info
 from mimicfilter.shards import iter_shard_samples
 from mimicfilter.tables import read_scores
-
-
-def auroc(scores: np.ndarray, positives: np.ndarray) -> float:
-    """Probability that a random positive outranks a random negative (ties count half)."""
-    order = np.argsort(scores, kind="mergesort")
-    ranks = np.empty(len(scores))
-    sorted_scores = scores[order]
-    # average ranks over ties
-    _, first, counts = np.unique(sorted_scores, return_index=True, return_counts=True)
-    for start, count in zip(first, counts):
-        ranks[order[start : start + count]] = start + (count + 1) / 2
-    n_pos, n_neg = positives.sum(), (~positives).sum()
-    return float((ranks[positives].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
 
 
 def read_manifest(path: Path) -> list[dict]:

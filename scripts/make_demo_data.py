@@ -35,6 +35,8 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import save_file
 
+from mimicfilter.metrics import auroc
+
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from emoji_data import ensure_packages, load_emoji_names, render_emoji  # noqa: E402
 
@@ -82,14 +84,6 @@ def retrieval_top1(model, images, tokens, batch: int) -> tuple[float, float]:
             hits_i2t += (similarity.argmax(1) == target).sum().item()
             hits_t2i += (similarity.argmax(0) == target).sum().item()
     return hits_i2t / len(images), hits_t2i / len(images)
-
-
-def auroc(scores: np.ndarray, positives: np.ndarray) -> float:
-    order = np.argsort(scores, kind="mergesort")
-    ranks = np.empty(len(scores))
-    ranks[order] = np.arange(1, len(scores) + 1)
-    n_pos, n_neg = positives.sum(), (~positives).sum()
-    return float((ranks[positives].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
 
 
 def train_reference(images, tokens, epochs: int, seed: int):
