@@ -53,7 +53,7 @@ def _print_summary(summary: dict, dry_run: bool) -> None:
 @click.option("--combine", type=click.Choice(["and", "or"]), default="and", show_default=True,
               help="How keep rules combine.")
 @click.option("--binarize", type=click.Choice(BINARIZE_RULES), default=AggregateConfig.binarize, show_default=True,
-              help="Per-epoch vote: sign (s > 0), threshold (r > 1), kmeans or gmm.")
+              help="Per-epoch vote: gmm (2-component mixture), kmeans, sign (s > 0) or threshold (r > 1).")
 @click.option("--combine-votes", type=click.Choice(VOTE_COMBINERS), default=AggregateConfig.combine_votes,
               show_default=True, help="Combine epoch votes by majority or a Dawid-Skene label model.")
 @click.option("--join", "joins", multiple=True, metavar="FILE", help="External Parquet score table to join.")

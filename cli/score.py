@@ -11,7 +11,7 @@ import click
 from rich.console import Console
 from rich.table import Table
 
-from mimicfilter.choices import MIMIC_LAYER_PRESETS, TRAIN_MODES
+from mimicfilter.choices import DEFAULT_LR, MIMIC_LAYER_PRESETS, TRAIN_MODES
 from mimicfilter_cli.common import ProgressBar, one_line_errors
 
 DEFAULT_WORKERS = max(0, min(8, (os.cpu_count() or 2) // 2))
@@ -61,7 +61,8 @@ def _print_summary(stats: dict) -> None:
               help="head: the mimic layers learn along the stream (Grad-Mimic); full: the whole proxy learns; "
               "none: score a frozen proxy (static, one part per shard).")
 @click.option("--epochs", type=int, default=1, show_default=True, help="Passes over the stream (trajectory modes).")
-@click.option("--lr", type=float, default=1e-4, show_default=True, help="AdamW learning rate of the proxy.")
+@click.option("--lr", type=float, default=None,
+              help="AdamW learning rate of the proxy [default: 1e-4 contrastive, 1e-3 classification].")
 @click.option("--weight-decay", type=float, default=1e-5, show_default=True, help="AdamW weight decay.")
 @click.option("--shuffle-buffer", type=int, default=1000, show_default=True,
               help="Samples in the seeded shuffle buffer of each epoch (0: stream order).")
@@ -132,7 +133,7 @@ def score(shards, model, reference, proxy, mimic_layers, task, classnames, refer
         train=TrainConfig(
             mode=train,
             epochs=epochs,
-            lr=lr,
+            lr=lr if lr is not None else DEFAULT_LR[task],
             weight_decay=weight_decay,
             shuffle_buffer=shuffle_buffer,
             checkpoint_every=checkpoint_every,
