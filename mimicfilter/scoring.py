@@ -35,7 +35,7 @@ from mimicfilter.decode import DecodeConfig, decode_sample
 from mimicfilter.errors import MimicfilterError
 from mimicfilter.models import LoadedModels, ModelSpec, load_models, resolve_device
 from mimicfilter.rundir import SCORES_DIR, finish_run_dir, prepare_run_dir
-from mimicfilter.scorer import TRAIN_MODES, BatchScores, MimicScorer, make_scorer
+from mimicfilter.scorer import BatchScores, MimicScorer, make_scorer
 from mimicfilter.shards import iter_shard_samples, part_name
 from mimicfilter.tables import STATUSES, read_scores, rows_to_table, write_part
 from mimicfilter.trajectory import TrainConfig, run_trajectory
@@ -68,17 +68,6 @@ class ScoreConfig:
             raise MimicfilterError(f"--workers {self.workers}: must be 0 or more")
         if self.temperature is not None and not self.temperature > 0:
             raise MimicfilterError(f"--temperature {self.temperature}: must be positive")
-        train = self.train
-        if train.mode not in TRAIN_MODES:
-            raise MimicfilterError(f"--train {train.mode}: not supported", hint=f"one of {', '.join(TRAIN_MODES)}")
-        if train.epochs < 1:
-            raise MimicfilterError(f"--epochs {train.epochs}: must be at least 1")
-        if train.mode == "none" and train.epochs != 1:
-            raise MimicfilterError("--epochs needs a learning proxy", hint="use --train head or full, or drop --epochs")
-        if not train.lr > 0 or train.weight_decay < 0:
-            raise MimicfilterError(f"--lr {train.lr} / --weight-decay {train.weight_decay}: lr > 0 and decay >= 0")
-        if train.shuffle_buffer < 0 or train.checkpoint_every < 0:
-            raise MimicfilterError("--shuffle-buffer and --checkpoint-every must be 0 or more")
         if self.decode.task != self.model.task:
             raise MimicfilterError(f"decoding for {self.decode.task!r} but models for {self.model.task!r}")
 

@@ -27,7 +27,9 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset
 
 from mimicfilter.batches import group_batches
+from mimicfilter.choices import TRAIN_MODES
 from mimicfilter.decode import DecodeConfig, decode_sample
+from mimicfilter.errors import MimicfilterError
 from mimicfilter.rundir import CHECKPOINTS_DIR, SCORES_DIR
 from mimicfilter.scorer import MimicScorer
 from mimicfilter.shards import iter_shard_samples
@@ -44,6 +46,18 @@ class TrainConfig:
     weight_decay: float = 1e-5
     shuffle_buffer: int = 1000
     checkpoint_every: int = 500
+
+    def __post_init__(self):
+        if self.mode not in TRAIN_MODES:
+            raise MimicfilterError(f"--train {self.mode}: not supported", hint=f"one of {', '.join(TRAIN_MODES)}")
+        if self.epochs < 1:
+            raise MimicfilterError(f"--epochs {self.epochs}: must be at least 1")
+        if self.mode == "none" and self.epochs != 1:
+            raise MimicfilterError("--epochs needs a learning proxy", hint="use --train head or full, or drop --epochs")
+        if not self.lr > 0 or self.weight_decay < 0:
+            raise MimicfilterError(f"--lr {self.lr} / --weight-decay {self.weight_decay}: need lr > 0 and decay >= 0")
+        if self.shuffle_buffer < 0 or self.checkpoint_every < 0:
+            raise MimicfilterError("--shuffle-buffer and --checkpoint-every must be 0 or more")
 
 
 @dataclass(frozen=True)

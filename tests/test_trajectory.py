@@ -245,3 +245,15 @@ def test_grad_mimic_api_scores_equal_autograd(tiny_config, reference_checkpoint)
 def test_the_api_example_in_the_docs_runs():
     code = re.search(r"```python\n(.*?)```", (DOCS / "api.md").read_text(), re.S).group(1)
     exec(compile(code, "docs/api.md", "exec"), {})
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [(["--train", "none", "--epochs", "2"], "learning proxy"), (["--epochs", "0"], "at least 1"), (["--lr", "0"], "lr > 0")],
+)
+def test_bad_training_options_exit_2_with_one_line(tiny_config, reference_checkpoint, tmp_path, args, message):
+    shard = write_tar(tmp_path / "s.tar", image_text_samples(4))
+    base = trajectory_args([shard], tiny_config, reference_checkpoint, tmp_path / "run")
+    base = base[: base.index("--train")] + base[base.index("--train") + 2 :]
+    result = CliRunner().invoke(cli, base + args)
+    assert result.exit_code == 2 and message in result.stderr and len(result.stderr.strip().splitlines()) == 1
