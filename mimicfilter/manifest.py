@@ -218,7 +218,7 @@ def _write_datacomp(connection, path: Path) -> int:
 CURATED_PREFIX = "curated"
 
 
-def _write_shards(connection, shard_order: list[str], config: FilterConfig) -> list[dict]:
+def _write_shards(connection, shard_order: list[str], config: FilterConfig, kept: int) -> list[dict]:
     """Curated shards of the kept samples; replaces the curated files of an earlier filter run."""
     from mimicfilter.reshard import index_file_name, write_curated_shards  # webdataset: only when needed
 
@@ -232,7 +232,7 @@ def _write_shards(connection, shard_order: list[str], config: FilterConfig) -> l
                 f"--write-shards {directory} holds other files ({', '.join(sorted(foreign)[:3])})",
                 hint="choose an empty or new directory",
             )
-    if summary_kept(connection) == 0:
+    if kept == 0:
         return []
     if directory.exists():
         for old in directory.iterdir():  # an earlier run may have written more shards than this one
@@ -241,10 +241,6 @@ def _write_shards(connection, shard_order: list[str], config: FilterConfig) -> l
         kept_keys(connection, shard_order), directory, maxcount=config.maxcount, prefix=CURATED_PREFIX
     )
     return [asdict(shard) for shard in written]
-
-
-def summary_kept(connection) -> int:
-    return connection.execute("SELECT count(*) FROM decisions WHERE kept").fetchone()[0]
 
 
 def _shard_order(connection) -> list[str]:
@@ -274,7 +270,7 @@ def run_filter(config: FilterConfig, stdout: IO[str] = sys.stdout) -> dict[str, 
             summary["datacomp_uids"] = _write_datacomp(connection, config.datacomp_npy)
             outputs["datacomp_npy"] = str(config.datacomp_npy)
         if config.write_shards:
-            summary["curated_shards"] = _write_shards(connection, shard_order, config)
+            summary["curated_shards"] = _write_shards(connection, shard_order, config, summary["kept"])
             outputs["curated_shards"] = str(config.write_shards)
         summary["outputs"] = outputs
         atomic_write_json(out / "summary.json", summary)

@@ -163,6 +163,10 @@ class MimicScorer:
         self.temperature = temperature
         self.autocast_dtype = autocast_dtype
         self.shared_trunk = _same_outside(models.reference, models.proxy, models.mimic_layers)
+        # Resolved once: parameters are updated in place, so these stay valid and no batch walks
+        # named_parameters() again.
+        self._mimic_parameters = parameters_of(models.proxy, models.mimic_layers)
+        self._reference_parameters = parameters_of(models.reference, models.mimic_layers)
         self.trunk_trains = False  # set by enable_training("full"): the trunk then drifts from the reference
 
     @property
@@ -186,7 +190,7 @@ class MimicScorer:
         return images.to(device, dtype=self._dtype(), non_blocking=True), targets.to(device, non_blocking=True)
 
     def mimic_parameters(self) -> ParamDict:
-        return parameters_of(self.models.proxy, self.models.mimic_layers)
+        return dict(self._mimic_parameters)
 
     def score(self, images: torch.Tensor, targets: torch.Tensor) -> BatchScores:
         """Static scores of one batch (the proxy is not changed)."""
@@ -216,8 +220,7 @@ class MimicScorer:
         direction V is recomputed from the current proxy at every step.
         """
         mimic_params = self.mimic_parameters()
-        reference_params = parameters_of(self.models.reference, self.models.mimic_layers)
-        direction = mimic_direction(reference_params, {k: v.detach() for k, v in mimic_params.items()})
+        direction = mimic_direction(self._reference_parameters, {k: v.detach() for k, v in mimic_params.items()})
         prepared = self._prepare(*self._inputs(images, targets))
         result = mimic_forward(prepared.per_sample_loss, mimic_params, direction.unit, self.temperature)
         batch = result.loss.shape[0]
@@ -310,7 +313,7 @@ class ContrastiveScorer(MimicScorer):
         dtype = self._dtype()
         proxy_image, proxy_text = (t.to(dtype) for t in self._trunk(heads, images, texts))
         if self.shared_trunk and not self.trunk_trains:
-            reference_params = parameters_of(self.models.reference, self.models.mimic_layers)
+            reference_params = self._reference_parameters
             with torch.no_grad():
                 image = heads["image"].apply(reference_params, proxy_image) if "image" in heads else proxy_image
                 text = heads["text"].apply(reference_params, proxy_text) if "text" in heads else proxy_text
