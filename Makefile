@@ -27,6 +27,8 @@ demo: install
 		--reference demo/reference.safetensors --batch-size 128 --epochs 3 --out $(DEMO_RUN) --overwrite
 	$(VENV)/bin/mimicfilter filter $(DEMO_RUN) --out $(DEMO_RUN)/curated --write-shards $(DEMO_RUN)/curated/shards
 	$(PY) scripts/demo_summary.py $(DEMO_RUN)
+	$(VENV)/bin/mimicfilter report $(DEMO_RUN) --filter-manifest $(DEMO_RUN)/curated/manifest.parquet \
+		--out $(DEMO_RUN)/report
 
 bench: install
 	$(PY) benchmarks/bench_score.py

@@ -4,6 +4,7 @@ import click
 
 from mimicfilter import __version__
 from mimicfilter_cli.filter import filter_command
+from mimicfilter_cli.report import report
 from mimicfilter_cli.score import score
 
 
@@ -16,8 +17,10 @@ def cli():
     Example:
       mimicfilter score 'pool/{000..009}.tar' --model ViT-B-32 --reference openai --out runs/pool
       mimicfilter filter runs/pool --top-frac mimic_score=0.7 --out curated/
+      mimicfilter report runs/pool --out runs/pool/report
     """
 
 
 cli.add_command(score)
 cli.add_command(filter_command)
+cli.add_command(report)

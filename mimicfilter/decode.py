@@ -108,6 +108,37 @@ def decode_sample(raw: dict, config: DecodeConfig, preprocess: Preprocess, token
     return row
 
 
+@dataclass(frozen=True)
+class DisplaySample:
+    """What a human looks at: the image (None when unreadable), its caption or label, or why not."""
+
+    image: Image.Image | None
+    caption: str | None
+    label: int | None
+    error: str | None
+
+
+def decode_for_display(raw: dict, config: DecodeConfig) -> DisplaySample:
+    """Decode a raw sample for a contact sheet; like decode_sample, failures become ``error``."""
+    if raw.get("status", "ok") != "ok":
+        return DisplaySample(None, None, None, raw.get("error") or raw.get("status"))
+    files: dict[str, bytes] = raw.get("files") or {}
+    meta, meta_error = _parse_json(files.get("json"))
+    caption = label = None
+    try:
+        if config.task == "contrastive":
+            caption = _caption(files, meta, meta_error, config)
+        else:
+            label = _label(files, config)
+    except _Reject:
+        pass  # the image may still be worth showing
+    try:
+        image = _load_image(files, config)
+    except _Reject as reject:
+        return DisplaySample(None, caption, label, reject.error)
+    return DisplaySample(image, caption, label, None)
+
+
 def _parse_json(data: bytes | None) -> tuple[dict | None, str | None]:
     """(parsed object, error) of the sample's .json; a bad json only matters for json:FIELD captions."""
     if data is None:

@@ -1,0 +1,82 @@
+"""``mimicfilter report``: options → ReportConfig → build_report → a short terminal summary."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import click
+from rich.console import Console
+from rich.table import Table
+
+from mimicfilter.aggregate import BINARIZE_RULES, VOTE_COMBINERS, AggregateConfig
+from mimicfilter.report import ReportConfig, build_report, worst_shards
+from mimicfilter_cli.common import one_line_errors
+
+
+def _percent(value: float | None) -> str:
+    return "–" if value is None else f"{value:.1%}"
+
+
+def _print_summary(summary: dict, out_dir: Path) -> None:
+    console = Console(stderr=True)
+    console.print(
+        f"[bold]Quality estimate {_percent(summary['quality_estimate'])}[/bold]: kept {summary['kept']:,} of "
+        f"{summary['ok']:,} usable samples ({summary['samples']:,} in all) under [cyan]{summary['rule']}[/cyan]"
+    )
+    worst = worst_shards(summary)
+    if len(summary["shards_worst_first"]) > 1 and worst:
+        table = Table(title="Worst shards", show_edge=False)
+        for name, justify in (("shard", "left"), ("usable", "right"), ("kept", "right"), ("quality", "right")):
+            table.add_column(name, justify=justify)
+        for shard in worst:
+            table.add_row(shard["shard"], f"{shard['ok']:,}", f"{shard['kept']:,}", _percent(shard["quality"]))
+        console.print(table)
+    statuses = ", ".join(f"{status} {entry['count']:,}" for status, entry in summary["status_counts"].items())
+    console.print(f"Statuses: {statuses}")
+    click.echo(f"Report: {out_dir / 'index.html'}", err=True)  # unwrapped, so it can be copied
+
+
+@click.command(name="report")
+@click.argument("run_dir", type=click.Path(path_type=Path))
+@click.option("--out", "out_dir", type=click.Path(file_okay=False, path_type=Path), required=True,
+              help="Directory for index.html, the PNGs and report.json.")
+@click.option("--filter-manifest", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="Judge quality by this filter manifest's decisions instead of the default rule.")
+@click.option("--sheet-size", type=int, default=24, show_default=True,
+              help="Samples on each contact sheet (highest and lowest scores); 0 for none.")
+@click.option("--sample-rows", type=int, default=200_000, show_default=True,
+              help="Rows used for the plots; bigger tables are hash-sampled down to about this.")
+@click.option("--binarize", type=click.Choice(BINARIZE_RULES), default=AggregateConfig.binarize, show_default=True,
+              help="Per-epoch vote of the default rule (as in filter).")
+@click.option("--combine-votes", type=click.Choice(VOTE_COMBINERS), default=AggregateConfig.combine_votes,
+              show_default=True, help="How epoch votes combine (as in filter).")
+@click.option("--memory-limit", default=None, help="DuckDB memory limit, e.g. 4GB (it spills beyond).")
+@click.option("--json", "as_json", is_flag=True, help="Print the report's numbers as JSON on stdout.")
+@one_line_errors
+def report(run_dir, out_dir, filter_manifest, sheet_size, sample_rows, binarize, combine_votes, memory_limit, as_json):
+    """Write a static HTML report of a score run: quality estimate, plots, contact sheets.
+
+    The quality estimate is the kept share of usable samples under the default filter rule
+    (per-epoch votes), or under the decisions of --filter-manifest. Open OUT/index.html from disk;
+    OUT/report.json holds the numbers.
+
+    \b
+    Example:
+      mimicfilter report runs/pool --out runs/pool/report
+      mimicfilter report runs/pool --filter-manifest curated/manifest.parquet --out report/ --sheet-size 48
+      mimicfilter report runs/pool --out report/ --json | jq .quality_estimate
+    """
+    config = ReportConfig(
+        run_dir=run_dir,
+        out_dir=out_dir,
+        filter_manifest=filter_manifest,
+        sheet_size=sheet_size,
+        sample_rows=sample_rows,
+        aggregation=AggregateConfig(binarize=binarize, combine_votes=combine_votes),
+        memory_limit=memory_limit,
+    )
+    summary = build_report(config)
+    if as_json:
+        click.echo(json.dumps(summary, indent=2, sort_keys=True, default=str))
+    _print_summary(summary, out_dir)

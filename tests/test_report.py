@@ -1,0 +1,199 @@
+"""`mimicfilter report`: numbers against hand computation, files that exist, pictures that are not blank."""
+
+import json
+import re
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from click.testing import CliRunner
+from PIL import Image
+
+from helpers import image_text_samples, write_tar
+from mimicfilter.report import ReportConfig, build_report
+from mimicfilter.tables import rows_to_table, write_part
+from mimicfilter_cli.main import cli
+
+DECODE = {"task": "contrastive", "image_keys": ["jpg", "jpeg", "png", "webp"], "text_key": "txt", "label_key": "cls",
+          "max_image_pixels": 89478485, "num_classes": None}
+
+
+def score_row(shard, key, index, epoch, score, status="ok", error=None):
+    ok = status == "ok"
+    return {"shard": shard, "key": key, "uid": None, "index": index, "epoch": epoch, "step": index, "status": status,
+            "error": error, "mimic_score": score if ok else None, "mimic_weight": float(np.exp(score)) if ok else None,
+            "loss": 1.0 if ok else None, "clip_score": score / 10 if ok else None, "ref_loss": 0.5 if ok else None,
+            "label": None}
+
+
+@pytest.fixture
+def run(tmp_path):
+    """Two real shards and a hand-written score table of two epochs.
+
+    Shard a: 6 samples, the first (key 00000000) has a corrupt JPEG in the shard and a decode_error row.
+    Shard b: 4 samples, one of which (00000013) is missing from the shard when read back.
+    """
+    a_samples = image_text_samples(6)
+    a_samples[0] = (a_samples[0][0], {**a_samples[0][1], "jpg": b"\xff\xd8 not a jpeg"})
+    shard_a = write_tar(tmp_path / "a.tar", a_samples)
+    shard_b = write_tar(tmp_path / "b.tar", image_text_samples(3, start=10))
+    rows = []
+    for epoch in (0, 1):
+        rows.append(score_row(str(shard_a), "00000000", 0, epoch, None, "decode_error", "cannot decode image jpg"))
+        for index in range(1, 6):
+            rows.append(score_row(str(shard_a), f"{index:08d}", index, epoch, float(index) + epoch))
+        for index in range(10, 14):
+            rows.append(score_row(str(shard_b), f"{index:08d}", index - 10, epoch, float(index) + epoch))
+    run_dir = tmp_path / "run"
+    write_part(rows_to_table(rows), run_dir / "scores" / "part.parquet")
+    run_info = {"shards": [str(shard_a), str(shard_b)], "train": {"mode": "head", "epochs": 2},
+                "models": {"architecture": "tiny"}, "fingerprint": {"task": "contrastive", "decode": DECODE}}
+    (run_dir / "run.json").write_text(json.dumps(run_info))
+    return run_dir
+
+
+def write_manifest(path: Path, kept: dict[tuple[str, str], bool]) -> Path:
+    table = pa.table({"shard": [s for s, _ in kept], "key": [k for _, k in kept], "kept": list(kept.values())})
+    pq.write_table(table, path)
+    return path
+
+
+def referenced_files(index: Path) -> list[str]:
+    return re.findall(r"(?:src|href)='([^']+)'", index.read_text())
+
+
+def assert_not_blank(path: Path) -> None:
+    with Image.open(path) as image:
+        image.load()
+        pixels = np.asarray(image.convert("L"), dtype=float)
+    assert pixels.std() > 5, f"{path.name} looks blank"
+
+
+def test_per_shard_quality_follows_the_filter_manifest(run, tmp_path):
+    shard_a, shard_b = json.loads((run / "run.json").read_text())["shards"]
+    decisions = {(shard_a, f"{i:08d}"): i % 2 == 1 for i in range(1, 6)}  # keeps 1, 3, 5 of 5 usable
+    decisions |= {(shard_b, f"{i:08d}"): i == 13 for i in range(10, 14)}  # keeps 1 of 4
+    decisions[(shard_a, "00000000")] = True  # a broken sample is never counted as kept
+    manifest = write_manifest(tmp_path / "manifest.parquet", decisions)
+    summary = build_report(ReportConfig(run_dir=run, out_dir=tmp_path / "report", filter_manifest=manifest))
+    by_shard = {shard["shard"]: shard for shard in summary["shards_worst_first"]}
+    assert (by_shard[shard_a]["samples"], by_shard[shard_a]["ok"], by_shard[shard_a]["kept"]) == (6, 5, 3)
+    assert by_shard[shard_a]["quality"] == pytest.approx(3 / 5)
+    assert by_shard[shard_b]["quality"] == pytest.approx(1 / 4)
+    assert [shard["shard"] for shard in summary["shards_worst_first"]] == [shard_b, shard_a]  # worst first
+    assert summary["quality_estimate"] == pytest.approx(4 / 9)
+    assert summary["status_counts"]["decode_error"]["count"] == 1
+    assert summary["status_counts"]["decode_error"]["examples"][0]["error"] == "cannot decode image jpg"
+
+
+def test_default_rule_quality_equals_the_filter_summary(run, tmp_path):
+    result = CliRunner().invoke(cli, ["filter", str(run), "--out", str(tmp_path / "curated")], catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    filter_summary = json.loads((tmp_path / "curated" / "summary.json").read_text())
+    summary = build_report(ReportConfig(run_dir=run, out_dir=tmp_path / "report"))
+    assert summary["quality_estimate"] == pytest.approx(filter_summary["quality_estimate"])
+    assert summary["kept"] == filter_summary["kept"] and summary["ok"] == filter_summary["ok"] == 9
+    assert summary["rule"].startswith("keep-votes (gmm")
+
+
+def test_report_files_exist_open_and_are_not_blank(run, tmp_path):
+    out = tmp_path / "report"
+    result = CliRunner().invoke(cli, ["report", str(run), "--out", str(out), "--sheet-size", "4"], catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    assert f"Report: {out / 'index.html'}" in result.output
+    references = referenced_files(out / "index.html")
+    assert {"scores.png", "weights.png", "score_vs_clip.png", "shards.png", "highest.png", "lowest.png"} <= set(references)
+    for name in references:
+        assert (out / name).is_file(), f"index.html references missing {name}"
+        assert_not_blank(out / name)
+    report = json.loads((out / "report.json").read_text())
+    assert report["plot_rows"]["score_rows_used"] == report["plot_rows"]["score_rows_total"] == 18
+    assert not list(out.glob(".*")), "temp files left behind"
+
+
+def grey_tiles(path: Path) -> float:
+    """How many 160-pixel 'unreadable image' tiles the sheet holds (their grey area / a tile's)."""
+    with Image.open(path) as sheet:
+        pixels = np.asarray(sheet.convert("RGB"))
+    return np.all(pixels == (200, 200, 200), axis=-1).sum() / (160 * 160)
+
+
+def test_missing_and_unreadable_images_are_labelled_on_the_sheet(run, tmp_path):
+    """Lowest three: a/1 (readable), a/2 (readable), a/3 (lost: the shard is truncated inside a/2's image)."""
+    shard_a = Path(json.loads((run / "run.json").read_text())["shards"][0])
+    import tarfile
+
+    with tarfile.open(shard_a) as tar:
+        cut = next(member.offset_data for member in tar.getmembers() if member.name == "00000003.jpg") + 50
+    shard_a.write_bytes(shard_a.read_bytes()[:cut])
+    summary = build_report(ReportConfig(run_dir=run, out_dir=tmp_path / "report", sheet_size=3))
+    assert summary["images"]["lowest"] == "lowest.png"
+    assert 0.8 < grey_tiles(tmp_path / "report" / "lowest.png") < 1.0  # one grey tile (less its label text)
+    shard_a.unlink()  # a shard that has gone away entirely
+    build_report(ReportConfig(run_dir=run, out_dir=tmp_path / "report", sheet_size=3))
+    assert 2.4 < grey_tiles(tmp_path / "report" / "lowest.png") < 3.0
+
+
+def test_contact_sheet_shows_what_the_decoder_says(run, tmp_path):
+    from mimicfilter.decode import DecodeConfig, decode_for_display
+    from mimicfilter.shards import iter_shard_samples
+
+    shard_a = json.loads((run / "run.json").read_text())["shards"][0]
+    shown = [decode_for_display(raw, DecodeConfig()) for raw in iter_shard_samples(shard_a)]
+    assert shown[0].image is None and shown[0].error.startswith("cannot decode image jpg")
+    assert shown[0].caption == "a picture number 0"  # the caption is shown even when the image is broken
+    assert shown[1].image is not None and shown[1].caption == "a picture number 1" and shown[1].error is None
+
+
+def test_plots_use_a_stated_sample_of_big_tables(tmp_path):
+    shard = "s.tar"
+    rows = [score_row(shard, f"{i:08d}", i, 0, float(np.sin(i))) for i in range(5000)]
+    run = tmp_path / "run"
+    write_part(rows_to_table(rows), run / "scores" / "part.parquet")
+    (run / "run.json").write_text(json.dumps({"shards": [shard], "fingerprint": {"task": "contrastive", "decode": DECODE}}))
+    summary = build_report(ReportConfig(run_dir=run, out_dir=tmp_path / "report", sample_rows=1000, sheet_size=0))
+    used = summary["plot_rows"]["score_rows_used"]
+    assert 700 < used < 1300 and summary["plot_rows"]["score_rows_total"] == 5000
+    assert f"{used:,} of 5,000 score rows" in (tmp_path / "report" / "index.html").read_text()
+    assert summary["samples"] == 5000  # the quality estimate still counts every sample
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--filter-manifest", "nope.parquet"], "does not exist"),
+        (["--sheet-size", "-1"], "--sheet-size -1"),
+    ],
+)
+def test_bad_options_are_one_line_errors(run, tmp_path, args, message):
+    result = CliRunner().invoke(cli, ["report", str(run), "--out", str(tmp_path / "r"), *args])
+    assert result.exit_code == 2 and message in result.output
+    assert "Traceback" not in result.output
+
+
+def test_a_manifest_of_another_run_is_refused(run, tmp_path):
+    manifest = write_manifest(tmp_path / "m.parquet", {("other.tar", "x"): True})
+    result = CliRunner().invoke(cli, ["report", str(run), "--out", str(tmp_path / "r"), "--filter-manifest", str(manifest)])
+    assert result.exit_code == 2 and "names none of this run's samples" in result.output
+
+
+def test_not_a_run_directory(tmp_path):
+    result = CliRunner().invoke(cli, ["report", str(tmp_path), "--out", str(tmp_path / "r")])
+    assert result.exit_code == 2 and "not a mimicfilter run directory" in result.output
+
+
+@pytest.mark.slow
+def test_report_of_a_real_tiny_run(tmp_path, tiny_config, reference_checkpoint):
+    shard = write_tar(tmp_path / "pool.tar", image_text_samples(12))
+    run = tmp_path / "run"
+    score = ["score", str(shard), "--model", str(tiny_config), "--reference", str(reference_checkpoint), "--out", str(run),
+             "--batch-size", "4", "--train", "head", "--epochs", "2", "--quiet"]
+    assert CliRunner().invoke(cli, score, catch_exceptions=False).exit_code == 0
+    result = CliRunner().invoke(cli, ["report", str(run), "--out", str(run / "report"), "--json"], catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    summary = json.loads(result.stdout)
+    assert summary["ok"] == 12 and summary["epochs"] == 2
+    for name in referenced_files(run / "report" / "index.html"):
+        assert_not_blank(run / "report" / name)
