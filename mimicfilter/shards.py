@@ -24,7 +24,6 @@ from contextlib import AbstractContextManager
 from typing import IO, TextIO
 
 from braceexpand import UnbalancedBracesError, braceexpand
-from webdataset.tariterators import base_plus_ext
 
 from mimicfilter.errors import MimicfilterError
 
@@ -57,6 +56,16 @@ def one_line(text: object, limit: int = MAX_ERROR_CHARS) -> str:
     """Collapse whitespace/newlines and cap the length: error strings go into one table cell."""
     flat = " ".join(str(text).split())
     return flat if len(flat) <= limit else flat[: limit - 3] + "..."
+
+
+_MEMBER_NAME = re.compile(r"^((?:.*/|)[^.]+)[.]([^/]*)$")
+
+
+def base_plus_ext(name: str) -> tuple[str | None, str | None]:
+    """(key, extensions) of a tar member name, split as webdataset does (its regex, without
+    importing webdataset, which pulls in torch: `filter` and `report` start without it)."""
+    match = _MEMBER_NAME.match(name)
+    return (match.group(1), match.group(2)) if match else (None, None)
 
 
 def is_url(spec: str) -> bool:

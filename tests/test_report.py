@@ -197,3 +197,13 @@ def test_report_of_a_real_tiny_run(tmp_path, tiny_config, reference_checkpoint):
     assert summary["ok"] == 12 and summary["epochs"] == 2
     for name in referenced_files(run / "report" / "index.html"):
         assert_not_blank(run / "report" / name)
+
+
+def test_the_command_line_starts_without_torch():
+    """filter and report are DuckDB/numpy work: importing the CLI must not pay torch's start-up."""
+    import subprocess
+    import sys
+
+    code = "import sys, mimicfilter_cli.main; print('torch' in sys.modules, 'matplotlib' in sys.modules)"
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert result.stdout.split() == ["False", "False"]
