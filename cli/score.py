@@ -24,6 +24,12 @@ def _print_summary(stats: dict) -> None:
     table.add_column("value", justify="right")
     resumed = f" ({stats['shards_resumed']} already done)" if stats["shards_resumed"] is not None else ""
     table.add_row("shards", f"{stats['shards']}{resumed}")
+    if stats.get("world_size", 1) > 1:
+        table.add_row("this rank", f"{stats['rank']} of {stats['world_size']}: {stats['shards_this_process']} shards")
+        if stats.get("shards_missing"):
+            table.add_row("still missing (other ranks)", f"{stats['shards_missing']} shards; the last rank writes _SUCCESS")
+    if stats.get("executor", "local") != "local":
+        table.add_row("executor", stats["executor"])
     if stats["train"] != "none":
         table.add_row("proxy trajectory", f"--train {stats['train']}, {stats['epochs']} epoch(s)")
     table.add_row("rows in table", str(stats["rows"]))
@@ -79,12 +85,27 @@ def _print_summary(stats: dict) -> None:
 @click.option("--trust-checkpoint", is_flag=True, help="Allow checkpoints that are full pickles (can run code).")
 @click.option("--allow-pipe", is_flag=True, help="Allow pipe: shard URLs (they run shell commands).")
 @click.option("--overwrite", is_flag=True, help="Replace an existing run directory made by a different command.")
+@click.option("--ray", "ray_address", is_flag=False, flag_value="local", default=None, metavar="[ADDRESS]",
+              help="Score shards as Ray tasks (--train none): alone, start or join a local Ray instance; "
+              "'auto' or 'ray://HOST:10001' for a cluster.")
+@click.option("--cpus-per-task", type=float, default=1.0, show_default=True, help="Ray: CPUs per scoring actor.")
+@click.option("--gpus-per-task", type=float, default=0.0, show_default=True,
+              help="Ray: GPUs per scoring actor (e.g. 1, or 0.5 to share a GPU between two).")
+@click.option("--max-retries", type=int, default=3, show_default=True,
+              help="Ray: restarts of a killed actor and retries of its shard.")
+@click.option("--ray-actors", type=int, default=None,
+              help="Ray: number of scoring actors [default: as many as the cluster's resources fit].")
+@click.option("--rank", type=int, default=None,
+              help="Score only this rank's share of the shards (every WORLD-SIZE-th, from RANK); with --world-size.")
+@click.option("--world-size", type=int, default=None,
+              help="Number of ranks sharing the run directory (Slurm arrays, multi-node jobs without Ray).")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar and no summary table.")
 @click.option("--json", "as_json", is_flag=True, help="Print the run's stats as JSON on stdout.")
 @one_line_errors
 def score(shards, model, reference, proxy, mimic_layers, task, classnames, reference_head, out_dir, train, epochs, lr,
           weight_decay, shuffle_buffer, checkpoint_every, batch_size, workers, device, seed, temperature, image_key,
-          text_key, trust_checkpoint, allow_pipe, overwrite, quiet, as_json):
+          text_key, trust_checkpoint, allow_pipe, overwrite, ray_address, cpus_per_task, gpus_per_task, max_retries,
+          ray_actors, rank, world_size, quiet, as_json):
     """Score every sample of SHARDS with the mimic score and write a run directory.
 
     SHARDS are tar files, directories, brace patterns ('pool/{000..099}.tar'), fsspec URLs
@@ -97,14 +118,24 @@ def score(shards, model, reference, proxy, mimic_layers, task, classnames, refer
           --reference demo/reference.safetensors --epochs 3 --out runs/demo --json | jq .status_counts
       mimicfilter score pool/ --model ViT-B-32 --reference openai --train none --workers 8 --out runs/static
       mimicfilter score labelled/ --model ViT-B-32 --reference openai --classnames classes.txt --out runs/cls
+      mimicfilter score 's3://pool/{00000..09999}.tar' --model ViT-B-32 --reference openai --train none \
+          --ray auto --gpus-per-task 1 --cpus-per-task 8 --out /shared/runs/pool
+      mimicfilter score pool/ --model ViT-B-32 --reference openai --train none \
+          --rank $SLURM_ARRAY_TASK_ID --world-size $SLURM_ARRAY_TASK_COUNT --out /shared/runs/pool
     """
     # torch and open_clip load here, not at import: `mimicfilter --help` and `filter` stay light.
     from mimicfilter.decode import DecodeConfig
+    from mimicfilter.errors import MimicfilterError
+    from mimicfilter.executors import Partition, RayConfig
     from mimicfilter.models import ModelSpec
     from mimicfilter.scoring import ScoreConfig, detect_task, run_score
     from mimicfilter.shards import expand_shards
     from mimicfilter.trajectory import TrainConfig
 
+    if (rank is None) != (world_size is None):
+        raise MimicfilterError("--rank and --world-size go together", hint="e.g. --rank 3 --world-size 16")
+    partition = Partition(0, 1) if rank is None else Partition(rank, world_size)  # checked before listing shards
+    ray = None if ray_address is None else RayConfig(ray_address, cpus_per_task, gpus_per_task, max_retries, ray_actors)
     shard_list = tuple(expand_shards(shards, allow_pipe=allow_pipe, stdin=sys.stdin))
     text_key = text_key.strip()
     image_keys = tuple(key.strip().lower() for key in image_key.split(",") if key.strip())
@@ -141,6 +172,8 @@ def score(shards, model, reference, proxy, mimic_layers, task, classnames, refer
         allow_pipe=allow_pipe,
         overwrite=overwrite,
         argv=tuple(sys.argv),
+        partition=partition,
+        ray=ray,
     )
     stats = run_score(config, progress=ProgressBar(enabled=not quiet))
     if as_json:

@@ -10,7 +10,9 @@ none that only changes speed or display (workers, progress, --json).
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +24,7 @@ STATS_FILE = "stats.json"
 SUCCESS_FILE = "_SUCCESS"
 SCORES_DIR = "scores"
 CHECKPOINTS_DIR = "checkpoints"
+RANKS_DIR = "ranks"
 
 
 def _differences(old: dict, new: dict, prefix: str = "") -> list[str]:
@@ -35,11 +38,16 @@ def _differences(old: dict, new: dict, prefix: str = "") -> list[str]:
     return changed
 
 
-def prepare_run_dir(run_dir: Path, fingerprint: dict[str, Any], provenance: dict[str, Any], overwrite: bool) -> bool:
+def prepare_run_dir(
+    run_dir: Path, fingerprint: dict[str, Any], provenance: dict[str, Any], overwrite: bool, concurrent: bool = False
+) -> bool:
     """Create or reopen ``run_dir`` for this command; returns True when resuming an earlier run.
 
     Writes run.json atomically on first use. Refuses a directory made by a different command
     (naming what differs) unless ``overwrite``, which deletes the earlier results first.
+    ``concurrent``: other ranks of the same job may be creating the directory at the same moment;
+    run.json is then created exactly once (link-if-absent) and the others check their fingerprint
+    against it.
     """
     run_file = run_dir / RUN_FILE
     if run_dir.exists() and not run_dir.is_dir():
@@ -59,20 +67,54 @@ def prepare_run_dir(run_dir: Path, fingerprint: dict[str, Any], provenance: dict
                 f"{run_dir} holds a run of a different command (differs in: {', '.join(changed[:6]) or 'format'})",
                 hint="re-run the original command to resume, pass --overwrite to replace it, or choose another --out",
             )
-    elif run_dir.is_dir() and any(run_dir.iterdir()) and not overwrite:
+    elif run_dir.is_dir() and _foreign_entries(run_dir, concurrent) and not overwrite:
         raise MimicfilterError(
             f"--out {run_dir} is not empty and holds no run.json", hint="choose an empty or new directory, or --overwrite"
         )
     if overwrite and run_dir.is_dir():
-        for name in (SCORES_DIR, CHECKPOINTS_DIR):
+        for name in (SCORES_DIR, CHECKPOINTS_DIR, RANKS_DIR):
             shutil.rmtree(run_dir / name, ignore_errors=True)
         for name in (RUN_FILE, STATS_FILE, SUCCESS_FILE):
             (run_dir / name).unlink(missing_ok=True)
     (run_dir / SCORES_DIR).mkdir(parents=True, exist_ok=True)
-    if not resuming:
+    if not resuming and concurrent:
+        if not _create_once(run_file, {**provenance, "fingerprint": fingerprint}):
+            # another rank won the race: same job (resume together) or a different command (refuse)
+            return prepare_run_dir(run_dir, fingerprint, provenance, overwrite=False, concurrent=True)
+    elif not resuming:
         (run_dir / SUCCESS_FILE).unlink(missing_ok=True)
         atomic_write_json(run_file, {**provenance, "fingerprint": fingerprint})
     return resuming
+
+
+def _foreign_entries(run_dir: Path, concurrent: bool) -> list[str]:
+    """Entries that make ``run_dir`` someone else's; with concurrent ranks, theirs are expected."""
+    ours = {RUN_FILE, SCORES_DIR, RANKS_DIR} if concurrent else set()
+    return [p.name for p in run_dir.iterdir() if p.name not in ours and not (concurrent and p.name.startswith("."))]
+
+
+def _create_once(path: Path, payload: dict[str, Any]) -> bool:
+    """Write ``path`` only if it does not exist, atomically (a hard link cannot overwrite)."""
+    descriptor, temp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(descriptor, "w", encoding="utf-8") as handle:
+            handle.write(json.dumps(payload, indent=2, sort_keys=True, default=str) + "\n")
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.link(temp_name, path)
+        return True
+    except FileExistsError:
+        return False
+    finally:
+        Path(temp_name).unlink(missing_ok=True)
+
+
+def write_rank_stats(run_dir: Path, rank: int, world_size: int, stats: dict[str, Any]) -> Path:
+    """Each rank's own stats (ranks/rank-RRRRR-of-WWWWW.json); stats.json is the last rank's."""
+    path = run_dir / RANKS_DIR / f"rank-{rank:05d}-of-{world_size:05d}.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(path, stats)
+    return path
 
 
 def finish_run_dir(run_dir: Path, stats: dict[str, Any]) -> None:

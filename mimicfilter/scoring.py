@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterator, Protocol
 
 import pyarrow.compute as pc
+import pyarrow.parquet as pq
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
@@ -33,11 +34,12 @@ from mimicfilter import __version__
 from mimicfilter.batches import group_batches
 from mimicfilter.decode import DecodeConfig, decode_sample
 from mimicfilter.errors import MimicfilterError
+from mimicfilter.executors import Partition, RayConfig, score_with_ray
 from mimicfilter.models import LoadedModels, ModelSpec, load_models, resolve_device
-from mimicfilter.rundir import SCORES_DIR, finish_run_dir, prepare_run_dir
+from mimicfilter.rundir import SCORES_DIR, finish_run_dir, prepare_run_dir, write_rank_stats
 from mimicfilter.scorer import BatchScores, MimicScorer, make_scorer
 from mimicfilter.shards import iter_shard_samples, part_name
-from mimicfilter.tables import STATUSES, read_scores, rows_to_table, write_part
+from mimicfilter.tables import STATUSES, part_paths, rows_to_table, write_part
 from mimicfilter.trajectory import TrainConfig, run_trajectory
 
 DEFAULT_TEMPERATURE = {"contrastive": 0.05, "classify": 1.0}
@@ -58,6 +60,8 @@ class ScoreConfig:
     allow_pipe: bool = False
     overwrite: bool = False
     argv: tuple[str, ...] = ()
+    partition: Partition = field(default_factory=Partition)
+    ray: RayConfig | None = None  # None: the local executor
 
     def __post_init__(self):
         if not self.shards:
@@ -70,6 +74,16 @@ class ScoreConfig:
             raise MimicfilterError(f"--temperature {self.temperature}: must be positive")
         if self.decode.task != self.model.task:
             raise MimicfilterError(f"decoding for {self.decode.task!r} but models for {self.model.task!r}")
+        if (self.ray is not None or self.partition.partitioned) and self.train.mode != "none":
+            raise MimicfilterError(
+                f"--train {self.train.mode} is one ordered stream and cannot be split over shards",
+                hint="use --train none with --ray or --rank/--world-size (or score a subset and `extrapolate`)",
+            )
+        if self.partition.partitioned and self.overwrite:
+            raise MimicfilterError(
+                "--overwrite with --world-size > 1 would let one rank delete the others' parts",
+                hint="empty the run directory once before launching the ranks",
+            )
 
     @property
     def effective_temperature(self) -> float:
@@ -204,9 +218,16 @@ def _fingerprint(config: ScoreConfig, models: LoadedModels) -> dict[str, Any]:
         "temperature": config.effective_temperature,
         "seed": config.model.seed,
         "train": asdict(config.train),
-        "device_type": models.device.type,
+        "device_type": _device_type(config, models),
         "decode": asdict(config.decode),
     }
+
+
+def _device_type(config: ScoreConfig, models: LoadedModels) -> str:
+    """Where the scores are computed: this process's device, or the Ray actors' for --ray."""
+    if config.ray is not None:
+        return "cuda" if config.ray.gpus_per_task else "cpu"
+    return models.device.type
 
 
 def build_scorer(config: ScoreConfig) -> MimicScorer:
@@ -218,21 +239,36 @@ def build_scorer(config: ScoreConfig) -> MimicScorer:
 
 
 def _table_stats(run_dir: Path) -> dict[str, Any]:
-    table = read_scores(run_dir, columns=["status", "mimic_score"])
-    counts = Counter(table.column("status").to_pylist())
-    scores = table.column("mimic_score").drop_null()
+    """Counts and score summaries, one part at a time: memory does not grow with the run."""
+    counts: Counter = Counter()
+    rows = scored = positive = 0
+    score_sum = 0.0
+    for part in part_paths(run_dir):
+        table = pq.read_table(part, columns=["status", "mimic_score"])
+        rows += table.num_rows
+        counts.update(table.column("status").to_pylist())
+        scores = table.column("mimic_score").drop_null()
+        scored += len(scores)
+        if len(scores):
+            score_sum += pc.sum(scores.cast("float64")).as_py()
+            positive += pc.sum(pc.greater(scores, 0).cast("int64")).as_py()
     return {
-        "rows": table.num_rows,
+        "rows": rows,
         "status_counts": {status: counts.get(status, 0) for status in STATUSES},
-        "mimic_score_mean": pc.mean(scores).as_py() if len(scores) else None,
-        "mimic_score_positive_fraction": (pc.sum(pc.greater(scores, 0)).as_py() / len(scores)) if len(scores) else None,
+        "mimic_score_mean": score_sum / scored if scored else None,
+        "mimic_score_positive_fraction": positive / scored if scored else None,
     }
 
 
 def run_score(config: ScoreConfig, progress: Progress | None = None) -> dict[str, Any]:
     """Score every shard into ``config.out_dir`` (resuming an earlier identical run); returns the stats."""
     started = time.time()
-    scorer = build_scorer(config)
+    # With --ray the driver only validates the models and hashes the checkpoints (on CPU: the
+    # head node may have no GPU); the actors load them again on their own devices.
+    driver_config = config if config.ray is None else dataclasses.replace(
+        config, model=dataclasses.replace(config.model, device="cpu")
+    )
+    scorer = build_scorer(driver_config)
     models = scorer.models
     provenance = {
         "mimicfilter_version": __version__,
@@ -244,12 +280,13 @@ def run_score(config: ScoreConfig, progress: Progress | None = None) -> dict[str
         "batch_size": config.batch_size,
         "seed": config.model.seed,
         "train": asdict(config.train),
-        "device": str(models.device),
+        "device": str(models.device) if config.ray is None else f"ray ({_device_type(config, models)})",
         "shards": list(config.shards),
         "started_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
     run_dir = config.out_dir
-    prepare_run_dir(run_dir, _fingerprint(config, models), provenance, config.overwrite)
+    prepare_run_dir(run_dir, _fingerprint(config, models), provenance, config.overwrite,
+                    concurrent=config.partition.partitioned)
     loop_started = time.time()
     try:
         if config.train.mode == "none":
@@ -287,11 +324,25 @@ def run_score(config: ScoreConfig, progress: Progress | None = None) -> dict[str
         "train": config.train.mode,
         "epochs": config.train.epochs,
         "scoring_route": scorer.route,
-        "device": str(models.device),
+        "device": provenance["device"],
         "workers": config.workers,
         "run_dir": str(run_dir),
         "cpu_count": os.cpu_count(),
     }
+    if config.train.mode == "none":
+        stats |= {"executor": counts.executor, "shards_this_process": counts.shards_mine,
+                  "rank": config.partition.rank, "world_size": config.partition.world_size}
+        if config.partition.partitioned:
+            write_rank_stats(run_dir, config.partition.rank, config.partition.world_size, stats)
+        if counts.failures:
+            raise MimicfilterError(
+                f"{len(counts.failures)} shard(s) failed after --max-retries {config.ray.max_retries}: "
+                f"{counts.failures[0]}",
+                hint="re-run the same command to retry them (finished parts are kept)",
+            )
+        missing = sum(not part_path(run_dir, shard).exists() for shard in config.shards)
+        if missing:  # other ranks are still working: the last one to finish marks the run done
+            return stats | {"shards_missing": missing}
     finish_run_dir(run_dir, stats)
     return stats
 
@@ -300,14 +351,32 @@ def run_score(config: ScoreConfig, progress: Progress | None = None) -> dict[str
 class _StaticCounts:
     samples_scored: int
     shards_resumed: int
+    shards_mine: int
+    executor: str
+    failures: tuple[str, ...] = ()
 
 
 def _score_static(config: ScoreConfig, scorer: MimicScorer, progress: Progress | None) -> _StaticCounts:
-    """The local static executor."""
-    run_dir, models = config.out_dir, scorer.models
-    pending = [shard for shard in config.shards if not part_path(run_dir, shard).exists()]
+    """This process's shards (all, or its --rank's share), on Ray or the local executor."""
+    mine = config.partition.select(config.shards)
+    pending = [shard for shard in mine if not part_path(config.out_dir, shard).exists()]
     if progress:
-        progress.start(len(config.shards), len(config.shards) - len(pending))
+        progress.start(len(mine), len(mine) - len(pending))
+    if config.ray is not None:
+        result = score_with_ray(config, pending, progress)
+        return _StaticCounts(result.samples_scored, len(mine) - len(pending), len(mine),
+                             f"ray ({result.actors} actors)", result.failures)
+    scored = _score_local(config, scorer, pending, progress)
+    return _StaticCounts(scored, len(mine) - len(pending), len(mine), "local")
+
+
+def _score_local(config: ScoreConfig, scorer: MimicScorer, pending: list[str], progress: Progress | None) -> int:
+    """The local executor: DataLoader workers read and decode whole shards, this process scores.
+
+    Memory is flat in the number of shards: the loader holds a bounded prefetch queue, and rows are
+    kept only for the shards being read now (at most one per worker) until their part is written.
+    """
+    run_dir, models = config.out_dir, scorer.models
     dataset = _ShardBatches(
         pending, decode_config_for(config, models), models.preprocess, models.tokenizer, config.batch_size,
         config.allow_pipe,
@@ -332,4 +401,4 @@ def _score_static(config: ScoreConfig, scorer: MimicScorer, progress: Progress |
             write_part(rows_to_table(shard_rows), part_path(run_dir, shard))
             if progress:
                 progress.shard_done(len(shard_rows))
-    return _StaticCounts(samples_scored=scored_samples, shards_resumed=len(config.shards) - len(pending))
+    return scored_samples
