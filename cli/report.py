@@ -11,6 +11,7 @@ from rich.table import Table
 
 from mimicfilter.aggregate import BINARIZE_RULES, VOTE_COMBINERS, AggregateConfig
 from mimicfilter.report import ReportConfig, build_report, worst_shards
+from mimicfilter.storage import run_path
 from mimicfilter_cli.common import one_line_errors
 
 
@@ -38,7 +39,7 @@ def _print_summary(summary: dict, out_dir: Path) -> None:
 
 
 @click.command(name="report")
-@click.argument("run_dir", type=click.Path(path_type=Path))
+@click.argument("run_dir")
 @click.option("--out", "out_dir", type=click.Path(file_okay=False, path_type=Path), required=True,
               help="Directory for index.html, the PNGs and report.json.")
 @click.option("--filter-manifest", type=click.Path(dir_okay=False, path_type=Path), default=None,
@@ -68,7 +69,7 @@ def report(run_dir, out_dir, filter_manifest, sheet_size, sample_rows, binarize,
       mimicfilter report runs/pool --out report/ --json | jq .quality_estimate
     """
     config = ReportConfig(
-        run_dir=run_dir,
+        run_dir=run_path(run_dir),
         out_dir=out_dir,
         filter_manifest=filter_manifest,
         sheet_size=sheet_size,

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import os
 import sys
-from pathlib import Path
 
 import click
 from rich.console import Console
@@ -62,7 +61,8 @@ def _print_summary(stats: dict) -> None:
               help="Classification: class names, one per line (line i = label i); builds a zero-shot reference head.")
 @click.option("--reference-head", type=click.Path(dir_okay=False), default=None,
               help="Classification: a trained head checkpoint {weight: [C, D], bias?: [C], logit_scale?}.")
-@click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False, path_type=Path), help="Run directory to write (re-run to resume).")
+@click.option("--out", "out_dir", required=True,
+              help="Run directory to write (re-run to resume): a path, or an fsspec URL (s3://…) for --train none.")
 @click.option("--train", type=click.Choice(TRAIN_MODES), default="head", show_default=True,
               help="head: the mimic layers learn along the stream (Grad-Mimic); full: the whole proxy learns; "
               "none: score a frozen proxy (static, one part per shard).")
@@ -130,6 +130,7 @@ def score(shards, model, reference, proxy, mimic_layers, task, classnames, refer
     from mimicfilter.models import ModelSpec
     from mimicfilter.scoring import ScoreConfig, detect_task, run_score
     from mimicfilter.shards import expand_shards
+    from mimicfilter.storage import run_path
     from mimicfilter.trajectory import TrainConfig
 
     if (rank is None) != (world_size is None):
@@ -144,7 +145,7 @@ def score(shards, model, reference, proxy, mimic_layers, task, classnames, refer
         task = "classify" if classnames or reference_head else detect_task(shard_list, decode, allow_pipe)
     config = ScoreConfig(
         shards=shard_list,
-        out_dir=out_dir,
+        out_dir=run_path(out_dir),
         model=ModelSpec(
             model=model,
             reference=reference,

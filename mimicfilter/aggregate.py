@@ -27,6 +27,7 @@ import duckdb
 import numpy as np
 
 from mimicfilter.errors import MimicfilterError
+from mimicfilter.storage import is_url, run_path
 from mimicfilter.tables import part_paths
 
 BINARIZE_RULES = ("threshold", "sign", "kmeans", "gmm")
@@ -52,6 +53,9 @@ def score_files(inputs: Sequence[str]) -> list[str]:
     """Parquet files of run directories (their finished parts), Parquet files or globs."""
     files: list[str] = []
     for item in inputs:
+        if is_url(item):
+            files.extend(_remote_score_files(item))
+            continue
         path = Path(item)
         if path.is_dir():
             parts = part_paths(path) if (path / "scores").is_dir() else sorted(path.glob("[!.]*.parquet"))
@@ -68,6 +72,17 @@ def score_files(inputs: Sequence[str]) -> list[str]:
         else:
             raise MimicfilterError(f"{item} does not exist", hint="pass run directories or Parquet files")
     return list(dict.fromkeys(files))
+
+
+def _remote_score_files(url: str) -> list[str]:
+    """The parts of a run directory at an fsspec URL, or the URL itself when it names a file."""
+    path = run_path(url)
+    if path.is_file():
+        return [url]
+    parts = part_paths(path) if (path / "scores").is_dir() else sorted(path.glob("[!.]*.parquet"), key=str)
+    if not parts:
+        raise MimicfilterError(f"{url} holds no score parts", hint="pass a `mimicfilter score --out` location")
+    return [str(part) for part in parts]
 
 
 def sql_string(text: str) -> str:
@@ -87,6 +102,11 @@ def connect(memory_limit: str | None = None, temp_directory: str | None = None) 
 
 def load_scores(connection: duckdb.DuckDBPyConnection, files: Sequence[str]) -> None:
     """A view ``scores`` over all rows of the given parts."""
+    for protocol in sorted({file.split("://", 1)[0] for file in files if is_url(file)}):
+        import fsspec
+
+        # DuckDB reads fsspec URLs through the same filesystem (and credentials) as the writers
+        connection.register_filesystem(fsspec.filesystem(protocol))
     try:
         listing = ", ".join(sql_string(path) for path in files)  # views cannot take prepared parameters
         connection.execute(f"CREATE OR REPLACE VIEW scores AS SELECT * FROM read_parquet([{listing}], union_by_name = true)")

@@ -24,6 +24,7 @@ from mimicfilter.aggregate import AggregateConfig, aggregate, connect, load_scor
 from mimicfilter.datacomp import UID_DTYPE, save_uid_array
 from mimicfilter.errors import MimicfilterError
 from mimicfilter.filters import Rule, apply_rules
+from mimicfilter.storage import run_path
 from mimicfilter.tables import atomic_write_json
 
 JOIN_KEYS = {"uid": ("uid",), "shard,key": ("shard", "key")}
@@ -282,7 +283,7 @@ def _run_shard_order(inputs: tuple[str, ...]) -> list[str]:
     """The shard order of the runs' run.json files, so curated shards follow the original order."""
     order: list[str] = []
     for item in inputs:
-        run_file = Path(item) / "run.json"
+        run_file = run_path(item) / "run.json"
         if run_file.is_file():
             order.extend(json.loads(run_file.read_text()).get("shards", []))
     return list(dict.fromkeys(order))

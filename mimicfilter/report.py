@@ -29,6 +29,7 @@ import numpy as np
 from mimicfilter.aggregate import AggregateConfig, aggregate, connect, load_scores, score_files, sql_string
 from mimicfilter.errors import MimicfilterError
 from mimicfilter.rundir import read_run_info
+from mimicfilter.storage import is_remote
 from mimicfilter.tables import atomic_write_bytes, atomic_write_json
 
 MAX_SHARDS_PLOTTED = 40
@@ -61,7 +62,7 @@ class ReportConfig:
             raise MimicfilterError(
                 f"--filter-manifest {self.filter_manifest} does not exist", hint="pass the manifest.parquet of `filter --out`"
             )
-        if Path(self.out_dir).resolve() == Path(self.run_dir).resolve():
+        if not is_remote(self.run_dir) and Path(self.out_dir).resolve() == Path(self.run_dir).resolve():
             raise MimicfilterError("--out must not be the run directory itself", hint="e.g. --out RUN/report")
 
 

@@ -11,13 +11,13 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import tempfile
 from pathlib import Path
 from typing import Any
 
 from mimicfilter.errors import MimicfilterError
-from mimicfilter.tables import atomic_write_json
+from mimicfilter.storage import is_remote, remove_tree, run_path
+from mimicfilter.tables import atomic_write_bytes, atomic_write_json
 
 RUN_FILE = "run.json"
 STATS_FILE = "stats.json"
@@ -73,7 +73,7 @@ def prepare_run_dir(
         )
     if overwrite and run_dir.is_dir():
         for name in (SCORES_DIR, CHECKPOINTS_DIR, RANKS_DIR):
-            shutil.rmtree(run_dir / name, ignore_errors=True)
+            remove_tree(run_dir / name)
         for name in (RUN_FILE, STATS_FILE, SUCCESS_FILE):
             (run_dir / name).unlink(missing_ok=True)
     (run_dir / SCORES_DIR).mkdir(parents=True, exist_ok=True)
@@ -94,7 +94,16 @@ def _foreign_entries(run_dir: Path, concurrent: bool) -> list[str]:
 
 
 def _create_once(path: Path, payload: dict[str, Any]) -> bool:
-    """Write ``path`` only if it does not exist, atomically (a hard link cannot overwrite)."""
+    """Write ``path`` only if it does not exist, atomically (a hard link cannot overwrite).
+
+    Object stores have no create-if-absent: there the first writer's run.json may be replaced by
+    another rank's, which is harmless because ranks that get this far share the fingerprint.
+    """
+    if is_remote(path):
+        if path.exists():
+            return False
+        atomic_write_json(path, payload)
+        return True
     descriptor, temp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(descriptor, "w", encoding="utf-8") as handle:
@@ -119,11 +128,11 @@ def write_rank_stats(run_dir: Path, rank: int, world_size: int, stats: dict[str,
 
 def finish_run_dir(run_dir: Path, stats: dict[str, Any]) -> None:
     atomic_write_json(run_dir / STATS_FILE, stats)
-    (run_dir / SUCCESS_FILE).write_text("")
+    atomic_write_bytes(run_dir / SUCCESS_FILE, b"")
 
 
 def read_run_info(run_dir: Path) -> dict[str, Any]:
-    run_file = Path(run_dir) / RUN_FILE
+    run_file = run_path(run_dir) / RUN_FILE
     if not run_file.is_file():
         raise MimicfilterError(f"{run_dir} is not a mimicfilter run directory (no run.json)", hint="pass a `score --out` dir")
     return json.loads(run_file.read_text())

@@ -26,7 +26,6 @@ from pathlib import Path
 from typing import Any, Callable, Iterator, Protocol
 
 import pyarrow.compute as pc
-import pyarrow.parquet as pq
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
@@ -39,7 +38,8 @@ from mimicfilter.models import LoadedModels, ModelSpec, load_models, resolve_dev
 from mimicfilter.rundir import SCORES_DIR, finish_run_dir, prepare_run_dir, write_rank_stats
 from mimicfilter.scorer import BatchScores, MimicScorer, make_scorer
 from mimicfilter.shards import iter_shard_samples, part_name
-from mimicfilter.tables import STATUSES, part_paths, rows_to_table, write_part
+from mimicfilter.storage import is_remote
+from mimicfilter.tables import STATUSES, part_paths, read_part, rows_to_table, write_part
 from mimicfilter.trajectory import TrainConfig, run_trajectory
 
 DEFAULT_TEMPERATURE = {"contrastive": 0.05, "classify": 1.0}
@@ -78,6 +78,11 @@ class ScoreConfig:
             raise MimicfilterError(
                 f"--train {self.train.mode} is one ordered stream and cannot be split over shards",
                 hint="use --train none with --ray or --rank/--world-size (or score a subset and `extrapolate`)",
+            )
+        if is_remote(self.out_dir) and self.train.mode != "none":
+            raise MimicfilterError(
+                f"--out {self.out_dir}: trajectory runs (checkpoints, resume) need a local or mounted directory",
+                hint="use a local --out, or --train none for a remote run directory",
             )
         if self.partition.partitioned and self.overwrite:
             raise MimicfilterError(
@@ -244,7 +249,7 @@ def _table_stats(run_dir: Path) -> dict[str, Any]:
     rows = scored = positive = 0
     score_sum = 0.0
     for part in part_paths(run_dir):
-        table = pq.read_table(part, columns=["status", "mimic_score"])
+        table = read_part(part, columns=["status", "mimic_score"])
         rows += table.num_rows
         counts.update(table.column("status").to_pylist())
         scores = table.column("mimic_score").drop_null()

@@ -11,6 +11,8 @@ from typing import Any, Iterable
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from mimicfilter.storage import arrow_source, is_remote, run_path
+
 STATUSES = ("ok", "decode_error", "missing_image", "missing_text", "missing_label", "too_large", "shard_error")
 
 SCORE_SCHEMA = pa.schema(
@@ -42,7 +44,15 @@ def rows_to_table(rows: Iterable[dict[str, Any]]) -> pa.Table:
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` through a temp file in the same directory and a rename."""
+    """Write ``data`` to ``path`` through a temp file in the same directory and a rename.
+
+    Remote (fsspec) paths: one upload, which object stores publish only once it is complete.
+    """
+    if is_remote(path):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with path.open("wb") as handle:
+            handle.write(data)
+        return
     path.parent.mkdir(parents=True, exist_ok=True)
     descriptor, temp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
@@ -62,6 +72,11 @@ def atomic_write_json(path: Path, payload: Any) -> None:
 
 def write_part(table: pa.Table, path: Path) -> None:
     """Write a Parquet part atomically: a part that exists is complete."""
+    if is_remote(path):
+        buffer = pa.BufferOutputStream()
+        pq.write_table(table, buffer, compression="zstd")
+        atomic_write_bytes(path, buffer.getvalue().to_pybytes())
+        return
     path.parent.mkdir(parents=True, exist_ok=True)
     descriptor, temp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(descriptor)
@@ -75,14 +90,20 @@ def write_part(table: pa.Table, path: Path) -> None:
 
 def part_paths(run_dir: Path) -> list[Path]:
     """Finished parts of a run (temp files of interrupted writes start with a dot and are ignored)."""
-    return sorted((run_dir / "scores").glob("[!.]*.parquet"))
+    return sorted((run_dir / "scores").glob("[!.]*.parquet"), key=str)
+
+
+def read_part(path: Path, columns: list[str] | None = None) -> pa.Table:
+    """One part (local or remote) with the score schema."""
+    source = arrow_source(path)
+    return pq.read_table(source["source"], filesystem=source.get("filesystem"), schema=SCORE_SCHEMA, columns=columns)
 
 
 def read_scores(run_dir: Path, columns: list[str] | None = None) -> pa.Table:
     """All finished parts of a run as one table, sorted by (shard, epoch, index)."""
-    parts = part_paths(Path(run_dir))
+    parts = part_paths(run_path(run_dir))
     if not parts:
         return SCORE_SCHEMA.empty_table() if columns is None else SCORE_SCHEMA.empty_table().select(columns)
-    table = pa.concat_tables(pq.read_table(part, schema=SCORE_SCHEMA, columns=columns) for part in parts)
+    table = pa.concat_tables(read_part(part, columns) for part in parts)
     sort_keys = [(name, "ascending") for name in ("shard", "epoch", "index") if name in table.column_names]
     return table.sort_by(sort_keys) if sort_keys else table

@@ -220,3 +220,28 @@ def test_ray_reports_shards_that_fail_every_retry(ray_cluster, shards, tiny_conf
 
 def always_fails(shard, scorer, config):
     raise OSError("disk full")
+
+
+def test_a_run_directory_at_an_fsspec_url(shards, tiny_config, reference_checkpoint, tmp_path, local_run):
+    """score → filter → report with --out memory://…: the same table as a local run, no local files."""
+    url = f"memory://runs/{tmp_path.name}"
+    result = invoke(score_args(shards, tiny_config, reference_checkpoint, url, "--rank", "0", "--world-size", "2"))
+    assert result.exit_code == 0, result.output
+    assert invoke(score_args(shards, tiny_config, reference_checkpoint, url, "--rank", "1", "--world-size", "2")).exit_code == 0
+    assert table(url).equals(table(local_run))
+    from mimicfilter.storage import run_path
+
+    assert (run_path(url) / "_SUCCESS").exists() and (run_path(url) / "run.json").exists()
+    filtered = invoke(["filter", url, "--out", str(tmp_path / "curated"), "--json"])
+    assert filtered.exit_code == 0, filtered.output
+    assert json.loads(filtered.stdout)["samples"] == 30
+    reported = invoke(["report", url, "--out", str(tmp_path / "report"), "--sheet-size", "2"])
+    assert reported.exit_code == 0, reported.output
+    assert (tmp_path / "report" / "lowest.png").exists()
+
+
+def test_trajectories_need_a_local_run_directory(shards, tiny_config, reference_checkpoint):
+    args = score_args(shards, tiny_config, reference_checkpoint, "memory://runs/trajectory")
+    args[args.index("--train") + 1] = "head"
+    result = CliRunner().invoke(cli, args)
+    assert result.exit_code == 2 and "need a local or mounted directory" in result.output
