@@ -168,8 +168,14 @@ def _decisions(connection, config: ReportConfig) -> dict[str, Any]:
     summary_file = Path(manifest).with_name("summary.json")
     name = f"manifest {manifest}"
     if summary_file.is_file():
-        rules = json.loads(summary_file.read_text()).get("rules", {})
-        joined = f" {rules.get('combine', 'and').upper()} ".join(rules.get("keep", []))
+        filter_summary = json.loads(summary_file.read_text())
+        rules, votes = filter_summary.get("rules", {}), filter_summary.get("aggregation", {})
+        keep = [
+            f"{rule} ({votes['binarize']} per epoch, {votes['combine_votes']} over epochs)"
+            if rule == "keep-votes" and {"binarize", "combine_votes"} <= set(votes) else rule
+            for rule in rules.get("keep", [])
+        ]
+        joined = f" {rules.get('combine', 'and').upper()} ".join(keep)
         drops = "".join(f" minus {drop}" for drop in rules.get("drop", []))
         name = f"{joined}{drops} (from {manifest})"
     return {"name": name, "aggregation": aggregation, "thresholds": aggregation["thresholds"]}
@@ -565,7 +571,7 @@ def _html(summary: dict[str, Any], info: dict[str, Any]) -> str:
         f"<p class='big'>{_pct(summary['quality_estimate'])}</p>",
         f"<p>{summary['kept']:,} of {summary['ok']:,} usable samples kept ({summary['samples']:,} samples in all) "
         f"under the rule <code>{e(summary['rule'])}</code>. The estimate is the kept share of the usable samples; "
-        "see <em>reading the report</em> in the docs for what it does and does not measure.</p>",
+        "see <em>Reading the report</em> (docs/report.md in mimicfilter) for what it does and does not measure.</p>",
     ]
     shards = summary["shards_worst_first"]
     parts.append(f"<h3>Per shard, worst first ({len(shards)} shards)</h3>")
