@@ -216,25 +216,34 @@ def _hash_filter(total: int, wanted: int, key_sql: str) -> str:
     return f"(hash({key_sql}) % 1000000) < {fraction_ppm}"
 
 
+@dataclass(frozen=True)
+class _Sampled:
+    data: dict[str, np.ndarray]
+    total: int  # rows before sampling
+
+
+def _hashed_sample(connection, table: str, condition: str, columns: str, wanted: int) -> _Sampled:
+    """``columns`` of ``table`` rows meeting ``condition``, hash-sampled down to about ``wanted``."""
+    total = connection.execute(f"SELECT count(*) FROM {table} WHERE {condition}").fetchone()[0]
+    where = _hash_filter(total, wanted, "shard || chr(0) || key")
+    data = connection.execute(f"SELECT {columns} FROM {table} WHERE {condition} AND {where}").fetchnumpy()
+    return _Sampled(data, total)
+
+
 def _sample_rows(connection, wanted: int) -> dict[str, Any]:
     """Per-epoch score rows (ok only) for the histograms, hash-sampled when there are many."""
-    total = connection.execute("SELECT count(*) FROM scores WHERE status = 'ok' AND mimic_score IS NOT NULL").fetchone()[0]
-    where = _hash_filter(total, wanted, "shard || chr(0) || key")
-    data = connection.execute(
-        f"SELECT epoch, mimic_score, mimic_weight FROM scores WHERE status = 'ok' AND mimic_score IS NOT NULL AND {where}"
-    ).fetchnumpy()
+    sampled = _hashed_sample(connection, "scores", "status = 'ok' AND mimic_score IS NOT NULL",
+                             "epoch, mimic_score, mimic_weight", wanted)
+    data = sampled.data
     return {"epoch": np.asarray(data["epoch"]), "mimic_score": np.asarray(data["mimic_score"], dtype=float),
             "mimic_weight": np.asarray(data["mimic_weight"], dtype=float), "rows_used": len(data["epoch"]),
-            "rows_total": total}
+            "rows_total": sampled.total}
 
 
 def _sample_samples(connection, wanted: int) -> dict[str, Any]:
     """Per-sample means (ok only) with the keep decision, for the score-vs-CLIP plot."""
-    total = connection.execute("SELECT count(*) FROM samples WHERE status = 'ok'").fetchone()[0]
-    where = _hash_filter(total, wanted, "shard || chr(0) || key")
-    data = connection.execute(
-        f"SELECT mimic_score, clip_score, kept FROM samples WHERE status = 'ok' AND {where}"
-    ).fetchnumpy()
+    sampled = _hashed_sample(connection, "samples", "status = 'ok'", "mimic_score, clip_score, kept", wanted)
+    data, total = sampled.data, sampled.total
     clip = data["clip_score"]
     clip = None if clip is None or len(clip) == 0 or np.all(_is_null(clip)) else np.asarray(clip, dtype=float)
     return {"mimic_score": np.asarray(data["mimic_score"], dtype=float), "clip_score": clip,
