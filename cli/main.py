@@ -3,6 +3,8 @@
 import click
 
 from mimicfilter import __version__
+from mimicfilter_cli.embed import embed
+from mimicfilter_cli.extrapolate import extrapolate
 from mimicfilter_cli.filter import filter_command
 from mimicfilter_cli.report import report
 from mimicfilter_cli.score import score
@@ -24,3 +26,5 @@ def cli():
 cli.add_command(score)
 cli.add_command(filter_command)
 cli.add_command(report)
+cli.add_command(embed)
+cli.add_command(extrapolate)

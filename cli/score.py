@@ -99,13 +99,15 @@ def _print_summary(stats: dict) -> None:
               help="Score only this rank's share of the shards (every WORLD-SIZE-th, from RANK); with --world-size.")
 @click.option("--world-size", type=int, default=None,
               help="Number of ranks sharing the run directory (Slurm arrays, multi-node jobs without Ray).")
+@click.option("--save-embeddings", is_flag=True,
+              help="Also store each sample's proxy image embedding (float16) for `mimicfilter extrapolate`.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar and no summary table.")
 @click.option("--json", "as_json", is_flag=True, help="Print the run's stats as JSON on stdout.")
 @one_line_errors
 def score(shards, model, reference, proxy, mimic_layers, task, classnames, reference_head, out_dir, train, epochs, lr,
           weight_decay, shuffle_buffer, checkpoint_every, batch_size, workers, device, seed, temperature, image_key,
           text_key, trust_checkpoint, allow_pipe, overwrite, ray_address, cpus_per_task, gpus_per_task, max_retries,
-          ray_actors, rank, world_size, quiet, as_json):
+          ray_actors, rank, world_size, save_embeddings, quiet, as_json):
     """Score every sample of SHARDS with the mimic score and write a run directory.
 
     SHARDS are tar files, directories, brace patterns ('pool/{000..099}.tar'), fsspec URLs
@@ -175,6 +177,7 @@ def score(shards, model, reference, proxy, mimic_layers, task, classnames, refer
         argv=tuple(sys.argv),
         partition=partition,
         ray=ray,
+        save_embeddings=save_embeddings,
     )
     stats = run_score(config, progress=ProgressBar(enabled=not quiet))
     if as_json:

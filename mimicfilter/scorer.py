@@ -51,6 +51,7 @@ class BatchScores:
     loss: torch.Tensor
     ref_loss: torch.Tensor
     clip_score: torch.Tensor | None = None
+    embedding: torch.Tensor | None = None  # [B, D] float16, with --save-embeddings (mimicfilter.embed)
 
 
 @dataclass
@@ -168,6 +169,9 @@ class MimicScorer:
         self._mimic_parameters = parameters_of(models.proxy, models.mimic_layers)
         self._reference_parameters = parameters_of(models.reference, models.mimic_layers)
         self.trunk_trains = False  # set by enable_training("full"): the trunk then drifts from the reference
+        # The proxy image trunk's output of the last prepared batch when the head route computed it
+        # with a frozen trunk (below the image head for CLIP); mimicfilter.embed reuses it.
+        self.last_image_features: torch.Tensor | None = None
 
     @property
     def route(self) -> str:
@@ -312,6 +316,7 @@ class ContrastiveScorer(MimicScorer):
         heads = self.heads
         dtype = self._dtype()
         proxy_image, proxy_text = (t.to(dtype) for t in self._trunk(heads, images, texts))
+        self.last_image_features = None if self.trunk_trains else proxy_image.detach()
         if self.shared_trunk and not self.trunk_trains:
             reference_params = self._reference_parameters
             with torch.no_grad():
@@ -371,6 +376,7 @@ class ClassifierScorer(MimicScorer):
             grad = torch.enable_grad() if self.trunk_trains else torch.no_grad()
             with grad, self._autocast():
                 features = proxy.features(images).to(dtype)
+            self.last_image_features = None if self.trunk_trains else features.detach()
             if reference_logits is None:
                 with torch.no_grad():
                     reference_logits = reference.logit_scale * reference.head(features)

@@ -62,6 +62,7 @@ class ScoreConfig:
     argv: tuple[str, ...] = ()
     partition: Partition = field(default_factory=Partition)
     ray: RayConfig | None = None  # None: the local executor
+    save_embeddings: bool = False  # also store the initial proxy's image embedding (mimicfilter.embed)
 
     def __post_init__(self):
         if not self.shards:
@@ -166,6 +167,8 @@ def batch_rows(batch: dict[str, Any], scores: BatchScores | None, epoch: int = 0
             for column in ("mimic_score", "mimic_weight", "loss", "clip_score", "ref_loss"):
                 values = getattr(scores, column)
                 row[column] = None if values is None else float(values[ok_position])
+            if scores.embedding is not None:
+                row["embedding"] = scores.embedding[ok_position].numpy()
             ok_position += 1
         rows.append(row)
     return rows
@@ -196,7 +199,7 @@ def score_shard(shard: str, scorer: MimicScorer, config: ScoreConfig) -> int:
         shard, decode_config_for(config, models), models.preprocess, models.tokenizer, config.batch_size, config.allow_pipe
     ):
         rows.extend(score_batch(scorer, batch))
-    write_part(rows_to_table(rows), path)
+    write_part(rows_to_table(rows, embedding_dim=getattr(scorer, "embedding_dim", None)), path)
     return len(rows)
 
 
@@ -225,6 +228,8 @@ def _fingerprint(config: ScoreConfig, models: LoadedModels) -> dict[str, Any]:
         "train": asdict(config.train),
         "device_type": _device_type(config, models),
         "decode": asdict(config.decode),
+        # only when on, so runs made before the flag existed keep their fingerprint
+        **({"save_embeddings": True} if config.save_embeddings else {}),
     }
 
 
@@ -240,7 +245,12 @@ def build_scorer(config: ScoreConfig) -> MimicScorer:
     torch.manual_seed(config.model.seed)
     models = load_models(dataclasses.replace(config.model, device=str(device)))
     autocast = torch.bfloat16 if device.type == "cuda" else None
-    return make_scorer(models, config.effective_temperature, autocast_dtype=autocast)
+    scorer = make_scorer(models, config.effective_temperature, autocast_dtype=autocast)
+    if config.save_embeddings:
+        from mimicfilter.embed import with_embeddings
+
+        scorer = with_embeddings(scorer, config.train.mode, autocast)
+    return scorer
 
 
 def _table_stats(run_dir: Path) -> dict[str, Any]:
@@ -288,6 +298,7 @@ def run_score(config: ScoreConfig, progress: Progress | None = None) -> dict[str
         "device": str(models.device) if config.ray is None else f"ray ({_device_type(config, models)})",
         "shards": list(config.shards),
         "started_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        **({"embedding": scorer.embedding_space} if config.save_embeddings else {}),
     }
     run_dir = config.out_dir
     prepare_run_dir(run_dir, _fingerprint(config, models), provenance, config.overwrite,
@@ -403,7 +414,8 @@ def _score_local(config: ScoreConfig, scorer: MimicScorer, pending: list[str], p
             progress.advance(len(rows))
         if batch["last"]:
             shard_rows = rows_by_shard.pop(shard)
-            write_part(rows_to_table(shard_rows), part_path(run_dir, shard))
+            write_part(rows_to_table(shard_rows, embedding_dim=getattr(scorer, "embedding_dim", None)),
+                       part_path(run_dir, shard))
             if progress:
                 progress.shard_done(len(shard_rows))
     return scored_samples

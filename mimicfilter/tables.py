@@ -35,12 +35,51 @@ SCORE_SCHEMA = pa.schema(
 )
 SCORE_COLUMNS = tuple(SCORE_SCHEMA.names)
 
+# Optional columns, appended after SCORE_SCHEMA's only when a run asks for them: the default schema
+# (and every reader of it) is unchanged. ``read_part``/``read_scores`` drop them unless named.
+EMBEDDING_COLUMN = "embedding"  # score --save-embeddings, and every `embed` part
+EXTRAPOLATED_COLUMN = "extrapolated"  # `extrapolate` output: true where the scores are kNN predictions
 
-def rows_to_table(rows: Iterable[dict[str, Any]]) -> pa.Table:
-    """Rows (dicts with the schema's columns; missing columns are null) as a table in index order."""
+
+def embedding_field(dim: int) -> pa.Field:
+    """The proxy's L2-normalised image embedding: a fixed-size list of ``dim`` float16 (null unless ok)."""
+    return pa.field(EMBEDDING_COLUMN, pa.list_(pa.float16(), dim))
+
+
+def score_schema(embedding_dim: int | None = None, extrapolated: bool = False) -> pa.Schema:
+    """SCORE_SCHEMA, plus ``embedding`` (with ``embedding_dim``) and/or ``extrapolated`` when asked."""
+    schema = SCORE_SCHEMA
+    if embedding_dim is not None:
+        schema = schema.append(embedding_field(embedding_dim))
+    if extrapolated:
+        schema = schema.append(pa.field(EXTRAPOLATED_COLUMN, pa.bool_(), nullable=False))
+    return schema
+
+
+def embedding_array(values: list[Any], dim: int) -> pa.FixedSizeListArray:
+    """Per-row embeddings (array-likes of length ``dim``, or None) as a float16 fixed-size list array."""
+    import numpy as np
+
+    mask = np.array([value is None for value in values], dtype=bool)
+    flat = np.zeros((len(values), dim), dtype=np.float16)
+    for row, value in enumerate(values):
+        if value is not None:
+            flat[row] = np.asarray(value, dtype=np.float16)
+    return pa.FixedSizeListArray.from_arrays(pa.array(flat.reshape(-1)), dim, mask=pa.array(mask))
+
+
+def rows_to_table(rows: Iterable[dict[str, Any]], embedding_dim: int | None = None) -> pa.Table:
+    """Rows (dicts with the schema's columns; missing columns are null) as a table in index order.
+
+    With ``embedding_dim``, the table has the ``embedding`` column too (from each row's ``embedding``).
+    """
     ordered = sorted(rows, key=lambda row: (row["epoch"], row["index"]))
     columns = {name: [row.get(name) for row in ordered] for name in SCORE_COLUMNS}
-    return pa.table(columns, schema=SCORE_SCHEMA)
+    table = pa.table(columns, schema=SCORE_SCHEMA)
+    if embedding_dim is not None:
+        embeddings = embedding_array([row.get(EMBEDDING_COLUMN) for row in ordered], embedding_dim)
+        table = table.append_column(embedding_field(embedding_dim), embeddings)
+    return table
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:
@@ -94,16 +133,33 @@ def part_paths(run_dir: Path) -> list[Path]:
 
 
 def read_part(path: Path, columns: list[str] | None = None) -> pa.Table:
-    """One part (local or remote) with the score schema."""
+    """One part (local or remote) with the score schema.
+
+    Optional columns (``embedding``, ``extrapolated``) are dropped unless ``columns`` names them;
+    naming one the part lacks is an error.
+    """
     source = arrow_source(path)
-    return pq.read_table(source["source"], filesystem=source.get("filesystem"), schema=SCORE_SCHEMA, columns=columns)
+    extra = [name for name in columns or () if name not in SCORE_COLUMNS]
+    if not extra:
+        return pq.read_table(source["source"], filesystem=source.get("filesystem"), schema=SCORE_SCHEMA, columns=columns)
+    file_schema = pq.read_schema(source["source"], filesystem=source.get("filesystem"))
+    missing = [name for name in extra if name not in file_schema.names]
+    if missing:
+        from mimicfilter.errors import MimicfilterError
+
+        raise MimicfilterError(f"{path} has no column {', '.join(missing)}",
+                               hint="embeddings are stored by `score --save-embeddings` and `embed`")
+    schema = pa.schema([SCORE_SCHEMA.field(name) if name in SCORE_COLUMNS else file_schema.field(name)
+                        for name in SCORE_COLUMNS + tuple(extra)])
+    return pq.read_table(source["source"], filesystem=source.get("filesystem"), schema=schema, columns=columns)
 
 
 def read_scores(run_dir: Path, columns: list[str] | None = None) -> pa.Table:
     """All finished parts of a run as one table, sorted by (shard, epoch, index)."""
     parts = part_paths(run_path(run_dir))
     if not parts:
-        return SCORE_SCHEMA.empty_table() if columns is None else SCORE_SCHEMA.empty_table().select(columns)
+        empty = SCORE_SCHEMA.empty_table()
+        return empty if columns is None else empty.select([name for name in columns if name in SCORE_COLUMNS])
     table = pa.concat_tables(read_part(part, columns) for part in parts)
     sort_keys = [(name, "ascending") for name in ("shard", "epoch", "index") if name in table.column_names]
     return table.sort_by(sort_keys) if sort_keys else table

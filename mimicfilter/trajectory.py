@@ -196,12 +196,12 @@ def run_trajectory(
             if progress:
                 progress.advance(len(batch_rows))
             if train.checkpoint_every and step % train.checkpoint_every == 0 and not batch["last"]:
-                _write_chunk(run_dir, epoch, chunk, rows)
+                _write_chunk(run_dir, epoch, chunk, rows, getattr(scorer, "embedding_dim", None))
                 chunk += 1
                 rows = []
                 save_checkpoint(run_dir, scorer, optimizer, train.mode,
                                 StreamPosition(epoch=epoch, consumed=consumed, step=step, chunk=chunk))
-        _write_chunk(run_dir, epoch, chunk, rows)
+        _write_chunk(run_dir, epoch, chunk, rows, getattr(scorer, "embedding_dim", None))
         position = StreamPosition(epoch=epoch + 1, consumed=0, step=step, chunk=0)
         save_checkpoint(run_dir, scorer, optimizer, train.mode, position)
         _save(run_dir / CHECKPOINTS_DIR / f"epoch-{epoch:04d}.pt", {"proxy": _trained_state(scorer, train.mode)})
@@ -210,5 +210,5 @@ def run_trajectory(
     return scored_now
 
 
-def _write_chunk(run_dir: Path, epoch: int, chunk: int, rows: list[dict]) -> None:
-    write_part(rows_to_table(rows), run_dir / SCORES_DIR / f"epoch-{epoch:04d}-chunk-{chunk:05d}.parquet")
+def _write_chunk(run_dir: Path, epoch: int, chunk: int, rows: list[dict], embedding_dim: int | None = None) -> None:
+    write_part(rows_to_table(rows, embedding_dim=embedding_dim), run_dir / SCORES_DIR / f"epoch-{epoch:04d}-chunk-{chunk:05d}.parquet")
