@@ -17,6 +17,9 @@ def _parse_k(value: str) -> tuple[int, ...]:
         raise click.BadParameter(f"{value!r}: comma-separated integers, e.g. 1,2,5,10") from error
 
 
+WEAK_RHO = 0.5  # below this the extrapolated ranking is closer to noise than to the scores
+
+
 @click.command(name="extrapolate")
 @click.option("--scored", "scored", required=True, help="A finished `score` run (its per-sample mean scores are the truth).")
 @click.option("--embeddings", "embeddings", multiple=True,
@@ -84,5 +87,12 @@ def extrapolate(scored, embeddings, out_dir, k, weighted, same_label, holdout, b
             f"k = {stats['k']} (held-out Spearman rho {stats['heldout_spearman']:.3f} on {stats['heldout_size']} "
             f"scored samples); {stats['extrapolated_samples']} samples extrapolated from "
             f"{stats['reference_samples']} scored; {stats['rows']} rows → {stats['run_dir']}",
+            err=True,
+        )
+    rho = stats["heldout_spearman"]
+    if not quiet and (rho != rho or rho < WEAK_RHO):  # NaN or weak: the neighbours do not predict the scores
+        click.echo(
+            f"Warning: held-out rho {rho:.2f} is weak: these embeddings do not predict the scores well; "
+            "filter on the extrapolated rows with care (labelled pools: try --same-label; or score a larger subset)",
             err=True,
         )
