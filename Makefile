@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
 DEMO_RUN ?= demo-run
 
-.PHONY: install test test-fast demo bench clean
+.PHONY: install test test-fast demo bench bench-quality clean
 
 install: $(VENV)/.installed
 
@@ -32,6 +32,9 @@ demo: install
 
 bench: install
 	$(PY) benchmarks/bench_score.py
+
+bench-quality: install
+	$(PY) benchmarks/quality_imagetext.py
 
 clean:
 	rm -rf $(VENV) $(DEMO_RUN) .pytest_cache *.egg-info
