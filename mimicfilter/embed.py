@@ -36,7 +36,6 @@ import pyarrow.parquet as pq
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.data import DataLoader
 
 from mimicfilter import __version__
 from mimicfilter.decode import DecodeConfig
@@ -249,15 +248,10 @@ def read_embed_part(path: Path) -> pa.Table:
     return pq.read_table(path)
 
 
-def _decode_for(decode: DecodeConfig, models: LoadedModels) -> DecodeConfig:
-    if models.task != "classify":
-        return decode
-    return dataclasses.replace(decode, num_classes=models.reference.head.out_features)
-
-
 def run_embed(config: EmbedConfig, progress=None) -> dict[str, Any]:
     """Embed every shard into ``config.out_dir`` (resuming an earlier identical run); returns the stats."""
-    from mimicfilter.scoring import _ShardBatches, part_path  # the score pipeline's read/decode/batch stages
+    # the score pipeline's read/decode/batch stages and its local executor loop
+    from mimicfilter.scoring import LocalBatches, decode_config_for, local_shard_rows, part_path
 
     started = time.time()
     device = resolve_device(config.model.device)
@@ -265,7 +259,7 @@ def run_embed(config: EmbedConfig, progress=None) -> dict[str, Any]:
     models = load_models(dataclasses.replace(config.model, device=str(device)))
     embedder = ImageEmbedder(models, frozen_copy=False,
                              autocast_dtype=torch.bfloat16 if device.type == "cuda" else None)
-    decode = _decode_for(config.decode, models)
+    decode = decode_config_for(config.decode, models)
     fingerprint = {
         "format": 1,
         "kind": "embed",
@@ -294,24 +288,15 @@ def run_embed(config: EmbedConfig, progress=None) -> dict[str, Any]:
     loop_started = time.time()
     embedded = 0
     try:
-        if pending:
-            dataset = _ShardBatches(pending, decode, models.preprocess, models.tokenizer, config.batch_size,
-                                    config.allow_pipe)
-            loader = DataLoader(dataset, batch_size=None, num_workers=min(config.workers, len(pending)),
-                                pin_memory=device.type == "cuda")
-            rows_by_shard: dict[str, list[dict[str, Any]]] = {}
-            for batch in loader:
-                embeddings = embedder(batch["images"]) if batch["images"] is not None else None
-                rows = embed_rows(batch, embeddings)
-                rows_by_shard.setdefault(batch["shard"], []).extend(rows)
-                embedded += len(rows)
-                if progress:
-                    progress.advance(len(rows))
-                if batch["last"]:
-                    shard_rows = rows_by_shard.pop(batch["shard"])
-                    write_part(embed_table(shard_rows, embedder.dim), part_path(run_dir, batch["shard"]))
-                    if progress:
-                        progress.shard_done(len(shard_rows))
+        source = LocalBatches(pending, decode, models.preprocess, models.tokenizer, config.batch_size, config.workers,
+                              config.allow_pipe, pin_memory=device.type == "cuda")
+
+        def rows_of_batch(batch):
+            return embed_rows(batch, embedder(batch["images"]) if batch["images"] is not None else None)
+
+        for finished in local_shard_rows(source, rows_of_batch, progress):
+            write_part(embed_table(finished.rows, embedder.dim), part_path(run_dir, finished.shard))
+            embedded += len(finished.rows)
     finally:
         if progress:
             progress.close()

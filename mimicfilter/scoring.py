@@ -196,18 +196,18 @@ def score_shard(shard: str, scorer: MimicScorer, config: ScoreConfig) -> int:
     models = scorer.models
     rows = []
     for batch in shard_batches(
-        shard, decode_config_for(config, models), models.preprocess, models.tokenizer, config.batch_size, config.allow_pipe
+        shard, decode_config_for(config.decode, models), models.preprocess, models.tokenizer, config.batch_size, config.allow_pipe
     ):
         rows.extend(score_batch(scorer, batch))
     write_part(rows_to_table(rows, embedding_dim=getattr(scorer, "embedding_dim", None)), path)
     return len(rows)
 
 
-def decode_config_for(config: ScoreConfig, models: LoadedModels) -> DecodeConfig:
+def decode_config_for(decode: DecodeConfig, models: LoadedModels) -> DecodeConfig:
     """The decode config with what only the models know: the number of classes of the head."""
     if models.task != "classify":
-        return config.decode
-    return dataclasses.replace(config.decode, num_classes=models.reference.head.out_features)
+        return decode
+    return dataclasses.replace(decode, num_classes=models.reference.head.out_features)
 
 
 def _fingerprint(config: ScoreConfig, models: LoadedModels) -> dict[str, Any]:
@@ -314,7 +314,7 @@ def run_score(config: ScoreConfig, progress: Progress | None = None) -> dict[str
                 config.train,
                 shards=config.shards,
                 run_dir=run_dir,
-                decode_config=decode_config_for(config, models),
+                decode_config=decode_config_for(config.decode, models),
                 tokenize=make_tokenize(config.decode, models.tokenizer),
                 batch_size=config.batch_size,
                 seed=config.model.seed,
@@ -386,36 +386,64 @@ def _score_static(config: ScoreConfig, scorer: MimicScorer, progress: Progress |
     return _StaticCounts(scored, len(mine) - len(pending), len(mine), "local")
 
 
-def _score_local(config: ScoreConfig, scorer: MimicScorer, pending: list[str], progress: Progress | None) -> int:
-    """The local executor: DataLoader workers read and decode whole shards, this process scores.
+@dataclass(frozen=True)
+class LocalBatches:
+    """What the local executor needs to read pending shards in DataLoader workers."""
 
-    Memory is flat in the number of shards: the loader holds a bounded prefetch queue, and rows are
-    kept only for the shards being read now (at most one per worker) until their part is written.
+    shards: list[str]
+    decode: DecodeConfig
+    preprocess: Callable
+    tokenizer: Callable
+    batch_size: int
+    workers: int
+    allow_pipe: bool
+    pin_memory: bool
+
+
+@dataclass(frozen=True)
+class ShardRows:
+    shard: str
+    rows: list[dict[str, Any]]
+
+
+def local_shard_rows(
+    source: LocalBatches, rows_of_batch: Callable[[dict[str, Any]], list[dict[str, Any]]], progress: Progress | None
+) -> Iterator[ShardRows]:
+    """The local executor's loop, shared by ``score`` and ``embed``: every finished shard's rows.
+
+    DataLoader workers read and decode whole shards; this process turns batches into rows. Memory
+    is flat in the number of shards: the loader holds a bounded prefetch queue, and rows are kept
+    only for the shards being read now (at most one per worker) until the caller writes them.
     """
-    run_dir, models = config.out_dir, scorer.models
     dataset = _ShardBatches(
-        pending, decode_config_for(config, models), models.preprocess, models.tokenizer, config.batch_size,
-        config.allow_pipe,
+        source.shards, source.decode, source.preprocess, source.tokenizer, source.batch_size, source.allow_pipe
     )
     loader = DataLoader(
-        dataset,
-        batch_size=None,
-        num_workers=min(config.workers, len(pending)),
-        pin_memory=models.device.type == "cuda",
+        dataset, batch_size=None, num_workers=min(source.workers, len(source.shards)), pin_memory=source.pin_memory
     )
     rows_by_shard: dict[str, list[dict[str, Any]]] = {}
-    scored_samples = 0
     for batch in loader:
-        rows = score_batch(scorer, batch)
-        shard = batch["shard"]
-        rows_by_shard.setdefault(shard, []).extend(rows)
-        scored_samples += len(rows)
+        rows = rows_of_batch(batch)
+        rows_by_shard.setdefault(batch["shard"], []).extend(rows)
         if progress:
             progress.advance(len(rows))
         if batch["last"]:
-            shard_rows = rows_by_shard.pop(shard)
-            write_part(rows_to_table(shard_rows, embedding_dim=getattr(scorer, "embedding_dim", None)),
-                       part_path(run_dir, shard))
+            finished = ShardRows(batch["shard"], rows_by_shard.pop(batch["shard"]))
+            yield finished
             if progress:
-                progress.shard_done(len(shard_rows))
+                progress.shard_done(len(finished.rows))
+
+
+def _score_local(config: ScoreConfig, scorer: MimicScorer, pending: list[str], progress: Progress | None) -> int:
+    """The local executor: one part per finished shard; returns the rows scored."""
+    models = scorer.models
+    source = LocalBatches(
+        pending, decode_config_for(config.decode, models), models.preprocess, models.tokenizer, config.batch_size,
+        config.workers, config.allow_pipe, pin_memory=models.device.type == "cuda",
+    )
+    embedding_dim = getattr(scorer, "embedding_dim", None)
+    scored_samples = 0
+    for finished in local_shard_rows(source, functools.partial(score_batch, scorer), progress):
+        write_part(rows_to_table(finished.rows, embedding_dim=embedding_dim), part_path(config.out_dir, finished.shard))
+        scored_samples += len(finished.rows)
     return scored_samples
