@@ -159,6 +159,8 @@ class MimicScorer:
     Build once per run with :func:`make_scorer`; the task-specific part is :meth:`_prepare`.
     """
 
+    embedding_dim: int | None = None  # set by mimicfilter.embed's wrapper when batches carry embeddings
+
     def __init__(self, models: LoadedModels, temperature: float, autocast_dtype: torch.dtype | None = None):
         self.models = models
         self.temperature = temperature

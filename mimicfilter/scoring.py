@@ -199,7 +199,7 @@ def score_shard(shard: str, scorer: MimicScorer, config: ScoreConfig) -> int:
         shard, decode_config_for(config.decode, models), models.preprocess, models.tokenizer, config.batch_size, config.allow_pipe
     ):
         rows.extend(score_batch(scorer, batch))
-    write_part(rows_to_table(rows, embedding_dim=getattr(scorer, "embedding_dim", None)), path)
+    write_part(rows_to_table(rows, embedding_dim=scorer.embedding_dim), path)
     return len(rows)
 
 
@@ -441,7 +441,7 @@ def _score_local(config: ScoreConfig, scorer: MimicScorer, pending: list[str], p
         pending, decode_config_for(config.decode, models), models.preprocess, models.tokenizer, config.batch_size,
         config.workers, config.allow_pipe, pin_memory=models.device.type == "cuda",
     )
-    embedding_dim = getattr(scorer, "embedding_dim", None)
+    embedding_dim = scorer.embedding_dim
     scored_samples = 0
     for finished in local_shard_rows(source, functools.partial(score_batch, scorer), progress):
         write_part(rows_to_table(finished.rows, embedding_dim=embedding_dim), part_path(config.out_dir, finished.shard))

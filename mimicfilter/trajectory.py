@@ -196,12 +196,12 @@ def run_trajectory(
             if progress:
                 progress.advance(len(batch_rows))
             if train.checkpoint_every and step % train.checkpoint_every == 0 and not batch["last"]:
-                _write_chunk(run_dir, epoch, chunk, rows, getattr(scorer, "embedding_dim", None))
+                _write_chunk(run_dir, epoch, chunk, rows, scorer.embedding_dim)
                 chunk += 1
                 rows = []
                 save_checkpoint(run_dir, scorer, optimizer, train.mode,
                                 StreamPosition(epoch=epoch, consumed=consumed, step=step, chunk=chunk))
-        _write_chunk(run_dir, epoch, chunk, rows, getattr(scorer, "embedding_dim", None))
+        _write_chunk(run_dir, epoch, chunk, rows, scorer.embedding_dim)
         position = StreamPosition(epoch=epoch + 1, consumed=0, step=step, chunk=0)
         save_checkpoint(run_dir, scorer, optimizer, train.mode, position)
         _save(run_dir / CHECKPOINTS_DIR / f"epoch-{epoch:04d}.pt", {"proxy": _trained_state(scorer, train.mode)})
