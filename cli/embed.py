@@ -8,7 +8,7 @@ import sys
 
 import click
 
-from mimicfilter_cli.common import ProgressBar, one_line_errors
+from mimicfilter_cli.common import THREADS_HELP, ProgressBar, one_line_errors, set_threads
 
 DEFAULT_WORKERS = max(0, min(8, (os.cpu_count() or 2) // 2))
 
@@ -27,6 +27,7 @@ DEFAULT_WORKERS = max(0, min(8, (os.cpu_count() or 2) // 2))
 @click.option("--out", "out_dir", required=True, help="Run directory to write (re-run to resume).")
 @click.option("--batch-size", type=int, default=256, show_default=True, help="Images per forward pass.")
 @click.option("--workers", type=int, default=DEFAULT_WORKERS, show_default=True, help="DataLoader worker processes reading and decoding shards.")
+@click.option("--threads", type=int, default=None, help=THREADS_HELP)
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
 @click.option("--image-key", default="jpg,jpeg,png,webp", show_default=True, help="Image file extensions, first present wins.")
 @click.option("--text-key", default="txt", show_default=True, help="Caption extension, or json:FIELD (samples without one get a status row, as in `score`).")
@@ -37,7 +38,7 @@ DEFAULT_WORKERS = max(0, min(8, (os.cpu_count() or 2) // 2))
 @click.option("--json", "as_json", is_flag=True, help="Print the run's stats as JSON on stdout.")
 @one_line_errors
 def embed(shards, model, reference, proxy, mimic_layers, seed, task, classnames, reference_head, out_dir, batch_size,
-          workers, device, image_key, text_key, trust_checkpoint, allow_pipe, overwrite, quiet, as_json):
+          workers, threads, device, image_key, text_key, trust_checkpoint, allow_pipe, overwrite, quiet, as_json):
     """Embed every sample of SHARDS with the proxy's image tower (forward only) for `extrapolate`.
 
     Pass the same model options as to the `score` run you will extrapolate from: the embeddings are
@@ -64,6 +65,7 @@ def embed(shards, model, reference, proxy, mimic_layers, seed, task, classnames,
     if task == "auto":
         task = "classify" if classnames or reference_head else detect_task(
             shard_list, DecodeConfig(image_keys=image_keys, text_key=text_key), allow_pipe)
+    set_threads(threads)
     config = EmbedConfig(
         shards=shard_list,
         out_dir=run_path(out_dir),

@@ -11,7 +11,7 @@ from rich.console import Console
 from rich.table import Table
 
 from mimicfilter.choices import DEFAULT_LR, MIMIC_LAYER_PRESETS, TRAIN_MODES
-from mimicfilter_cli.common import ProgressBar, one_line_errors
+from mimicfilter_cli.common import THREADS_HELP, ProgressBar, one_line_errors, set_threads
 
 DEFAULT_WORKERS = max(0, min(8, (os.cpu_count() or 2) // 2))
 
@@ -77,6 +77,7 @@ def _print_summary(stats: dict) -> None:
 @click.option("--batch-size", type=int, default=256, show_default=True, help="Samples per batch (per shard; see docs/method.md).")
 @click.option("--workers", type=int, default=DEFAULT_WORKERS, show_default=True, help="DataLoader worker processes reading and decoding shards.")
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
+@click.option("--threads", type=int, default=None, help=THREADS_HELP)
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the proxy's re-initialised layers.")
 @click.option("--temperature", type=float, default=None,
               help="Softmax temperature of the batch weights [default: 0.05 contrastive, 1.0 classification].")
@@ -105,7 +106,7 @@ def _print_summary(stats: dict) -> None:
 @click.option("--json", "as_json", is_flag=True, help="Print the run's stats as JSON on stdout.")
 @one_line_errors
 def score(shards, model, reference, proxy, mimic_layers, task, classnames, reference_head, out_dir, train, epochs, lr,
-          weight_decay, shuffle_buffer, checkpoint_every, batch_size, workers, device, seed, temperature, image_key,
+          weight_decay, shuffle_buffer, checkpoint_every, batch_size, workers, device, threads, seed, temperature, image_key,
           text_key, trust_checkpoint, allow_pipe, overwrite, ray_address, cpus_per_task, gpus_per_task, max_retries,
           ray_actors, rank, world_size, save_embeddings, quiet, as_json):
     """Score every sample of SHARDS with the mimic score and write a run directory.
@@ -139,6 +140,7 @@ def score(shards, model, reference, proxy, mimic_layers, task, classnames, refer
         raise MimicfilterError("--rank and --world-size go together", hint="e.g. --rank 3 --world-size 16")
     partition = Partition(0, 1) if rank is None else Partition(rank, world_size)  # checked before listing shards
     ray = None if ray_address is None else RayConfig(ray_address, cpus_per_task, gpus_per_task, max_retries, ray_actors)
+    set_threads(threads)
     shard_list = tuple(expand_shards(shards, allow_pipe=allow_pipe, stdin=sys.stdin))
     text_key = text_key.strip()
     image_keys = tuple(key.strip().lower() for key in image_key.split(",") if key.strip())

@@ -7,6 +7,7 @@ import threading
 from pathlib import Path
 
 import pyarrow as pa
+import pyarrow.compute as pc
 import pytest
 from click.testing import CliRunner
 from helpers import image_bytes, image_text_samples, write_tar
@@ -245,3 +246,18 @@ def test_trajectories_need_a_local_run_directory(shards, tiny_config, reference_
     args[args.index("--train") + 1] = "head"
     result = CliRunner().invoke(cli, args)
     assert result.exit_code == 2 and "need a local or mounted directory" in result.output
+
+
+def test_threads_option_sets_torch_threads(shards, tiny_config, reference_checkpoint, tmp_path,
+                                                                local_run):
+    import torch
+
+    out = tmp_path / "threads"
+    assert invoke(score_args(shards, tiny_config, reference_checkpoint, out, "--threads", "2")).exit_code == 0
+    assert torch.get_num_threads() == 2  # (the autouse fixture restores the thread count afterwards)
+    scores, local = table(out), table(local_run)
+    assert scores.select(["shard", "key", "status"]).equals(local.select(["shard", "key", "status"]))
+    difference = pc.max(pc.abs(pc.subtract(scores["mimic_score"], local["mimic_score"]))).as_py()
+    assert difference <= 1e-5  # other thread counts: float32 rounding at most
+    result = CliRunner().invoke(cli, score_args(shards, tiny_config, reference_checkpoint, tmp_path / "x", "--threads", "0"))
+    assert result.exit_code == 2 and "--threads 0" in result.output
