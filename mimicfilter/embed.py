@@ -26,13 +26,11 @@ import os
 import re
 import sys
 import time
-from collections import Counter
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
 import pyarrow as pa
-import pyarrow.parquet as pq
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -43,7 +41,7 @@ from mimicfilter.errors import MimicfilterError
 from mimicfilter.models import LoadedModels, ModelSpec, load_models, resolve_device
 from mimicfilter.rundir import finish_run_dir, prepare_run_dir
 from mimicfilter.scorer import BatchScores, MimicScorer
-from mimicfilter.tables import EMBEDDING_COLUMN, STATUSES, embedding_array, embedding_field, part_paths, write_part
+from mimicfilter.tables import EMBEDDING_COLUMN, embedding_array, embedding_field, table_stats, write_part
 
 EMBED_COLUMNS = ("shard", "key", "uid", "index", "status", "error", "label", EMBEDDING_COLUMN)
 
@@ -244,10 +242,6 @@ def embed_table(rows: list[dict[str, Any]], dim: int) -> pa.Table:
                                embedding_array([row.get(EMBEDDING_COLUMN) for row in ordered], dim))
 
 
-def read_embed_part(path: Path) -> pa.Table:
-    return pq.read_table(path)
-
-
 def run_embed(config: EmbedConfig, progress=None) -> dict[str, Any]:
     """Embed every shard into ``config.out_dir`` (resuming an earlier identical run); returns the stats."""
     # the score pipeline's read/decode/batch stages and its local executor loop
@@ -301,16 +295,9 @@ def run_embed(config: EmbedConfig, progress=None) -> dict[str, Any]:
         if progress:
             progress.close()
     finished = time.time()
-    counts: Counter = Counter()
-    rows_total = 0
-    for part in part_paths(run_dir):
-        statuses = pq.read_table(part, columns=["status"]).column("status").to_pylist()
-        rows_total += len(statuses)
-        counts.update(statuses)
     stats = {
         "command": "embed",
-        "rows": rows_total,
-        "status_counts": {status: counts.get(status, 0) for status in STATUSES},
+        **table_stats(run_dir, score_column=None),
         "embedding_dim": embedder.dim,
         "shards": len(config.shards),
         "shards_resumed": len(config.shards) - len(pending),

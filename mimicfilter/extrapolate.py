@@ -27,7 +27,6 @@ import json
 import os
 import sys
 import time
-from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator
@@ -47,10 +46,10 @@ from mimicfilter.shards import part_name
 from mimicfilter.tables import (
     EMBEDDING_COLUMN,
     EXTRAPOLATED_COLUMN,
-    STATUSES,
     part_paths,
     read_part,
     score_schema,
+    table_stats,
     write_part,
 )
 
@@ -569,24 +568,12 @@ def run_extrapolate(config: ExtrapolateConfig, observer: Callable | None = None,
     knn_seconds = time.time() - knn_started
 
     # 5. stats
-    counts: Counter = Counter()
-    total = flagged = 0
-    score_sum = 0.0
-    n_scores = 0
-    for part in part_paths(run_dir):
-        table = read_part(part, columns=["status", "mimic_score", EXTRAPOLATED_COLUMN])
-        total += table.num_rows
-        counts.update(table.column("status").to_pylist())
-        flagged += pc.sum(table.column(EXTRAPOLATED_COLUMN).cast("int64")).as_py() or 0
-        scores = table.column("mimic_score").drop_null()
-        n_scores += len(scores)
-        if len(scores):
-            score_sum += pc.sum(scores.cast("float64")).as_py()
+    counted = table_stats(run_dir, flag_column=EXTRAPOLATED_COLUMN)
+    flagged = counted.pop(f"{EXTRAPOLATED_COLUMN}_rows")
     finished = time.time()
     stats = {
         "command": "extrapolate",
-        "rows": total,
-        "status_counts": {status: counts.get(status, 0) for status in STATUSES},
+        **counted,
         "scored_samples": int(has_score.sum()),
         "reference_samples": int(len(reference_positions)),
         "extrapolated_samples": flagged,
@@ -603,7 +590,6 @@ def run_extrapolate(config: ExtrapolateConfig, observer: Callable | None = None,
         "weighted": config.weighted,
         "same_label": config.same_label,
         "embedding_dim": dim,
-        "mimic_score_mean": score_sum / n_scores if n_scores else None,
         "parts_written_now": written,
         "knn_seconds": round(knn_seconds, 3),
         "wall_seconds": round(finished - started, 3),

@@ -20,12 +20,10 @@ import itertools
 import os
 import sys
 import time
-from collections import Counter
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator, Protocol
 
-import pyarrow.compute as pc
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
@@ -39,7 +37,7 @@ from mimicfilter.rundir import SCORES_DIR, finish_run_dir, prepare_run_dir, writ
 from mimicfilter.scorer import BatchScores, MimicScorer, make_scorer
 from mimicfilter.shards import iter_shard_samples, part_name
 from mimicfilter.storage import is_remote
-from mimicfilter.tables import STATUSES, part_paths, read_part, rows_to_table, write_part
+from mimicfilter.tables import rows_to_table, table_stats, write_part
 from mimicfilter.trajectory import TrainConfig, run_trajectory
 
 DEFAULT_TEMPERATURE = {"contrastive": 0.05, "classify": 1.0}
@@ -253,28 +251,6 @@ def build_scorer(config: ScoreConfig) -> MimicScorer:
     return scorer
 
 
-def _table_stats(run_dir: Path) -> dict[str, Any]:
-    """Counts and score summaries, one part at a time: memory does not grow with the run."""
-    counts: Counter = Counter()
-    rows = scored = positive = 0
-    score_sum = 0.0
-    for part in part_paths(run_dir):
-        table = read_part(part, columns=["status", "mimic_score"])
-        rows += table.num_rows
-        counts.update(table.column("status").to_pylist())
-        scores = table.column("mimic_score").drop_null()
-        scored += len(scores)
-        if len(scores):
-            score_sum += pc.sum(scores.cast("float64")).as_py()
-            positive += pc.sum(pc.greater(scores, 0).cast("int64")).as_py()
-    return {
-        "rows": rows,
-        "status_counts": {status: counts.get(status, 0) for status in STATUSES},
-        "mimic_score_mean": score_sum / scored if scored else None,
-        "mimic_score_positive_fraction": positive / scored if scored else None,
-    }
-
-
 def run_score(config: ScoreConfig, progress: Progress | None = None) -> dict[str, Any]:
     """Score every shard into ``config.out_dir`` (resuming an earlier identical run); returns the stats."""
     started = time.time()
@@ -330,7 +306,7 @@ def run_score(config: ScoreConfig, progress: Progress | None = None) -> dict[str
     finished = time.time()
     wall, scoring = finished - started, finished - loop_started
     stats = {
-        **_table_stats(run_dir),
+        **table_stats(run_dir),
         "shards": len(config.shards),
         "shards_resumed": shards_resumed,
         "samples_scored_now": scored_samples,

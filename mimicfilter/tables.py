@@ -163,3 +163,40 @@ def read_scores(run_dir: Path, columns: list[str] | None = None) -> pa.Table:
     table = pa.concat_tables(read_part(part, columns) for part in parts)
     sort_keys = [(name, "ascending") for name in ("shard", "epoch", "index") if name in table.column_names]
     return table.sort_by(sort_keys) if sort_keys else table
+
+
+def table_stats(run_dir: Path, score_column: str | None = "mimic_score", flag_column: str | None = None) -> dict[str, Any]:
+    """Row and status counts of a run's parts (score, embed or extrapolate parts), one part at a time.
+
+    With ``score_column``: the mean and the positive fraction of its non-null values; with
+    ``flag_column``: how many rows have it true (``{flag_column}_rows``). Memory does not grow
+    with the run.
+    """
+    import pyarrow.compute as pc
+    from collections import Counter
+
+    counts: Counter = Counter()
+    rows = scored = positive = flagged = 0
+    score_sum = 0.0
+    columns = ["status"] + [column for column in (score_column, flag_column) if column]
+    for part in part_paths(run_path(run_dir)):
+        source = arrow_source(part)
+        table = pq.read_table(source["source"], filesystem=source.get("filesystem"), columns=columns)
+        rows += table.num_rows
+        counts.update(table.column("status").to_pylist())
+        if score_column:
+            scores = table.column(score_column).drop_null()
+            scored += len(scores)
+            if len(scores):
+                score_sum += pc.sum(scores.cast("float64")).as_py()
+                positive += pc.sum(pc.greater(scores, 0).cast("int64")).as_py()
+        if flag_column:
+            flagged += pc.sum(table.column(flag_column).cast("int64")).as_py() or 0
+    stats: dict[str, Any] = {"rows": rows, "status_counts": {status: counts.get(status, 0) for status in STATUSES}}
+    if score_column:
+        stats[f"{score_column}_mean"] = score_sum / scored if scored else None
+        stats[f"{score_column}_positive_fraction"] = positive / scored if scored else None
+    if flag_column:
+        stats[f"{flag_column}_rows"] = flagged
+    return stats
+
