@@ -26,7 +26,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_memory import DEMO, MIMICFILTER, write_shards  # noqa: E402
 
-from mimicfilter.tables import read_scores  # noqa: E402
+from mimicfilter.store.parts import read_scores  # noqa: E402
 
 
 def model_args(model: str, scratch: Path) -> list[str]:

@@ -52,7 +52,7 @@ VARIANTS = {
 
 def per_sample_mean(run_dir: Path, where: dict, n: int) -> tuple[np.ndarray, np.ndarray]:
     """Mean mimic_score per pool position (NaN where absent) and the ``extrapolated`` flag."""
-    from mimicfilter.tables import read_scores
+    from mimicfilter.store.parts import read_scores
 
     columns = ["shard", "key", "status", "mimic_score"]
     table = read_scores(run_dir, columns + (["extrapolated"] if _has_flag(run_dir) else [])).to_pydict()

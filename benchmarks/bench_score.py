@@ -27,46 +27,35 @@ import torch
 import torch.nn.functional as F
 from torch.func import grad, vmap
 
-from mimicfilter.decode import DecodeConfig
-from mimicfilter.mimic import contrastive_per_sample_loss, mimic_direction, mimic_scores
-from mimicfilter.models import ModelSpec
-from mimicfilter.scoring import ScoreConfig, build_scorer, run_score, shard_batches
-from mimicfilter.shards import expand_shards
+from mimicfilter.execute.local import fan_out
+from mimicfilter.mimic.build import load_models_on_device
+from mimicfilter.mimic.jvp import mimic_direction, mimic_scores
+from mimicfilter.mimic.losses import contrastive_per_sample_loss
+from mimicfilter.mimic.models import ModelSpec
+from mimicfilter.pipeline.config import ScoreConfig
+from mimicfilter.pipeline.run import run_score
+from mimicfilter.pipeline.stages import Decoder, ShardBatches
+from mimicfilter.shards.decode import DecodeConfig
+from mimicfilter.shards.discover import expand_shards
 
 ROOT = Path(__file__).resolve().parent.parent
 
 
 def reference_only_pass(config: ScoreConfig) -> float:
     """Samples/s of the baseline: read, decode, one reference forward, cosine of each pair."""
-    scorer = build_scorer(config)  # same model loading; only the reference is used below
-    models = scorer.models
-    loader = torch.utils.data.DataLoader(
-        _Batches(config, models), batch_size=None, num_workers=min(config.workers, len(config.shards))
-    )
+    models = load_models_on_device(config.model)  # same model loading; only the reference is used below
+    reader = ShardBatches(Decoder.for_models(config.decode, models), config.batch_size)
     started = time.perf_counter()
     samples = 0
     with torch.no_grad():
-        for batch in loader:
-            samples += len(batch["rows"])
-            if batch["images"] is None:
+        for batch in fan_out(list(config.shards), reader, config.workers):
+            samples += len(batch.samples)
+            if batch.images is None:
                 continue
-            image = F.normalize(models.reference.encode_image(batch["images"].to(models.device)), dim=-1)
-            text = F.normalize(models.reference.encode_text(batch["texts"].to(models.device)), dim=-1)
+            image = F.normalize(models.reference.encode_image(batch.images.to(models.device)), dim=-1)
+            text = F.normalize(models.reference.encode_text(batch.texts.to(models.device)), dim=-1)
             (image * text).sum(-1).cpu()
     return samples / (time.perf_counter() - started)
-
-
-class _Batches(torch.utils.data.IterableDataset):
-    def __init__(self, config, models):
-        self.config, self.preprocess, self.tokenizer = config, models.preprocess, models.tokenizer
-
-    def __iter__(self):
-        info = torch.utils.data.get_worker_info()
-        shards = self.config.shards if info is None else self.config.shards[info.id :: info.num_workers]
-        for shard in shards:
-            yield from shard_batches(
-                shard, self.config.decode, self.preprocess, self.tokenizer, self.config.batch_size, False
-            )
 
 
 def score_pass(config: ScoreConfig) -> float:

@@ -42,9 +42,11 @@ import torch
 import torch.nn.functional as F
 from torch.func import functional_call, grad, vmap
 
-from mimicfilter.mimic import contrastive_per_sample_loss, mimic_direction, mimic_forward
-from mimicfilter.models import LoadedModels, ModelSpec, load_models, parameters_of
-from mimicfilter.scorer import make_scorer
+from mimicfilter.mimic.jvp import mimic_direction, mimic_forward
+from mimicfilter.mimic.losses import contrastive_per_sample_loss
+from mimicfilter.mimic.layers import parameters_of
+from mimicfilter.mimic.models import LoadedModels, ModelSpec, load_models
+from mimicfilter.mimic.build import make_scorer
 
 TEMPERATURE = 0.05
 LR, WEIGHT_DECAY = 1e-4, 1e-5

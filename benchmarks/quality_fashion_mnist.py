@@ -279,7 +279,7 @@ def f1_at_rate(noisy: np.ndarray, noisiness: np.ndarray) -> float:
 
 def evaluate_run(run_dir: Path, where: dict, flipped: np.ndarray, noisy_labels: np.ndarray, seed: int):
     """Join the score table to the truth; every metric of the benchmark, and the table's ref_loss by pool position."""
-    from mimicfilter.tables import read_scores
+    from mimicfilter.store.parts import read_scores
 
     table = read_scores(run_dir).to_pydict()
     n_rows = len(table["key"])

@@ -272,7 +272,7 @@ def run_cli(command: list[str]) -> tuple[dict, float]:
 
 def read_run(run_dir: Path, where: dict, n: int) -> dict[str, np.ndarray]:
     """Per pool position: mean over epochs of each score column, and the last epoch's mimic score."""
-    from mimicfilter.tables import read_scores
+    from mimicfilter.store.parts import read_scores
 
     table = read_scores(run_dir, ["shard", "key", "epoch", "status", "mimic_score", "mimic_weight", "loss",
                                   "clip_score", "ref_loss"]).to_pydict()

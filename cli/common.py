@@ -66,18 +66,3 @@ class ProgressBar:
     def close(self) -> None:
         if self.bar is not None:
             self.bar.close()
-
-
-THREADS_HELP = ("torch CPU threads of this process [default: torch's choice, all cores]; set it when several "
-                "processes share the cores (an oversubscribed CPU can run 10x slower).")
-
-
-def set_threads(threads: int | None) -> None:
-    """Apply --threads (validated here, before any model loads)."""
-    if threads is None:
-        return
-    if threads < 1:
-        raise MimicfilterError(f"--threads {threads}: must be at least 1")
-    import torch
-
-    torch.set_num_threads(threads)

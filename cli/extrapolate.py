@@ -62,7 +62,7 @@ def extrapolate(scored, embeddings, out_dir, k, weighted, same_label, holdout, b
     """
     from pathlib import Path
 
-    from mimicfilter.extrapolate import ExtrapolateConfig, run_extrapolate
+    from mimicfilter.extrapolate.run import ExtrapolateConfig, run_extrapolate
 
     config = ExtrapolateConfig(
         scored=Path(scored),

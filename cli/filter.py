@@ -10,9 +10,9 @@ import click
 from rich.console import Console
 from rich.table import Table
 
-from mimicfilter.aggregate import BINARIZE_RULES, VOTE_COMBINERS, AggregateConfig
-from mimicfilter.filters import parse_drop, parse_rule
-from mimicfilter.manifest import FilterConfig, JoinSpec, run_filter
+from mimicfilter.curate.filter import FilterConfig, JoinSpec, run_filter
+from mimicfilter.curate.rules import parse_drop, parse_rule
+from mimicfilter.curate.votes import BINARIZE_RULES, VOTE_COMBINERS, AggregateConfig
 from mimicfilter_cli.common import one_line_errors
 
 

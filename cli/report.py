@@ -9,9 +9,10 @@ import click
 from rich.console import Console
 from rich.table import Table
 
-from mimicfilter.aggregate import BINARIZE_RULES, VOTE_COMBINERS, AggregateConfig
-from mimicfilter.report import ReportConfig, build_report, worst_shards
-from mimicfilter.storage import run_path
+from mimicfilter.curate.votes import BINARIZE_RULES, VOTE_COMBINERS, AggregateConfig
+from mimicfilter.report.build import ReportConfig, build_report
+from mimicfilter.report.html import worst_shards
+from mimicfilter.store.paths import run_path
 from mimicfilter_cli.common import one_line_errors
 
 

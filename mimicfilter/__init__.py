@@ -5,32 +5,26 @@ The command line is ``mimicfilter`` (see ``mimicfilter --help``). The library AP
 * :class:`GradMimic` re-weights batches by mimic score inside your own training loop;
 * :func:`contrastive_per_sample_loss` / :func:`classification_per_sample_loss` give the per-sample
   losses it needs;
-* :func:`mimicfilter.scoring.run_score` runs the ``score`` pipeline from Python.
+* :func:`mimicfilter.pipeline.run.run_score` runs the ``score`` pipeline from Python.
+
+The package's layout is its data flow (docs/architecture.md): ``shards`` → ``pipeline`` (with
+``mimic`` and ``execute``) → ``store``, then ``curate``, ``report`` and ``extrapolate``.
 """
 
-from importlib.metadata import PackageNotFoundError, version
-
 from mimicfilter.errors import MimicfilterError
-
-try:
-    __version__ = version("mimicfilter")
-except PackageNotFoundError:  # running from a source tree without installation
-    __version__ = "0.0.0+unknown"
-
-# torch-backed names load on first use, so `mimicfilter --help` and `filter` start without torch.
-_LAZY = {
-    "GradMimic": "mimicfilter.grad_mimic",
-    "GradMimicStep": "mimicfilter.grad_mimic",
-    "classification_per_sample_loss": "mimicfilter.mimic",
-    "contrastive_per_sample_loss": "mimicfilter.mimic",
-}
+from mimicfilter.version import __version__
 
 
 def __getattr__(name: str):
-    if name in _LAZY:
-        import importlib
+    # torch-backed names load on first use, so `mimicfilter --help` and `filter` start without torch.
+    if name in ("GradMimic", "GradMimicStep"):
+        from mimicfilter.mimic import grad_mimic
 
-        return getattr(importlib.import_module(_LAZY[name]), name)
+        return getattr(grad_mimic, name)
+    if name in ("classification_per_sample_loss", "contrastive_per_sample_loss"):
+        from mimicfilter.mimic import losses
+
+        return getattr(losses, name)
     raise AttributeError(f"module 'mimicfilter' has no attribute {name!r}")
 
 

@@ -1,4 +1,6 @@
-"""The one exception type the CLI turns into a one-line message (exit code 2)."""
+"""The one exception type the CLI turns into a one-line message (exit code 2), and one-line text."""
+
+MAX_ERROR_CHARS = 300
 
 
 class MimicfilterError(Exception):
@@ -14,3 +16,9 @@ class MimicfilterError(Exception):
 
     def __str__(self) -> str:
         return self.message if not self.hint else f"{self.message} (hint: {self.hint})"
+
+
+def one_line(text: object, limit: int = MAX_ERROR_CHARS) -> str:
+    """Collapse whitespace/newlines and cap the length: error strings go into one table cell or line."""
+    flat = " ".join(str(text).split())
+    return flat if len(flat) <= limit else flat[: limit - 3] + "..."

@@ -18,9 +18,9 @@ from rich.console import Console
 from rich.table import Table
 
 from mimicfilter.metrics import auroc
-from mimicfilter.rundir import read_run_info
-from mimicfilter.shards import iter_shard_samples
-from mimicfilter.tables import read_scores
+from mimicfilter.store.rundir import read_run_info
+from mimicfilter.shards.tar import iter_shard_samples
+from mimicfilter.store.parts import read_scores
 
 
 def read_manifest(path: Path) -> list[dict]:
@@ -49,8 +49,8 @@ def main(run_dir: Path) -> None:
     truth = {}
     for shard in info["shards"]:
         for sample in iter_shard_samples(shard):
-            meta = json.loads(sample["files"].get("json", b"{}") or b"{}")
-            truth[(shard, sample["key"])] = meta
+            meta = json.loads(sample.files.get("json", b"{}") or b"{}")
+            truth[(shard, sample.key)] = meta
     rows = _mean_over_epochs([row for row in read_scores(run_dir).to_pylist() if row["status"] == "ok"])
     swapped = np.array([truth[(row["shard"], row["key"])].get("swapped", False) for row in rows])
     console = Console()

@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from mimicfilter.datacomp import UID_DTYPE, read_datacomp_npy, uids_to_array, write_datacomp_npy
+from mimicfilter.curate.datacomp import UID_DTYPE, read_datacomp_npy, uids_to_array, write_datacomp_npy
 from mimicfilter.errors import MimicfilterError
 
 KNOWN = "0123456789abcdef" + "fedcba9876543210"

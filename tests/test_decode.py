@@ -8,7 +8,8 @@ from helpers import image_bytes
 from PIL import Image, ImageFile
 from torchvision import transforms
 
-from mimicfilter.decode import DecodeConfig, decode_sample
+from mimicfilter.shards.decode import DecodeConfig, decode_sample
+from mimicfilter.shards.records import DecodedSample, RawSample
 from mimicfilter.errors import MimicfilterError
 
 PREPROCESS = transforms.Compose([transforms.Resize(32), transforms.CenterCrop(32), transforms.ToTensor()])
@@ -22,33 +23,33 @@ CONTRASTIVE = DecodeConfig()
 CLASSIFY = DecodeConfig(task="classify")
 
 
-def raw(files: dict[str, bytes], status: str = "ok", error: str | None = None) -> dict:
-    return {"shard": "s.tar", "key": "00000007", "index": 7, "files": files, "status": status, "error": error}
+def raw(files: dict[str, bytes], status: str = "ok", error: str | None = None) -> RawSample:
+    return RawSample("s.tar", "00000007", 7, files, status, error)
 
 
-def decode(files: dict[str, bytes], config: DecodeConfig = CONTRASTIVE, **kw) -> dict:
+def decode(files: dict[str, bytes], config: DecodeConfig = CONTRASTIVE, **kw) -> DecodedSample:
     return decode_sample(raw(files, **kw), config, PREPROCESS, tokenize)
 
 
 def assert_failed(row: dict, status: str) -> None:
-    assert row["status"] == status
-    assert row["image"] is None and row["text"] is None
-    assert row["error"] and "\n" not in row["error"] and len(row["error"]) <= 300
+    assert row.status == status
+    assert row.image is None and row.text is None
+    assert row.error and "\n" not in row.error and len(row.error) <= 300
 
 
 def test_ok_sample():
     row = decode({"jpg": image_bytes(1), "txt": b"  a red bus \n", "json": json.dumps({"uid": "abc"}).encode()})
-    assert row["status"] == "ok" and row["error"] is None
-    assert (row["shard"], row["key"], row["index"]) == ("s.tar", "00000007", 7)
-    assert row["image"].shape == (3, 32, 32)
-    assert row["caption"] == "a red bus"
-    assert row["text"].tolist() == [len("a red bus")]
-    assert row["uid"] == "abc" and row["label"] is None
+    assert row.status == "ok" and row.error is None
+    assert (row.shard, row.key, row.index) == ("s.tar", "00000007", 7)
+    assert row.image.shape == (3, 32, 32)
+    assert row.caption == "a red bus"
+    assert row.text.tolist() == [len("a red bus")]
+    assert row.uid == "abc" and row.label is None
 
 
 def test_numeric_uid_becomes_string():
     row = decode({"jpg": image_bytes(1), "txt": b"x", "json": b'{"uid": 12}'})
-    assert row["uid"] == "12"
+    assert row.uid == "12"
 
 
 def test_first_present_image_key_wins():
@@ -62,13 +63,13 @@ def test_corrupt_jpeg():
     data = image_bytes(2, size=64)
     row = decode({"jpg": data[: len(data) // 2], "txt": b"caption"})
     assert_failed(row, "decode_error")
-    assert "jpg" in row["error"]
+    assert "jpg" in row.error
 
 
 def test_text_payload_named_jpg():
     row = decode({"jpg": b"<html>this is not an image</html>", "txt": b"caption"})
     assert_failed(row, "decode_error")
-    assert "not a recognised image" in row["error"]
+    assert "not a recognised image" in row.error
 
 
 def test_missing_image():
@@ -86,40 +87,40 @@ def test_empty_text():
 def test_invalid_utf8():
     row = decode({"jpg": image_bytes(3), "txt": b"caf\xe9 \xff"})
     assert_failed(row, "decode_error")
-    assert "UTF-8" in row["error"]
+    assert "UTF-8" in row.error
 
 
 def test_json_field_caption():
     config = DecodeConfig(text_key="json:caption")
     meta = {"uid": "u9", "caption": "a dog on a beach"}
     row = decode_sample(raw({"jpg": image_bytes(4), "json": json.dumps(meta).encode()}), config, PREPROCESS, tokenize)
-    assert row["status"] == "ok" and row["caption"] == "a dog on a beach" and row["uid"] == "u9"
+    assert row.status == "ok" and row.caption == "a dog on a beach" and row.uid == "u9"
 
 
 def test_json_field_missing_is_missing_text():
     config = DecodeConfig(text_key="json:caption")
     row = decode_sample(raw({"jpg": image_bytes(4), "json": b'{"uid": "u"}'}), config, PREPROCESS, tokenize)
     assert_failed(row, "missing_text")
-    assert row["uid"] == "u"
+    assert row.uid == "u"
 
 
 def test_bad_json_with_json_field():
     config = DecodeConfig(text_key="json:caption")
     row = decode_sample(raw({"jpg": image_bytes(4), "json": b'{"caption": "unterminated'}), config, PREPROCESS, tokenize)
     assert_failed(row, "decode_error")
-    assert "json" in row["error"].lower()
+    assert "json" in row.error.lower()
 
 
 def test_bad_json_ignored_for_txt_captions():
     row = decode({"jpg": image_bytes(4), "txt": b"fine", "json": b"{broken"})
-    assert row["status"] == "ok" and row["uid"] is None
+    assert row.status == "ok" and row.uid is None
 
 
 def test_classify_ok():
     row = decode_sample(raw({"jpg": image_bytes(5), "cls": b" 42\n"}), CLASSIFY, PREPROCESS, None)
-    assert row["status"] == "ok" and row["label"] == 42
-    assert row["text"] is None and row["caption"] is None
-    assert row["image"].shape == (3, 32, 32)
+    assert row.status == "ok" and row.label == 42
+    assert row.text is None and row.caption is None
+    assert row.image.shape == (3, 32, 32)
 
 
 def test_classify_missing_label():
@@ -130,7 +131,7 @@ def test_classify_missing_label():
 def test_classify_non_integer_label(label):
     row = decode_sample(raw({"jpg": image_bytes(5), "cls": label}), CLASSIFY, PREPROCESS, None)
     assert_failed(row, "decode_error")
-    assert "integer" in row["error"]
+    assert "integer" in row.error
 
 
 def test_transparent_png_composited_on_white():
@@ -139,8 +140,8 @@ def test_transparent_png_composited_on_white():
     buffer = io.BytesIO()
     Image.fromarray(pixels).save(buffer, format="PNG")
     row = decode_sample(raw({"png": buffer.getvalue(), "txt": b"emoji"}), CONTRASTIVE, transforms.ToTensor(), tokenize)
-    assert row["status"] == "ok"
-    image = row["image"]
+    assert row.status == "ok"
+    image = row.image
     assert image.shape == (3, 8, 8)
     assert image[:, 5, 5].tolist() == [1.0, 1.0, 1.0]
     assert image[:, 0, 0].tolist() == [1.0, 0.0, 0.0]
@@ -153,15 +154,15 @@ def test_palette_png_with_transparency_composited_on_white():
     buffer = io.BytesIO()
     image.save(buffer, format="PNG", transparency=0)
     row = decode_sample(raw({"png": buffer.getvalue(), "txt": b"x"}), CONTRASTIVE, transforms.ToTensor(), tokenize)
-    assert row["image"][:, 0, 0].tolist() == [1.0, 1.0, 1.0]
-    assert row["image"][:, 1, 1].tolist() == [0.0, 1.0, 0.0]
+    assert row.image[:, 0, 0].tolist() == [1.0, 1.0, 1.0]
+    assert row.image[:, 1, 1].tolist() == [0.0, 1.0, 0.0]
 
 
 def test_pixel_bomb_is_too_large():
     config = DecodeConfig(max_image_pixels=100)
     row = decode_sample(raw({"jpg": image_bytes(6, size=24), "txt": b"x"}), config, PREPROCESS, tokenize)
     assert_failed(row, "too_large")
-    assert "24x24" in row["error"]
+    assert "24x24" in row.error
 
 
 def test_pillow_bomb_warning_does_not_leak_globally():
@@ -174,13 +175,13 @@ def test_pillow_bomb_warning_does_not_leak_globally():
 
 def test_shard_error_passthrough():
     row = decode({}, status="shard_error", error="truncated tar: unexpected end of data")
-    assert row["status"] == "shard_error" and row["error"] == "truncated tar: unexpected end of data"
-    assert row["image"] is None and row["text"] is None and row["uid"] is None
+    assert row.status == "shard_error" and row.error == "truncated tar: unexpected end of data"
+    assert row.image is None and row.text is None and row.uid is None
 
 
 def test_raw_too_large_passthrough_keeps_uid():
     row = decode({"json": b'{"uid": "u5"}', "txt": b"x"}, status="too_large", error="member big")
-    assert row["status"] == "too_large" and row["uid"] == "u5" and row["image"] is None
+    assert row.status == "too_large" and row.uid == "u5" and row.image is None
 
 
 def test_preprocess_failure_is_decode_error():
@@ -189,7 +190,7 @@ def test_preprocess_failure_is_decode_error():
 
     row = decode_sample(raw({"jpg": image_bytes(7), "txt": b"x"}), CONTRASTIVE, broken, tokenize)
     assert_failed(row, "decode_error")
-    assert "preprocess" in row["error"] and "boom" in row["error"]
+    assert "preprocess" in row.error and "boom" in row.error
 
 
 def test_tokenize_failure_is_decode_error():
@@ -198,7 +199,7 @@ def test_tokenize_failure_is_decode_error():
 
     row = decode_sample(raw({"jpg": image_bytes(7), "txt": b"x"}), CONTRASTIVE, PREPROCESS, broken)
     assert_failed(row, "decode_error")
-    assert "tokenize" in row["error"]
+    assert "tokenize" in row.error
 
 
 @pytest.mark.parametrize(
@@ -219,5 +220,5 @@ def test_classify_label_outside_the_head_is_a_decode_error():
     config = DecodeConfig(task="classify", num_classes=3)
     row = decode_sample(raw({"jpg": image_bytes(5), "cls": b"3"}), config, PREPROCESS, None)
     assert_failed(row, "decode_error")
-    assert "outside" in row["error"]
-    assert decode_sample(raw({"jpg": image_bytes(5), "cls": b"2"}), config, PREPROCESS, None)["status"] == "ok"
+    assert "outside" in row.error
+    assert decode_sample(raw({"jpg": image_bytes(5), "cls": b"2"}), config, PREPROCESS, None).status == "ok"

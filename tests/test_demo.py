@@ -6,11 +6,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from mimicfilter.decode import DecodeConfig
-from mimicfilter.models import ModelSpec
-from mimicfilter.scoring import ScoreConfig, run_score
-from mimicfilter.shards import iter_shard_samples
-from mimicfilter.tables import read_scores
+from mimicfilter.shards.decode import DecodeConfig
+from mimicfilter.mimic.models import ModelSpec
+from mimicfilter.pipeline.config import ScoreConfig
+from mimicfilter.pipeline.run import run_score
+from mimicfilter.shards.tar import iter_shard_samples
+from mimicfilter.store.parts import read_scores
 
 DEMO = Path(__file__).resolve().parent.parent / "demo"
 
@@ -27,7 +28,7 @@ def test_static_mimic_scores_rank_swapped_captions_low(tmp_path):
     )
     stats = run_score(config)
     assert stats["status_counts"]["ok"] == 256
-    swapped = {raw["key"]: json.loads(raw["files"]["json"])["swapped"] for raw in iter_shard_samples(shard)}
+    swapped = {raw.key: json.loads(raw.files["json"])["swapped"] for raw in iter_shard_samples(shard)}
     rows = read_scores(tmp_path / "run").to_pylist()
     scores = np.array([row["mimic_score"] for row in rows])
     truth = np.array([swapped[row["key"]] for row in rows])

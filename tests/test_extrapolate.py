@@ -10,10 +10,13 @@ import torch
 from click.testing import CliRunner
 from helpers import TINY_CLIP_CONFIG, image_text_samples, write_random_checkpoint, write_tar, write_tiny_config
 
-from mimicfilter import extrapolate as extrapolate_module
+from mimicfilter.extrapolate import run as extrapolate_module
 from mimicfilter.errors import MimicfilterError
-from mimicfilter.extrapolate import ExtrapolateConfig, choose_k, knn_predict, knn_search, run_extrapolate, spearman
-from mimicfilter.tables import SCORE_SCHEMA, read_scores, score_schema
+from mimicfilter.extrapolate.knn import choose_k, knn_predict, knn_search
+from mimicfilter.extrapolate.run import ExtrapolateConfig, run_extrapolate
+from mimicfilter.metrics import spearman
+from mimicfilter.store.parts import read_scores
+from mimicfilter.store.schema import SCORE_SCHEMA, score_schema
 from mimicfilter_cli.main import cli
 
 

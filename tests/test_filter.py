@@ -9,8 +9,9 @@ import pyarrow.parquet as pq
 import pytest
 from click.testing import CliRunner
 
-from mimicfilter.aggregate import _gaussian_crossing, dawid_skene
-from mimicfilter.tables import rows_to_table, write_part
+from mimicfilter.curate.votes import _gaussian_crossing, dawid_skene
+from mimicfilter.store.parts import write_part
+from mimicfilter.store.schema import rows_to_table
 from mimicfilter_cli.main import cli
 
 

@@ -5,7 +5,7 @@ import pytest
 from click.testing import CliRunner
 from helpers import image_text_samples, write_tar
 
-from mimicfilter.tables import read_scores
+from mimicfilter.store.parts import read_scores
 from mimicfilter_cli.main import cli
 
 pytestmark = pytest.mark.gpu

@@ -7,14 +7,11 @@ import torch.nn.functional as F
 from open_clip.loss import SigLipLoss
 from torch.func import functional_call
 
-from mimicfilter.mimic import (
-    contrastive_per_sample_loss,
-    mimic_direction,
-    mimic_scores,
-    relative_weights,
-)
-from mimicfilter.models import ModelSpec, load_models, parameters_of
-from mimicfilter.scorer import ContrastiveScorer
+from mimicfilter.mimic.jvp import mimic_direction, mimic_scores, relative_weights
+from mimicfilter.mimic.losses import contrastive_per_sample_loss
+from mimicfilter.mimic.layers import parameters_of
+from mimicfilter.mimic.models import ModelSpec, load_models
+from mimicfilter.mimic.contrastive import ContrastiveScorer
 
 LAYER_CHOICES = [
     "image-proj",

@@ -12,8 +12,9 @@ from click.testing import CliRunner
 from PIL import Image
 
 from helpers import image_text_samples, write_tar
-from mimicfilter.report import ReportConfig, build_report
-from mimicfilter.tables import rows_to_table, write_part
+from mimicfilter.report.build import ReportConfig, build_report
+from mimicfilter.store.parts import write_part
+from mimicfilter.store.schema import rows_to_table
 from mimicfilter_cli.main import cli
 
 DECODE = {"task": "contrastive", "image_keys": ["jpg", "jpeg", "png", "webp"], "text_key": "txt", "label_key": "cls",
@@ -137,8 +138,8 @@ def test_missing_and_unreadable_images_are_labelled_on_the_sheet(run, tmp_path):
 
 
 def test_contact_sheet_shows_what_the_decoder_says(run, tmp_path):
-    from mimicfilter.decode import DecodeConfig, decode_for_display
-    from mimicfilter.shards import iter_shard_samples
+    from mimicfilter.shards.decode import DecodeConfig, decode_for_display
+    from mimicfilter.shards.tar import iter_shard_samples
 
     shard_a = json.loads((run / "run.json").read_text())["shards"][0]
     shown = [decode_for_display(raw, DecodeConfig()) for raw in iter_shard_samples(shard_a)]

@@ -10,7 +10,7 @@ import webdataset as wds
 from helpers import image_text_samples, write_tar
 
 from mimicfilter.errors import MimicfilterError
-from mimicfilter.reshard import CuratedShard, write_curated_shards
+from mimicfilter.curate.reshard import CuratedShard, write_curated_shards
 
 
 def tar_members(path) -> dict[str, bytes]:

@@ -13,9 +13,10 @@ from click.testing import CliRunner
 from helpers import image_bytes, image_text_samples, write_tar
 
 from mimicfilter.errors import MimicfilterError
-from mimicfilter.executors import Partition, RayConfig
-from mimicfilter.rundir import prepare_run_dir
-from mimicfilter.tables import read_scores
+from mimicfilter.execute.partition import Partition
+from mimicfilter.execute.ray import RayConfig
+from mimicfilter.store.rundir import prepare_run_dir
+from mimicfilter.store.parts import read_scores
 from mimicfilter_cli.main import cli
 
 
@@ -155,20 +156,26 @@ def ray_cluster():
     ray.shutdown()
 
 
-def crash_once(marker: str):
-    """A shard function that kills its own process the first time it scores shard 002, mid-shard."""
+class CrashOnce:
+    """A worker factory whose worker kills its own process the first time it scores shard 002, mid-shard."""
 
-    def score(shard, scorer, config):
-        from mimicfilter.scoring import part_path, score_shard
+    def __init__(self, factory, marker: str):
+        self.factory, self.marker = factory, marker
 
-        if shard.endswith("002.tar") and not os.path.exists(marker):
-            Path(marker).write_text("crashed once")
-            part = part_path(config.out_dir, shard)
-            part.with_name(f".{part.name}.half.tmp").write_bytes(b"half a part")  # what a kill leaves behind
-            os._exit(1)
-        return score_shard(shard, scorer, config)
+    def __call__(self):
+        from mimicfilter.store.parts import part_path
 
-    return score
+        score = self.factory()
+
+        def run(shard):
+            if shard.endswith("002.tar") and not os.path.exists(self.marker):
+                Path(self.marker).write_text("crashed once")
+                part = part_path(score.keywords["config"].out_dir, shard)
+                part.with_name(f".{part.name}.half.tmp").write_bytes(b"half a part")  # what a kill leaves behind
+                os._exit(1)
+            return score(shard)
+
+        return run
 
 
 @pytest.mark.slow
@@ -186,10 +193,11 @@ def test_ray_table_equals_the_local_executor(ray_cluster, shards, tiny_config, r
 @pytest.mark.slow
 def test_a_killed_ray_task_is_retried_and_the_table_is_unchanged(ray_cluster, shards, tiny_config, reference_checkpoint,
                                                                  tmp_path, local_run):
-    from mimicfilter.decode import DecodeConfig
-    from mimicfilter.executors import score_with_ray
-    from mimicfilter.models import ModelSpec
-    from mimicfilter.scoring import ScoreConfig, TrainConfig
+    from mimicfilter.execute.ray import run_with_ray
+    from mimicfilter.mimic.models import ModelSpec
+    from mimicfilter.pipeline.config import ScoreConfig, TrainConfig
+    from mimicfilter.pipeline.static import ShardWorkerFactory
+    from mimicfilter.shards.decode import DecodeConfig
 
     out = tmp_path / "ray-crash"
     config = ScoreConfig(
@@ -198,29 +206,26 @@ def test_a_killed_ray_task_is_retried_and_the_table_is_unchanged(ray_cluster, sh
         batch_size=4, train=TrainConfig(mode="none"), ray=RayConfig(max_retries=2, actors=1),
     )
     marker = tmp_path / "crashed"
-    result = score_with_ray(config, shards, shard_function=crash_once(str(marker)))
+    result = run_with_ray(shards, CrashOnce(ShardWorkerFactory(config), str(marker)), config.ray)
     assert marker.exists(), "the crash hook never ran"
-    assert result.failures == () and result.shards_scored == 5
+    assert result.failures == () and result.units_done == 5
     assert table(out).equals(table(local_run))  # the half-written temp part is ignored, the shard rescored
 
 
-def test_ray_reports_shards_that_fail_every_retry(ray_cluster, shards, tiny_config, reference_checkpoint, tmp_path):
-    from mimicfilter.decode import DecodeConfig
-    from mimicfilter.executors import score_with_ray
-    from mimicfilter.models import ModelSpec
-    from mimicfilter.scoring import ScoreConfig, TrainConfig
+def test_ray_reports_shards_that_fail_every_retry(ray_cluster, shards, tmp_path):
+    from mimicfilter.execute.ray import run_with_ray
 
-    config = ScoreConfig(
-        shards=tuple(shards), out_dir=tmp_path / "r",
-        model=ModelSpec(model=str(tiny_config), reference=str(reference_checkpoint)), decode=DecodeConfig(),
-        batch_size=4, train=TrainConfig(mode="none"), ray=RayConfig(max_retries=1, actors=1),
-    )
-    result = score_with_ray(config, shards[:2], shard_function=always_fails)
-    assert result.shards_scored == 0 and len(result.failures) == 2 and "disk full" in result.failures[0]
+    result = run_with_ray(shards[:2], always_fails, RayConfig(max_retries=1, actors=1))
+    assert result.units_done == 0 and len(result.failures) == 2 and "disk full" in result.failures[0]
 
 
-def always_fails(shard, scorer, config):
-    raise OSError("disk full")
+def always_fails():
+    """A worker factory whose worker fails every shard."""
+
+    def run(shard):
+        raise OSError("disk full")
+
+    return run
 
 
 def test_a_run_directory_at_an_fsspec_url(shards, tiny_config, reference_checkpoint, tmp_path, local_run):
@@ -230,7 +235,7 @@ def test_a_run_directory_at_an_fsspec_url(shards, tiny_config, reference_checkpo
     assert result.exit_code == 0, result.output
     assert invoke(score_args(shards, tiny_config, reference_checkpoint, url, "--rank", "1", "--world-size", "2")).exit_code == 0
     assert table(url).equals(table(local_run))
-    from mimicfilter.storage import run_path
+    from mimicfilter.store.paths import run_path
 
     assert (run_path(url) / "_SUCCESS").exists() and (run_path(url) / "run.json").exists()
     filtered = invoke(["filter", url, "--out", str(tmp_path / "curated"), "--json"])

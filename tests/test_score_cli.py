@@ -13,7 +13,8 @@ import pytest
 from click.testing import CliRunner
 from helpers import TINY_CLIP_CONFIG, image_bytes, image_text_samples, write_random_checkpoint, write_tar
 
-from mimicfilter.tables import SCORE_SCHEMA, read_scores
+from mimicfilter.store.parts import read_scores
+from mimicfilter.store.schema import SCORE_SCHEMA
 from mimicfilter_cli.main import cli
 
 

@@ -7,7 +7,9 @@ import pytest
 from helpers import image_text_samples, write_tar
 
 from mimicfilter.errors import MimicfilterError
-from mimicfilter.shards import expand_shards, iter_shard_samples, part_name, shard_display_name
+from mimicfilter.shards.discover import expand_shards
+from mimicfilter.shards.tar import iter_shard_samples
+from mimicfilter.store.paths import part_name, shard_display_name
 
 
 @pytest.fixture
@@ -152,10 +154,10 @@ def test_good_tar(tmp_path):
     samples = image_text_samples(3)
     shard = str(write_tar(tmp_path / "good.tar", samples))
     rows = list(iter_shard_samples(shard))
-    assert [r["key"] for r in rows] == ["00000000", "00000001", "00000002"]
-    assert [r["index"] for r in rows] == [0, 1, 2]
-    assert all(r["status"] == "ok" and r["error"] is None and r["shard"] == shard for r in rows)
-    assert rows[1]["files"] == samples[1][1]
+    assert [r.key for r in rows] == ["00000000", "00000001", "00000002"]
+    assert [r.index for r in rows] == [0, 1, 2]
+    assert all(r.status == "ok" and r.error is None and r.shard == shard for r in rows)
+    assert rows[1].files == samples[1][1]
 
 
 def test_extension_lowercased_and_non_sample_members_skipped(tmp_path):
@@ -169,7 +171,7 @@ def test_extension_lowercased_and_non_sample_members_skipped(tmp_path):
             info.size = len(data)
             tar.addfile(info, io.BytesIO(data))
     rows = list(iter_shard_samples(str(path)))
-    assert [(r["key"], r["index"], r["files"]) for r in rows] == [
+    assert [(r.key, r.index, r.files) for r in rows] == [
         ("sub/a", 0, {"jpg": b"1", "txt": b"2"}),
         ("sub/b", 1, {"txt": b"3"}),
     ]
@@ -184,12 +186,12 @@ def test_truncated_tar_mid_member(tmp_path):
     bad = tmp_path / "bad.tar"
     bad.write_bytes(good[:cut])
     rows = list(iter_shard_samples(str(bad)))
-    assert [r["status"] for r in rows] == ["ok", "ok", "ok", "shard_error"]
-    assert [r["index"] for r in rows] == [0, 1, 2, 3]
+    assert [r.status for r in rows] == ["ok", "ok", "ok", "shard_error"]
+    assert [r.index for r in rows] == [0, 1, 2, 3]
     error_row = rows[-1]
-    assert error_row["key"] == "00000003" and error_row["files"] == {}
-    assert error_row["error"].startswith("truncated tar") and "00000003.jpg" in error_row["error"]
-    assert "\n" not in error_row["error"] and len(error_row["error"]) <= 300
+    assert error_row.key == "00000003" and error_row.files == {}
+    assert error_row.error.startswith("truncated tar") and "00000003.jpg" in error_row.error
+    assert "\n" not in error_row.error and len(error_row.error) <= 300
 
 
 def test_truncated_tar_at_header_boundary(tmp_path):
@@ -201,8 +203,8 @@ def test_truncated_tar_at_header_boundary(tmp_path):
     bad = tmp_path / "bad.tar"
     bad.write_bytes((tmp_path / "good.tar").read_bytes()[:cut])
     rows = list(iter_shard_samples(str(bad)))
-    assert [(r["key"], r["status"]) for r in rows] == [("00000000", "ok"), ("00000001", "shard_error")]
-    assert "after member 00000001.txt" in rows[-1]["error"]
+    assert [(r.key, r.status) for r in rows] == [("00000000", "ok"), ("00000001", "shard_error")]
+    assert "after member 00000001.txt" in rows[-1].error
 
 
 def test_empty_tar_yields_nothing(tmp_path):
@@ -215,39 +217,39 @@ def test_random_bytes_one_shard_error(tmp_path):
     path.write_bytes(os.urandom(4096))
     rows = list(iter_shard_samples(str(path)))
     assert len(rows) == 1
-    assert rows[0]["status"] == "shard_error" and rows[0]["key"] == "" and rows[0]["index"] == 0
-    assert rows[0]["error"].startswith("not a tar archive")
+    assert rows[0].status == "shard_error" and rows[0].key == "" and rows[0].index == 0
+    assert rows[0].error.startswith("not a tar archive")
 
 
 def test_zero_byte_file(tmp_path):
     path = tmp_path / "zero.tar"
     path.write_bytes(b"")
     rows = list(iter_shard_samples(str(path)))
-    assert [(r["status"], r["key"], r["index"]) for r in rows] == [("shard_error", "", 0)]
-    assert "empty" in rows[0]["error"]
+    assert [(r.status, r.key, r.index) for r in rows] == [("shard_error", "", 0)]
+    assert "empty" in rows[0].error
 
 
 def test_missing_local_and_file_url(tmp_path):
     for url in [str(tmp_path / "gone.tar"), f"file://{tmp_path}/gone.tar"]:
         rows = list(iter_shard_samples(url))
-        assert len(rows) == 1 and rows[0]["status"] == "shard_error"
-        assert "not found" in rows[0]["error"]
+        assert len(rows) == 1 and rows[0].status == "shard_error"
+        assert "not found" in rows[0].error
 
 
 def test_file_url(tmp_path):
     path = write_tar(tmp_path / "good.tar", image_text_samples(2))
     rows = list(iter_shard_samples(f"file://{path}"))
-    assert [r["status"] for r in rows] == ["ok", "ok"]
+    assert [r.status for r in rows] == ["ok", "ok"]
 
 
 def test_member_over_limit_is_too_large(tmp_path):
     samples = [("a", {"jpg": b"x" * 2000, "txt": b"caption"}), ("b", {"jpg": b"y" * 10, "txt": b"ok"})]
     path = write_tar(tmp_path / "big.tar", samples)
     rows = list(iter_shard_samples(str(path), max_member_bytes=1000))
-    assert rows[0]["status"] == "too_large"
-    assert "a.jpg" in rows[0]["error"] and "2000" in rows[0]["error"]
-    assert rows[0]["files"] == {"txt": b"caption"}
-    assert rows[1]["status"] == "ok" and rows[1]["files"] == {"jpg": b"y" * 10, "txt": b"ok"}
+    assert rows[0].status == "too_large"
+    assert "a.jpg" in rows[0].error and "2000" in rows[0].error
+    assert rows[0].files == {"txt": b"caption"}
+    assert rows[1].status == "ok" and rows[1].files == {"jpg": b"y" * 10, "txt": b"ok"}
 
 
 def test_duplicate_member(tmp_path):
@@ -258,8 +260,8 @@ def test_duplicate_member(tmp_path):
             info.size = len(data)
             tar.addfile(info, io.BytesIO(data))
     (row,) = list(iter_shard_samples(str(path)))
-    assert row["status"] == "decode_error" and row["error"] == "duplicate member k.txt"
-    assert row["files"] == {"txt": b"first", "jpg": b"img"}
+    assert row.status == "decode_error" and row.error == "duplicate member k.txt"
+    assert row.files == {"txt": b"first", "jpg": b"img"}
 
 
 def test_tar_gz(tmp_path):
@@ -267,7 +269,7 @@ def test_tar_gz(tmp_path):
     path = tmp_path / "shard.tar.gz"
     path.write_bytes(gzip.compress(tar_bytes))
     rows = list(iter_shard_samples(str(path)))
-    assert [(r["key"], r["status"]) for r in rows] == [("00000000", "ok"), ("00000001", "ok"), ("00000002", "ok")]
+    assert [(r.key, r.status) for r in rows] == [("00000000", "ok"), ("00000001", "ok"), ("00000002", "ok")]
 
 
 def test_truncated_tar_gz(tmp_path):
@@ -276,15 +278,15 @@ def test_truncated_tar_gz(tmp_path):
     compressed = gzip.compress(tar_bytes)
     path.write_bytes(compressed[: len(compressed) // 2])
     rows = list(iter_shard_samples(str(path)))
-    assert rows[-1]["status"] == "shard_error"
-    assert all(r["status"] == "ok" for r in rows[:-1])
-    assert [r["index"] for r in rows] == list(range(len(rows)))
+    assert rows[-1].status == "shard_error"
+    assert all(r.status == "ok" for r in rows[:-1])
+    assert [r.index for r in rows] == list(range(len(rows)))
 
 
 def test_pipe_url(tmp_path):
     path = write_tar(tmp_path / "good.tar", image_text_samples(2))
     rows = list(iter_shard_samples(f"pipe:cat {path}", allow_pipe=True))
-    assert [(r["key"], r["status"]) for r in rows] == [("00000000", "ok"), ("00000001", "ok")]
+    assert [(r.key, r.status) for r in rows] == [("00000000", "ok"), ("00000001", "ok")]
 
 
 def test_pipe_url_refused_without_flag(tmp_path):
@@ -294,20 +296,20 @@ def test_pipe_url_refused_without_flag(tmp_path):
 
 def test_failing_pipe_is_one_shard_error(tmp_path):
     rows = list(iter_shard_samples(f"pipe:cat {tmp_path}/missing.tar 2>/dev/null", allow_pipe=True))
-    assert len(rows) == 1 and rows[0]["status"] == "shard_error"
-    assert "\n" not in rows[0]["error"]
+    assert len(rows) == 1 and rows[0].status == "shard_error"
+    assert "\n" not in rows[0].error
 
 
 def test_early_close_of_pipe_is_quiet(tmp_path):
     path = write_tar(tmp_path / "good.tar", image_text_samples(50))
     rows = iter_shard_samples(f"pipe:cat {path}", allow_pipe=True)
-    assert next(rows)["status"] == "ok"
+    assert next(rows).status == "ok"
     rows.close()  # must not raise (the pipe exits with SIGPIPE)
 
 
 def test_unknown_protocol_is_shard_error():
     (row,) = list(iter_shard_samples("nosuchproto://bucket/a.tar"))
-    assert row["status"] == "shard_error" and row["error"]
+    assert row.status == "shard_error" and row.error
 
 
 # ------------------------------------------------------------------------------ names
@@ -347,5 +349,5 @@ def test_garbage_after_members_is_shard_error(tmp_path):
     bad = tmp_path / "garbage.tar"
     bad.write_bytes(data[: (end + 511) // 512 * 512] + b"\x7f" * 1024)
     rows = list(iter_shard_samples(str(bad)))
-    assert [(r["key"], r["status"]) for r in rows] == [("00000000", "ok"), ("00000001", "shard_error")]
-    assert rows[-1]["error"].startswith("corrupt tar") and "00000001.json" in rows[-1]["error"]
+    assert [(r.key, r.status) for r in rows] == [("00000000", "ok"), ("00000001", "shard_error")]
+    assert rows[-1].error.startswith("corrupt tar") and "00000001.json" in rows[-1].error

@@ -16,10 +16,12 @@ from helpers import image_bytes, image_text_samples, write_tar
 from torch.func import functional_call
 
 from mimicfilter import GradMimic
-from mimicfilter.mimic import classification_per_sample_loss, contrastive_per_sample_loss, mimic_direction
-from mimicfilter.models import ModelSpec, load_models, parameters_of
-from mimicfilter.scorer import make_scorer
-from mimicfilter.tables import read_scores
+from mimicfilter.mimic.jvp import mimic_direction
+from mimicfilter.mimic.losses import classification_per_sample_loss, contrastive_per_sample_loss
+from mimicfilter.mimic.layers import parameters_of
+from mimicfilter.mimic.models import ModelSpec, load_models
+from mimicfilter.mimic.build import make_scorer
+from mimicfilter.store.parts import read_scores
 from mimicfilter_cli.main import cli
 
 DOCS = Path(__file__).resolve().parent.parent / "docs"

@@ -1,0 +1,146 @@
+"""Option groups shared by the commands, and the library configs built from them.
+
+Each group is a decorator adding its options; each ``*_from`` function pops the group's values
+from a command's keyword arguments and returns the library object (validated there, once). A
+command declares what it takes in a few lines::
+
+    @click.command()
+    @shards_argument
+    @model_options
+    @input_options
+    @execution_options
+    @output_options
+    def embed(shards, **options): ...
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from typing import Any, Callable
+
+import click
+
+from mimicfilter.defaults import MIMIC_LAYER_PRESETS
+
+DEFAULT_WORKERS = max(0, min(8, (os.cpu_count() or 2) // 2))
+THREADS_HELP = ("torch CPU threads of this process [default: torch's choice, all cores]; set it when several "
+                "processes share the cores (an oversubscribed CPU can run 10x slower).")
+
+
+def group(*decorators: Callable) -> Callable:
+    """Apply click decorators so the options appear in ``--help`` in the order written."""
+
+    def apply(command: Callable) -> Callable:
+        for decorator in reversed(decorators):
+            command = decorator(command)
+        return command
+
+    return apply
+
+
+shards_argument = click.argument("shards", nargs=-1, required=True)
+
+model_options = group(
+    click.option("--model", required=True, help="open_clip architecture name (ViT-B-32) or a JSON model config path."),
+    click.option("--reference", required=True,
+                 help="Reference weights: an open_clip pretrained tag or a checkpoint file."),
+    click.option("--proxy", default=None,
+                 help="Proxy weights (tag or checkpoint). Default: the reference with the mimic layers "
+                 "re-initialised from --seed."),
+    click.option("--mimic-layers", default=None,
+                 help=f"Preset ({', '.join(MIMIC_LAYER_PRESETS)}) or comma-separated globs over parameter names "
+                 "[default: image-proj; head for classification]."),
+    click.option("--seed", type=int, default=0, show_default=True, help="Seed of the proxy's re-initialised layers."),
+    click.option("--task", type=click.Choice(["auto", "contrastive", "classify"]), default="auto", show_default=True,
+                 help="auto: classify when samples carry .cls and no caption."),
+    click.option("--classnames", type=click.Path(dir_okay=False), default=None,
+                 help="Classification: class names, one per line (line i = label i); builds a zero-shot reference head."),
+    click.option("--reference-head", type=click.Path(dir_okay=False), default=None,
+                 help="Classification: a trained head checkpoint {weight: [C, D], bias?: [C], logit_scale?}."),
+    click.option("--trust-checkpoint", is_flag=True, help="Allow checkpoints that are full pickles (can run code)."),
+)
+
+input_options = group(
+    click.option("--image-key", default="jpg,jpeg,png,webp", show_default=True,
+                 help="Image file extensions, first present wins."),
+    click.option("--text-key", default="txt", show_default=True,
+                 help="Caption extension, or json:FIELD (samples without one get a status row)."),
+    click.option("--allow-pipe", is_flag=True, help="Allow pipe: shard URLs (they run shell commands)."),
+)
+
+execution_options = group(
+    click.option("--batch-size", type=int, default=256, show_default=True,
+                 help="Samples per batch (score: per shard in static mode, see docs/method.md)."),
+    click.option("--workers", type=int, default=DEFAULT_WORKERS, show_default=True,
+                 help="DataLoader worker processes reading and decoding shards."),
+    click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N."),
+    click.option("--threads", type=int, default=None, help=THREADS_HELP),
+)
+
+output_options = group(
+    click.option("--out", "out_dir", required=True,
+                 help="Run directory to write (re-run the same command to resume): a path, or an fsspec URL "
+                 "(s3://…) for static scoring."),
+    click.option("--overwrite", is_flag=True, help="Replace an existing run directory made by a different command."),
+    click.option("--quiet", "-q", is_flag=True, help="No progress bar and no summary."),
+    click.option("--json", "as_json", is_flag=True, help="Print the run's stats as JSON on stdout."),
+)
+
+
+def set_threads(threads: int | None) -> None:
+    """Apply --threads (validated here, before any model loads)."""
+    if threads is None:
+        return
+    from mimicfilter.errors import MimicfilterError
+
+    if threads < 1:
+        raise MimicfilterError(f"--threads {threads}: must be at least 1")
+    import torch
+
+    torch.set_num_threads(threads)
+
+
+def _image_keys(options: dict[str, Any]) -> tuple[str, ...]:
+    return tuple(key.strip().lower() for key in options["image_key"].split(",") if key.strip())
+
+
+def shards_from(shards: tuple[str, ...], options: dict[str, Any]) -> tuple[str, ...]:
+    """The expanded shard list (``-`` reads the list from stdin)."""
+    from mimicfilter.shards.discover import expand_shards
+
+    return tuple(expand_shards(shards, allow_pipe=options["allow_pipe"], stdin=sys.stdin))
+
+
+def task_from(shard_list: tuple[str, ...], options: dict[str, Any]) -> str:
+    """--task, with ``auto`` resolved: classify with a class-name file or head, else by the first samples."""
+    if options["task"] != "auto":
+        return options["task"]
+    if options["classnames"] or options["reference_head"]:
+        return "classify"
+    from mimicfilter.pipeline.stages import detect_task
+    from mimicfilter.shards.decode import DecodeConfig
+
+    decode = DecodeConfig(image_keys=_image_keys(options), text_key=options["text_key"].strip())
+    return detect_task(shard_list, decode, options["allow_pipe"])
+
+
+def decode_from(options: dict[str, Any], task: str):
+    from mimicfilter.shards.decode import DecodeConfig
+
+    return DecodeConfig(task=task, image_keys=_image_keys(options), text_key=options["text_key"].strip())
+
+
+def model_from(options: dict[str, Any], task: str):
+    from mimicfilter.mimic.models import ModelSpec
+
+    return ModelSpec(model=options["model"], reference=options["reference"], proxy=options["proxy"],
+                     mimic_layers=options["mimic_layers"], trust_checkpoint=options["trust_checkpoint"],
+                     seed=options["seed"], device=options["device"], task=task, classnames=options["classnames"],
+                     reference_head=options["reference_head"])
+
+
+def out_from(options: dict[str, Any]):
+    from mimicfilter.store.paths import run_path
+
+    return run_path(options["out_dir"])

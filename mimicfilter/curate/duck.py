@@ -1,0 +1,117 @@
+"""DuckDB over score tables: finding the Parquet parts, one connection setup, the ``scores`` view,
+and the one per-sample aggregation (a sample's epoch rows → one row) that filter, report and
+extrapolate share. Torch-free."""
+
+from __future__ import annotations
+
+import glob
+from pathlib import Path
+from typing import Sequence
+
+import duckdb
+
+from mimicfilter.errors import MimicfilterError
+from mimicfilter.store.parts import part_paths
+from mimicfilter.store.paths import SCORES_DIR, is_remote_url, run_path
+
+
+def score_files(inputs: Sequence[str]) -> list[str]:
+    """Parquet files of run directories (their finished parts), Parquet files or globs."""
+    files: list[str] = []
+    for item in inputs:
+        if is_remote_url(item):
+            files.extend(_remote_score_files(item))
+            continue
+        path = run_path(item)  # file:// URLs are local paths
+        if path.is_dir():
+            parts = part_paths(path) if (path / SCORES_DIR).is_dir() else sorted(path.glob("[!.]*.parquet"))
+            if not parts:
+                raise MimicfilterError(f"{item} holds no score parts", hint="pass a `mimicfilter score --out` directory")
+            files.extend(str(part) for part in parts)
+        elif any(char in str(path) for char in "*?["):
+            matches = sorted(glob.glob(str(path)))
+            if not matches:
+                raise MimicfilterError(f"no Parquet files match {item}", hint="check the pattern")
+            files.extend(matches)
+        elif path.is_file():
+            files.append(str(path))
+        else:
+            raise MimicfilterError(f"{item} does not exist", hint="pass run directories or Parquet files")
+    return list(dict.fromkeys(files))
+
+
+def _remote_score_files(url: str) -> list[str]:
+    """The parts of a run directory at an fsspec URL, or the URL itself when it names a file."""
+    path = run_path(url)
+    if path.is_file():
+        return [url]
+    parts = part_paths(path) if (path / SCORES_DIR).is_dir() else sorted(path.glob("[!.]*.parquet"), key=str)
+    if not parts:
+        raise MimicfilterError(f"{url} holds no score parts", hint="pass a `mimicfilter score --out` location")
+    return [str(part) for part in parts]
+
+
+def sql_string(text: str) -> str:
+    """A SQL string literal."""
+    return "'" + text.replace("'", "''") + "'"
+
+
+def connect(memory_limit: str | None = None, temp_directory: str | None = None) -> duckdb.DuckDBPyConnection:
+    connection = duckdb.connect()
+    if memory_limit:
+        connection.execute(f"SET memory_limit = '{memory_limit}'")
+    if temp_directory:
+        connection.execute("SET temp_directory = ?", [temp_directory])
+    connection.execute("SET preserve_insertion_order = false")  # lets DuckDB stream big GROUP BYs
+    return connection
+
+
+def load_scores(connection: duckdb.DuckDBPyConnection, files: Sequence[str]) -> None:
+    """A view ``scores`` over all rows of the given parts."""
+    for protocol in sorted({file.split("://", 1)[0] for file in files if is_remote_url(file)}):
+        import fsspec
+
+        # DuckDB reads fsspec URLs through the same filesystem (and credentials) as the writers
+        connection.register_filesystem(fsspec.filesystem(protocol))
+    try:
+        listing = ", ".join(sql_string(path) for path in files)  # views cannot take prepared parameters
+        connection.execute(f"CREATE OR REPLACE VIEW scores AS SELECT * FROM read_parquet([{listing}], union_by_name = true)")
+        columns = {row[0] for row in connection.execute("DESCRIBE scores").fetchall()}
+    except duckdb.Error as error:
+        raise MimicfilterError(f"cannot read the score tables: {' '.join(str(error).split())[:300]}") from error
+    missing = {"shard", "key", "status", "epoch", "mimic_score", "mimic_weight"} - columns
+    if missing:
+        raise MimicfilterError(f"not a mimicfilter score table: no column {', '.join(sorted(missing))}")
+
+
+def per_sample_sql(connection: duckdb.DuckDBPyConnection, source: str = "scores", extra: Sequence[str] = (),
+                   rows: str | None = None) -> str:
+    """SELECT one row per sample (shard, key) from the epoch rows of ``source``.
+
+    Per sample: identity (uid, index), the last epoch's status and error, the number of epochs,
+    the mean and last-epoch mimic score, the mean relative weight, loss, CLIP score and reference
+    loss (NULL where the table lacks the column), and the label. ``extra`` adds aggregates;
+    ``rows`` replaces the FROM clause's row source (e.g. a sub-query adding a vote column).
+    """
+    columns = {row[0] for row in connection.execute(f"DESCRIBE {source}").fetchall()}
+
+    def optional(expression: str, column: str, name: str) -> str:
+        return f"{expression} AS {name}" if column in columns else f"NULL AS {name}"
+
+    selected = [
+        "shard", "key",
+        "any_value(uid) AS uid",
+        'min("index")::INTEGER AS "index"',
+        "arg_max(status, epoch) AS status",
+        "arg_max(error, epoch) AS error",
+        "count(*)::INTEGER AS epochs",
+        "avg(mimic_score) AS mimic_score",
+        "arg_max(mimic_score, epoch) AS mimic_score_last",
+        "avg(mimic_weight) AS mimic_weight",
+        optional("avg(loss)", "loss", "loss"),
+        optional("avg(clip_score)", "clip_score", "clip_score"),
+        optional("avg(ref_loss)", "ref_loss", "ref_loss"),
+        optional("any_value(label)::INTEGER", "label", "label"),
+        *extra,
+    ]
+    return f"SELECT {', '.join(selected)} FROM {rows or source} GROUP BY shard, key"

@@ -1,0 +1,1 @@
+"""Score extrapolation: predict the scores of unscored samples from their scored neighbours."""

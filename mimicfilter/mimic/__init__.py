@@ -1,0 +1,1 @@
+"""The mimic score: losses, the JVP, models and mimic layers, the scorers, GradMimic."""

@@ -1,0 +1,123 @@
+"""Reference and proxy: what the user asked for (:class:`ModelSpec`) and what was built from it.
+
+Everything is validated in :func:`load_models`, before any shard is opened: the architecture name
+or JSON config, the checkpoints, the mimic-layer names and the shapes of reference and proxy on
+those layers; the default proxy is the reference with the mimic layers re-initialised from a seed.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import torch
+from torch import nn
+
+from mimicfilter.defaults import TASKS, task_defaults
+from mimicfilter.errors import MimicfilterError
+from mimicfilter.mimic.factory import instantiate, resolve_architecture
+from mimicfilter.mimic.heads import build_classifiers
+from mimicfilter.mimic.jvp import MimicDirection, mimic_direction
+from mimicfilter.mimic.layers import layers_to_reinitialise, parameters_of, reinitialise, select_mimic_layers, touches_head
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """What the user asked for; validated by :func:`load_models`."""
+
+    model: str
+    reference: str
+    proxy: str | None = None
+    mimic_layers: str | None = None  # None: the task's default preset
+    trust_checkpoint: bool = False
+    seed: int = 0
+    device: str = "cpu"
+    task: str = "contrastive"
+    reference_head: str | None = None  # classification: a trained head checkpoint ...
+    classnames: str | None = None  # ... or a class-name file for a zero-shot head
+
+    def __post_init__(self):
+        if self.task not in TASKS:
+            raise MimicfilterError(f"unknown task {self.task!r}", hint="contrastive or classify")
+        if self.task == "classify" and not (self.reference_head or self.classnames):
+            raise MimicfilterError(
+                "classification needs a reference head",
+                hint="pass --classnames FILE (zero-shot head from the reference text tower) or --reference-head FILE",
+            )
+
+    @property
+    def layers(self) -> str:
+        return self.mimic_layers or task_defaults(self.task).mimic_layers
+
+
+@dataclass
+class LoadedModels:
+    """Reference and proxy CLIP models plus the preprocessing paired with them by open_clip."""
+
+    reference: nn.Module
+    proxy: nn.Module
+    preprocess: Callable
+    tokenizer: Callable
+    mimic_layers: tuple[str, ...]
+    direction: MimicDirection
+    device: torch.device
+    task: str = "contrastive"
+    provenance: dict[str, Any] = field(default_factory=dict)
+
+
+def load_models(spec: ModelSpec) -> LoadedModels:
+    """Build reference and proxy, select mimic layers, compute V; every check before any data is read."""
+    device = torch.device(spec.device)
+    architecture = resolve_architecture(spec.model)
+    built_reference = instantiate(architecture, spec.reference, "reference", spec.trust_checkpoint)
+    reference = built_reference.model
+    built_proxy = instantiate(architecture, spec.proxy, "proxy", spec.trust_checkpoint) if spec.proxy else None
+    proxy = built_proxy.model if built_proxy else None
+    extra_info = {}
+    if spec.task == "classify":
+        classifiers = build_classifiers(spec.reference_head, spec.classnames, spec.trust_checkpoint, reference, proxy,
+                                        built_reference.tokenizer)
+        reference, proxy, extra_info["reference_head"] = classifiers.reference, classifiers.proxy, classifiers.head_info
+    mimic_layers = select_mimic_layers(reference, spec.layers)
+    if built_proxy is not None and not (spec.task == "classify" and touches_head(mimic_layers)):
+        proxy_info = built_proxy.weights
+    else:
+        proxy = copy.deepcopy(reference) if proxy is None else proxy
+        reinitialised = layers_to_reinitialise(mimic_layers)
+        reinitialise(proxy, reinitialised, spec.seed)
+        proxy_info = {
+            **(built_proxy.weights if built_proxy else {"source": "reference"}),
+            "reinitialised_layers": list(reinitialised),
+            "seed": spec.seed,
+        }
+    try:
+        direction = mimic_direction(parameters_of(reference, mimic_layers), parameters_of(proxy, mimic_layers))
+    except ValueError as error:
+        raise MimicfilterError(f"cannot mimic the reference: {error}", hint="check --proxy and --mimic-layers") from error
+    for model in (reference, proxy):
+        model.to(device).eval().requires_grad_(False)
+    direction = MimicDirection(unit={k: v.to(device) for k, v in direction.unit.items()}, norm=direction.norm)
+    shapes = {name: list(value.shape) for name, value in parameters_of(reference, mimic_layers).items()}
+    provenance = {
+        "task": spec.task,
+        "architecture": spec.model,
+        "architecture_config": architecture.json_config,
+        "reference": built_reference.weights,
+        "proxy": proxy_info,
+        **extra_info,
+        "mimic_layers": {"spec": spec.layers, "shapes": shapes},
+        "direction_norm": direction.norm,
+    }
+    return LoadedModels(
+        reference=reference,
+        proxy=proxy,
+        preprocess=built_reference.preprocess,
+        tokenizer=built_reference.tokenizer,
+        mimic_layers=mimic_layers,
+        direction=direction,
+        device=device,
+        task=spec.task,
+        provenance=provenance,
+    )
+

@@ -1,0 +1,1 @@
+"""The scoring pipeline: read → decode → batch → score → write, for every mode (static, trajectory, embed)."""

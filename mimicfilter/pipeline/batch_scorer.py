@@ -1,0 +1,87 @@
+"""A batch in, output rows out: the scorer (and, with ``--save-embeddings``, the embedder) applied
+to a :class:`~mimicfilter.pipeline.batches.Batch`, one row per sample, bad samples included."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import torch
+
+from mimicfilter.mimic.build import autocast_dtype, load_models_on_device, make_scorer
+from mimicfilter.mimic.embedder import BatchEmbedder
+from mimicfilter.mimic.models import ModelSpec
+from mimicfilter.mimic.scorer import BatchScores, MimicScorer
+from mimicfilter.pipeline.batches import Batch
+from mimicfilter.store.schema import EMBEDDING_COLUMN, SCORE_VALUE_COLUMNS
+
+
+def score_rows(batch: Batch, scores: BatchScores | None, embeddings: torch.Tensor | None = None,
+               epoch: int = 0) -> list[dict[str, Any]]:
+    """One score row per sample of the batch; samples that are not ok get null scores."""
+    rows = []
+    ok_position = 0
+    for sample in batch.samples:
+        row = {**asdict(sample), "epoch": epoch, "step": batch.step}
+        if sample.ok and scores is not None:
+            for column in SCORE_VALUE_COLUMNS:
+                values = getattr(scores, column)
+                row[column] = None if values is None else float(values[ok_position])
+            if embeddings is not None:
+                row[EMBEDDING_COLUMN] = embeddings[ok_position].numpy()
+            ok_position += 1
+        rows.append(row)
+    return rows
+
+
+def embed_rows(batch: Batch, embeddings: torch.Tensor | None) -> list[dict[str, Any]]:
+    """One ``embed`` row per sample of the batch; the embedding for ok samples, null otherwise."""
+    rows, position = [], 0
+    for sample in batch.samples:
+        row = asdict(sample)
+        if sample.ok and embeddings is not None:
+            row[EMBEDDING_COLUMN] = embeddings[position].numpy()
+            position += 1
+        rows.append(row)
+    return rows
+
+
+@dataclass
+class BatchScorer:
+    """The scorer, and the embedder when the run stores embeddings."""
+
+    scorer: MimicScorer
+    embedder: BatchEmbedder | None = None
+
+    @property
+    def embedding_dim(self) -> int | None:
+        return self.embedder.dim if self.embedder is not None else None
+
+    def _embeddings(self, batch: Batch, scores: BatchScores) -> torch.Tensor | None:
+        return self.embedder(batch.images, scores) if self.embedder is not None else None
+
+    def score(self, batch: Batch, epoch: int = 0) -> list[dict[str, Any]]:
+        """Static scores of the batch (the proxy does not change)."""
+        if batch.images is None:
+            return score_rows(batch, None, epoch=epoch)
+        scores = self.scorer.score(batch.images, batch.targets)
+        return score_rows(batch, scores, self._embeddings(batch, scores), epoch)
+
+    def train(self, batch: Batch, optimizer: torch.optim.Optimizer, epoch: int) -> list[dict[str, Any]]:
+        """Score the batch at the current proxy, then take one Grad-Mimic step on it."""
+        if batch.images is None:
+            return score_rows(batch, None, epoch=epoch)
+        if batch.images.shape[0] > 1:
+            scores = self.scorer.train_step(batch.images, batch.targets, optimizer)
+        else:  # a batch of one has no contrast and a zero gradient: score it, but take no step
+            scores = self.scorer.score(batch.images, batch.targets)
+        return score_rows(batch, scores, self._embeddings(batch, scores), epoch)
+
+
+def build_batch_scorer(model: ModelSpec, temperature: float, save_embeddings: bool, train_mode: str) -> BatchScorer:
+    """Models on their device, the task's scorer, and the embedder when asked for."""
+    models = load_models_on_device(model)
+    autocast = autocast_dtype(models.device)
+    scorer = make_scorer(models, temperature, autocast_dtype=autocast)
+    embedder = BatchEmbedder(scorer, train_mode, autocast) if save_embeddings else None
+    return BatchScorer(scorer, embedder)

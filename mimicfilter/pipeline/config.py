@@ -1,0 +1,131 @@
+"""What the pipeline's commands need, validated once, up front; and what they report while running."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Protocol
+
+from mimicfilter.defaults import TRAIN_MODES, task_defaults
+from mimicfilter.errors import MimicfilterError
+from mimicfilter.execute.partition import Partition
+from mimicfilter.execute.ray import RayConfig
+from mimicfilter.mimic.models import ModelSpec
+from mimicfilter.shards.decode import DecodeConfig
+from mimicfilter.store.paths import is_remote
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """How the proxy learns along the stream."""
+
+    mode: str = "head"  # "head": only the mimic layers learn; "full": the whole proxy learns; "none": frozen
+    epochs: int = 1
+    lr: float | None = None  # None: the task's default (defaults.TASK_DEFAULTS), filled in by ScoreConfig
+    weight_decay: float = 1e-5
+    shuffle_buffer: int = 1000
+    checkpoint_every: int = 500
+
+    def __post_init__(self):
+        if self.mode not in TRAIN_MODES:
+            raise MimicfilterError(f"--train {self.mode}: not supported", hint=f"one of {', '.join(TRAIN_MODES)}")
+        if self.epochs < 1:
+            raise MimicfilterError(f"--epochs {self.epochs}: must be at least 1")
+        if self.mode == "none" and self.epochs != 1:
+            raise MimicfilterError("--epochs needs a learning proxy", hint="use --train head or full, or drop --epochs")
+        if (self.lr is not None and not self.lr > 0) or self.weight_decay < 0:
+            raise MimicfilterError(f"--lr {self.lr} / --weight-decay {self.weight_decay}: need lr > 0 and decay >= 0")
+        if self.shuffle_buffer < 0 or self.checkpoint_every < 0:
+            raise MimicfilterError("--shuffle-buffer and --checkpoint-every must be 0 or more")
+
+
+@dataclass(frozen=True)
+class ScoreConfig:
+    """Everything ``mimicfilter score`` needs; validated once, up front."""
+
+    shards: tuple[str, ...]
+    out_dir: Path
+    model: ModelSpec
+    decode: DecodeConfig = field(default_factory=DecodeConfig)
+    batch_size: int = 256
+    workers: int = 0
+    temperature: float | None = None  # None: the task's default
+    train: TrainConfig = field(default_factory=lambda: TrainConfig(mode="none"))
+    allow_pipe: bool = False
+    overwrite: bool = False
+    argv: tuple[str, ...] = ()
+    partition: Partition = field(default_factory=Partition)
+    ray: RayConfig | None = None  # None: the local executor
+    save_embeddings: bool = False  # also store the initial proxy's image embedding (mimic.embedder)
+
+    def __post_init__(self):
+        if not self.shards:
+            raise MimicfilterError("no shards to score", hint="pass shard files, a directory, a pattern or @list.txt")
+        if self.batch_size < 2:
+            raise MimicfilterError(f"--batch-size {self.batch_size}: need at least 2 (the loss contrasts pairs)")
+        if self.workers < 0:
+            raise MimicfilterError(f"--workers {self.workers}: must be 0 or more")
+        if self.temperature is not None and not self.temperature > 0:
+            raise MimicfilterError(f"--temperature {self.temperature}: must be positive")
+        if self.decode.task != self.model.task:
+            raise MimicfilterError(f"decoding for {self.decode.task!r} but models for {self.model.task!r}")
+        if (self.ray is not None or self.partition.partitioned) and self.train.mode != "none":
+            raise MimicfilterError(
+                f"--train {self.train.mode} is one ordered stream and cannot be split over shards",
+                hint="use --train none with --ray or --rank/--world-size (or score a subset and `extrapolate`)",
+            )
+        if is_remote(self.out_dir) and self.train.mode != "none":
+            raise MimicfilterError(
+                f"--out {self.out_dir}: trajectory runs (checkpoints, resume) need a local or mounted directory",
+                hint="use a local --out, or --train none for a remote run directory",
+            )
+        if self.partition.partitioned and self.overwrite:
+            raise MimicfilterError(
+                "--overwrite with --world-size > 1 would let one rank delete the others' parts",
+                hint="empty the run directory once before launching the ranks",
+            )
+        if self.train.lr is None:  # the task's learning rate, resolved once (it is part of the fingerprint)
+            resolved = dataclasses.replace(self.train, lr=task_defaults(self.model.task).lr)
+            object.__setattr__(self, "train", resolved)
+
+    @property
+    def effective_temperature(self) -> float:
+        return self.temperature if self.temperature is not None else task_defaults(self.decode.task).temperature
+
+
+@dataclass(frozen=True)
+class EmbedConfig:
+    """Everything ``mimicfilter embed`` needs; validated once, up front."""
+
+    shards: tuple[str, ...]
+    out_dir: Path
+    model: ModelSpec
+    decode: DecodeConfig = field(default_factory=DecodeConfig)
+    batch_size: int = 256
+    workers: int = 0
+    allow_pipe: bool = False
+    overwrite: bool = False
+    argv: tuple[str, ...] = ()
+
+    def __post_init__(self):
+        if not self.shards:
+            raise MimicfilterError("no shards to embed", hint="pass shard files, a directory, a pattern or @list.txt")
+        if self.batch_size < 1:
+            raise MimicfilterError(f"--batch-size {self.batch_size}: must be at least 1")
+        if self.workers < 0:
+            raise MimicfilterError(f"--workers {self.workers}: must be 0 or more")
+        if self.decode.task != self.model.task:
+            raise MimicfilterError(f"decoding for {self.decode.task!r} but models for {self.model.task!r}")
+
+
+class Progress(Protocol):
+    """What the pipeline reports while it runs (the CLI draws a bar from it)."""
+
+    def start(self, total: int, done: int, unit: str = "shards") -> None: ...
+
+    def advance(self, samples: int) -> None: ...
+
+    def shard_done(self, samples: int) -> None: ...
+
+    def close(self) -> None: ...

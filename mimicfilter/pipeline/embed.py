@@ -1,0 +1,79 @@
+"""``mimicfilter embed``: the proxy's image embedding of every sample, for score extrapolation.
+
+Forward only, through the same read → decode → batch stages and the same local-executor loop as
+static scoring, with the same decoding options, so a sample gets the same status in both (a sample
+``score`` would not score is not embedded either). One atomic part per shard
+(``scores/{part name}.parquet``) with the columns of ``store.schema.EMBED_COLUMNS``; re-running the
+same command resumes. The embedding space is :mod:`mimicfilter.mimic.embedder`'s.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict
+from typing import Any
+
+from mimicfilter.mimic.build import autocast_dtype, load_models_on_device
+from mimicfilter.mimic.embedder import ImageEmbedder
+from mimicfilter.pipeline.batch_scorer import embed_rows
+from mimicfilter.pipeline.batches import Batch
+from mimicfilter.pipeline.config import EmbedConfig, Progress
+from mimicfilter.pipeline.stages import Decoder, ShardBatches
+from mimicfilter.pipeline.static import local_shard_rows
+from mimicfilter.store.parts import part_path, table_stats, write_part
+from mimicfilter.store.rundir import RunDirectory
+from mimicfilter.store.schema import embed_rows_to_table
+
+
+def run_embed(config: EmbedConfig, progress: Progress | None = None) -> dict[str, Any]:
+    """Embed every shard into ``config.out_dir`` (resuming an earlier identical run); returns the stats."""
+    run = RunDirectory(config.out_dir, "embed", config.argv)
+    models = load_models_on_device(config.model)
+    device = models.device
+    embedder = ImageEmbedder(models, frozen_copy=False, autocast_dtype=autocast_dtype(device))
+    fingerprint = {
+        "format": 1,
+        "kind": "embed",
+        "task": models.task,
+        "shards": list(config.shards),
+        "embedding": embedder.space,
+        "device_type": device.type,
+        "decode": asdict(config.decode),
+    }
+    provenance = {
+        "models": models.provenance,
+        "embedding": embedder.space,
+        "batch_size": config.batch_size,
+        "device": str(device),
+        "shards": list(config.shards),
+    }
+    run.open(fingerprint, provenance, config.overwrite)
+    pending = [shard for shard in config.shards if not part_path(config.out_dir, shard).exists()]
+    if progress:
+        progress.start(len(config.shards), len(config.shards) - len(pending))
+    loop_started = time.time()
+    embedded = 0
+
+    def rows_of_batch(batch: Batch) -> list[dict[str, Any]]:
+        return embed_rows(batch, embedder(batch.images) if batch.images is not None else None)
+
+    try:
+        reader = ShardBatches(Decoder.for_models(config.decode, models), config.batch_size, config.allow_pipe)
+        for finished in local_shard_rows(pending, reader, rows_of_batch, config.workers, device.type == "cuda", progress):
+            write_part(embed_rows_to_table(finished.rows, embedder.dim), part_path(config.out_dir, finished.shard))
+            embedded += len(finished.rows)
+    finally:
+        if progress:
+            progress.close()
+    elapsed = time.time() - loop_started
+    return run.finish(run.stats({
+        **table_stats(config.out_dir, score_column=None),
+        "embedding_dim": embedder.dim,
+        "shards": len(config.shards),
+        "shards_resumed": len(config.shards) - len(pending),
+        "samples_embedded_now": embedded,
+        "embedding_seconds": round(elapsed, 3),
+        "samples_per_second": round(embedded / elapsed, 2) if embedded else None,
+        "device": str(device),
+        "workers": config.workers,
+    }))

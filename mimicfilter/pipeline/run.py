@@ -1,0 +1,156 @@
+"""``mimicfilter score``: shards → decoded samples → batches → scores → Parquet parts, resumable.
+
+    read (shards.tar) → decode (shards.decode) → batch (pipeline.batches)      pipeline.stages
+        → score (mimic scorer [+ proxy update]) → rows (pipeline.batch_scorer)
+        → write (store.parts.write_part, atomic)
+
+Static mode (``--train none``, :mod:`~mimicfilter.pipeline.static`): one part per shard, on the local
+executor, a ``--rank`` share, or Ray actors. Trajectory mode (``--train head|full``,
+:mod:`~mimicfilter.pipeline.trajectory`): one ordered stream per epoch while the proxy learns.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from dataclasses import asdict, dataclass
+from typing import Any
+
+from mimicfilter.errors import MimicfilterError
+from mimicfilter.execute.ray import run_with_ray
+from mimicfilter.mimic.models import LoadedModels
+from mimicfilter.pipeline.batch_scorer import BatchScorer, build_batch_scorer
+from mimicfilter.pipeline.config import Progress, ScoreConfig
+from mimicfilter.pipeline.stages import Decoder
+from mimicfilter.pipeline.static import ShardWorkerFactory, score_local
+from mimicfilter.pipeline.trajectory import EpochBatches, run_trajectory
+from mimicfilter.store.parts import part_path, table_stats
+from mimicfilter.store.rundir import RunDirectory, write_rank_stats
+
+
+def _fingerprint(config: ScoreConfig, models: LoadedModels) -> dict[str, Any]:
+    provenance = models.provenance
+    return {
+        "format": 1,
+        "task": models.task,
+        "shards": list(config.shards),
+        "architecture": provenance["architecture"],
+        "architecture_config": provenance["architecture_config"],
+        "reference": {k: v for k, v in provenance["reference"].items() if k != "path"},
+        "proxy": {k: v for k, v in provenance["proxy"].items() if k != "path"},
+        "reference_head": {k: v for k, v in provenance.get("reference_head", {}).items() if k != "path"},
+        "mimic_layers": list(models.mimic_layers),
+        "batch_size": config.batch_size,
+        "temperature": config.effective_temperature,
+        "seed": config.model.seed,
+        "train": asdict(config.train),
+        "device_type": _device_type(config, models),
+        "decode": asdict(config.decode),
+        # only when on, so runs made before the flag existed keep their fingerprint
+        **({"save_embeddings": True} if config.save_embeddings else {}),
+    }
+
+
+def _device_type(config: ScoreConfig, models: LoadedModels) -> str:
+    """Where the scores are computed: this process's device, or the Ray actors' for --ray."""
+    if config.ray is not None:
+        return "cuda" if config.ray.gpus_per_task else "cpu"
+    return models.device.type
+
+
+@dataclass(frozen=True)
+class _StaticCounts:
+    samples_scored: int
+    shards_resumed: int
+    shards_mine: int
+    executor: str
+    failures: tuple[str, ...] = ()
+
+
+def _score_static(config: ScoreConfig, batch_scorer: BatchScorer, progress: Progress | None) -> _StaticCounts:
+    """This process's shards (all, or its --rank's share), on Ray or the local executor."""
+    mine = config.partition.select(config.shards)
+    pending = [shard for shard in mine if not part_path(config.out_dir, shard).exists()]
+    if progress:
+        progress.start(len(mine), len(mine) - len(pending))
+    if config.ray is not None:
+
+        def on_done(shard: str, rows: int) -> None:
+            if progress:
+                progress.advance(rows)
+                progress.shard_done(rows)
+
+        result = run_with_ray(pending, ShardWorkerFactory(config), config.ray, on_done)
+        return _StaticCounts(result.total, len(mine) - len(pending), len(mine),
+                             f"ray ({result.actors} actors)", result.failures)
+    scored = score_local(config, batch_scorer, pending, progress)
+    return _StaticCounts(scored, len(mine) - len(pending), len(mine), "local")
+
+
+def run_score(config: ScoreConfig, progress: Progress | None = None) -> dict[str, Any]:
+    """Score every shard into ``config.out_dir`` (resuming an earlier identical run); returns the stats."""
+    run = RunDirectory(config.out_dir, "score", config.argv)
+    # With --ray the driver only validates the models and hashes the checkpoints (on CPU: the
+    # head node may have no GPU); the actors load them again on their own devices.
+    driver_model = config.model if config.ray is None else dataclasses.replace(config.model, device="cpu")
+    batch_scorer = build_batch_scorer(driver_model, config.effective_temperature, config.save_embeddings,
+                                      config.train.mode)
+    scorer = batch_scorer.scorer
+    models = scorer.models
+    device = str(models.device) if config.ray is None else f"ray ({_device_type(config, models)})"
+    provenance = {
+        "models": models.provenance,
+        "scoring_route": scorer.route,
+        "shared_trunk": scorer.shared_trunk,
+        "temperature": config.effective_temperature,
+        "batch_size": config.batch_size,
+        "seed": config.model.seed,
+        "train": asdict(config.train),
+        "device": device,
+        "shards": list(config.shards),
+        **({"embedding": batch_scorer.embedder.space} if batch_scorer.embedder is not None else {}),
+    }
+    run.open(_fingerprint(config, models), provenance, config.overwrite, concurrent=config.partition.partitioned)
+    loop_started = time.time()
+    counts = None
+    try:
+        if config.train.mode == "none":
+            counts = _score_static(config, batch_scorer, progress)
+            scored_samples, shards_resumed = counts.samples_scored, counts.shards_resumed
+        else:
+            batches = EpochBatches(config.shards, config.model.seed, config.train.shuffle_buffer,
+                                   Decoder.for_models(config.decode, models), config.batch_size, config.allow_pipe)
+            scored_samples = run_trajectory(batch_scorer, config.train, batches, config.out_dir, config.workers, progress)
+            shards_resumed = None
+    finally:
+        if progress:
+            progress.close()
+    scoring = time.time() - loop_started
+    stats = run.stats({
+        **table_stats(config.out_dir),
+        "shards": len(config.shards),
+        "shards_resumed": shards_resumed,
+        "samples_scored_now": scored_samples,
+        "scoring_seconds": round(scoring, 3),  # reading, decoding and scoring; model loading excluded
+        "samples_per_second": round(scored_samples / scoring, 2) if scored_samples else None,
+        "train": config.train.mode,
+        "epochs": config.train.epochs,
+        "scoring_route": scorer.route,
+        "device": device,
+        "workers": config.workers,
+    })
+    if counts is not None:
+        stats |= {"executor": counts.executor, "shards_this_process": counts.shards_mine,
+                  "rank": config.partition.rank, "world_size": config.partition.world_size}
+        if config.partition.partitioned:
+            write_rank_stats(config.out_dir, config.partition.rank, config.partition.world_size, stats)
+        if counts.failures:
+            raise MimicfilterError(
+                f"{len(counts.failures)} shard(s) failed after --max-retries {config.ray.max_retries}: "
+                f"{counts.failures[0]}",
+                hint="re-run the same command to retry them (finished parts are kept)",
+            )
+        missing = sum(not part_path(config.out_dir, shard).exists() for shard in config.shards)
+        if missing:  # other ranks are still working: the last one to finish marks the run done
+            return stats | {"shards_missing": missing}
+    return run.finish(stats)

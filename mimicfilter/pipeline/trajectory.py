@@ -1,0 +1,173 @@
+"""Grad-Mimic stage 1: score every sample while the proxy learns (``--train head|full``).
+
+One ordered stream per epoch: the shards in order, through a seeded shuffle buffer, decoded and
+cut into batches of ``batch_size`` ok samples (batches span shards here; the tail rule of
+:mod:`mimicfilter.pipeline.batches` applies at the epoch's end). Each batch is scored at the current proxy,
+then the proxy takes one AdamW step on the re-weighted loss. Rows record the epoch and the global
+step at which each sample was seen.
+
+Resume: every ``checkpoint_every`` steps and at each epoch end, the rows since the previous
+checkpoint are written as a part (``scores/epoch-EEEE-chunk-CCCCC.parquet``) and then the proxy,
+the optimizer and the stream position are saved (``checkpoints/latest.pt``, atomically). A
+re-run loads that checkpoint, skips the samples of the stream it had consumed (raw bytes are
+re-read but not decoded), and continues; the parts it rewrites are byte-for-byte what the killed
+run would have written, so the finished table equals an uninterrupted run's (CPU, same seed).
+"""
+
+from __future__ import annotations
+
+import io
+import itertools
+import random
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Iterable, Iterator
+
+import torch
+
+from mimicfilter.execute.local import fan_out
+from mimicfilter.mimic.scorer import MimicScorer
+from mimicfilter.pipeline.batch_scorer import BatchScorer
+from mimicfilter.pipeline.batches import Batch
+from mimicfilter.pipeline.config import Progress, TrainConfig
+from mimicfilter.pipeline.stages import Decoder, decoded_batches
+from mimicfilter.shards.records import RawSample
+from mimicfilter.shards.tar import iter_shard_samples
+from mimicfilter.store.atomic import atomic_write_bytes
+from mimicfilter.store.parts import write_part
+from mimicfilter.store.paths import CHECKPOINTS_DIR, SCORES_DIR
+from mimicfilter.store.schema import rows_to_table
+
+
+@dataclass(frozen=True)
+class StreamPosition:
+    """Where a trajectory stands: what the next batch is, and which part comes next."""
+
+    epoch: int = 0
+    consumed: int = 0  # samples of this epoch's shuffled stream already in scored batches
+    step: int = 0  # global batch counter (the ``step`` column)
+    chunk: int = 0  # index of the next part within this epoch
+
+
+def shuffled(samples: Iterable[RawSample], buffer_size: int, rng: random.Random) -> Iterator[RawSample]:
+    """The classic streaming shuffle: keep ``buffer_size`` samples, emit a random one per arrival."""
+    if buffer_size <= 1:
+        yield from samples
+        return
+    buffer: list[RawSample] = []
+    for sample in samples:
+        if len(buffer) < buffer_size:
+            buffer.append(sample)
+            continue
+        position = rng.randrange(buffer_size)
+        yield buffer[position]
+        buffer[position] = sample
+    rng.shuffle(buffer)
+    yield from buffer
+
+
+def epoch_stream(shards: tuple[str, ...], epoch: int, seed: int, shuffle_buffer: int, allow_pipe: bool) -> Iterator[RawSample]:
+    """The raw samples of one epoch, in the order the proxy sees them (a function of seed and epoch)."""
+    rng = random.Random(seed * 1_000_003 + epoch)
+    raw = itertools.chain.from_iterable(iter_shard_samples(shard, allow_pipe=allow_pipe) for shard in shards)
+    return shuffled(raw, shuffle_buffer, rng)
+
+
+@dataclass(frozen=True)
+class EpochBatches:
+    """One epoch's batches from where the position stands (picklable: runs in one worker process,
+    so the order is the stream's order)."""
+
+    shards: tuple[str, ...]
+    seed: int
+    shuffle_buffer: int
+    decoder: Decoder
+    batch_size: int
+    allow_pipe: bool
+
+    def __call__(self, start: tuple[int, StreamPosition]) -> Iterator[Batch]:
+        epoch, position = start
+        stream = epoch_stream(self.shards, epoch, self.seed, self.shuffle_buffer, self.allow_pipe)
+        remaining = itertools.islice(stream, position.consumed, None)  # resume: skip without decoding
+        return decoded_batches(remaining, self.decoder, self.batch_size, shard=None, first_step=position.step)
+
+
+def _checkpoint_path(run_dir: Path) -> Path:
+    return run_dir / CHECKPOINTS_DIR / "latest.pt"
+
+
+def _trained_state(scorer: MimicScorer, mode: str) -> dict[str, torch.Tensor]:
+    if mode == "full":
+        return {name: value.detach().cpu() for name, value in scorer.models.proxy.state_dict().items()}
+    return {name: value.detach().cpu() for name, value in scorer.mimic_parameters().items()}
+
+
+def _save(path: Path, payload: dict[str, Any]) -> None:
+    buffer = io.BytesIO()
+    torch.save(payload, buffer)
+    atomic_write_bytes(path, buffer.getvalue())
+
+
+def save_checkpoint(run_dir: Path, scorer: MimicScorer, optimizer, mode: str, position: StreamPosition) -> None:
+    _save(
+        _checkpoint_path(run_dir),
+        {"position": asdict(position), "proxy": _trained_state(scorer, mode), "optimizer": optimizer.state_dict()},
+    )
+
+
+def load_checkpoint(run_dir: Path, scorer: MimicScorer, optimizer) -> StreamPosition:
+    """Restore proxy and optimizer from the last checkpoint; a fresh position when there is none."""
+    path = _checkpoint_path(run_dir)
+    if not path.exists():
+        return StreamPosition()
+    payload = torch.load(path, map_location=scorer.models.device, weights_only=True)
+    proxy = scorer.models.proxy
+    with torch.no_grad():
+        state = dict(proxy.named_parameters()) | dict(proxy.named_buffers())
+        for name, value in payload["proxy"].items():
+            state[name].copy_(value)
+    optimizer.load_state_dict(payload["optimizer"])
+    return StreamPosition(**payload["position"])
+
+
+def run_trajectory(batch_scorer: BatchScorer, train: TrainConfig, batches: EpochBatches, run_dir: Path,
+                   workers: int, progress: Progress | None = None) -> int:
+    """Run (or resume) the trajectory into ``run_dir``; returns the number of rows scored now."""
+    scorer = batch_scorer.scorer
+    trained = scorer.enable_training(train.mode)
+    optimizer = torch.optim.AdamW(trained, lr=train.lr, weight_decay=train.weight_decay)
+    position = load_checkpoint(run_dir, scorer, optimizer)
+    pin_memory = scorer.models.device.type == "cuda"
+    if progress:
+        progress.start(train.epochs, position.epoch, unit="epochs")
+    scored_now = 0
+    while position.epoch < train.epochs:
+        epoch = position.epoch
+        rows: list[dict] = []
+        consumed, step, chunk = position.consumed, position.step, position.chunk
+        # One unit (the epoch) in at most one worker process: the stream keeps its order.
+        for batch in fan_out([(epoch, position)], batches, min(workers, 1), pin_memory):
+            batch_rows = batch_scorer.train(batch, optimizer, epoch)
+            rows.extend(batch_rows)
+            consumed += len(batch_rows)
+            step += 1
+            scored_now += len(batch_rows)
+            if progress:
+                progress.advance(len(batch_rows))
+            if train.checkpoint_every and step % train.checkpoint_every == 0 and not batch.last:
+                _write_chunk(run_dir, epoch, chunk, rows, batch_scorer.embedding_dim)
+                chunk += 1
+                rows = []
+                save_checkpoint(run_dir, scorer, optimizer, train.mode,
+                                StreamPosition(epoch=epoch, consumed=consumed, step=step, chunk=chunk))
+        _write_chunk(run_dir, epoch, chunk, rows, batch_scorer.embedding_dim)
+        position = StreamPosition(epoch=epoch + 1, consumed=0, step=step, chunk=0)
+        save_checkpoint(run_dir, scorer, optimizer, train.mode, position)
+        _save(run_dir / CHECKPOINTS_DIR / f"epoch-{epoch:04d}.pt", {"proxy": _trained_state(scorer, train.mode)})
+        if progress:
+            progress.shard_done(consumed)
+    return scored_now
+
+
+def _write_chunk(run_dir: Path, epoch: int, chunk: int, rows: list[dict], embedding_dim: int | None = None) -> None:
+    write_part(rows_to_table(rows, embedding_dim=embedding_dim), run_dir / SCORES_DIR / f"epoch-{epoch:04d}-chunk-{chunk:05d}.parquet")

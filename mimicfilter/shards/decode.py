@@ -1,0 +1,237 @@
+"""Raw sample -> model inputs (:class:`DecodedSample`), with a status instead of exceptions.
+
+Statuses, first failing rule wins: a non-"ok" raw status passes through; then "missing_image",
+"too_large", "decode_error" (image); then "missing_text" / "missing_label" / "decode_error"
+(caption or label); then "decode_error" if preprocess or tokenize fails; else "ok".
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import re
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from PIL import Image, UnidentifiedImageError
+
+from mimicfilter.defaults import TASKS
+from mimicfilter.errors import MimicfilterError, one_line
+from mimicfilter.shards.records import DecodedSample, RawSample
+
+_INTEGER = re.compile(r"[+-]?[0-9]+")
+_JSON_PREFIX = "json:"
+
+# Both return torch tensors; torch itself is imported only where a tensor is checked, so `report`
+# (which decodes images for its contact sheets) does not load it.
+Preprocess = Callable[[Image.Image], Any]
+Tokenize = Callable[[str], Any]
+
+
+@dataclass(frozen=True)
+class DecodeConfig:
+    task: str = "contrastive"  # "contrastive" (needs image+text) or "classify" (needs image+label)
+    image_keys: tuple[str, ...] = ("jpg", "jpeg", "png", "webp")
+    text_key: str = "txt"  # or "json:FIELD" to read the caption from the sample's .json
+    label_key: str = "cls"
+    max_image_pixels: int = 89_478_485  # decompression-bomb guard (Pillow's default limit)
+    num_classes: int | None = None  # classify: labels must lie in [0, num_classes) when given
+
+    def __post_init__(self) -> None:
+        if self.task not in TASKS:
+            raise MimicfilterError(f"unknown task {self.task!r}", hint="use 'contrastive' or 'classify'")
+        if isinstance(self.image_keys, str) or not self.image_keys or not all(
+            isinstance(key, str) and key.strip() for key in self.image_keys
+        ):
+            raise MimicfilterError(
+                f"image keys must be a non-empty list of extensions, got {self.image_keys!r}", hint="e.g. jpg,jpeg,png,webp"
+            )
+        if not self.text_key or (self.text_key.startswith(_JSON_PREFIX) and not self.json_field):
+            raise MimicfilterError(
+                f"bad text key {self.text_key!r}", hint="use an extension such as 'txt', or 'json:FIELD' (e.g. json:caption)"
+            )
+        if not self.label_key:
+            raise MimicfilterError("label key must not be empty", hint="e.g. cls")
+        if isinstance(self.max_image_pixels, bool) or not isinstance(self.max_image_pixels, int) or self.max_image_pixels <= 0:
+            raise MimicfilterError(
+                f"max image pixels must be a positive integer, got {self.max_image_pixels!r}", hint="the default is 89478485"
+            )
+
+    @property
+    def json_field(self) -> str | None:
+        """The caption field when text_key is "json:FIELD", else None."""
+        if self.text_key.startswith(_JSON_PREFIX):
+            return self.text_key[len(_JSON_PREFIX) :].strip() or None
+        return None
+
+
+class _Reject(Exception):
+    """Internal: a sample-level failure carrying its status; never escapes decode_sample."""
+
+    def __init__(self, status: str, error: str):
+        super().__init__(error)
+        self.status = status
+        self.error = one_line(error)
+
+
+def decode_sample(raw: RawSample, config: DecodeConfig, preprocess: Preprocess, tokenize: Tokenize | None) -> DecodedSample:
+    """Decode one raw sample into model inputs; every outcome is a row, never an exception."""
+    meta, meta_error = _parse_json(raw.files.get("json"))
+    sample = DecodedSample(raw.shard, raw.key, raw.index, uid=_uid(meta), status=raw.status, error=raw.error)
+    if not sample.ok:
+        return sample
+    if config.task == "contrastive" and tokenize is None:
+        raise MimicfilterError("contrastive decoding needs a tokenizer", hint="pass the model's tokenizer")
+    try:
+        image = _load_image(raw.files, config)
+        if config.task == "contrastive":
+            sample.caption = _caption(raw.files, meta, meta_error, config)
+        else:
+            sample.label = _label(raw.files, config)
+        sample.image = _apply("preprocess", preprocess, image)
+        if tokenize is not None and sample.caption is not None:
+            sample.text = _apply("tokenize", tokenize, sample.caption)
+    except _Reject as reject:
+        sample.status, sample.error, sample.image, sample.text = reject.status, reject.error, None, None
+    return sample
+
+
+@dataclass(frozen=True)
+class DisplaySample:
+    """What a human looks at: the image (None when unreadable), its caption or label, or why not."""
+
+    image: Image.Image | None
+    caption: str | None
+    label: int | None
+    error: str | None
+
+
+def decode_for_display(raw: RawSample, config: DecodeConfig) -> DisplaySample:
+    """Decode a raw sample for a contact sheet; like decode_sample, failures become ``error``."""
+    if raw.status != "ok":
+        return DisplaySample(None, None, None, raw.error or raw.status)
+    files = raw.files
+    meta, meta_error = _parse_json(files.get("json"))
+    caption = label = None
+    try:
+        if config.task == "contrastive":
+            caption = _caption(files, meta, meta_error, config)
+        else:
+            label = _label(files, config)
+    except _Reject:
+        pass  # the image may still be worth showing
+    try:
+        image = _load_image(files, config)
+    except _Reject as reject:
+        return DisplaySample(None, caption, label, reject.error)
+    return DisplaySample(image, caption, label, None)
+
+
+def _parse_json(data: bytes | None) -> tuple[dict | None, str | None]:
+    """(parsed object, error) of the sample's .json; a bad json only matters for json:FIELD captions."""
+    if data is None:
+        return None, None
+    try:
+        meta = json.loads(data)
+    except ValueError as exc:  # JSONDecodeError and UnicodeDecodeError are both ValueErrors
+        return None, f"sample json is not valid JSON: {exc}"
+    if not isinstance(meta, dict):
+        return None, f"sample json is a {type(meta).__name__}, not an object"
+    return meta, None
+
+
+def _uid(meta: dict | None) -> str | None:
+    uid = meta.get("uid") if meta else None
+    return None if uid is None else str(uid)
+
+
+def _load_image(files: dict[str, bytes], config: DecodeConfig) -> Image.Image:
+    ext = next((key.lower() for key in config.image_keys if key.lower() in files), None)
+    if ext is None:
+        raise _Reject("missing_image", f"no image file (looked for {', '.join(config.image_keys)})")
+    with warnings.catch_warnings():
+        # Bomb warnings become errors here only. If the configured limit is above Pillow's own,
+        # Pillow's warning is ignored and our explicit pixel check below decides instead.
+        action = "error" if config.max_image_pixels <= (Image.MAX_IMAGE_PIXELS or 0) else "ignore"
+        warnings.simplefilter(action, Image.DecompressionBombWarning)
+        try:
+            with Image.open(io.BytesIO(files[ext])) as opened:
+                width, height = opened.size  # from the header: checked before any pixel is decoded
+                if width * height > config.max_image_pixels:
+                    raise _Reject(
+                        "too_large", f"image {ext} is {width}x{height} pixels, over the {config.max_image_pixels}-pixel limit"
+                    )
+                opened.load()  # force a full decode so truncated/corrupt data fails here, not later
+                return _to_rgb(opened)
+        except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+            raise _Reject("too_large", f"image {ext} rejected as a decompression bomb: {exc}") from None
+        except UnidentifiedImageError:
+            raise _Reject("decode_error", f"cannot decode image {ext}: not a recognised image format") from None
+        except _Reject:
+            raise
+        except Exception as exc:  # Pillow plugins raise many unrelated types (OSError, SyntaxError, struct.error...) on bad data
+            raise _Reject("decode_error", f"cannot decode image {ext}: {type(exc).__name__}: {exc}") from None
+
+
+def _to_rgb(image: Image.Image) -> Image.Image:
+    """RGB copy; transparent pixels become white (emoji PNGs are transparent, black would hide them)."""
+    has_alpha = image.mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in image.info
+    if not has_alpha:
+        return image.convert("RGB")
+    rgba = image.convert("RGBA")
+    background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+    return Image.alpha_composite(background, rgba).convert("RGB")
+
+
+def _caption(files: dict[str, bytes], meta: dict | None, meta_error: str | None, config: DecodeConfig) -> str:
+    field = config.json_field
+    if field is None:
+        data = files.get(config.text_key.lower())
+        if data is None:
+            raise _Reject("missing_text", f"no caption file ({config.text_key})")
+        try:
+            text = data.decode("utf-8-sig")  # -sig: a leading BOM is not part of the caption
+        except UnicodeDecodeError as exc:
+            raise _Reject("decode_error", f"caption {config.text_key} is not valid UTF-8: {exc}") from None
+    else:
+        if "json" not in files:
+            raise _Reject("missing_text", f"no json file for caption field {field!r}")
+        if meta_error is not None:
+            raise _Reject("decode_error", meta_error)
+        value = meta.get(field) if meta else None
+        if value is None:
+            raise _Reject("missing_text", f"sample json has no caption field {field!r}")
+        if not isinstance(value, str):
+            raise _Reject("decode_error", f"caption field {field!r} is a {type(value).__name__}, not a string")
+        text = value
+    text = text.strip()
+    if not text:
+        raise _Reject("missing_text", f"caption {config.text_key} is empty")
+    return text
+
+
+def _label(files: dict[str, bytes], config: DecodeConfig) -> int:
+    data = files.get(config.label_key.lower())
+    if data is None:
+        raise _Reject("missing_label", f"no label file ({config.label_key})")
+    text = data.decode("utf-8", errors="replace").strip()
+    if not _INTEGER.fullmatch(text):
+        raise _Reject("decode_error", f"label {config.label_key} is not an integer: {text[:40]!r}")
+    label = int(text)
+    if config.num_classes is not None and not 0 <= label < config.num_classes:
+        raise _Reject("decode_error", f"label {label} is outside the head's {config.num_classes} classes")
+    return label
+
+
+def _apply(name: str, func: Callable, value: object) -> Any:
+    import torch
+
+    try:
+        result = func(value)
+    except Exception as exc:  # user/model callables: any failure is this sample's problem, not the run's
+        raise _Reject("decode_error", f"{name} failed: {type(exc).__name__}: {exc}") from None
+    if not isinstance(result, torch.Tensor):
+        raise _Reject("decode_error", f"{name} returned {type(result).__name__}, expected a tensor")
+    return result

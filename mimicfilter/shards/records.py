@@ -1,0 +1,72 @@
+"""The records that flow out of this package: a raw sample (bytes), a decoded sample (model inputs),
+and the part of a sample every output row repeats."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from mimicfilter.errors import one_line
+
+
+@dataclass(slots=True)
+class RawSample:
+    """One WebDataset sample as read from its shard: the bytes of its files, or why not.
+
+    ``status`` is ``ok``, ``too_large`` (a member over the size limit), ``decode_error`` (e.g. a
+    duplicate member) or ``shard_error`` (the stream broke here; ``files`` is then empty).
+    """
+
+    shard: str
+    key: str
+    index: int  # position in the shard, counting every sample
+    files: dict[str, bytes] = field(default_factory=dict)  # extension (lower case) -> bytes
+    status: str = "ok"
+    error: str | None = None
+
+    def mark(self, status: str, error: str) -> None:
+        """Record a problem; the first one wins, so a later one cannot hide why the sample was rejected."""
+        if self.status == "ok":
+            self.status = status
+            self.error = one_line(error)
+
+
+@dataclass(frozen=True, slots=True)
+class SampleInfo:
+    """Who a sample is and what became of it: the columns every output row of the sample repeats."""
+
+    shard: str
+    key: str
+    index: int
+    uid: str | None
+    status: str
+    error: str | None
+    label: int | None
+
+    @property
+    def ok(self) -> bool:
+        return self.status == "ok"
+
+
+@dataclass(slots=True)
+class DecodedSample:
+    """One sample after decoding: model inputs (``image``/``text`` tensors, ``label``) when ``status`` is ok."""
+
+    shard: str
+    key: str
+    index: int
+    uid: str | None = None
+    status: str = "ok"
+    error: str | None = None
+    label: int | None = None
+    image: Any = None  # torch.Tensor [3, H, W]
+    text: Any = None  # torch.Tensor of token ids (image–text pools)
+    caption: str | None = None
+
+    @property
+    def ok(self) -> bool:
+        return self.status == "ok"
+
+    @property
+    def info(self) -> SampleInfo:
+        return SampleInfo(self.shard, self.key, self.index, self.uid, self.status, self.error, self.label)

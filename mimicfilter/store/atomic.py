@@ -1,0 +1,71 @@
+"""Atomic writes: every output file appears whole or not at all.
+
+Local files are written under a temp name in the target's directory (``.NAME.XXXX.tmp``: readers
+skip dot files) and renamed into place, so a crash leaves the old file or no file, never half of
+one. Remote (fsspec) paths are written with one upload, which object stores publish only once it
+is complete.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from mimicfilter.store.paths import RunPath, is_remote
+
+
+def temp_path_beside(path: Path) -> Path:
+    """A new, empty temp file next to ``path`` (same filesystem, so a rename is atomic)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    descriptor, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(descriptor)
+    return Path(name)
+
+
+@contextlib.contextmanager
+def atomic_path(path: Path, *, exclusive: bool = False) -> Iterator[Path]:
+    """Yield a temp path to write; on success it becomes ``path``, on any failure it is deleted.
+
+    ``exclusive``: publish with a hard link, which never replaces an existing file (raises
+    FileExistsError instead): create-if-absent for files that several processes may race to write.
+    """
+    temp = temp_path_beside(path)
+    try:
+        yield temp
+        if exclusive:
+            os.link(temp, path)
+        else:
+            os.replace(temp, path)
+    finally:
+        temp.unlink(missing_ok=True)  # after a rename there is nothing left; after a link, the temp name
+
+
+def _write_synced(target: Path, data: bytes) -> None:
+    with open(target, "wb") as handle:
+        handle.write(data)
+        handle.flush()
+        os.fsync(handle.fileno())
+
+
+def atomic_write_bytes(path: RunPath, data: bytes, *, exclusive: bool = False) -> None:
+    """Write ``data`` to ``path`` atomically (``exclusive``: only if ``path`` does not exist yet, local only)."""
+    if is_remote(path):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with path.open("wb") as handle:
+            handle.write(data)
+        return
+    with atomic_path(path, exclusive=exclusive) as temp:
+        _write_synced(temp, data)
+
+
+def json_bytes(payload: Any) -> bytes:
+    return (json.dumps(payload, indent=2, sort_keys=True, default=str) + "\n").encode()
+
+
+def atomic_write_json(path: RunPath, payload: Any, *, exclusive: bool = False) -> None:
+    atomic_write_bytes(path, json_bytes(payload), exclusive=exclusive)

@@ -1,0 +1,177 @@
+"""The run directory: one skeleton for every command that writes one (score, embed, extrapolate).
+
+A run directory belongs to one command. Re-running the same command resumes it (finished parts
+are kept); a different command is refused unless ``--overwrite`` wipes the old results first.
+"Same command" means the same *fingerprint*: every option that changes a result (inputs, models and
+their checkpoint hashes, mimic layers, batch size, temperature, seed, device type, decoding), but
+none that only changes speed or display (workers, progress, --json).
+
+:class:`RunDirectory` writes the parts every run shares: provenance (run.json, with the version,
+argv and start time), the closing statistics (stats.json, with wall time and machine) and the
+``_SUCCESS`` marker written last.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from typing import Any, Sequence
+
+from mimicfilter.errors import MimicfilterError
+from mimicfilter.store.atomic import atomic_write_bytes, atomic_write_json
+from mimicfilter.store.paths import (
+    CHECKPOINTS_DIR,
+    RANKS_DIR,
+    RUN_FILE,
+    SCORES_DIR,
+    STATS_FILE,
+    SUCCESS_FILE,
+    RunPath,
+    is_remote,
+    remove_tree,
+    run_path,
+)
+from mimicfilter.version import __version__
+
+
+class RunDirectory:
+    """One command's run directory: ``open`` it (create or resume), write parts, ``finish`` it."""
+
+    def __init__(self, path: RunPath, command: str, argv: Sequence[str] = ()):
+        self.path = path
+        self.command = command
+        self.argv = list(argv) or list(sys.argv)
+        self.started = time.time()
+
+    def open(self, fingerprint: dict[str, Any], provenance: dict[str, Any], overwrite: bool,
+             concurrent: bool = False) -> bool:
+        """Create or reopen the directory for this command; True when resuming an earlier run."""
+        shared = {
+            "mimicfilter_version": __version__,
+            "command": self.command,
+            "argv": self.argv,
+            "started_at": time.strftime("%Y-%m-%dT%H:%M:%S%z", time.localtime(self.started)),
+        }
+        return prepare_run_dir(self.path, fingerprint, shared | provenance, overwrite, concurrent)
+
+    def stats(self, counts: dict[str, Any]) -> dict[str, Any]:
+        """The closing statistics: ``counts`` plus what every run reports."""
+        return {
+            "command": self.command,
+            **counts,
+            "wall_seconds": round(time.time() - self.started, 3),
+            "run_dir": str(self.path),
+            "cpu_count": os.cpu_count(),
+        }
+
+    def finish(self, stats: dict[str, Any]) -> dict[str, Any]:
+        """Write stats.json, then ``_SUCCESS``: the run is complete."""
+        finish_run_dir(self.path, stats)
+        return stats
+
+
+def _differences(old: dict, new: dict, prefix: str = "") -> list[str]:
+    changed = []
+    for key in sorted(set(old) | set(new)):
+        before, after = old.get(key), new.get(key)
+        if isinstance(before, dict) and isinstance(after, dict):
+            changed.extend(_differences(before, after, f"{prefix}{key}."))
+        elif before != after:
+            changed.append(f"{prefix}{key}")
+    return changed
+
+
+def prepare_run_dir(
+    run_dir: RunPath, fingerprint: dict[str, Any], provenance: dict[str, Any], overwrite: bool, concurrent: bool = False
+) -> bool:
+    """Create or reopen ``run_dir`` for this command; returns True when resuming an earlier run.
+
+    Writes run.json atomically on first use. Refuses a directory made by a different command
+    (naming what differs) unless ``overwrite``, which deletes the earlier results first.
+    ``concurrent``: other ranks of the same job may be creating the directory at the same moment;
+    run.json is then created exactly once (link-if-absent) and the others check their fingerprint
+    against it.
+    """
+    run_file = run_dir / RUN_FILE
+    if run_dir.exists() and not run_dir.is_dir():
+        raise MimicfilterError(f"--out {run_dir} exists and is not a directory", hint="choose another --out")
+    resuming = False
+    normalised = json.loads(json.dumps(fingerprint, default=str))
+    if run_file.exists():
+        try:
+            earlier = json.loads(run_file.read_text())
+        except (OSError, json.JSONDecodeError) as error:
+            raise MimicfilterError(f"cannot read {run_file}: {error}", hint="use --overwrite to start afresh") from error
+        same = earlier.get("fingerprint") == normalised
+        if same and not overwrite:
+            resuming = True
+        elif not overwrite:
+            changed = _differences(earlier.get("fingerprint", {}), normalised)
+            raise MimicfilterError(
+                f"{run_dir} holds a run of a different command (differs in: {', '.join(changed[:6]) or 'format'})",
+                hint="re-run the original command to resume, pass --overwrite to replace it, or choose another --out",
+            )
+    elif run_dir.is_dir() and _foreign_entries(run_dir, concurrent) and not overwrite:
+        raise MimicfilterError(
+            f"--out {run_dir} is not empty and holds no run.json", hint="choose an empty or new directory, or --overwrite"
+        )
+    if overwrite and run_dir.is_dir():
+        for name in (SCORES_DIR, CHECKPOINTS_DIR, RANKS_DIR):
+            remove_tree(run_dir / name)
+        for name in (RUN_FILE, STATS_FILE, SUCCESS_FILE):
+            (run_dir / name).unlink(missing_ok=True)
+    (run_dir / SCORES_DIR).mkdir(parents=True, exist_ok=True)
+    if not resuming and concurrent:
+        if not _create_once(run_file, {**provenance, "fingerprint": fingerprint}):
+            # another rank won the race: same job (resume together) or a different command (refuse)
+            return prepare_run_dir(run_dir, fingerprint, provenance, overwrite=False, concurrent=True)
+    elif not resuming:
+        (run_dir / SUCCESS_FILE).unlink(missing_ok=True)
+        atomic_write_json(run_file, {**provenance, "fingerprint": fingerprint})
+    return resuming
+
+
+def _foreign_entries(run_dir: RunPath, concurrent: bool) -> list[str]:
+    """Entries that make ``run_dir`` someone else's; with concurrent ranks, theirs are expected."""
+    ours = {RUN_FILE, SCORES_DIR, RANKS_DIR} if concurrent else set()
+    return [p.name for p in run_dir.iterdir() if p.name not in ours and not (concurrent and p.name.startswith("."))]
+
+
+def _create_once(path: RunPath, payload: dict[str, Any]) -> bool:
+    """Write ``path`` only if it does not exist, atomically (a hard link cannot overwrite).
+
+    Object stores have no create-if-absent: there the first writer's run.json may be replaced by
+    another rank's, which is harmless because ranks that get this far share the fingerprint.
+    """
+    if is_remote(path):
+        if path.exists():
+            return False
+        atomic_write_json(path, payload)
+        return True
+    try:
+        atomic_write_json(path, payload, exclusive=True)
+        return True
+    except FileExistsError:
+        return False
+
+
+def write_rank_stats(run_dir: RunPath, rank: int, world_size: int, stats: dict[str, Any]) -> RunPath:
+    """Each rank's own stats (ranks/rank-RRRRR-of-WWWWW.json); stats.json is the last rank's."""
+    path = run_dir / RANKS_DIR / f"rank-{rank:05d}-of-{world_size:05d}.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(path, stats)
+    return path
+
+
+def finish_run_dir(run_dir: RunPath, stats: dict[str, Any]) -> None:
+    atomic_write_json(run_dir / STATS_FILE, stats)
+    atomic_write_bytes(run_dir / SUCCESS_FILE, b"")
+
+
+def read_run_info(run_dir: RunPath | str) -> dict[str, Any]:
+    run_file = run_path(run_dir) / RUN_FILE
+    if not run_file.is_file():
+        raise MimicfilterError(f"{run_dir} is not a mimicfilter run directory (no run.json)", hint="pass a `score --out` dir")
+    return json.loads(run_file.read_text())

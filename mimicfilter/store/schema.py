@@ -1,0 +1,98 @@
+"""The tables a run directory holds: the score schema (plus its optional columns) and the embed schema.
+
+Rows cross into this module as plain dicts keyed by column name (one per output row), the one
+place where records become Arrow tables.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Iterable
+
+import numpy as np
+import pyarrow as pa
+
+STATUSES = ("ok", "decode_error", "missing_image", "missing_text", "missing_label", "too_large", "shard_error")
+
+SCORE_SCHEMA = pa.schema(
+    [
+        pa.field("shard", pa.string(), nullable=False),
+        pa.field("key", pa.string(), nullable=False),
+        pa.field("uid", pa.string()),
+        pa.field("index", pa.int32(), nullable=False),
+        pa.field("epoch", pa.int16(), nullable=False),
+        pa.field("step", pa.int32(), nullable=False),
+        pa.field("status", pa.string(), nullable=False),
+        pa.field("error", pa.string()),
+        pa.field("mimic_score", pa.float32()),
+        pa.field("mimic_weight", pa.float32()),
+        pa.field("loss", pa.float32()),
+        pa.field("clip_score", pa.float32()),
+        pa.field("ref_loss", pa.float32()),
+        pa.field("label", pa.int32()),
+    ]
+)
+SCORE_COLUMNS = tuple(SCORE_SCHEMA.names)
+SCORE_VALUE_COLUMNS = ("mimic_score", "mimic_weight", "loss", "clip_score", "ref_loss")
+
+# Optional columns, appended after SCORE_SCHEMA's only when a run asks for them: the default schema
+# (and every reader of it) is unchanged. ``read_part``/``read_scores`` drop them unless named.
+EMBEDDING_COLUMN = "embedding"  # score --save-embeddings, and every `embed` part
+EXTRAPOLATED_COLUMN = "extrapolated"  # `extrapolate` output: true where the scores are kNN predictions
+
+# `embed` parts: who the sample is, its status, label and embedding.
+EMBED_COLUMNS = ("shard", "key", "uid", "index", "status", "error", "label", EMBEDDING_COLUMN)
+
+
+def embedding_field(dim: int) -> pa.Field:
+    """The proxy's L2-normalised image embedding: a fixed-size list of ``dim`` float16 (null unless ok)."""
+    return pa.field(EMBEDDING_COLUMN, pa.list_(pa.float16(), dim))
+
+
+def score_schema(embedding_dim: int | None = None, extrapolated: bool = False) -> pa.Schema:
+    """SCORE_SCHEMA, plus ``embedding`` (with ``embedding_dim``) and/or ``extrapolated`` when asked."""
+    schema = SCORE_SCHEMA
+    if embedding_dim is not None:
+        schema = schema.append(embedding_field(embedding_dim))
+    if extrapolated:
+        schema = schema.append(pa.field(EXTRAPOLATED_COLUMN, pa.bool_(), nullable=False))
+    return schema
+
+
+def embed_schema(dim: int) -> pa.Schema:
+    """Parts written by ``mimicfilter embed``."""
+    return pa.schema([SCORE_SCHEMA.field(name) for name in EMBED_COLUMNS if name != EMBEDDING_COLUMN]
+                     + [embedding_field(dim)])
+
+
+def embedding_array(values: list[Any], dim: int) -> pa.FixedSizeListArray:
+    """Per-row embeddings (array-likes of length ``dim``, or None) as a float16 fixed-size list array."""
+    mask = np.array([value is None for value in values], dtype=bool)
+    flat = np.zeros((len(values), dim), dtype=np.float16)
+    for row, value in enumerate(values):
+        if value is not None:
+            flat[row] = np.asarray(value, dtype=np.float16)
+    return pa.FixedSizeListArray.from_arrays(pa.array(flat.reshape(-1)), dim, mask=pa.array(mask))
+
+
+def rows_to_table(rows: Iterable[dict[str, Any]], embedding_dim: int | None = None) -> pa.Table:
+    """Score rows (dicts with the schema's columns; missing columns are null) as a table in index order.
+
+    With ``embedding_dim``, the table has the ``embedding`` column too (from each row's ``embedding``).
+    """
+    ordered = sorted(rows, key=lambda row: (row["epoch"], row["index"]))
+    columns = {name: [row.get(name) for row in ordered] for name in SCORE_COLUMNS}
+    table = pa.table(columns, schema=SCORE_SCHEMA)
+    if embedding_dim is not None:
+        embeddings = embedding_array([row.get(EMBEDDING_COLUMN) for row in ordered], embedding_dim)
+        table = table.append_column(embedding_field(embedding_dim), embeddings)
+    return table
+
+
+def embed_rows_to_table(rows: list[dict[str, Any]], dim: int) -> pa.Table:
+    """`embed` rows as a table in index order."""
+    ordered = sorted(rows, key=lambda row: row["index"])
+    schema = embed_schema(dim)
+    columns = {name: [row.get(name) for row in ordered] for name in EMBED_COLUMNS if name != EMBEDDING_COLUMN}
+    table = pa.table(columns, schema=pa.schema([schema.field(name) for name in columns]))
+    return table.append_column(schema.field(EMBEDDING_COLUMN),
+                               embedding_array([row.get(EMBEDDING_COLUMN) for row in ordered], dim))
