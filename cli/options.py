@@ -21,11 +21,24 @@ from typing import Any, Callable
 
 import click
 
-from mimicfilter.defaults import MIMIC_LAYER_PRESETS
+from mimicfilter.defaults import MIMIC_LAYER_PRESETS, TASK_DEFAULTS
 
 DEFAULT_WORKERS = max(0, min(8, (os.cpu_count() or 2) // 2))
 THREADS_HELP = ("torch CPU threads of this process [default: torch's choice, all cores]; set it when several "
                 "processes share the cores (an oversubscribed CPU can run 10x slower).")
+
+
+def per_task_default(attribute: str) -> str:
+    """The task defaults table as help text, e.g. ``1e-4 contrastive, 1e-3 classification``."""
+
+    def shown(value) -> str:
+        if isinstance(value, float) and value < 0.01:
+            return f"{value:.0e}".replace("e-0", "e-")
+        return f"{value:g}" if isinstance(value, float) else str(value)
+
+    names = {"classify": "classification"}
+    return ", ".join(f"{shown(getattr(defaults, attribute))} {names.get(task, task)}"
+                     for task, defaults in TASK_DEFAULTS.items())
 
 
 def group(*decorators: Callable) -> Callable:
@@ -50,7 +63,7 @@ model_options = group(
                  "re-initialised from --seed."),
     click.option("--mimic-layers", default=None,
                  help=f"Preset ({', '.join(MIMIC_LAYER_PRESETS)}) or comma-separated globs over parameter names "
-                 "[default: image-proj; head for classification]."),
+                 f"[default: {per_task_default('mimic_layers')}]."),
     click.option("--seed", type=int, default=0, show_default=True, help="Seed of the proxy's re-initialised layers."),
     click.option("--task", type=click.Choice(["auto", "contrastive", "classify"]), default="auto", show_default=True,
                  help="auto: classify when samples carry .cls and no caption."),

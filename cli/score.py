@@ -20,6 +20,7 @@ from mimicfilter_cli.options import (
     model_options,
     out_from,
     output_options,
+    per_task_default,
     set_threads,
     shards_argument,
     shards_from,
@@ -61,14 +62,14 @@ training_options = group(
                  "none: score a frozen proxy (static, one part per shard)."),
     click.option("--epochs", type=int, default=1, show_default=True, help="Passes over the stream (trajectory modes)."),
     click.option("--lr", type=float, default=None,
-                 help="AdamW learning rate of the proxy [default: 1e-4 contrastive, 1e-3 classification]."),
+                 help=f"AdamW learning rate of the proxy [default: {per_task_default('lr')}]."),
     click.option("--weight-decay", type=float, default=1e-5, show_default=True, help="AdamW weight decay."),
     click.option("--shuffle-buffer", type=int, default=1000, show_default=True,
                  help="Samples in the seeded shuffle buffer of each epoch (0: stream order)."),
     click.option("--checkpoint-every", type=int, default=500, show_default=True,
                  help="Save proxy + optimizer every N steps (and at each epoch end) for resume."),
     click.option("--temperature", type=float, default=None,
-                 help="Softmax temperature of the batch weights [default: 0.05 contrastive, 1.0 classification]."),
+                 help=f"Softmax temperature of the batch weights [default: {per_task_default('temperature')}]."),
 )
 
 scale_options = group(

@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from mimicfilter.errors import MimicfilterError
-from mimicfilter.defaults import MIMIC_LAYER_PRESETS
+from mimicfilter.defaults import MIMIC_LAYER_PRESETS, task_defaults
 from mimicfilter.mimic.jvp import mimic_direction
 from mimicfilter.mimic.layers import select_mimic_layers
 
@@ -45,16 +45,22 @@ class GradMimic:
 
     ``model`` is the model you train (the proxy); ``reference`` is a module with the same parameter
     names on the mimic layers, or a dict name -> tensor. ``mimic_layers`` is a preset
-    (image-proj, text-proj, both-proj, image-last-mlp, head) or a list of parameter names/globs.
+    (image-proj, text-proj, both-proj, image-last-mlp, head) or a list of parameter names/globs;
+    it and ``temperature`` default to the ``task``'s defaults (``mimicfilter.defaults``: image-proj
+    and 0.05 for contrastive, head and 1.0 for classify), as in ``mimicfilter score``.
     """
 
     def __init__(
         self,
         model: nn.Module,
         reference: nn.Module | dict[str, torch.Tensor],
-        mimic_layers: str | Sequence[str] = "image-proj",
-        temperature: float = 0.05,
+        mimic_layers: str | Sequence[str] | None = None,
+        temperature: float | None = None,
+        task: str = "contrastive",
     ):
+        defaults = task_defaults(task)
+        mimic_layers = defaults.mimic_layers if mimic_layers is None else mimic_layers
+        temperature = defaults.temperature if temperature is None else temperature
         if not temperature > 0:
             raise MimicfilterError(f"temperature {temperature}: must be positive")
         spec = mimic_layers if isinstance(mimic_layers, str) else ",".join(mimic_layers)
