@@ -12,8 +12,8 @@ from rich.table import Table
 
 from mimicfilter.curate.filter import FilterConfig, JoinSpec, run_filter
 from mimicfilter.curate.rules import parse_drop, parse_rule
-from mimicfilter.curate.votes import BINARIZE_RULES, VOTE_COMBINERS, AggregateConfig
 from mimicfilter_cli.common import one_line_errors
+from mimicfilter_cli.options import aggregation_from, votes_options
 
 
 def _print_summary(summary: dict, dry_run: bool) -> None:
@@ -52,10 +52,7 @@ def _print_summary(summary: dict, dry_run: bool) -> None:
               help="Remove afterwards, e.g. bottom-frac:mimic_score=0.2 (also min/max/top-frac/top-k/where:SQL).")
 @click.option("--combine", type=click.Choice(["and", "or"]), default="and", show_default=True,
               help="How keep rules combine.")
-@click.option("--binarize", type=click.Choice(BINARIZE_RULES), default=AggregateConfig.binarize, show_default=True,
-              help="Per-epoch vote: gmm (2-component mixture), kmeans, sign (s > 0) or threshold (r > 1).")
-@click.option("--combine-votes", type=click.Choice(VOTE_COMBINERS), default=AggregateConfig.combine_votes,
-              show_default=True, help="Combine epoch votes by majority or a Dawid-Skene label model.")
+@votes_options
 @click.option("--join", "joins", multiple=True, metavar="FILE", help="External Parquet score table to join.")
 @click.option("--on", "join_on", type=click.Choice(["uid", "shard,key"]), default="uid", show_default=True,
               help="Join key for --join.")
@@ -66,12 +63,10 @@ def _print_summary(summary: dict, dry_run: bool) -> None:
               help="Copy kept samples byte-exactly into new shards here (plus a wids index).")
 @click.option("--maxcount", type=int, default=10_000, show_default=True, help="Samples per curated shard.")
 @click.option("--dry-run", is_flag=True, help="Print what would be kept; write nothing.")
-@click.option("--memory-limit", default=None, help="DuckDB memory limit, e.g. 4GB (it spills beyond).")
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON on stdout.")
 @one_line_errors
 def filter_command(inputs, out_dir, minimum, maximum, top_frac, bottom_frac, top_k, keep_votes, where, drop, combine,
-                   binarize, combine_votes, joins, join_on, keys, datacomp_npy, write_shards, maxcount, dry_run,
-                   memory_limit, as_json):
+                   joins, join_on, keys, datacomp_npy, write_shards, maxcount, dry_run, as_json, **options):
     """Aggregate score tables and keep samples by rules; write a manifest and curated outputs.
 
     INPUTS are run directories of `mimicfilter score` or Parquet score files/globs. With no
@@ -101,14 +96,14 @@ def filter_command(inputs, out_dir, minimum, maximum, top_frac, bottom_frac, top
         keep=tuple(keep),
         drop=tuple(parse_drop(value) for value in drop),
         combine=combine,
-        aggregation=AggregateConfig(binarize=binarize, combine_votes=combine_votes),
+        aggregation=aggregation_from(options),
         joins=tuple(JoinSpec(path, join_on) for path in joins),
         keys=keys,
         datacomp_npy=datacomp_npy,
         write_shards=write_shards,
         maxcount=maxcount,
         dry_run=dry_run,
-        memory_limit=memory_limit,
+        memory_limit=options["memory_limit"],
         argv=tuple(sys.argv),
     )
     summary = run_filter(config, stdout=sys.stdout)

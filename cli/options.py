@@ -21,6 +21,7 @@ from typing import Any, Callable
 
 import click
 
+from mimicfilter.curate.votes import BINARIZE_RULES, VOTE_COMBINERS, AggregateConfig
 from mimicfilter.defaults import MIMIC_LAYER_PRESETS, TASK_DEFAULTS
 
 DEFAULT_WORKERS = max(0, min(8, (os.cpu_count() or 2) // 2))
@@ -99,6 +100,19 @@ output_options = group(
     click.option("--quiet", "-q", is_flag=True, help="No progress bar and no summary."),
     click.option("--json", "as_json", is_flag=True, help="Print the run's stats as JSON on stdout."),
 )
+
+
+votes_options = group(
+    click.option("--binarize", type=click.Choice(BINARIZE_RULES), default=AggregateConfig.binarize, show_default=True,
+                 help="Per-epoch vote: gmm (2-component mixture), kmeans, sign (s > 0) or threshold (r > 1)."),
+    click.option("--combine-votes", type=click.Choice(VOTE_COMBINERS), default=AggregateConfig.combine_votes,
+                 show_default=True, help="Combine epoch votes by majority or a Dawid-Skene label model."),
+    click.option("--memory-limit", default=None, help="DuckDB memory limit, e.g. 4GB (it spills beyond)."),
+)
+
+
+def aggregation_from(options: dict[str, Any]) -> AggregateConfig:
+    return AggregateConfig(binarize=options["binarize"], combine_votes=options["combine_votes"])
 
 
 def set_threads(threads: int | None) -> None:

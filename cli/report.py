@@ -9,11 +9,11 @@ import click
 from rich.console import Console
 from rich.table import Table
 
-from mimicfilter.curate.votes import BINARIZE_RULES, VOTE_COMBINERS, AggregateConfig
 from mimicfilter.report.build import ReportConfig, build_report
 from mimicfilter.report.html import worst_shards
 from mimicfilter.store.paths import run_path
 from mimicfilter_cli.common import one_line_errors
+from mimicfilter_cli.options import aggregation_from, votes_options
 
 
 def _percent(value: float | None) -> str:
@@ -49,14 +49,10 @@ def _print_summary(summary: dict, out_dir: Path) -> None:
               help="Samples on each contact sheet (highest and lowest scores); 0 for none.")
 @click.option("--sample-rows", type=int, default=200_000, show_default=True,
               help="Rows used for the plots; bigger tables are hash-sampled down to about this.")
-@click.option("--binarize", type=click.Choice(BINARIZE_RULES), default=AggregateConfig.binarize, show_default=True,
-              help="Per-epoch vote of the default rule (as in filter).")
-@click.option("--combine-votes", type=click.Choice(VOTE_COMBINERS), default=AggregateConfig.combine_votes,
-              show_default=True, help="How epoch votes combine (as in filter).")
-@click.option("--memory-limit", default=None, help="DuckDB memory limit, e.g. 4GB (it spills beyond).")
+@votes_options
 @click.option("--json", "as_json", is_flag=True, help="Print the report's numbers as JSON on stdout.")
 @one_line_errors
-def report(run_dir, out_dir, filter_manifest, sheet_size, sample_rows, binarize, combine_votes, memory_limit, as_json):
+def report(run_dir, out_dir, filter_manifest, sheet_size, sample_rows, as_json, **options):
     """Write a static HTML report of a score run: quality estimate, plots, contact sheets.
 
     The quality estimate is the kept share of usable samples under the default filter rule
@@ -75,8 +71,8 @@ def report(run_dir, out_dir, filter_manifest, sheet_size, sample_rows, binarize,
         filter_manifest=filter_manifest,
         sheet_size=sheet_size,
         sample_rows=sample_rows,
-        aggregation=AggregateConfig(binarize=binarize, combine_votes=combine_votes),
-        memory_limit=memory_limit,
+        aggregation=aggregation_from(options),
+        memory_limit=options["memory_limit"],
     )
     summary = build_report(config)
     if as_json:
