@@ -14,7 +14,8 @@ MIMIC_LAYER_PRESETS = {
     "text-proj": "the text tower's final projection",
     "both-proj": "both towers' final projections",
     "image-last-mlp": "the MLP of the image tower's last transformer block",
-    "head": "the linear classifier head (classification default)",
+    "head": "the linear classifier head's weight, as in the paper's code (classification default)",
+    "head+bias": "the classifier head's weight and bias (both re-initialised in the default proxy)",
 }
 
 

@@ -55,7 +55,9 @@ PRESET_SELECTORS = {
     "text-proj": lambda model: _text_projection(model),
     "both-proj": lambda model: _image_projection(model) + _text_projection(model),
     "image-last-mlp": lambda model: _image_last_mlp(model),
-    "head": lambda model: [name for name, _ in model.named_parameters() if name.startswith("head.")],
+    # The paper's classification code mimics the head's weight only; its bias keeps the reference's value.
+    "head": lambda model: [name for name, _ in model.named_parameters() if name == "head.weight"],
+    "head+bias": lambda model: [name for name, _ in model.named_parameters() if name.startswith("head.")],
 }
 assert tuple(PRESET_SELECTORS) == tuple(MIMIC_LAYER_PRESETS)
 
