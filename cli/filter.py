@@ -28,13 +28,20 @@ def _print_summary(summary: dict, dry_run: bool) -> None:
         table.add_row("minus", rule)
     table.add_row("samples", str(summary["samples"]))
     table.add_row("kept", f"{summary['kept']} ({summary['kept_fraction'] or 0:.1%})")
-    if summary["quality_estimate"] is not None:
-        table.add_row("quality estimate (kept / ok)", f"{summary['quality_estimate']:.1%}")
+    headline, quality = summary["headline"], summary["quality"]
+    if headline["value"] is not None:
+        table.add_row(f"{headline['label']} (kept / ok)", f"{headline['value']:.1%}")
+    if quality["value"] is not None:
+        name = "range over the vote rules" if headline["label"] == "quality estimate" else "quality estimate (votes)"
+        shown = "" if headline["label"] == "quality estimate" else f"{quality['value']:.1%}, "
+        table.add_row(name, f"{shown}{quality['low']:.1%}–{quality['high']:.1%}")
     for reason, count in summary["reasons"].items():
         table.add_row(f"  {reason}", str(count))
     for name, path in summary.get("outputs", {}).items():
         table.add_row(name, path)
     console.print(table)
+    for warning in summary["warnings"]:
+        console.print(f"[yellow]warning:[/yellow] {warning}", highlight=False)
 
 
 @click.command(name="filter")

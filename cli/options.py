@@ -104,7 +104,8 @@ output_options = group(
 
 votes_options = group(
     click.option("--binarize", type=click.Choice(BINARIZE_RULES), default=AggregateConfig.binarize, show_default=True,
-                 help="Per-epoch vote: gmm (2-component mixture), kmeans, sign (s > 0) or threshold (r > 1)."),
+                 help="Per-epoch vote: mirror (drop twice the share below the noise's centre), gmm (2-component "
+                 "mixture), kmeans, sign (s > 0) or threshold (r > 1)."),
     click.option("--combine-votes", type=click.Choice(VOTE_COMBINERS), default=AggregateConfig.combine_votes,
                  show_default=True, help="Combine epoch votes by majority or a Dawid-Skene label model."),
     click.option("--memory-limit", default=None, help="DuckDB memory limit, e.g. 4GB (it spills beyond)."),

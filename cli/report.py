@@ -22,14 +22,23 @@ def _percent(value: float | None) -> str:
 
 def _print_summary(summary: dict, out_dir: Path) -> None:
     console = Console(stderr=True)
+    headline, quality = summary["headline"], summary["quality"]
     console.print(
-        f"[bold]Quality estimate {_percent(summary['quality_estimate'])}[/bold]: kept {summary['kept']:,} of "
+        f"[bold]{headline['label'].capitalize()} {_percent(headline['value'])}[/bold]: kept {summary['kept']:,} of "
         f"{summary['ok']:,} usable samples ({summary['samples']:,} in all) under [cyan]{summary['rule']}[/cyan]"
     )
+    if headline["label"] == "quality estimate":
+        console.print(f"Range over the vote rules: {_percent(quality['low'])}–{_percent(quality['high'])}")
+    else:
+        console.print(f"Quality estimate of the pool ({quality['rule']}): {_percent(quality['value'])} "
+                      f"(range {_percent(quality['low'])}–{_percent(quality['high'])})")
+    for warning in summary["warnings"]:
+        console.print(f"[yellow]warning:[/yellow] {warning}", highlight=False)
     worst = worst_shards(summary)
     if len(summary["shards_worst_first"]) > 1 and worst:
         table = Table(title="Worst shards", show_edge=False)
-        for name, justify in (("shard", "left"), ("usable", "right"), ("kept", "right"), ("quality", "right")):
+        share = "quality" if headline["label"] == "quality estimate" else "kept share"
+        for name, justify in (("shard", "left"), ("usable", "right"), ("kept", "right"), (share, "right")):
             table.add_column(name, justify=justify)
         for shard in worst:
             table.add_row(shard["shard"], f"{shard['ok']:,}", f"{shard['kept']:,}", _percent(shard["quality"]))
@@ -56,8 +65,9 @@ def report(run_dir, out_dir, filter_manifest, sheet_size, sample_rows, as_json, 
     """Write a static HTML report of a score run: quality estimate, plots, contact sheets.
 
     The quality estimate is the kept share of usable samples under the default filter rule
-    (per-epoch votes), or under the decisions of --filter-manifest. Open OUT/index.html from disk;
-    OUT/report.json holds the numbers.
+    (per-epoch votes), with its range over the vote rules and warnings. With --filter-manifest the
+    page follows that filter's decisions; unless it kept by the votes alone, their share is a
+    "kept fraction", not a quality. Open OUT/index.html from disk; OUT/report.json holds the numbers.
 
     \b
     Example:

@@ -19,6 +19,7 @@ from typing import IO, Any
 import duckdb
 
 from mimicfilter.curate.duck import connect, load_scores, score_files, sql_string
+from mimicfilter.curate.estimate import QualityEstimate, estimate_label, estimate_quality
 from mimicfilter.curate.outputs import write_datacomp, write_keys, write_manifest, write_shards
 from mimicfilter.curate.rules import Rule, apply_rules
 from mimicfilter.curate.votes import AggregateConfig, aggregate
@@ -112,7 +113,8 @@ def _join(connection, joins: tuple[JoinSpec, ...]) -> list[dict]:
     return report
 
 
-def _summary(connection, config: FilterConfig, aggregation: dict, joins: list[dict]) -> dict[str, Any]:
+def _summary(connection, config: FilterConfig, aggregation: dict, joins: list[dict],
+             estimate: QualityEstimate) -> dict[str, Any]:
     reasons = dict(connection.execute("SELECT reason, count(*) FROM decisions GROUP BY reason ORDER BY 2 DESC").fetchall())
     total, ok, kept = connection.execute(
         "SELECT count(*), count(*) FILTER (WHERE status = 'ok'), count(*) FILTER (WHERE kept) FROM decisions"
@@ -131,8 +133,19 @@ def _summary(connection, config: FilterConfig, aggregation: dict, joins: list[di
         "ok": ok,
         "kept": kept,
         "kept_fraction": kept / total if total else None,
-        "quality_estimate": kept / ok if ok else None,  # kept share of usable samples
+        **_estimate_fields(config, kept, ok, estimate),
         "reasons": reasons,
+    }
+
+
+def _estimate_fields(config: FilterConfig, kept: int, ok: int, estimate: QualityEstimate) -> dict[str, Any]:
+    """The kept share of usable samples under its right name, and the votes' quality estimate of the pool."""
+    label = estimate_label([rule.text for rule in config.effective_keep], [rule.text for rule in config.drop])
+    return {
+        "headline": {"label": label, "value": kept / ok if ok else None},
+        "quality_estimate": estimate.value,
+        "quality": estimate.as_dict(),
+        "warnings": list(estimate.warnings),
     }
 
 
@@ -147,9 +160,10 @@ def run_filter(config: FilterConfig, stdout: IO[str] = sys.stdout) -> dict[str, 
         connection = connect(config.memory_limit, spill)
         load_scores(connection, files)
         aggregation = aggregate(connection, config.aggregation)
+        estimate = estimate_quality(connection, aggregation, config.aggregation)
         joins = _join(connection, config.joins)
         apply_rules(connection, list(config.effective_keep), list(config.drop), config.combine)
-        summary = _summary(connection, config, aggregation, joins)
+        summary = _summary(connection, config, aggregation, joins, estimate)
         if config.dry_run:
             return summary
         out = config.out_dir

@@ -25,14 +25,15 @@ import numpy as np
 from mimicfilter.curate.duck import per_sample_sql
 from mimicfilter.errors import MimicfilterError
 
-BINARIZE_RULES = ("threshold", "sign", "kmeans", "gmm")
+BINARIZE_RULES = ("mirror", "threshold", "sign", "kmeans", "gmm")
 VOTE_COMBINERS = ("majority", "label-model")
 MAX_EPOCHS_FOR_PATTERNS = 62  # vote patterns are BIGINT bitmasks
+SECOND_MODE_DIP = 0.9  # a valley below 90 % of the lower mode's density counts as a second mode
 
 
 @dataclass(frozen=True)
 class AggregateConfig:
-    binarize: str = "gmm"  # chosen by measurement: docs/benchmarks.md
+    binarize: str = "mirror"  # chosen by its worst case on a validation suite: docs/benchmarks.md
     combine_votes: str = "majority"
 
     def __post_init__(self):
@@ -42,6 +43,27 @@ class AggregateConfig:
             raise MimicfilterError(
                 f"unknown --combine-votes {self.combine_votes!r}", hint=f"one of {', '.join(VOTE_COMBINERS)}"
             )
+
+
+def _mirror_threshold(connection, epoch: int, mixture: Mixture | None) -> float:
+    """Drop twice the share of scores below the noise's centre: keep the top 1 - 2 P(s < c).
+
+    A noisy sample's score is symmetric around a centre c: around 0 for a mismatched image–text
+    pair (its gradient is unrelated to the direction toward the reference), lower for a flipped
+    label. So as many noisy samples score above c as below it, and the lowest 2 P(s < c) of the
+    scores are the noise's share. c is the mean of the mixture's lower component, capped at 0 (a
+    noisy sample has no reason to pull toward the reference): with one bump of clean scores the
+    cap holds, nothing lies below 0 and everything is kept.
+    """
+    centre = 0.0 if mixture is None else min(0.0, mixture.means[0])
+    below, count = connection.execute(
+        "SELECT count(*) FILTER (WHERE mimic_score < ?), count(*) FROM epoch_scores WHERE epoch = ?", [centre, epoch]
+    ).fetchone()
+    if not below:
+        return centre
+    return connection.execute(
+        "SELECT quantile_disc(mimic_score, ?) FROM epoch_scores WHERE epoch = ?", [min(1.0, 2 * below / count), epoch]
+    ).fetchone()[0]
 
 
 def _kmeans_threshold(connection, epoch: int, iterations: int = 30) -> float | None:
@@ -65,8 +87,51 @@ def _kmeans_threshold(connection, epoch: int, iterations: int = 30) -> float | N
     return (low + high) / 2
 
 
-def _gmm_threshold(connection, epoch: int, iterations: int = 60) -> float | None:
-    """Where a 2-component 1-D Gaussian mixture's upper component becomes the more probable one.
+@dataclass(frozen=True)
+class Mixture:
+    """A fitted two-component 1-D Gaussian mixture; component 1 has the larger mean."""
+
+    means: tuple[float, float]
+    variances: tuple[float, float]
+    weights: tuple[float, float]
+
+    def crossing(self) -> float:
+        return _gaussian_crossing(self.means, self.variances, self.weights)
+
+    def dip(self, points: int = 2001) -> float:
+        """The density's lowest point between its two modes over the lower mode (1.0: only one mode).
+
+        Both modes of a two-Gaussian mixture lie between its means, so a grid there finds them.
+        """
+        (m0, m1), (v0, v1), (w0, w1) = self.means, self.variances, self.weights
+        grid = np.linspace(m0, m1, points)
+        density = (w0 * np.exp(-((grid - m0) ** 2) / (2 * v0)) / math.sqrt(v0)
+                   + w1 * np.exp(-((grid - m1) ** 2) / (2 * v1)) / math.sqrt(v1))
+        inner = density[1:-1]
+        peaks = np.flatnonzero((inner > density[:-2]) & (inner >= density[2:])) + 1
+        for end, neighbour in ((0, 1), (points - 1, points - 2)):  # a mode at a mean itself
+            if density[end] > density[neighbour]:
+                peaks = np.append(peaks, end)
+        if len(peaks) < 2:
+            return 1.0
+        first, last = int(peaks.min()), int(peaks.max())
+        return float(density[first : last + 1].min() / min(density[first], density[last]))
+
+    def second_mode(self) -> bool:
+        """Does the fitted density have two modes with a real valley between them?"""
+        return self.dip() < SECOND_MODE_DIP
+
+    def as_dict(self) -> dict:
+        return {"means": list(self.means), "variances": list(self.variances), "weights": list(self.weights),
+                "second_mode": self.second_mode()}
+
+    @classmethod
+    def from_dict(cls, values: dict) -> "Mixture":
+        return cls(tuple(values["means"]), tuple(values["variances"]), tuple(values["weights"]))
+
+
+def _gmm_fit(connection, epoch: int, iterations: int = 60) -> Mixture | None:
+    """A two-component 1-D Gaussian mixture of an epoch's scores (None when they do not vary).
 
     EM with sufficient statistics computed in SQL (sums of r, r·x, r·x² per component).
     """
@@ -77,7 +142,7 @@ def _gmm_threshold(connection, epoch: int, iterations: int = 60) -> float | None
     ).fetchone()
     count, low, high, variance = stats
     if not count or low is None or not variance:
-        return low
+        return None
     means = [low, high]
     variances = [variance / 2, variance / 2]
     weights = [0.5, 0.5]
@@ -107,7 +172,15 @@ def _gmm_threshold(connection, epoch: int, iterations: int = 60) -> float | None
             break
     if means[0] > means[1]:  # keep "upper" meaning the component with the larger mean
         means, variances, weights = means[::-1], variances[::-1], weights[::-1]
-    return _gaussian_crossing(means, variances, weights)
+    return Mixture(tuple(means), tuple(variances), tuple(weights))
+
+
+def _gmm_threshold(connection, epoch: int, mixture: Mixture | None) -> float | None:
+    """Where a 2-component 1-D Gaussian mixture's upper component becomes the more probable one."""
+    if mixture is None:
+        return connection.execute(
+            f"SELECT quantile_cont(mimic_score, 0.25) FROM epoch_scores WHERE epoch = {epoch}").fetchone()[0]
+    return mixture.crossing()
 
 
 def _gaussian_crossing(means, variances, weights) -> float:
@@ -133,6 +206,7 @@ class VoteRule:
 
     column: str
     thresholds: dict[int, float]
+    mixtures: dict[int, Mixture | None] | None = None  # the per-epoch fits, where the rule made them
 
     def sql(self) -> str:
         if len(set(self.thresholds.values())) <= 1:
@@ -142,26 +216,48 @@ class VoteRule:
         return f"({self.column} > CASE epoch {cases} END)"
 
 
-def vote_rule(connection, binarize: str) -> VoteRule:
+def _epochs(connection) -> list[int]:
     epochs = [row[0] for row in connection.execute("SELECT DISTINCT epoch FROM scores ORDER BY epoch").fetchall()]
     if len(epochs) > MAX_EPOCHS_FOR_PATTERNS:
         raise MimicfilterError(f"{len(epochs)} epochs: vote aggregation supports at most {MAX_EPOCHS_FOR_PATTERNS}")
-    if binarize == "threshold":
-        return VoteRule("mimic_weight", {epoch: 1.0 for epoch in epochs})
-    if binarize == "sign":
-        return VoteRule("mimic_score", {epoch: 0.0 for epoch in epochs})
-    fit = _kmeans_threshold if binarize == "kmeans" else _gmm_threshold
+    return epochs
+
+
+def _epoch_scores(connection) -> None:
     # The fits scan one epoch's scores dozens of times: keep just that column, once, in DuckDB
     # (4 bytes a row, spilled by DuckDB if need be) instead of re-reading the Parquet parts.
     connection.execute(
         "CREATE OR REPLACE TEMP TABLE epoch_scores AS SELECT epoch, mimic_score::DOUBLE AS mimic_score "
         "FROM scores WHERE status = 'ok' AND mimic_score IS NOT NULL"
     )
+
+
+def epoch_mixtures(connection) -> dict[int, Mixture | None]:
+    """Each epoch's two-component mixture of its scores (None where the scores do not vary)."""
+    epochs = _epochs(connection)
+    _epoch_scores(connection)
+    return {epoch: _gmm_fit(connection, epoch) for epoch in epochs}
+
+
+def vote_rule(connection, binarize: str, mixtures: dict[int, Mixture | None] | None = None) -> VoteRule:
+    """The per-epoch thresholds of a binarisation; ``mixtures`` reuses fits already made."""
+    epochs = _epochs(connection)
+    if binarize == "threshold":
+        return VoteRule("mimic_weight", {epoch: 1.0 for epoch in epochs})
+    if binarize == "sign":
+        return VoteRule("mimic_score", {epoch: 0.0 for epoch in epochs})
+    _epoch_scores(connection)
+    if binarize == "kmeans":
+        fitted = {epoch: _kmeans_threshold(connection, epoch) for epoch in epochs}
+        return VoteRule("mimic_score", {epoch: 0.0 if value is None else float(value) for epoch, value in fitted.items()})
+    if mixtures is None:
+        mixtures = {epoch: _gmm_fit(connection, epoch) for epoch in epochs}
+    fit = _mirror_threshold if binarize == "mirror" else _gmm_threshold
     thresholds = {}
     for epoch in epochs:
-        threshold = fit(connection, epoch)
+        threshold = fit(connection, epoch, mixtures.get(epoch))
         thresholds[epoch] = 0.0 if threshold is None else float(threshold)
-    return VoteRule("mimic_score", thresholds)
+    return VoteRule("mimic_score", thresholds, mixtures)
 
 
 def dawid_skene(patterns: np.ndarray, counts: np.ndarray, epochs: int, iterations: int = 100) -> np.ndarray:
@@ -228,4 +324,6 @@ def aggregate(connection, config: AggregateConfig) -> dict:
         "combine_votes": config.combine_votes,
         "epochs": epochs,
         **({"label_model": label_model} if label_model else {}),
+        **({"mixtures": {str(epoch): mixture.as_dict() if mixture else None for epoch, mixture in rule.mixtures.items()}}
+           if rule.mixtures is not None else {}),
     }

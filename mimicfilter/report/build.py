@@ -5,10 +5,12 @@
                 ──► highest / lowest samples ──► read back from the shards ──► contact sheets (Pillow)
                 ──► index.html + report.json (atomic writes; only files that exist are referenced)
 
-The quality estimate is the filter's: the kept share of the usable (status ``ok``) samples under
-the default rule (``keep-votes`` with the default aggregation) or under the decisions of a given
-``filter`` manifest. Plots use a deterministic hash sample of the rows when the table is larger
-than ``sample_rows``; the page states the sample size.
+The headline is the filter's: the kept share of the usable (status ``ok``) samples under the
+default rule (``keep-votes``: the quality estimate) or under the decisions of a given ``filter``
+manifest (a "kept fraction" unless that filter kept by the votes alone). The quality estimate of
+the pool, its interval and its warnings come from ``curate/estimate.py``, as in ``filter``.
+Plots use a deterministic hash sample of the rows when the table is larger than ``sample_rows``;
+the page states the sample size.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from mimicfilter.curate.duck import connect, load_scores, score_files
+from mimicfilter.curate.estimate import estimate_quality
 from mimicfilter.curate.votes import AggregateConfig
 from mimicfilter.errors import MimicfilterError
 from mimicfilter.report.html import render_html
@@ -71,6 +74,7 @@ def build_report(config: ReportConfig) -> dict[str, Any]:
         connection = connect(config.memory_limit, spill)
         load_scores(connection, files)
         rule = decisions(connection, config.aggregation, config.filter_manifest)
+        estimate = estimate_quality(connection, rule["aggregation"], config.aggregation)
         shards = shard_quality(connection)
         statuses = status_counts(connection)
         sample = sample_rows(connection, config.sample_rows)
@@ -84,7 +88,7 @@ def build_report(config: ReportConfig) -> dict[str, Any]:
     images["scores"] = plot_score_histograms(sample, rule, out / "scores.png")
     images["weights"] = plot_weight_histogram(sample, out / "weights.png")
     images["score_vs_clip"] = plot_score_vs_clip(per_sample, out / "score_vs_clip.png")
-    images["shards"] = plot_shard_quality(shards, kept / ok if ok else None, out / "shards.png")
+    images["shards"] = plot_shard_quality(shards, kept / ok if ok else None, out / "shards.png", rule["label"])
     if config.sheet_size:
         decode = decode_config_of_run(info)
         images["highest"] = contact_sheet(highest, decode, f"The {len(highest)} highest mimic scores (rank, score, caption or label, shard/key)", out / "highest.png")
@@ -98,7 +102,10 @@ def build_report(config: ReportConfig) -> dict[str, Any]:
         "samples": sum(shard.samples for shard in shards),
         "ok": ok,
         "kept": kept,
-        "quality_estimate": kept / ok if ok else None,
+        "headline": {"label": rule["label"], "value": kept / ok if ok else None},
+        "quality_estimate": estimate.value,
+        "quality": estimate.as_dict(),
+        "warnings": list(estimate.warnings),
         "shards_worst_first": [asdict(shard) | {"quality": shard.quality} for shard in shards],
         "status_counts": statuses,
         "plot_rows": {"score_rows_used": sample["rows_used"], "score_rows_total": sample["rows_total"],

@@ -19,12 +19,38 @@ td.n, th.n { text-align: right; font-variant-numeric: tabular-nums; }
 img { max-width: 100%; border: 1px solid #eee; margin: 0.4em 0; }
 .plots { display: flex; flex-wrap: wrap; gap: 1em; } .plots img { max-width: 540px; }
 code { background: #f4f4f4; padding: 0 0.25em; }
+.warn { background: #fff4e0; border-left: 4px solid #e69500; padding: 0.4em 0.8em; }
 """
 
 
 
 def _pct(value: float | None) -> str:
     return "–" if value is None else f"{100 * value:.1f}%"
+
+
+def _headline(summary: dict[str, Any]) -> list[str]:
+    """The kept share under its right name, the pool's quality estimate with its range, and the warnings."""
+    e = html.escape
+    headline, quality = summary["headline"], summary["quality"]
+    is_quality = headline["label"] == "quality estimate"
+    parts = [
+        f"<h2>{'Dataset quality estimate' if is_quality else 'Kept fraction'}</h2>",
+        f"<p class='big'>{_pct(headline['value'])}</p>",
+        f"<p>{summary['kept']:,} of {summary['ok']:,} usable samples kept ({summary['samples']:,} samples in all) "
+        f"under the rule <code>{e(summary['rule'])}</code>.",
+    ]
+    ranges = ", ".join(f"{e(name)} {_pct(share)}" for name, share in quality["by_rule"].items())
+    if is_quality:
+        parts[-1] += (f" The estimate is the kept share of the usable samples; the vote rules put it between "
+                      f"{_pct(quality['low'])} and {_pct(quality['high'])} ({ranges}).")
+    else:
+        parts[-1] += (" This rule fixes what is kept, so the share says nothing about the data's quality. The votes "
+                      f"({e(quality['rule'])}) estimate the pool's quality at <b>{_pct(quality['value'])}</b> "
+                      f"(range {_pct(quality['low'])}–{_pct(quality['high'])}: {ranges}).")
+    parts[-1] += (" See <em>Reading the report</em> (docs/report.md in mimicfilter) for what it does and does not "
+                  "measure.</p>")
+    parts += [f"<p class='warn'>Warning: {e(warning)}.</p>" for warning in summary["warnings"]]
+    return parts
 
 
 def render_html(summary: dict[str, Any], info: dict[str, Any]) -> str:
@@ -39,18 +65,14 @@ def render_html(summary: dict[str, Any], info: dict[str, Any]) -> str:
         f"<h1>mimicfilter report</h1><p class='muted'>run <code>{e(summary['run_dir'])}</code> · "
         f"{e(str(architecture))} · task {e(str(summary['task']))} · train {e(str(info.get('train', {}).get('mode', '?')))}"
         f" · {summary['epochs']} epoch(s) · written {e(summary['created_at'])}</p>",
-        "<h2>Dataset quality estimate</h2>",
-        f"<p class='big'>{_pct(summary['quality_estimate'])}</p>",
-        f"<p>{summary['kept']:,} of {summary['ok']:,} usable samples kept ({summary['samples']:,} samples in all) "
-        f"under the rule <code>{e(summary['rule'])}</code>. The estimate is the kept share of the usable samples; "
-        "see <em>Reading the report</em> (docs/report.md in mimicfilter) for what it does and does not measure.</p>",
+        *_headline(summary),
     ]
     shards = summary["shards_worst_first"]
     parts.append(f"<h3>Per shard, worst first ({len(shards)} shards)</h3>")
     if "shards" in images:
         parts.append(f"<img src='{e(images['shards'])}' alt='per-shard quality estimate, worst first'>")
     parts.append("<table><tr><th>shard</th><th class='n'>samples</th><th class='n'>usable</th>"
-                 "<th class='n'>kept</th><th class='n'>quality</th></tr>")
+                 f"<th class='n'>kept</th><th class='n'>{'quality' if summary['headline']['label'] == 'quality estimate' else 'kept share'}</th></tr>")
     for shard in shards[:MAX_SHARDS_LISTED]:
         parts.append(f"<tr><td><code>{e(shard['shard'])}</code></td><td class='n'>{shard['samples']:,}</td>"
                      f"<td class='n'>{shard['ok']:,}</td><td class='n'>{shard['kept']:,}</td>"

@@ -125,7 +125,8 @@ def plot_score_vs_clip(per_sample: dict[str, Any], path: Path) -> Path | None:
     return _save(figure, path)
 
 
-def plot_shard_quality(shards: list[ShardQuality], overall: float | None, path: Path) -> Path | None:
+def plot_shard_quality(shards: list[ShardQuality], overall: float | None, path: Path,
+                       label: str = "quality estimate") -> Path | None:
     shown = [shard for shard in shards if shard.quality is not None][:MAX_SHARDS_PLOTTED]
     if not shown:
         return None
@@ -149,9 +150,9 @@ def plot_shard_quality(shards: list[ShardQuality], overall: float | None, path: 
         axes.axvline(100 * overall, color="black", linestyle="--", linewidth=1)
         axes.text(100 * overall, 1.0, f" all shards {100 * overall:.1f}%", transform=axes.get_xaxis_transform(),
                   va="bottom", fontsize=9)
-    axes.set_xlabel("quality estimate: kept / usable samples (%)")
+    axes.set_xlabel(f"{label}: kept / usable samples (%)")
     more = len([s for s in shards if s.quality is not None]) - len(shown)
-    axes.set_title("Per-shard quality, worst first" + (f" (worst {len(shown)}; {more} more in the table)" if more else ""),
+    axes.set_title(f"Per-shard {label}, lowest first" + (f" (lowest {len(shown)}; {more} more in the table)" if more else ""),
                    pad=16)
     return _save(figure, path)
 

@@ -11,6 +11,7 @@ from typing import Any
 import numpy as np
 
 from mimicfilter.curate.duck import sql_string
+from mimicfilter.curate.estimate import KEPT_LABEL, QUALITY_LABEL, estimate_label
 from mimicfilter.curate.votes import AggregateConfig, aggregate
 from mimicfilter.errors import MimicfilterError
 
@@ -46,7 +47,7 @@ def decisions(connection, aggregation_config: AggregateConfig, filter_manifest: 
         connection.execute("ALTER TABLE samples ADD COLUMN kept BOOLEAN")
         connection.execute("UPDATE samples SET kept = (status = 'ok' AND vote_keep)")
         name = f"keep-votes ({aggregation['binarize']} per epoch, {aggregation['combine_votes']} over epochs)"
-        return {"name": name, "aggregation": aggregation, "thresholds": aggregation["thresholds"]}
+        return {"name": name, "aggregation": aggregation, "thresholds": aggregation["thresholds"], "label": QUALITY_LABEL}
     manifest = str(filter_manifest)
     try:
         columns = {row[0] for row in connection.execute(f"DESCRIBE SELECT * FROM read_parquet({sql_string(manifest)})").fetchall()}
@@ -64,7 +65,7 @@ def decisions(connection, aggregation_config: AggregateConfig, filter_manifest: 
         raise MimicfilterError(f"--filter-manifest {manifest} names none of this run's samples",
                                hint="pass the manifest of a filter over this run")
     summary_file = Path(manifest).with_name("summary.json")
-    name = f"manifest {manifest}"
+    name, label = f"manifest {manifest}", KEPT_LABEL  # a rule we cannot name may fix the kept share
     if summary_file.is_file():
         filter_summary = json.loads(summary_file.read_text())
         rules, votes = filter_summary.get("rules", {}), filter_summary.get("aggregation", {})
@@ -76,7 +77,8 @@ def decisions(connection, aggregation_config: AggregateConfig, filter_manifest: 
         joined = f" {rules.get('combine', 'and').upper()} ".join(keep)
         drops = "".join(f" minus {drop}" for drop in rules.get("drop", []))
         name = f"{joined}{drops} (from {manifest})"
-    return {"name": name, "aggregation": aggregation, "thresholds": aggregation["thresholds"]}
+        label = estimate_label(rules.get("keep", []), rules.get("drop", []))
+    return {"name": name, "aggregation": aggregation, "thresholds": aggregation["thresholds"], "label": label}
 
 
 def shard_quality(connection) -> list[ShardQuality]:
