@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
 DEMO_RUN ?= demo-run
 
-.PHONY: install test test-fast demo bench bench-quality clean
+.PHONY: install test test-fast demo bench bench-quality bench-defaults clean
 
 install: $(VENV)/.installed
 
@@ -35,6 +35,10 @@ bench: install
 
 bench-quality: install
 	$(PY) benchmarks/quality_imagetext.py
+
+# The validation suite the filter's defaults are chosen on (docs/benchmarks.md); cached in bench-runs/defaults.
+bench-defaults: install
+	$(PY) benchmarks/bench_defaults.py
 
 clean:
 	rm -rf $(VENV) $(DEMO_RUN) .pytest_cache *.egg-info

@@ -118,16 +118,16 @@ def boilerplate(rng: np.random.Generator) -> str:
     return BOILERPLATE[int(rng.integers(len(BOILERPLATE)))].format(n=int(rng.integers(10, 10000)))
 
 
-def corrupt(pool: np.ndarray, entries, pictures: np.ndarray, noise: float, seed: int):
-    """The pool's samples: list of dicts with image, caption and the truth."""
+def corrupt(pool: np.ndarray, entries, pictures: np.ndarray, noise: float, seed: int, kinds=KINDS):
+    """The pool's samples: list of dicts with image, caption and the truth (``kinds`` share the noise equally)."""
     rng = np.random.default_rng(seed)
     n = len(pool)
     count = int(round(noise * n))
     chosen = rng.permutation(n)[:count]
-    share = [count // 4 + (1 if i < count % 4 else 0) for i in range(4)]
+    share = [count // len(kinds) + (1 if i < count % len(kinds) else 0) for i in range(len(kinds))]
     kind_of = {}
     start = 0
-    for kind, k in zip(KINDS, share):
+    for kind, k in zip(kinds, share):
         for position in chosen[start : start + k]:
             kind_of[int(position)] = kind
         start += k

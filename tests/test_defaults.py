@@ -24,7 +24,7 @@ def test_the_library_takes_each_tasks_learning_rate_and_temperature_from_the_tab
         assert resolved.train.lr == TASK_DEFAULTS[task].lr
         assert resolved.effective_temperature == TASK_DEFAULTS[task].temperature
         assert resolved.model.layers == TASK_DEFAULTS[task].mimic_layers
-    assert config("classify").train.lr == 1e-3  # not the contrastive 1e-4 any more
+    assert config("classify").train.lr == 1e-3  # not the contrastive 1e-4
     assert config("classify", lr=0.5).train.lr == 0.5  # an explicit value wins
 
 

@@ -1,0 +1,210 @@
+"""The validation suite the filter's defaults are chosen on (``make bench-defaults``).
+
+    python benchmarks/bench_defaults.py                  # about 15 minutes on 2 idle cores; cached re-runs: 1 minute
+    python benchmarks/bench_defaults.py --out DIR --threads 2
+
+Builds the pools of ``benchmarks/defaults_suite.py`` (image–text pools with swapped captions at 0-70 %
+and web-style mixed corruption; Fashion-MNIST with no, symmetric and class-dependent label noise),
+scores each with the real ``mimicfilter score`` at the task defaults and at other batch sizes,
+temperatures, learning rates and epochs, and then, for every run and every vote rule
+(``--binarize`` x ``--combine-votes``), computes what ``mimicfilter filter RUN`` would report:
+
+* the quality estimate (the votes' kept share of the usable samples) minus the true clean share;
+* the F1 of the dropped samples as a detector of the noisy ones (none on a clean pool);
+* for the default rule, the estimate's interval and warnings (``curate/estimate.py``) and whether
+  the interval holds the truth.
+
+It prints one table per task (rows: runs; columns: rules, "error / F1"), the worst case of each rule
+over all runs, and the worst case per setting, and writes OUT/results.json and OUT/results.md.
+Defaults are chosen by the WORST case, not the mean. Everything is cached under OUT.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import defaults_suite as suite  # noqa: E402
+
+from mimicfilter import metrics  # noqa: E402
+from mimicfilter.curate.duck import connect, load_scores, score_files  # noqa: E402
+from mimicfilter.curate.estimate import estimate_quality  # noqa: E402
+from mimicfilter.curate.votes import BINARIZE_RULES, VOTE_COMBINERS, AggregateConfig, aggregate  # noqa: E402
+
+DEFAULT = AggregateConfig()
+
+
+def rule_name(config: AggregateConfig) -> str:
+    return config.binarize if config.combine_votes == "majority" else f"{config.binarize}+lm"
+
+
+def candidate_rules(epochs: int) -> list[AggregateConfig]:
+    return [AggregateConfig(binarize, combine) for combine in VOTE_COMBINERS for binarize in BINARIZE_RULES]
+
+
+def evaluate(run: dict) -> dict:
+    """Every rule's estimate error and detection F1 on one run, and the default's interval and warnings."""
+    truth = run["truth"]
+    with tempfile.TemporaryDirectory() as spill:
+        connection = connect(None, spill)
+        load_scores(connection, score_files([str(run["run_dir"])]))
+        epochs = connection.execute("SELECT count(DISTINCT epoch) FROM scores").fetchone()[0]
+        results = {}
+        for config in candidate_rules(epochs):
+            aggregation = aggregate(connection, config)
+            rows = connection.execute("SELECT shard, key, status = 'ok' AND vote_keep FROM samples").fetchall()
+            kept = {f"{Path(shard).name}/{key}": bool(flag) for shard, key, flag in rows}
+            keys = sorted(truth)
+            clean = np.array([truth[key] for key in keys])
+            keep = np.array([kept[key] for key in keys])
+            detection = metrics.detection(~keep, ~clean) if (~clean).any() else None
+            entry = {"estimate": float(keep.mean()), "error": float(keep.mean() - clean.mean()),
+                     "f1": detection.f1 if detection else None}
+            if config == DEFAULT:
+                estimate = estimate_quality(connection, aggregation, config)
+                entry["interval"] = [estimate.low, estimate.high]
+                entry["covered"] = bool(estimate.low - 1e-9 <= clean.mean() <= estimate.high + 1e-9)
+                entry["warnings"] = list(estimate.warnings)
+                entry["by_rule"] = estimate.by_rule
+                entry["second_mode"] = estimate.second_mode
+            results[rule_name(config)] = entry
+        connection.close()
+    return {"epochs": epochs, "clean_fraction": float(np.mean(list(truth.values()))), "rules": results}
+
+
+def fmt_entry(entry: dict | None) -> str:
+    if entry is None:
+        return ""
+    f1 = "–" if entry["f1"] is None else f"{entry['f1']:.2f}"
+    return f"{100 * entry['error']:+.1f} / {f1}"
+
+
+def markdown(title: str, header: list[str], rows: list[list[str]]) -> str:
+    lines = [f"### {title}", "", "| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    lines += ["| " + " | ".join(row) + " |" for row in rows]
+    return "\n".join(lines) + "\n"
+
+
+def _worst(runs: list[dict], name: str) -> tuple[float, dict | None]:
+    errors = [(abs(r["rules"][name]["error"]), r) for r in runs if name in r["rules"]]
+    return max(errors, key=lambda pair: pair[0]) if errors else (float("nan"), None)
+
+
+def _where(run: dict | None) -> str:
+    return "" if run is None else f"{run['pool']} ({run['reference']}, {run['setting']})"
+
+
+def _f1s(runs: list[dict], name: str) -> list[float]:
+    return [r["rules"][name]["f1"] for r in runs if name in r["rules"] and r["rules"][name]["f1"] is not None]
+
+
+def tables(results: list[dict]) -> str:
+    out = []
+    rules = list(dict.fromkeys(name for r in results for name in r["rules"]))
+    for task in ("contrastive", "classify"):
+        runs = [r for r in results if r["task"] == task]
+        if runs:
+            rows = [[r["pool"], r["reference"], r["setting"], f"{100 * r['clean_fraction']:.0f}%",
+                     *[fmt_entry(r["rules"].get(name)) for name in rules]] for r in runs]
+            out.append(markdown(f"{task}: estimate error (points, estimate − truth) / detection F1, per rule",
+                                ["pool", "reference", "setting", "clean", *rules], rows))
+    selection = [r for r in results if r["role"] in ("default", "variant")]
+    rows = []
+    for name in rules:
+        worst, where = _worst(selection, name)
+        every, every_where = _worst(results, name)
+        f1s = _f1s(selection, name)
+        rows.append([name, f"**{100 * worst:.1f}**", _where(where),
+                     f"{100 * np.mean([abs(r['rules'][name]['error']) for r in selection if name in r['rules']]):.1f}",
+                     f"{min(f1s):.2f}" if f1s else "–", f"{100 * every:.1f}", _where(every_where)])
+    out.append(markdown("Worst case per rule: over the runs at the defaults and their variants (batch size, epochs), "
+                        "and over every run", ["rule", "worst abs error", "where", "mean abs error", "worst F1",
+                                               "worst, every run", "where"], rows))
+    default = rule_name(DEFAULT)
+    rows = []
+    for r in results:
+        entry = r["rules"][default]
+        rows.append([r["pool"], r["reference"], r["setting"], f"{100 * r['clean_fraction']:.1f}%",
+                     f"{100 * entry['estimate']:.1f}%", f"{100 * entry['interval'][0]:.1f}–{100 * entry['interval'][1]:.1f}%",
+                     "yes" if entry["covered"] else "no",
+                     "; ".join(w.split(" (")[0].split(":")[0] for w in entry["warnings"]) or "–"])
+    covered = [r["rules"][default]["covered"] for r in selection]
+    out.append(markdown(f"The default rule ({default}): estimate, range over the vote rules, warnings",
+                        ["pool", "reference", "setting", "truth", "estimate", "range", "range holds truth", "warnings"],
+                        rows))
+    out.append(f"The range held the truth on {sum(covered)} of {len(covered)} runs at the defaults and their variants.\n")
+    rows = []
+    for task, setting, role in dict.fromkeys((r["task"], r["setting"], r["role"]) for r in results):
+        runs = [r for r in results if (r["task"], r["setting"]) == (task, setting)]
+        pools = {(r["pool"], r["reference"]) for r in runs}
+        base = [r for r in results if r["task"] == task and r["role"] == "default" and (r["pool"], r["reference"]) in pools]
+        f1s = _f1s(runs, default)
+        rows.append([task, setting, role, str(len(runs)), f"{100 * _worst(runs, default)[0]:.1f}",
+                     f"{100 * _worst(base, default)[0]:.1f}", f"{min(f1s):.2f}" if f1s else "–",
+                     f"{np.mean(f1s):.2f}" if f1s else "–"])
+    out.append(markdown(f"Settings under the default rule ({default}): worst abs error over the runs of each setting, "
+                        "next to the defaults' on the same pools",
+                        ["task", "setting", "role", "runs", "worst abs error", "defaults, same pools", "worst F1",
+                         "mean F1"], rows))
+    return "\n".join(out)
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--out", type=Path, default=suite.ROOT / "bench-runs" / "defaults")
+    parser.add_argument("--threads", type=int, default=0, help="torch threads here and in the CLI [the idle cores, at least 1]")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--pools", default=None, help="comma-separated pool names [all]")
+    args = parser.parse_args(argv)
+    if args.threads <= 0:
+        cores = os.cpu_count() or 1
+        args.threads = max(1, min(cores, cores - int(round(os.getloadavg()[0]))))
+    import torch
+
+    torch.set_num_threads(args.threads)
+    started = time.time()
+    args.out.mkdir(parents=True, exist_ok=True)
+    pools = [p for p in suite.POOLS if args.pools is None or p.name in args.pools.split(",")]
+    data = {}
+    results = []
+    for pool, reference, setting in suite.runs_of(pools):
+        if pool.task not in data:
+            data[pool.task] = (suite.EmojiData if pool.task == "contrastive" else suite.FashionData)(
+                args.out, args.seed, args.threads)
+        run = suite.score(data[pool.task], pool, reference, setting, args.out, args.threads, args.seed)
+        evaluated = evaluate(run)
+        results.append({"pool": pool.name, "task": pool.task, "reference": reference, "setting": setting.name,
+                        "role": setting.role, "command": run["command"], "score_wall_s": run["wall_s"], **evaluated})
+        default = evaluated["rules"][rule_name(DEFAULT)]
+        f1 = "–" if default["f1"] is None else f"{default['f1']:.3f}"
+        scored = "" if run["wall_s"] is None else f" [scored in {run['wall_s']:.0f} s]"
+        print(f"{pool.name:14s} {reference:7s} {setting.name:22s} truth {evaluated['clean_fraction']:.3f} default "
+              f"{default['estimate']:.3f} (F1 {f1}){scored}", flush=True)
+    text = tables(results)
+    total = time.time() - started
+    cpu = sum(getattr(resource.getrusage(who), field) for who in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN)
+              for field in ("ru_utime", "ru_stime"))
+    scored = [r["score_wall_s"] for r in results if r["score_wall_s"] is not None]
+    text += (f"\nWall time {total:.0f} s, CPU time {cpu:.0f} s ({args.threads} torch thread(s), {os.cpu_count()} cores, "
+             f"load average at the end {os.getloadavg()[0]:.1f}; {len(scored)} of {len(results)} runs scored now, "
+             f"in {sum(scored):.0f} s, the rest cached). Command: `{' '.join([Path(sys.executable).name, *sys.argv])}`\n")
+    print("\n" + text)
+    blob = {"args": {k: str(v) for k, v in vars(args).items()}, "platform": {"python": platform.python_version(),
+            "torch": torch.__version__, "cores": os.cpu_count()}, "default": rule_name(DEFAULT), "results": results,
+            "wall_s": total}
+    (args.out / "results.json").write_text(json.dumps(blob, indent=1, default=str))
+    (args.out / "results.md").write_text(text)
+
+
+if __name__ == "__main__":
+    main()
