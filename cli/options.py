@@ -81,6 +81,9 @@ input_options = group(
     click.option("--text-key", default="txt", show_default=True,
                  help="Caption extension, or json:FIELD (samples without one get a status row)."),
     click.option("--allow-pipe", is_flag=True, help="Allow pipe: shard URLs (they run shell commands)."),
+    click.option("--decoder", type=click.Choice(["fast", "pil", "gpu"]), default="fast", show_default=True,
+                 help="Image decoding: fast (libjpeg-turbo + uint8 resize for JPEGs, PIL for the rest), pil (PIL for "
+                 "all: open_clip's exact pixels), gpu (batched nvJPEG on the scoring GPU, for few-core machines)."),
 )
 
 execution_options = group(
@@ -155,7 +158,8 @@ def task_from(shard_list: tuple[str, ...], options: dict[str, Any]) -> str:
 def decode_from(options: dict[str, Any], task: str):
     from mimicfilter.shards.decode import DecodeConfig
 
-    return DecodeConfig(task=task, image_keys=_image_keys(options), text_key=options["text_key"].strip())
+    return DecodeConfig(task=task, image_keys=_image_keys(options), text_key=options["text_key"].strip(),
+                        decoder=options["decoder"])
 
 
 def model_from(options: dict[str, Any], task: str):

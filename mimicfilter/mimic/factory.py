@@ -59,6 +59,7 @@ class BuiltModel:
     preprocess: Callable
     tokenizer: Callable
     weights: dict = field(default_factory=dict)  # where the weights came from, for run.json
+    preprocess_cfg: dict = field(default_factory=dict)  # open_clip's PreprocessCfg of the model, as a dict
 
 
 def _build_from_factory(factory_name: str, pretrained: str | None) -> BuiltModel:
@@ -72,7 +73,8 @@ def _build_from_factory(factory_name: str, pretrained: str | None) -> BuiltModel
         tokenizer = open_clip.get_tokenizer(factory_name)
     finally:
         factory_logger.setLevel(previous_level)
-    return BuiltModel(model=model, preprocess=preprocess, tokenizer=tokenizer)
+    preprocess_cfg = dict(getattr(model.visual, "preprocess_cfg", None) or {})
+    return BuiltModel(model=model, preprocess=preprocess, tokenizer=tokenizer, preprocess_cfg=preprocess_cfg)
 
 
 def _load_checkpoint(model: nn.Module, path: Path, role: str, trust: bool) -> None:

@@ -18,6 +18,7 @@ from mimicfilter.defaults import TASKS, task_defaults
 from mimicfilter.errors import MimicfilterError
 from mimicfilter.mimic.factory import instantiate, resolve_architecture
 from mimicfilter.mimic.heads import build_classifiers
+from mimicfilter.mimic.inputs import ImageNormalization
 from mimicfilter.mimic.jvp import MimicDirection, mimic_direction
 from mimicfilter.mimic.layers import layers_to_reinitialise, parameters_of, reinitialise, select_mimic_layers, touches_head
 
@@ -64,6 +65,8 @@ class LoadedModels:
     device: torch.device
     task: str = "contrastive"
     provenance: dict[str, Any] = field(default_factory=dict)
+    preprocess_cfg: dict[str, Any] = field(default_factory=dict)  # open_clip's, for the decoders' geometry
+    normalization: ImageNormalization = field(default_factory=ImageNormalization)  # applied on the device
 
 
 def load_models(spec: ModelSpec) -> LoadedModels:
@@ -119,5 +122,7 @@ def load_models(spec: ModelSpec) -> LoadedModels:
         device=device,
         task=spec.task,
         provenance=provenance,
+        preprocess_cfg=built_reference.preprocess_cfg,
+        normalization=ImageNormalization.from_open_clip(built_reference.preprocess_cfg),
     )
 

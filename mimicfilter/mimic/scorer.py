@@ -122,8 +122,10 @@ class MimicScorer:
         return None
 
     def _inputs(self, images: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """uint8 pixels are normalised on the device (mimic.inputs); float images are taken as they are."""
         device = self.models.device
-        return images.to(device, dtype=self._dtype(), non_blocking=True), targets.to(device, non_blocking=True)
+        images = self.models.normalization.to_model(images, device, self._dtype())
+        return images, targets.to(device, non_blocking=True)
 
     def mimic_parameters(self) -> ParamDict:
         return dict(self._mimic_parameters)

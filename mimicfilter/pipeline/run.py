@@ -21,7 +21,8 @@ from mimicfilter.execute.ray import run_with_ray
 from mimicfilter.mimic.models import LoadedModels
 from mimicfilter.pipeline.batch_scorer import BatchScorer, build_batch_scorer
 from mimicfilter.pipeline.config import Progress, ScoreConfig
-from mimicfilter.pipeline.stages import Decoder
+from mimicfilter.mimic.device import resolve_device
+from mimicfilter.pipeline.stages import Decoder, check_decoder
 from mimicfilter.pipeline.static import ShardWorkerFactory, score_local
 from mimicfilter.pipeline.trajectory import EpochBatches, run_trajectory
 from mimicfilter.store.parts import part_path, table_stats
@@ -51,11 +52,11 @@ def _fingerprint(config: ScoreConfig, models: LoadedModels) -> dict[str, Any]:
     }
 
 
-def _device_type(config: ScoreConfig, models: LoadedModels) -> str:
+def _device_type(config: ScoreConfig, models: LoadedModels | None) -> str:
     """Where the scores are computed: this process's device, or the Ray actors' for --ray."""
     if config.ray is not None:
         return "cuda" if config.ray.gpus_per_task else "cpu"
-    return models.device.type
+    return models.device.type if models is not None else resolve_device(config.model.device).type
 
 
 @dataclass(frozen=True)
@@ -89,6 +90,7 @@ def _score_static(config: ScoreConfig, batch_scorer: BatchScorer, progress: Prog
 
 def run_score(config: ScoreConfig, progress: Progress | None = None) -> dict[str, Any]:
     """Score every shard into ``config.out_dir`` (resuming an earlier identical run); returns the stats."""
+    check_decoder(config.decode, _device_type(config, None))
     run = RunDirectory(config.out_dir, "score", config.argv)
     # With --ray the driver only validates the models and hashes the checkpoints (on CPU: the
     # head node may have no GPU); the actors load them again on their own devices.

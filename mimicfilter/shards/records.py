@@ -50,7 +50,9 @@ class SampleInfo:
 
 @dataclass(slots=True)
 class DecodedSample:
-    """One sample after decoding: model inputs (``image``/``text`` tensors, ``label``) when ``status`` is ok."""
+    """One sample after decoding: model inputs when ``status`` is ok — the image (``uint8 [3, H, W]``
+    at the model's size, or ``encoded`` JPEG bytes for the GPU decoder), the caption or label, and
+    the caption's token ids once its chunk is tokenised."""
 
     shard: str
     key: str
@@ -59,9 +61,10 @@ class DecodedSample:
     status: str = "ok"
     error: str | None = None
     label: int | None = None
-    image: Any = None  # torch.Tensor [3, H, W]
+    image: Any = None  # torch.Tensor uint8 [3, H, W]
     text: Any = None  # torch.Tensor of token ids (image–text pools)
     caption: str | None = None
+    encoded: bytes | None = None  # a JPEG left for the GPU decoder (``image`` is None then)
 
     @property
     def ok(self) -> bool:
