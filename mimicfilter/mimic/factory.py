@@ -3,6 +3,8 @@ local checkpoints (``weights_only=True`` unless the user trusts them), and check
 
 from __future__ import annotations
 
+import concurrent.futures
+import contextlib
 import hashlib
 import json
 import logging
@@ -10,22 +12,52 @@ import pickle
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 import open_clip
+import torch
 from torch import nn
 
 from mimicfilter.errors import MimicfilterError
+from mimicfilter.timing import phase
 
 CHECKPOINT_SUFFIXES = (".pt", ".pth", ".bin", ".safetensors", ".ckpt")
 
 
+_HASHES: dict[tuple[str, int, int], str] = {}  # (resolved path, size, mtime) -> sha256: each file hashed once
+_HASHER = concurrent.futures.ThreadPoolExecutor(max_workers=2, thread_name_prefix="mimicfilter-sha256")
+
+
 def sha256_of_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
+    stat = Path(path).stat()
+    key = (str(Path(path).resolve()), stat.st_size, stat.st_mtime_ns)
+    if key not in _HASHES:
+        digest = hashlib.sha256()
+        with open(path, "rb") as handle:
+            for block in iter(lambda: handle.read(1 << 22), b""):
+                digest.update(block)  # releases the GIL: runs beside the model build
+        _HASHES[key] = digest.hexdigest()
+    return _HASHES[key]
+
+
+@contextlib.contextmanager
+def _skip_weight_init() -> Iterator[None]:
+    """Build modules without their random initialisation: a strict checkpoint load overwrites every
+    parameter and persistent buffer right after, so those seconds would be wasted (non-persistent
+    buffers such as attention masks are computed by plain tensor ops and stay correct)."""
+    names = [name for name in dir(torch.nn.init) if name.endswith("_") and not name.startswith("_")]
+    saved = {name: getattr(torch.nn.init, name) for name in names}
+
+    def skip(tensor, *args, **kwargs):
+        return tensor
+
+    for name in names:
+        setattr(torch.nn.init, name, skip)
+    try:
+        yield
+    finally:
+        for name, function in saved.items():
+            setattr(torch.nn.init, name, function)
 
 
 def _read_json_config(path: Path) -> dict:
@@ -62,14 +94,15 @@ class BuiltModel:
     preprocess_cfg: dict = field(default_factory=dict)  # open_clip's PreprocessCfg of the model, as a dict
 
 
-def _build_from_factory(factory_name: str, pretrained: str | None) -> BuiltModel:
+def _build_from_factory(factory_name: str, pretrained: str | None, checkpoint_follows: bool = False) -> BuiltModel:
     """open_clip's factory pairs the model with its preprocessing and tokenizer."""
     # open_clip logs a warning whenever it builds a model without weights; we load them ourselves.
     factory_logger = logging.getLogger()
     previous_level = factory_logger.level
     factory_logger.setLevel(logging.ERROR)
     try:
-        model, _, preprocess = open_clip.create_model_and_transforms(factory_name, pretrained=pretrained)
+        with phase("build the architecture"), (_skip_weight_init() if checkpoint_follows else contextlib.nullcontext()):
+            model, _, preprocess = open_clip.create_model_and_transforms(factory_name, pretrained=pretrained)
         tokenizer = open_clip.get_tokenizer(factory_name)
     finally:
         factory_logger.setLevel(previous_level)
@@ -124,6 +157,9 @@ def resolve_architecture(model: str) -> Architecture:
 def instantiate(architecture: Architecture, source: str, role: str, trust: bool) -> BuiltModel:
     """Build one model and load its weights from a pretrained tag or a local checkpoint."""
     local = _is_local_checkpoint(source)
+    path = Path(source)
+    # hashed in a thread while the architecture is built (hashlib releases the GIL)
+    digest = _HASHER.submit(sha256_of_file, path) if local and path.is_file() else None
     if architecture.json_config is not None:
         if not local:
             raise MimicfilterError(
@@ -132,9 +168,9 @@ def instantiate(architecture: Architecture, source: str, role: str, trust: bool)
             )
         with tempfile.TemporaryDirectory(prefix="mimicfilter-config-") as config_dir:
             (Path(config_dir) / "open_clip_config.json").write_text(json.dumps(architecture.json_config))
-            built = _build_from_factory(f"local-dir:{config_dir}", None)
+            built = _build_from_factory(f"local-dir:{config_dir}", None, checkpoint_follows=path.is_file())
     elif local:
-        built = _build_from_factory(architecture.name, None)
+        built = _build_from_factory(architecture.name, None, checkpoint_follows=path.is_file())
     else:
         tags = _pretrained_tags(architecture.name)
         if source not in tags:
@@ -151,8 +187,10 @@ def instantiate(architecture: Architecture, source: str, role: str, trust: bool)
             ) from error
         built.weights = {"source": "pretrained", "tag": source}
         return built
-    path = Path(source)
-    _load_checkpoint(built.model, path, role, trust)
-    built.weights = {"source": "checkpoint", "path": str(path), "sha256": sha256_of_file(path)}
+    with phase(f"load the {role} checkpoint"):
+        _load_checkpoint(built.model, path, role, trust)
+    with phase(f"hash the {role} checkpoint (rest of)"):
+        sha256 = digest.result() if digest is not None else sha256_of_file(path)
+    built.weights = {"source": "checkpoint", "path": str(path), "sha256": sha256}
     return built
 

@@ -62,7 +62,7 @@ def run_embed(config: EmbedConfig, progress: Progress | None = None) -> dict[str
     try:
         decoder = Decoder.for_models(config.decode, models)
         for finished in local_shard_rows(pending, decoder, rows_of_batch, config.batch_size, config.allow_pipe,
-                                         config.workers, device, progress):
+                                         config.workers, device, progress, config.chunk_size):
             write_part(embed_rows_to_table(finished.rows, embedder.dim), part_path(config.out_dir, finished.shard))
             embedded += len(finished.rows)
     finally:

@@ -27,6 +27,12 @@ from mimicfilter.pipeline.static import ShardWorkerFactory, score_local
 from mimicfilter.pipeline.trajectory import EpochBatches, run_trajectory
 from mimicfilter.store.parts import part_path, table_stats
 from mimicfilter.store.rundir import RunDirectory, write_rank_stats
+from mimicfilter.timing import current, phase
+
+
+def startup_breakdown() -> dict[str, float]:
+    """The phases recorded before the scoring loop, in order (``score --verbose``)."""
+    return {name: round(seconds, 3) for name, seconds in current() or []}
 
 
 def _fingerprint(config: ScoreConfig, models: LoadedModels) -> dict[str, Any]:
@@ -95,8 +101,9 @@ def run_score(config: ScoreConfig, progress: Progress | None = None) -> dict[str
     # With --ray the driver only validates the models and hashes the checkpoints (on CPU: the
     # head node may have no GPU); the actors load them again on their own devices.
     driver_model = config.model if config.ray is None else dataclasses.replace(config.model, device="cpu")
-    batch_scorer = build_batch_scorer(driver_model, config.effective_temperature, config.save_embeddings,
-                                      config.train.mode)
+    with phase("models and scorer (total)"):
+        batch_scorer = build_batch_scorer(driver_model, config.effective_temperature, config.save_embeddings,
+                                          config.train.mode)
     scorer = batch_scorer.scorer
     models = scorer.models
     device = str(models.device) if config.ray is None else f"ray ({_device_type(config, models)})"
@@ -112,7 +119,8 @@ def run_score(config: ScoreConfig, progress: Progress | None = None) -> dict[str
         "shards": list(config.shards),
         **({"embedding": batch_scorer.embedder.space} if batch_scorer.embedder is not None else {}),
     }
-    run.open(_fingerprint(config, models), provenance, config.overwrite, concurrent=config.partition.partitioned)
+    with phase("open the run directory"):
+        run.open(_fingerprint(config, models), provenance, config.overwrite, concurrent=config.partition.partitioned)
     loop_started = time.time()
     counts = None
     try:
@@ -121,7 +129,8 @@ def run_score(config: ScoreConfig, progress: Progress | None = None) -> dict[str
             scored_samples, shards_resumed = counts.samples_scored, counts.shards_resumed
         else:
             batches = EpochBatches(config.shards, config.model.seed, config.train.shuffle_buffer,
-                                   Decoder.for_models(config.decode, models), config.batch_size, config.allow_pipe)
+                                   Decoder.for_models(config.decode, models), config.batch_size, config.allow_pipe,
+                                   config.chunk_size)
             scored_samples = run_trajectory(batch_scorer, config.train, batches, config.out_dir, config.workers, progress)
             shards_resumed = None
     finally:
@@ -140,6 +149,7 @@ def run_score(config: ScoreConfig, progress: Progress | None = None) -> dict[str
         "scoring_route": scorer.route,
         "device": device,
         "workers": config.workers,
+        **({"startup_seconds": startup_breakdown()} if current() is not None else {}),
     })
     if counts is not None:
         stats |= {"executor": counts.executor, "shards_this_process": counts.shards_mine,
