@@ -68,10 +68,6 @@ def _collate(shard: str | None, step: int, samples: list[DecodedSample], last: b
     return Batch(shard, step, last, [sample.info for sample in samples], images, texts, labels, encoded)
 
 
-def _ok_count(samples: list[DecodedSample]) -> int:
-    return sum(sample.ok for sample in samples)
-
-
 def group_batches(
     samples: Iterable[DecodedSample], batch_size: int, shard: str | None, first_step: int = 0,
     pin_memory: bool = False,
@@ -85,16 +81,17 @@ def group_batches(
     """
     held: list[DecodedSample] | None = None  # a full batch kept back until we know whether the tail joins it
     current: list[DecodedSample] = []
+    current_ok = 0
     step = first_step
     for sample in samples:
         current.append(sample)
-        if sample.ok and _ok_count(current) == batch_size:
+        current_ok += sample.ok
+        if sample.ok and current_ok == batch_size:
             if held is not None:
                 yield _collate(shard, step, held, False, pin_memory)
                 step += 1
-            held, current = current, []
-    remainder = _ok_count(current)
-    if held is not None and remainder < batch_size / 2:
+            held, current, current_ok = current, [], 0
+    if held is not None and current_ok < batch_size / 2:
         yield _collate(shard, step, held + current, True, pin_memory)
         return
     if held is not None:

@@ -57,9 +57,12 @@ class DecodedChunk:
     texts: Any = None  # token ids [m, L]: the samples with tokens, in order
     shard: str | None = None
     ends_shard: bool = False
+    packed: bool = True  # False: the samples still hold their own tensors
 
     @classmethod
     def pack(cls, samples: list[DecodedSample], shard: str | None, ends_shard: bool) -> DecodedChunk:
+        if multiprocessing.parent_process() is None:  # decoded in this process: nothing to send
+            return cls(samples, None, None, shard, ends_shard, packed=False)
         with_image = [sample.image for sample in samples if sample.ok and sample.image is not None]
         with_text = [sample.text for sample in samples if sample.ok and sample.text is not None]
         for sample in samples:
@@ -68,6 +71,8 @@ class DecodedChunk:
 
     def unpack(self) -> list[DecodedSample]:
         """The samples with their image and token views restored."""
+        if not self.packed:
+            return self.samples
         images = iter(self.images) if self.images is not None else iter(())
         texts = iter(self.texts) if self.texts is not None else iter(())
         for sample in self.samples:
@@ -79,12 +84,10 @@ class DecodedChunk:
 
 
 def _stack_shared(tensors: list) -> Any:
-    """Stack into shared memory in a worker process (so sending it is not one more copy)."""
+    """Stack into shared memory (so sending it from the worker is not one more copy)."""
     if not tensors:
         return None
     shape = (len(tensors), *tensors[0].shape)
-    if multiprocessing.parent_process() is None:
-        return torch.stack(tensors)
     storage = torch.UntypedStorage._new_shared(math.prod(shape) * tensors[0].element_size())
     out = torch.empty(0, dtype=tensors[0].dtype).set_(storage).view(shape)
     return torch.stack(tensors, out=out)

@@ -168,6 +168,18 @@ def _load_image(files: dict[str, bytes], config: DecodeConfig, geometry: ImageGe
     a geometry (display) — the RGB PIL image. Sizes are checked from the header before decoding."""
     ext = _image_ext(files, config)
     data = files[ext]
+    if geometry is not None and config.decoder != "pil" and (header := _fast_module().jpeg_header(data)):
+        # a plain 8-bit grey or RGB JPEG: sizes from its frame header, decoded without PIL
+        width, height, components = header
+        if components in (1, 3):
+            try:
+                geometry.check_size(width, height, config.max_image_pixels, config.max_aspect_ratio)
+            except TooLarge as exc:
+                raise _Reject("too_large", f"image {ext}: {exc}") from None
+            if config.decoder == "gpu" and _fast_module().looks_complete(data):
+                return data
+            if config.decoder == "fast" and (pixels := _fast_module().decode_jpeg_fast(data, geometry)) is not None:
+                return pixels
     with warnings.catch_warnings():
         # Bomb warnings become errors here only. If the configured limit is above Pillow's own,
         # Pillow's warning is ignored and our explicit pixel check below decides instead.
@@ -181,13 +193,6 @@ def _load_image(files: dict[str, bytes], config: DecodeConfig, geometry: ImageGe
                         raise TooLarge(f"image is {width}x{height} pixels, over the {config.max_image_pixels}-pixel limit")
                 else:
                     geometry.check_size(width, height, config.max_image_pixels, config.max_aspect_ratio)
-                plain_jpeg = opened.format == "JPEG" and opened.mode in ("RGB", "L")
-                if geometry is not None and plain_jpeg and config.decoder != "pil":
-                    if config.decoder == "gpu":
-                        if _fast_module().looks_complete(data):
-                            return data
-                    elif (pixels := _fast_module().decode_jpeg_fast(data, geometry)) is not None:
-                        return pixels
                 opened.load()  # force a full decode so truncated/corrupt data fails here, not later
                 rgb = _to_rgb(opened)
                 return rgb if geometry is None else geometry.apply_pil(rgb)

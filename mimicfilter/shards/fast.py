@@ -20,6 +20,37 @@ from typing import Any
 from mimicfilter.shards.images import ImageGeometry
 
 JPEG_END = b"\xff\xd9"
+_SOF_MARKERS = {0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF}
+
+
+def jpeg_header(data: bytes) -> tuple[int, int, int] | None:
+    """(width, height, components) from a JPEG's frame header without decoding, or None when the
+    bytes are not a well-formed 8-bit JPEG header (PIL then parses and decides)."""
+    if not data.startswith(b"\xff\xd8"):
+        return None
+    position, end = 2, len(data)
+    while position + 4 <= end:
+        if data[position] != 0xFF:
+            return None
+        marker = data[position + 1]
+        if marker == 0xFF:  # fill byte
+            position += 1
+            continue
+        if marker in (0x01, *range(0xD0, 0xD8)):  # markers without a length
+            position += 2
+            continue
+        length = int.from_bytes(data[position + 2:position + 4], "big")
+        if marker in _SOF_MARKERS:
+            if position + 10 > end or length < 8:
+                return None
+            precision = data[position + 4]
+            height = int.from_bytes(data[position + 5:position + 7], "big")
+            width = int.from_bytes(data[position + 7:position + 9], "big")
+            return (width, height, data[position + 9]) if precision == 8 else None
+        if marker == 0xDA or length < 2:  # scan data before a frame header: malformed
+            return None
+        position += 2 + length
+    return None
 
 
 def _as_tensor(data: bytes):

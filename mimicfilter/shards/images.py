@@ -120,7 +120,8 @@ class ImageGeometry:
         return self.crop_tensor(pixels)
 
     def crop_tensor(self, pixels) -> Any:
-        """Centre crop (after padding with ``fill`` where the image is smaller), contiguous."""
+        """Centre crop (after padding with ``fill`` where the image is smaller); a view where it can
+        be (the chunk's stack copies it once anyway)."""
         import torch
 
         _, height, width = pixels.shape
@@ -130,4 +131,4 @@ class ImageGeometry:
                                 device=pixels.device)
             padded[:, pad[1]:pad[1] + height, pad[0]:pad[0] + width] = pixels
             pixels = padded
-        return pixels[:, top:top + crop_h, left:left + crop_w].contiguous()
+        return pixels[:, top:top + crop_h, left:left + crop_w]
