@@ -286,7 +286,7 @@ def score_command(shards, model, checkpoint, out, train, workers, batch_size, de
 
 
 def processes(shards, model, checkpoint, scratch: Path, rounds: int, workers: int, batch_size: int, device: str,
-              modes=("plain", "none", "head")) -> dict:
+              modes=("plain", "none", "head"), extra: tuple[str, ...] = ()) -> dict:
     plain_path = scratch / "plain_forward.py"
     plain_path.write_text(PLAIN_SCRIPT)
     plain_args = json.dumps({"shards": shards, "model": model, "checkpoint": checkpoint, "workers": workers,
@@ -300,7 +300,7 @@ def processes(shards, model, checkpoint, scratch: Path, rounds: int, workers: in
                 samples[mode] = json.loads(out)["samples"]
             else:
                 wall, out = run_process(score_command(shards, model, checkpoint, scratch / f"run-{mode}", mode,
-                                                      workers, batch_size, device), cwd=ROOT)
+                                                      workers, batch_size, device, extra), cwd=ROOT)
                 samples[mode] = json.loads(out)["rows"]
             walls[mode].append(wall)
     rates = {mode: samples[mode] / min(walls[mode]) for mode in modes}
