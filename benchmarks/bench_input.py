@@ -376,13 +376,14 @@ def score_agreement(shards, model, checkpoint, scratch: Path, train: str, label:
         out = scratch / f"agree-{label}-{train}-{decoder}"
         run_process(score_command(shards, model, checkpoint, out, train, 2, 128, "cpu", ("--decoder", decoder)),
                     cwd=ROOT)
-        tables[decoder] = read_scores(out).to_pandas().sort_values(["shard", "key", "epoch"])
+        tables[decoder] = read_scores(out).sort_by([("shard", "ascending"), ("key", "ascending"), ("epoch", "ascending")])
     pil, fast = tables["pil"], tables["fast"]
-    assert list(pil["key"]) == list(fast["key"]) and list(pil["status"]) == list(fast["status"])
-    ok = (pil["status"] == "ok").to_numpy()
+    assert pil.column("key").equals(fast.column("key")) and pil.column("status").equals(fast.column("status"))
+    ok = np.array(pil.column("status").to_pylist()) == "ok"
     result = {"samples": int(ok.sum()), "train": train}
     for column in ("mimic_score", "clip_score"):
-        a, b = pil[column].to_numpy()[ok], fast[column].to_numpy()[ok]
+        a = np.array(pil.column(column).to_pylist(), dtype=float)[ok]
+        b = np.array(fast.column(column).to_pylist(), dtype=float)[ok]
         result[f"spearman_{column}"] = round(float(spearman(a, b)), 5)
         result[f"max_abs_diff_{column}"] = float(np.abs(a - b).max())
     return result
