@@ -130,7 +130,10 @@ def filter_command(inputs, out_dir, minimum, maximum, top_frac, bottom_frac, top
     if summary.get("keys_reader_closed"):
         # the reader of stdout is gone (`| head`): send what Python still buffers nowhere, so
         # exiting does not fail on it; every other output is complete
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        try:
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        except (OSError, ValueError, AttributeError):  # a stdout without a file descriptor (tests)
+            pass
     print_warnings(summary.get("warnings", []))
     if as_json:
         click.echo(json.dumps(summary, indent=2, sort_keys=True, default=str))

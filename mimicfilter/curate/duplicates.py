@@ -19,19 +19,25 @@ DUPLICATE_REASON = "duplicate uid"
 
 
 def _shared(connection, column: str, table: str) -> dict[str, Any]:
-    """Names (``key`` within a shard, or ``uid``) carried by more than one sample of ``table``."""
-    group = "shard, key" if column == "key" else "uid"
+    """Names (``key`` within a shard, or ``uid``) carried by more than one sample of ``table``.
+
+    One hash aggregate counts them; only when there are some is an example listed (a string per
+    group for every name would cost more than the count).
+    """
+    group = ["shard", "key"] if column == "key" else ["uid"]
     where = "" if column == "key" else "WHERE uid IS NOT NULL"
-    names, samples, example = connection.execute(
-        f"SELECT count(*), coalesce(sum(n), 0), min(example) FROM ("
-        f"  SELECT count(*) AS n, {'shard || chr(9) || key' if column == 'key' else 'uid'} || chr(9) || "
-        f"  string_agg(shard || ' #' || \"index\", ', ' ORDER BY shard, \"index\") AS example "
-        f"  FROM {table} {where} GROUP BY {group} HAVING count(*) > 1)"
+    names, samples, first = connection.execute(
+        f"SELECT count(*), coalesce(sum(n), 0), min(row({', '.join(group)})) FROM ("
+        f"SELECT {', '.join(group)}, count(*) AS n FROM {table} {where} GROUP BY ALL HAVING count(*) > 1)"
     ).fetchone()
     found = {"names": names, "samples": int(samples)}
-    if example:
-        *name, places = example.split("\t")
-        found["example"] = {"name": " / ".join(name), "samples": places[:300]}
+    if names:
+        values = list(first)
+        condition = " AND ".join(f"{name} = ?" for name in group)
+        (places,) = connection.execute(
+            f"SELECT string_agg(shard || ' #' || \"index\", ', ' ORDER BY shard, \"index\") FROM {table} "
+            f"WHERE {condition}", values).fetchone()
+        found["example"] = {"name": " / ".join(values), "samples": places[:300]}
     return found
 
 

@@ -12,6 +12,7 @@ empty shard set, not the previous one.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import secrets
@@ -42,17 +43,22 @@ def _inside(path: Path | None, directory: Path) -> Path | None:
 
 def _owned_by_filter(out: Path, requested: list[Path]) -> Callable[[str], bool]:
     """Entries of an existing --out this filter may replace: its own files, the outputs the last
-    filter run listed, and the outputs asked for now."""
-    names = {MANIFEST, SUMMARY, SUCCESS_FILE} | {path.parts[0] for path in requested if path.parts}
-    try:
-        earlier = json.loads((out / SUMMARY).read_text())
-    except (OSError, ValueError):
-        earlier = {}
-    names |= set(earlier.get("files", []))
-    for value in (earlier.get("outputs") or {}).values():  # summaries written before "files" existed
-        if (relative := _inside(Path(str(value)), out)) is not None and relative.parts:
-            names.add(relative.parts[0])
-    return lambda name: name in names or is_temp_name(name)
+    filter run listed, and the outputs asked for now (read when asked: after any recovery)."""
+
+    @functools.cache
+    def names() -> frozenset[str]:
+        found = {MANIFEST, SUMMARY, SUCCESS_FILE} | {path.parts[0] for path in requested if path.parts}
+        try:
+            earlier = json.loads((out / SUMMARY).read_text())
+        except (OSError, ValueError):
+            earlier = {}
+        found |= set(earlier.get("files", []))
+        for value in (earlier.get("outputs") or {}).values():  # summaries written before "files" existed
+            if (relative := _inside(Path(str(value)), out)) is not None and relative.parts:
+                found.add(relative.parts[0])
+        return frozenset(found)
+
+    return lambda name: name in names() or is_temp_name(name)
 
 
 def publish(connection, *, out: Path, keys: str | None, datacomp_npy: Path | None, shards_dir: Path | None,

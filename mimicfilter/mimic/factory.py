@@ -47,6 +47,9 @@ def _read_json_config(path: Path) -> dict:
             f"model config {path} lacks {', '.join(missing)}",
             hint="a config is an open_clip model_cfg: {embed_dim, vision_cfg, text_cfg}",
         )
+    for tower in ("vision_cfg", "text_cfg"):
+        if not isinstance(model_cfg[tower], dict):
+            raise MimicfilterError(f"model config {path}: {tower} must be a JSON object", hint="fix the JSON config")
     _check_sizes(path, model_cfg)
     return config
 
@@ -171,7 +174,8 @@ def instantiate(architecture: Architecture, source: str, role: str, trust: bool)
             (Path(config_dir) / "open_clip_config.json").write_text(json.dumps(architecture.json_config))
             try:
                 built = _build_from_factory(f"local-dir:{config_dir}", None)
-            except (TypeError, ValueError, KeyError, RuntimeError, AssertionError, ZeroDivisionError) as error:
+            except (TypeError, ValueError, KeyError, AttributeError, RuntimeError, AssertionError,
+                    ZeroDivisionError) as error:
                 raise MimicfilterError(
                     one_line(f"model config {architecture.name} cannot be built: {type(error).__name__}: {error}"),
                     hint="check the config's sizes and types (an open_clip model_cfg)") from None

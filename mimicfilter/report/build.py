@@ -79,12 +79,16 @@ class ReportConfig:
 
 
 def _owned_by_report(out: Path):
-    """Entries of an existing report directory that a new report may replace."""
-    try:
-        names = set(json.loads((out / "report.json").read_text()).get("images", {}).values())
-    except (OSError, ValueError, AttributeError):
-        names = set()
-    return lambda name: name in REPORT_FILES or name in names or is_temp_name(name)
+    """Entries of an existing report directory that a new report may replace (read when asked)."""
+
+    def owned(name: str) -> bool:
+        try:
+            images = set(json.loads((out / "report.json").read_text()).get("images", {}).values())
+        except (OSError, ValueError, AttributeError):
+            images = set()
+        return name in REPORT_FILES or name in images or is_temp_name(name)
+
+    return owned
 
 
 def build_report(config: ReportConfig) -> dict[str, Any]:
