@@ -114,6 +114,10 @@ votes_options = group(
 )
 
 
+strict_option = click.option(
+    "--strict", is_flag=True, help="Refuse a score run that has not finished (no _SUCCESS) instead of warning.")
+
+
 def aggregation_from(options: dict[str, Any]) -> AggregateConfig:
     return AggregateConfig(binarize=options["binarize"], combine_votes=options["combine_votes"])
 
@@ -172,6 +176,13 @@ def model_from(options: dict[str, Any], task: str):
 
 
 def out_from(options: dict[str, Any]):
-    from mimicfilter.store.paths import run_path
+    """The run directory; a local one whose path runs through a file fails here, before any model loads."""
+    from mimicfilter.errors import MimicfilterError
+    from mimicfilter.store.paths import is_remote, run_path
 
-    return run_path(options["out_dir"])
+    out = run_path(options["out_dir"])
+    if not is_remote(out):
+        existing = next(path for path in (out, *out.absolute().parents) if path.exists())
+        if not existing.is_dir():
+            raise MimicfilterError(f"--out {out}: {existing} is not a directory", hint="choose another --out")
+    return out

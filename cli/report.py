@@ -12,8 +12,8 @@ from rich.table import Table
 from mimicfilter.report.build import ReportConfig, build_report
 from mimicfilter.report.html import worst_shards
 from mimicfilter.store.paths import run_path
-from mimicfilter_cli.common import one_line_errors
-from mimicfilter_cli.options import aggregation_from, votes_options
+from mimicfilter_cli.common import one_line_errors, print_warnings
+from mimicfilter_cli.options import aggregation_from, strict_option, votes_options
 
 
 def _percent(value: float | None) -> str:
@@ -41,18 +41,21 @@ def _print_summary(summary: dict, out_dir: Path) -> None:
 
 @click.command(name="report")
 @click.argument("run_dir")
-@click.option("--out", "out_dir", type=click.Path(file_okay=False, path_type=Path), required=True,
-              help="Directory for index.html, the PNGs and report.json.")
+@click.option("--out", "out_dir", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="Directory for index.html, the PNGs and report.json, replaced as a whole [default: RUN_DIR/report].")
 @click.option("--filter-manifest", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="Judge quality by this filter manifest's decisions instead of the default rule.")
 @click.option("--sheet-size", type=int, default=24, show_default=True,
               help="Samples on each contact sheet (highest and lowest scores); 0 for none.")
 @click.option("--sample-rows", type=int, default=200_000, show_default=True,
               help="Rows used for the plots; bigger tables are hash-sampled down to about this.")
+@click.option("--shard-root", "shard_roots", multiple=True, metavar="[OLD=]NEW",
+              help="Contact sheets: read shards recorded under OLD from NEW (bare NEW: the shards' common folder moved).")
 @votes_options
-@click.option("--json", "as_json", is_flag=True, help="Print the report's numbers as JSON on stdout.")
+@strict_option
+@click.option("--json", "as_json", is_flag=True, help="Print the report's numbers as JSON on stdout (and nothing else).")
 @one_line_errors
-def report(run_dir, out_dir, filter_manifest, sheet_size, sample_rows, as_json, **options):
+def report(run_dir, out_dir, filter_manifest, sheet_size, sample_rows, shard_roots, strict, as_json, **options):
     """Write a static HTML report of a score run: quality estimate, plots, contact sheets.
 
     The quality estimate is the kept share of usable samples under the default filter rule
@@ -61,7 +64,7 @@ def report(run_dir, out_dir, filter_manifest, sheet_size, sample_rows, as_json, 
 
     \b
     Example:
-      mimicfilter report runs/pool --out runs/pool/report
+      mimicfilter report runs/pool                # writes runs/pool/report/index.html
       mimicfilter report runs/pool --filter-manifest curated/manifest.parquet --out report/ --sheet-size 48
       mimicfilter report runs/pool --out report/ --json | jq .quality_estimate
     """
@@ -73,8 +76,12 @@ def report(run_dir, out_dir, filter_manifest, sheet_size, sample_rows, as_json, 
         sample_rows=sample_rows,
         aggregation=aggregation_from(options),
         memory_limit=options["memory_limit"],
+        strict=strict,
+        shard_roots=tuple(shard_roots),
     )
     summary = build_report(config)
+    print_warnings(summary.get("warnings", []))
     if as_json:
         click.echo(json.dumps(summary, indent=2, sort_keys=True, default=str))
-    _print_summary(summary, out_dir)
+    else:
+        _print_summary(summary, config.out_dir)

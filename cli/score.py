@@ -30,7 +30,7 @@ from mimicfilter_cli.options import (
 
 
 def _print_summary(stats: dict) -> None:
-    console = Console()
+    console = Console(stderr=True)  # stdout carries --json only
     table = Table(title=f"mimicfilter score → {stats['run_dir']}", show_header=False)
     table.add_column("what", style="bold")
     table.add_column("value", justify="right")
@@ -44,10 +44,15 @@ def _print_summary(stats: dict) -> None:
         table.add_row("executor", stats["executor"])
     if stats["train"] != "none":
         table.add_row("proxy trajectory", f"--train {stats['train']}, {stats['epochs']} epoch(s)")
-    table.add_row("rows in table", str(stats["rows"]))
+    epochs = stats["epochs"] if stats["train"] != "none" else 1
+    if epochs > 1:
+        table.add_row("samples", str(stats["rows"] // epochs))
+        table.add_row("rows in table (samples × epochs)", f"{stats['rows']} ({epochs} epochs)")
+    else:
+        table.add_row("samples (one row each)", str(stats["rows"]))
     for status, count in stats["status_counts"].items():
         if count:
-            table.add_row(f"  {status}", str(count))
+            table.add_row(f"  {status} (rows)" if epochs > 1 else f"  {status}", str(count))
     if stats["mimic_score_mean"] is not None:
         table.add_row("mean mimic score", f"{stats['mimic_score_mean']:.4g}")
         table.add_row("score > 0 (pulls toward reference)", f"{stats['mimic_score_positive_fraction']:.1%}")

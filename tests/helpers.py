@@ -79,3 +79,45 @@ def write_random_checkpoint(path: Path, config: dict | None = None, seed: int = 
     else:
         torch.save(state, path)
     return path
+
+
+def score_row(shard: str, key: str, index: int, epoch: int, score: float | None, *, uid: str | None = None,
+              status: str = "ok", clip: float | None = None) -> dict:
+    """One row of a score table (the columns of store.schema.SCORE_SCHEMA)."""
+    ok = status == "ok"
+    return {"shard": shard, "key": key, "uid": uid, "index": index, "epoch": epoch, "step": index, "status": status,
+            "error": None if ok else "broken", "mimic_score": score if ok else None,
+            "mimic_weight": (1.0 if score is None else 1.0 + score) if ok else None, "loss": 1.0 if ok else None,
+            "clip_score": (clip if clip is not None else score) if ok else None, "ref_loss": 0.5 if ok else None,
+            "label": None}
+
+
+def write_score_run(run_dir: Path, rows: list[dict], shards: list[str], *, epochs: int = 1,
+                    finished: bool = True) -> Path:
+    """A hand-written run directory: one score part, run.json naming the shards, and ``_SUCCESS``."""
+    from mimicfilter.store.parts import write_part
+    from mimicfilter.store.schema import rows_to_table
+
+    write_part(rows_to_table(rows), run_dir / "scores" / "part.parquet")
+    decode = {"task": "contrastive", "image_keys": ["jpg", "jpeg", "png", "webp"], "text_key": "txt"}
+    info = {"command": "score", "shards": shards, "train": {"mode": "head" if epochs > 1 else "none", "epochs": epochs},
+            "models": {"architecture": "tiny"}, "fingerprint": {"task": "contrastive", "decode": decode}}
+    (run_dir / "run.json").write_text(json.dumps(info))
+    if finished:
+        (run_dir / "_SUCCESS").write_text("")
+    return run_dir
+
+
+def image_text_run(tmp_path: Path, shards: int = 2, per_shard: int = 10, epochs: int = 1) -> tuple[Path, list[Path]]:
+    """Real shards (image, caption, uid) and a score table over them: sample i scores float(i)."""
+    paths, rows = [], []
+    (tmp_path / "shards").mkdir(exist_ok=True)
+    for number in range(shards):
+        samples = image_text_samples(per_shard, start=number * per_shard)
+        shard = write_tar(tmp_path / "shards" / f"s{number}.tar", samples)
+        paths.append(shard)
+        for index, (key, files) in enumerate(samples):
+            uid = json.loads(files["json"])["uid"]
+            for epoch in range(epochs):
+                rows.append(score_row(str(shard), key, index, epoch, float(int(key)), uid=uid))
+    return write_score_run(tmp_path / "run", rows, [str(path) for path in paths], epochs=epochs), paths

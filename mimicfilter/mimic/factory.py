@@ -18,7 +18,8 @@ import open_clip
 import torch
 from torch import nn
 
-from mimicfilter.errors import MimicfilterError
+from mimicfilter.errors import MimicfilterError, one_line
+from mimicfilter.mimic.hub import pretrained_access, suggest_models
 from mimicfilter.timing import phase
 
 CHECKPOINT_SUFFIXES = (".pt", ".pth", ".bin", ".safetensors", ".ckpt")
@@ -70,13 +71,39 @@ def _read_json_config(path: Path) -> dict:
     if "model_cfg" not in config:
         config = {"model_cfg": config, "preprocess_cfg": {}}
     model_cfg = config["model_cfg"]
+    if not isinstance(model_cfg, dict) or not isinstance(config.get("preprocess_cfg", {}), dict):
+        raise MimicfilterError(f"model config {path}: model_cfg and preprocess_cfg must be JSON objects")
     missing = [key for key in ("embed_dim", "vision_cfg", "text_cfg") if key not in model_cfg]
     if missing:
         raise MimicfilterError(
             f"model config {path} lacks {', '.join(missing)}",
             hint="a config is an open_clip model_cfg: {embed_dim, vision_cfg, text_cfg}",
         )
+    for tower in ("vision_cfg", "text_cfg"):
+        if not isinstance(model_cfg[tower], dict):
+            raise MimicfilterError(f"model config {path}: {tower} must be a JSON object", hint="fix the JSON config")
+    _check_sizes(path, model_cfg)
     return config
+
+
+def _check_sizes(path: Path, model_cfg: dict) -> None:
+    """Sizes and counts in a config must be positive integers: open_clip would fail deep inside torch."""
+    def walk(value, where: str):
+        if isinstance(value, dict):
+            for key, item in value.items():
+                yield from walk(item, f"{where}.{key}" if where else key)
+        else:
+            yield where, value
+
+    sized = ("embed_dim", "width", "layers", "heads", "head_width", "patch_size", "image_size", "context_length",
+             "vocab_size")
+    for where, value in walk(model_cfg, ""):
+        if where.rsplit(".", 1)[-1] not in sized:
+            continue
+        values = value if isinstance(value, list) and where.endswith(("layers", "image_size", "patch_size")) else [value]
+        if not all(isinstance(item, int) and not isinstance(item, bool) and item > 0 for item in values):
+            raise MimicfilterError(f"model config {path}: {where} = {one_line(repr(value), 60)} is not a positive integer",
+                                   hint="fix the JSON config (an open_clip model_cfg)")
 
 
 def _is_local_checkpoint(source: str) -> bool:
@@ -110,15 +137,30 @@ def _build_from_factory(factory_name: str, pretrained: str | None, checkpoint_fo
     return BuiltModel(model=model, preprocess=preprocess, tokenizer=tokenizer, preprocess_cfg=preprocess_cfg)
 
 
+def checkpoint_kind(path: Path) -> str | None:
+    """What a file given as a checkpoint is, from its first bytes, when it is plainly not one."""
+    with open(path, "rb") as handle:
+        head = handle.read(64)
+    if head.lstrip()[:1] in (b"{", b"["):
+        return "a JSON file, not a checkpoint (a JSON model config goes to --model)"
+    if head.startswith(b"PK\x03\x04") or head[:1] == b"\x80" or path.suffix.lower() == ".safetensors":
+        return None  # torch zip / pickle, or safetensors (checked by its loader)
+    if not head or all(32 <= byte < 127 or byte in (9, 10, 13) for byte in head):
+        return "a text file, not a checkpoint"
+    return None
+
+
 def _load_checkpoint(model: nn.Module, path: Path, role: str, trust: bool) -> None:
     if not path.is_file():
         raise MimicfilterError(f"{role} checkpoint {path} does not exist", hint="check the path")
+    if (kind := checkpoint_kind(path)) is not None:
+        raise MimicfilterError(f"{role} {path} is {kind}", hint="pass a .pt/.bin state dict or a .safetensors file")
     try:
         open_clip.load_checkpoint(model, str(path), strict=True, weights_only=not trust)
     except pickle.UnpicklingError as error:
         raise MimicfilterError(
             f"{role} checkpoint {path} is a full pickle, not a plain state dict",
-            hint="pass --trust-checkpoint if you trust its author (unpickling can run code)",
+            hint="pass --trust-checkpoint only if you trust its author (unpickling can run code)",
         ) from error
     except RuntimeError as error:
         detail = " ".join(str(error).split())
@@ -146,10 +188,10 @@ def resolve_architecture(model: str) -> Architecture:
             raise MimicfilterError(f"model config {model} does not exist", hint="check the path")
         return Architecture(name=model, json_config=_read_json_config(path))
     if model.replace("/", "-") not in open_clip.list_models():
-        close = [name for name in open_clip.list_models() if model.lower()[:5] in name.lower()][:5]
+        close = suggest_models(model)
         raise MimicfilterError(
-            f"unknown model {model!r}",
-            hint=f"an open_clip architecture such as {', '.join(close or ['ViT-B-32', 'RN50'])}, or a JSON config path",
+            f"unknown model {model!r}" + (f"; did you mean {' or '.join(close)}?" if close else ""),
+            hint="an open_clip architecture name (open_clip.list_models(): ViT-B-32, RN50, …) or a JSON config path",
         )
     return Architecture(name=model, json_config=None)
 
@@ -168,7 +210,13 @@ def instantiate(architecture: Architecture, source: str, role: str, trust: bool)
             )
         with tempfile.TemporaryDirectory(prefix="mimicfilter-config-") as config_dir:
             (Path(config_dir) / "open_clip_config.json").write_text(json.dumps(architecture.json_config))
-            built = _build_from_factory(f"local-dir:{config_dir}", None, checkpoint_follows=path.is_file())
+            try:
+                built = _build_from_factory(f"local-dir:{config_dir}", None, checkpoint_follows=path.is_file())
+            except (TypeError, ValueError, KeyError, AttributeError, RuntimeError, AssertionError,
+                    ZeroDivisionError) as error:
+                raise MimicfilterError(
+                    one_line(f"model config {architecture.name} cannot be built: {type(error).__name__}: {error}"),
+                    hint="check the config's sizes and types (an open_clip model_cfg)") from None
     elif local:
         built = _build_from_factory(architecture.name, None, checkpoint_follows=path.is_file())
     else:
@@ -178,11 +226,13 @@ def instantiate(architecture: Architecture, source: str, role: str, trust: bool)
                 f"{role} {source!r} is neither a checkpoint file nor a pretrained tag of {architecture.name}",
                 hint=f"known tags: {', '.join(tags) or 'none'}",
             )
+        access = pretrained_access(architecture.name, source)  # fails at once when offline and not cached
         try:
-            built = _build_from_factory(architecture.name, source)
+            with access:
+                built = _build_from_factory(architecture.name, source)
         except Exception as error:  # the hub download failed: network, auth, cache
             raise MimicfilterError(
-                f"could not fetch pretrained weights {architecture.name}/{source}: {' '.join(str(error).split())[:300]}",
+                one_line(f"could not fetch pretrained weights {architecture.name}/{source}: {error}"),
                 hint="without network access, download the checkpoint elsewhere and pass its path",
             ) from error
         built.weights = {"source": "pretrained", "tag": source}

@@ -42,6 +42,8 @@ class ModelSpec:
     def __post_init__(self):
         if self.task not in TASKS:
             raise MimicfilterError(f"unknown task {self.task!r}", hint="contrastive or classify")
+        if not 0 <= self.seed < 2**63:
+            raise MimicfilterError(f"--seed {self.seed}: must be between 0 and 2**63 - 1")
         if self.task == "classify" and not (self.reference_head or self.classnames):
             raise MimicfilterError(
                 "classification needs a reference head",

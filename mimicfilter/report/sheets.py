@@ -36,22 +36,30 @@ def decode_config_of_run(info: dict[str, Any]) -> DecodeConfig:
         return DecodeConfig(task=stored.get("task", "contrastive"))
 
 
-def _read_back(entries: list[SheetEntry], decode) -> dict[tuple[str, str], Any]:
-    """(shard, key) → DisplaySample, or an error string when the shard cannot be read."""
-    wanted: dict[str, set[str]] = defaultdict(set)
+def _identity(entry: SheetEntry) -> tuple[str, Any]:
+    """A sample's place in its shard: its index where known (keys may repeat), else its key."""
+    return (entry.shard, entry.index if entry.index is not None else entry.key)
+
+
+def _read_back(entries: list[SheetEntry], decode) -> dict[tuple[str, Any], Any]:
+    """(shard, index or key) → DisplaySample, or an error string when the shard cannot be read."""
+    wanted: dict[str, set[Any]] = defaultdict(set)
     for entry in entries:
-        wanted[entry.shard].add(entry.key)
-    found: dict[tuple[str, str], Any] = {}
+        wanted[entry.shard].add(_identity(entry)[1])
+    found: dict[tuple[str, Any], Any] = {}
     for shard, keys in wanted.items():
         shard_error = "sample not found in its shard"
         try:
             for raw in iter_shard_samples(shard):
                 if raw.status == "shard_error":
                     shard_error = f"shard unreadable here: {raw.error}"
-                if raw.key in keys:
-                    found[(shard, raw.key)] = decode_for_display(raw, decode)
-                    if all((shard, key) in found for key in keys):
-                        break
+                    if "not found" in (raw.error or ""):
+                        shard_error += " (moved? pass --shard-root)"
+                for name in (raw.index, raw.key):
+                    if name in keys:
+                        found[(shard, name)] = decode_for_display(raw, decode)
+                if all((shard, key) in found for key in keys):
+                    break
         except Exception as error:  # a moved or unreadable shard must not stop the report
             for key in keys:
                 found.setdefault((shard, key), DisplaySample(None, None, None, f"shard unreadable: {error}"))
@@ -116,7 +124,7 @@ def contact_sheet(entries: list[SheetEntry], decode, title: str, path: Path) -> 
     for position, entry in enumerate(entries):
         x = (position % columns) * cell_w + pad
         y = header + (position // columns) * cell_h
-        sample = samples[(entry.shard, entry.key)]
+        sample = samples[_identity(entry)]
         if sample.image is not None:
             scale = TILE / max(sample.image.size)  # small images are enlarged too, so tiles look alike
             size = (max(1, round(sample.image.width * scale)), max(1, round(sample.image.height * scale)))

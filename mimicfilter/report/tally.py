@@ -4,7 +4,7 @@ per-shard quality, statuses with example errors, hash-sampled rows for plots, th
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -37,6 +37,11 @@ class SheetEntry:
     mimic_score: float
     label: int | None
     kept: bool
+    index: int | None = None  # position in the shard: a shard may hold one key twice
+
+    def moved(self, locate) -> "SheetEntry":
+        """This entry with its shard read from where ``locate`` says it is now (--shard-root)."""
+        return replace(self, shard=locate(self.shard))
 
 
 def decisions(connection, aggregation_config: AggregateConfig, filter_manifest: Path | None) -> dict[str, Any]:
@@ -54,10 +59,11 @@ def decisions(connection, aggregation_config: AggregateConfig, filter_manifest: 
         raise MimicfilterError(f"cannot read --filter-manifest {manifest}: {' '.join(str(error).split())[:200]}") from error
     if not {"shard", "key", "kept"} <= columns:
         raise MimicfilterError(f"--filter-manifest {manifest} is not a filter manifest (needs shard, key, kept)")
+    identity = 's.shard = m.shard AND s."index" = m."index"' if "index" in columns else "s.shard = m.shard AND s.key = m.key"
     connection.execute(
         f"CREATE OR REPLACE TABLE samples AS SELECT s.*, coalesce(m.kept, false) AND s.status = 'ok' AS kept, "
-        f"m.kept IS NOT NULL AS in_manifest FROM samples s LEFT JOIN read_parquet({sql_string(manifest)}) m "
-        f"USING (shard, key)"
+        f"m.kept IS NOT NULL AS in_manifest FROM samples s LEFT JOIN "
+        f"(SELECT * FROM read_parquet({sql_string(manifest)})) m ON {identity}"
     )
     matched = connection.execute("SELECT count(*) FILTER (WHERE in_manifest) FROM samples").fetchone()[0]
     if matched == 0:
@@ -159,9 +165,10 @@ def extreme_samples(connection, order: str, count: int) -> list[SheetEntry]:
     if not count:
         return []
     rows = connection.execute(
-        f"SELECT shard, key, mimic_score, label, kept FROM samples WHERE status = 'ok' AND mimic_score IS NOT NULL "
-        f"ORDER BY mimic_score {order}, shard, key LIMIT ?",
+        f"SELECT shard, key, mimic_score, label, kept, \"index\" FROM samples "
+        f"WHERE status = 'ok' AND mimic_score IS NOT NULL ORDER BY mimic_score {order}, shard, \"index\" LIMIT ?",
         [count],
     ).fetchall()
-    return [SheetEntry(shard, key, float(score), label, bool(kept)) for shard, key, score, label, kept in rows]
+    return [SheetEntry(shard, key, float(score), label, bool(kept), index)
+            for shard, key, score, label, kept, index in rows]
 

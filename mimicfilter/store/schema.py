@@ -11,7 +11,9 @@ from typing import Any, Iterable
 import numpy as np
 import pyarrow as pa
 
-STATUSES = ("ok", "decode_error", "missing_image", "missing_text", "missing_label", "too_large", "shard_error")
+STATUSES = ("ok", "decode_error", "missing_image", "missing_text", "missing_label", "too_large", "shard_error",
+            "non_finite_score")
+NON_FINITE = "non_finite_score"  # a score column came out NaN or infinite (diverged proxy, NaN weights)
 
 SCORE_SCHEMA = pa.schema(
     [
