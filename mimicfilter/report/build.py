@@ -88,6 +88,7 @@ def build_report(config: ReportConfig) -> dict[str, Any]:
     out.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="mimicfilter-report-") as spill:
         connection = connect(config.memory_limit, spill)
+        connection.execute("SET enable_progress_bar = false")  # the report's stderr is its own summary
         load_scores(connection, files)
         rule = decisions(connection, config.aggregation, config.filter_manifest)
         counts = funnel(connection)

@@ -138,7 +138,8 @@ def _threshold(summary: dict[str, Any]) -> str:
                         "score) the kept set gets."))
     parts.append(_budgets(summary))
     parts.append(figure(images, "score_vs_clip", "mimic score versus the reference CLIP score",
-                        "One dot per usable sample. Low on both axes: pairs both scores reject."))
+                        "Each usable sample by both scores (a 2-D histogram above 20,000 samples). Low on both "
+                        "axes: pairs both scores reject."))
     parts.append("</div>")
     parts.append(sample_note(summary["plot_rows"]))
     parts.append("</section>")
