@@ -4,15 +4,19 @@ A synthetic score run (default 10M rows = 3.33M samples × 3 epochs, 20 parts pe
 errors, a bimodal mimic score, a correlated CLIP score and the pool columns) goes through, as whole
 processes, alternating A/B:
 
-  A  `mimicfilter report RUN --out OUT --sheet-size 6 --memory-limit 3GB` (the shards do not exist,
-     so every tile is an "unreadable image": the sheets' read-back is timed but costs no decoding);
+  A  `mimicfilter report RUN --out OUT --binarize sign --sheet-size 6 --memory-limit 3GB` (the shards
+     do not exist, so every tile is an "unreadable image": the sheets' read-back is timed but costs
+     no decoding);
   B  a plain script written here: DuckDB per-sample means over all rows, the kept share under the sign
      rule, and one matplotlib histogram of every sample's mean score (no sampling, no sheets).
+
+`--binarize sign` gives both the same cheap rule; `--binarize gmm` (the default rule) adds the
+mixture's EM passes over each epoch's scores, the same cost `filter` pays (bench_filter.py).
 
 Prints each run's wall time and peak RSS and the A/B ratios, and checks that the page says it
 used a sample. The machine may be shared: read the ratios, not the absolute seconds.
 
-    python benchmarks/bench_report.py [--rows 10000000] [--epochs 3] [--rounds 2]
+    python benchmarks/bench_report.py [--rows 10000000] [--epochs 3] [--rounds 2] [--binarize sign]
 """
 
 from __future__ import annotations
@@ -107,6 +111,7 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=3)
     parser.add_argument("--parts", type=int, default=20, help="parts per epoch")
     parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--binarize", default="sign", help="the report's vote rule (sign: the plain script's)")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="mimicfilter-bench-report-") as scratch:
         run = Path(scratch) / "run"
@@ -122,7 +127,7 @@ def main() -> None:
                 out.mkdir()
                 if name == "report":
                     command = [sys.executable, "-m", "mimicfilter", "report", str(run), "--out", str(out),
-                               "--sheet-size", "6", "--memory-limit", "3GB", "--json"]
+                               "--binarize", args.binarize, "--sheet-size", "6", "--memory-limit", "3GB", "--json"]
                 else:
                     command = [sys.executable, str(plain), str(run), str(out)]
                 wall, peak, stdout = timed(command)
@@ -138,7 +143,7 @@ def main() -> None:
         report_peak = max(peak for _, peak in results["report"])
         plain_peak = max(peak for _, peak in results["plain"])
     print(json.dumps({
-        "rows": args.rows, "epochs": args.epochs, "samples": summary["samples"],
+        "rows": args.rows, "epochs": args.epochs, "binarize": args.binarize, "samples": summary["samples"],
         "plot_samples_used": rows["samples_used"], "plot_samples_total": rows["samples_total"],
         "page_states_the_sample": stated, "images": sorted(summary["images"]),
         "report_wall_s": [round(wall, 1) for wall, _ in results["report"]],

@@ -24,8 +24,8 @@ e = html.escape
 
 
 def headline(summary: dict[str, Any]) -> str:
-    """The headline: number, label, caveat (and uncertainty, where the summary has one). The one
-    place that decides what the estimate is called and how it is qualified."""
+    """The headline: the number, what it is called, its rule and its caveat. The one place that
+    decides how the estimate is named and qualified (an uncertainty or warnings belong here too)."""
     value = summary["quality_estimate"]
     return (
         "<section id='estimate' class='headline'><h2>Dataset quality estimate</h2>"

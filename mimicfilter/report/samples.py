@@ -76,12 +76,15 @@ def sample_scores(connection, wanted: int) -> Sampled:
 
 
 def score_rows_sampled(connection, wanted: int) -> tuple[int, int]:
-    """(score rows of the hash-sampled samples, all usable score rows): what the plots stand on."""
-    total_samples = connection.execute("SELECT count(*) FROM samples WHERE status = 'ok' AND mimic_score IS NOT NULL").fetchone()[0]
+    """(score rows of the hash-sampled usable samples, score rows of all usable samples): what the
+    plots stand on, counted from the per-sample table (no second pass over the score parts)."""
+    usable = "status = 'ok' AND mimic_score IS NOT NULL"
+    total_samples = connection.execute(f"SELECT count(*) FROM samples WHERE {usable}").fetchone()[0]
     where = hash_condition(total_samples, wanted)
-    return connection.execute(
-        f"SELECT count(*) FILTER (WHERE {where}), count(*) FROM scores WHERE status = 'ok' AND mimic_score IS NOT NULL"
+    used, total = connection.execute(
+        f"SELECT coalesce(sum(epochs) FILTER (WHERE {where}), 0), coalesce(sum(epochs), 0) FROM samples WHERE {usable}"
     ).fetchone()
+    return int(used), int(total)
 
 
 def sample_pool(connection, wanted: int) -> Sampled | None:
