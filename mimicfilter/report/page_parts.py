@@ -55,7 +55,7 @@ tr.unusable td { background: #fdf0f0; }
 .verdict.kept { color: #1f7a42; } .verdict.dropped { color: #b8323f; }
 .card .caption { display: -webkit-box; -webkit-line-clamp: 3; -webkit-box-orient: vertical; overflow: hidden;
                  overflow-wrap: anywhere; }
-.card code { display: block; color: #555; background: none; padding: 0; font-size: .9em; }
+.card code { display: block; color: #444; background: none; padding: 0; font-size: 1em; }
 @media (max-width: 640px) {
   body { padding: .6rem .7rem 2rem; } .big { font-size: 2.1rem; }
   .funnel .step { grid-template-columns: 6.5em minmax(0, 1fr) 4.2em; }
