@@ -45,11 +45,15 @@ def report_mixed(out: Path) -> str | None:
     summary = json.loads((out / "report.json").read_text())
     page = (out / "index.html").read_text()
     quality = summary["quality_estimate"]
+    thumbnails = {card["thumbnail"] for cards in summary.get("sheets", {}).values() for card in cards if card["thumbnail"]}
+    expected = {"index.html", "report.json", "_SUCCESS", *summary["images"].values(), *({"thumbs"} if thumbnails else ())}
+    shown = {f"thumbs/{name}" for name in os.listdir(out / "thumbs")} if (out / "thumbs").is_dir() else set()
     problems = [
         (out / "_SUCCESS").read_text().strip() != summary["run_id"] and "_SUCCESS",
         f"(report {summary['run_id']})" not in page and "index.html",
         f"{100 * quality:.1f}%" not in page and "quality on the page",
-        set(os.listdir(out)) != {"index.html", "report.json", "_SUCCESS", *summary["images"].values()} and "files",
+        set(os.listdir(out)) != expected and "files",
+        shown != thumbnails and "thumbnails",
     ]
     return ", ".join(problem for problem in problems if problem) or None
 
@@ -72,10 +76,10 @@ def kill_loop(commands: list[list[str]], out: Path, mixed, seed: int = 17) -> di
             deadline = time.monotonic() + 120
             while not staging_exists(out) and process.poll() is None and time.monotonic() < deadline:
                 time.sleep(0.002)
-            time.sleep(rng.uniform(0, 0.3 * full))
+            time.sleep(rng.uniform(0, 0.15 * full))
             kind = "killed_while_writing"
         else:
-            time.sleep(rng.uniform(0.1, 1.0) * full)
+            time.sleep(rng.uniform(0.05, 0.6) * full)  # before the end even when a warm run is faster than the first
             kind = "killed_at_random"
         if process.poll() is None:
             process.kill()
