@@ -87,7 +87,7 @@ def filter_command(inputs, out_dir, minimum, maximum, top_frac, bottom_frac, top
     INPUTS are run directories of `mimicfilter score` or Parquet score files/globs. With no
     rule, samples are kept by their per-epoch votes (--keep-votes). Columns for rules: mimic_score
     (mean over epochs), mimic_score_last, mimic_weight, loss, clip_score, ref_loss, votes, epochs,
-    label, plus any --join columns.
+    label, caption_chars, image_width, image_height, plus any --join columns.
 
     \b
     Example:

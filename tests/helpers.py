@@ -123,7 +123,6 @@ def image_text_run(tmp_path: Path, shards: int = 2, per_shard: int = 10, epochs:
     return write_score_run(tmp_path / "run", rows, [str(path) for path in paths], epochs=epochs), paths
 
 
-POOL_COLUMNS = ("caption_chars", "image_width", "image_height")
 
 
 def pool_values(shards: list[str]) -> dict[tuple[str, str], tuple[int | None, int | None, int | None]]:
@@ -135,31 +134,13 @@ def pool_values(shards: list[str]) -> dict[tuple[str, str], tuple[int | None, in
         for raw in iter_shard_samples(shard):
             caption = raw.files.get("txt")
             width = height = None
-            if raw.files.get("jpg") is not None:
+            image = raw.files.get("jpg", raw.files.get("png"))
+            if image is not None:
                 try:
-                    with Image.open(io.BytesIO(raw.files["jpg"])) as image:
-                        width, height = image.size
+                    with Image.open(io.BytesIO(image)) as opened:
+                        width, height = opened.size
                 except OSError:
                     pass
-            values[(shard, raw.key)] = (None if caption is None else len(caption.decode("utf-8", "replace")), width, height)
+            chars = None if caption is None else len(caption.decode("utf-8-sig", "replace").strip())
+            values[(shard, raw.key)] = (chars, width, height)
     return values
-
-
-def add_pool_columns(run_dir: Path) -> int:
-    """Give a run's score parts the nullable int32 pool columns (what newer score tables carry),
-    computed from its shards; returns how many rows got a caption length."""
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
-    shards = json.loads((run_dir / "run.json").read_text())["shards"]
-    values = pool_values(shards)
-    filled = 0
-    for part in sorted((run_dir / "scores").glob("*.parquet")):
-        table = pq.read_table(part)
-        identities = zip(table.column("shard").to_pylist(), table.column("key").to_pylist())
-        rows = [values.get(identity, (None, None, None)) for identity in identities]
-        for position, name in enumerate(POOL_COLUMNS):
-            table = table.append_column(pa.field(name, pa.int32()), pa.array([row[position] for row in rows], pa.int32()))
-        filled += sum(row[0] is not None for row in rows)
-        pq.write_table(table, part)
-    return filled

@@ -12,7 +12,6 @@ import pytest
 from click.testing import CliRunner
 
 from browser import chromium, missing_browser, open_page
-from helpers import add_pool_columns
 from mimicfilter_cli.main import cli
 
 DEMO = Path(__file__).resolve().parent.parent / "demo"
@@ -41,9 +40,7 @@ def demo_report(tmp_path_factory):
         ["filter", str(run), "--out", str(curated)],
         ["report", str(run), "--filter-manifest", str(curated / "manifest.parquet"), "--out", str(report)],
     ]
-    for number, command in enumerate(commands):
-        if number == 1:
-            add_pool_columns(run)  # what score tables carry once the decoder records them
+    for command in commands:
         result = CliRunner().invoke(cli, command, catch_exceptions=False)
         assert result.exit_code == 0, result.output
     return report

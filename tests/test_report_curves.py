@@ -67,7 +67,8 @@ def pool_run(tmp_path):
         width = [None if i % 10 == 0 else 64 * (1 + i % 4) for i in range(100)]
         height = [None if i % 10 == 0 else 48 for i in range(100)]
         for name, values in (("caption_chars", chars), ("image_width", width), ("image_height", height)):
-            table = table.append_column(pa.field(name, pa.int32()), pa.array(values, pa.int32()))
+            table = table.set_column(table.schema.get_field_index(name), pa.field(name, pa.int32()),
+                                     pa.array(values, pa.int32()))
         (run / "scores").mkdir(parents=True, exist_ok=True)
         pq.write_table(table, run / "scores" / f"part-{part}.parquet")
     (run / "run.json").write_text(json.dumps({"shards": [f"s{p}.tar" for p in range(3)],

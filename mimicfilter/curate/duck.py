@@ -20,7 +20,7 @@ import duckdb
 from mimicfilter.errors import MimicfilterError
 from mimicfilter.store.parts import part_paths
 from mimicfilter.store.paths import SCORES_DIR, is_remote_url, run_path
-from mimicfilter.store.schema import NON_FINITE, SCORE_VALUE_COLUMNS
+from mimicfilter.store.schema import NON_FINITE, POOL_COLUMNS, SCORE_VALUE_COLUMNS
 
 _MEMORY_LIMIT = re.compile(r"^\d+(\.\d+)?\s*(B|KB|MB|GB|TB|KIB|MIB|GIB|TIB)$", re.IGNORECASE)
 
@@ -159,6 +159,7 @@ def per_sample_sql(connection: duckdb.DuckDBPyConnection, source: str = "scores"
         optional("avg(clip_score)", "clip_score", "clip_score"),
         optional("avg(ref_loss)", "ref_loss", "ref_loss"),
         optional("any_value(label)::INTEGER", "label", "label"),
+        *(optional(f"max({name})::INTEGER", name, name) for name in POOL_COLUMNS),
         *extra,
     ]
     return f"SELECT {', '.join(selected)} FROM {rows or source} GROUP BY shard, \"index\""

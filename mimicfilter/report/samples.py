@@ -9,9 +9,7 @@ from typing import Any
 
 import numpy as np
 
-# Nullable columns a score table may carry (one value per sample, repeated in every epoch): the
-# things people check first in a web-crawled pool. A run without them has no pool plots.
-POOL_COLUMNS = ("caption_chars", "image_width", "image_height")
+from mimicfilter.store.schema import POOL_COLUMNS  # nullable: tables written before them have none
 
 SHEETS = ("lowest", "borderline", "highest", "random_kept", "random_dropped")
 
@@ -91,16 +89,16 @@ def score_rows_sampled(connection, wanted: int) -> tuple[int, int]:
 
 def sample_pool(connection, wanted: int) -> Sampled | None:
     """Caption length and image size per sample (all statuses) with its keep decision; None when the
-    score table has none of the pool columns."""
-    present = [column for column in POOL_COLUMNS if column in score_columns(connection)]
+    score table has no value in any pool column (the per-sample table carries them: no second pass)."""
+    columns = [column for column in POOL_COLUMNS if column in score_columns(connection)]
+    counts = connection.execute(f"SELECT {', '.join(f'count({c})' for c in columns)} FROM samples").fetchone() if columns else ()
+    present = [column for column, count in zip(columns, counts) if count]  # all null: the table predates them
     if not present:
         return None
     total = connection.execute("SELECT count(*) FROM samples").fetchone()[0]
     where = hash_condition(total, wanted)
-    values = ", ".join(f"max({column})::DOUBLE AS {column}" for column in present)
     data = connection.execute(
-        f"SELECT s.kept, {', '.join('p.' + column for column in present)} FROM samples s JOIN "
-        f"(SELECT shard, \"index\", {values} FROM scores WHERE {where} GROUP BY shard, \"index\") p USING (shard, \"index\")"
+        f"SELECT kept, {', '.join(f'{column}::DOUBLE AS {column}' for column in present)} FROM samples WHERE {where}"
     ).fetchnumpy()
     arrays = _as_arrays(data, tuple(present))
     arrays["kept"] = arrays["kept"].astype(bool)

@@ -79,10 +79,17 @@ class DecodeConfig:
 class _Reject(Exception):
     """Internal: a sample-level failure carrying its status; never escapes decode_sample."""
 
-    def __init__(self, status: str, error: str):
+    def __init__(self, status: str, error: str, size: tuple[int, int] | None = None):
         super().__init__(error)
         self.status = status
         self.error = one_line(error)
+        self.size = size  # the image's (width, height) when its header was read
+
+
+@dataclass(frozen=True)
+class _Loaded:
+    image: Any  # uint8 tensor, JPEG bytes (GPU decoder), or an RGB PIL image (display)
+    size: tuple[int, int]  # the original (width, height)
 
 
 def decode_sample(raw: RawSample, config: DecodeConfig, geometry: ImageGeometry) -> DecodedSample:
@@ -92,18 +99,21 @@ def decode_sample(raw: RawSample, config: DecodeConfig, geometry: ImageGeometry)
     if not sample.ok:
         return sample
     try:
-        image = _load_image(raw.files, config, geometry)
+        loaded = _load_image(raw.files, config, geometry)
+        sample.image_width, sample.image_height = loaded.size
         if config.task == "contrastive":
             sample.caption = _caption(raw.files, meta, meta_error, config)
         else:
             sample.label = _label(raw.files, config)
     except _Reject as reject:
         sample.status, sample.error = reject.status, reject.error
+        if reject.size is not None:  # a too-large image still tells its size
+            sample.image_width, sample.image_height = reject.size
         return sample
-    if isinstance(image, bytes):
-        sample.encoded = image
+    if isinstance(loaded.image, bytes):
+        sample.encoded = loaded.image
     else:
-        sample.image = image
+        sample.image = loaded.image
     return sample
 
 
@@ -132,7 +142,7 @@ def decode_for_display(raw: RawSample, config: DecodeConfig) -> DisplaySample:
     except _Reject:
         pass  # the image may still be worth showing
     try:
-        image = _load_image(files, config, None)
+        image = _load_image(files, config, None).image
     except _Reject as reject:
         return DisplaySample(None, caption, label, reject.error)
     return DisplaySample(image, caption, label, None)
@@ -163,9 +173,10 @@ def _image_ext(files: dict[str, bytes], config: DecodeConfig) -> str:
     return ext
 
 
-def _load_image(files: dict[str, bytes], config: DecodeConfig, geometry: ImageGeometry | None) -> Any:
+def _load_image(files: dict[str, bytes], config: DecodeConfig, geometry: ImageGeometry | None) -> _Loaded:
     """The image at the model's size (uint8 tensor), its JPEG bytes for the GPU decoder, or — without
-    a geometry (display) — the RGB PIL image. Sizes are checked from the header before decoding."""
+    a geometry (display) — the RGB PIL image, with its original size. Sizes are checked from the
+    header before decoding."""
     ext = _image_ext(files, config)
     data = files[ext]
     if geometry is not None and config.decoder != "pil" and (header := _fast_module().jpeg_header(data)):
@@ -175,16 +186,17 @@ def _load_image(files: dict[str, bytes], config: DecodeConfig, geometry: ImageGe
             try:
                 geometry.check_size(width, height, config.max_image_pixels, config.max_aspect_ratio)
             except TooLarge as exc:
-                raise _Reject("too_large", f"image {ext}: {exc}") from None
+                raise _Reject("too_large", f"image {ext}: {exc}", (width, height)) from None
             if config.decoder == "gpu" and _fast_module().looks_complete(data):
-                return data
+                return _Loaded(data, (width, height))
             if config.decoder == "fast" and (pixels := _fast_module().decode_jpeg_fast(data, geometry)) is not None:
-                return pixels
+                return _Loaded(pixels, (width, height))
     with warnings.catch_warnings():
         # Bomb warnings become errors here only. If the configured limit is above Pillow's own,
         # Pillow's warning is ignored and our explicit pixel check below decides instead.
         action = "error" if config.max_image_pixels <= (Image.MAX_IMAGE_PIXELS or 0) else "ignore"
         warnings.simplefilter(action, Image.DecompressionBombWarning)
+        width = height = None
         try:
             with Image.open(io.BytesIO(data)) as opened:
                 width, height = opened.size  # from the header: checked before any pixel is decoded
@@ -195,9 +207,9 @@ def _load_image(files: dict[str, bytes], config: DecodeConfig, geometry: ImageGe
                     geometry.check_size(width, height, config.max_image_pixels, config.max_aspect_ratio)
                 opened.load()  # force a full decode so truncated/corrupt data fails here, not later
                 rgb = _to_rgb(opened)
-                return rgb if geometry is None else geometry.apply_pil(rgb)
+                return _Loaded(rgb if geometry is None else geometry.apply_pil(rgb), (width, height))
         except TooLarge as exc:
-            raise _Reject("too_large", f"image {ext}: {exc}") from None
+            raise _Reject("too_large", f"image {ext}: {exc}", None if width is None else (width, height)) from None
         except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
             raise _Reject("too_large", f"image {ext} rejected as a decompression bomb: {exc}") from None
         except UnidentifiedImageError:
@@ -218,7 +230,7 @@ def decode_with_pil(data: bytes, config: DecodeConfig, geometry: ImageGeometry) 
     try:
         return _load_image({"jpg": data}, DecodeConfig(config.task, ("jpg",), max_image_pixels=config.max_image_pixels,
                                                        decoder="pil", max_aspect_ratio=config.max_aspect_ratio),
-                           geometry), None
+                           geometry).image, None
     except _Reject as reject:
         return None, reject.error
 
