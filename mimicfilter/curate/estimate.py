@@ -115,3 +115,31 @@ def estimate_quality(connection, aggregation: dict, config: AggregateConfig) -> 
         warnings.append(f"{which} no second mode: either the pool is clean or its noise looks like clean data "
                         "to the reference, and no rule can tell which")
     return QualityEstimate(value, rule, low, high, by_rule, second_mode, tuple(warnings))
+
+
+def headline_fields(keep: list[str], drop: list[str], kept: int, ok: int, estimate: QualityEstimate) -> dict:
+    """What ``filter``'s summary.json and ``report``'s report.json both say about the kept share and
+    the estimate: ``headline`` (the kept share of usable samples under its right name),
+    ``quality_estimate`` (the votes' estimate of the pool) and ``quality`` (its range, per-rule
+    estimates, second modes and warnings)."""
+    return {
+        "headline": {"label": estimate_label(keep, drop), "value": kept / ok if ok else None},
+        "quality_estimate": estimate.value,
+        "quality": estimate.as_dict(),
+    }
+
+
+def headline_rows(headline: dict, quality: dict) -> list[tuple[str, str]]:
+    """The headline as (name, value) rows, worded alike in ``filter``, ``report`` and the report page.
+
+    Under the votes the kept share *is* the estimate, followed by its range over the vote rules;
+    under any other rule the kept share is a "kept fraction" and the votes' estimate of the pool
+    follows it with its range."""
+    rows = [(f"{headline['label']} (kept / usable)", _percent(headline["value"]))]
+    if quality.get("value") is not None:
+        spread = f"{_percent(quality['low'])}–{_percent(quality['high'])}"
+        if headline["label"] == QUALITY_LABEL:
+            rows.append(("range over the vote rules", spread))
+        else:
+            rows.append((f"{QUALITY_LABEL} of the pool (votes)", f"{_percent(quality['value'])} (range {spread})"))
+    return rows
