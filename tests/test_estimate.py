@@ -84,7 +84,7 @@ def test_a_clean_pool_reads_clean_and_is_not_split_in_two(measured, name):
     quality = default["quality"]
     assert quality["second_mode"] == {"0": False}
     assert set(quality["by_rule"]) == {"mirror", "sign"}  # no clustering rule where there is nothing to cluster
-    assert [w for w in default["warnings"] if "no second mode" in w]
+    assert [w for w in default["warnings"] if "no second mode" in w and "uncertain" in w]
     assert not [w for w in default["warnings"] if "disagree" in w]
 
 
@@ -166,3 +166,16 @@ def test_report_shows_the_filters_label_estimate_interval_and_warnings(tmp_path)
 
 def test_rules_are_parsed_as_the_label_expects():
     assert parse_rule("keep-votes").text == "keep-votes"  # estimate_label compares this text
+
+
+def test_filter_and_report_word_the_headline_alike():
+    from mimicfilter.curate.estimate import headline_rows
+
+    quality = {"value": 0.62, "low": 0.55, "high": 0.8}
+    votes = headline_rows({"label": "quality estimate", "value": 0.62}, quality)
+    assert votes == [("quality estimate (kept / usable)", "62.0%"), ("range over the vote rules", "55.0%–80.0%")]
+    fixed = headline_rows({"label": "kept fraction", "value": 0.3}, quality)
+    assert fixed == [("kept fraction (kept / usable)", "30.0%"),
+                     ("quality estimate of the pool (votes)", "62.0% (range 55.0%–80.0%)")]
+    assert headline_rows({"label": "kept fraction", "value": None}, {"value": None}) == [
+        ("kept fraction (kept / usable)", "–")]

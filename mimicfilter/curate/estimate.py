@@ -112,8 +112,9 @@ def estimate_quality(connection, aggregation: dict, config: AggregateConfig) -> 
     flat = [epoch for epoch, bimodal_epoch in second_mode.items() if not bimodal_epoch]
     if flat:
         which = "the scores show" if len(flat) == len(second_mode) else f"the scores of epoch(s) {', '.join(flat)} show"
-        warnings.append(f"{which} no second mode: either the pool is clean or its noise looks like clean data "
-                        "to the reference, and no rule can tell which")
+        warnings.append(f"{which} no second mode: the pool may be clean, or its noise may look like clean data to "
+                        "the reference, and no rule can tell which; the estimate is uncertain (low where the reference "
+                        "never saw the pool's domain, high where it confuses the noise with clean data)")
     return QualityEstimate(value, rule, low, high, by_rule, second_mode, tuple(warnings))
 
 
