@@ -93,8 +93,7 @@ def run_score(config: ScoreConfig, progress: Progress | None = None) -> dict[str
     # With --ray the driver only validates the models and hashes the checkpoints (on CPU: the
     # head node may have no GPU); the actors load them again on their own devices.
     driver_model = config.model if config.ray is None else dataclasses.replace(config.model, device="cpu")
-    batch_scorer = build_batch_scorer(driver_model, config.effective_temperature, config.save_embeddings,
-                                      config.train.mode)
+    batch_scorer = build_batch_scorer(driver_model, config.effective_temperature, config.save_embeddings)
     scorer = batch_scorer.scorer
     models = scorer.models
     device = str(models.device) if config.ray is None else f"ray ({_device_type(config, models)})"
