@@ -41,6 +41,9 @@ def _parse_k(value: str) -> tuple[int, ...]:
               help="GNN: neighbours sampled per node and hop in mini-batches.")
 @click.option("--holdout", "holdout", type=float, default=0.2, show_default=True,
               help="Fraction of the scored samples held out to choose k / the epoch / the features and report rho.")
+@click.option("--holdout-by", type=click.Choice(["shard", "sample"]), default="shard", show_default=True,
+              help="Hold out whole scored shards (as unscored samples sit in other shards) or single samples; "
+              "shard falls back to sample when the scored samples span one shard.")
 @click.option("--min-rho", type=float, default=0.5, show_default=True,
               help="Held-out rho below which the extrapolated scores are reported as not to be trusted.")
 @click.option("--block-size", type=int, default=4096, show_default=True, help="Queries per similarity block.")
@@ -53,7 +56,7 @@ def _parse_k(value: str) -> tuple[int, ...]:
 @click.option("--json", "as_json", is_flag=True, help="Print the run's stats as JSON on stdout.")
 @one_line_errors
 def extrapolate(scored, embeddings, out_dir, method, features, k, weighted, same_label, graph_k, gnn_epochs, gnn_batch,
-                gnn_fanout, holdout, min_rho, block_size, reference_block, device, seed, overwrite, quiet, as_json):
+                gnn_fanout, holdout, holdout_by, min_rho, block_size, reference_block, device, seed, overwrite, quiet, as_json):
     """Predict mimic scores of unscored samples from the scored samples most like them.
 
     Samples are compared by their pair embedding (`embed` / `score --save-embeddings`: the
@@ -91,6 +94,7 @@ def extrapolate(scored, embeddings, out_dir, method, features, k, weighted, same
         graph_k=graph_k,
         gnn=GnnSettings(max_epochs=gnn_epochs, batch_nodes=gnn_batch, fanout=gnn_fanout, seed=seed),
         holdout_fraction=holdout,
+        holdout_by=holdout_by,
         min_rho=min_rho,
         block_size=block_size,
         reference_block=reference_block,

@@ -232,8 +232,9 @@ def test_holdout_is_built_from_scored_rows_only(pool, subset_run, rest_embedding
             scored_means.setdefault((row["shard"], row["key"]), []).append(row["mimic_score"])
         expected = sorted(np.mean(v) for v in scored_means.values())
         assert sorted(seen[0][1][:, 0].tolist()) == pytest.approx(expected, rel=1e-6)
-    for name in ("heldout_spearman", "heldout_spearman_weight", "heldout_size", "heldout_train_size"):
+    for name in ("heldout_spearman", "heldout_spearman_weight", "heldout_size", "heldout_train_size", "heldout_by"):
         assert with_rest[name] == alone[name]
+    assert alone["heldout_by"] == "shard" and alone["heldout_shards"] == 1  # of the two scored shards
     assert alone["extrapolated_samples"] == 0 and alone["rows"] == 48
 
 

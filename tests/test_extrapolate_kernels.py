@@ -108,6 +108,22 @@ def test_holdout_split_is_seeded_and_disjoint():
     first, again, other = holdout_split(50, 0.2, 4), holdout_split(50, 0.2, 4), holdout_split(50, 0.2, 5)
     assert torch.equal(first.holdout, again.holdout) and not torch.equal(first.holdout, other.holdout)
     assert len(first.holdout) == 10 and sorted(first.holdout.tolist() + first.train.tolist()) == list(range(50))
+    assert first.by == "sample"
+
+
+def test_holdout_split_by_shard_holds_out_whole_shards():
+    shards = np.array(["a"] * 12 + ["b"] * 12 + ["c"] * 12 + ["d"] * 12, dtype=object)
+    split = holdout_split(48, 0.2, 0, shards)
+    held = set(shards[split.holdout.numpy()])
+    assert split.by == "shard" and split.shards_held_out == len(held) == 1 and len(split.holdout) == 12
+    assert held.isdisjoint(shards[split.train.numpy()])  # no shard on both sides
+    assert sorted(split.holdout.tolist() + split.train.tolist()) == list(range(48))
+    big = holdout_split(48, 0.6, 0, shards)  # 60 %: three shards, and one always stays for training
+    assert big.shards_held_out == 3 and len(set(shards[big.train.numpy()])) == 1
+    # one shard only: held out by sample
+    assert holdout_split(48, 0.2, 0, np.array(["a"] * 48, dtype=object)).by == "sample"
+    # shards too small to hold out 3 samples while keeping one: by sample too
+    assert holdout_split(4, 0.2, 0, np.array(["a", "a", "b", "b"], dtype=object)).by == "sample"
 
 
 # -------------------------------------------------------------------------------------- pair features

@@ -32,6 +32,7 @@ class ReferenceSet:
     values: torch.Tensor  # [M, 2] float64: mean mimic score, mean relative weight
     labels: torch.Tensor | None  # with --same-label
     scored_samples: int  # scored samples with a score (some may lack an embedding)
+    shards: np.ndarray | None = None  # each sample's shard (any ids): the held-out split can go by shard
 
 
 @dataclass(frozen=True)
@@ -50,22 +51,47 @@ class SearchSettings:
                           observer=self.observer)
 
 
+HOLDOUT_BY = ("shard", "sample")
+
+
 @dataclass(frozen=True)
 class Split:
     """Positions into the reference set: held out (to choose and report) and the rest (to fit)."""
 
     holdout: torch.Tensor
     train: torch.Tensor
+    by: str = "sample"  # whole shards held out, or single samples
+    shards_held_out: int = 0
 
 
-def holdout_split(count: int, fraction: float, seed: int) -> Split:
+def holdout_split(count: int, fraction: float, seed: int, shards: np.ndarray | None = None) -> Split:
+    """A seeded ``fraction`` of the ``count`` scored samples held out (at least 3).
+
+    With ``shards`` (each sample's shard) spanning two or more shards, whole shards are held out,
+    in a seeded order until at least that many samples are, never every shard: held-out samples
+    must then find their neighbours in other shards, as unscored samples do when whole shards are
+    scored. Within a shard samples are often more alike than across shards (one source, one crawl,
+    a sorted pool), and a split by sample would then promise more than extrapolation delivers.
+    """
     holdout_size = max(MIN_HOLDOUT, int(round(count * fraction)))
     if count - holdout_size < 1:
         raise MimicfilterError(
             f"only {count} scored samples with embeddings: too few to hold out {MIN_HOLDOUT}+ and keep neighbours",
             hint="score more samples (or check that the scored run's samples have embeddings)",
         )
-    order = np.random.default_rng(seed).permutation(count)
+    rng = np.random.default_rng(seed)
+    if shards is not None:
+        names, shard_of = np.unique(shards, return_inverse=True)
+        held, held_count = [], 0
+        for shard in rng.permutation(len(names))[:-1]:  # at least one shard stays for training
+            if held_count >= holdout_size:
+                break
+            held.append(shard)
+            held_count += int((shard_of == shard).sum())
+        if held_count >= holdout_size:
+            mask = np.isin(shard_of, held)
+            return Split(torch.as_tensor(np.flatnonzero(mask)), torch.as_tensor(np.flatnonzero(~mask)), "shard", len(held))
+    order = rng.permutation(count)
     return Split(torch.as_tensor(np.sort(order[:holdout_size])), torch.as_tensor(np.sort(order[holdout_size:])))
 
 

@@ -38,6 +38,7 @@ from mimicfilter.errors import MimicfilterError
 from mimicfilter.extrapolate.features import FEATURE_CHOICES, Embedded, available_features
 from mimicfilter.extrapolate.gnn import GnnSettings
 from mimicfilter.extrapolate.methods import (
+    HOLDOUT_BY,
     METHODS,
     Fitted,
     ReferenceSet,
@@ -83,6 +84,7 @@ class ExtrapolateConfig:
     graph_k: int = 10  # GNN: neighbours per node
     gnn: GnnSettings = field(default_factory=GnnSettings)
     holdout_fraction: float = 0.2
+    holdout_by: str = "shard"
     min_rho: float = DEFAULT_MIN_RHO
     block_size: int = 4096  # queries per similarity block
     reference_block: int = 65536  # scored samples per similarity block
@@ -103,6 +105,8 @@ class ExtrapolateConfig:
         object.__setattr__(self, "k_candidates", tuple(sorted(set(self.k_candidates))))
         if self.graph_k < 1:
             raise MimicfilterError(f"--graph-k {self.graph_k}: must be at least 1")
+        if self.holdout_by not in HOLDOUT_BY:
+            raise MimicfilterError(f"--holdout-by {self.holdout_by}: choose one of {', '.join(HOLDOUT_BY)}")
         if not 0 < self.holdout_fraction < 1:
             raise MimicfilterError(f"--holdout {self.holdout_fraction}: must lie strictly between 0 and 1")
         if not -1 <= self.min_rho <= 1:
@@ -117,7 +121,7 @@ class ExtrapolateConfig:
     def choices(self) -> dict[str, Any]:
         """What changes the result (the fingerprint and run.json record it)."""
         chosen = {"method": self.method, "features": self.features, "same_label": self.same_label,
-                  "holdout_fraction": self.holdout_fraction, "seed": self.seed}
+                  "holdout_fraction": self.holdout_fraction, "holdout_by": self.holdout_by, "seed": self.seed}
         if self.method == "knn":
             return chosen | {"k_candidates": list(self.k_candidates), "weighted": self.weighted}
         return chosen | {"graph_k": self.graph_k, "gnn": asdict(self.gnn)}
@@ -201,7 +205,8 @@ def reference_set(config: ExtrapolateConfig, scored_source: Source, embedding_so
             raise MimicfilterError("--same-label needs labels, and scored samples without one were found",
                                    hint="--same-label is for classification runs (shards with .cls)")
         labels = torch.from_numpy(label_values.astype(np.int64))
-    return ReferenceSet(positions, embedded, values, labels, int(has_score.sum()))
+    shards = np.asarray(scored.table.column("shard").to_pylist(), dtype=object)[positions]
+    return ReferenceSet(positions, embedded, values, labels, int(has_score.sum()), shards)
 
 
 def fit(config: ExtrapolateConfig, reference: ReferenceSet,
@@ -213,7 +218,8 @@ def fit(config: ExtrapolateConfig, reference: ReferenceSet,
         raise MimicfilterError(f"--features {config.features}: the embeddings hold the image side only "
                                "(made by an older mimicfilter)", hint="re-embed with this version, or pass --features image")
     candidates = available if config.features == "auto" else (config.features,)
-    split = holdout_split(len(reference.positions), config.holdout_fraction, config.seed)
+    shards = reference.shards if config.holdout_by == "shard" else None
+    split = holdout_split(len(reference.positions), config.holdout_fraction, config.seed, shards)
     fits = []
     for features in candidates:
         if config.method == "knn":
@@ -225,7 +231,7 @@ def fit(config: ExtrapolateConfig, reference: ReferenceSet,
     return best, by_features, split
 
 
-def describe(fitted: Fitted, by_features: dict[str, float], heldout_size: int) -> str:
+def describe(fitted: Fitted, by_features: dict[str, float], split: Split) -> str:
     """One line: the method, what it chose and the held-out rho it reached."""
     if fitted.method == "knn":
         by_k = ", ".join(f"k={k}: {rho:.3f}" for k, rho in fitted.details["heldout_spearman_by_k"].items())
@@ -234,7 +240,8 @@ def describe(fitted: Fitted, by_features: dict[str, float], heldout_size: int) -
         chosen = (f"GNN, {fitted.details['graph_k']} neighbours, best epoch {fitted.details['best_epoch']} "
                   f"of {fitted.details['epochs_run']}")
     others = "; ".join(f"{name} {rho:.3f}" for name, rho in by_features.items())
-    return (f"held-out split ({heldout_size} scored samples): {chosen} on {fitted.features} features, "
+    held = f"{len(split.holdout)} scored samples" + (f" in {split.shards_held_out} shard(s)" if split.by == "shard" else "")
+    return (f"held-out split ({held}): {chosen} on {fitted.features} features, "
             f"Spearman rho {fitted.heldout_spearman:.3f} (by features: {others})")
 
 
@@ -258,7 +265,7 @@ def run_extrapolate(config: ExtrapolateConfig, observer: Callable | None = None,
     search = SearchSettings(config.block_size, config.reference_block, str(device), observer)
     fitted, by_features, split = fit(config, reference, search)
     heldout_size = len(split.holdout)
-    say(describe(fitted, by_features, heldout_size))
+    say(describe(fitted, by_features, split))
     trusted = bool(fitted.heldout_spearman >= config.min_rho)  # NaN: not trusted
 
     provenance = {
@@ -288,6 +295,8 @@ def run_extrapolate(config: ExtrapolateConfig, observer: Callable | None = None,
         **fitted.details,
         "heldout_size": heldout_size,
         "heldout_train_size": len(split.train),
+        "heldout_by": split.by,
+        "heldout_shards": split.shards_held_out,
         "heldout_spearman": fitted.heldout_spearman,
         "heldout_spearman_weight": fitted.heldout_spearman_weight,
         "heldout_spearman_by_features": by_features,
