@@ -31,11 +31,13 @@ from mimicfilter_cli.options import (
 @output_options
 @one_line_errors
 def embed(shards, **options):
-    """Embed every sample of SHARDS with the proxy's image tower (forward only) for `extrapolate`.
+    """Embed every sample of SHARDS (image and caption, or image and label) for `extrapolate`.
 
-    Pass the same model options as to the `score` run you will extrapolate from: the embeddings are
-    the L2-normalised image-tower output of the proxy those options build, and `extrapolate`
-    refuses embeddings of a different model. Bad samples get status rows, as in `score`.
+    Forward only, through the reference: each ok sample gets the reference's L2-normalised image
+    embedding and its caption's text embedding (labelled images: the label's class embedding), so
+    `extrapolate` can compare whole pairs and see a caption that does not fit its image. Pass the
+    same model options as to the `score` run you will extrapolate from: `extrapolate` refuses
+    embeddings of a different reference. Bad samples get status rows, as in `score`.
 
     \b
     Example:

@@ -104,7 +104,8 @@ scale_options = group(
 @execution_options
 @scale_options
 @click.option("--save-embeddings", is_flag=True,
-              help="Also store each sample's proxy image embedding (float16) for `mimicfilter extrapolate`.")
+              help="Also store each sample's pair embedding (the reference's image and text, float16) for "
+              "`mimicfilter extrapolate`.")
 @click.option("--verbose", "-v", is_flag=True, help="Print where the start-up time went, phase by phase, on stderr.")
 @output_options
 @one_line_errors

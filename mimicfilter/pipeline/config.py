@@ -57,7 +57,7 @@ class ScoreConfig:
     argv: tuple[str, ...] = ()
     partition: Partition = field(default_factory=Partition)
     ray: RayConfig | None = None  # None: the local executor
-    save_embeddings: bool = False  # also store the initial proxy's image embedding (mimic.embedder)
+    save_embeddings: bool = False  # also store the reference's pair embedding (mimic.embedder)
     chunk_size: int = 64  # raw samples per decoding work unit; never changes a table (not in the fingerprint)
 
     def __post_init__(self):
