@@ -34,7 +34,8 @@ def headline(summary: dict[str, Any]) -> str:
     caveat = (
         "<strong>Read it relatively.</strong> It is the kept share of the usable samples under the votes, "
         "not a count of errors: compare it between shards of this run and between pools scored with the same "
-        "reference and settings; a pool whose bad samples look good to the reference reads too high."
+        "reference and settings; a pool whose bad samples look good to the reference reads too high, one from a "
+        "domain the reference never saw reads too low."
         if is_quality else
         "<strong>Not a quality.</strong> This rule fixes what is kept (a share, a count or a threshold), so the "
         "kept share says nothing about the data; the votes' estimate of the pool is given below it."
