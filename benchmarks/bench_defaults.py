@@ -1,6 +1,6 @@
 """The validation suite the filter's defaults are chosen on (``make bench-defaults``).
 
-    python benchmarks/bench_defaults.py                  # about 15 minutes on 2 idle cores; cached re-runs: 1 minute
+    python benchmarks/bench_defaults.py                  # cold: ~29 CPU-minutes (docs/benchmarks.md); cached: ~5 minutes
     python benchmarks/bench_defaults.py --out DIR --threads 2
 
 Builds the pools of ``benchmarks/defaults_suite.py`` (image–text pools with swapped captions at 0-70 %
