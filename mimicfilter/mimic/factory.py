@@ -75,7 +75,8 @@ def _build_from_factory(factory_name: str, pretrained: str | None) -> BuiltModel
     return BuiltModel(model=model, preprocess=preprocess, tokenizer=tokenizer)
 
 
-def _load_checkpoint(model: nn.Module, path: Path, role: str, trust: bool) -> None:
+def load_checkpoint(model: nn.Module, path: Path, role: str, trust: bool) -> None:
+    """Load a local state dict (or an open_clip_train checkpoint) into ``model``, strictly, with one-line errors."""
     if not path.is_file():
         raise MimicfilterError(f"{role} checkpoint {path} does not exist", hint="check the path")
     try:
@@ -150,7 +151,7 @@ def instantiate(architecture: Architecture, source: str, role: str, trust: bool)
         built.weights = {"source": "pretrained", "tag": source}
         return built
     path = Path(source)
-    _load_checkpoint(built.model, path, role, trust)
+    load_checkpoint(built.model, path, role, trust)
     built.weights = {"source": "checkpoint", "path": str(path), "sha256": sha256_of_file(path)}
     return built
 
