@@ -120,8 +120,8 @@ def run(args, log) -> dict:
             quality.train_clip(x_pool, y_pool, steps, batch, seed, make_loss=make_loss_factory(method, reference, curve, last),
                                after_step=after_step, init_seed=args.seed if method.get("shared_init") else None)
             result["curves"].setdefault(method["name"], []).append(curve)
-            last = {k: round(v[-1], 3) for k, v in curve.metrics.items() if k in ("heldout_loss", "r1", "r5")}
-            log(f"  seed {seed} {method['name']:34s} final {last} (median step {1000 * np.median(curve.step_seconds):.0f} ms)")
+            final = {k: round(v[-1], 3) for k, v in curve.metrics.items() if k in ("heldout_loss", "r1", "r5")}
+            log(f"  seed {seed} {method['name']:34s} final {final} (median step {1000 * np.median(curve.step_seconds):.0f} ms)")
     result["timing"] = time_steps(x_pool, y_pool, batch, reference, args.timing_pairs, chosen)
     return result
 
