@@ -1,25 +1,37 @@
 # Every target works on a fresh clone: `make test` and `make demo` create the virtualenv first.
+#   make install                    users: torch + mimicfilter (no test tools), with pip's progress shown
+#   make install TORCH_INDEX=https://download.pytorch.org/whl/cpu
+#                                   torch's CPU-only build (no CUDA libraries to download)
+#   make dev                        also the test tools (pytest) and Ray; `make test` runs it first
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 # torch/torchvision are pinned to the builds this project is tested with; override for other platforms.
 TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
+TORCH_INDEX ?=
 DEMO_RUN ?= demo-run
 
-.PHONY: install test test-fast demo bench bench-quality clean
+.PHONY: install dev test test-fast demo bench bench-quality clean
 
 install: $(VENV)/.installed
 
+dev: $(VENV)/.installed-dev
+
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install --quiet $(TORCH_SPEC)
-	$(PY) -m pip install --quiet -e '.[dev]'
+	$(PY) -m pip install $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX)) $(TORCH_SPEC)
+	$(PY) -m pip install -e .
 	touch $@
 
-test: install
+# The dev extras on top of the user install (skipped where they are already there).
+$(VENV)/.installed-dev: $(VENV)/.installed
+	$(PY) -c "import pytest, ray" 2>/dev/null || $(PY) -m pip install -e '.[dev]'
+	touch $@
+
+test: dev
 	$(PY) -m pytest -q
 
-test-fast: install
+test-fast: dev
 	$(PY) -m pytest -q -m "not slow"
 
 demo: install

@@ -27,14 +27,14 @@ import torch
 import torch.nn.functional as F
 from torch.func import grad, vmap
 
-from mimicfilter.execute.local import fan_out
+from mimicfilter.execute.local import OrderedPool
 from mimicfilter.mimic.build import load_models_on_device
 from mimicfilter.mimic.jvp import mimic_direction, mimic_scores
 from mimicfilter.mimic.losses import contrastive_per_sample_loss
 from mimicfilter.mimic.models import ModelSpec
 from mimicfilter.pipeline.config import ScoreConfig
 from mimicfilter.pipeline.run import run_score
-from mimicfilter.pipeline.stages import Decoder, ShardBatches
+from mimicfilter.pipeline.stages import Decoder, shard_batches
 from mimicfilter.shards.decode import DecodeConfig
 from mimicfilter.shards.discover import expand_shards
 
@@ -44,15 +44,16 @@ ROOT = Path(__file__).resolve().parent.parent
 def reference_only_pass(config: ScoreConfig) -> float:
     """Samples/s of the baseline: read, decode, one reference forward, cosine of each pair."""
     models = load_models_on_device(config.model)  # same model loading; only the reference is used below
-    reader = ShardBatches(Decoder.for_models(config.decode, models), config.batch_size)
+    decoder = Decoder.for_models(config.decode, models)
     started = time.perf_counter()
     samples = 0
-    with torch.no_grad():
-        for batch in fan_out(list(config.shards), reader, config.workers):
+    with torch.no_grad(), OrderedPool(decoder.decode_chunk, config.workers) as pool:
+        for batch in shard_batches(list(config.shards), pool, config.batch_size, allow_pipe=False):
             samples += len(batch.samples)
             if batch.images is None:
                 continue
-            image = F.normalize(models.reference.encode_image(batch.images.to(models.device)), dim=-1)
+            images = models.normalization.to_model(batch.images, models.device, torch.float32)
+            image = F.normalize(models.reference.encode_image(images), dim=-1)
             text = F.normalize(models.reference.encode_text(batch.texts.to(models.device)), dim=-1)
             (image * text).sum(-1).cpu()
     return samples / (time.perf_counter() - started)

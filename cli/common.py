@@ -1,4 +1,4 @@
-"""What every command shares: turning library errors into one line, and the progress bar."""
+"""What every command shares: turning library errors into one line, warnings, and the progress bar."""
 
 from __future__ import annotations
 
@@ -8,11 +8,18 @@ import sys
 import click
 from tqdm import tqdm
 
-from mimicfilter.errors import MimicfilterError
+from mimicfilter.errors import MimicfilterError, one_line
+
+
+def os_error_line(error: OSError) -> str:
+    """``cannot write /x: No space left on device``: what the system refused, on which path."""
+    where = f" {error.filename}" if error.filename else ""
+    return one_line(f"{error.strerror or type(error).__name__}:{where}" if error.strerror else error)
 
 
 def one_line_errors(command):
-    """Report MimicfilterError as ``Error: ... (hint: ...)`` on stderr with exit code 2."""
+    """Report MimicfilterError as ``Error: ... (hint: ...)`` on stderr with exit code 2, and a
+    refusal of the system (full or read-only disk, a path through a file) as one line, exit 1."""
 
     @functools.wraps(command)
     def wrapper(*args, **kwargs):
@@ -21,11 +28,21 @@ def one_line_errors(command):
         except MimicfilterError as error:
             click.echo(f"Error: {error}", err=True)
             sys.exit(2)
+        except OSError as error:
+            click.echo(f"Error: {os_error_line(error)} (hint: check the path, free space and permissions; "
+                       "finished outputs are kept)", err=True)
+            sys.exit(1)
         except KeyboardInterrupt:
             click.echo("Interrupted: finished parts are kept; re-run the same command to resume.", err=True)
             sys.exit(130)
 
     return wrapper
+
+
+def print_warnings(warnings: list[str]) -> None:
+    """Warnings go to stderr, one line each, whatever stdout carries."""
+    for warning in warnings:
+        click.echo(f"Warning: {one_line(warning, 500)}", err=True)
 
 
 class ProgressBar:

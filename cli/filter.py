@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -10,10 +11,12 @@ import click
 from rich.console import Console
 from rich.table import Table
 
+from mimicfilter.curate.duplicates import DEDUPE_UID
 from mimicfilter.curate.filter import FilterConfig, JoinSpec, run_filter
 from mimicfilter.curate.rules import parse_drop, parse_rule
-from mimicfilter_cli.common import one_line_errors
-from mimicfilter_cli.options import aggregation_from, votes_options
+from mimicfilter.errors import MimicfilterError
+from mimicfilter_cli.common import one_line_errors, print_warnings
+from mimicfilter_cli.options import aggregation_from, strict_option, votes_options
 
 
 def _print_summary(summary: dict, dry_run: bool) -> None:
@@ -26,7 +29,9 @@ def _print_summary(summary: dict, dry_run: bool) -> None:
                   else " OR ".join(summary["rules"]["keep"]))
     for rule in summary["rules"]["drop"]:
         table.add_row("minus", rule)
-    table.add_row("samples", str(summary["samples"]))
+    table.add_row("samples (one per shard position)", str(summary["samples"]))
+    if summary.get("score_rows", summary["samples"]) != summary["samples"]:
+        table.add_row("score rows read (samples × epochs)", str(summary["score_rows"]))
     table.add_row("kept", f"{summary['kept']} ({summary['kept_fraction'] or 0:.1%})")
     if summary["quality_estimate"] is not None:
         table.add_row("quality estimate (kept / ok)", f"{summary['quality_estimate']:.1%}")
@@ -34,6 +39,9 @@ def _print_summary(summary: dict, dry_run: bool) -> None:
         table.add_row(f"  {reason}", str(count))
     for name, path in summary.get("outputs", {}).items():
         table.add_row(name, path)
+    if "keys_written" in summary:
+        closed = " (stdout's reader stopped early)" if summary.get("keys_reader_closed") else ""
+        table.add_row("key lines written", f"{summary['keys_written']}{closed}")
     console.print(table)
 
 
@@ -56,23 +64,30 @@ def _print_summary(summary: dict, dry_run: bool) -> None:
 @click.option("--join", "joins", multiple=True, metavar="FILE", help="External Parquet score table to join.")
 @click.option("--on", "join_on", type=click.Choice(["uid", "shard,key"]), default="uid", show_default=True,
               help="Join key for --join.")
-@click.option("--keys", default=None, metavar="FILE|-", help="Write kept 'shard<TAB>key' lines (- for stdout).")
+@click.option("--keys", default=None, metavar="FILE|-",
+              help="Write kept 'shard<TAB>key' lines (- for stdout; tab, newline and backslash escaped).")
 @click.option("--datacomp-npy", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="Write the kept uids as a DataComp subset file (sorted u8,u8).")
 @click.option("--write-shards", type=click.Path(file_okay=False, path_type=Path), default=None,
               help="Copy kept samples byte-exactly into new shards here (plus a wids index).")
 @click.option("--maxcount", type=int, default=10_000, show_default=True, help="Samples per curated shard.")
-@click.option("--dry-run", is_flag=True, help="Print what would be kept; write nothing.")
-@click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON on stdout.")
+@click.option("--shard-root", "shard_roots", multiple=True, metavar="[OLD=]NEW",
+              help="--write-shards: read shards recorded under OLD from NEW (bare NEW: the shards' common folder moved).")
+@click.option("--dedupe-uid", type=click.Choice(DEDUPE_UID), default="off", show_default=True,
+              help="Samples sharing a uid: off (report only), keep-first (one kept per uid), drop-all.")
+@strict_option
+@click.option("--dry-run", is_flag=True, help="Print what would be kept; write no file (--keys - still prints keys).")
+@click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON on stdout (not with --keys -).")
 @one_line_errors
 def filter_command(inputs, out_dir, minimum, maximum, top_frac, bottom_frac, top_k, keep_votes, where, drop, combine,
-                   joins, join_on, keys, datacomp_npy, write_shards, maxcount, dry_run, as_json, **options):
+                   joins, join_on, keys, datacomp_npy, write_shards, maxcount, shard_roots, dedupe_uid, strict, dry_run,
+                   as_json, **options):
     """Aggregate score tables and keep samples by rules; write a manifest and curated outputs.
 
     INPUTS are run directories of `mimicfilter score` or Parquet score files/globs. With no
     rule, samples are kept by their per-epoch votes (--keep-votes). Columns for rules: mimic_score
     (mean over epochs), mimic_score_last, mimic_weight, loss, clip_score, ref_loss, votes, epochs,
-    label, plus any --join columns.
+    label, caption_chars, image_width, image_height, plus any --join columns.
 
     \b
     Example:
@@ -83,6 +98,8 @@ def filter_command(inputs, out_dir, minimum, maximum, top_frac, bottom_frac, top
           --keys - --out curated/ | cut -f2 > kept-keys.txt
       mimicfilter filter runs/pool --where 'mimic_score > 0 AND clip_score > 0.2' --dry-run
     """
+    if as_json and keys == "-":
+        raise MimicfilterError("--keys - and --json both want stdout", hint="write the keys to a file (--keys FILE)")
     keep = [parse_rule("min", value) for value in minimum]
     keep += [parse_rule("max", value) for value in maximum]
     keep += [parse_rule("top-frac", value) for value in top_frac]
@@ -105,9 +122,20 @@ def filter_command(inputs, out_dir, minimum, maximum, top_frac, bottom_frac, top
         dry_run=dry_run,
         memory_limit=options["memory_limit"],
         argv=tuple(sys.argv),
+        strict=strict,
+        dedupe_uid=dedupe_uid,
+        shard_roots=tuple(shard_roots),
     )
     summary = run_filter(config, stdout=sys.stdout)
+    if summary.get("keys_reader_closed"):
+        # the reader of stdout is gone (`| head`): send what Python still buffers nowhere, so
+        # exiting does not fail on it; every other output is complete
+        try:
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        except (OSError, ValueError, AttributeError):  # a stdout without a file descriptor (tests)
+            pass
+    print_warnings(summary.get("warnings", []))
     if as_json:
         click.echo(json.dumps(summary, indent=2, sort_keys=True, default=str))
-    elif keys != "-":
+    else:
         _print_summary(summary, dry_run)

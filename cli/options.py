@@ -81,6 +81,9 @@ input_options = group(
     click.option("--text-key", default="txt", show_default=True,
                  help="Caption extension, or json:FIELD (samples without one get a status row)."),
     click.option("--allow-pipe", is_flag=True, help="Allow pipe: shard URLs (they run shell commands)."),
+    click.option("--decoder", type=click.Choice(["fast", "pil", "gpu"]), default="fast", show_default=True,
+                 help="Image decoding: fast (libjpeg-turbo + uint8 resize for JPEGs, PIL for the rest), pil (PIL for "
+                 "all: open_clip's exact pixels), gpu (batched nvJPEG on the scoring GPU, for few-core machines)."),
 )
 
 execution_options = group(
@@ -109,6 +112,10 @@ votes_options = group(
                  show_default=True, help="Combine epoch votes by majority or a Dawid-Skene label model."),
     click.option("--memory-limit", default=None, help="DuckDB memory limit, e.g. 4GB (it spills beyond)."),
 )
+
+
+strict_option = click.option(
+    "--strict", is_flag=True, help="Refuse a score run that has not finished (no _SUCCESS) instead of warning.")
 
 
 def aggregation_from(options: dict[str, Any]) -> AggregateConfig:
@@ -155,7 +162,8 @@ def task_from(shard_list: tuple[str, ...], options: dict[str, Any]) -> str:
 def decode_from(options: dict[str, Any], task: str):
     from mimicfilter.shards.decode import DecodeConfig
 
-    return DecodeConfig(task=task, image_keys=_image_keys(options), text_key=options["text_key"].strip())
+    return DecodeConfig(task=task, image_keys=_image_keys(options), text_key=options["text_key"].strip(),
+                        decoder=options["decoder"])
 
 
 def model_from(options: dict[str, Any], task: str):
@@ -168,6 +176,13 @@ def model_from(options: dict[str, Any], task: str):
 
 
 def out_from(options: dict[str, Any]):
-    from mimicfilter.store.paths import run_path
+    """The run directory; a local one whose path runs through a file fails here, before any model loads."""
+    from mimicfilter.errors import MimicfilterError
+    from mimicfilter.store.paths import is_remote, run_path
 
-    return run_path(options["out_dir"])
+    out = run_path(options["out_dir"])
+    if not is_remote(out):
+        existing = next(path for path in (out, *out.absolute().parents) if path.exists())
+        if not existing.is_dir():
+            raise MimicfilterError(f"--out {out}: {existing} is not a directory", hint="choose another --out")
+    return out

@@ -12,8 +12,8 @@ from rich.table import Table
 from mimicfilter.report.build import ReportConfig, build_report
 from mimicfilter.report.html import worst_shards
 from mimicfilter.store.paths import run_path
-from mimicfilter_cli.common import one_line_errors
-from mimicfilter_cli.options import aggregation_from, votes_options
+from mimicfilter_cli.common import one_line_errors, print_warnings
+from mimicfilter_cli.options import aggregation_from, strict_option, votes_options
 
 
 def _percent(value: float | None) -> str:
@@ -26,34 +26,43 @@ def _print_summary(summary: dict, out_dir: Path) -> None:
         f"[bold]Quality estimate {_percent(summary['quality_estimate'])}[/bold]: kept {summary['kept']:,} of "
         f"{summary['ok']:,} usable samples ({summary['samples']:,} in all) under [cyan]{summary['rule']}[/cyan]"
     )
+    reasons = summary["drop_reasons"]
+    if reasons:
+        shown = ", ".join(f"{reason['reason']} {reason['count']:,}" for reason in reasons[:4])
+        console.print(f"Dropped: {shown}" + (f" (+{len(reasons) - 4} more reasons)" if len(reasons) > 4 else ""))
     worst = worst_shards(summary)
     if len(summary["shards_worst_first"]) > 1 and worst:
         table = Table(title="Worst shards", show_edge=False)
-        for name, justify in (("shard", "left"), ("usable", "right"), ("kept", "right"), ("quality", "right")):
+        for name, justify in (("shard", "left"), ("usable", "right"), ("errors", "right"), ("kept", "right"),
+                              ("quality", "right")):
             table.add_column(name, justify=justify)
         for shard in worst:
-            table.add_row(shard["shard"], f"{shard['ok']:,}", f"{shard['kept']:,}", _percent(shard["quality"]))
+            errors = sum(shard["errors"].values())
+            table.add_row(shard["shard"], f"{shard['ok']:,}", f"{errors:,}", f"{shard['kept']:,}",
+                          _percent(shard["quality"]) if shard["quality"] is not None else "no usable sample")
         console.print(table)
-    statuses = ", ".join(f"{status} {entry['count']:,}" for status, entry in summary["status_counts"].items())
-    console.print(f"Statuses: {statuses}")
     click.echo(f"Report: {out_dir / 'index.html'}", err=True)  # unwrapped, so it can be copied
 
 
 @click.command(name="report")
 @click.argument("run_dir")
-@click.option("--out", "out_dir", type=click.Path(file_okay=False, path_type=Path), required=True,
-              help="Directory for index.html, the PNGs and report.json.")
+@click.option("--out", "out_dir", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="Directory for index.html, its plots and thumbnails, and report.json, replaced as a whole "
+              "[default: RUN_DIR/report].")
 @click.option("--filter-manifest", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="Judge quality by this filter manifest's decisions instead of the default rule.")
 @click.option("--sheet-size", type=int, default=24, show_default=True,
-              help="Samples on each contact sheet (highest and lowest scores); 0 for none.")
+              help="Samples on each contact sheet (lowest, borderline, highest, random kept and dropped); 0 for none.")
 @click.option("--sample-rows", type=int, default=200_000, show_default=True,
-              help="Rows used for the plots; bigger tables are hash-sampled down to about this.")
+              help="Samples used for the plots, the cut and the budgets; more are hash-sampled down to about this.")
+@click.option("--shard-root", "shard_roots", multiple=True, metavar="[OLD=]NEW",
+              help="Contact sheets: read shards recorded under OLD from NEW (bare NEW: the shards' common folder moved).")
 @votes_options
-@click.option("--json", "as_json", is_flag=True, help="Print the report's numbers as JSON on stdout.")
+@strict_option
+@click.option("--json", "as_json", is_flag=True, help="Print the report's numbers as JSON on stdout (and nothing else).")
 @one_line_errors
-def report(run_dir, out_dir, filter_manifest, sheet_size, sample_rows, as_json, **options):
-    """Write a static HTML report of a score run: quality estimate, plots, contact sheets.
+def report(run_dir, out_dir, filter_manifest, sheet_size, sample_rows, shard_roots, strict, as_json, **options):
+    """Write a static HTML report of a score run: what was kept and why not, a keep curve, contact sheets.
 
     The quality estimate is the kept share of usable samples under the default filter rule
     (per-epoch votes), or under the decisions of --filter-manifest. Open OUT/index.html from disk;
@@ -61,7 +70,7 @@ def report(run_dir, out_dir, filter_manifest, sheet_size, sample_rows, as_json, 
 
     \b
     Example:
-      mimicfilter report runs/pool --out runs/pool/report
+      mimicfilter report runs/pool                # writes runs/pool/report/index.html
       mimicfilter report runs/pool --filter-manifest curated/manifest.parquet --out report/ --sheet-size 48
       mimicfilter report runs/pool --out report/ --json | jq .quality_estimate
     """
@@ -73,8 +82,12 @@ def report(run_dir, out_dir, filter_manifest, sheet_size, sample_rows, as_json, 
         sample_rows=sample_rows,
         aggregation=aggregation_from(options),
         memory_limit=options["memory_limit"],
+        strict=strict,
+        shard_roots=tuple(shard_roots),
     )
     summary = build_report(config)
+    print_warnings(summary.get("warnings", []))
     if as_json:
         click.echo(json.dumps(summary, indent=2, sort_keys=True, default=str))
-    _print_summary(summary, out_dir)
+    else:
+        _print_summary(summary, config.out_dir)

@@ -9,6 +9,7 @@ import click
 from rich.console import Console
 from rich.table import Table
 
+from mimicfilter import timing
 from mimicfilter.defaults import TRAIN_MODES
 from mimicfilter_cli.common import ProgressBar, one_line_errors
 from mimicfilter_cli.options import (
@@ -29,7 +30,7 @@ from mimicfilter_cli.options import (
 
 
 def _print_summary(stats: dict) -> None:
-    console = Console()
+    console = Console(stderr=True)  # stdout carries --json only
     table = Table(title=f"mimicfilter score → {stats['run_dir']}", show_header=False)
     table.add_column("what", style="bold")
     table.add_column("value", justify="right")
@@ -43,10 +44,15 @@ def _print_summary(stats: dict) -> None:
         table.add_row("executor", stats["executor"])
     if stats["train"] != "none":
         table.add_row("proxy trajectory", f"--train {stats['train']}, {stats['epochs']} epoch(s)")
-    table.add_row("rows in table", str(stats["rows"]))
+    epochs = stats["epochs"] if stats["train"] != "none" else 1
+    if epochs > 1:
+        table.add_row("samples", str(stats["rows"] // epochs))
+        table.add_row("rows in table (samples × epochs)", f"{stats['rows']} ({epochs} epochs)")
+    else:
+        table.add_row("samples (one row each)", str(stats["rows"]))
     for status, count in stats["status_counts"].items():
         if count:
-            table.add_row(f"  {status}", str(count))
+            table.add_row(f"  {status} (rows)" if epochs > 1 else f"  {status}", str(count))
     if stats["mimic_score_mean"] is not None:
         table.add_row("mean mimic score", f"{stats['mimic_score_mean']:.4g}")
         table.add_row("score > 0 (pulls toward reference)", f"{stats['mimic_score_positive_fraction']:.1%}")
@@ -99,6 +105,7 @@ scale_options = group(
 @scale_options
 @click.option("--save-embeddings", is_flag=True,
               help="Also store each sample's proxy image embedding (float16) for `mimicfilter extrapolate`.")
+@click.option("--verbose", "-v", is_flag=True, help="Print where the start-up time went, phase by phase, on stderr.")
 @output_options
 @one_line_errors
 def score(shards, **options):
@@ -119,7 +126,30 @@ def score(shards, **options):
       mimicfilter score pool/ --model ViT-B-32 --reference openai --train none \\
           --rank $SLURM_ARRAY_TASK_ID --world-size $SLURM_ARRAY_TASK_COUNT --out /shared/runs/pool
     """
+    with timing.recording():
+        timing.add("python and the CLI", timing.seconds_since_process_start() or 0.0)
+        stats = _run(shards, options)
+    if options["verbose"]:
+        _print_startup(stats)
+    if options["as_json"]:
+        click.echo(json.dumps(stats, indent=2, sort_keys=True))
+    elif not options["quiet"]:
+        _print_summary(stats)
+
+
+def _print_startup(stats: dict) -> None:
+    phases = stats.get("startup_seconds", {})
+    click.echo("start-up, phase by phase:", err=True)
+    for name, seconds in phases.items():
+        click.echo(f"  {seconds:8.2f} s  {name}", err=True)
+    if "scoring_seconds" in stats and "wall_seconds" in stats:
+        click.echo(f"  {stats['scoring_seconds']:8.2f} s  scoring loop (read, decode, score, write)", err=True)
+
+
+def _run(shards, options) -> dict:
     # torch and open_clip load here, not at import: `mimicfilter --help` and `filter` stay light.
+    with timing.phase("import torch, open_clip and the pipeline"):
+        import mimicfilter.pipeline.run  # noqa: F401
     from mimicfilter.errors import MimicfilterError
     from mimicfilter.execute.partition import Partition
     from mimicfilter.execute.ray import RayConfig
@@ -134,8 +164,10 @@ def score(shards, **options):
         options["ray_address"], options["cpus_per_task"], options["gpus_per_task"], options["max_retries"],
         options["ray_actors"])
     set_threads(options["threads"])
-    shard_list = shards_from(shards, options)
-    task = task_from(shard_list, options)
+    with timing.phase("list the shards"):
+        shard_list = shards_from(shards, options)
+    with timing.phase("detect the task"):
+        task = task_from(shard_list, options)
     config = ScoreConfig(
         shards=shard_list,
         out_dir=out_from(options),
@@ -154,8 +186,4 @@ def score(shards, **options):
         ray=ray,
         save_embeddings=options["save_embeddings"],
     )
-    stats = run_score(config, progress=ProgressBar(enabled=not options["quiet"]))
-    if options["as_json"]:
-        click.echo(json.dumps(stats, indent=2, sort_keys=True))
-    elif not options["quiet"]:
-        _print_summary(stats)
+    return run_score(config, progress=ProgressBar(enabled=not options["quiet"]))

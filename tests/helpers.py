@@ -79,3 +79,68 @@ def write_random_checkpoint(path: Path, config: dict | None = None, seed: int = 
     else:
         torch.save(state, path)
     return path
+
+
+def score_row(shard: str, key: str, index: int, epoch: int, score: float | None, *, uid: str | None = None,
+              status: str = "ok", clip: float | None = None) -> dict:
+    """One row of a score table (the columns of store.schema.SCORE_SCHEMA)."""
+    ok = status == "ok"
+    return {"shard": shard, "key": key, "uid": uid, "index": index, "epoch": epoch, "step": index, "status": status,
+            "error": None if ok else "broken", "mimic_score": score if ok else None,
+            "mimic_weight": (1.0 if score is None else 1.0 + score) if ok else None, "loss": 1.0 if ok else None,
+            "clip_score": (clip if clip is not None else score) if ok else None, "ref_loss": 0.5 if ok else None,
+            "label": None}
+
+
+def write_score_run(run_dir: Path, rows: list[dict], shards: list[str], *, epochs: int = 1,
+                    finished: bool = True) -> Path:
+    """A hand-written run directory: one score part, run.json naming the shards, and ``_SUCCESS``."""
+    from mimicfilter.store.parts import write_part
+    from mimicfilter.store.schema import rows_to_table
+
+    write_part(rows_to_table(rows), run_dir / "scores" / "part.parquet")
+    decode = {"task": "contrastive", "image_keys": ["jpg", "jpeg", "png", "webp"], "text_key": "txt"}
+    info = {"command": "score", "shards": shards, "train": {"mode": "head" if epochs > 1 else "none", "epochs": epochs},
+            "models": {"architecture": "tiny"}, "fingerprint": {"task": "contrastive", "decode": decode}}
+    (run_dir / "run.json").write_text(json.dumps(info))
+    if finished:
+        (run_dir / "_SUCCESS").write_text("")
+    return run_dir
+
+
+def image_text_run(tmp_path: Path, shards: int = 2, per_shard: int = 10, epochs: int = 1) -> tuple[Path, list[Path]]:
+    """Real shards (image, caption, uid) and a score table over them: sample i scores float(i)."""
+    paths, rows = [], []
+    (tmp_path / "shards").mkdir(exist_ok=True)
+    for number in range(shards):
+        samples = image_text_samples(per_shard, start=number * per_shard)
+        shard = write_tar(tmp_path / "shards" / f"s{number}.tar", samples)
+        paths.append(shard)
+        for index, (key, files) in enumerate(samples):
+            uid = json.loads(files["json"])["uid"]
+            for epoch in range(epochs):
+                rows.append(score_row(str(shard), key, index, epoch, float(int(key)), uid=uid))
+    return write_score_run(tmp_path / "run", rows, [str(path) for path in paths], epochs=epochs), paths
+
+
+
+
+def pool_values(shards: list[str]) -> dict[tuple[str, str], tuple[int | None, int | None, int | None]]:
+    """(shard, key) → (caption chars, image width, image height) read from the shards (None: unknown)."""
+    from mimicfilter.shards.tar import iter_shard_samples
+
+    values = {}
+    for shard in shards:
+        for raw in iter_shard_samples(shard):
+            caption = raw.files.get("txt")
+            width = height = None
+            image = raw.files.get("jpg", raw.files.get("png"))
+            if image is not None:
+                try:
+                    with Image.open(io.BytesIO(image)) as opened:
+                        width, height = opened.size
+                except OSError:
+                    pass
+            chars = None if caption is None else len(caption.decode("utf-8-sig", "replace").strip())
+            values[(shard, raw.key)] = (chars, width, height)
+    return values

@@ -6,17 +6,19 @@ import pytest
 import torch
 from helpers import image_bytes
 from PIL import Image, ImageFile
-from torchvision import transforms
 
-from mimicfilter.shards.decode import DecodeConfig, decode_sample
-from mimicfilter.shards.records import DecodedSample, RawSample
 from mimicfilter.errors import MimicfilterError
+from mimicfilter.pipeline.stages import Decoder
+from mimicfilter.shards.decode import DecodeConfig, decode_sample
+from mimicfilter.shards.images import ImageGeometry
+from mimicfilter.shards.records import DecodedSample, RawSample
 
-PREPROCESS = transforms.Compose([transforms.Resize(32), transforms.CenterCrop(32), transforms.ToTensor()])
+PREPROCESS = ImageGeometry(size=(32, 32))
+SAME_SIZE = ImageGeometry(size=(8, 8))
 
 
-def tokenize(text: str) -> torch.Tensor:
-    return torch.tensor([len(text)])
+def tokenize(texts: list[str]) -> torch.Tensor:
+    return torch.tensor([[len(text)] for text in texts])
 
 
 CONTRASTIVE = DecodeConfig()
@@ -28,7 +30,10 @@ def raw(files: dict[str, bytes], status: str = "ok", error: str | None = None) -
 
 
 def decode(files: dict[str, bytes], config: DecodeConfig = CONTRASTIVE, **kw) -> DecodedSample:
-    return decode_sample(raw(files, **kw), config, PREPROCESS, tokenize)
+    """Decode and tokenise one sample as a worker does (a chunk of one)."""
+    tokenizer = tokenize if config.task == "contrastive" else None
+    (sample,) = Decoder(config, PREPROCESS, tokenizer).decode_samples([raw(files, **kw)])
+    return sample
 
 
 def assert_failed(row: dict, status: str) -> None:
@@ -41,7 +46,7 @@ def test_ok_sample():
     row = decode({"jpg": image_bytes(1), "txt": b"  a red bus \n", "json": json.dumps({"uid": "abc"}).encode()})
     assert row.status == "ok" and row.error is None
     assert (row.shard, row.key, row.index) == ("s.tar", "00000007", 7)
-    assert row.image.shape == (3, 32, 32)
+    assert row.image.shape == (3, 32, 32) and row.image.dtype == torch.uint8
     assert row.caption == "a red bus"
     assert row.text.tolist() == [len("a red bus")]
     assert row.uid == "abc" and row.label is None
@@ -54,7 +59,7 @@ def test_numeric_uid_becomes_string():
 
 def test_first_present_image_key_wins():
     config = DecodeConfig(image_keys=("png", "jpg"))
-    row = decode_sample(raw({"jpg": image_bytes(1), "png": b"not an image", "txt": b"x"}), config, PREPROCESS, tokenize)
+    row = decode({"jpg": image_bytes(1), "png": b"not an image", "txt": b"x"}, config)
     assert_failed(row, "decode_error")  # png is preferred, even though jpg would decode
 
 
@@ -93,20 +98,20 @@ def test_invalid_utf8():
 def test_json_field_caption():
     config = DecodeConfig(text_key="json:caption")
     meta = {"uid": "u9", "caption": "a dog on a beach"}
-    row = decode_sample(raw({"jpg": image_bytes(4), "json": json.dumps(meta).encode()}), config, PREPROCESS, tokenize)
+    row = decode({"jpg": image_bytes(4), "json": json.dumps(meta).encode()}, config)
     assert row.status == "ok" and row.caption == "a dog on a beach" and row.uid == "u9"
 
 
 def test_json_field_missing_is_missing_text():
     config = DecodeConfig(text_key="json:caption")
-    row = decode_sample(raw({"jpg": image_bytes(4), "json": b'{"uid": "u"}'}), config, PREPROCESS, tokenize)
+    row = decode({"jpg": image_bytes(4), "json": b'{"uid": "u"}'}, config)
     assert_failed(row, "missing_text")
     assert row.uid == "u"
 
 
 def test_bad_json_with_json_field():
     config = DecodeConfig(text_key="json:caption")
-    row = decode_sample(raw({"jpg": image_bytes(4), "json": b'{"caption": "unterminated'}), config, PREPROCESS, tokenize)
+    row = decode({"jpg": image_bytes(4), "json": b'{"caption": "unterminated'}, config)
     assert_failed(row, "decode_error")
     assert "json" in row.error.lower()
 
@@ -117,19 +122,19 @@ def test_bad_json_ignored_for_txt_captions():
 
 
 def test_classify_ok():
-    row = decode_sample(raw({"jpg": image_bytes(5), "cls": b" 42\n"}), CLASSIFY, PREPROCESS, None)
+    row = decode({"jpg": image_bytes(5), "cls": b" 42\n"}, CLASSIFY)
     assert row.status == "ok" and row.label == 42
     assert row.text is None and row.caption is None
     assert row.image.shape == (3, 32, 32)
 
 
 def test_classify_missing_label():
-    assert_failed(decode_sample(raw({"jpg": image_bytes(5)}), CLASSIFY, PREPROCESS, None), "missing_label")
+    assert_failed(decode({"jpg": image_bytes(5)}, CLASSIFY), "missing_label")
 
 
 @pytest.mark.parametrize("label", [b"cat", b"4.5", b"", b"1_000"])
 def test_classify_non_integer_label(label):
-    row = decode_sample(raw({"jpg": image_bytes(5), "cls": label}), CLASSIFY, PREPROCESS, None)
+    row = decode({"jpg": image_bytes(5), "cls": label}, CLASSIFY)
     assert_failed(row, "decode_error")
     assert "integer" in row.error
 
@@ -139,12 +144,12 @@ def test_transparent_png_composited_on_white():
     pixels[0, 0] = (255, 0, 0, 255)  # ...except one opaque red pixel
     buffer = io.BytesIO()
     Image.fromarray(pixels).save(buffer, format="PNG")
-    row = decode_sample(raw({"png": buffer.getvalue(), "txt": b"emoji"}), CONTRASTIVE, transforms.ToTensor(), tokenize)
+    row = decode_sample(raw({"png": buffer.getvalue(), "txt": b"emoji"}), CONTRASTIVE, SAME_SIZE)
     assert row.status == "ok"
     image = row.image
     assert image.shape == (3, 8, 8)
-    assert image[:, 5, 5].tolist() == [1.0, 1.0, 1.0]
-    assert image[:, 0, 0].tolist() == [1.0, 0.0, 0.0]
+    assert image[:, 5, 5].tolist() == [255, 255, 255]
+    assert image[:, 0, 0].tolist() == [255, 0, 0]
 
 
 def test_palette_png_with_transparency_composited_on_white():
@@ -153,14 +158,14 @@ def test_palette_png_with_transparency_composited_on_white():
     image.putpixel((1, 1), 1)
     buffer = io.BytesIO()
     image.save(buffer, format="PNG", transparency=0)
-    row = decode_sample(raw({"png": buffer.getvalue(), "txt": b"x"}), CONTRASTIVE, transforms.ToTensor(), tokenize)
-    assert row.image[:, 0, 0].tolist() == [1.0, 1.0, 1.0]
-    assert row.image[:, 1, 1].tolist() == [0.0, 1.0, 0.0]
+    row = decode_sample(raw({"png": buffer.getvalue(), "txt": b"x"}), CONTRASTIVE, ImageGeometry(size=(4, 4)))
+    assert row.image[:, 0, 0].tolist() == [255, 255, 255]
+    assert row.image[:, 1, 1].tolist() == [0, 255, 0]
 
 
 def test_pixel_bomb_is_too_large():
     config = DecodeConfig(max_image_pixels=100)
-    row = decode_sample(raw({"jpg": image_bytes(6, size=24), "txt": b"x"}), config, PREPROCESS, tokenize)
+    row = decode({"jpg": image_bytes(6, size=24), "txt": b"x"}, config)
     assert_failed(row, "too_large")
     assert "24x24" in row.error
 
@@ -184,27 +189,37 @@ def test_raw_too_large_passthrough_keeps_uid():
     assert row.status == "too_large" and row.uid == "u5" and row.image is None
 
 
-def test_preprocess_failure_is_decode_error():
-    def broken(image):
-        raise RuntimeError("boom\nsecond line")
+def test_tokenize_failure_is_decode_error_for_that_caption_only():
+    def picky(texts):
+        if any("bad" in text for text in texts):
+            raise ValueError("too long")
+        return tokenize(texts)
 
-    row = decode_sample(raw({"jpg": image_bytes(7), "txt": b"x"}), CONTRASTIVE, broken, tokenize)
-    assert_failed(row, "decode_error")
-    assert "preprocess" in row.error and "boom" in row.error
+    decoder = Decoder(CONTRASTIVE, PREPROCESS, picky)
+    good, bad = decoder.decode_samples([raw({"jpg": image_bytes(7), "txt": b"fine"}),
+                                        raw({"jpg": image_bytes(8), "txt": b"bad caption"})])
+    assert good.status == "ok" and good.text.tolist() == [4]
+    assert_failed(bad, "decode_error")
+    assert "tokenize" in bad.error and "too long" in bad.error
 
 
-def test_tokenize_failure_is_decode_error():
-    def broken(text):
-        raise ValueError("too long")
+def test_captions_are_tokenised_in_one_call_per_chunk():
+    calls = []
 
-    row = decode_sample(raw({"jpg": image_bytes(7), "txt": b"x"}), CONTRASTIVE, PREPROCESS, broken)
-    assert_failed(row, "decode_error")
-    assert "tokenize" in row.error
+    def counting(texts):
+        calls.append(len(texts))
+        return tokenize(texts)
+
+    samples = Decoder(CONTRASTIVE, PREPROCESS, counting).decode_samples(
+        [raw({"jpg": image_bytes(i), "txt": f"caption {i}".encode()}) for i in range(5)] + [raw({"jpg": image_bytes(9)})])
+    assert calls == [5]
+    assert [sample.status for sample in samples] == ["ok"] * 5 + ["missing_text"]
 
 
 @pytest.mark.parametrize(
     "kwargs",
-    [{"task": "detect"}, {"image_keys": ()}, {"text_key": "json:"}, {"text_key": ""}, {"max_image_pixels": 0}],
+    [{"task": "detect"}, {"image_keys": ()}, {"text_key": "json:"}, {"text_key": ""}, {"max_image_pixels": 0},
+     {"decoder": "nvjpeg"}, {"max_aspect_ratio": 0.5}],
 )
 def test_config_validation(kwargs):
     with pytest.raises(MimicfilterError):
@@ -218,7 +233,7 @@ def test_config_is_frozen():
 
 def test_classify_label_outside_the_head_is_a_decode_error():
     config = DecodeConfig(task="classify", num_classes=3)
-    row = decode_sample(raw({"jpg": image_bytes(5), "cls": b"3"}), config, PREPROCESS, None)
+    row = decode({"jpg": image_bytes(5), "cls": b"3"}, config)
     assert_failed(row, "decode_error")
     assert "outside" in row.error
-    assert decode_sample(raw({"jpg": image_bytes(5), "cls": b"2"}), config, PREPROCESS, None).status == "ok"
+    assert decode({"jpg": image_bytes(5), "cls": b"2"}, config).status == "ok"

@@ -62,7 +62,16 @@ def write_manifest(path: Path, kept: dict[tuple[str, str], bool]) -> Path:
 
 
 def referenced_files(index: Path) -> list[str]:
-    return re.findall(r"(?:src|href)='([^']+)'", index.read_text())
+    """The page's own files (src and href), leaving out in-page anchors and links to the docs."""
+    found = re.findall(r"(?:src|href)='([^']+)'", index.read_text())
+    return [name for name in found if not name.startswith(("#", "file:"))]
+
+
+def assert_drawn(path: Path) -> None:
+    if path.suffix == ".svg":
+        assert_svg_drawn(path)
+    elif path.suffix in (".png", ".jpg"):
+        assert_not_blank(path)
 
 
 def assert_not_blank(path: Path) -> None:
@@ -99,30 +108,42 @@ def test_default_rule_quality_equals_the_filter_summary(run, tmp_path):
     assert summary["rule"].startswith("keep-votes (gmm")
 
 
+def assert_svg_drawn(path: Path) -> None:
+    """A matplotlib SVG with a size (so a browser gives it a natural width) and something drawn in it."""
+    import xml.etree.ElementTree as ElementTree
+
+    root = ElementTree.parse(path).getroot()
+    assert root.tag.endswith("svg") and root.get("width", "").endswith("pt") and root.get("height", "").endswith("pt")
+    drawn = [element for element in root.iter() if element.tag.endswith(("path", "use", "image"))]
+    assert len(drawn) > 20, f"{path.name} draws almost nothing"
+
+
 def test_report_files_exist_open_and_are_not_blank(run, tmp_path):
     out = tmp_path / "report"
     result = CliRunner().invoke(cli, ["report", str(run), "--out", str(out), "--sheet-size", "4"], catch_exceptions=False)
     assert result.exit_code == 0, result.output
     assert f"Report: {out / 'index.html'}" in result.output
+    page = (out / "index.html").read_text()
+    assert "<meta name='viewport' content='width=device-width, initial-scale=1'>" in page
     references = referenced_files(out / "index.html")
-    assert {"scores.png", "weights.png", "score_vs_clip.png", "shards.png", "highest.png", "lowest.png"} <= set(references)
+    assert {"scores.svg", "keep_curve.svg", "score_vs_clip.svg", "report.json"} <= set(references)
+    thumbnails = [name for name in references if name.startswith("thumbs/")]
+    assert thumbnails, "the contact sheets show no thumbnail"
     for name in references:
         assert (out / name).is_file(), f"index.html references missing {name}"
-        assert_not_blank(out / name)
+        assert_drawn(out / name)
     report = json.loads((out / "report.json").read_text())
     assert report["plot_rows"]["score_rows_used"] == report["plot_rows"]["score_rows_total"] == 18
-    assert not list(out.glob(".*")), "temp files left behind"
+    assert report["plot_rows"]["samples_used"] == report["plot_rows"]["samples_total"] == 9
+    assert not list(out.rglob(".*")), "temp files left behind"
 
 
-def grey_tiles(path: Path) -> float:
-    """How many 160-pixel 'unreadable image' tiles the sheet holds (their grey area / a tile's)."""
-    with Image.open(path) as sheet:
-        pixels = np.asarray(sheet.convert("RGB"))
-    return np.all(pixels == (200, 200, 200), axis=-1).sum() / (160 * 160)
+def cards_of(summary: dict, sheet: str) -> dict[str, dict]:
+    return {card["key"]: card for card in summary["sheets"][sheet]}
 
 
 def test_missing_and_unreadable_images_are_labelled_on_the_sheet(run, tmp_path):
-    """Lowest three: a/1 (readable), a/2 (readable), a/3 (lost: the shard is truncated inside a/2's image)."""
+    """Lowest three: a/1 (readable), a/2 (readable), a/3 (lost: the shard is truncated inside a/3's image)."""
     shard_a = Path(json.loads((run / "run.json").read_text())["shards"][0])
     import tarfile
 
@@ -130,11 +151,15 @@ def test_missing_and_unreadable_images_are_labelled_on_the_sheet(run, tmp_path):
         cut = next(member.offset_data for member in tar.getmembers() if member.name == "00000003.jpg") + 50
     shard_a.write_bytes(shard_a.read_bytes()[:cut])
     summary = build_report(ReportConfig(run_dir=run, out_dir=tmp_path / "report", sheet_size=3))
-    assert summary["images"]["lowest"] == "lowest.png"
-    assert 0.8 < grey_tiles(tmp_path / "report" / "lowest.png") < 1.0  # one grey tile (less its label text)
+    lowest = cards_of(summary, "lowest")
+    assert list(lowest) == ["00000001", "00000002", "00000003"]
+    assert lowest["00000001"]["thumbnail"] and lowest["00000002"]["thumbnail"]
+    assert lowest["00000003"]["thumbnail"] is None and "truncated tar" in lowest["00000003"]["error"]
+    page = (tmp_path / "report" / "index.html").read_text()
+    assert page.count("unreadable image") >= 1 and "truncated" in page
     shard_a.unlink()  # a shard that has gone away entirely
-    build_report(ReportConfig(run_dir=run, out_dir=tmp_path / "report", sheet_size=3))
-    assert 2.4 < grey_tiles(tmp_path / "report" / "lowest.png") < 3.0
+    summary = build_report(ReportConfig(run_dir=run, out_dir=tmp_path / "report2", sheet_size=3))
+    assert all(card["thumbnail"] is None and card["error"] for card in summary["sheets"]["lowest"])
 
 
 def test_contact_sheet_shows_what_the_decoder_says(run, tmp_path):
@@ -148,6 +173,80 @@ def test_contact_sheet_shows_what_the_decoder_says(run, tmp_path):
     assert shown[1].image is not None and shown[1].caption == "a picture number 1" and shown[1].error is None
 
 
+def test_sheets_pick_the_lowest_highest_borderline_and_random_samples(run, tmp_path):
+    """Mean scores: a/1..5 = 1.5..5.5, b/10..13 = 10.5..13.5. The manifest keeps the top four (b),
+    so the cut lies between a/5 (5.5) and b/10 (10.5)."""
+    shard_a, shard_b = json.loads((run / "run.json").read_text())["shards"]
+    decisions = {(shard_a, f"{i:08d}"): False for i in range(0, 6)} | {(shard_b, f"{i:08d}"): True for i in range(10, 14)}
+    manifest = write_manifest(tmp_path / "manifest.parquet", decisions)
+    summary = build_report(ReportConfig(run_dir=run, out_dir=tmp_path / "report", filter_manifest=manifest, sheet_size=2))
+    assert summary["cut"] == {"mimic_score": pytest.approx(8.0), "agreement": 1.0}
+    assert list(cards_of(summary, "lowest")) == ["00000001", "00000002"]
+    assert list(cards_of(summary, "highest")) == ["00000013", "00000012"]
+    assert list(cards_of(summary, "borderline")) == ["00000005", "00000010"]  # nearest 8.0, in score order
+    assert all(card["kept"] for card in summary["sheets"]["random_kept"])
+    assert not any(card["kept"] for card in summary["sheets"]["random_dropped"])
+    assert len(summary["sheets"]["random_kept"]) == len(summary["sheets"]["random_dropped"]) == 2
+    again = build_report(ReportConfig(run_dir=run, out_dir=tmp_path / "again", filter_manifest=manifest, sheet_size=2))
+    assert again["sheets"] == summary["sheets"]  # the random picks are a fixed hash order
+    page = (tmp_path / "report" / "index.html").read_text()
+    missing, card = summary["sheets"]["highest"]  # b/13 is in the table but not in its shard
+    assert missing["thumbnail"] is None and missing["error"] == "sample not found in its shard"
+    assert card["caption"] == "a picture number 12"
+    assert f"title='{card['caption']}'>{card['caption']}</div>" in page  # the caption as text, in full on hover
+    assert f"b.tar/{card['key']}</code>" in page  # shard/key as selectable text
+    shown = {(card["shard"], card["key"]): card["thumbnail"] for cards in summary["sheets"].values() for card in cards}
+    files = {path.relative_to(tmp_path / "report").as_posix() for path in (tmp_path / "report" / "thumbs").iterdir()}
+    assert files == set(shown.values()) - {None}  # one thumbnail per sample, however many sheets show it
+
+
+def test_funnel_drop_reasons_and_per_shard_errors(run, tmp_path):
+    """Shard a: 6 samples, 1 decode_error; shard b: 4 samples; a non-tar shard c: one shard_error row."""
+    rows = [score_row("c.tar", "", 0, epoch, None, "shard_error", "not a tar archive") for epoch in (0, 1)]
+    write_part(rows_to_table(rows), run / "scores" / "part-c.parquet")
+    shard_a, shard_b = json.loads((run / "run.json").read_text())["shards"]
+    decisions = {(shard_a, f"{i:08d}"): i % 2 == 1 for i in range(1, 6)} | {(shard_b, f"{i:08d}"): i == 13 for i in range(10, 14)}
+    manifest = write_manifest(tmp_path / "manifest.parquet", decisions)
+    summary = build_report(ReportConfig(run_dir=run, out_dir=tmp_path / "report", filter_manifest=manifest))
+    assert summary["funnel"] == {"samples": 11, "usable": 9, "kept": 4}
+    reasons = {reason["reason"]: reason for reason in summary["drop_reasons"]}
+    assert {name: reason["count"] for name, reason in reasons.items()} == {
+        "dropped": 5, "status:decode_error": 1, "status:shard_error": 1}
+    assert reasons["status:decode_error"]["examples"][0]["error"] == "cannot decode image jpg"
+    assert reasons["status:decode_error"]["kind"] == "status" and reasons["dropped"]["kind"] == "rule"
+    assert len(reasons["dropped"]["examples"]) == 3
+    shards = summary["shards_worst_first"]
+    assert [shard["shard"] for shard in shards] == ["c.tar", shard_b, shard_a]  # unusable first, then worst
+    assert shards[0]["quality"] is None and shards[0]["errors"] == {"shard_error": 1}
+    assert shards[2]["errors"] == {"decode_error": 1} and shards[1]["errors"] == {}
+    page = (tmp_path / "report" / "index.html").read_text()
+    assert "no usable sample" in page and "not a tar archive" in page
+
+
+def test_default_rule_reasons_match_the_filter_manifest(run, tmp_path):
+    import pyarrow.parquet as parquet
+
+    result = CliRunner().invoke(cli, ["filter", str(run), "--out", str(tmp_path / "curated"),
+                                      "--min", "mimic_score=0", "--drop", "bottom-frac:mimic_score=0.2"],
+                                     catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    manifest = parquet.read_table(tmp_path / "curated" / "manifest.parquet").to_pylist()
+    expected = {}
+    for row in manifest:
+        if not row["kept"]:
+            expected[row["reason"]] = expected.get(row["reason"], 0) + 1
+    summary = build_report(ReportConfig(run_dir=run, out_dir=tmp_path / "report",
+                                        filter_manifest=tmp_path / "curated" / "manifest.parquet"))
+    assert {reason["reason"]: reason["count"] for reason in summary["drop_reasons"]} == expected
+    assert "dropped by bottom-frac mimic_score=0.2" in expected
+    default = build_report(ReportConfig(run_dir=run, out_dir=tmp_path / "default"))
+    filter_default = CliRunner().invoke(cli, ["filter", str(run), "--out", str(tmp_path / "plain")], catch_exceptions=False)
+    assert filter_default.exit_code == 0
+    plain = json.loads((tmp_path / "plain" / "summary.json").read_text())["reasons"]
+    assert {reason["reason"]: reason["count"] for reason in default["drop_reasons"]} == {
+        reason: count for reason, count in plain.items() if reason != "kept"}
+
+
 def test_plots_use_a_stated_sample_of_big_tables(tmp_path):
     shard = "s.tar"
     rows = [score_row(shard, f"{i:08d}", i, 0, float(np.sin(i))) for i in range(5000)]
@@ -157,7 +256,8 @@ def test_plots_use_a_stated_sample_of_big_tables(tmp_path):
     summary = build_report(ReportConfig(run_dir=run, out_dir=tmp_path / "report", sample_rows=1000, sheet_size=0))
     used = summary["plot_rows"]["score_rows_used"]
     assert 700 < used < 1300 and summary["plot_rows"]["score_rows_total"] == 5000
-    assert f"{used:,} of 5,000 score rows" in (tmp_path / "report" / "index.html").read_text()
+    assert summary["plot_rows"]["samples_used"] == used  # one epoch: a sample is a row
+    assert f"{used:,} of 5,000 usable samples" in (tmp_path / "report" / "index.html").read_text()
     assert summary["samples"] == 5000  # the quality estimate still counts every sample
 
 
@@ -197,7 +297,7 @@ def test_report_of_a_real_tiny_run(tmp_path, tiny_config, reference_checkpoint):
     summary = json.loads(result.stdout)
     assert summary["ok"] == 12 and summary["epochs"] == 2
     for name in referenced_files(run / "report" / "index.html"):
-        assert_not_blank(run / "report" / name)
+        assert_drawn(run / "report" / name)
 
 
 def test_the_command_line_starts_without_torch():

@@ -243,7 +243,8 @@ def test_a_run_directory_at_an_fsspec_url(shards, tiny_config, reference_checkpo
     assert json.loads(filtered.stdout)["samples"] == 30
     reported = invoke(["report", url, "--out", str(tmp_path / "report"), "--sheet-size", "2"])
     assert reported.exit_code == 0, reported.output
-    assert (tmp_path / "report" / "lowest.png").exists()
+    lowest = json.loads((tmp_path / "report" / "report.json").read_text())["sheets"]["lowest"]
+    assert len(lowest) == 2 and all((tmp_path / "report" / card["thumbnail"]).is_file() for card in lowest)
 
 
 def test_trajectories_need_a_local_run_directory(shards, tiny_config, reference_checkpoint):

@@ -91,6 +91,39 @@ def test_workers_do_not_change_the_table(shard_dir, tiny_config, reference_check
     assert read_scores(tmp_path / "w0").equals(read_scores(tmp_path / "w2"))
 
 
+def test_parts_do_not_depend_on_workers_or_work_unit_size(shard_dir, tiny_config, reference_checkpoint, tmp_path):
+    from mimicfilter.mimic.models import ModelSpec
+    from mimicfilter.pipeline.config import ScoreConfig
+    from mimicfilter.pipeline.run import run_score
+
+    shards = tuple(str(path) for path in sorted(shard_dir.glob("*.tar")))
+    model = ModelSpec(str(tiny_config), str(reference_checkpoint))
+    parts = {}
+    for workers, chunk_size in [(0, 64), (2, 1), (2, 3), (1, 5)]:
+        out = tmp_path / f"w{workers}-c{chunk_size}"
+        run_score(ScoreConfig(shards, out, model, batch_size=4, workers=workers, chunk_size=chunk_size))
+        parts[(workers, chunk_size)] = {path.name: pq.read_table(path) for path in (out / "scores").glob("*.parquet")}
+    first = parts[(0, 64)]
+    assert len(first) == 3
+    for other in parts.values():
+        assert other.keys() == first.keys()
+        assert all(other[name].equals(first[name]) for name in first)
+
+
+def test_decoder_gpu_on_the_cpu_is_a_one_line_usage_error(shard_dir, tiny_config, reference_checkpoint, tmp_path):
+    result = invoke(score_args([shard_dir], tiny_config, reference_checkpoint, tmp_path / "run", "--decoder", "gpu",
+                               "--device", "cpu"))
+    assert result.exit_code == 2
+    assert "--decoder gpu" in result.output and "hint" in result.output and len(result.output.strip().splitlines()) == 1
+
+
+def test_the_decoder_is_part_of_the_fingerprint(shard_dir, tiny_config, reference_checkpoint, tmp_path):
+    out = tmp_path / "run"
+    assert invoke(score_args([shard_dir], tiny_config, reference_checkpoint, out)).exit_code == 0
+    other = invoke(score_args([shard_dir], tiny_config, reference_checkpoint, out, "--decoder", "pil"))
+    assert other.exit_code == 2 and "different" in other.output
+
+
 def test_rerunning_skips_finished_parts_and_a_different_command_is_refused(shard_dir, tiny_config, reference_checkpoint, tmp_path):
     out = tmp_path / "run"
     assert invoke(score_args([shard_dir], tiny_config, reference_checkpoint, out)).exit_code == 0

@@ -101,7 +101,7 @@ def test_directory_without_tars(tmp_path):
     empty = tmp_path / "empty"
     empty.mkdir()
     (empty / "readme.md").write_text("x")
-    with pytest.raises(MimicfilterError, match="no .tar files") as info:
+    with pytest.raises(MimicfilterError, match="no shards") as info:
         expand_shards([str(empty)])
     assert str(empty) in info.value.message
 

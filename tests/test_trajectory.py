@@ -145,6 +145,25 @@ def test_trajectory_rows_cover_every_sample_once_per_epoch(tiny_config, referenc
     assert {p.name for p in (tmp_path / "run" / "checkpoints").iterdir()} >= {"latest.pt", "epoch-0002.pt"}
 
 
+def test_trajectory_tables_do_not_depend_on_workers_or_work_unit_size(tiny_config, reference_checkpoint, tmp_path):
+    from mimicfilter.mimic.models import ModelSpec
+    from mimicfilter.pipeline.config import ScoreConfig, TrainConfig
+    from mimicfilter.pipeline.run import run_score
+
+    samples = image_text_samples(23)
+    samples[5][1]["jpg"] = b"not an image"  # a decode_error rides along with its batch
+    shards = (str(write_tar(tmp_path / "a.tar", samples)), str(write_tar(tmp_path / "b.tar", image_text_samples(9, 50))))
+    model = ModelSpec(str(tiny_config), str(reference_checkpoint))
+    train = TrainConfig(mode="head", epochs=2, lr=1e-2, shuffle_buffer=8, checkpoint_every=2)
+    tables = []
+    for workers, chunk_size in [(0, 64), (1, 64), (2, 1), (2, 4)]:
+        out = tmp_path / f"w{workers}-c{chunk_size}"
+        run_score(ScoreConfig(shards, out, model, batch_size=4, workers=workers, train=train, chunk_size=chunk_size))
+        tables.append(read_scores(out))
+    assert tables[0].num_rows == 64 and "decode_error" in tables[0].column("status").to_pylist()
+    assert all(table.equals(tables[0]) for table in tables[1:])
+
+
 @pytest.mark.slow
 def test_killed_trajectory_resumes_to_the_uninterrupted_table(tiny_config, reference_checkpoint, tmp_path):
     shards = [write_tar(tmp_path / f"{i}.tar", image_text_samples(40, start=100 * i)) for i in range(3)]
@@ -152,8 +171,10 @@ def test_killed_trajectory_resumes_to_the_uninterrupted_table(tiny_config, refer
     baseline = tmp_path / "baseline"
     assert CliRunner().invoke(cli, trajectory_args(shards, tiny_config, reference_checkpoint, baseline, *extra)).exit_code == 0
 
-    out = tmp_path / "killed"
-    command = [sys.executable, "-m", "mimicfilter", *trajectory_args(shards, tiny_config, reference_checkpoint, out, *extra)]
+    out = tmp_path / "killed"  # killed and resumed with two decoding workers, the baseline had none
+    args = trajectory_args(shards, tiny_config, reference_checkpoint, out, *extra)
+    args[args.index("--workers") + 1] = "2"
+    command = [sys.executable, "-m", "mimicfilter", *args]
     process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     checkpoint = out / "checkpoints" / "latest.pt"
     deadline = time.time() + 120
@@ -164,7 +185,7 @@ def test_killed_trajectory_resumes_to_the_uninterrupted_table(tiny_config, refer
     process.wait()
     assert not (out / "_SUCCESS").exists(), "the run finished before it could be killed"
 
-    resumed = CliRunner().invoke(cli, trajectory_args(shards, tiny_config, reference_checkpoint, out, *extra))
+    resumed = CliRunner().invoke(cli, args)
     assert resumed.exit_code == 0, resumed.output
     assert read_scores(out).equals(read_scores(baseline))
 

@@ -1,10 +1,17 @@
 """DuckDB over score tables: finding the Parquet parts, one connection setup, the ``scores`` view,
 and the one per-sample aggregation (a sample's epoch rows → one row) that filter, report and
-extrapolate share. Torch-free."""
+extrapolate share. Torch-free.
+
+A sample is identified by (``shard``, ``index``): keys are only names, and a shard may hold the same
+key twice. The ``scores`` view gives rows whose scores are NaN or infinite (tables written before
+that had a status of its own, or edited by hand) the status ``non_finite_score`` and null values,
+so no rule, vote or plot ever sees them.
+"""
 
 from __future__ import annotations
 
 import glob
+import re
 from pathlib import Path
 from typing import Sequence
 
@@ -13,6 +20,9 @@ import duckdb
 from mimicfilter.errors import MimicfilterError
 from mimicfilter.store.parts import part_paths
 from mimicfilter.store.paths import SCORES_DIR, is_remote_url, run_path
+from mimicfilter.store.schema import NON_FINITE, POOL_COLUMNS, SCORE_VALUE_COLUMNS
+
+_MEMORY_LIMIT = re.compile(r"^\d+(\.\d+)?\s*(B|KB|MB|GB|TB|KIB|MIB|GIB|TIB)$", re.IGNORECASE)
 
 
 def score_files(inputs: Sequence[str]) -> list[str]:
@@ -56,14 +66,36 @@ def sql_string(text: str) -> str:
     return "'" + text.replace("'", "''") + "'"
 
 
+def check_memory_limit(memory_limit: str | None) -> str | None:
+    """``--memory-limit`` as DuckDB reads it (a number and a unit), or a one-line error."""
+    if memory_limit is None:
+        return None
+    text = memory_limit.strip()
+    if not _MEMORY_LIMIT.match(text):
+        raise MimicfilterError(f"--memory-limit {memory_limit!r}: not an amount of memory",
+                               hint="a number and a unit, e.g. 4GB, 512MB or 2GiB")
+    return text
+
+
 def connect(memory_limit: str | None = None, temp_directory: str | None = None) -> duckdb.DuckDBPyConnection:
     connection = duckdb.connect()
+    # DuckDB draws its progress bar on stdout, which belongs to --keys - / --json
+    connection.execute("SET enable_progress_bar = false")
     if memory_limit:
-        connection.execute(f"SET memory_limit = '{memory_limit}'")
+        connection.execute("SET memory_limit = ?", [check_memory_limit(memory_limit)])  # a parameter, never SQL
     if temp_directory:
         connection.execute("SET temp_directory = ?", [temp_directory])
     connection.execute("SET preserve_insertion_order = false")  # lets DuckDB stream big GROUP BYs
     return connection
+
+
+def forbid_file_access(connection: duckdb.DuckDBPyConnection) -> None:
+    """From here on, SQL cannot read or write files (user SQL such as ``--where`` runs after this).
+
+    Everything the rules need is already in tables; DuckDB may still spill to its temp directory.
+    One-way: DuckDB refuses to turn it back on.
+    """
+    connection.execute("SET enable_external_access = false")
 
 
 def load_scores(connection: duckdb.DuckDBPyConnection, files: Sequence[str]) -> None:
@@ -75,20 +107,35 @@ def load_scores(connection: duckdb.DuckDBPyConnection, files: Sequence[str]) -> 
         connection.register_filesystem(fsspec.filesystem(protocol))
     try:
         listing = ", ".join(sql_string(path) for path in files)  # views cannot take prepared parameters
-        connection.execute(f"CREATE OR REPLACE VIEW scores AS SELECT * FROM read_parquet([{listing}], union_by_name = true)")
-        columns = {row[0] for row in connection.execute("DESCRIBE scores").fetchall()}
+        connection.execute(
+            f"CREATE OR REPLACE VIEW score_rows AS SELECT * FROM read_parquet([{listing}], union_by_name = true)"
+        )
+        columns = {row[0] for row in connection.execute("DESCRIBE score_rows").fetchall()}
     except duckdb.Error as error:
         raise MimicfilterError(f"cannot read the score tables: {' '.join(str(error).split())[:300]}") from error
-    missing = {"shard", "key", "status", "epoch", "mimic_score", "mimic_weight"} - columns
+    missing = {"shard", "key", "index", "status", "epoch", "mimic_score", "mimic_weight"} - columns
     if missing:
         raise MimicfilterError(f"not a mimicfilter score table: no column {', '.join(sorted(missing))}")
+    connection.execute(f"CREATE OR REPLACE VIEW scores AS {_finite_rows_sql(columns)}")
+
+
+def _finite_rows_sql(columns: set[str]) -> str:
+    """``score_rows`` with non-finite values nulled and their ok rows re-labelled ``non_finite_score``."""
+    values = [column for column in SCORE_VALUE_COLUMNS if column in columns]
+    finite = " AND ".join(f"coalesce(isfinite({column}), true)" for column in values)
+    replaced = [f"CASE WHEN status = 'ok' AND NOT ({finite}) THEN '{NON_FINITE}' ELSE status END AS status",
+                f"CASE WHEN status = 'ok' AND NOT ({finite}) THEN 'non-finite score in the table' ELSE error END AS error",
+                *(f"CASE WHEN isfinite({column}) THEN {column} END AS {column}" for column in values)]
+    if "error" not in columns:
+        replaced.pop(1)
+    return f"SELECT * REPLACE ({', '.join(replaced)}) FROM score_rows"
 
 
 def per_sample_sql(connection: duckdb.DuckDBPyConnection, source: str = "scores", extra: Sequence[str] = (),
                    rows: str | None = None) -> str:
-    """SELECT one row per sample (shard, key) from the epoch rows of ``source``.
+    """SELECT one row per sample (shard, index) from the epoch rows of ``source``.
 
-    Per sample: identity (uid, index), the last epoch's status and error, the number of epochs,
+    Per sample: identity (key, uid), the last epoch's status and error, the number of epochs,
     the mean and last-epoch mimic score, the mean relative weight, loss, CLIP score and reference
     loss (NULL where the table lacks the column), and the label. ``extra`` adds aggregates;
     ``rows`` replaces the FROM clause's row source (e.g. a sub-query adding a vote column).
@@ -99,9 +146,9 @@ def per_sample_sql(connection: duckdb.DuckDBPyConnection, source: str = "scores"
         return f"{expression} AS {name}" if column in columns else f"NULL AS {name}"
 
     selected = [
-        "shard", "key",
+        "shard", "min(key) AS key",  # a sample's key is the same in every epoch
         "any_value(uid) AS uid",
-        'min("index")::INTEGER AS "index"',
+        '"index"::INTEGER AS "index"',
         "arg_max(status, epoch) AS status",
         "arg_max(error, epoch) AS error",
         "count(*)::INTEGER AS epochs",
@@ -112,6 +159,7 @@ def per_sample_sql(connection: duckdb.DuckDBPyConnection, source: str = "scores"
         optional("avg(clip_score)", "clip_score", "clip_score"),
         optional("avg(ref_loss)", "ref_loss", "ref_loss"),
         optional("any_value(label)::INTEGER", "label", "label"),
+        *(optional(f"max({name})::INTEGER", name, name) for name in POOL_COLUMNS),
         *extra,
     ]
-    return f"SELECT {', '.join(selected)} FROM {rows or source} GROUP BY shard, key"
+    return f"SELECT {', '.join(selected)} FROM {rows or source} GROUP BY shard, \"index\""

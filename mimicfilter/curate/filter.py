@@ -5,11 +5,14 @@
 
 All the heavy lifting is DuckDB SQL over the Parquet parts (out of core); Python only streams
 the kept keys when it has to (``--keys``, ``--write-shards``) and fetches uids as numpy arrays.
+Rules (user SQL included) run after file access is switched off; the outputs are published as
+one unit (publish.py).
 """
 
 from __future__ import annotations
 
 import json
+import os
 import sys
 import tempfile
 from dataclasses import dataclass, field
@@ -18,13 +21,16 @@ from typing import IO, Any
 
 import duckdb
 
-from mimicfilter.curate.duck import connect, load_scores, score_files, sql_string
-from mimicfilter.curate.outputs import write_datacomp, write_keys, write_manifest, write_shards
+from mimicfilter.curate.duck import check_memory_limit, connect, forbid_file_access, load_scores, score_files, sql_string
+from mimicfilter.curate.duplicates import DEDUPE_UID, dedupe_uids, find_duplicates, shared_kept_uids
+from mimicfilter.curate.outputs import write_keys
+from mimicfilter.curate.publish import publish
 from mimicfilter.curate.rules import Rule, apply_rules
 from mimicfilter.curate.votes import AggregateConfig, aggregate
 from mimicfilter.errors import MimicfilterError
-from mimicfilter.store.atomic import atomic_write_json
+from mimicfilter.shards.discover import shard_locator
 from mimicfilter.store.paths import RUN_FILE, run_path
+from mimicfilter.store.rundir import unfinished_run
 
 JOIN_KEYS = {"uid": ("uid",), "shard,key": ("shard", "key")}
 
@@ -57,6 +63,9 @@ class FilterConfig:
     dry_run: bool = False
     memory_limit: str | None = None
     argv: tuple[str, ...] = ()
+    strict: bool = False  # refuse unfinished runs instead of warning
+    dedupe_uid: str = "off"  # see duplicates.py
+    shard_roots: tuple[str, ...] = ()  # --shard-root: where moved shards are read from
 
     def __post_init__(self):
         if not self.inputs:
@@ -65,6 +74,20 @@ class FilterConfig:
             raise MimicfilterError("--out is required (or --dry-run)")
         if self.maxcount < 1:
             raise MimicfilterError(f"--maxcount {self.maxcount}: must be at least 1")
+        check_memory_limit(self.memory_limit)
+        if self.dedupe_uid not in DEDUPE_UID:
+            raise MimicfilterError(f"--dedupe-uid {self.dedupe_uid!r}", hint=f"one of {', '.join(DEDUPE_UID)}")
+        if self.keys not in (None, "-") and os.path.isdir(self.keys):
+            raise MimicfilterError(f"--keys {self.keys} is a directory", hint="name a file, or - for stdout")
+        written = [name for name, value in (("--keys FILE", self.keys not in (None, "-")),
+                                            ("--datacomp-npy", self.datacomp_npy), ("--write-shards", self.write_shards))
+                   if value]
+        if self.shard_roots and self.write_shards is None:
+            raise MimicfilterError("--shard-root only changes where --write-shards reads the shards",
+                                   hint="add --write-shards DIR, or drop --shard-root")
+        if self.dry_run and written:
+            raise MimicfilterError(f"--dry-run writes no files, but {', '.join(written)} asks for one",
+                                   hint="drop --dry-run, or the output options (--keys - still prints keys)")
 
     @property
     def effective_keep(self) -> tuple[Rule, ...]:
@@ -140,34 +163,50 @@ def _shard_order(connection) -> list[str]:
     return [row[0] for row in connection.execute("SELECT DISTINCT shard FROM samples ORDER BY shard").fetchall()]
 
 
+def _warnings(connection, config: FilterConfig, unfinished: list[str], duplicates: dict) -> list[str]:
+    warnings = [f"{message}: filtering what it holds so far" for message in unfinished]
+    for what, found in duplicates.items():
+        if found["names"]:
+            example = found["example"]
+            warnings.append(f"{found['names']} {what[:-1]}(s) shared by {found['samples']} samples "
+                            f"(e.g. {example['name']}: {example['samples']}); kept apart by (shard, index)")
+    if config.datacomp_npy is not None and (extra := shared_kept_uids(connection)):
+        warnings.append(f"{extra} sample(s) not kept carry the uid of a kept sample: DataComp's resharder copies "
+                        "every sample with a listed uid (--dedupe-uid drop-all keeps the subset exact)")
+    return warnings
+
+
 def run_filter(config: FilterConfig, stdout: IO[str] = sys.stdout) -> dict[str, Any]:
     """Run the filter; returns the summary (also written to summary.json unless --dry-run)."""
     files = score_files(config.inputs)
+    unfinished = [message for item in config.inputs if (message := unfinished_run(item))]
+    if unfinished and config.strict:
+        raise MimicfilterError(unfinished[0], hint="wait for the run to finish (or resume it), or drop --strict")
     with tempfile.TemporaryDirectory(prefix="mimicfilter-duckdb-") as spill:
         connection = connect(config.memory_limit, spill)
         load_scores(connection, files)
+        rows = connection.execute("SELECT count(*) FROM scores").fetchone()[0]
         aggregation = aggregate(connection, config.aggregation)
         joins = _join(connection, config.joins)
+        forbid_file_access(connection)  # user SQL (--where) runs from here on: tables only, no files
         apply_rules(connection, list(config.effective_keep), list(config.drop), config.combine)
+        dropped = dedupe_uids(connection, config.dedupe_uid)
+        duplicates = find_duplicates(connection)
         summary = _summary(connection, config, aggregation, joins)
-        if config.dry_run:
-            return summary
-        out = config.out_dir
-        write_manifest(connection, out / "manifest.parquet")
+        summary |= {"score_rows": rows, "duplicates": duplicates,
+                    "warnings": _warnings(connection, config, unfinished, duplicates)}
+        if config.dedupe_uid != "off":
+            summary["dedupe_uid"] = {"mode": config.dedupe_uid, "dropped": dropped}
         shard_order = _run_shard_order(config.inputs) or _shard_order(connection)
-        outputs = {"manifest": str(out / "manifest.parquet")}
-        if config.keys:
-            outputs["keys"] = config.keys
-            summary["keys_written"] = write_keys(connection, shard_order, config.keys, stdout)
-        if config.datacomp_npy:
-            summary["datacomp_uids"] = write_datacomp(connection, config.datacomp_npy)
-            outputs["datacomp_npy"] = str(config.datacomp_npy)
-        if config.write_shards:
-            summary["curated_shards"] = write_shards(connection, shard_order, config.write_shards, config.maxcount,
-                                                   summary["kept"])
-            outputs["curated_shards"] = str(config.write_shards)
-        summary["outputs"] = outputs
-        atomic_write_json(out / "summary.json", summary)
+        if config.dry_run:
+            if config.keys == "-":  # stdout is no file: a dry run still shows what would be kept
+                written = write_keys(connection, shard_order, "-", stdout)
+                summary |= {"keys_written": written.lines} | ({"keys_reader_closed": True} if written.reader_closed else {})
+            return summary
+        locate = shard_locator(config.shard_roots, shard_order) if config.write_shards else None
+        summary = publish(connection, out=config.out_dir, keys=config.keys, datacomp_npy=config.datacomp_npy,
+                          shards_dir=config.write_shards, maxcount=config.maxcount, shard_order=shard_order,
+                          locate=locate, summary=summary, stdout=stdout)
         connection.close()
     return summary
 

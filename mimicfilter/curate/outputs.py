@@ -3,17 +3,19 @@ file, curated shards. Every file is written atomically; kept keys are streamed, 
 
 from __future__ import annotations
 
-from dataclasses import asdict
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import IO, Iterator
+from typing import IO
 
 import numpy as np
+import pyarrow.parquet as pq
 
 from mimicfilter.curate.datacomp import UID_DTYPE, save_uid_array
-from mimicfilter.curate.duck import sql_string
 from mimicfilter.curate.reshard import index_file_name, write_curated_shards
 from mimicfilter.errors import MimicfilterError
 from mimicfilter.store.atomic import atomic_path
+from mimicfilter.store.swap import is_temp_name
 
 FETCH_ROWS = 100_000
 CURATED_PREFIX = "curated"
@@ -26,41 +28,66 @@ def _manifest_columns(connection) -> str:
     return ", ".join(f'"{column}"' for column in leading + rest)
 
 
-def write_manifest(connection, path: Path) -> None:
-    """manifest.parquet: every sample with ``kept`` and its ``reason``, in shard order."""
-    with atomic_path(path) as temp:
-        connection.execute(
-            f"COPY (SELECT {_manifest_columns(connection)} FROM decisions ORDER BY shard, \"index\", key) "
-            f"TO {sql_string(str(temp))} (FORMAT parquet, COMPRESSION zstd)"
-        )
+def write_manifest(connection, path: Path, run_id: str) -> None:
+    """manifest.parquet: every sample with ``kept`` and its ``reason``, in shard order.
+
+    Streamed from DuckDB in Arrow batches (DuckDB itself may no longer touch files once user SQL
+    has run); the file's metadata carries the filter run's id, as summary.json does.
+    """
+    reader = connection.sql(
+        f"SELECT {_manifest_columns(connection)} FROM decisions ORDER BY shard, \"index\", key"
+    ).to_arrow_reader(FETCH_ROWS)
+    schema = reader.schema.with_metadata({**(reader.schema.metadata or {}), b"mimicfilter_run_id": run_id.encode()})
+    with atomic_path(path) as temp, pq.ParquetWriter(str(temp), schema, compression="zstd") as writer:
+        for batch in reader:
+            writer.write_batch(batch.replace_schema_metadata(schema.metadata))
 
 
-def kept_keys(connection, shard_order: list[str]) -> Iterator[tuple[str, str]]:
-    """(shard, key) of kept samples, shards in input order, samples in shard order; streamed."""
+def kept_keys(connection, shard_order: list[str]) -> Iterator[tuple[str, str, int]]:
+    """(shard, key, index) of kept samples, shards in input order, samples in shard order; streamed."""
     connection.execute("CREATE OR REPLACE TEMP TABLE shard_order (shard VARCHAR, position INTEGER)")
     connection.executemany("INSERT INTO shard_order VALUES (?, ?)", [(s, i) for i, s in enumerate(shard_order)])
     cursor = connection.execute(
-        "SELECT d.shard, d.key FROM decisions d LEFT JOIN shard_order o USING (shard) "
-        "WHERE d.kept ORDER BY o.position NULLS LAST, d.shard, d.\"index\", d.key"
+        "SELECT d.shard, d.key, d.\"index\" FROM decisions d LEFT JOIN shard_order o USING (shard) "
+        "WHERE d.kept ORDER BY o.position NULLS LAST, d.shard, d.\"index\""
     )
     while rows := cursor.fetchmany(FETCH_ROWS):
         yield from rows
 
 
-def write_keys(connection, shard_order: list[str], target: str, stdout: IO[str]) -> int:
-    """Kept ``shard<TAB>key`` lines to a file (atomically) or ``-`` (stdout); returns how many."""
+# A key (or shard name) holding a tab or a line break would split one sample over several fields
+# or lines; escaped like PostgreSQL's text format, every line is exactly one sample.
+_ESCAPES = str.maketrans({"\\": "\\\\", "\t": "\\t", "\n": "\\n", "\r": "\\r"})
+
+
+def key_line(shard: str, key: str) -> str:
+    """One ``shard<TAB>key`` line, with backslash, tab, newline and carriage return escaped."""
+    return f"{shard.translate(_ESCAPES)}\t{key.translate(_ESCAPES)}\n"
+
+
+@dataclass(frozen=True)
+class KeysWritten:
+    lines: int
+    reader_closed: bool = False  # stdout's reader stopped early (``| head``): the rest was not written
+
+
+def write_keys(connection, shard_order: list[str], target: str, stdout: IO[str]) -> KeysWritten:
+    """Kept ``shard<TAB>key`` lines to a file (atomically) or ``-`` (stdout)."""
     count = 0
     if target == "-":
-        for shard, key in kept_keys(connection, shard_order):
-            stdout.write(f"{shard}\t{key}\n")
-            count += 1
-        stdout.flush()
-        return count
+        try:
+            for shard, key, _ in kept_keys(connection, shard_order):
+                stdout.write(key_line(shard, key))
+                count += 1
+            stdout.flush()
+        except BrokenPipeError:
+            return KeysWritten(count, reader_closed=True)
+        return KeysWritten(count)
     with atomic_path(Path(target)) as temp, open(temp, "w", encoding="utf-8") as handle:
-        for shard, key in kept_keys(connection, shard_order):  # streamed: no list of all keys
-            handle.write(f"{shard}\t{key}\n")
+        for shard, key, _ in kept_keys(connection, shard_order):  # streamed: no list of all keys
+            handle.write(key_line(shard, key))
             count += 1
-    return count
+    return KeysWritten(count)
 
 
 def write_datacomp(connection, path: Path) -> int:
@@ -85,24 +112,17 @@ def write_datacomp(connection, path: Path) -> int:
     return save_uid_array(uids, path)
 
 
-def write_shards(connection, shard_order: list[str], directory: Path, maxcount: int, kept: int) -> list[dict]:
-    """Curated shards of the kept samples; replaces the curated files of an earlier filter run."""
-    if directory.exists():
-        ours = {index_file_name(CURATED_PREFIX)}
-        foreign = [p.name for p in directory.iterdir() if not (p.name in ours or
-                   (p.name.startswith(f"{CURATED_PREFIX}-") and p.name.endswith(".tar")))]
-        if foreign:
-            raise MimicfilterError(
-                f"--write-shards {directory} holds other files ({', '.join(sorted(foreign)[:3])})",
-                hint="choose an empty or new directory",
-            )
-    if kept == 0:
-        return []
-    if directory.exists():
-        for old in directory.iterdir():  # an earlier run may have written more shards than this one
-            old.unlink()
-    written = write_curated_shards(
-        kept_keys(connection, shard_order), directory, maxcount=maxcount, prefix=CURATED_PREFIX
-    )
-    return [asdict(shard) for shard in written]
+def is_curated_name(name: str) -> bool:
+    """Files a curated-shards directory of ``filter`` holds (temp files of a killed run included)."""
+    return (name == index_file_name(CURATED_PREFIX) or is_temp_name(name)
+            or (name.startswith(f"{CURATED_PREFIX}-") and name.endswith(".tar")))
 
+
+def write_shards(connection, shard_order: list[str], staging: Path, final: Path, maxcount: int,
+                 locate: Callable[[str], str]) -> list[dict]:
+    """Curated shards of the kept samples (and their index) into the empty directory ``staging``,
+    which becomes ``final``; ``locate`` says where each recorded shard is read from now."""
+    staging.mkdir(parents=True, exist_ok=True)
+    kept = ((locate(shard), key, index) for shard, key, index in kept_keys(connection, shard_order))
+    written = write_curated_shards(kept, staging, maxcount=maxcount, prefix=CURATED_PREFIX)
+    return [asdict(shard) | {"path": str(final / shard.url)} for shard in written]

@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import IO, Any
 
 from mimicfilter.errors import MimicfilterError, one_line
-from mimicfilter.shards.discover import PIPE_HINT, PIPE_REFUSED
+from mimicfilter.shards.discover import MOVED_HINT, PIPE_HINT, PIPE_REFUSED
 from mimicfilter.shards.tar import STREAM_ERRORS, TarStream
 from mimicfilter.store.atomic import atomic_write_json, temp_path_beside
 
@@ -48,8 +48,12 @@ class CuratedShard:
 
 @dataclass(frozen=True)
 class _SourcePlan:
+    """What to copy from one source shard: samples by position (``indices``: index → key), or, for
+    pairs without a position, every sample whose key is in ``keys``."""
+
     url: str
     keys: frozenset[str]
+    indices: dict[int, str]
 
 
 def shard_file_name(prefix: str, number: int) -> str:
@@ -61,16 +65,18 @@ def index_file_name(prefix: str) -> str:
 
 
 def write_curated_shards(
-    kept: Iterable[tuple[str, str]],
+    kept: Iterable[tuple[str, str] | tuple[str, str, int]],
     out_dir: Path,
     *,
     maxcount: int = 10000,
     prefix: str = "curated",
     allow_pipe: bool = False,
 ) -> list[CuratedShard]:
-    """Copy the kept (shard url, sample key) pairs into ``{prefix}-NNNNNN.tar`` shards and a wids index.
+    """Copy the kept (shard url, sample key[, sample index]) into ``{prefix}-NNNNNN.tar`` shards and a wids index.
 
-    ``kept`` must be grouped by shard, in each shard's sample order; output order is source order.
+    With an index, exactly the sample at that position is copied (a shard may hold one key twice);
+    without, every sample with the key. ``kept`` must be grouped by shard, in each shard's sample
+    order; output order is source order.
     Raises MimicfilterError (before writing anything) for unsafe keys or ungrouped input, and
     (leaving no output shard behind) for unreadable shards or kept keys a shard does not hold.
     """
@@ -121,11 +127,12 @@ def unsafe_key_reason(key: str) -> str | None:
     return None
 
 
-def _plan_sources(kept: Iterable[tuple[str, str]], *, allow_pipe: bool) -> list[_SourcePlan]:
-    """Group and vet the kept pairs; the whole list is checked before the first byte is written."""
+def _plan_sources(kept: Iterable[tuple], *, allow_pipe: bool) -> list[_SourcePlan]:
+    """Group and vet the kept samples; the whole list is checked before the first byte is written."""
     groups: dict[str, set[str]] = {}
+    positions: dict[str, dict[int, str]] = {}
     current: str | None = None
-    for url, key in kept:
+    for url, key, *index in kept:
         reason = unsafe_key_reason(key)
         if reason is not None:
             raise MimicfilterError(
@@ -141,9 +148,13 @@ def _plan_sources(kept: Iterable[tuple[str, str]], *, allow_pipe: bool) -> list[
             if url.startswith("pipe:") and not allow_pipe:
                 raise MimicfilterError(PIPE_REFUSED, hint=PIPE_HINT)
             groups[url] = set()
+            positions[url] = {}
             current = url
-        groups[url].add(key)
-    return [_SourcePlan(url, frozenset(keys)) for url, keys in groups.items()]
+        if index and index[0] is not None:
+            positions[url][int(index[0])] = key
+        else:
+            groups[url].add(key)
+    return [_SourcePlan(url, frozenset(keys), positions[url]) for url, keys in groups.items()]
 
 
 # --------------------------------------------------------------------------------------------
@@ -177,20 +188,33 @@ class _GuardedReader:
 
 
 def _copy_source(plan: _SourcePlan, sink: _ShardSink, *, allow_pipe: bool) -> None:
-    """Stream one source shard once, copying every member of its kept samples into ``sink``."""
+    """Stream one source shard once, copying every member of its kept samples into ``sink``.
+
+    Samples are counted as the scorer counts them (shards.tar: consecutive members with one key
+    form one sample), so a sample's index here is its ``index`` in the score table.
+    """
     found: set[str] = set()
+    found_indices: set[int] = set()
     sample_key: str | None = None  # key of the sample whose members are being read
+    sample_index = -1
     stream = TarStream(plan.url, allow_pipe)
     try:
         with stream.open() as members:
             for member in members:
-                if member.key is not None and member.key in plan.keys:
-                    if member.key != sample_key:
-                        sink.start_sample()  # consecutive members with one key form one sample
+                if member.key is None:
+                    continue  # directories, links, extension-less names belong to no sample
+                starts = member.key != sample_key
+                if starts:
+                    sample_index += 1
+                    sample_key = member.key
+                wanted = plan.indices.get(sample_index) == member.key or member.key in plan.keys
+                if wanted:
+                    if starts:
+                        sink.start_sample()
                         found.add(member.key)
+                        found_indices.add(sample_index)
                     with stream.member_data(member) as data:
                         sink.add_member(member.info, _GuardedReader(data))
-                sample_key = member.key if member.key is not None else sample_key
     except _SourceReadError as exc:
         _raise_read_error(stream, exc.cause)
     except STREAM_ERRORS as exc:
@@ -198,16 +222,25 @@ def _copy_source(plan: _SourcePlan, sink: _ShardSink, *, allow_pipe: bool) -> No
             # e.g. a pipe's exit status raised while closing after an output write error
             raise exc.__context__ from None
         _raise_read_error(stream, exc)
-    _check_all_found(plan, found)
+    _check_all_found(plan, found, found_indices)
 
 
 def _raise_read_error(stream: TarStream, exc: BaseException) -> None:
     detail = stream.describe(exc)
-    message = detail if detail.startswith("shard not found") else f"cannot read shard {stream.url}: {detail}"
-    raise MimicfilterError(one_line(message), hint="re-download or drop the shard, then run filter again") from None
+    if detail.startswith("shard not found"):
+        raise MimicfilterError(one_line(detail), hint=MOVED_HINT) from None
+    raise MimicfilterError(one_line(f"cannot read shard {stream.url}: {detail}"),
+                           hint="re-download or drop the shard, then run filter again") from None
 
 
-def _check_all_found(plan: _SourcePlan, found: set[str]) -> None:
+def _check_all_found(plan: _SourcePlan, found: set[str], found_indices: set[int]) -> None:
+    changed = sorted(index for index in plan.indices if index not in found_indices)
+    if changed:
+        more = f" and {len(changed) - 1} more" if len(changed) > 1 else ""
+        raise MimicfilterError(
+            one_line(f"kept sample {plan.indices[changed[0]]!r} (index {changed[0]}){more} not found in shard {plan.url}"),
+            hint="the shard changed since it was scored; score it again",
+        )
     missing = sorted(plan.keys - found)
     if missing:
         more = f" and {len(missing) - 1} more" if len(missing) > 1 else ""

@@ -10,12 +10,13 @@ Keep rules (combined with ``and`` or ``or``):
 Drop rules (subtracted afterwards: "keep A AND NOT B"): the same kinds, given with ``--drop``.
 
 Fractions and top-k are global over all inputs, computed by DuckDB window functions; ties at a
-cut are broken by (shard, key), so the same table always gives the same subset. A sample whose
+cut are broken by (shard, index), so the same table always gives the same subset. A sample whose
 status is not ``ok`` is never kept and carries ``status:<status>`` as its reason.
 """
 
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import dataclass
 
@@ -67,6 +68,9 @@ def parse_rule(kind: str, argument: str | None = None) -> Rule:
         value = float(raw_value)
     except ValueError:
         raise MimicfilterError(f"malformed rule --{kind} {argument!r}: {raw_value!r} is not a number") from None
+    if not math.isfinite(value):
+        raise MimicfilterError(f"rule --{kind} {argument}: {raw_value.strip()} is not a finite number",
+                               hint=f"write --{kind} {column}=VALUE with an ordinary number")
     if kind in ("top-frac", "bottom-frac") and not 0 <= value <= 1:
         raise MimicfilterError(f"rule --{kind} {argument}: a fraction must lie in [0, 1]")
     if kind == "top-k" and (value < 0 or value != int(value)):
@@ -109,7 +113,7 @@ def _compile(rules: list[Rule], prefix: str) -> _CompiledRules:
             order = "ASC" if rule.kind == "bottom-frac" else "DESC"
             windows.append(
                 f"CASE WHEN {eligible} THEN row_number() OVER (PARTITION BY {eligible} "
-                f"ORDER BY {column} {order}, shard, key) END AS {rank}"
+                f"ORDER BY {column} {order}, shard, \"index\") END AS {rank}"
             )
             if rule.kind == "top-k":
                 limit = str(int(rule.value))
@@ -163,4 +167,7 @@ def apply_rules(connection, keep: list[Rule], drop: list[Rule], combine: str, ta
         )
     except duckdb.Error as error:
         message = " ".join(str(error).split())
-        raise MimicfilterError(f"cannot apply the rules: {message[:300]}", hint="check --where expressions") from error
+        hint = "check --where expressions"
+        if isinstance(error, duckdb.PermissionException):
+            hint = "--where may use the per-sample columns and SQL functions, not files"
+        raise MimicfilterError(f"cannot apply the rules: {message[:300]}", hint=hint) from error

@@ -1,38 +1,267 @@
-"""The local executor: worker processes produce items from work units, this process consumes them.
+"""The local executor: an ordered parallel map over worker processes, and read-ahead threads.
 
-:func:`fan_out` hands every ``workers``-th unit to each DataLoader worker process, which runs a
-picklable ``produce(unit) -> items`` (reading and decoding, in the pipeline) and sends the items
-back through a bounded prefetch queue; with ``workers=0`` everything runs in this process. Items of
-one unit arrive in order; items of different units interleave.
+:class:`OrderedPool` forks ``workers`` processes that apply one function to items sent from this
+process and returns the results in submission order. Any idle worker takes the next item, so all
+of them stay busy, while the order of the results never depends on the worker count; at most
+``window`` items are in flight. The function is inherited through fork (it need not be picklable);
+tensors in results travel through shared memory. With ``workers=0`` the map runs in this process.
+
+Workers die with their parent: Linux sends them SIGKILL when it dies (``prctl(PR_SET_PDEATHSIG)``),
+and they also check the parent's pid while idle, so a ``kill -9`` of the main process leaves no
+decoder behind (tests/test_execute.py).
+
+:func:`read_ahead` yields the items of several sources in order while threads read the next ones
+(overlapping the I/O of remote shards).
 """
 
 from __future__ import annotations
 
-from typing import Callable, Iterable, Iterator, Sequence, TypeVar
+import ctypes
+import multiprocessing
+import os
+import queue
+import signal
+import threading
+import traceback
+from typing import Callable, Generic, Iterable, Iterator, Sequence, TypeVar
 
-from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+import torch
+import torch.multiprocessing  # noqa: F401  (registers shared-memory pickling of tensors)
 
-Unit = TypeVar("Unit")
 Item = TypeVar("Item")
+Result = TypeVar("Result")
+
+_PR_SET_PDEATHSIG = 1
+_POLL_SECONDS = 0.5
 
 
-class _Units(IterableDataset):
-    """Each DataLoader worker takes every ``num_workers``-th unit and yields what ``produce`` makes of it."""
-
-    def __init__(self, units: Sequence, produce: Callable[[object], Iterable]):
-        self.units = list(units)
-        self.produce = produce
-
-    def __iter__(self):
-        worker = get_worker_info()
-        mine = self.units if worker is None else self.units[worker.id :: worker.num_workers]
-        for unit in mine:
-            yield from self.produce(unit)
+def die_with_parent(parent_pid: int) -> None:
+    """Have Linux SIGKILL this process when its parent dies; exit at once if it already has."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+    except (OSError, AttributeError):  # not Linux: the parent-pid checks of the worker loop remain
+        pass
+    if os.getppid() != parent_pid:
+        os._exit(0)
 
 
-def fan_out(units: Sequence[Unit], produce: Callable[[Unit], Iterable[Item]], workers: int,
-            pin_memory: bool = False) -> Iterator[Item]:
-    """The items ``produce`` makes of every unit, made in up to ``workers`` processes."""
-    loader = DataLoader(_Units(units, produce), batch_size=None, num_workers=min(workers, len(units)),
-                        pin_memory=pin_memory)
-    yield from loader
+def _worker_loop(func: Callable, tasks, results, parent_pid: int) -> None:
+    die_with_parent(parent_pid)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle; it stops us
+    torch.set_num_threads(1)  # one core per worker: W workers use W cores
+    while True:
+        try:
+            task = tasks.get(timeout=_POLL_SECONDS)
+        except queue.Empty:
+            if os.getppid() != parent_pid:
+                return
+            continue
+        if task is None:
+            return
+        generation, index, item = task
+        try:
+            results.put(("ok", generation, index, func(item)))
+        except BaseException as error:  # a bug, not bad input (decoding turns bad input into statuses)
+            results.put(("error", generation, index, (_picklable(error), traceback.format_exc())))
+
+
+def _picklable(error: BaseException) -> BaseException:
+    import pickle
+
+    try:
+        pickle.loads(pickle.dumps(error))
+        return error
+    except Exception:
+        return RuntimeError(f"{type(error).__name__}: {error}")
+
+
+class WorkerDied(RuntimeError):
+    pass
+
+
+class OrderedPool(Generic[Item, Result]):
+    """``workers`` forked processes applying ``func``; :meth:`map` yields results in input order.
+
+    Use as a context manager (or call :meth:`close`); one :meth:`map` at a time.
+    """
+
+    def __init__(self, func: Callable[[Item], Result], workers: int, window: int | None = None):
+        self.func = func
+        self.workers = max(0, workers)
+        self.window = window or 4 * max(1, self.workers)
+        self._generation = 0
+        self._processes: list = []
+        if self.workers:
+            context = multiprocessing.get_context("fork")
+            self._tasks = context.Queue()
+            self._results = context.Queue()
+            for _ in range(self.workers):
+                process = context.Process(target=_worker_loop, args=(func, self._tasks, self._results, os.getpid()),
+                                          daemon=True)
+                process.start()
+                self._processes.append(process)
+
+    @property
+    def pids(self) -> list[int]:
+        return [process.pid for process in self._processes]
+
+    def map(self, items: Iterable[Item]) -> Iterator[Result]:
+        if not self.workers:
+            for item in items:
+                yield self.func(item)
+            return
+        self._generation += 1
+        generation = self._generation
+        slots = threading.Semaphore(self.window)
+        stop = threading.Event()
+        feeder_error: list[BaseException] = []
+        feeder = threading.Thread(target=self._feed, args=(items, generation, slots, stop, feeder_error),
+                                  name="mimicfilter-reader", daemon=True)
+        feeder.start()
+        expected: int | None = None
+        done: dict[int, Result] = {}
+        next_index = 0
+        try:
+            while expected is None or next_index < expected:
+                if next_index in done:
+                    result = done.pop(next_index)
+                    next_index += 1
+                    slots.release()
+                    yield result
+                    continue
+                try:
+                    kind, message_generation, index, payload = self._results.get(timeout=_POLL_SECONDS)
+                except queue.Empty:
+                    self._check_alive()
+                    continue
+                if message_generation != generation:
+                    continue  # a result of an abandoned map
+                if kind == "ok":
+                    done[index] = payload
+                elif kind == "end":
+                    expected = index
+                elif kind == "reader_error":
+                    raise feeder_error[0]
+                else:
+                    error, text = payload
+                    raise error from RuntimeError(f"in a worker process:\n{text}")
+        finally:
+            stop.set()
+            if expected is None or next_index < expected:
+                self._drain_tasks()
+
+    def _feed(self, items: Iterable[Item], generation: int, slots: threading.Semaphore, stop: threading.Event,
+              error: list[BaseException]) -> None:
+        """Reads the items (in this thread) and hands them to the workers, ``window`` at most in flight."""
+        count = 0
+        iterator = iter(items)
+        try:
+            for item in iterator:
+                while not slots.acquire(timeout=_POLL_SECONDS):
+                    if stop.is_set():
+                        return
+                if stop.is_set():
+                    return
+                self._tasks.put((generation, count, item))
+                count += 1
+            self._results.put(("end", generation, count, None))
+        except BaseException as exc:  # e.g. a refused pipe: URL; re-raised by map() in the main thread
+            error.append(exc)
+            self._results.put(("reader_error", generation, count, None))
+        finally:
+            close = getattr(iterator, "close", None)
+            if close is not None:
+                close()
+
+    def _drain_tasks(self) -> None:
+        try:
+            while True:
+                self._tasks.get_nowait()
+        except (queue.Empty, OSError, ValueError):
+            pass
+
+    def _check_alive(self) -> None:
+        dead = [process for process in self._processes if not process.is_alive()]
+        if dead:
+            raise WorkerDied(f"a decoding worker process died (exit code {dead[0].exitcode})")
+
+    def close(self) -> None:
+        if not self._processes:
+            return
+        self._drain_tasks()
+        for _ in self._processes:
+            self._tasks.put(None)
+        for process in self._processes:
+            process.join(timeout=2)
+        for process in self._processes:
+            if process.is_alive():
+                process.kill()
+                process.join(timeout=2)
+        self._tasks.cancel_join_thread()
+        self._results.cancel_join_thread()
+        self._processes = []
+
+    def __enter__(self) -> OrderedPool:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+_END = object()
+
+
+def read_ahead(sources: Sequence[Callable[[], Iterable[Item]]], depth: int = 1, buffer: int = 256) -> Iterator[Item]:
+    """The items of every source, in order; with ``depth`` > 1 the next ``depth - 1`` sources are
+    read ahead by threads into bounded buffers (for remote shards, whose reads are mostly waiting)."""
+    if depth <= 1:
+        for source in sources:
+            yield from source()
+        return
+    stop = threading.Event()
+    queues: dict[int, queue.Queue] = {}
+
+    def put(out: queue.Queue, message: tuple) -> bool:
+        while not stop.is_set():
+            try:
+                out.put(message, timeout=_POLL_SECONDS)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def run(position: int) -> None:
+        out = queues[position]
+        iterator = iter(sources[position]())
+        try:
+            for item in iterator:
+                if not put(out, (True, item)):
+                    return
+            put(out, (True, _END))
+        except BaseException as error:
+            put(out, (False, error))
+        finally:
+            close = getattr(iterator, "close", None)
+            if close is not None:
+                close()
+
+    def start(position: int) -> None:
+        if position < len(sources) and position not in queues:
+            queues[position] = queue.Queue(maxsize=buffer)
+            threading.Thread(target=run, args=(position,), name="mimicfilter-read-ahead", daemon=True).start()
+
+    try:
+        for position in range(len(sources)):
+            for ahead in range(position, position + depth):
+                start(ahead)
+            out = queues.pop(position)
+            while True:
+                ok, item = out.get()
+                if not ok:
+                    raise item
+                if item is _END:
+                    break
+                yield item
+    finally:
+        stop.set()

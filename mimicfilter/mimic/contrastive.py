@@ -16,6 +16,7 @@ from mimicfilter.mimic.layers import LOGIT_PARAMETERS, is_image_parameter
 from mimicfilter.mimic.losses import clip_similarity, contrastive_per_sample_loss
 from mimicfilter.mimic.models import LoadedModels
 from mimicfilter.mimic.scorer import MimicScorer, Prepared, forward_ad_attention
+from mimicfilter.timing import phase
 
 
 def _normalised_half(features: torch.Tensor) -> torch.Tensor:
@@ -29,8 +30,10 @@ class _BothTowers(nn.Module):
         super().__init__()
         self.clip = clip
 
-    def forward(self, images: torch.Tensor, texts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.clip.encode_image(images), self.clip.encode_text(texts)
+    def forward(self, images: torch.Tensor | None, texts: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Both towers' outputs (a tower given None is skipped: the start-up self-check)."""
+        image = None if images is None else self.clip.encode_image(images)
+        return image, None if texts is None else self.clip.encode_text(texts)
 
 
 @dataclass(frozen=True)
@@ -96,7 +99,8 @@ class ContrastiveScorer(MimicScorer):
         self.proxy_towers = _BothTowers(models.proxy)
         self.reference_towers = _BothTowers(models.reference)
         heads = _linear_heads(models.proxy, models.mimic_layers)
-        self.heads = heads if heads is not None and self._heads_reproduce_forward(heads) else None
+        with phase("check the head route"):
+            self.heads = heads if heads is not None and self._heads_reproduce_forward(heads) else None
 
     @property
     def route(self) -> str:
@@ -120,20 +124,25 @@ class ContrastiveScorer(MimicScorer):
         return project
 
     def _heads_reproduce_forward(self, heads: dict[str, LinearHead]) -> bool:
-        """Check on a dummy batch that head(trunk(x)) equals the model's real output."""
+        """Check on one dummy sample that head(trunk(x)) equals the model's real output, for each
+        tower that has a head (the other tower's output does not depend on the override)."""
         proxy = self.models.proxy
         size = getattr(proxy.visual, "image_size", 224)
         height, width = size if isinstance(size, (tuple, list)) else (size, size)
         generator = torch.Generator().manual_seed(0)
-        dtype = self._dtype()
-        dummy_images = torch.randn(2, 3, height, width, generator=generator).to(self.models.device, dtype)
-        dummy_texts = self.models.tokenizer(["a photo of a dog", "two words"]).to(self.models.device)
+        dummy_images = dummy_texts = None
+        if "image" in heads:
+            dummy_images = torch.randn(1, 3, height, width, generator=generator).to(self.models.device, self._dtype())
+        if "text" in heads:
+            dummy_texts = self.models.tokenizer(["a photo of a dog"]).to(self.models.device)
         with torch.no_grad():
             expected = self.proxy_towers(dummy_images, dummy_texts)
             trunk = self._trunk(heads, dummy_images, dummy_texts, autocast=False)
             params = self.mimic_parameters()
             for index, tower in enumerate(("image", "text")):
-                got = heads[tower].apply(params, trunk[index]) if tower in heads else trunk[index]
+                if tower not in heads:
+                    continue
+                got = heads[tower].apply(params, trunk[index])
                 if got.shape != expected[index].shape or not torch.allclose(got, expected[index], rtol=1e-4, atol=1e-5):
                     return False
         return True

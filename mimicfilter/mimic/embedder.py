@@ -51,6 +51,7 @@ class ImageEmbedder:
 
     def __init__(self, models: LoadedModels, frozen_copy: bool = False, autocast_dtype: torch.dtype | None = None):
         visual = models.proxy.visual
+        self.normalization = models.normalization
         self.visual = copy.deepcopy(visual).requires_grad_(False) if frozen_copy else visual
         self.device = models.device
         self.autocast_dtype = autocast_dtype if models.device.type == "cuda" else None
@@ -69,7 +70,7 @@ class ImageEmbedder:
 
     @torch.no_grad()
     def __call__(self, images: torch.Tensor) -> torch.Tensor:
-        inputs = images.to(self.device, dtype=self.dtype, non_blocking=True)
+        inputs = self.normalization.to_model(images, self.device, self.dtype)
         if self.autocast_dtype is not None:
             with torch.autocast(device_type=self.device.type, dtype=self.autocast_dtype):
                 features = self.visual(inputs)

@@ -3,6 +3,8 @@ local checkpoints (``weights_only=True`` unless the user trusts them), and check
 
 from __future__ import annotations
 
+import concurrent.futures
+import contextlib
 import hashlib
 import json
 import logging
@@ -10,22 +12,53 @@ import pickle
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 import open_clip
+import torch
 from torch import nn
 
-from mimicfilter.errors import MimicfilterError
+from mimicfilter.errors import MimicfilterError, one_line
+from mimicfilter.mimic.hub import pretrained_access, suggest_models
+from mimicfilter.timing import phase
 
 CHECKPOINT_SUFFIXES = (".pt", ".pth", ".bin", ".safetensors", ".ckpt")
 
 
+_HASHES: dict[tuple[str, int, int], str] = {}  # (resolved path, size, mtime) -> sha256: each file hashed once
+_HASHER = concurrent.futures.ThreadPoolExecutor(max_workers=2, thread_name_prefix="mimicfilter-sha256")
+
+
 def sha256_of_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
+    stat = Path(path).stat()
+    key = (str(Path(path).resolve()), stat.st_size, stat.st_mtime_ns)
+    if key not in _HASHES:
+        digest = hashlib.sha256()
+        with open(path, "rb") as handle:
+            for block in iter(lambda: handle.read(1 << 22), b""):
+                digest.update(block)  # releases the GIL: runs beside the model build
+        _HASHES[key] = digest.hexdigest()
+    return _HASHES[key]
+
+
+@contextlib.contextmanager
+def _skip_weight_init() -> Iterator[None]:
+    """Build modules without their random initialisation: a strict checkpoint load overwrites every
+    parameter and persistent buffer right after, so those seconds would be wasted (non-persistent
+    buffers such as attention masks are computed by plain tensor ops and stay correct)."""
+    names = [name for name in dir(torch.nn.init) if name.endswith("_") and not name.startswith("_")]
+    saved = {name: getattr(torch.nn.init, name) for name in names}
+
+    def skip(tensor, *args, **kwargs):
+        return tensor
+
+    for name in names:
+        setattr(torch.nn.init, name, skip)
+    try:
+        yield
+    finally:
+        for name, function in saved.items():
+            setattr(torch.nn.init, name, function)
 
 
 def _read_json_config(path: Path) -> dict:
@@ -38,13 +71,39 @@ def _read_json_config(path: Path) -> dict:
     if "model_cfg" not in config:
         config = {"model_cfg": config, "preprocess_cfg": {}}
     model_cfg = config["model_cfg"]
+    if not isinstance(model_cfg, dict) or not isinstance(config.get("preprocess_cfg", {}), dict):
+        raise MimicfilterError(f"model config {path}: model_cfg and preprocess_cfg must be JSON objects")
     missing = [key for key in ("embed_dim", "vision_cfg", "text_cfg") if key not in model_cfg]
     if missing:
         raise MimicfilterError(
             f"model config {path} lacks {', '.join(missing)}",
             hint="a config is an open_clip model_cfg: {embed_dim, vision_cfg, text_cfg}",
         )
+    for tower in ("vision_cfg", "text_cfg"):
+        if not isinstance(model_cfg[tower], dict):
+            raise MimicfilterError(f"model config {path}: {tower} must be a JSON object", hint="fix the JSON config")
+    _check_sizes(path, model_cfg)
     return config
+
+
+def _check_sizes(path: Path, model_cfg: dict) -> None:
+    """Sizes and counts in a config must be positive integers: open_clip would fail deep inside torch."""
+    def walk(value, where: str):
+        if isinstance(value, dict):
+            for key, item in value.items():
+                yield from walk(item, f"{where}.{key}" if where else key)
+        else:
+            yield where, value
+
+    sized = ("embed_dim", "width", "layers", "heads", "head_width", "patch_size", "image_size", "context_length",
+             "vocab_size")
+    for where, value in walk(model_cfg, ""):
+        if where.rsplit(".", 1)[-1] not in sized:
+            continue
+        values = value if isinstance(value, list) and where.endswith(("layers", "image_size", "patch_size")) else [value]
+        if not all(isinstance(item, int) and not isinstance(item, bool) and item > 0 for item in values):
+            raise MimicfilterError(f"model config {path}: {where} = {one_line(repr(value), 60)} is not a positive integer",
+                                   hint="fix the JSON config (an open_clip model_cfg)")
 
 
 def _is_local_checkpoint(source: str) -> bool:
@@ -59,32 +118,50 @@ class BuiltModel:
     preprocess: Callable
     tokenizer: Callable
     weights: dict = field(default_factory=dict)  # where the weights came from, for run.json
+    preprocess_cfg: dict = field(default_factory=dict)  # open_clip's PreprocessCfg of the model, as a dict
 
 
-def _build_from_factory(factory_name: str, pretrained: str | None) -> BuiltModel:
+def _build_from_factory(factory_name: str, pretrained: str | None, checkpoint_follows: bool = False) -> BuiltModel:
     """open_clip's factory pairs the model with its preprocessing and tokenizer."""
     # open_clip logs a warning whenever it builds a model without weights; we load them ourselves.
     factory_logger = logging.getLogger()
     previous_level = factory_logger.level
     factory_logger.setLevel(logging.ERROR)
     try:
-        model, _, preprocess = open_clip.create_model_and_transforms(factory_name, pretrained=pretrained)
+        with phase("build the architecture"), (_skip_weight_init() if checkpoint_follows else contextlib.nullcontext()):
+            model, _, preprocess = open_clip.create_model_and_transforms(factory_name, pretrained=pretrained)
         tokenizer = open_clip.get_tokenizer(factory_name)
     finally:
         factory_logger.setLevel(previous_level)
-    return BuiltModel(model=model, preprocess=preprocess, tokenizer=tokenizer)
+    preprocess_cfg = dict(getattr(model.visual, "preprocess_cfg", None) or {})
+    return BuiltModel(model=model, preprocess=preprocess, tokenizer=tokenizer, preprocess_cfg=preprocess_cfg)
+
+
+def checkpoint_kind(path: Path) -> str | None:
+    """What a file given as a checkpoint is, from its first bytes, when it is plainly not one."""
+    with open(path, "rb") as handle:
+        head = handle.read(64)
+    if head.lstrip()[:1] in (b"{", b"["):
+        return "a JSON file, not a checkpoint (a JSON model config goes to --model)"
+    if head.startswith(b"PK\x03\x04") or head[:1] == b"\x80" or path.suffix.lower() == ".safetensors":
+        return None  # torch zip / pickle, or safetensors (checked by its loader)
+    if not head or all(32 <= byte < 127 or byte in (9, 10, 13) for byte in head):
+        return "a text file, not a checkpoint"
+    return None
 
 
 def load_checkpoint(model: nn.Module, path: Path, role: str, trust: bool) -> None:
     """Load a local state dict (or an open_clip_train checkpoint) into ``model``, strictly, with one-line errors."""
     if not path.is_file():
         raise MimicfilterError(f"{role} checkpoint {path} does not exist", hint="check the path")
+    if (kind := checkpoint_kind(path)) is not None:
+        raise MimicfilterError(f"{role} {path} is {kind}", hint="pass a .pt/.bin state dict or a .safetensors file")
     try:
         open_clip.load_checkpoint(model, str(path), strict=True, weights_only=not trust)
     except pickle.UnpicklingError as error:
         raise MimicfilterError(
             f"{role} checkpoint {path} is a full pickle, not a plain state dict",
-            hint="pass --trust-checkpoint if you trust its author (unpickling can run code)",
+            hint="pass --trust-checkpoint only if you trust its author (unpickling can run code)",
         ) from error
     except RuntimeError as error:
         detail = " ".join(str(error).split())
@@ -112,10 +189,10 @@ def resolve_architecture(model: str) -> Architecture:
             raise MimicfilterError(f"model config {model} does not exist", hint="check the path")
         return Architecture(name=model, json_config=_read_json_config(path))
     if model.replace("/", "-") not in open_clip.list_models():
-        close = [name for name in open_clip.list_models() if model.lower()[:5] in name.lower()][:5]
+        close = suggest_models(model)
         raise MimicfilterError(
-            f"unknown model {model!r}",
-            hint=f"an open_clip architecture such as {', '.join(close or ['ViT-B-32', 'RN50'])}, or a JSON config path",
+            f"unknown model {model!r}" + (f"; did you mean {' or '.join(close)}?" if close else ""),
+            hint="an open_clip architecture name (open_clip.list_models(): ViT-B-32, RN50, …) or a JSON config path",
         )
     return Architecture(name=model, json_config=None)
 
@@ -123,6 +200,9 @@ def resolve_architecture(model: str) -> Architecture:
 def instantiate(architecture: Architecture, source: str, role: str, trust: bool) -> BuiltModel:
     """Build one model and load its weights from a pretrained tag or a local checkpoint."""
     local = _is_local_checkpoint(source)
+    path = Path(source)
+    # hashed in a thread while the architecture is built (hashlib releases the GIL)
+    digest = _HASHER.submit(sha256_of_file, path) if local and path.is_file() else None
     if architecture.json_config is not None:
         if not local:
             raise MimicfilterError(
@@ -131,9 +211,15 @@ def instantiate(architecture: Architecture, source: str, role: str, trust: bool)
             )
         with tempfile.TemporaryDirectory(prefix="mimicfilter-config-") as config_dir:
             (Path(config_dir) / "open_clip_config.json").write_text(json.dumps(architecture.json_config))
-            built = _build_from_factory(f"local-dir:{config_dir}", None)
+            try:
+                built = _build_from_factory(f"local-dir:{config_dir}", None, checkpoint_follows=path.is_file())
+            except (TypeError, ValueError, KeyError, AttributeError, RuntimeError, AssertionError,
+                    ZeroDivisionError) as error:
+                raise MimicfilterError(
+                    one_line(f"model config {architecture.name} cannot be built: {type(error).__name__}: {error}"),
+                    hint="check the config's sizes and types (an open_clip model_cfg)") from None
     elif local:
-        built = _build_from_factory(architecture.name, None)
+        built = _build_from_factory(architecture.name, None, checkpoint_follows=path.is_file())
     else:
         tags = _pretrained_tags(architecture.name)
         if source not in tags:
@@ -141,17 +227,21 @@ def instantiate(architecture: Architecture, source: str, role: str, trust: bool)
                 f"{role} {source!r} is neither a checkpoint file nor a pretrained tag of {architecture.name}",
                 hint=f"known tags: {', '.join(tags) or 'none'}",
             )
+        access = pretrained_access(architecture.name, source)  # fails at once when offline and not cached
         try:
-            built = _build_from_factory(architecture.name, source)
+            with access:
+                built = _build_from_factory(architecture.name, source)
         except Exception as error:  # the hub download failed: network, auth, cache
             raise MimicfilterError(
-                f"could not fetch pretrained weights {architecture.name}/{source}: {' '.join(str(error).split())[:300]}",
+                one_line(f"could not fetch pretrained weights {architecture.name}/{source}: {error}"),
                 hint="without network access, download the checkpoint elsewhere and pass its path",
             ) from error
         built.weights = {"source": "pretrained", "tag": source}
         return built
-    path = Path(source)
-    load_checkpoint(built.model, path, role, trust)
-    built.weights = {"source": "checkpoint", "path": str(path), "sha256": sha256_of_file(path)}
+    with phase(f"load the {role} checkpoint"):
+        load_checkpoint(built.model, path, role, trust)
+    with phase(f"hash the {role} checkpoint (rest of)"):
+        sha256 = digest.result() if digest is not None else sha256_of_file(path)
+    built.weights = {"source": "checkpoint", "path": str(path), "sha256": sha256}
     return built
 

@@ -4,6 +4,7 @@ from a trained head checkpoint."""
 from __future__ import annotations
 
 import copy
+import pickle
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -13,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mimicfilter.errors import MimicfilterError
+from mimicfilter.errors import MimicfilterError, one_line
 from mimicfilter.mimic.factory import sha256_of_file
 
 ZERO_SHOT_TEMPLATES = ("a photo of a {}.", "a picture of a {}.", "an image of a {}.", "a {}.")
@@ -71,9 +72,15 @@ def _load_reference_head(path: str, trust: bool) -> dict[str, torch.Tensor]:
         raise MimicfilterError(f"reference head {path} does not exist", hint="check the path")
     try:
         state = open_clip.factory.load_state_dict(str(file), weights_only=not trust)
+    except pickle.UnpicklingError:
+        raise MimicfilterError(f"reference head {path} is a full pickle, not a plain state dict",
+                               hint="pass --trust-checkpoint only if you trust its author (unpickling can run code)") from None
     except Exception as error:
-        raise MimicfilterError(f"cannot read reference head {path}: {type(error).__name__}: {error}") from error
-    if "weight" not in state or state["weight"].ndim != 2:
+        raise MimicfilterError(one_line(f"cannot read reference head {path}: {type(error).__name__}: {error}"),
+                               hint="save {'weight': [C, D], 'bias': [C]} with torch.save or safetensors") from None
+    if not isinstance(state, dict):
+        raise MimicfilterError(f"reference head {path} is not a state dict", hint="save {'weight': [C, D], 'bias': [C]}")
+    if not isinstance(state.get("weight"), torch.Tensor) or state["weight"].ndim != 2:
         raise MimicfilterError(f"reference head {path} has no 2-D 'weight'", hint="save {'weight': [C, D], 'bias': [C]}")
     return state
 

@@ -18,8 +18,10 @@ from mimicfilter.defaults import TASKS, task_defaults
 from mimicfilter.errors import MimicfilterError
 from mimicfilter.mimic.factory import instantiate, resolve_architecture
 from mimicfilter.mimic.heads import build_classifiers
+from mimicfilter.mimic.inputs import ImageNormalization
 from mimicfilter.mimic.jvp import MimicDirection, mimic_direction
 from mimicfilter.mimic.layers import layers_to_reinitialise, parameters_of, reinitialise, select_mimic_layers, touches_head
+from mimicfilter.timing import phase
 
 
 @dataclass(frozen=True)
@@ -40,6 +42,8 @@ class ModelSpec:
     def __post_init__(self):
         if self.task not in TASKS:
             raise MimicfilterError(f"unknown task {self.task!r}", hint="contrastive or classify")
+        if not 0 <= self.seed < 2**63:
+            raise MimicfilterError(f"--seed {self.seed}: must be between 0 and 2**63 - 1")
         if self.task == "classify" and not (self.reference_head or self.classnames):
             raise MimicfilterError(
                 "classification needs a reference head",
@@ -64,6 +68,9 @@ class LoadedModels:
     device: torch.device
     task: str = "contrastive"
     provenance: dict[str, Any] = field(default_factory=dict)
+    preprocess_cfg: dict[str, Any] = field(default_factory=dict)  # open_clip's, for the decoders' geometry
+    proxy_is_reference_copy: bool = False  # the proxy equals the reference outside the mimic layers by construction
+    normalization: ImageNormalization = field(default_factory=ImageNormalization)  # applied on the device
 
 
 def load_models(spec: ModelSpec) -> LoadedModels:
@@ -80,6 +87,16 @@ def load_models(spec: ModelSpec) -> LoadedModels:
                                         built_reference.tokenizer)
         reference, proxy, extra_info["reference_head"] = classifiers.reference, classifiers.proxy, classifiers.head_info
     mimic_layers = select_mimic_layers(reference, spec.layers)
+    copied = built_proxy is None
+    with phase("make the proxy"):
+        proxy, proxy_info = _proxy(spec, reference, proxy, built_proxy, mimic_layers)
+    with phase("direction V, models to the device"):
+        return _finish(spec, device, architecture, built_reference, reference, proxy, proxy_info, mimic_layers,
+                       extra_info, copied)
+
+
+def _proxy(spec: ModelSpec, reference: nn.Module, proxy: nn.Module | None, built_proxy, mimic_layers: tuple[str, ...]):
+    """The proxy (the given one, or a copy of the reference with the mimic layers re-initialised) and its provenance."""
     if built_proxy is not None and not (spec.task == "classify" and touches_head(mimic_layers)):
         proxy_info = built_proxy.weights
     else:
@@ -91,6 +108,11 @@ def load_models(spec: ModelSpec) -> LoadedModels:
             "reinitialised_layers": list(reinitialised),
             "seed": spec.seed,
         }
+    return proxy, proxy_info
+
+
+def _finish(spec, device, architecture, built_reference, reference, proxy, proxy_info, mimic_layers, extra_info,
+            copied) -> LoadedModels:
     try:
         direction = mimic_direction(parameters_of(reference, mimic_layers), parameters_of(proxy, mimic_layers))
     except ValueError as error:
@@ -119,5 +141,8 @@ def load_models(spec: ModelSpec) -> LoadedModels:
         device=device,
         task=spec.task,
         provenance=provenance,
+        preprocess_cfg=built_reference.preprocess_cfg,
+        proxy_is_reference_copy=copied,
+        normalization=ImageNormalization.from_open_clip(built_reference.preprocess_cfg),
     )
 

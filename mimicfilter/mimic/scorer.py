@@ -93,7 +93,9 @@ class MimicScorer:
         self.models = models
         self.temperature = temperature
         self.autocast_dtype = autocast_dtype
-        self.shared_trunk = _same_outside(models.reference, models.proxy, models.mimic_layers)
+        # A proxy copied from the reference shares the trunk by construction: no need to compare every tensor.
+        self.shared_trunk = models.proxy_is_reference_copy or _same_outside(models.reference, models.proxy,
+                                                                            models.mimic_layers)
         # Resolved once: parameters are updated in place, so these stay valid and no batch walks
         # named_parameters() again.
         self._mimic_parameters = parameters_of(models.proxy, models.mimic_layers)
@@ -122,8 +124,10 @@ class MimicScorer:
         return None
 
     def _inputs(self, images: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """uint8 pixels are normalised on the device (mimic.inputs); float images are taken as they are."""
         device = self.models.device
-        return images.to(device, dtype=self._dtype(), non_blocking=True), targets.to(device, non_blocking=True)
+        images = self.models.normalization.to_model(images, device, self._dtype())
+        return images, targets.to(device, non_blocking=True)
 
     def mimic_parameters(self) -> ParamDict:
         return dict(self._mimic_parameters)

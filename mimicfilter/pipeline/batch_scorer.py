@@ -3,6 +3,7 @@ to a :class:`~mimicfilter.pipeline.batches.Batch`, one row per sample, bad sampl
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -13,7 +14,7 @@ from mimicfilter.mimic.embedder import BatchEmbedder
 from mimicfilter.mimic.models import ModelSpec
 from mimicfilter.mimic.scorer import BatchScores, MimicScorer
 from mimicfilter.pipeline.batches import Batch
-from mimicfilter.store.schema import EMBEDDING_COLUMN, SCORE_VALUE_COLUMNS
+from mimicfilter.store.schema import EMBEDDING_COLUMN, NON_FINITE, SCORE_VALUE_COLUMNS
 
 
 def score_rows(batch: Batch, scores: BatchScores | None, embeddings: torch.Tensor | None = None,
@@ -30,8 +31,20 @@ def score_rows(batch: Batch, scores: BatchScores | None, embeddings: torch.Tenso
             if embeddings is not None:
                 row[EMBEDDING_COLUMN] = embeddings[ok_position].numpy()
             ok_position += 1
+            _mark_non_finite(row)
         rows.append(row)
     return rows
+
+
+def _mark_non_finite(row: dict[str, Any]) -> None:
+    """A NaN or infinite value is no score: the row gets its own status, naming the columns, and
+    nulls there, so no rule, vote or plot downstream ever sees it."""
+    bad = [column for column in SCORE_VALUE_COLUMNS if row.get(column) is not None and not math.isfinite(row[column])]
+    if bad:
+        row["status"] = NON_FINITE
+        row["error"] = "non-finite " + ", ".join(f"{column}={row[column]}" for column in bad)
+        for column in bad:
+            row[column] = None
 
 
 def embed_rows(batch: Batch, embeddings: torch.Tensor | None) -> list[dict[str, Any]]:

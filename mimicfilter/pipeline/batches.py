@@ -9,11 +9,13 @@ Tail rule: a stream's last batch would often be tiny (a batch of 3 has only 2 ne
 sample), so a remainder smaller than half a batch joins the batch before it (that batch holds
 B + r < 1.5 B samples); a larger remainder forms its own batch. Samples that are not ``ok`` ride
 along with the batch being filled when they are read and take no part in its loss.
+
+Collation stacks the ok samples' uint8 images (and token ids) once, straight into page-locked
+memory when the batch goes to a GPU (``pin_memory``), so the copy to the device is asynchronous.
 """
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass
 from typing import Any, Iterable, Iterator
 
@@ -30,36 +32,45 @@ class Batch:
     step: int
     last: bool  # the stream's final batch
     samples: list[SampleInfo]
-    images: Any = None  # torch.Tensor [B, 3, H, W], None without ok samples
+    images: Any = None  # torch.Tensor uint8 [B, 3, H, W], None without ok samples
     texts: Any = None  # token ids [B, L] (image–text) ...
     labels: Any = None  # ... or labels [B] (classification)
+    # --decoder gpu: (row of ``images``, JPEG bytes) of the images still to decode on the device;
+    # their rows of ``images`` are zeros until then (pipeline.stages.decode_on_device)
+    encoded: tuple[tuple[int, bytes], ...] = ()
 
     @property
     def targets(self) -> Any:
         """Token ids for image–text batches, labels for classification batches."""
         return self.texts if self.texts is not None else self.labels
 
-    def pin_memory(self) -> Batch:
-        """Called by DataLoader(pin_memory=True): page-locked tensors copy to the GPU asynchronously."""
-        pinned = {name: None if value is None else value.pin_memory()
-                  for name, value in (("images", self.images), ("texts", self.texts), ("labels", self.labels))}
-        return dataclasses.replace(self, **pinned)
+
+def _stack(tensors: list, pin_memory: bool) -> Any:
+    out = torch.empty((len(tensors), *tensors[0].shape), dtype=tensors[0].dtype, pin_memory=pin_memory)
+    return torch.stack(tensors, out=out)
 
 
-def _collate(shard: str | None, step: int, samples: list[DecodedSample], last: bool) -> Batch:
+def _collate(shard: str | None, step: int, samples: list[DecodedSample], last: bool, pin_memory: bool = False) -> Batch:
     ok = [sample for sample in samples if sample.ok]
-    images = torch.stack([sample.image for sample in ok]) if ok else None
-    texts = torch.stack([sample.text for sample in ok]) if ok and ok[0].text is not None else None
-    labels = torch.tensor([sample.label for sample in ok]) if ok and ok[0].label is not None else None
-    return Batch(shard, step, last, [sample.info for sample in samples], images, texts, labels)
-
-
-def _ok_count(samples: list[DecodedSample]) -> int:
-    return sum(sample.ok for sample in samples)
+    images = texts = labels = None
+    encoded = ()
+    if ok:
+        shape = next((sample.image.shape for sample in ok if sample.image is not None), None)
+        if shape is None:  # every image of the batch waits for the GPU decoder
+            shape = (3, 1, 1)
+        blank = torch.zeros(shape, dtype=torch.uint8)
+        images = _stack([blank if sample.image is None else sample.image for sample in ok], pin_memory)
+        encoded = tuple((row, sample.encoded) for row, sample in enumerate(ok) if sample.image is None)
+        if ok[0].text is not None:
+            texts = _stack([sample.text for sample in ok], pin_memory)
+        if ok[0].label is not None:
+            labels = torch.tensor([sample.label for sample in ok])
+    return Batch(shard, step, last, [sample.info for sample in samples], images, texts, labels, encoded)
 
 
 def group_batches(
-    samples: Iterable[DecodedSample], batch_size: int, shard: str | None, first_step: int = 0
+    samples: Iterable[DecodedSample], batch_size: int, shard: str | None, first_step: int = 0,
+    pin_memory: bool = False,
 ) -> Iterator[Batch]:
     """Collated batches of ``batch_size`` ok samples (tail rule above); the final one has ``last``.
 
@@ -70,19 +81,20 @@ def group_batches(
     """
     held: list[DecodedSample] | None = None  # a full batch kept back until we know whether the tail joins it
     current: list[DecodedSample] = []
+    current_ok = 0
     step = first_step
     for sample in samples:
         current.append(sample)
-        if sample.ok and _ok_count(current) == batch_size:
+        current_ok += sample.ok
+        if sample.ok and current_ok == batch_size:
             if held is not None:
-                yield _collate(shard, step, held, last=False)
+                yield _collate(shard, step, held, False, pin_memory)
                 step += 1
-            held, current = current, []
-    remainder = _ok_count(current)
-    if held is not None and remainder < batch_size / 2:
-        yield _collate(shard, step, held + current, last=True)
+            held, current, current_ok = current, [], 0
+    if held is not None and current_ok < batch_size / 2:
+        yield _collate(shard, step, held + current, True, pin_memory)
         return
     if held is not None:
-        yield _collate(shard, step, held, last=False)
+        yield _collate(shard, step, held, False, pin_memory)
         step += 1
-    yield _collate(shard, step, current, last=True)
+    yield _collate(shard, step, current, True, pin_memory)

@@ -58,6 +58,7 @@ class ScoreConfig:
     partition: Partition = field(default_factory=Partition)
     ray: RayConfig | None = None  # None: the local executor
     save_embeddings: bool = False  # also store the initial proxy's image embedding (mimic.embedder)
+    chunk_size: int = 64  # raw samples per decoding work unit; never changes a table (not in the fingerprint)
 
     def __post_init__(self):
         if not self.shards:
@@ -66,6 +67,8 @@ class ScoreConfig:
             raise MimicfilterError(f"--batch-size {self.batch_size}: need at least 2 (the loss contrasts pairs)")
         if self.workers < 0:
             raise MimicfilterError(f"--workers {self.workers}: must be 0 or more")
+        if self.chunk_size < 1:
+            raise MimicfilterError(f"chunk size {self.chunk_size}: must be at least 1")
         if self.temperature is not None and not self.temperature > 0:
             raise MimicfilterError(f"--temperature {self.temperature}: must be positive")
         if self.decode.task != self.model.task:
@@ -107,6 +110,7 @@ class EmbedConfig:
     allow_pipe: bool = False
     overwrite: bool = False
     argv: tuple[str, ...] = ()
+    chunk_size: int = 64  # raw samples per decoding work unit; never changes a table
 
     def __post_init__(self):
         if not self.shards:

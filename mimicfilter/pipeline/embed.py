@@ -18,7 +18,8 @@ from mimicfilter.mimic.embedder import ImageEmbedder
 from mimicfilter.pipeline.batch_scorer import embed_rows
 from mimicfilter.pipeline.batches import Batch
 from mimicfilter.pipeline.config import EmbedConfig, Progress
-from mimicfilter.pipeline.stages import Decoder, ShardBatches
+from mimicfilter.mimic.device import resolve_device
+from mimicfilter.pipeline.stages import Decoder, check_decoder
 from mimicfilter.pipeline.static import local_shard_rows
 from mimicfilter.store.parts import part_path, table_stats, write_part
 from mimicfilter.store.rundir import RunDirectory
@@ -27,6 +28,7 @@ from mimicfilter.store.schema import embed_rows_to_table
 
 def run_embed(config: EmbedConfig, progress: Progress | None = None) -> dict[str, Any]:
     """Embed every shard into ``config.out_dir`` (resuming an earlier identical run); returns the stats."""
+    check_decoder(config.decode, resolve_device(config.model.device).type)
     run = RunDirectory(config.out_dir, "embed", config.argv)
     models = load_models_on_device(config.model)
     device = models.device
@@ -58,8 +60,9 @@ def run_embed(config: EmbedConfig, progress: Progress | None = None) -> dict[str
         return embed_rows(batch, embedder(batch.images) if batch.images is not None else None)
 
     try:
-        reader = ShardBatches(Decoder.for_models(config.decode, models), config.batch_size, config.allow_pipe)
-        for finished in local_shard_rows(pending, reader, rows_of_batch, config.workers, device.type == "cuda", progress):
+        decoder = Decoder.for_models(config.decode, models)
+        for finished in local_shard_rows(pending, decoder, rows_of_batch, config.batch_size, config.allow_pipe,
+                                         config.workers, device, progress, config.chunk_size):
             write_part(embed_rows_to_table(finished.rows, embedder.dim), part_path(config.out_dir, finished.shard))
             embedded += len(finished.rows)
     finally:

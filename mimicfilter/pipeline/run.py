@@ -21,11 +21,18 @@ from mimicfilter.execute.ray import run_with_ray
 from mimicfilter.mimic.models import LoadedModels
 from mimicfilter.pipeline.batch_scorer import BatchScorer, build_batch_scorer
 from mimicfilter.pipeline.config import Progress, ScoreConfig
-from mimicfilter.pipeline.stages import Decoder
+from mimicfilter.mimic.device import resolve_device
+from mimicfilter.pipeline.stages import Decoder, check_decoder
 from mimicfilter.pipeline.static import ShardWorkerFactory, score_local
 from mimicfilter.pipeline.trajectory import EpochBatches, run_trajectory
 from mimicfilter.store.parts import part_path, table_stats
 from mimicfilter.store.rundir import RunDirectory, write_rank_stats
+from mimicfilter.timing import current, phase
+
+
+def startup_breakdown() -> dict[str, float]:
+    """The phases recorded before the scoring loop, in order (``score --verbose``)."""
+    return {name: round(seconds, 3) for name, seconds in current() or []}
 
 
 def _fingerprint(config: ScoreConfig, models: LoadedModels) -> dict[str, Any]:
@@ -51,11 +58,11 @@ def _fingerprint(config: ScoreConfig, models: LoadedModels) -> dict[str, Any]:
     }
 
 
-def _device_type(config: ScoreConfig, models: LoadedModels) -> str:
+def _device_type(config: ScoreConfig, models: LoadedModels | None) -> str:
     """Where the scores are computed: this process's device, or the Ray actors' for --ray."""
     if config.ray is not None:
         return "cuda" if config.ray.gpus_per_task else "cpu"
-    return models.device.type
+    return models.device.type if models is not None else resolve_device(config.model.device).type
 
 
 @dataclass(frozen=True)
@@ -89,12 +96,14 @@ def _score_static(config: ScoreConfig, batch_scorer: BatchScorer, progress: Prog
 
 def run_score(config: ScoreConfig, progress: Progress | None = None) -> dict[str, Any]:
     """Score every shard into ``config.out_dir`` (resuming an earlier identical run); returns the stats."""
+    check_decoder(config.decode, _device_type(config, None))
     run = RunDirectory(config.out_dir, "score", config.argv)
     # With --ray the driver only validates the models and hashes the checkpoints (on CPU: the
     # head node may have no GPU); the actors load them again on their own devices.
     driver_model = config.model if config.ray is None else dataclasses.replace(config.model, device="cpu")
-    batch_scorer = build_batch_scorer(driver_model, config.effective_temperature, config.save_embeddings,
-                                      config.train.mode)
+    with phase("models and scorer (total)"):
+        batch_scorer = build_batch_scorer(driver_model, config.effective_temperature, config.save_embeddings,
+                                          config.train.mode)
     scorer = batch_scorer.scorer
     models = scorer.models
     device = str(models.device) if config.ray is None else f"ray ({_device_type(config, models)})"
@@ -110,7 +119,8 @@ def run_score(config: ScoreConfig, progress: Progress | None = None) -> dict[str
         "shards": list(config.shards),
         **({"embedding": batch_scorer.embedder.space} if batch_scorer.embedder is not None else {}),
     }
-    run.open(_fingerprint(config, models), provenance, config.overwrite, concurrent=config.partition.partitioned)
+    with phase("open the run directory"):
+        run.open(_fingerprint(config, models), provenance, config.overwrite, concurrent=config.partition.partitioned)
     loop_started = time.time()
     counts = None
     try:
@@ -119,7 +129,8 @@ def run_score(config: ScoreConfig, progress: Progress | None = None) -> dict[str
             scored_samples, shards_resumed = counts.samples_scored, counts.shards_resumed
         else:
             batches = EpochBatches(config.shards, config.model.seed, config.train.shuffle_buffer,
-                                   Decoder.for_models(config.decode, models), config.batch_size, config.allow_pipe)
+                                   Decoder.for_models(config.decode, models), config.batch_size, config.allow_pipe,
+                                   config.chunk_size)
             scored_samples = run_trajectory(batch_scorer, config.train, batches, config.out_dir, config.workers, progress)
             shards_resumed = None
     finally:
@@ -138,6 +149,7 @@ def run_score(config: ScoreConfig, progress: Progress | None = None) -> dict[str
         "scoring_route": scorer.route,
         "device": device,
         "workers": config.workers,
+        **({"startup_seconds": startup_breakdown()} if current() is not None else {}),
     })
     if counts is not None:
         stats |= {"executor": counts.executor, "shards_this_process": counts.shards_mine,

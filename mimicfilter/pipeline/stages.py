@@ -1,11 +1,16 @@
-"""The one composition of the input stages: read → decode → batch, used by every mode.
+"""The one input path of every mode: read → chunk → decode (in parallel, order kept) → batch.
 
-    shards.tar.iter_shard_samples ─► shards.decode.decode_sample ─► batches.group_batches
-        (raw samples)                  (DecodedSample)                 (Batch)
+    reader (this process)             decode workers (execute.local.OrderedPool)     this process
+    shards.tar + read-ahead ─► RawChunk ─► Decoder.decode_chunk ─► DecodedChunk ─► group_batches ─► Batch
+    (static: per shard;               (uint8 images at the model's size,            (per shard, or
+     trajectory: one shuffled          token ids tokenised a chunk at a time,        one epoch stream)
+     stream, resume skip)              stacked in shared memory)
 
-Static scoring and ``embed`` run it per shard (:class:`ShardBatches`, in worker processes);
-trajectory epochs run it over one shuffled stream that spans shards
-(:mod:`mimicfilter.pipeline.trajectory`). Everything handed to worker processes is picklable.
+Work units are chunks of ``chunk_size`` raw samples, so every worker stays busy however many
+shards there are, and the pool returns chunks in the order they were read: the decoded sample
+stream, and so every batch, part and table, is the same for any worker count and chunk size.
+Static scoring and ``embed`` batch each shard on its own (:func:`shard_batches`); a trajectory
+epoch is one stream spanning shards (:mod:`mimicfilter.pipeline.trajectory`).
 """
 
 from __future__ import annotations
@@ -13,56 +18,256 @@ from __future__ import annotations
 import dataclasses
 import functools
 import itertools
-from dataclasses import dataclass
-from typing import Callable, Iterable, Iterator
+import math
+import multiprocessing
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterable, Iterator
 
+import torch
+
+from mimicfilter.errors import MimicfilterError, one_line
+from mimicfilter.execute.local import OrderedPool, read_ahead
 from mimicfilter.mimic.models import LoadedModels
 from mimicfilter.pipeline.batches import Batch, group_batches
-from mimicfilter.shards.decode import DecodeConfig, Preprocess, Tokenize, decode_sample
-from mimicfilter.shards.records import DecodedSample, RawSample
+from mimicfilter.shards.decode import DecodeConfig, decode_sample, decode_with_pil
+from mimicfilter.shards.images import ImageGeometry
+from mimicfilter.shards.records import DecodedSample, RawSample, SampleInfo
 from mimicfilter.shards.tar import iter_shard_samples
 
+CHUNK_SIZE = 64  # raw samples per work unit: ~20-100 ms of decoding, small enough to balance the workers
+READ_AHEAD_SHARDS = 4  # shards read concurrently by the reader (remote shards spend their time waiting)
 
-def _tokenize_one(tokenizer: Callable, caption: str):
-    return tokenizer([caption])[0]
+
+@dataclass(frozen=True)
+class RawChunk:
+    """A work unit: consecutive raw samples of the stream; in a per-shard stream, all of one shard."""
+
+    samples: tuple[RawSample, ...]
+    shard: str | None = None
+    ends_shard: bool = False  # per-shard streams: the shard's last chunk (an empty shard has one, empty)
+
+
+@dataclass
+class DecodedChunk:
+    """A decoded chunk as it travels back: the samples without tensors, and one tensor each for the
+    images and the token ids of the samples that have them (one shared-memory segment apiece)."""
+
+    samples: list[DecodedSample]
+    images: Any = None  # uint8 [n, 3, H, W]: the samples with a decoded image, in order
+    texts: Any = None  # token ids [m, L]: the samples with tokens, in order
+    shard: str | None = None
+    ends_shard: bool = False
+    packed: bool = True  # False: the samples still hold their own tensors
+
+    @classmethod
+    def pack(cls, samples: list[DecodedSample], shard: str | None, ends_shard: bool) -> DecodedChunk:
+        if multiprocessing.parent_process() is None:  # decoded in this process: nothing to send
+            return cls(samples, None, None, shard, ends_shard, packed=False)
+        with_image = [sample.image for sample in samples if sample.ok and sample.image is not None]
+        with_text = [sample.text for sample in samples if sample.ok and sample.text is not None]
+        for sample in samples:
+            sample.image = sample.text = None
+        return cls(samples, _stack_shared(with_image), _stack_shared(with_text), shard, ends_shard)
+
+    def unpack(self) -> list[DecodedSample]:
+        """The samples with their image and token views restored."""
+        if not self.packed:
+            return self.samples
+        images = iter(self.images) if self.images is not None else iter(())
+        texts = iter(self.texts) if self.texts is not None else iter(())
+        for sample in self.samples:
+            if sample.ok and sample.encoded is None:
+                sample.image = next(images)
+            if sample.ok and sample.caption is not None:
+                sample.text = next(texts)
+        return self.samples
+
+
+def _stack_shared(tensors: list) -> Any:
+    """Stack into shared memory (so sending it from the worker is not one more copy)."""
+    if not tensors:
+        return None
+    shape = (len(tensors), *tensors[0].shape)
+    storage = torch.UntypedStorage._new_shared(math.prod(shape) * tensors[0].element_size())
+    out = torch.empty(0, dtype=tensors[0].dtype).set_(storage).view(shape)
+    return torch.stack(tensors, out=out)
 
 
 @dataclass(frozen=True)
 class Decoder:
-    """Raw sample → DecodedSample with the models' preprocessing and tokenizer (picklable)."""
+    """Raw samples → model inputs with the models' geometry and tokenizer (inherited by workers)."""
 
     config: DecodeConfig
-    preprocess: Preprocess
-    tokenize: Tokenize | None  # None for classification
+    geometry: ImageGeometry = field(default_factory=ImageGeometry)
+    tokenizer: Callable | None = None  # None for classification
 
     @classmethod
     def for_models(cls, decode: DecodeConfig, models: LoadedModels) -> Decoder:
-        """The decoder with what only the models know: preprocessing, tokenizer, the head's classes."""
+        """The decoder with what only the models know: geometry, tokenizer, the head's classes."""
         if models.task == "classify":
             decode = dataclasses.replace(decode, num_classes=models.reference.head.out_features)
-        tokenize = functools.partial(_tokenize_one, models.tokenizer) if decode.task == "contrastive" else None
-        return cls(decode, models.preprocess, tokenize)
+        tokenizer = models.tokenizer if decode.task == "contrastive" else None
+        return cls(decode, ImageGeometry.from_open_clip(models.preprocess_cfg), tokenizer)
 
-    def __call__(self, raw: RawSample) -> DecodedSample:
-        return decode_sample(raw, self.config, self.preprocess, self.tokenize)
+    def decode_samples(self, raws: Iterable[RawSample]) -> list[DecodedSample]:
+        """Decode, then tokenise the ok captions in one call."""
+        samples = [decode_sample(raw, self.config, self.geometry) for raw in raws]
+        if self.tokenizer is not None:
+            self._tokenize([sample for sample in samples if sample.ok and sample.caption is not None])
+        return samples
+
+    def decode_chunk(self, chunk: RawChunk) -> DecodedChunk:
+        return DecodedChunk.pack(self.decode_samples(chunk.samples), chunk.shard, chunk.ends_shard)
+
+    def _tokenize(self, samples: list[DecodedSample]) -> None:
+        if not samples:
+            return
+        try:
+            tokens = self.tokenizer([sample.caption for sample in samples])
+            if not isinstance(tokens, torch.Tensor) or tokens.shape[0] != len(samples):
+                raise TypeError("unexpected tokenizer output")
+        except Exception:  # find the caption(s) at fault one by one; the rest keep their tokens
+            for sample in samples:
+                self._tokenize_one(sample)
+            return
+        for sample, ids in zip(samples, tokens):
+            sample.text = ids
+
+    def _tokenize_one(self, sample: DecodedSample) -> None:
+        try:
+            tokens = self.tokenizer([sample.caption])
+            if not isinstance(tokens, torch.Tensor):
+                raise TypeError(f"returned {type(tokens).__name__}, expected a tensor")
+            sample.text = tokens[0]
+        except Exception as exc:  # the model's tokenizer: any failure is this sample's problem
+            sample.status, sample.error = "decode_error", one_line(f"tokenize failed: {type(exc).__name__}: {exc}")
+            sample.image = sample.text = sample.encoded = None
+
+    def decode_on_device(self, batch: Batch, device: torch.device) -> Batch:
+        """``--decoder gpu``: decode the batch's JPEGs on ``device``; a file the device rejects is
+        decoded by PIL here, and one PIL rejects too becomes a ``decode_error`` row of the batch."""
+        if not batch.encoded:
+            return batch
+        from mimicfilter.shards.fast import decode_jpegs_on_device
+
+        rows = [row for row, _ in batch.encoded]
+        decoded = decode_jpegs_on_device([data for _, data in batch.encoded], self.geometry, device)
+        failed: dict[int, str] = {}
+        for position, (row, data) in enumerate(batch.encoded):
+            if decoded[position] is None:
+                pixels, error = decode_with_pil(data, self.config, self.geometry)
+                decoded[position] = None if pixels is None else pixels.to(device)
+                if error is not None:
+                    failed[row] = error
+        images = torch.empty((batch.images.shape[0], 3, *self.geometry.size), dtype=torch.uint8, device=device)
+        on_device = set(rows)
+        cpu_rows = [row for row in range(images.shape[0]) if row not in on_device]
+        if cpu_rows:
+            images[cpu_rows] = batch.images[cpu_rows].to(device, non_blocking=True)
+        for row, pixels in zip(rows, decoded):
+            if pixels is not None:
+                images[row] = pixels
+        return _drop_rows(batch, images, failed) if failed else dataclasses.replace(batch, images=images, encoded=())
 
 
-def decoded_batches(raw_samples: Iterable[RawSample], decoder: Decoder, batch_size: int,
-                    shard: str | None = None, first_step: int = 0) -> Iterator[Batch]:
-    """decode → batch over a stream of raw samples (one shard's, or a trajectory epoch's)."""
-    return group_batches((decoder(raw) for raw in raw_samples), batch_size, shard, first_step)
+def _drop_rows(batch: Batch, images: Any, failed: dict[int, str]) -> Batch:
+    """The batch without the ok rows that failed on the device; those samples become decode_error rows."""
+    infos: list[SampleInfo] = []
+    row = 0
+    for info in batch.samples:
+        if info.ok:
+            if row in failed:
+                info = dataclasses.replace(info, status="decode_error", error=one_line(f"cannot decode image: {failed[row]}"))
+            row += 1
+        infos.append(info)
+    keep = [row for row in range(images.shape[0]) if row not in failed]
+    if not keep:
+        return dataclasses.replace(batch, samples=infos, images=None, texts=None, labels=None, encoded=())
+    index = torch.tensor(keep)
+
+    def pick(tensor: Any) -> Any:
+        return None if tensor is None else tensor[index.to(tensor.device)]
+
+    return dataclasses.replace(batch, samples=infos, images=pick(images), texts=pick(batch.texts),
+                               labels=pick(batch.labels), encoded=())
+
+
+def check_decoder(decode: DecodeConfig, device_type: str) -> None:
+    """``--decoder gpu`` decodes on the scoring device, which must then be a GPU."""
+    if decode.decoder == "gpu" and device_type != "cuda":
+        raise MimicfilterError("--decoder gpu decodes JPEGs on the scoring GPU, but the scoring device is the CPU",
+                               hint="use --decoder fast (the default) on CPU, or --device cuda")
+
+
+# ---------------------------------------------------------------------------------------- reading
+
+
+def _chunks_of_shard(shard: str, allow_pipe: bool, chunk_size: int) -> Iterator[RawChunk]:
+    pending: list[RawSample] = []
+    for raw in iter_shard_samples(shard, allow_pipe=allow_pipe):
+        if len(pending) == chunk_size:
+            yield RawChunk(tuple(pending), shard)
+            pending = []
+        pending.append(raw)
+    yield RawChunk(tuple(pending), shard, ends_shard=True)
+
+
+def shard_chunks(shards: Iterable[str], allow_pipe: bool, chunk_size: int = CHUNK_SIZE,
+                 read_depth: int = READ_AHEAD_SHARDS) -> Iterator[RawChunk]:
+    """Every shard's chunks in order (the next shards read ahead by threads)."""
+    sources = [functools.partial(_chunks_of_shard, shard, allow_pipe, chunk_size) for shard in shards]
+    return read_ahead(sources, read_depth)
+
+
+def raw_stream(shards: Iterable[str], allow_pipe: bool, read_depth: int = READ_AHEAD_SHARDS) -> Iterator[RawSample]:
+    """The raw samples of the shards, in order (the next shards read ahead by threads)."""
+    sources = [functools.partial(iter_shard_samples, shard, allow_pipe=allow_pipe) for shard in shards]
+    return read_ahead(sources, read_depth)
+
+
+def stream_chunks(samples: Iterable[RawSample], chunk_size: int = CHUNK_SIZE) -> Iterator[RawChunk]:
+    iterator = iter(samples)
+    while piece := tuple(itertools.islice(iterator, chunk_size)):
+        yield RawChunk(piece)
+
+
+def decoded_samples(decoded_chunks: Iterable[DecodedChunk]) -> Iterator[DecodedSample]:
+    for chunk in decoded_chunks:
+        yield from chunk.unpack()
+
+
+def per_shard(decoded_chunks: Iterable[DecodedChunk]) -> Iterator[tuple[str, Iterator[DecodedSample]]]:
+    """(shard, its samples) in order; consume each shard's samples before asking for the next shard."""
+    chunks = iter(decoded_chunks)
+    for first in chunks:
+        def samples(chunk: DecodedChunk = first) -> Iterator[DecodedSample]:
+            while True:
+                yield from chunk.unpack()
+                if chunk.ends_shard:
+                    return
+                chunk = next(chunks)
+
+        yield first.shard, samples()
+
+
+def shard_batches(shards: Iterable[str], pool: OrderedPool, batch_size: int, allow_pipe: bool,
+                  pin_memory: bool = False, chunk_size: int = CHUNK_SIZE) -> Iterator[Batch]:
+    """Static scoring and ``embed``: every shard batched on its own, shards in order."""
+    for shard, samples in per_shard(pool.map(shard_chunks(shards, allow_pipe, chunk_size))):
+        yield from group_batches(samples, batch_size, shard, pin_memory=pin_memory)
 
 
 @dataclass(frozen=True)
 class ShardBatches:
-    """read → decode → batch for one shard: the unit of work of static scoring and ``embed`` (picklable)."""
+    """read → decode → batch for one shard in this process: the unit of work of executors that run
+    one shard per call (Ray actors)."""
 
     decoder: Decoder
     batch_size: int
     allow_pipe: bool = False
 
     def __call__(self, shard: str) -> Iterator[Batch]:
-        return decoded_batches(iter_shard_samples(shard, allow_pipe=self.allow_pipe), self.decoder, self.batch_size, shard)
+        return shard_batches([shard], OrderedPool(self.decoder.decode_chunk, 0), self.batch_size, self.allow_pipe)
 
 
 def detect_task(shards: tuple[str, ...], decode: DecodeConfig, allow_pipe: bool, sample_limit: int = 16) -> str:

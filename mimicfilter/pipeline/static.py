@@ -2,9 +2,10 @@
 
 :func:`score_shard` is the pure, idempotent unit of work (one shard → one part; a part that exists
 is done); :class:`ShardWorkerFactory` hands it to any executor (Ray actors, other machines).
-:func:`local_shard_rows` is the local executor's loop, shared by ``score`` and ``embed``: worker
-processes read and decode whole shards, this process scores their batches and gets each shard's
-rows as soon as the shard is complete.
+:func:`local_shard_rows` is the local executor's loop, shared by ``score`` and ``embed``: this
+process reads the shards in order, worker processes decode chunks of them (any idle worker takes
+the next chunk, results come back in order: :mod:`mimicfilter.pipeline.stages`), and this process
+scores the batches and gets each shard's rows as soon as the shard is complete.
 """
 
 from __future__ import annotations
@@ -14,18 +15,19 @@ import functools
 from dataclasses import dataclass
 from typing import Any, Callable, Iterator
 
-from mimicfilter.execute.local import fan_out
+import torch
+
+from mimicfilter.execute.local import OrderedPool
 from mimicfilter.pipeline.batch_scorer import BatchScorer, build_batch_scorer
 from mimicfilter.pipeline.batches import Batch
 from mimicfilter.pipeline.config import Progress, ScoreConfig
-from mimicfilter.pipeline.stages import Decoder, ShardBatches
+from mimicfilter.pipeline.stages import CHUNK_SIZE, Decoder, ShardBatches, shard_batches
 from mimicfilter.store.parts import part_path, write_part
 from mimicfilter.store.schema import rows_to_table
 
 
-def shard_reader(config: ScoreConfig, batch_scorer: BatchScorer) -> ShardBatches:
-    return ShardBatches(Decoder.for_models(config.decode, batch_scorer.scorer.models), config.batch_size,
-                        config.allow_pipe)
+def shard_decoder(config: ScoreConfig, batch_scorer: BatchScorer) -> Decoder:
+    return Decoder.for_models(config.decode, batch_scorer.scorer.models)
 
 
 def score_shard(shard: str, batch_scorer: BatchScorer, config: ScoreConfig) -> int:
@@ -38,8 +40,9 @@ def score_shard(shard: str, batch_scorer: BatchScorer, config: ScoreConfig) -> i
     if path.exists():
         return 0
     rows = []
-    for batch in shard_reader(config, batch_scorer)(shard):
-        rows.extend(batch_scorer.score(batch))
+    decoder = shard_decoder(config, batch_scorer)
+    for batch in ShardBatches(decoder, config.batch_size, config.allow_pipe)(shard):
+        rows.extend(batch_scorer.score(decoder.decode_on_device(batch, batch_scorer.scorer.models.device)))
     write_part(rows_to_table(rows, embedding_dim=batch_scorer.embedding_dim), path)
     return len(rows)
 
@@ -65,32 +68,34 @@ class ShardRows:
     rows: list[dict[str, Any]]
 
 
-def local_shard_rows(shards: list[str], reader: ShardBatches, rows_of_batch: Callable[[Batch], list[dict[str, Any]]],
-                     workers: int, pin_memory: bool, progress: Progress | None) -> Iterator[ShardRows]:
-    """Every finished shard's rows: worker processes read and decode, this process makes the rows.
+def local_shard_rows(shards: list[str], decoder: Decoder, rows_of_batch: Callable[[Batch], list[dict[str, Any]]],
+                     batch_size: int, allow_pipe: bool, workers: int, device: torch.device,
+                     progress: Progress | None, chunk_size: int = CHUNK_SIZE) -> Iterator[ShardRows]:
+    """Every finished shard's rows, shards in order: ``workers`` processes decode, this one makes the rows.
 
-    Memory is flat in the number of shards: the loader holds a bounded prefetch queue, and rows are
-    kept only for the shards being read now (at most one per worker) until the caller writes them.
+    Memory is flat in the number of shards: the pool keeps a bounded number of chunks in flight,
+    and rows are kept only for the shard being scored until the caller writes them.
     """
-    rows_by_shard: dict[str, list[dict[str, Any]]] = {}
-    for batch in fan_out(shards, reader, workers, pin_memory):
-        rows = rows_of_batch(batch)
-        rows_by_shard.setdefault(batch.shard, []).extend(rows)
-        if progress:
-            progress.advance(len(rows))
-        if batch.last:
-            finished = ShardRows(batch.shard, rows_by_shard.pop(batch.shard))
-            yield finished
+    rows: list[dict[str, Any]] = []
+    with OrderedPool(decoder.decode_chunk, workers) as pool:
+        for batch in shard_batches(shards, pool, batch_size, allow_pipe, device.type == "cuda", chunk_size):
+            batch_rows = rows_of_batch(decoder.decode_on_device(batch, device))
+            rows.extend(batch_rows)
             if progress:
-                progress.shard_done(len(finished.rows))
+                progress.advance(len(batch_rows))
+            if batch.last:
+                finished, rows = ShardRows(batch.shard, rows), []
+                yield finished
+                if progress:
+                    progress.shard_done(len(finished.rows))
 
 
 def score_local(config: ScoreConfig, batch_scorer: BatchScorer, pending: list[str], progress: Progress | None) -> int:
     """The local executor: one part per finished shard; returns the rows scored."""
-    reader = shard_reader(config, batch_scorer)
-    pin_memory = batch_scorer.scorer.models.device.type == "cuda"
     scored = 0
-    for finished in local_shard_rows(pending, reader, batch_scorer.score, config.workers, pin_memory, progress):
+    for finished in local_shard_rows(pending, shard_decoder(config, batch_scorer), batch_scorer.score,
+                                     config.batch_size, config.allow_pipe, config.workers,
+                                     batch_scorer.scorer.models.device, progress, config.chunk_size):
         write_part(rows_to_table(finished.rows, embedding_dim=batch_scorer.embedding_dim),
                    part_path(config.out_dir, finished.shard))
         scored += len(finished.rows)

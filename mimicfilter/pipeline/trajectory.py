@@ -6,6 +6,11 @@ cut into batches of ``batch_size`` ok samples (batches span shards here; the tai
 then the proxy takes one AdamW step on the re-weighted loss. Rows record the epoch and the global
 step at which each sample was seen.
 
+Decoding runs in ``workers`` processes with the stream's order kept: this process reads the
+shards, shuffles, skips what a resumed run already consumed, and hands chunks of raw samples to the
+pool, whose results come back in submission order (:mod:`mimicfilter.pipeline.stages`). Batch
+boundaries, tables and resume are the same for any worker count.
+
 Resume: every ``checkpoint_every`` steps and at each epoch end, the rows since the previous
 checkpoint are written as a part (``scores/epoch-EEEE-chunk-CCCCC.parquet``) and then the proxy,
 the optimizer and the stream position are saved (``checkpoints/latest.pt``, atomically). A
@@ -25,14 +30,13 @@ from typing import Any, Iterable, Iterator
 
 import torch
 
-from mimicfilter.execute.local import fan_out
+from mimicfilter.execute.local import OrderedPool
 from mimicfilter.mimic.scorer import MimicScorer
 from mimicfilter.pipeline.batch_scorer import BatchScorer
-from mimicfilter.pipeline.batches import Batch
+from mimicfilter.pipeline.batches import Batch, group_batches
 from mimicfilter.pipeline.config import Progress, TrainConfig
-from mimicfilter.pipeline.stages import Decoder, decoded_batches
+from mimicfilter.pipeline.stages import CHUNK_SIZE, Decoder, decoded_samples, raw_stream, stream_chunks
 from mimicfilter.shards.records import RawSample
-from mimicfilter.shards.tar import iter_shard_samples
 from mimicfilter.store.atomic import atomic_write_bytes
 from mimicfilter.store.parts import write_part
 from mimicfilter.store.paths import CHECKPOINTS_DIR, SCORES_DIR
@@ -69,14 +73,13 @@ def shuffled(samples: Iterable[RawSample], buffer_size: int, rng: random.Random)
 def epoch_stream(shards: tuple[str, ...], epoch: int, seed: int, shuffle_buffer: int, allow_pipe: bool) -> Iterator[RawSample]:
     """The raw samples of one epoch, in the order the proxy sees them (a function of seed and epoch)."""
     rng = random.Random(seed * 1_000_003 + epoch)
-    raw = itertools.chain.from_iterable(iter_shard_samples(shard, allow_pipe=allow_pipe) for shard in shards)
-    return shuffled(raw, shuffle_buffer, rng)
+    return shuffled(raw_stream(shards, allow_pipe), shuffle_buffer, rng)
 
 
 @dataclass(frozen=True)
 class EpochBatches:
-    """One epoch's batches from where the position stands (picklable: runs in one worker process,
-    so the order is the stream's order)."""
+    """One epoch's batches from where the position stands: read, shuffle and skip here, decode in
+    the pool's workers, batch here in the stream's order."""
 
     shards: tuple[str, ...]
     seed: int
@@ -84,12 +87,13 @@ class EpochBatches:
     decoder: Decoder
     batch_size: int
     allow_pipe: bool
+    chunk_size: int = CHUNK_SIZE
 
-    def __call__(self, start: tuple[int, StreamPosition]) -> Iterator[Batch]:
-        epoch, position = start
+    def __call__(self, epoch: int, position: StreamPosition, pool: OrderedPool, pin_memory: bool = False) -> Iterator[Batch]:
         stream = epoch_stream(self.shards, epoch, self.seed, self.shuffle_buffer, self.allow_pipe)
         remaining = itertools.islice(stream, position.consumed, None)  # resume: skip without decoding
-        return decoded_batches(remaining, self.decoder, self.batch_size, shard=None, first_step=position.step)
+        samples = decoded_samples(pool.map(stream_chunks(remaining, self.chunk_size)))
+        return group_batches(samples, self.batch_size, None, position.step, pin_memory)
 
 
 def _checkpoint_path(run_dir: Path) -> Path:
@@ -137,17 +141,24 @@ def run_trajectory(batch_scorer: BatchScorer, train: TrainConfig, batches: Epoch
     trained = scorer.enable_training(train.mode)
     optimizer = torch.optim.AdamW(trained, lr=train.lr, weight_decay=train.weight_decay)
     position = load_checkpoint(run_dir, scorer, optimizer)
-    pin_memory = scorer.models.device.type == "cuda"
+    device = scorer.models.device
     if progress:
         progress.start(train.epochs, position.epoch, unit="epochs")
+    with OrderedPool(batches.decoder.decode_chunk, workers) as pool:
+        return _epochs(batch_scorer, train, batches, run_dir, pool, device, optimizer, position, progress)
+
+
+def _epochs(batch_scorer: BatchScorer, train: TrainConfig, batches: EpochBatches, run_dir: Path, pool: OrderedPool,
+            device: torch.device, optimizer: torch.optim.Optimizer, position: StreamPosition,
+            progress: Progress | None) -> int:
+    scorer = batch_scorer.scorer
     scored_now = 0
     while position.epoch < train.epochs:
         epoch = position.epoch
         rows: list[dict] = []
         consumed, step, chunk = position.consumed, position.step, position.chunk
-        # One unit (the epoch) in at most one worker process: the stream keeps its order.
-        for batch in fan_out([(epoch, position)], batches, min(workers, 1), pin_memory):
-            batch_rows = batch_scorer.train(batch, optimizer, epoch)
+        for batch in batches(epoch, position, pool, pin_memory=device.type == "cuda"):
+            batch_rows = batch_scorer.train(batches.decoder.decode_on_device(batch, device), optimizer, epoch)
             rows.extend(batch_rows)
             consumed += len(batch_rows)
             step += 1

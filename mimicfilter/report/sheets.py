@@ -1,27 +1,40 @@
-"""Contact sheets: the highest and lowest scoring samples, read back from their shards (Pillow)."""
+"""Contact sheets as data: the sheet samples read back from their shards (one pass per shard for all
+sheets), each image written once as a small thumbnail file beside the page. The page (html.py) lays
+them out with the caption or label, score, decision and shard/key as selectable text."""
 
 from __future__ import annotations
 
+import hashlib
 import io
-import math
 from collections import defaultdict
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from mimicfilter.errors import MimicfilterError
-from mimicfilter.report.tally import SheetEntry
+from mimicfilter.report.samples import SheetEntry
 from mimicfilter.shards.decode import DecodeConfig, DisplaySample, decode_for_display
 from mimicfilter.shards.tar import iter_shard_samples
 from mimicfilter.store.atomic import atomic_write_bytes
 
-TILE = 160  # thumbnail edge, pixels
+THUMBNAIL_EDGE = 256  # pixels: sharp on HiDPI screens at the page's ~150 px tiles; never enlarged
+THUMBNAIL_DIR = "thumbs"
+JPEG_QUALITY = 85
 
 
-TILE_TEXT_LINES = 4
+@dataclass(frozen=True)
+class SheetCard:
+    """One sample on a contact sheet, as the page shows it."""
 
-
-COLUMNS = 6
-
+    shard: str
+    key: str
+    mimic_score: float
+    kept: bool
+    reason: str
+    caption: str | None  # the full caption (the page clamps it and shows all of it on hover)
+    label: int | None
+    thumbnail: str | None  # path relative to the page; None when the image cannot be read
+    error: str | None  # why there is no thumbnail
 
 
 def decode_config_of_run(info: dict[str, Any]) -> DecodeConfig:
@@ -36,117 +49,74 @@ def decode_config_of_run(info: dict[str, Any]) -> DecodeConfig:
         return DecodeConfig(task=stored.get("task", "contrastive"))
 
 
-def _read_back(entries: list[SheetEntry], decode) -> dict[tuple[str, str], Any]:
-    """(shard, key) → DisplaySample, or an error string when the shard cannot be read."""
-    wanted: dict[str, set[str]] = defaultdict(set)
+def _read_back(entries: list[SheetEntry], decode: DecodeConfig) -> dict[tuple[str, int], DisplaySample]:
+    """(shard, index) → DisplaySample; an unreadable shard or a missing sample becomes its error."""
+    wanted: dict[str, set[int]] = defaultdict(set)
     for entry in entries:
-        wanted[entry.shard].add(entry.key)
-    found: dict[tuple[str, str], Any] = {}
-    for shard, keys in wanted.items():
+        wanted[entry.shard].add(entry.index)
+    found: dict[tuple[str, int], DisplaySample] = {}
+    for shard, indices in sorted(wanted.items()):
         shard_error = "sample not found in its shard"
         try:
             for raw in iter_shard_samples(shard):
                 if raw.status == "shard_error":
                     shard_error = f"shard unreadable here: {raw.error}"
-                if raw.key in keys:
-                    found[(shard, raw.key)] = decode_for_display(raw, decode)
-                    if all((shard, key) in found for key in keys):
+                    if "not found" in (raw.error or ""):
+                        shard_error += " (moved? pass --shard-root)"
+                if raw.index in indices:
+                    found[(shard, raw.index)] = decode_for_display(raw, decode)
+                    if all((shard, index) in found for index in indices):
                         break
         except Exception as error:  # a moved or unreadable shard must not stop the report
-            for key in keys:
-                found.setdefault((shard, key), DisplaySample(None, None, None, f"shard unreadable: {error}"))
-        for key in keys:
-            found.setdefault((shard, key), DisplaySample(None, None, None, shard_error))
+            for index in indices:
+                found.setdefault((shard, index), DisplaySample(None, None, None, f"shard unreadable: {error}"))
+        for index in indices:
+            found.setdefault((shard, index), DisplaySample(None, None, None, shard_error))
     return found
 
 
-def _font(size: int):
-    from PIL import ImageFont
-
-    try:
-        return ImageFont.load_default(size=size)
-    except (TypeError, OSError):  # Pillow without FreeType: the fixed bitmap font
-        return ImageFont.load_default()
+def thumbnail_name(shard: str, index: int, extension: str) -> str:
+    """A file name per sample, stable and safe whatever the shard's name holds."""
+    digest = hashlib.sha1(f"{shard}\0{index}".encode()).hexdigest()[:20]
+    return f"{THUMBNAIL_DIR}/{digest}.{extension}"
 
 
-def _wrap(draw, text: str, font, width: int, lines: int) -> list[str]:
-    """Greedy word wrap to ``width`` pixels in at most ``lines`` lines, ending with … when cut."""
-    words, result, current = text.split(), [], ""
-    for word in words:
-        candidate = f"{current} {word}".strip()
-        if draw.textlength(candidate, font=font) <= width:
-            current = candidate
-            continue
-        if current:
-            result.append(current)
-        current = word
-        while draw.textlength(current, font=font) > width:  # one very long word: hard-break it
-            cut = len(current)
-            while cut > 1 and draw.textlength(current[:cut], font=font) > width:
-                cut -= 1
-            result.append(current[:cut])
-            current = current[cut:]
-    if current:
-        result.append(current)
-    if len(result) > lines:
-        result = result[:lines]
-        last = result[-1]
-        while last and draw.textlength(last + "…", font=font) > width:
-            last = last[:-1]
-        result[-1] = last + "…"
-    return result
+def _write_thumbnail(image, out_dir: Path, shard: str, index: int) -> str:
+    """Big images: scaled down to THUMBNAIL_EDGE, JPEG. Small ones: as they are, PNG (lossless, still
+    small), because the browser enlarges them and would enlarge JPEG artefacts too."""
+    from PIL import Image
 
-
-def contact_sheet(entries: list[SheetEntry], decode, title: str, path: Path) -> Path | None:
-    from PIL import Image, ImageDraw
-
-    if not entries:
-        return None
-    samples = _read_back(entries, decode)
-    font, small, heading = _font(13), _font(11), _font(18)
-    line_height = 16
-    pad = 10
-    cell_w, cell_h = TILE + 2 * pad, TILE + pad + line_height * (TILE_TEXT_LINES + 1) + pad
-    columns = min(COLUMNS, len(entries))
-    rows = math.ceil(len(entries) / columns)
-    header = 40
-    sheet = Image.new("RGB", (columns * cell_w, header + rows * cell_h), "white")
-    draw = ImageDraw.Draw(sheet)
-    draw.text((pad, 10), title, fill="black", font=heading)
-    for position, entry in enumerate(entries):
-        x = (position % columns) * cell_w + pad
-        y = header + (position // columns) * cell_h
-        sample = samples[(entry.shard, entry.key)]
-        if sample.image is not None:
-            scale = TILE / max(sample.image.size)  # small images are enlarged too, so tiles look alike
-            size = (max(1, round(sample.image.width * scale)), max(1, round(sample.image.height * scale)))
-            thumb = sample.image.resize(size, Image.Resampling.LANCZOS)
-            box = Image.new("RGB", (TILE, TILE), (245, 245, 245))
-            box.paste(thumb, ((TILE - thumb.width) // 2, (TILE - thumb.height) // 2))
-            sheet.paste(box, (x, y))
-        else:
-            draw.rectangle((x, y, x + TILE - 1, y + TILE - 1), fill=(200, 200, 200))
-            message = ["unreadable image", *_wrap(draw, sample.error or "", small, TILE - 12, 5)]
-            for number, line in enumerate(message):
-                draw.text((x + 6, y + 8 + number * 15), line, fill=(90, 0, 0) if number == 0 else "black",
-                          font=font if number == 0 else small)
-        draw.rectangle((x - 1, y - 1, x + TILE, y + TILE), outline=(180, 180, 180))
-        text_y = y + TILE + 4
-        draw.text((x, text_y), f"{position + 1}.  {entry.mimic_score:+.3f}", fill="black", font=font)
-        verdict, colour = ("kept", (42, 157, 85)) if entry.kept else ("dropped", (209, 73, 91))
-        draw.text((x + TILE, text_y), verdict, fill=colour, font=font, anchor="ra")
-        if sample.caption is not None:
-            described = sample.caption
-        elif sample.label is not None or entry.label is not None:
-            described = f"label {sample.label if sample.label is not None else entry.label}"
-        else:
-            described = "(no caption)"
-        for number, line in enumerate(_wrap(draw, described, small, TILE, TILE_TEXT_LINES - 1)):
-            draw.text((x, text_y + line_height * (number + 1)), line, fill=(40, 40, 40), font=small)
-        key_line = _wrap(draw, f"{Path(entry.shard).name}/{entry.key}", small, TILE, 1)[0]
-        draw.text((x, text_y + line_height * TILE_TEXT_LINES), key_line, fill=(120, 120, 120), font=small)
+    picture = image.convert("RGB")
+    scale = THUMBNAIL_EDGE / max(picture.size)
     buffer = io.BytesIO()
-    sheet.save(buffer, format="PNG", optimize=True)
-    atomic_write_bytes(path, buffer.getvalue())
-    return path
+    if scale < 1:
+        size = (max(1, round(picture.width * scale)), max(1, round(picture.height * scale)))
+        picture.resize(size, Image.Resampling.LANCZOS).save(buffer, format="JPEG", quality=JPEG_QUALITY, optimize=True)
+        name = thumbnail_name(shard, index, "jpg")
+    else:
+        picture.save(buffer, format="PNG", optimize=True)
+        name = thumbnail_name(shard, index, "png")
+    atomic_write_bytes(out_dir / name, buffer.getvalue())
+    return name
 
+
+def contact_sheets(sheets: dict[str, list[SheetEntry]], decode: DecodeConfig, out_dir: Path) -> dict[str, list[SheetCard]]:
+    """Read every sheet's samples back (once each) and write their thumbnails into ``out_dir``."""
+    everything = [entry for entries in sheets.values() for entry in entries]
+    if not everything:
+        return {}
+    shown = _read_back(everything, decode)
+    thumbnails: dict[tuple[str, int], str | None] = {}
+    cards: dict[str, list[SheetCard]] = {}
+    for name, entries in sheets.items():
+        cards[name] = []
+        for entry in entries:
+            identity = (entry.shard, entry.index)
+            sample = shown[identity]
+            if identity not in thumbnails:
+                thumbnails[identity] = None if sample.image is None else _write_thumbnail(
+                    sample.image, out_dir, entry.shard, entry.index)
+            label = sample.label if sample.label is not None else entry.label
+            cards[name].append(SheetCard(entry.shard, entry.key, entry.mimic_score, entry.kept, entry.reason,
+                                         sample.caption, label, thumbnails[identity], sample.error))
+    return cards

@@ -1,21 +1,22 @@
-"""The report's numbers, in DuckDB: which samples are kept (default rule or a filter manifest),
-per-shard quality, statuses with example errors, hash-sampled rows for plots, the extreme samples."""
+"""The report's counts, in DuckDB over every row: which samples are kept and why not (default rule
+or a filter manifest), the funnel, per-shard quality with error counts, statuses with example
+errors, and the drop reasons with examples."""
 
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
-
-import numpy as np
 
 from mimicfilter.curate.duck import sql_string
 from mimicfilter.curate.votes import AggregateConfig, aggregate
 from mimicfilter.errors import MimicfilterError
 
 ERROR_EXAMPLES = 3
-
+KEPT_REASON = "kept"
+NOT_IN_MANIFEST = "not in the manifest"
+STATUS_PREFIX = "status:"
 
 
 @dataclass(frozen=True)
@@ -24,6 +25,7 @@ class ShardQuality:
     samples: int
     ok: int
     kept: int
+    errors: dict[str, int] = field(default_factory=dict)  # status → samples, for every status but ok
 
     @property
     def quality(self) -> float | None:
@@ -31,20 +33,33 @@ class ShardQuality:
 
 
 @dataclass(frozen=True)
-class SheetEntry:
-    shard: str
-    key: str
-    mimic_score: float
-    label: int | None
-    kept: bool
+class Funnel:
+    samples: int
+    usable: int
+    kept: int
+
+
+@dataclass(frozen=True)
+class DropReason:
+    reason: str  # "status:decode_error", "not keep-votes", "dropped by bottom-frac mimic_score=0.2", ...
+    kind: str  # "status" (the sample could not be scored) or "rule" (scored, then not kept)
+    count: int
+    examples: list[dict[str, Any]]  # status: {error, count, first}; rule: {shard, key, mimic_score}
 
 
 def decisions(connection, aggregation_config: AggregateConfig, filter_manifest: Path | None) -> dict[str, Any]:
-    """Table ``samples`` with a ``kept`` column; returns the rule that decided it."""
+    """Table ``samples`` with ``kept`` and ``reason`` columns; returns the rule that decided them.
+
+    Reasons read like ``filter``'s manifest: ``kept``, ``status:<status>``, ``not keep-votes``, or,
+    with a manifest, its own ``reason`` column (``not in the manifest`` for samples it does not name).
+    """
     aggregation = aggregate(connection, aggregation_config)
     if filter_manifest is None:
-        connection.execute("ALTER TABLE samples ADD COLUMN kept BOOLEAN")
-        connection.execute("UPDATE samples SET kept = (status = 'ok' AND vote_keep)")
+        connection.execute(
+            "CREATE OR REPLACE TABLE samples AS SELECT *, (status = 'ok' AND vote_keep) AS kept, "
+            f"CASE WHEN status <> 'ok' THEN {sql_string(STATUS_PREFIX)} || status "
+            f"WHEN vote_keep THEN {sql_string(KEPT_REASON)} ELSE 'not keep-votes' END AS reason FROM samples"
+        )
         name = f"keep-votes ({aggregation['binarize']} per epoch, {aggregation['combine_votes']} over epochs)"
         return {"name": name, "aggregation": aggregation, "thresholds": aggregation["thresholds"]}
     manifest = str(filter_manifest)
@@ -54,44 +69,72 @@ def decisions(connection, aggregation_config: AggregateConfig, filter_manifest: 
         raise MimicfilterError(f"cannot read --filter-manifest {manifest}: {' '.join(str(error).split())[:200]}") from error
     if not {"shard", "key", "kept"} <= columns:
         raise MimicfilterError(f"--filter-manifest {manifest} is not a filter manifest (needs shard, key, kept)")
+    stated = "m.reason" if "reason" in columns else f"CASE WHEN m.kept THEN {sql_string(KEPT_REASON)} ELSE 'dropped' END"
+    # a sample is (shard, index); manifests written before the index column existed join on the key
+    identity = ("index",) if "index" in columns else ("key",)
+    condition = " AND ".join(f's."{name}" = m."{name}"' for name in ("shard", *identity))
     connection.execute(
         f"CREATE OR REPLACE TABLE samples AS SELECT s.*, coalesce(m.kept, false) AND s.status = 'ok' AS kept, "
-        f"m.kept IS NOT NULL AS in_manifest FROM samples s LEFT JOIN read_parquet({sql_string(manifest)}) m "
-        f"USING (shard, key)"
+        f"m.kept IS NOT NULL AS in_manifest, "
+        f"CASE WHEN s.status <> 'ok' THEN {sql_string(STATUS_PREFIX)} || s.status "
+        f"WHEN m.kept IS NULL THEN {sql_string(NOT_IN_MANIFEST)} ELSE {stated} END AS reason "
+        f"FROM samples s LEFT JOIN (SELECT shard, \"{identity[0]}\", kept{', reason' if 'reason' in columns else ''} "
+        f"FROM read_parquet({sql_string(manifest)})) m ON {condition}"
     )
     matched = connection.execute("SELECT count(*) FILTER (WHERE in_manifest) FROM samples").fetchone()[0]
     if matched == 0:
         raise MimicfilterError(f"--filter-manifest {manifest} names none of this run's samples",
                                hint="pass the manifest of a filter over this run")
+    return {"name": _manifest_rule_name(manifest), "aggregation": aggregation, "thresholds": aggregation["thresholds"]}
+
+
+def _manifest_rule_name(manifest: str) -> str:
+    """The rule in full, from the ``summary.json`` that ``filter`` wrote next to the manifest."""
     summary_file = Path(manifest).with_name("summary.json")
-    name = f"manifest {manifest}"
-    if summary_file.is_file():
-        filter_summary = json.loads(summary_file.read_text())
-        rules, votes = filter_summary.get("rules", {}), filter_summary.get("aggregation", {})
-        keep = [
-            f"{rule} ({votes['binarize']} per epoch, {votes['combine_votes']} over epochs)"
-            if rule == "keep-votes" and {"binarize", "combine_votes"} <= set(votes) else rule
-            for rule in rules.get("keep", [])
-        ]
-        joined = f" {rules.get('combine', 'and').upper()} ".join(keep)
-        drops = "".join(f" minus {drop}" for drop in rules.get("drop", []))
-        name = f"{joined}{drops} (from {manifest})"
-    return {"name": name, "aggregation": aggregation, "thresholds": aggregation["thresholds"]}
+    if not summary_file.is_file():
+        return f"manifest {manifest}"
+    filter_summary = json.loads(summary_file.read_text())
+    rules, votes = filter_summary.get("rules", {}), filter_summary.get("aggregation", {})
+    keep = [
+        f"{rule} ({votes['binarize']} per epoch, {votes['combine_votes']} over epochs)"
+        if rule == "keep-votes" and {"binarize", "combine_votes"} <= set(votes) else rule
+        for rule in rules.get("keep", [])
+    ]
+    joined = f" {rules.get('combine', 'and').upper()} ".join(keep)
+    drops = "".join(f" minus {drop}" for drop in rules.get("drop", []))
+    return f"{joined}{drops} (from {manifest})"
+
+
+def funnel(connection) -> Funnel:
+    samples, usable, kept = connection.execute(
+        "SELECT count(*), count(*) FILTER (WHERE status = 'ok'), count(*) FILTER (WHERE kept) FROM samples"
+    ).fetchone()
+    return Funnel(samples, usable, kept)
+
+
+def _shard_order(shard: ShardQuality) -> tuple:
+    """Shards without a usable sample first (nothing in them can be judged), then worst quality."""
+    return (shard.quality is not None, shard.quality if shard.quality is not None else 0.0, shard.shard)
 
 
 def shard_quality(connection) -> list[ShardQuality]:
-    """Per shard: samples, usable samples and kept samples; worst quality first (empty shards last)."""
+    """Per shard: samples, usable and kept samples, non-ok statuses; unusable shards first, then worst first."""
+    errors: dict[str, dict[str, int]] = {}
+    for shard, status, count in connection.execute(
+        "SELECT shard, status, count(*) FROM samples WHERE status <> 'ok' GROUP BY shard, status ORDER BY shard, 3 DESC, status"
+    ).fetchall():
+        errors.setdefault(shard, {})[status] = count
     rows = connection.execute(
         "SELECT shard, count(*), count(*) FILTER (WHERE status = 'ok'), count(*) FILTER (WHERE kept) "
         "FROM samples GROUP BY shard"
     ).fetchall()
-    shards = [ShardQuality(shard, samples, ok, kept) for shard, samples, ok, kept in rows]
-    return sorted(shards, key=lambda s: (s.quality is None, s.quality if s.quality is not None else 0, s.shard))
+    shards = [ShardQuality(shard, samples, ok, kept, errors.get(shard, {})) for shard, samples, ok, kept in rows]
+    return sorted(shards, key=_shard_order)
 
 
 def status_counts(connection) -> dict[str, dict[str, Any]]:
     """Per status (of each sample's last epoch): the count and a few distinct example errors."""
-    counts = dict(connection.execute("SELECT status, count(*) FROM samples GROUP BY status ORDER BY 2 DESC").fetchall())
+    counts = dict(connection.execute("SELECT status, count(*) FROM samples GROUP BY status ORDER BY 2 DESC, 1").fetchall())
     result = {}
     for status, count in counts.items():
         examples = connection.execute(
@@ -106,62 +149,24 @@ def status_counts(connection) -> dict[str, dict[str, Any]]:
     return result
 
 
-def _hash_filter(total: int, wanted: int, key_sql: str) -> str:
-    """A deterministic ~wanted/total sample by hash of the sample's identity (stable across epochs)."""
-    if total <= wanted:
-        return "true"
-    fraction_ppm = max(1, int(1_000_000 * wanted / total))
-    return f"(hash({key_sql}) % 1000000) < {fraction_ppm}"
-
-
-@dataclass(frozen=True)
-class _Sampled:
-    data: dict[str, np.ndarray]
-    total: int  # rows before sampling
-
-
-def _hashed_sample(connection, table: str, condition: str, columns: str, wanted: int) -> _Sampled:
-    """``columns`` of ``table`` rows meeting ``condition``, hash-sampled down to about ``wanted``."""
-    total = connection.execute(f"SELECT count(*) FROM {table} WHERE {condition}").fetchone()[0]
-    where = _hash_filter(total, wanted, "shard || chr(0) || key")
-    data = connection.execute(f"SELECT {columns} FROM {table} WHERE {condition} AND {where}").fetchnumpy()
-    return _Sampled(data, total)
-
-
-def sample_rows(connection, wanted: int) -> dict[str, Any]:
-    """Per-epoch score rows (ok only) for the histograms, hash-sampled when there are many."""
-    sampled = _hashed_sample(connection, "scores", "status = 'ok' AND mimic_score IS NOT NULL",
-                             "epoch, mimic_score, mimic_weight", wanted)
-    data = sampled.data
-    return {"epoch": np.asarray(data["epoch"]), "mimic_score": np.asarray(data["mimic_score"], dtype=float),
-            "mimic_weight": np.asarray(data["mimic_weight"], dtype=float), "rows_used": len(data["epoch"]),
-            "rows_total": sampled.total}
-
-
-def sample_samples(connection, wanted: int) -> dict[str, Any]:
-    """Per-sample means (ok only) with the keep decision, for the score-vs-CLIP plot."""
-    sampled = _hashed_sample(connection, "samples", "status = 'ok'", "mimic_score, clip_score, kept", wanted)
-    data, total = sampled.data, sampled.total
-    clip = data["clip_score"]
-    clip = None if clip is None or len(clip) == 0 or np.all(_is_null(clip)) else np.asarray(clip, dtype=float)
-    return {"mimic_score": np.asarray(data["mimic_score"], dtype=float), "clip_score": clip,
-            "kept": np.asarray(data["kept"], dtype=bool), "rows_used": len(data["kept"]), "rows_total": total}
-
-
-def _is_null(values) -> np.ndarray:
-    mask = getattr(values, "mask", None)
-    if mask is not None:
-        return np.asarray(np.broadcast_to(mask, values.shape))
-    return np.array([value is None for value in values])
-
-
-def extreme_samples(connection, order: str, count: int) -> list[SheetEntry]:
-    if not count:
-        return []
-    rows = connection.execute(
-        f"SELECT shard, key, mimic_score, label, kept FROM samples WHERE status = 'ok' AND mimic_score IS NOT NULL "
-        f"ORDER BY mimic_score {order}, shard, key LIMIT ?",
-        [count],
-    ).fetchall()
-    return [SheetEntry(shard, key, float(score), label, bool(kept)) for shard, key, score, label, kept in rows]
-
+def drop_reasons(connection, statuses: dict[str, dict[str, Any]]) -> list[DropReason]:
+    """Every reason a sample was not kept, most common first: status errors with their example
+    errors, rule reasons with a few samples (a deterministic hash pick, not the extremes)."""
+    found = []
+    for reason, count in connection.execute(
+        "SELECT reason, count(*) FROM samples WHERE NOT kept GROUP BY reason ORDER BY 2 DESC, 1"
+    ).fetchall():
+        if reason.startswith(STATUS_PREFIX):
+            status = reason[len(STATUS_PREFIX):]
+            found.append(DropReason(reason, "status", count, statuses.get(status, {}).get("examples", [])))
+            continue
+        examples = connection.execute(
+            "SELECT shard, key, mimic_score FROM samples WHERE NOT kept AND reason = ? "
+            "ORDER BY hash(shard || chr(0) || \"index\"::VARCHAR), shard, \"index\" LIMIT ?",
+            [reason, ERROR_EXAMPLES],
+        ).fetchall()
+        found.append(DropReason(reason, "rule", count, [
+            {"shard": shard, "key": key, "mimic_score": None if score is None else float(score)}
+            for shard, key, score in examples
+        ]))
+    return found

@@ -1,8 +1,15 @@
 """Raw sample -> model inputs (:class:`DecodedSample`), with a status instead of exceptions.
 
 Statuses, first failing rule wins: a non-"ok" raw status passes through; then "missing_image",
-"too_large", "decode_error" (image); then "missing_text" / "missing_label" / "decode_error"
-(caption or label); then "decode_error" if preprocess or tokenize fails; else "ok".
+"too_large" (the size guards of :mod:`mimicfilter.shards.images`), "decode_error" (image); then
+"missing_text" / "missing_label" / "decode_error" (caption or label); else "ok".
+
+The image leaves here as ``uint8 [3, H, W]`` at the model's size (normalised later, on the scoring
+device), decoded by ``config.decoder``: ``fast`` (libjpeg-turbo + uint8 resize for plain JPEGs,
+:mod:`mimicfilter.shards.fast`), ``pil`` (PIL for everything, open_clip's exact pixels) or ``gpu``
+(plain JPEGs are checked here and sent encoded, for nvJPEG on the scoring device). PIL decodes
+every other file, and decides the status of any file the fast routes reject. Captions are
+tokenised later, a chunk of samples at a time (:mod:`mimicfilter.pipeline.stages`).
 """
 
 from __future__ import annotations
@@ -11,7 +18,6 @@ import io
 import json
 import re
 import warnings
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -19,15 +25,12 @@ from PIL import Image, UnidentifiedImageError
 
 from mimicfilter.defaults import TASKS
 from mimicfilter.errors import MimicfilterError, one_line
+from mimicfilter.shards.images import DEFAULT_MAX_ASPECT_RATIO, ImageGeometry, TooLarge
 from mimicfilter.shards.records import DecodedSample, RawSample
 
 _INTEGER = re.compile(r"[+-]?[0-9]+")
 _JSON_PREFIX = "json:"
-
-# Both return torch tensors; torch itself is imported only where a tensor is checked, so `report`
-# (which decodes images for its contact sheets) does not load it.
-Preprocess = Callable[[Image.Image], Any]
-Tokenize = Callable[[str], Any]
+DECODERS = ("fast", "pil", "gpu")
 
 
 @dataclass(frozen=True)
@@ -36,8 +39,10 @@ class DecodeConfig:
     image_keys: tuple[str, ...] = ("jpg", "jpeg", "png", "webp")
     text_key: str = "txt"  # or "json:FIELD" to read the caption from the sample's .json
     label_key: str = "cls"
-    max_image_pixels: int = 89_478_485  # decompression-bomb guard (Pillow's default limit)
+    max_image_pixels: int = 89_478_485  # decompression-bomb guard (Pillow's default limit), also after resizing
     num_classes: int | None = None  # classify: labels must lie in [0, num_classes) when given
+    decoder: str = "fast"  # "fast", "pil" or "gpu" (see the module docstring)
+    max_aspect_ratio: float = DEFAULT_MAX_ASPECT_RATIO  # longer side / shorter side, else too_large
 
     def __post_init__(self) -> None:
         if self.task not in TASKS:
@@ -58,6 +63,10 @@ class DecodeConfig:
             raise MimicfilterError(
                 f"max image pixels must be a positive integer, got {self.max_image_pixels!r}", hint="the default is 89478485"
             )
+        if self.decoder not in DECODERS:
+            raise MimicfilterError(f"--decoder {self.decoder}: unknown decoder", hint=f"one of {', '.join(DECODERS)}")
+        if not self.max_aspect_ratio >= 1:
+            raise MimicfilterError(f"max aspect ratio must be at least 1, got {self.max_aspect_ratio!r}")
 
     @property
     def json_field(self) -> str | None:
@@ -70,31 +79,41 @@ class DecodeConfig:
 class _Reject(Exception):
     """Internal: a sample-level failure carrying its status; never escapes decode_sample."""
 
-    def __init__(self, status: str, error: str):
+    def __init__(self, status: str, error: str, size: tuple[int, int] | None = None):
         super().__init__(error)
         self.status = status
         self.error = one_line(error)
+        self.size = size  # the image's (width, height) when its header was read
 
 
-def decode_sample(raw: RawSample, config: DecodeConfig, preprocess: Preprocess, tokenize: Tokenize | None) -> DecodedSample:
+@dataclass(frozen=True)
+class _Loaded:
+    image: Any  # uint8 tensor, JPEG bytes (GPU decoder), or an RGB PIL image (display)
+    size: tuple[int, int]  # the original (width, height)
+
+
+def decode_sample(raw: RawSample, config: DecodeConfig, geometry: ImageGeometry) -> DecodedSample:
     """Decode one raw sample into model inputs; every outcome is a row, never an exception."""
     meta, meta_error = _parse_json(raw.files.get("json"))
     sample = DecodedSample(raw.shard, raw.key, raw.index, uid=_uid(meta), status=raw.status, error=raw.error)
     if not sample.ok:
         return sample
-    if config.task == "contrastive" and tokenize is None:
-        raise MimicfilterError("contrastive decoding needs a tokenizer", hint="pass the model's tokenizer")
     try:
-        image = _load_image(raw.files, config)
+        loaded = _load_image(raw.files, config, geometry)
+        sample.image_width, sample.image_height = loaded.size
         if config.task == "contrastive":
             sample.caption = _caption(raw.files, meta, meta_error, config)
         else:
             sample.label = _label(raw.files, config)
-        sample.image = _apply("preprocess", preprocess, image)
-        if tokenize is not None and sample.caption is not None:
-            sample.text = _apply("tokenize", tokenize, sample.caption)
     except _Reject as reject:
-        sample.status, sample.error, sample.image, sample.text = reject.status, reject.error, None, None
+        sample.status, sample.error = reject.status, reject.error
+        if reject.size is not None:  # a too-large image still tells its size
+            sample.image_width, sample.image_height = reject.size
+        return sample
+    if isinstance(loaded.image, bytes):
+        sample.encoded = loaded.image
+    else:
+        sample.image = loaded.image
     return sample
 
 
@@ -123,7 +142,7 @@ def decode_for_display(raw: RawSample, config: DecodeConfig) -> DisplaySample:
     except _Reject:
         pass  # the image may still be worth showing
     try:
-        image = _load_image(files, config)
+        image = _load_image(files, config, None).image
     except _Reject as reject:
         return DisplaySample(None, caption, label, reject.error)
     return DisplaySample(image, caption, label, None)
@@ -147,32 +166,73 @@ def _uid(meta: dict | None) -> str | None:
     return None if uid is None else str(uid)
 
 
-def _load_image(files: dict[str, bytes], config: DecodeConfig) -> Image.Image:
+def _image_ext(files: dict[str, bytes], config: DecodeConfig) -> str:
     ext = next((key.lower() for key in config.image_keys if key.lower() in files), None)
     if ext is None:
         raise _Reject("missing_image", f"no image file (looked for {', '.join(config.image_keys)})")
+    return ext
+
+
+def _load_image(files: dict[str, bytes], config: DecodeConfig, geometry: ImageGeometry | None) -> _Loaded:
+    """The image at the model's size (uint8 tensor), its JPEG bytes for the GPU decoder, or — without
+    a geometry (display) — the RGB PIL image, with its original size. Sizes are checked from the
+    header before decoding."""
+    ext = _image_ext(files, config)
+    data = files[ext]
+    if geometry is not None and config.decoder != "pil" and (header := _fast_module().jpeg_header(data)):
+        # a plain 8-bit grey or RGB JPEG: sizes from its frame header, decoded without PIL
+        width, height, components = header
+        if components in (1, 3):
+            try:
+                geometry.check_size(width, height, config.max_image_pixels, config.max_aspect_ratio)
+            except TooLarge as exc:
+                raise _Reject("too_large", f"image {ext}: {exc}", (width, height)) from None
+            if config.decoder == "gpu" and _fast_module().looks_complete(data):
+                return _Loaded(data, (width, height))
+            if config.decoder == "fast" and (pixels := _fast_module().decode_jpeg_fast(data, geometry)) is not None:
+                return _Loaded(pixels, (width, height))
     with warnings.catch_warnings():
         # Bomb warnings become errors here only. If the configured limit is above Pillow's own,
         # Pillow's warning is ignored and our explicit pixel check below decides instead.
         action = "error" if config.max_image_pixels <= (Image.MAX_IMAGE_PIXELS or 0) else "ignore"
         warnings.simplefilter(action, Image.DecompressionBombWarning)
+        width = height = None
         try:
-            with Image.open(io.BytesIO(files[ext])) as opened:
+            with Image.open(io.BytesIO(data)) as opened:
                 width, height = opened.size  # from the header: checked before any pixel is decoded
-                if width * height > config.max_image_pixels:
-                    raise _Reject(
-                        "too_large", f"image {ext} is {width}x{height} pixels, over the {config.max_image_pixels}-pixel limit"
-                    )
+                if geometry is None:
+                    if width * height > config.max_image_pixels:
+                        raise TooLarge(f"image is {width}x{height} pixels, over the {config.max_image_pixels}-pixel limit")
+                else:
+                    geometry.check_size(width, height, config.max_image_pixels, config.max_aspect_ratio)
                 opened.load()  # force a full decode so truncated/corrupt data fails here, not later
-                return _to_rgb(opened)
+                rgb = _to_rgb(opened)
+                return _Loaded(rgb if geometry is None else geometry.apply_pil(rgb), (width, height))
+        except TooLarge as exc:
+            raise _Reject("too_large", f"image {ext}: {exc}", None if width is None else (width, height)) from None
         except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
             raise _Reject("too_large", f"image {ext} rejected as a decompression bomb: {exc}") from None
         except UnidentifiedImageError:
             raise _Reject("decode_error", f"cannot decode image {ext}: not a recognised image format") from None
-        except _Reject:
-            raise
         except Exception as exc:  # Pillow plugins raise many unrelated types (OSError, SyntaxError, struct.error...) on bad data
             raise _Reject("decode_error", f"cannot decode image {ext}: {type(exc).__name__}: {exc}") from None
+
+
+def _fast_module():
+    from mimicfilter.shards import fast  # torch and torchvision load only where images are scored
+
+    return fast
+
+
+def decode_with_pil(data: bytes, config: DecodeConfig, geometry: ImageGeometry) -> tuple[Any, str | None]:
+    """(uint8 pixels, None) or (None, error) for one image through PIL alone: the fallback of the
+    GPU decoder for a file nvJPEG rejects."""
+    try:
+        return _load_image({"jpg": data}, DecodeConfig(config.task, ("jpg",), max_image_pixels=config.max_image_pixels,
+                                                       decoder="pil", max_aspect_ratio=config.max_aspect_ratio),
+                           geometry).image, None
+    except _Reject as reject:
+        return None, reject.error
 
 
 def _to_rgb(image: Image.Image) -> Image.Image:
@@ -223,15 +283,3 @@ def _label(files: dict[str, bytes], config: DecodeConfig) -> int:
     if config.num_classes is not None and not 0 <= label < config.num_classes:
         raise _Reject("decode_error", f"label {label} is outside the head's {config.num_classes} classes")
     return label
-
-
-def _apply(name: str, func: Callable, value: object) -> Any:
-    import torch
-
-    try:
-        result = func(value)
-    except Exception as exc:  # user/model callables: any failure is this sample's problem, not the run's
-        raise _Reject("decode_error", f"{name} failed: {type(exc).__name__}: {exc}") from None
-    if not isinstance(result, torch.Tensor):
-        raise _Reject("decode_error", f"{name} returned {type(result).__name__}, expected a tensor")
-    return result

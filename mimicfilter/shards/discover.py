@@ -1,6 +1,9 @@
-"""Shard discovery: user specs (files, directories, braces, globs, @lists, ``-``, URLs) -> shard URLs.
+"""Shard discovery: user specs (files, directories, braces, globs, @lists, ``-``, URLs) -> shard URLs,
+and where recorded shards are found again once the data has moved (``--shard-root``).
 
 Nothing is read here; a spec that names local shards that do not exist fails before any scoring starts.
+Local shards come out as absolute paths: they are recorded in run.json and in every score row, and
+``filter --write-shards`` or ``report`` may read them back from another working directory.
 """
 
 from __future__ import annotations
@@ -9,7 +12,7 @@ import glob
 import os
 import re
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import TextIO
 
 from braceexpand import UnbalancedBracesError, braceexpand
@@ -19,6 +22,9 @@ from mimicfilter.store.paths import is_url
 
 PIPE_REFUSED = "pipe: shard URLs run shell commands and are disabled"
 PIPE_HINT = "pass --allow-pipe if you trust the command"
+MOVED_HINT = "if the shards moved since they were scored, pass --shard-root OLD=NEW (or --shard-root NEW)"
+# Shards in a directory: plain and compressed tars (tarfile reads gzip, bz2 and xz transparently).
+SHARD_SUFFIXES = (".tar", ".tar.gz", ".tgz", ".tar.bz2", ".tar.xz")
 
 _GLOB_CHARS = re.compile(r"[*?\[]")
 
@@ -113,16 +119,18 @@ def _expand_single(spec: str) -> list[str]:
     if is_url(spec) or spec.startswith("pipe:"):
         return [spec]  # remote: existence is checked when the shard is read, not here (no network)
     if os.path.isfile(spec):
-        return [spec]
+        return [os.path.abspath(spec)]
     if os.path.isdir(spec):
         tars = sorted(
-            os.path.join(spec, name) for name in os.listdir(spec) if name.endswith(".tar") and os.path.isfile(os.path.join(spec, name))
+            os.path.abspath(os.path.join(spec, name)) for name in os.listdir(spec)
+            if name.lower().endswith(SHARD_SUFFIXES) and os.path.isfile(os.path.join(spec, name))
         )
         if not tars:
-            raise MimicfilterError(f"no .tar files in directory {spec}", hint="point at the folder that holds the shards")
+            raise MimicfilterError(f"no shards ({', '.join(SHARD_SUFFIXES)}) in directory {spec}",
+                                   hint="point at the folder that holds the shards")
         return tars
     if _GLOB_CHARS.search(spec):
-        matches = sorted(path for path in glob.glob(spec) if os.path.isfile(path))
+        matches = sorted(os.path.abspath(path) for path in glob.glob(spec) if os.path.isfile(path))
         if not matches:
             raise MimicfilterError(f"glob pattern matched no files: {spec}", hint="check the directory and pattern")
         return matches
@@ -131,3 +139,31 @@ def _expand_single(spec: str) -> list[str]:
     raise MimicfilterError(f"shard not found: {spec}", hint="check the path, or use s3://, gs://, https:// for remote shards")
 
 
+def shard_locator(roots: Sequence[str], recorded: Sequence[str]) -> Callable[[str], str]:
+    """Where to read each recorded shard now (``--shard-root``, repeatable).
+
+    ``OLD=NEW`` reads a shard recorded under the prefix OLD from NEW instead; a bare ``NEW``
+    replaces the deepest directory that all the recorded local shards share. Shards no rule
+    matches are read where they were recorded (relative paths, from tables written before shard
+    paths were recorded absolute, from the current directory).
+    """
+    rules: list[tuple[str, str]] = []
+    for root in roots:
+        old, separator, new = root.rpartition("=")
+        if not new.strip():
+            raise MimicfilterError(f"--shard-root {root!r}: no new location", hint="write --shard-root OLD=NEW or NEW")
+        if not separator:
+            local = [os.path.dirname(path) for path in recorded if path and not is_url(path) and not path.startswith("pipe:")]
+            if not local:
+                raise MimicfilterError(f"--shard-root {root}: the run records no local shard paths to move",
+                                       hint="write --shard-root OLD=NEW with the recorded prefix")
+            old = os.path.commonpath(local)
+        rules.append((old.rstrip("/") or "/", new if is_url(new) else os.path.abspath(new)))
+
+    def locate(shard: str) -> str:
+        for old, new in rules:
+            if shard == old or shard.startswith(old.rstrip("/") + "/"):
+                return new.rstrip("/") + shard[len(old.rstrip("/")):]
+        return shard
+
+    return locate

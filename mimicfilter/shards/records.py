@@ -42,6 +42,10 @@ class SampleInfo:
     status: str
     error: str | None
     label: int | None
+    # What people check first in a web-crawled pool (null when unknown, e.g. an unreadable image):
+    caption_chars: int | None = None  # characters of the caption, as scored (stripped)
+    image_width: int | None = None  # the original image's pixels, from its header
+    image_height: int | None = None
 
     @property
     def ok(self) -> bool:
@@ -50,7 +54,9 @@ class SampleInfo:
 
 @dataclass(slots=True)
 class DecodedSample:
-    """One sample after decoding: model inputs (``image``/``text`` tensors, ``label``) when ``status`` is ok."""
+    """One sample after decoding: model inputs when ``status`` is ok — the image (``uint8 [3, H, W]``
+    at the model's size, or ``encoded`` JPEG bytes for the GPU decoder), the caption or label, and
+    the caption's token ids once its chunk is tokenised."""
 
     shard: str
     key: str
@@ -59,9 +65,12 @@ class DecodedSample:
     status: str = "ok"
     error: str | None = None
     label: int | None = None
-    image: Any = None  # torch.Tensor [3, H, W]
+    image: Any = None  # torch.Tensor uint8 [3, H, W]
     text: Any = None  # torch.Tensor of token ids (image–text pools)
     caption: str | None = None
+    encoded: bytes | None = None  # a JPEG left for the GPU decoder (``image`` is None then)
+    image_width: int | None = None  # the original image's size, from its header
+    image_height: int | None = None
 
     @property
     def ok(self) -> bool:
@@ -69,4 +78,5 @@ class DecodedSample:
 
     @property
     def info(self) -> SampleInfo:
-        return SampleInfo(self.shard, self.key, self.index, self.uid, self.status, self.error, self.label)
+        return SampleInfo(self.shard, self.key, self.index, self.uid, self.status, self.error, self.label,
+                          None if self.caption is None else len(self.caption), self.image_width, self.image_height)

@@ -4,6 +4,10 @@ Local files are written under a temp name in the target's directory (``.NAME.XXX
 skip dot files) and renamed into place, so a crash leaves the old file or no file, never half of
 one. Remote (fsspec) paths are written with one upload, which object stores publish only once it
 is complete.
+
+Files get the mode a plain ``open(path, "w")`` would give them (0666 less the umask): the temp
+files ``mkstemp`` makes are private (0600), and a rename keeps that mode, which would hide every
+output from other accounts, training jobs and web servers.
 """
 
 from __future__ import annotations
@@ -19,11 +23,35 @@ from typing import Any
 from mimicfilter.store.paths import RunPath, is_remote
 
 
+def current_umask() -> int:
+    """The process umask. Read from /proc where there is one: ``os.umask`` can only read it by
+    setting it, which races with other threads creating files."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as status:
+            for line in status:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def file_mode() -> int:
+    """The mode ``open(path, "w")`` gives a new file: 0666 less the umask."""
+    return 0o666 & ~current_umask()
+
+
 def temp_path_beside(path: Path) -> Path:
-    """A new, empty temp file next to ``path`` (same filesystem, so a rename is atomic)."""
+    """A new, empty temp file next to ``path`` (same filesystem, so a rename is atomic), with the
+    mode a plain new file would have, so the renamed output is as readable as any other."""
     path.parent.mkdir(parents=True, exist_ok=True)
     descriptor, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(descriptor)
+    try:
+        os.fchmod(descriptor, file_mode())
+    finally:
+        os.close(descriptor)
     return Path(name)
 
 

@@ -15,12 +15,14 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import sys
 import time
 from typing import Any, Sequence
 
 from mimicfilter.errors import MimicfilterError
 from mimicfilter.store.atomic import atomic_write_bytes, atomic_write_json
+from mimicfilter.store.parts import part_paths
 from mimicfilter.store.paths import (
     CHECKPOINTS_DIR,
     RANKS_DIR,
@@ -168,6 +170,36 @@ def write_rank_stats(run_dir: RunPath, rank: int, world_size: int, stats: dict[s
 def finish_run_dir(run_dir: RunPath, stats: dict[str, Any]) -> None:
     atomic_write_json(run_dir / STATS_FILE, stats)
     atomic_write_bytes(run_dir / SUCCESS_FILE, b"")
+
+
+_TRAJECTORY_PART = re.compile(r"^epoch-(\d+)-chunk-\d+\.parquet$")
+
+
+def unfinished_run(run_dir: RunPath | str) -> str | None:
+    """Why a run directory is not finished (what it holds so far), or None when it has ``_SUCCESS``.
+
+    Readers (filter, report) warn with this, or refuse with ``--strict``: a run still being
+    written, or killed, gives a filter over part of the data (e.g. one epoch of three).
+    """
+    path = run_path(run_dir)
+    if (path / SUCCESS_FILE).exists() or not (path / RUN_FILE).exists():
+        return None
+    try:
+        info = json.loads((path / RUN_FILE).read_text())
+    except (OSError, json.JSONDecodeError):
+        info = {}
+    parts = [part.name for part in part_paths(path)]
+    train = info.get("train") or {}
+    if train.get("mode", "none") != "none":
+        epochs = sorted({int(match.group(1)) for name in parts if (match := _TRAJECTORY_PART.match(name))})
+        finished = [epoch for epoch in epochs if (path / CHECKPOINTS_DIR / f"epoch-{epoch:04d}.pt").exists()]
+        present = ", ".join(f"{epoch}{'' if epoch in finished else ' (partial)'}" for epoch in epochs) or "none"
+        held = f"epochs with scores: {present} of {train.get('epochs', '?')} (0-based)"
+    elif info.get("shards") and info.get("command") in ("score", "embed"):
+        held = f"{len(parts)} of {len(info['shards'])} shard parts"
+    else:
+        held = f"{len(parts)} parts"
+    return f"{run_dir} is unfinished (no {SUCCESS_FILE}; {held})"
 
 
 def read_run_info(run_dir: RunPath | str) -> dict[str, Any]:

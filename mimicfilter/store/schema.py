@@ -11,7 +11,9 @@ from typing import Any, Iterable
 import numpy as np
 import pyarrow as pa
 
-STATUSES = ("ok", "decode_error", "missing_image", "missing_text", "missing_label", "too_large", "shard_error")
+STATUSES = ("ok", "decode_error", "missing_image", "missing_text", "missing_label", "too_large", "shard_error",
+            "non_finite_score")
+NON_FINITE = "non_finite_score"  # a score column came out NaN or infinite (diverged proxy, NaN weights)
 
 SCORE_SCHEMA = pa.schema(
     [
@@ -29,9 +31,15 @@ SCORE_SCHEMA = pa.schema(
         pa.field("clip_score", pa.float32()),
         pa.field("ref_loss", pa.float32()),
         pa.field("label", pa.int32()),
+        # the pool's shape, per sample (repeated in every epoch; null when unknown): caption length in
+        # characters and the original image size; tables written before these existed read as null
+        pa.field("caption_chars", pa.int32()),
+        pa.field("image_width", pa.int32()),
+        pa.field("image_height", pa.int32()),
     ]
 )
 SCORE_COLUMNS = tuple(SCORE_SCHEMA.names)
+POOL_COLUMNS = ("caption_chars", "image_width", "image_height")
 SCORE_VALUE_COLUMNS = ("mimic_score", "mimic_weight", "loss", "clip_score", "ref_loss")
 
 # Optional columns, appended after SCORE_SCHEMA's only when a run asks for them: the default schema

@@ -1,0 +1,117 @@
+"""Issue 17, red-team item 11: `filter` and `report` killed (SIGKILL) again and again never leave
+outputs of two runs side by side. Each loop alternates two different commands on one output
+directory, kills 20 of them (half once their staging directory exists, i.e. while they write; half
+at a random moment), and checks after every kill that what a reader finds is one complete run."""
+
+import hashlib
+import json
+import os
+import random
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+from helpers import image_text_run
+
+KILLS = 20
+
+
+def filter_mixed(out: Path) -> str | None:
+    """Why the filter outputs in ``out`` are not one run's, or None."""
+    summary = json.loads((out / "summary.json").read_text())
+    run_id = summary["run_id"]
+    manifest = pq.read_table(out / "manifest.parquet")
+    index = json.loads((out / "shards" / "curated.wids.json").read_text())
+    problems = [
+        (out / "_SUCCESS").read_text().strip() != run_id and "_SUCCESS",
+        pq.read_schema(out / "manifest.parquet").metadata[b"mimicfilter_run_id"].decode() != run_id and "manifest",
+        sorted(os.listdir(out)) != summary["files"] and f"files {sorted(os.listdir(out))}",
+        sum(manifest.column("kept").to_pylist()) != summary["kept"] and "kept count",
+        sum(entry["nsamples"] for entry in index["shardlist"]) != summary["kept"] and "index",
+        sorted(os.listdir(out / "shards")) != sorted([entry["url"] for entry in index["shardlist"]]
+                                                      + ["curated.wids.json"]) and "shard files",
+        [entry["md5sum"] for entry in index["shardlist"]] != [s["md5sum"] for s in summary["curated_shards"]] and "md5",
+        any(hashlib.md5((out / "shards" / entry["url"]).read_bytes()).hexdigest() != entry["md5sum"]
+            for entry in index["shardlist"]) and "shard bytes",
+    ]
+    return ", ".join(problem for problem in problems if problem) or None
+
+
+def report_mixed(out: Path) -> str | None:
+    """Why the report in ``out`` is not one run's, or None."""
+    summary = json.loads((out / "report.json").read_text())
+    page = (out / "index.html").read_text()
+    quality = summary["quality_estimate"]
+    thumbnails = {card["thumbnail"] for cards in summary.get("sheets", {}).values() for card in cards if card["thumbnail"]}
+    expected = {"index.html", "report.json", "_SUCCESS", *summary["images"].values(), *({"thumbs"} if thumbnails else ())}
+    shown = {f"thumbs/{name}" for name in os.listdir(out / "thumbs")} if (out / "thumbs").is_dir() else set()
+    problems = [
+        (out / "_SUCCESS").read_text().strip() != summary["run_id"] and "_SUCCESS",
+        f"(report {summary['run_id']})" not in page and "index.html",
+        f"{100 * quality:.1f}%" not in page and "quality on the page",
+        set(os.listdir(out)) != expected and "files",
+        shown != thumbnails and "thumbnails",
+    ]
+    return ", ".join(problem for problem in problems if problem) or None
+
+
+def staging_exists(out: Path) -> bool:
+    return any(name.startswith(f".{out.name}.staging-") for name in os.listdir(out.parent))
+
+
+def kill_loop(commands: list[list[str]], out: Path, mixed, seed: int = 17) -> dict:
+    """Run ``commands`` alternately, killing most of them; returns counts, fails on any mixed state."""
+    rng = random.Random(seed)
+    started = time.monotonic()
+    subprocess.run(commands[0], check=True, capture_output=True, timeout=300)
+    full = time.monotonic() - started
+    assert mixed(out) is None
+    counts = {"killed_while_writing": 0, "killed_at_random": 0, "finished": 0, "mixed": []}
+    for number in range(KILLS):
+        process = subprocess.Popen(commands[number % 2 - 1], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        if number % 2:  # wait until it writes, then kill it a little later
+            deadline = time.monotonic() + 120
+            while not staging_exists(out) and process.poll() is None and time.monotonic() < deadline:
+                time.sleep(0.002)
+            time.sleep(rng.uniform(0, 0.15 * full))
+            kind = "killed_while_writing"
+        else:
+            time.sleep(rng.uniform(0.05, 0.6) * full)  # before the end even when a warm run is faster than the first
+            kind = "killed_at_random"
+        if process.poll() is None:
+            process.kill()
+            counts[kind] += 1
+        else:
+            counts["finished"] += 1
+        process.wait()
+        assert out.is_dir(), f"kill {number}: the outputs are gone"
+        if (problem := mixed(out)) is not None:
+            counts["mixed"].append(f"kill {number}: {problem}")
+    subprocess.run(commands[1], check=True, capture_output=True, timeout=300)  # cleans up after the killed ones
+    assert mixed(out) is None and not staging_exists(out)
+    return counts
+
+
+@pytest.mark.slow
+def test_filter_killed_20_times_never_mixes_two_runs(tmp_path):
+    run, _ = image_text_run(tmp_path, shards=4, per_shard=60)
+    out = tmp_path / "curated"
+    base = [sys.executable, "-m", "mimicfilter", "filter", str(run), "--out", str(out), "--write-shards",
+            str(out / "shards"), "--maxcount", "25"]
+    counts = kill_loop([base + ["--top-frac", "mimic_score=0.3"], base + ["--top-frac", "mimic_score=0.7"]], out,
+                       filter_mixed)
+    assert counts["mixed"] == []
+    assert counts["killed_while_writing"] + counts["killed_at_random"] >= KILLS * 3 // 4, counts
+
+
+@pytest.mark.slow
+def test_report_killed_20_times_never_mixes_two_runs(tmp_path):
+    run, _ = image_text_run(tmp_path, shards=2, per_shard=40)
+    out = tmp_path / "report"
+    base = [sys.executable, "-m", "mimicfilter", "report", str(run), "--out", str(out), "--sheet-size", "6"]
+    counts = kill_loop([base + ["--binarize", "sign"], base + ["--binarize", "gmm"]], out, report_mixed)
+    assert counts["mixed"] == []
+    assert counts["killed_while_writing"] + counts["killed_at_random"] >= KILLS * 3 // 4, counts
