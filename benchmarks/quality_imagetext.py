@@ -197,20 +197,21 @@ def preprocess_images(images: np.ndarray, preprocess):
 
 
 def train_clip(images, tokens, steps: int, batch_size: int, seed: int, lr: float = 2e-3, log_every: int = 0,
-               make_loss=None, after_step=None, init_seed: int | None = None):
+               make_loss=None, after_step=None, init_seed: int | None = None, config: dict | None = None):
     """The small CLIP from scratch: AdamW, cosine schedule with warm-up, the demo's light augmentation.
 
     ``make_loss(model)`` may return the batch loss as a function of (image features, text features,
     logit scale) instead of open_clip's ClipLoss (benchmarks/stage1.py: Grad-Mimic re-weighting);
     ``after_step(step, model, seconds, index)`` runs after every optimizer step with that step's wall time
     and the batch's sample indices. ``init_seed`` seeds the initial weights apart from the data order.
+    ``config`` replaces the model config (default CONFIG).
     """
     import open_clip
     import torch
     from make_demo_data import augment, build_model
 
     torch.manual_seed(seed if init_seed is None else init_seed)
-    model, _, _ = build_model(CONFIG)
+    model, _, _ = build_model(config or CONFIG)
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.1)
     schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=lr, total_steps=steps, pct_start=0.1,
                                                    anneal_strategy="cos")

@@ -59,7 +59,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--parts", default="labelled,imagetext", help="which parts to run [labelled,imagetext]")
     parser.add_argument("--out", type=Path, default=None, help="output directory [bench-runs/stage1, quick: stage1-quick]")
     parser.add_argument("--noise", type=float, default=0.4, help="corrupted fraction of both pools [0.4]")
-    parser.add_argument("--threads", type=int, default=0, help="torch threads (0: the cores the load average leaves, >= 1)")
+    parser.add_argument("--threads", type=int, default=0, help="torch threads per process (0: the cores the load "
+                        "average leaves, >= 1; 1 with --jobs 2)")
+    parser.add_argument("--jobs", type=int, default=min(2, os.cpu_count() or 1),
+                        help="run the parts in this many processes at once [2 when there are 2 cores]")
     parser.add_argument("--timing-pairs", type=int, default=None, help="A/B step pairs per overhead measurement [40; quick 15]")
     parser.add_argument("--docs-images", action="store_true", help="also copy the curves to docs/images/")
     group = parser.add_argument_group("labelled part")
@@ -69,9 +72,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     group.add_argument("--labelled-pool-size", type=int, default=20000)
     group.add_argument("--labelled-ref-steps", type=int, default=None, help="reference fine-tuning steps [1500; quick 600]")
     group = parser.add_argument_group("image-text part")
-    group.add_argument("--imagetext-steps", type=int, default=None, help="CLIP training steps on the pool [250; quick 100]")
-    group.add_argument("--imagetext-eval-every", type=int, default=None, help="[25; quick 20]")
-    group.add_argument("--imagetext-ref-steps", type=int, default=None, help="reference training steps [700; quick 250]")
+    group.add_argument("--imagetext-steps", type=int, default=None, help="CLIP training steps on the pool [300; quick 150]")
+    group.add_argument("--imagetext-eval-every", type=int, default=25)
+    group.add_argument("--imagetext-ref-steps", type=int, default=None, help="reference training steps [600; quick 300]")
     group.add_argument("--imagetext-seed-offset", type=int, default=100, help="training seed = --seed + offset + i")
     group.add_argument("--heldout", type=int, default=500)
     group.add_argument("--ref-size", type=int, default=1500)
@@ -83,14 +86,15 @@ def parse_args(argv=None) -> argparse.Namespace:
     args.labelled_steps = args.labelled_steps or (600 if quick else 1500)
     args.labelled_eval_every = args.labelled_eval_every or (50 if quick else 100)
     args.labelled_ref_steps = args.labelled_ref_steps or (600 if quick else 1500)
-    args.imagetext_steps = args.imagetext_steps or (100 if quick else 250)
-    args.imagetext_eval_every = args.imagetext_eval_every or (20 if quick else 25)
-    args.imagetext_ref_steps = args.imagetext_ref_steps or (250 if quick else 700)
+    args.imagetext_steps = args.imagetext_steps or (150 if quick else 300)
+    args.imagetext_ref_steps = args.imagetext_ref_steps or (300 if quick else 600)
     args.parts = [part.strip() for part in args.parts.split(",") if part.strip()]
     if set(args.parts) - {"labelled", "imagetext"} or not args.parts:
         parser.error("--parts: labelled and/or imagetext")
     if args.seeds < 1:
         parser.error("--seeds must be at least 1")
+    if args.threads <= 0 and args.jobs > 1:
+        args.threads = 1
     if args.threads <= 0:
         cores = os.cpu_count() or 1
         args.threads = max(1, min(cores, cores - int(round(os.getloadavg()[0]))))
@@ -241,6 +245,24 @@ def load_results(path: Path) -> tuple[argparse.Namespace, dict, dict, list[str]]
     return args, results, blob["timings"], blob.get("argv", ["python", "benchmarks/stage1.py", "(arguments not recorded)"])
 
 
+def run_part(part: str, args: argparse.Namespace, started: float) -> tuple[dict, float, float]:
+    """One part's results, wall seconds and CPU seconds (this process's)."""
+    import logging
+
+    import torch
+
+    logging.getLogger().setLevel(logging.ERROR)  # open_clip's "no pretrained weights": intended
+    torch.set_num_threads(args.threads)
+
+    def log(message: str) -> None:
+        print(f"[{time.time() - started:6.0f} s] {part}: {message}", flush=True)
+
+    module = __import__(f"stage1_{part}")
+    wall, cpu = time.time(), time.process_time()
+    result = module.run(args, log)
+    return result, time.time() - wall, time.process_time() - cpu
+
+
 def main(argv=None) -> None:
     raw_argv = list(sys.argv[1:] if argv is None else argv)
     if raw_argv[:1] == ["--from-results"]:  # redraw the tables and curves of a finished run
@@ -270,12 +292,20 @@ def main(argv=None) -> None:
 
     log(f"output {args.out}; {args.threads} torch thread(s); load average {os.getloadavg()[0]:.1f}")
     results, timings = {}, {}
-    for part in args.parts:
-        module = __import__(f"stage1_{part}")
-        t, cpu = time.time(), time.process_time()
-        results[part] = module.run(args, log)
-        timings[f"{part}_s"], timings[f"{part}_cpu_s"] = time.time() - t, time.process_time() - cpu
-    timings["total_s"], timings["total_cpu_s"] = time.time() - started, time.process_time()
+    if args.jobs > 1 and len(args.parts) > 1:  # one process per part, each with its own torch threads
+        import multiprocessing
+        from concurrent.futures import ProcessPoolExecutor
+
+        with ProcessPoolExecutor(len(args.parts), mp_context=multiprocessing.get_context("spawn")) as pool:
+            futures = {part: pool.submit(run_part, part, args, started) for part in args.parts}
+            done = {part: future.result() for part, future in futures.items()}
+    else:
+        done = {part: run_part(part, args, started) for part in args.parts}
+    for part, (result, seconds, cpu_seconds) in done.items():
+        results[part], timings[f"{part}_s"], timings[f"{part}_cpu_s"] = result, seconds, cpu_seconds
+    timings["total_s"] = time.time() - started
+    timings["total_cpu_s"] = (time.process_time() if args.jobs <= 1 or len(args.parts) == 1
+                              else time.process_time() + sum(timings[f"{part}_cpu_s"] for part in args.parts))
     command = ["python", "benchmarks/stage1.py", *raw_argv]
     text, images = report(args, results, timings, command)
     print("\n" + text)
