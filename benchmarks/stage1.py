@@ -179,6 +179,10 @@ def plot_curves(path: Path, title: str, panels: list[tuple[str, dict, str, str]]
     figure.tight_layout()
     figure.savefig(path, dpi=80)
     plt.close(figure)
+    from PIL import Image
+
+    with Image.open(path) as image:  # a 64-colour palette: a third of the bytes, for docs/images/
+        image.convert("RGB").quantize(64).save(path, optimize=True)
 
 
 # ------------------------------------------------------------------------------------------- runner
