@@ -21,7 +21,8 @@ For every seed: the re-weighted run's steps to reach the plain run's final value
 measure, as a fraction of the plain run's steps), the same at equal wall time (x the measured
 overhead), both runs' final values, and the re-weighted value at the plain run's wall time. The
 overhead per step is the median ratio of a re-weighted to a plain step, the two alternating in one
-process (A B A B ...), so a neighbour's load hits both alike. Writes OUT/results.json, OUT/results.md
+process (A B A B ...), so a neighbour's load hits both alike. The two parts run in two processes at
+once (``--jobs``, default 2 on 2 cores, one torch thread each). Writes OUT/results.json, OUT/results.md
 and the curves (OUT/*.png; ``--docs-images`` also copies them to docs/images/).
 """
 
