@@ -1,248 +1,383 @@
-"""Score extrapolation on the Fashion-MNIST label-noise pool: subset trajectory + embed + kNN vs everything.
+"""Score extrapolation: score a 10 % / 20 % subset with the trajectory, embed the rest, extrapolate
+(kNN vs GNN, image vs pair features), and compare with scoring everything.
 
-    python benchmarks/bench_extrapolate.py            # 2 CPU cores: ~30 min training the reference, ~5 min the runs
-    python benchmarks/bench_extrapolate.py --workdir W --reuse-model   # again, reusing W's reference
-    python benchmarks/bench_extrapolate.py --quick    # smaller everything
+    python benchmarks/bench_extrapolate.py                          # both pools (see docs/benchmarks.md for the time)
+    python benchmarks/bench_extrapolate.py --data imagetext         # the emoji image-text pool only
+    python benchmarks/bench_extrapolate.py --workdir W              # again: reuses W's references when unchanged
 
-Data, reference and pool are built exactly as in ``benchmarks/quality_fashion_mnist.py`` (its
-functions are reused): a tiny open_clip ViT + linear head trained on clean Fashion-MNIST, and a
-disjoint pool with ``--noise`` of its labels flipped, written as ``--shards`` WebDataset shards.
+Two pools, every score through the real CLI (subprocesses, wall-clock timed, model loading included):
 
-Runs, all through the real CLI (subprocesses, wall-clock timed, model loading included):
+* **imagetext**: the emoji pool of ``benchmarks/quality_imagetext.py`` (its functions are reused):
+  Noto emoji with their CLDR names, a small CLIP reference trained from scratch on a clean split
+  that excludes the pool, and ``--noise`` of the pool corrupted web-style (swapped captions,
+  boilerplate captions, blank and noise images), in ``--shards`` shards. Trajectory:
+  ``score --train head --epochs 3`` (the contrastive defaults). Truth: the corruption flags.
+* **labelled**: the Fashion-MNIST pool of ``benchmarks/quality_fashion_mnist.py``: a tiny ViT +
+  linear head trained on clean images, a disjoint pool with ``--fm-noise`` of its labels flipped.
+  Trajectory: ``score --task classify --train head`` (lr 1e-3, tau 1). Truth: the flipped labels.
 
-* **full**: ``score`` the whole pool with the trajectory (``--task classify --train head``, the
-  classification defaults lr 1e-3 / τ 1, ``--epochs``): the ground truth to compare with.
-* for each fraction f of ``--fractions``: ``score`` a seeded random f of the shards with the same
-  trajectory and ``--save-embeddings``; ``embed`` the remaining shards; ``extrapolate`` with
-  several options (plain / weighted kNN, with and without ``--same-label``).
-
-Reported per extrapolated table: held-out Spearman ρ and chosen k (from ``extrapolate``), Spearman ρ
-against the full run's per-sample mean scores (all samples, and only the extrapolated ones),
-detection AUROC of the flipped labels by −score (all samples, and only the extrapolated ones), and
-the compute time of subset trajectory + embed + extrapolate against the full trajectory.
+For each pool: **full** = the whole pool scored with the trajectory (the ground truth to compare
+with); for each fraction f: a seeded random f of the shards scored with the same trajectory and
+``--save-embeddings``, the other shards through ``embed``, then ``extrapolate`` with every variant
+(kNN / GNN x image / pair features; labelled pools also ``--same-label``). Reported per variant:
+held-out Spearman rho and the choice (``extrapolate``'s own), Spearman rho against the full run's
+per-sample mean scores (all samples, and the extrapolated ones), AUROC of the extrapolated samples'
+scores for telling clean from corrupted (and the full run's AUROC on the same samples), and the
+cost of subset trajectory + embed + extrapolate relative to the full trajectory. The cost ratio is
+measured in alternating rounds (full, subset pipeline, full, subset pipeline, ...:
+``--timing-rounds``) so that load from other jobs hits both sides alike.
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
+import os
 import platform
 import shlex
 import shutil
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import quality_fashion_mnist as fm  # noqa: E402  (data, reference and helpers of the quality benchmark)
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "benchmarks"))
+sys.path.insert(0, str(ROOT / "scripts"))
+import quality_fashion_mnist as fm  # noqa: E402
+import quality_imagetext as qi  # noqa: E402
 
 from mimicfilter import metrics  # noqa: E402
-from mimicfilter.metrics import spearman  # noqa: E402
 
-VARIANTS = {
-    "kNN": [],
-    "kNN weighted": ["--weighted"],
-    "kNN same-label": ["--same-label"],
-    "kNN same-label weighted": ["--same-label", "--weighted"],
+IMAGETEXT_VARIANTS = {
+    "kNN image": ["--features", "image"],
+    "kNN pair": ["--features", "pair"],
+    "GNN image": ["--method", "gnn", "--features", "image"],
+    "GNN pair": ["--method", "gnn", "--features", "pair"],
+    "kNN auto (default)": [],
+}
+LABELLED_VARIANTS = {
+    "kNN image": ["--features", "image"],
+    "kNN image --same-label": ["--features", "image", "--same-label"],
+    "kNN pair": ["--features", "pair"],
+    "kNN pair --same-label": ["--features", "pair", "--same-label"],
+    "GNN image --same-label": ["--method", "gnn", "--features", "image", "--same-label"],
+    "GNN pair": ["--method", "gnn", "--features", "pair"],
+    "kNN auto (default)": [],
 }
 
 
-def per_sample_mean(run_dir: Path, where: dict, n: int) -> tuple[np.ndarray, np.ndarray]:
-    """Mean mimic_score per pool position (NaN where absent) and the ``extrapolated`` flag."""
+def per_sample(run_dir: Path, where: dict, n: int, column: str = "mimic_score") -> tuple[np.ndarray, np.ndarray]:
+    """Mean of ``column`` per pool position (NaN where absent) and the ``extrapolated`` flag."""
     from mimicfilter.store.parts import read_scores
 
-    columns = ["shard", "key", "status", "mimic_score"]
-    table = read_scores(run_dir, columns + (["extrapolated"] if _has_flag(run_dir) else [])).to_pydict()
-    sums, counts = np.zeros(n), np.zeros(n)
-    flag = np.zeros(n, dtype=bool)
+    flagged = json.loads((run_dir / "run.json").read_text()).get("command") == "extrapolate"
+    table = read_scores(run_dir, ["shard", "key", column] + (["extrapolated"] if flagged else [])).to_pydict()
+    sums, counts, flag = np.zeros(n), np.zeros(n), np.zeros(n, dtype=bool)
     for row, (shard, key) in enumerate(zip(table["shard"], table["key"])):
-        if table["mimic_score"][row] is None:
+        if table[column][row] is None:
             continue
         position = where[(Path(shard).name, key)]
-        sums[position] += table["mimic_score"][row]
+        sums[position] += table[column][row]
         counts[position] += 1
-        if "extrapolated" in table and table["extrapolated"][row]:
-            flag[position] = True
+        flag[position] |= bool(flagged and table["extrapolated"][row])
     with np.errstate(invalid="ignore"):
         return np.where(counts > 0, sums / np.maximum(counts, 1), np.nan), flag
 
 
-def _has_flag(run_dir: Path) -> bool:
-    return json.loads((run_dir / "run.json").read_text()).get("command") == "extrapolate"
+class Suite:
+    """One pool: the full run, then per fraction the subset, the embeddings and every variant."""
+
+    def __init__(self, name: str, shards: list[Path], where: dict, clean: np.ndarray, model: list[str],
+                 trajectory: list[str], variants: dict[str, list[str]], runs: Path, threads: int):
+        self.name, self.shards, self.where, self.clean = name, shards, where, clean
+        self.model, self.trajectory, self.variants, self.runs = model, trajectory, variants, runs
+        self.n = len(clean)
+        self.exe = qi.mimicfilter_executable()
+        self.env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
+        self.commands: list[str] = []
+
+    def cli(self, arguments: list[str]) -> tuple[dict, float]:
+        command = self.exe + arguments
+        self.commands.append(shlex.join(command))
+        qi.CLI_ENV.clear()
+        qi.CLI_ENV.update(self.env)
+        return qi.run_cli(command)
+
+    def score(self, shards: list[Path], out: Path, extra: list[str] = ()) -> float:
+        _, seconds = self.cli(["score", *map(str, shards), *self.model, *self.trajectory, *extra, "--json", "--quiet",
+                               "--out", str(out)])
+        return seconds
+
+    def embed(self, shards: list[Path], out: Path) -> float:
+        _, seconds = self.cli(["embed", *map(str, shards), *self.model, "--json", "--quiet", "--out", str(out)])
+        return seconds
+
+    def subsets(self, fractions: list[float], seed: int) -> dict[float, list[int]]:
+        rng = np.random.default_rng(seed + 1)
+        chosen = {}
+        for fraction in fractions:
+            count = max(1, int(round(fraction * len(self.shards))))
+            chosen[fraction] = sorted(rng.choice(len(self.shards), size=count, replace=False).tolist())
+        return chosen
+
+    def run(self, fractions: list[float], seed: int, timing_rounds: int) -> dict:
+        shutil.rmtree(self.runs, ignore_errors=True)
+        print(f"[{self.name}] full trajectory ...", flush=True)
+        full_s = [self.score(self.shards, self.runs / "full")]
+        full, _ = per_sample(self.runs / "full", self.where, self.n)
+        full_auroc = metrics.auroc(full, self.clean)
+        print(f"  {full_s[0]:.1f} s, AUROC {full_auroc:.3f}", flush=True)
+        results, pipelines = [], {}
+        for fraction, chosen in self.subsets(fractions, seed).items():
+            subset = [self.shards[i] for i in chosen]
+            rest = [shard for i, shard in enumerate(self.shards) if i not in chosen]
+            tag = f"f{fraction:g}"
+            print(f"[{self.name}] {fraction:.0%}: scoring {len(subset)} shards, embedding {len(rest)} ...", flush=True)
+            subset_s = self.score(subset, self.runs / f"{tag}-subset", ["--save-embeddings"])
+            embed_s = self.embed(rest, self.runs / f"{tag}-embed")
+            pipelines[fraction] = (subset, rest)
+            subset_mean, _ = per_sample(self.runs / f"{tag}-subset", self.where, self.n)
+            in_subset = ~np.isnan(subset_mean)
+            clip, _ = per_sample(self.runs / f"{tag}-subset", self.where, self.n, "clip_score")
+            agreement = self.agreement(self.runs / f"{tag}-embed", clip)
+            for variant, extra in self.variants.items():
+                out = self.runs / f"{tag}-{qi.slug(variant)}"
+                stats, extrapolate_s = self.cli(["extrapolate", "--scored", str(self.runs / f"{tag}-subset"),
+                                                 "--embeddings", str(self.runs / f"{tag}-embed"), *extra,
+                                                 "--seed", str(seed), "--json", "--out", str(out)])
+                predicted, flag = per_sample(out, self.where, self.n)
+                assert not np.isnan(predicted).any() and (flag == ~in_subset).all()
+                r = {
+                    "pool": self.name, "fraction": fraction, "variant": variant, "options": extra,
+                    "scored": int(in_subset.sum()), "extrapolated": int(flag.sum()),
+                    "method": stats["method"], "features": stats["features"],
+                    "choice": stats.get("k", stats.get("best_epoch")), "trusted": stats["trusted"],
+                    "heldout_spearman": stats["heldout_spearman"],
+                    "heldout_by_features": stats["heldout_spearman_by_features"],
+                    "spearman_all": metrics.spearman(predicted, full),
+                    "spearman_extrapolated": metrics.spearman(predicted[flag], full[flag]),
+                    "spearman_subset_vs_full": metrics.spearman(subset_mean[in_subset], full[in_subset]),
+                    "auroc_extrapolated": metrics.auroc(predicted[flag], self.clean[flag]),
+                    "auroc_full_on_extrapolated": metrics.auroc(full[flag], self.clean[flag]),
+                    "auroc_agreement_on_extrapolated": (metrics.auroc(agreement[flag], self.clean[flag])
+                                                        if agreement is not None else None),
+                    "subset_s": subset_s, "embed_s": embed_s, "extrapolate_s": extrapolate_s,
+                    "fit_s": stats["extrapolate_seconds"], "full_s": full_s[0],
+                }
+                results.append(r)
+                print(f"  {variant}: {r['method']}/{r['features']} held-out rho {r['heldout_spearman']:.3f}; rho vs full "
+                      f"(extrap.) {r['spearman_extrapolated']:.3f}; AUROC extrap. {r['auroc_extrapolated']:.3f} "
+                      f"(full run {r['auroc_full_on_extrapolated']:.3f}); {extrapolate_s:.1f} s", flush=True)
+        timing = self.time_alternating(pipelines, full_s, timing_rounds)
+        return {"full_auroc": full_auroc, "full_s": full_s, "results": results, "timing": timing}
+
+    def agreement(self, embed_run: Path, clip: np.ndarray) -> np.ndarray | None:
+        """The pair's agreement (reference CLIP score) per position: the scored run's clip_score,
+        the embeddings' dot product for the rest — the baseline extrapolation leans on."""
+        from mimicfilter.store.parts import part_paths
+
+        import pyarrow.parquet as pq
+
+        values = clip.copy()
+        for part in part_paths(embed_run):
+            table = pq.read_table(part, columns=["shard", "key", "embedding", "text_embedding"]).to_pydict()
+            for shard, key, image, text in zip(table["shard"], table["key"], table["embedding"], table["text_embedding"]):
+                if image is not None:
+                    values[self.where[(Path(shard).name, key)]] = float(np.dot(np.array(image, float), np.array(text, float)))
+        return None if np.isnan(values).all() else values
+
+    def time_alternating(self, pipelines: dict, full_s: list[float], rounds: int) -> dict:
+        """Full trajectory (A) vs subset pipeline (B: score the subset + embed the rest + the default
+        extrapolate), A then B per fraction and round, in fresh directories."""
+        timing = {fraction: {"full_s": [], "pipeline_s": []} for fraction in pipelines}
+        scratch = self.runs / "timing"
+        for round_ in range(rounds):
+            for fraction, (subset, rest) in pipelines.items():
+                shutil.rmtree(scratch, ignore_errors=True)
+                full_s.append(self.score(self.shards, scratch / "full"))
+                timing[fraction]["full_s"].append(full_s[-1])
+                shutil.rmtree(scratch, ignore_errors=True)
+                started = self.score(subset, scratch / "subset", ["--save-embeddings"])
+                started += self.embed(rest, scratch / "embed")
+                _, seconds = self.cli(["extrapolate", "--scored", str(scratch / "subset"), "--embeddings",
+                                       str(scratch / "embed"), "--json", "--out", str(scratch / "extrapolated")])
+                timing[fraction]["pipeline_s"].append(started + seconds)
+                print(f"  timing round {round_ + 1}, {fraction:.0%}: full {timing[fraction]['full_s'][-1]:.1f} s, "
+                      f"subset pipeline {timing[fraction]['pipeline_s'][-1]:.1f} s", flush=True)
+        for fraction, t in timing.items():
+            t["ratios"] = [p / f for p, f in zip(t["pipeline_s"], t["full_s"])]
+        shutil.rmtree(scratch, ignore_errors=True)
+        return {str(fraction): t for fraction, t in timing.items()}
 
 
-def parse_args(argv=None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--quick", action="store_true")
-    parser.add_argument("--ref-size", type=int, default=None, help="clean reference-training images [20000; quick 10000]")
-    parser.add_argument("--pool-size", type=int, default=None, help="pool images [10000; quick 4000]")
-    parser.add_argument("--noise", type=float, default=0.4)
-    parser.add_argument("--shards", type=int, default=20, help="pool shards; subsets are whole shards")
-    parser.add_argument("--fractions", default="0.1,0.2", help="scored fractions of the pool (of its shards)")
-    parser.add_argument("--ref-epochs", type=int, default=None, help="[10; quick 5]")
-    parser.add_argument("--ref-lr", type=float, default=2e-3)
-    parser.add_argument("--epochs", type=int, default=None, help="trajectory epochs [5; quick 3]")
-    parser.add_argument("--lr", type=float, default=1e-3)
-    parser.add_argument("--temperature", type=float, default=1.0)
-    parser.add_argument("--batch-size", type=int, default=256)
-    parser.add_argument("--workdir", type=Path, default=None)
-    parser.add_argument("--reuse-model", action="store_true",
-                        help="with --workdir: reuse the reference a previous run trained there (skips about 10-25 min)")
-    parser.add_argument("--json-out", type=Path, default=None)
-    args = parser.parse_args(argv)
-    args.ref_size = args.ref_size or (10000 if args.quick else 20000)
-    args.pool_size = args.pool_size or (4000 if args.quick else 10000)
-    args.ref_epochs = args.ref_epochs or (5 if args.quick else 10)
-    args.epochs = args.epochs or (3 if args.quick else 5)
-    args.fractions = [float(f) for f in args.fractions.split(",")]
-    return args
+# -------------------------------------------------------------------------------------------- pools
 
 
-def main(argv=None) -> None:
-    args = parse_args(argv)
+def imagetext_suite(args, work: Path) -> Suite:
+    import torch
+
+    qi.ensure_packages()
+    entries = qi.load_emoji_names()
+    pictures = qi.render_all(entries, qi.IMAGE_SIZE)
+    _, ref_split, pool = qi.split(len(entries), 0, args.ref_size, args.seed)
+    samples = qi.corrupt(pool, entries, pictures, args.noise, args.seed + 1)
+    where = qi.write_pool(work / "emoji-pool", samples, args.shards, f"extrapolate-{args.seed}")
+    clean = np.array([not sample["corrupted"] for sample in samples])
+    print(f"emoji pool: {len(samples)} pairs, {int((~clean).sum())} corrupted, {args.shards} shards", flush=True)
+    model_dir = work / "emoji-model"
+    model_dir.mkdir(parents=True, exist_ok=True)
+    config_path = model_dir / "clip64.json"
+    config_path.write_text(json.dumps(qi.CONFIG, indent=2) + "\n")
+    reference_path, stamp_path = model_dir / "reference.safetensors", model_dir / "reference.json"
+    stamp = {"config": qi.CONFIG, "seed": args.seed, "steps": args.ref_steps, "batch": 128,
+             "split": hashlib.md5(ref_split.tobytes()).hexdigest()}
+    if reference_path.exists() and stamp_path.exists() and json.loads(stamp_path.read_text()) == stamp:
+        print(f"reference: reusing {reference_path}", flush=True)
+    else:
+        from make_demo_data import build_model
+        from safetensors.torch import save_file
+
+        started = time.time()
+        _, preprocess, tokenizer = build_model(qi.CONFIG)
+        x_ref = qi.preprocess_images(pictures[ref_split], preprocess)
+        y_ref = tokenizer([entries[i][1] for i in ref_split])
+        reference = qi.train_clip(x_ref, y_ref, args.ref_steps, 128, args.seed, log_every=100)
+        save_file({k: v.detach().contiguous() for k, v in reference.state_dict().items()}, str(reference_path))
+        stamp_path.write_text(json.dumps(stamp, indent=2))
+        print(f"reference: trained in {time.time() - started:.0f} s", flush=True)
+        del reference, x_ref
+    torch.set_num_threads(args.threads)
+    model = ["--model", str(config_path), "--reference", str(reference_path), "--seed", str(args.seed),
+             "--batch-size", "256"]
+    trajectory = ["--train", "head", "--epochs", str(args.epochs)]
+    return Suite("imagetext", sorted((work / "emoji-pool").glob("*.tar")), where, clean, model, trajectory,
+                 IMAGETEXT_VARIANTS, work / "imagetext-runs", args.threads)
+
+
+def labelled_suite(args, work: Path) -> Suite:
     import torch
     from safetensors.torch import save_file
 
-    torch.set_num_threads(fm.THREADS)
-    started = time.time()
-    work = args.workdir or Path(tempfile.mkdtemp(prefix="fmnist-extrapolate-"))
-    work.mkdir(parents=True, exist_ok=True)
-    print(f"workdir: {work}", flush=True)
-
     data = fm.load_fashion_mnist()
     ref_idx, pool_idx, true, noisy_labels, flipped = fm.split_and_flip(
-        data["train_labels"], args.ref_size, args.pool_size, args.noise, args.seed)
+        data["train_labels"], args.fm_ref_size, args.fm_pool_size, args.fm_noise, args.seed)
     ref_pixels = data["train_images"][ref_idx].astype(np.float64) / 255.0
     mean, std = round(float(ref_pixels.mean()), 4), round(float(ref_pixels.std()), 4)
-    shard_dir = work / "pool"
+    shard_dir = work / "fmnist-pool"
     shutil.rmtree(shard_dir, ignore_errors=True)
     where = fm.write_shards(shard_dir, data["train_images"][pool_idx], true, noisy_labels, flipped, args.shards, args.seed)
-    shards = sorted(shard_dir.glob("*.tar"))
-    n = len(pool_idx)
-    print(f"pool: {n} images in {len(shards)} shards, {int(flipped.sum())} labels flipped", flush=True)
-
-    t = time.time()
-    reference_path, head_path = work / "model" / "reference.safetensors", work / "model" / "head.pt"
-    config_path = work / "model" / "config" / "open_clip_config.json"
-    if args.reuse_model and reference_path.exists() and head_path.exists() and config_path.exists():
-        meta = work / "model" / "meta.json"
-        test_acc = json.loads(meta.read_text())["test_accuracy"] if meta.exists() else float("nan")
-        print(f"reference: reused from {work / 'model'} (same --seed/--ref-size assumed)", flush=True)
+    print(f"fashion-mnist pool: {len(pool_idx)} images, {int(flipped.sum())} labels flipped, {args.shards} shards", flush=True)
+    model_dir = work / "fmnist-model"
+    reference_path, head_path = model_dir / "reference.safetensors", model_dir / "head.pt"
+    config_path = fm.write_model_config(model_dir / "config", mean, std)
+    stamp = {"seed": args.seed, "ref_size": args.fm_ref_size, "epochs": args.fm_ref_epochs, "model": fm.MODEL_CFG}
+    stamp_path = model_dir / "reference.json"
+    if reference_path.exists() and head_path.exists() and stamp_path.exists() and json.loads(stamp_path.read_text()) == stamp:
+        print(f"reference: reusing {reference_path}", flush=True)
     else:
-        shutil.rmtree(work / "model", ignore_errors=True)
-        config_path = fm.write_model_config(work / "model" / "config", mean, std)
+        started = time.time()
         torch.manual_seed(args.seed)
         model, preprocess = fm.build_clip(config_path.parent)
         x_ref = fm.preprocess_all(data["train_images"][ref_idx], preprocess)
         y_ref = torch.as_tensor(data["train_labels"][ref_idx].astype(np.int64))
-        head, history = fm.train_reference(model, x_ref, y_ref, args.ref_epochs, 256, args.ref_lr, args.seed)
+        head, _ = fm.train_reference(model, x_ref, y_ref, args.fm_ref_epochs, 256, 2e-3, args.seed)
         x_test = fm.preprocess_all(data["test_images"], preprocess)
-        test_acc = fm.classifier_accuracy(model, head, x_test, torch.as_tensor(data["test_labels"].astype(np.int64)))
-        del x_ref, x_test
+        accuracy = fm.classifier_accuracy(model, head, x_test, torch.as_tensor(data["test_labels"].astype(np.int64)))
         save_file({k: v.detach().contiguous() for k, v in model.state_dict().items()}, str(reference_path))
         torch.save({"weight": head.weight.detach().clone(), "bias": head.bias.detach().clone(),
                     "logit_scale": torch.tensor(fm.HEAD_SCALE)}, head_path)
-        (work / "model" / "meta.json").write_text(json.dumps({"test_accuracy": test_acc}))
-        print(f"reference: {time.time() - t:.0f} s, clean test acc {test_acc:.4f}", flush=True)
+        stamp_path.write_text(json.dumps(stamp, indent=2))
+        (model_dir / "accuracy.json").write_text(json.dumps({"clean_test_accuracy": accuracy}))
+        print(f"reference: trained in {time.time() - started:.0f} s, clean test accuracy {accuracy:.3f}", flush=True)
+    model = ["--model", str(config_path), "--reference", str(reference_path), "--reference-head", str(head_path),
+             "--task", "classify", "--seed", str(args.seed), "--batch-size", "256"]
+    trajectory = ["--train", "head", "--epochs", str(args.fm_epochs), "--lr", "1e-3", "--temperature", "1"]
+    return Suite("labelled", sorted(shard_dir.glob("*.tar")), where, ~flipped.astype(bool), model, trajectory,
+                 LABELLED_VARIANTS, work / "labelled-runs", args.threads)
 
-    exe = fm.mimicfilter_executable()
-    models = ["--model", str(config_path), "--reference", str(reference_path), "--reference-head", str(head_path),
-              "--task", "classify", "--seed", str(args.seed), "--json", "--quiet"]
-    trajectory = ["--train", "head", "--epochs", str(args.epochs), "--lr", f"{args.lr:g}",
-                  "--temperature", f"{args.temperature:g}", "--batch-size", str(args.batch_size)]
-    runs = work / "runs"
-    shutil.rmtree(runs, ignore_errors=True)
-    commands = []
 
-    def cli(arguments):
-        command = exe + arguments
-        commands.append(shlex.join(command))
-        return fm.run_cli(command)
+# --------------------------------------------------------------------------------------------- main
 
-    print("full trajectory ...", flush=True)
-    _, full_s = cli(["score", *map(str, shards), *models, *trajectory, "--out", str(runs / "full")])
-    full_mean, _ = per_sample_mean(runs / "full", where, n)
-    noisy = flipped.astype(bool)
-    full_auroc = metrics.auroc(-full_mean, noisy)
-    print(f"  {full_s:.1f} s, AUROC {full_auroc:.3f}", flush=True)
 
-    rng = np.random.default_rng(args.seed + 1)
-    results = []
-    for fraction in args.fractions:
-        count = max(1, int(round(fraction * len(shards))))
-        chosen = sorted(rng.choice(len(shards), size=count, replace=False).tolist())
-        subset = [shards[i] for i in chosen]
-        rest = [shard for i, shard in enumerate(shards) if i not in chosen]
-        tag = f"f{fraction:g}"
-        print(f"fraction {fraction:g}: scoring {count} shards, embedding {len(rest)} ...", flush=True)
-        _, subset_s = cli(["score", *map(str, subset), *models, *trajectory, "--save-embeddings",
-                           "--out", str(runs / f"{tag}-subset")])
-        _, embed_s = cli(["embed", *map(str, rest), *models[:-2], "--json", "--quiet", "--batch-size",
-                          str(args.batch_size), "--out", str(runs / f"{tag}-embed")])
-        subset_mean, _ = per_sample_mean(runs / f"{tag}-subset", where, n)
-        in_subset = ~np.isnan(subset_mean)
-        for variant, extra in VARIANTS.items():
-            out = runs / f"{tag}-{variant.replace(' ', '-')}"
-            stats, extrapolate_s = cli(["extrapolate", "--scored", str(runs / f"{tag}-subset"), "--embeddings",
-                                        str(runs / f"{tag}-embed"), *extra, "--json", "--out", str(out)])
-            predicted, flag = per_sample_mean(out, where, n)
-            assert not np.isnan(predicted).any() and (flag == ~in_subset).all()
-            results.append({
-                "fraction": fraction, "variant": variant, "scored": int(in_subset.sum()),
-                "extrapolated": int(flag.sum()), "k": stats["k"],
-                "heldout_spearman": stats["heldout_spearman"],
-                "spearman_all": spearman(predicted, full_mean),
-                "spearman_extrapolated": spearman(predicted[flag], full_mean[flag]),
-                "spearman_subset_vs_full": spearman(subset_mean[in_subset], full_mean[in_subset]),
-                "auroc_all": metrics.auroc(-predicted, noisy),
-                "auroc_extrapolated": metrics.auroc(-predicted[flag], noisy[flag]),
-                "auroc_full_on_extrapolated": metrics.auroc(-full_mean[flag], noisy[flag]),
-                "subset_score_s": subset_s, "embed_s": embed_s, "extrapolate_s": extrapolate_s,
-                "knn_s": stats["knn_seconds"],
-                "total_s": subset_s + embed_s + extrapolate_s, "full_s": full_s,
-            })
-            r = results[-1]
-            print(f"  {variant}: k={r['k']} held-out rho {r['heldout_spearman']:.3f}; rho vs full "
-                  f"{r['spearman_all']:.3f} (extrapolated {r['spearman_extrapolated']:.3f}); AUROC "
-                  f"{r['auroc_all']:.3f}; {r['total_s']:.1f} s vs {full_s:.1f} s", flush=True)
-
+def print_results(name: str, outcome: dict) -> None:
+    results = outcome["results"]
     fm.print_table(
-        f"Score extrapolation, Fashion-MNIST pool {n} ({noisy.mean():.0%} labels flipped), trajectory "
-        f"--train head {args.epochs} epochs; full-pool AUROC {full_auroc:.3f} in {full_s:.1f} s",
-        ["scored", "method", "k", "held-out rho", "rho vs full (all)", "(extrap.)", "AUROC all", "(extrap.)",
-         "time s", "vs full"],
-        [[f"{r['fraction']:.0%}", r["variant"], r["k"], r["heldout_spearman"], r["spearman_all"],
-          r["spearman_extrapolated"], r["auroc_all"], r["auroc_extrapolated"], f"{r['total_s']:.1f}",
-          f"{r['total_s'] / r['full_s']:.2f}"] for r in results],
+        f"{name}: full-run AUROC {outcome['full_auroc']:.3f} in {outcome['full_s'][0]:.1f} s",
+        ["scored", "variant", "chose", "held-out rho", "rho vs full (all)", "(extrap.)", "AUROC extrap.",
+         "full run, same samples", "agreement alone, same", "extrapolate s"],
+        [[f"{r['fraction']:.0%}", r["variant"], f"{r['method']}/{r['features']} {r['choice']}", r["heldout_spearman"],
+          r["spearman_all"], r["spearman_extrapolated"], r["auroc_extrapolated"], r["auroc_full_on_extrapolated"],
+          "-" if r["auroc_agreement_on_extrapolated"] is None else r["auroc_agreement_on_extrapolated"],
+          f"{r['extrapolate_s']:.1f}"] for r in results],
     )
-    fm.print_table(
-        "Compute time (wall s, CLI subprocesses, model loading included)",
-        ["scored", "subset trajectory", "embed rest", "extrapolate (kNN part)", "total", "full trajectory"],
-        [[f"{r['fraction']:.0%}", f"{r['subset_score_s']:.1f}", f"{r['embed_s']:.1f}",
-          f"{r['extrapolate_s']:.1f} ({r['knn_s']:.2f})", f"{r['total_s']:.1f}", f"{r['full_s']:.1f}"]
-         for r in results if r["variant"] == "kNN same-label"],
-    )
-    print("\nsubset trajectory vs full trajectory on the same (scored) samples, Spearman rho: "
-          + ", ".join(f"{r['fraction']:.0%}: {r['spearman_subset_vs_full']:.3f}" for r in results if r["variant"] == "kNN"))
-    print("AUROC of the full run's scores on the extrapolated samples only: "
-          + ", ".join(f"{r['fraction']:.0%}: {r['auroc_full_on_extrapolated']:.3f}" for r in results if r["variant"] == "kNN"))
-    print("\ncommands:")
+    rows = []
+    for fraction, t in outcome["timing"].items():
+        rows.append([f"{float(fraction):.0%}", " / ".join(f"{s:.1f}" for s in t["full_s"]),
+                     " / ".join(f"{s:.1f}" for s in t["pipeline_s"]), " / ".join(f"{r:.2f}" for r in t["ratios"]),
+                     f"{float(np.median(t['ratios'])):.2f}"])
+    fm.print_table(f"{name}: cost, alternating rounds (wall s, whole CLI processes)",
+                   ["scored", "full trajectory", "subset + embed + extrapolate", "ratio per round", "median"], rows)
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--data", choices=["both", "imagetext", "labelled"], default="both")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--fractions", default="0.1,0.2", help="scored fractions of the pool (of its shards)")
+    parser.add_argument("--shards", type=int, default=20, help="shards per pool; subsets are whole shards")
+    parser.add_argument("--timing-rounds", type=int, default=2, help="alternating full / subset-pipeline rounds")
+    parser.add_argument("--threads", type=int, default=2, help="torch threads here and in every CLI process")
+    parser.add_argument("--workdir", type=Path, default=None, help="[bench-runs/extrapolate]")
+    parser.add_argument("--ref-size", type=int, default=1500, help="emoji: clean pairs the reference trains on")
+    parser.add_argument("--ref-steps", type=int, default=700, help="emoji: reference training steps")
+    parser.add_argument("--noise", type=float, default=0.4, help="emoji: corrupted fraction of the pool")
+    parser.add_argument("--epochs", type=int, default=3, help="emoji: trajectory epochs")
+    parser.add_argument("--fm-ref-size", type=int, default=10000, help="fashion-mnist: clean reference images")
+    parser.add_argument("--fm-ref-epochs", type=int, default=5, help="fashion-mnist: reference epochs")
+    parser.add_argument("--fm-pool-size", type=int, default=4000, help="fashion-mnist: pool images")
+    parser.add_argument("--fm-noise", type=float, default=0.4, help="fashion-mnist: flipped fraction of the labels")
+    parser.add_argument("--fm-epochs", type=int, default=3, help="fashion-mnist: trajectory epochs")
+    args = parser.parse_args(argv)
+    args.fractions = [float(f) for f in args.fractions.split(",")]
+    args.workdir = args.workdir or ROOT / "bench-runs" / "extrapolate"
+    return args
+
+
+def main(argv=None) -> None:
+    import logging
+
+    import torch
+
+    args = parse_args(argv)
+    logging.getLogger().setLevel(logging.ERROR)  # open_clip's "no pretrained weights": intended
+    torch.set_num_threads(args.threads)
+    started = time.time()
+    work = args.workdir
+    work.mkdir(parents=True, exist_ok=True)
+    print(f"workdir: {work}; {args.threads} thread(s) per process", flush=True)
+    outcomes, commands = {}, []
+    builders = {"imagetext": imagetext_suite, "labelled": labelled_suite}
+    for name in (["imagetext", "labelled"] if args.data == "both" else [args.data]):
+        suite = builders[name](args, work)
+        outcomes[name] = suite.run(args.fractions, args.seed, args.timing_rounds)
+        commands += suite.commands
+        print_results(name, outcomes[name])
+    print("\ncommands (first of each kind):")
     print(f"  {shlex.join([sys.executable, *sys.argv])}")
+    seen = set()
     for command in commands:
-        print(f"  {command}")
+        kind = command.split(" ")[1] + (" --method gnn" if "--method gnn" in command else "")
+        if kind not in seen:
+            seen.add(kind)
+            print(f"  {command}")
     blob = {"args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
-            "platform": {"python": platform.python_version(), "torch": torch.__version__},
-            "reference_test_accuracy": test_acc, "full_auroc": full_auroc, "full_s": full_s, "results": results,
-            "total_s": time.time() - started, "workdir": str(work)}
-    text = json.dumps(blob, indent=2, default=float)
-    (work / "results.json").write_text(text)
-    if args.json_out:
-        args.json_out.write_text(text)
-    print(f"\ntotal {blob['total_s']:.0f} s")
+            "platform": {"python": platform.python_version(), "torch": torch.__version__, "cpus": os.cpu_count()},
+            "outcomes": outcomes, "total_s": time.time() - started, "commands": commands}
+    (work / "results.json").write_text(json.dumps(blob, indent=2, default=float))
+    print(f"\nresults: {work / 'results.json'}; total {blob['total_s']:.0f} s")
 
 
 if __name__ == "__main__":

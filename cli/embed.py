@@ -3,22 +3,19 @@
 from __future__ import annotations
 
 import json
-import sys
 
 import click
 
 from mimicfilter_cli.common import ProgressBar, one_line_errors
 from mimicfilter_cli.options import (
-    decode_from,
     execution_options,
     input_options,
-    model_from,
     model_options,
-    out_from,
     output_options,
     set_threads,
     shards_argument,
     shards_from,
+    stream_fields,
     task_from,
 )
 
@@ -31,11 +28,13 @@ from mimicfilter_cli.options import (
 @output_options
 @one_line_errors
 def embed(shards, **options):
-    """Embed every sample of SHARDS with the proxy's image tower (forward only) for `extrapolate`.
+    """Embed every sample of SHARDS (image and caption, or image and label) for `extrapolate`.
 
-    Pass the same model options as to the `score` run you will extrapolate from: the embeddings are
-    the L2-normalised image-tower output of the proxy those options build, and `extrapolate`
-    refuses embeddings of a different model. Bad samples get status rows, as in `score`.
+    Forward only, through the reference: each ok sample gets the reference's L2-normalised image
+    embedding and its caption's text embedding (labelled images: the label's class embedding), so
+    `extrapolate` can compare whole pairs and see a caption that does not fit its image. Pass the
+    same model options as to the `score` run you will extrapolate from: `extrapolate` refuses
+    embeddings of a different reference. Bad samples get status rows, as in `score`.
 
     \b
     Example:
@@ -50,17 +49,7 @@ def embed(shards, **options):
     shard_list = shards_from(shards, options)
     task = task_from(shard_list, options)
     set_threads(options["threads"])
-    config = EmbedConfig(
-        shards=shard_list,
-        out_dir=out_from(options),
-        model=model_from(options, task),
-        decode=decode_from(options, task),
-        batch_size=options["batch_size"],
-        workers=options["workers"],
-        allow_pipe=options["allow_pipe"],
-        overwrite=options["overwrite"],
-        argv=tuple(sys.argv),
-    )
+    config = EmbedConfig(**stream_fields(shard_list, task, options))
     stats = run_embed(config, progress=ProgressBar(enabled=not options["quiet"]))
     if options["as_json"]:
         click.echo(json.dumps(stats, indent=2, sort_keys=True))

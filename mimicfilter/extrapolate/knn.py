@@ -1,5 +1,5 @@
-"""k-nearest-neighbour kernels: blocked top-k cosine search, neighbour means, and the choice of k
-on a held-out split of the scored samples."""
+"""k-nearest-neighbour kernels: blocked top-k cosine search, neighbour means (optionally blended
+with the sample's own signal), and the choice of k on a held-out split of the scored samples."""
 
 from __future__ import annotations
 
@@ -13,10 +13,7 @@ from mimicfilter.errors import MimicfilterError
 from mimicfilter.metrics import spearman
 
 MIN_HOLDOUT = 3  # Spearman ρ needs a few points
-
-
 DISTANCE_EPSILON = 1e-6
-
 
 
 def knn_search(
@@ -93,6 +90,54 @@ def knn_predict(values: torch.Tensor, sims: torch.Tensor, index: torch.Tensor, w
     return torch.where(total > 0, predicted, torch.full_like(predicted, float("nan")))
 
 
+Search = Callable[..., tuple[torch.Tensor, torch.Tensor]]  # (queries, reference, k, query_labels, reference_labels)
+
+
+def default_search(queries, reference, k, query_labels=None, reference_labels=None):
+    return knn_search(queries, reference, k, query_labels=query_labels, reference_labels=reference_labels)
+
+
+def search_without_self(vectors: torch.Tensor, k: int, labels: torch.Tensor | None,
+                        search: Search = default_search) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each row's k nearest *other* rows (similarities, indices [N, k], −1 padded): k + 1 found and
+    the row itself dropped — wherever near-duplicates put it in the order."""
+    sims, index = search(vectors, vectors, k + 1, labels, labels)
+    own = index == torch.arange(len(vectors))[:, None]
+    rank = torch.where(own, torch.full_like(index, k + 1), torch.arange(k + 1).expand_as(index))
+    keep = rank.argsort(dim=1)[:, :k]
+    return sims.gather(1, keep), index.gather(1, keep)
+
+
+@dataclass(frozen=True)
+class Blend:
+    """Per target: prediction = a · neighbour mean + b · the sample's own signal + c, fitted by least
+    squares on the training split (each training sample's neighbour mean leaves itself out)."""
+
+    coefficients: torch.Tensor  # [T, 2 + S]: neighbour mean, signal columns, intercept
+
+    @staticmethod
+    def _design(neighbour_mean: torch.Tensor, signal: torch.Tensor, target: int) -> torch.Tensor:
+        ones = torch.ones(len(signal), 1, dtype=torch.float64)
+        return torch.cat([neighbour_mean[:, target : target + 1].double(), signal.double(), ones], dim=1)
+
+    @classmethod
+    def fit(cls, neighbour_mean: torch.Tensor, signal: torch.Tensor, values: torch.Tensor) -> Blend:
+        rows = ~torch.isnan(neighbour_mean).any(dim=1)
+        coefficients = []
+        for target in range(values.shape[1]):
+            design = cls._design(neighbour_mean[rows], signal[rows], target)
+            if len(design) < design.shape[1]:  # too few rows to fit: the plain neighbour mean
+                coefficients.append(torch.cat([torch.ones(1), torch.zeros(design.shape[1] - 1)]).double())
+                continue
+            solution = torch.linalg.lstsq(design, values[rows, target : target + 1].double()).solution[:, 0]
+            coefficients.append(solution)
+        return cls(torch.stack(coefficients))
+
+    def apply(self, neighbour_mean: torch.Tensor, signal: torch.Tensor) -> torch.Tensor:
+        return torch.stack([self._design(neighbour_mean, signal, target) @ self.coefficients[target]
+                            for target in range(self.coefficients.shape[0])], dim=1)
+
+
 @dataclass(frozen=True)
 class KChoice:
     """The k chosen on the held-out split of the scored samples, and how every candidate did."""
@@ -101,62 +146,51 @@ class KChoice:
     spearman: float  # mimic_score, at k
     spearman_weight: float  # mimic_weight, at k
     spearman_by_k: dict[int, float]
-    holdout: np.ndarray  # positions into the scored reference arrays
-    train_size: int
     skipped_candidates: tuple[int, ...] = ()
+    blend: Blend | None = None  # with a signal: the neighbour mean and the signal, blended at k
 
 
 def choose_k(
     embeddings: torch.Tensor,
     values: torch.Tensor,
     candidates: tuple[int, ...],
+    holdout: torch.Tensor,
+    train: torch.Tensor,
     *,
     labels: torch.Tensor | None = None,
-    holdout_fraction: float = 0.2,
-    seed: int = 0,
     weighted: bool = False,
-    block_size: int = 4096,
-    reference_block: int = 65536,
-    device: torch.device | str = "cpu",
-    observer: Callable | None = None,
+    signal: torch.Tensor | None = None,
+    search: Search = default_search,
 ) -> KChoice:
-    """Pick k by Spearman ρ of predicted vs true mean score on a held-out split of the scored set.
-
-    Takes only the scored samples (their embeddings, values [M, 2] and labels): the split is built
-    from them alone.
+    """Pick k by Spearman ρ of predicted vs true mean score on the held-out rows ``holdout``,
+    predicted from the rows ``train`` (both positions into the scored samples' ``embeddings``,
+    ``values`` [M, 2], ``labels`` and ``signal`` [M, S]: the split is built from the scored
+    samples alone). With ``signal`` (pairs: their agreement), each k's prediction is a
+    :class:`Blend` of the neighbour mean and the signal, fitted on the training split.
     """
-    count = embeddings.shape[0]
-    holdout_size = max(MIN_HOLDOUT, int(round(count * holdout_fraction)))
-    if count - holdout_size < 1:
-        raise MimicfilterError(
-            f"only {count} scored samples with embeddings: too few to hold out {MIN_HOLDOUT}+ and keep neighbours",
-            hint="score more samples (or check that the scored run's samples have embeddings)",
-        )
-    train_size = count - holdout_size
-    usable = tuple(k for k in candidates if k <= train_size)
+    usable = tuple(k for k in candidates if k <= len(train) - (signal is not None))
     if not usable:
         raise MimicfilterError(
-            f"--k {min(candidates)} is larger than the scored set's training split ({train_size} of {count} "
-            f"scored samples; {holdout_size} are held out to choose k)",
-            hint=f"pass --k {train_size} or less, or score more samples",
+            f"--k {min(candidates)} is larger than the scored set's training split ({len(train)} of "
+            f"{len(train) + len(holdout)} scored samples; {len(holdout)} are held out to choose k)",
+            hint=f"pass --k {len(train) - 1} or less, or score more samples",
         )
-    order = np.random.default_rng(seed).permutation(count)
-    holdout, train = np.sort(order[:holdout_size]), np.sort(order[holdout_size:])
-    hold_t, train_t = torch.as_tensor(holdout), torch.as_tensor(train)
-    sims, index = knn_search(
-        embeddings[hold_t], embeddings[train_t], max(usable),
-        query_labels=None if labels is None else labels[hold_t],
-        reference_labels=None if labels is None else labels[train_t],
-        block_size=block_size, reference_block=reference_block, device=device, observer=observer,
-    )
-    train_values, true_values = values[train_t], values[hold_t].numpy()
-    by_k, by_k_weight = {}, {}
+    labels_of = (lambda rows: None) if labels is None else (lambda rows: labels[rows])
+    sims, index = search(embeddings[holdout], embeddings[train], max(usable), labels_of(holdout), labels_of(train))
+    if signal is not None:
+        train_sims, train_index = search_without_self(embeddings[train], max(usable), labels_of(train), search)
+    train_values, true_values = values[train], values[holdout].numpy()
+    by_k, by_k_weight, blends = {}, {}, {}
     for k in usable:
-        predicted = knn_predict(train_values, sims[:, :k], index[:, :k], weighted).numpy()
+        predicted = knn_predict(train_values, sims[:, :k], index[:, :k], weighted)
+        if signal is not None:
+            own_mean = knn_predict(train_values, train_sims[:, :k], train_index[:, :k], weighted)
+            blends[k] = Blend.fit(own_mean, signal[train], train_values)
+            predicted = blends[k].apply(predicted, signal[holdout])
+        predicted = predicted.numpy()
         predicted = np.where(np.isnan(predicted), np.nanmean(train_values.numpy(), axis=0), predicted)
         by_k[k] = spearman(predicted[:, 0], true_values[:, 0])
         by_k_weight[k] = spearman(predicted[:, 1], true_values[:, 1])
     best = max(usable, key=lambda k: (np.nan_to_num(by_k[k], nan=-2.0), -k))
-    return KChoice(best, by_k[best], by_k_weight[best], by_k, holdout, train_size,
-                   tuple(k for k in candidates if k not in usable))
-
+    return KChoice(best, by_k[best], by_k_weight[best], by_k, tuple(k for k in candidates if k not in usable),
+                   blends.get(best))

@@ -12,19 +12,26 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
+import torch
 
 from mimicfilter.curate.duck import connect, load_scores, per_sample_sql
 from mimicfilter.errors import MimicfilterError
+from mimicfilter.extrapolate.features import Embedded
 from mimicfilter.store.parts import part_paths, read_part
 from mimicfilter.store.paths import RUN_FILE, SUCCESS_FILE
-from mimicfilter.store.schema import EMBEDDING_COLUMN
+from mimicfilter.store.schema import EMBEDDING_COLUMN, PAIR_COLUMNS
 
 
 @dataclass
 class Source:
     path: Path
     info: dict[str, Any]
-    space: dict[str, Any] | None
+    space: dict[str, Any] | None  # run.json's `embedding`: None when the run stores no embeddings
+
+    @property
+    def columns(self) -> tuple[str, ...]:
+        """The embedding columns its parts hold: both sides of the pair, or (older runs) the image only."""
+        return PAIR_COLUMNS if self.space and self.space.get("format", 1) >= 2 else (EMBEDDING_COLUMN,)
 
 
 def open_run(path: Path, role: str) -> Source:
@@ -45,19 +52,27 @@ def embeddings_numpy(column: pa.ChunkedArray | pa.Array, dim: int) -> np.ndarray
 
 
 def check_spaces(sources: list[Source]) -> dict[str, Any]:
-    """Every embedding source must be in the same space (same dim, image tower, preprocessing)."""
+    """Every embedding source must be in the same space (same format, dim, reference, preprocessing)."""
     first = sources[0]
     for other in sources[1:]:
+        if other.columns != first.columns:
+            old, new = (first, other) if len(first.columns) < len(other.columns) else (other, first)
+            raise MimicfilterError(
+                f"{old.path} holds image-only embeddings of an older mimicfilter (the proxy's image tower), "
+                f"{new.path} holds pair embeddings (the reference's image and text): they cannot be compared",
+                hint=f"re-run the command that made {old.path} with this version",
+            )
         if other.space["dim"] != first.space["dim"]:
             raise MimicfilterError(
                 f"embedding dimension mismatch: {first.path} has {first.space['dim']}, {other.path} has {other.space['dim']}",
-                hint="embed with the same --model/--reference/--proxy options as the scored run",
+                hint="embed with the same --model/--reference options as the scored run",
             )
         if other.space != first.space:
-            what = [name for name in ("image_tower_sha256", "preprocess") if other.space.get(name) != first.space.get(name)]
+            what = [name for name in sorted(set(first.space) | set(other.space))
+                    if name not in ("dim", "what") and other.space.get(name) != first.space.get(name)]
             raise MimicfilterError(
                 f"{first.path} and {other.path} hold embeddings of different models (differ in {', '.join(what) or 'space'})",
-                hint="embed with the same --model/--reference/--proxy/--mimic-layers/--seed options as the scored run",
+                hint="embed with the same --model/--reference/--reference-head/--classnames options as the scored run",
             )
     return first.space
 
@@ -83,16 +98,22 @@ def read_scored(source: Source) -> Scored:
     return Scored(table, {(shard, key): row for row, (shard, key) in enumerate(zip(shards, keys))})
 
 
+def embedded_of(table: pa.Table, columns: tuple[str, ...], dim: int) -> Embedded:
+    """The embeddings of a table's rows (every row must have them), as float32 tensors."""
+    sides = [torch.from_numpy(embeddings_numpy(table.column(name), dim).astype(np.float32)) for name in columns]
+    return Embedded(sides[0], sides[1] if len(sides) > 1 else None)
+
+
 def scored_run_embeddings(source: Source, scored: Scored) -> dict[int, np.ndarray]:
-    """Scored-table position → embedding, from the scored run's own ``embedding`` column (first epoch)."""
+    """Scored-table position → embedding [sides, D] from the scored run's own columns (first epoch)."""
     found: dict[int, np.ndarray] = {}
     dim = source.space["dim"]
     for part in part_paths(source.path):
-        table = read_part(part, columns=["shard", "key", "epoch", EMBEDDING_COLUMN])
+        table = read_part(part, columns=["shard", "key", "epoch", *source.columns])
         table = table.filter(pc.is_valid(table.column(EMBEDDING_COLUMN)))
         if not table.num_rows:
             continue
-        vectors = embeddings_numpy(table.column(EMBEDDING_COLUMN), dim)
+        vectors = np.stack([embeddings_numpy(table.column(name), dim) for name in source.columns], axis=1)
         for row, (shard, key) in enumerate(zip(table.column("shard").to_pylist(), table.column("key").to_pylist())):
             position = scored.position.get((shard, key))
             if position is not None and position not in found:
@@ -107,10 +128,11 @@ def embed_parts(source: Source) -> list[Path]:
     return parts
 
 
-def read_embed_part(path: Path) -> pa.Table:
+def read_embed_part(path: Path, columns: tuple[str, ...]) -> pa.Table:
     table = pq.read_table(path)
-    if EMBEDDING_COLUMN not in table.column_names:
-        raise MimicfilterError(f"{path} has no embedding column", hint="pass an `embed --out` directory")
+    missing = [name for name in columns if name not in table.column_names]
+    if missing:
+        raise MimicfilterError(f"{path} has no {', '.join(missing)} column", hint="pass an `embed --out` directory")
     return table
 
 

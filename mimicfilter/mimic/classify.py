@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-from typing import Callable
-
 import torch
 import torch.nn.functional as F
 from torch.func import functional_call
 
+from mimicfilter.mimic.heads import label_embeddings
 from mimicfilter.mimic.jvp import ParamDict
 from mimicfilter.mimic.losses import classification_per_sample_loss
 from mimicfilter.mimic.models import LoadedModels
@@ -25,25 +24,22 @@ class ClassifierScorer(MimicScorer):
     def route(self) -> str:
         return "head" if self.head_only else "full"
 
-    def embedding_from_features(self) -> Callable[[torch.Tensor], torch.Tensor] | None:
-        """Head route: the features are the image tower's (normalised) output, the embedding itself."""
-        if not self.head_only:
-            return None
-        return lambda features: F.normalize(features.float(), dim=-1).to(torch.float16).cpu()
-
     def _prepare(self, images, labels) -> Prepared:
         proxy, reference = self.models.proxy, self.models.reference
         labels = labels.long()
         dtype = self._dtype()
-        with torch.no_grad(), self._autocast():
-            reference_logits = reference(images).to(dtype) if not (self.shared_trunk and self.head_only) else None
+        # The proxy's trunk features are the reference's while the trunk is shared and does not train
+        trunk_is_reference = self.shared_trunk and self.head_only and not self.trunk_trains
+        reference_features = None
+        if not trunk_is_reference:
+            with torch.no_grad(), self._autocast():
+                reference_features = reference.features(images).to(dtype)
         if self.head_only:
             grad = torch.enable_grad() if self.trunk_trains else torch.no_grad()
             with grad, self._autocast():
                 features = proxy.features(images).to(dtype)
-            if reference_logits is None:
-                with torch.no_grad():
-                    reference_logits = reference.logit_scale * reference.head(features)
+            if trunk_is_reference:
+                reference_features = features.detach()
             fixed_bias = proxy.head.bias
 
             def per_sample_loss(params: ParamDict) -> torch.Tensor:
@@ -57,7 +53,8 @@ class ClassifierScorer(MimicScorer):
                     logits = functional_call(proxy, params, (images,))
                 return classification_per_sample_loss(logits, labels)
 
+        with torch.no_grad():
+            reference_logits = reference.logit_scale * reference.head(reference_features)
         ref_loss = classification_per_sample_loss(reference_logits, labels)
-        reusable = self.head_only and not self.trunk_trains
-        return Prepared(per_sample_loss, ref_loss, None, image_features=features.detach() if reusable else None)
-
+        pair = (reference_features, label_embeddings(reference.head.weight, labels).to(dtype))
+        return Prepared(per_sample_loss, ref_loss, None, pair)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -17,10 +16,6 @@ from mimicfilter.mimic.losses import clip_similarity, contrastive_per_sample_los
 from mimicfilter.mimic.models import LoadedModels
 from mimicfilter.mimic.scorer import MimicScorer, Prepared, forward_ad_attention
 from mimicfilter.timing import phase
-
-
-def _normalised_half(features: torch.Tensor) -> torch.Tensor:
-    return F.normalize(features.float(), dim=-1).to(torch.float16).cpu()
 
 
 class _BothTowers(nn.Module):
@@ -106,23 +101,6 @@ class ContrastiveScorer(MimicScorer):
     def route(self) -> str:
         return "head" if self.heads is not None else "full"
 
-    def embedding_from_features(self) -> Callable[[torch.Tensor], torch.Tensor] | None:
-        """Head route: the image features are the input of the image projection, so the *initial*
-        projection (cloned now) is applied; without an image head they are the tower's output."""
-        if self.heads is None:
-            return None
-        if "image" not in self.heads:
-            return _normalised_half
-        head = self.heads["image"]
-        current = self.mimic_parameters()
-        initial = {name: current[name].detach().clone() for name in (head.weight, head.bias) if name}
-
-        def project(features: torch.Tensor) -> torch.Tensor:
-            with torch.no_grad():
-                return _normalised_half(head.apply(initial, features))
-
-        return project
-
     def _heads_reproduce_forward(self, heads: dict[str, LinearHead]) -> bool:
         """Check on one dummy sample that head(trunk(x)) equals the model's real output, for each
         tower that has a head (the other tower's output does not depend on the override)."""
@@ -196,12 +174,12 @@ class ContrastiveScorer(MimicScorer):
                 F.normalize(image, dim=-1), F.normalize(text, dim=-1), proxy.logit_scale.exp(), proxy.logit_bias
             )
 
-        features = None if self.trunk_trains else proxy_image.detach()
-        return Prepared(per_sample_loss, ref_loss, clip_score, image_features=features)
+        return Prepared(per_sample_loss, ref_loss, clip_score, (reference_image, reference_text))
 
     def _prepare_full(self, images, texts) -> Prepared:
         proxy = self.models.proxy
-        ref_loss, clip_score = self._baselines(*self._reference_features(images, texts))
+        reference_image, reference_text = self._reference_features(images, texts)
+        ref_loss, clip_score = self._baselines(reference_image, reference_text)
 
         def per_sample_loss(params: ParamDict) -> torch.Tensor:
             # The JVP stays in full precision: no autocast on this route.
@@ -215,5 +193,5 @@ class ContrastiveScorer(MimicScorer):
                 F.normalize(image, dim=-1), F.normalize(text, dim=-1), logit_scale, logit_bias
             )
 
-        return Prepared(per_sample_loss, ref_loss, clip_score)
+        return Prepared(per_sample_loss, ref_loss, clip_score, (reference_image, reference_text))
 

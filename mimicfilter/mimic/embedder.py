@@ -1,38 +1,59 @@
-"""Image embeddings for score extrapolation (``score --save-embeddings`` and ``mimicfilter embed``).
+"""Pair embeddings for score extrapolation (``score --save-embeddings`` and ``mimicfilter embed``).
 
-The embedding of a sample is the L2-normalised output of the proxy's image tower *as the proxy is
-built from the command's model options* (before any trajectory step): ``normalize(visual(x))``,
-stored as float16. Fixing it to the initial proxy makes the embedding a function of the image
-alone, so embeddings written by a trajectory (whose mimic layers move) and by the cheap static
-``embed`` pass over the rest of a pool live in the same space and can be compared by cosine
-similarity.
+A sample's pair embedding is two L2-normalised vectors in the **reference's** space, stored as
+float16: the image side (column ``embedding``) is the reference image tower's output, and the
+text side (``text_embedding``) is the reference text tower's output for the caption — or, for
+labelled images, the label's class embedding (its normalised row of the reference head; for a
+zero-shot head, the class prompts' text embedding). Their dot product, the pair's agreement, is
+the reference CLIP score (for labelled images: the cosine that the reference's logit of the
+given label is made of).
 
-Which space a run's embeddings live in is recorded in its run.json (``embedding``): the dimension,
-a sha256 of the image tower's weights and the image preprocessing. ``extrapolate`` refuses to mix
-embeddings from different spaces.
+Why the reference's space: the reference never moves (a trajectory changes only the proxy), so
+the embeddings of a trajectory and of the cheap ``embed`` pass over the rest of a pool agree
+without keeping copies of anything; its two towers are aligned, so the agreement of image and
+caption means something (the proxy's mimic layers are re-initialised at random by default, which
+leaves its image and text sides unrelated); and the scorer computes both embeddings anyway for its
+baselines (``clip_score``, ``ref_loss``), so a score run stores them at no extra model cost.
+In image–text pools the caption, not the image, usually carries the error: an image-only
+embedding cannot tell a swapped or boilerplate caption from the right one, the pair can.
+
+Which space a run's embeddings live in is recorded in its run.json (``embedding``, see
+:func:`embedding_space`); ``extrapolate`` refuses to mix spaces. Runs of mimicfilter before pair
+embeddings (no ``format`` in that record) hold only the initial proxy's image embedding.
 """
 
 from __future__ import annotations
 
-import copy
 import hashlib
 import re
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from mimicfilter.mimic.heads import image_size, label_embeddings
 from mimicfilter.mimic.models import LoadedModels
-from mimicfilter.mimic.scorer import BatchScores, MimicScorer
+from mimicfilter.mimic.scorer import BatchScores
+
+EMBEDDING_FORMAT = 2  # 1 (implicit): the initial proxy's image embedding only
 
 
-def _tower_sha256(module: nn.Module) -> str:
+@dataclass(frozen=True)
+class PairEmbeddings:
+    """The ok samples' pair embeddings of one batch: float16 [B, D] each, on the CPU."""
+
+    image: torch.Tensor
+    text: torch.Tensor
+
+
+def _weights_sha256(module: nn.Module) -> str:
     digest = hashlib.sha256()
     for name, value in sorted(module.state_dict().items()):
         tensor = value.detach().to("cpu").contiguous()
         digest.update(f"{name}:{tensor.dtype}:{tuple(tensor.shape)};".encode())
-        digest.update(tensor.view(torch.uint8).numpy().tobytes() if tensor.numel() else b"")
+        digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes() if tensor.numel() else b"")
     return digest.hexdigest()
 
 
@@ -41,72 +62,71 @@ def _preprocess_description(preprocess: Any) -> str:
     return re.sub(r" at 0x[0-9a-fA-F]+", "", repr(preprocess))
 
 
-class ImageEmbedder:
-    """``normalize(visual(images))`` of the proxy's image tower, as float16 on the CPU.
+def _half_cpu(pair: tuple[torch.Tensor, torch.Tensor]) -> PairEmbeddings:
+    image, text = (F.normalize(value.detach().float(), dim=-1).to(torch.float16).cpu() for value in pair)
+    return PairEmbeddings(image, text)
 
-    ``frozen_copy``: embed with a private copy of the tower, so trajectory steps that move the
-    proxy's image tower (its projection is a mimic layer, or ``--train full``) do not move the
-    embeddings. Costs one more no-grad forward pass of the image tower per batch in a score run.
-    """
 
-    def __init__(self, models: LoadedModels, frozen_copy: bool = False, autocast_dtype: torch.dtype | None = None):
-        visual = models.proxy.visual
-        self.normalization = models.normalization
-        self.visual = copy.deepcopy(visual).requires_grad_(False) if frozen_copy else visual
-        self.device = models.device
+def _reference_image(models: LoadedModels, images: torch.Tensor) -> torch.Tensor:
+    if models.task == "classify":
+        return models.reference.features(images)
+    return models.reference.encode_image(images)
+
+
+def embedding_space(models: LoadedModels) -> dict[str, Any]:
+    """The run.json record of the space the pair embeddings live in (its ``dim`` from a probe)."""
+    reference = models.reference
+    dtype = next(reference.parameters()).dtype
+    with torch.no_grad():
+        probe = _reference_image(models, torch.zeros(1, 3, *image_size(reference), dtype=dtype, device=models.device))
+    dim = int(probe.shape[-1])
+    text = "label" if models.task == "classify" else "caption"
+    return {
+        "format": EMBEDDING_FORMAT,
+        "dim": dim,
+        "reference_sha256": _weights_sha256(models.reference),
+        "preprocess": _preprocess_description(models.preprocess),
+        "text": text,
+        "what": f"L2-normalised reference image embedding and {text} embedding, float16",
+    }
+
+
+class PairEmbedder:
+    """Forward-only pair embeddings from the reference (``mimicfilter embed``): image tower plus
+    text tower (captions) or the head's class embeddings (labels). No proxy, no JVP."""
+
+    def __init__(self, models: LoadedModels, autocast_dtype: torch.dtype | None = None):
+        self.models = models
         self.autocast_dtype = autocast_dtype if models.device.type == "cuda" else None
-        self.dtype = next(self.visual.parameters()).dtype
-        size = getattr(visual, "image_size", 224)
-        height, width = size if isinstance(size, (tuple, list)) else (size, size)
-        with torch.no_grad():
-            probe = self.visual(torch.zeros(1, 3, height, width, dtype=self.dtype, device=self.device))
-        self.dim = int(probe.shape[-1])
-        self.space = {
-            "dim": self.dim,
-            "image_tower_sha256": _tower_sha256(self.visual),
-            "preprocess": _preprocess_description(models.preprocess),
-            "what": "L2-normalised image-tower output of the initial proxy, float16",
-        }
+        self.dtype = next(models.reference.parameters()).dtype
+        self.space = embedding_space(models)
+        self.dim = self.space["dim"]
 
     @torch.no_grad()
-    def __call__(self, images: torch.Tensor) -> torch.Tensor:
-        inputs = self.normalization.to_model(images, self.device, self.dtype)
-        if self.autocast_dtype is not None:
-            with torch.autocast(device_type=self.device.type, dtype=self.autocast_dtype):
-                features = self.visual(inputs)
-        else:
-            features = self.visual(inputs)
-        return F.normalize(features.float(), dim=-1).to(torch.float16).cpu()
-
-
-def needs_frozen_copy(mimic_layers: tuple[str, ...], train_mode: str) -> bool:
-    """Whether a trajectory changes the proxy's image tower (then the embedder keeps its own copy)."""
-    if train_mode == "none":
-        return False
-    return train_mode == "full" or any(name.startswith("visual.") for name in mimic_layers)
-
+    def __call__(self, images: torch.Tensor, targets: torch.Tensor) -> PairEmbeddings:
+        """``targets``: token ids (image–text) or labels (classification), as in a batch."""
+        models = self.models
+        device = models.device
+        images = models.normalization.to_model(images, device, self.dtype)  # uint8 batches, as the scorer's
+        targets = targets.to(device, non_blocking=True)
+        with torch.autocast(device.type, dtype=self.autocast_dtype, enabled=self.autocast_dtype is not None):
+            image = _reference_image(models, images)
+            if models.task == "classify":
+                text = label_embeddings(models.reference.head.weight, targets)
+            else:
+                text = models.reference.encode_text(targets)
+        return _half_cpu((image, text))
 
 
 class BatchEmbedder:
-    """The embeddings of a scored batch: from the image features the scorer returned when its head
-    route computed them with a frozen trunk (no second image-tower pass), else from an image-tower
-    pass (of a frozen copy when the trajectory moves the tower)."""
+    """The pair embeddings of a scored batch: the reference embeddings the scorer computed for its
+    baselines (no extra forward pass, whatever the route or training mode)."""
 
-    def __init__(self, scorer: MimicScorer, train_mode: str, autocast_dtype: torch.dtype | None = None):
-        models = scorer.models
-        self._from_features = scorer.embedding_from_features() if train_mode != "full" else None
-        frozen_copy = needs_frozen_copy(models.mimic_layers, train_mode) and self._from_features is None
-        self.embedder = ImageEmbedder(models, frozen_copy, autocast_dtype)
+    def __init__(self, models: LoadedModels):
+        self.space = embedding_space(models)
+        self.dim = self.space["dim"]
 
-    @property
-    def dim(self) -> int:
-        return self.embedder.dim
-
-    @property
-    def space(self) -> dict[str, Any]:
-        return self.embedder.space
-
-    def __call__(self, images: torch.Tensor, scores: BatchScores) -> torch.Tensor:
-        if self._from_features is not None and scores.image_features is not None:
-            return self._from_features(scores.image_features)
-        return self.embedder(images)
+    def __call__(self, scores: BatchScores) -> PairEmbeddings:
+        if scores.reference_embeddings is None:
+            raise RuntimeError("the scorer returned no reference embeddings")  # every scorer does
+        return _half_cpu(scores.reference_embeddings)

@@ -44,6 +44,13 @@ class ImageClassifier(nn.Module):
         return self.logit_scale * self.head(self.features(images))
 
 
+def label_embeddings(head_weight: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Each label's class embedding: its L2-normalised head row (for a zero-shot head, the class
+    prompts' text embedding), the text side of a labelled image's pair embedding."""
+    with torch.no_grad():
+        return F.normalize(head_weight, dim=-1)[labels.long()]
+
+
 def _read_classnames(path: str) -> list[str]:
     try:
         names = [line.strip() for line in Path(path).read_text(encoding="utf-8").splitlines() if line.strip()]

@@ -42,21 +42,21 @@ class BatchScores:
     loss: torch.Tensor
     ref_loss: torch.Tensor
     clip_score: torch.Tensor | None = None
-    embedding: torch.Tensor | None = None  # [B, D] float16, with --save-embeddings (mimic.embedder)
-    # The proxy image trunk's output (on the scoring device) when the head route computed it with a
-    # frozen trunk: the input of the image head for CLIP, the image features for classification.
-    image_features: torch.Tensor | None = None
+    # The reference's L2-normalised (image, text) embeddings [B, D] on the scoring device, computed
+    # for the baselines anyway: the pair embedding of mimic.embedder (for classification the text
+    # side is the label's class embedding).
+    reference_embeddings: tuple[torch.Tensor, torch.Tensor] | None = None
 
 
 @dataclass
 class Prepared:
     """One batch made ready for the mimic math: the proxy's per-sample loss as a function of the
-    mimic-layer parameters, the reference's baselines, and the trunk features when reusable."""
+    mimic-layer parameters, the reference's baselines and the reference's pair embeddings."""
 
     per_sample_loss: Callable[[ParamDict], torch.Tensor]
     ref_loss: torch.Tensor
     clip_score: torch.Tensor | None
-    image_features: torch.Tensor | None = None
+    reference_embeddings: tuple[torch.Tensor, torch.Tensor] | None = None
 
 
 @contextlib.contextmanager
@@ -85,8 +85,8 @@ def _same_outside(reference: nn.Module, proxy: nn.Module, mimic_layers: tuple[st
 class MimicScorer:
     """Scores batches (:meth:`score`) and takes Grad-Mimic training steps (:meth:`train_step`).
 
-    Build once per run with :func:`mimicfilter.mimic.build.make_scorer`; the task-specific parts
-    are :meth:`_prepare` and :meth:`embedding_from_features`.
+    Build once per run with :func:`mimicfilter.mimic.build.make_scorer`; the task-specific part
+    is :meth:`_prepare`.
     """
 
     def __init__(self, models: LoadedModels, temperature: float, autocast_dtype: torch.dtype | None = None):
@@ -117,11 +117,6 @@ class MimicScorer:
 
     def _prepare(self, images: torch.Tensor, targets: torch.Tensor) -> Prepared:
         raise NotImplementedError
-
-    def embedding_from_features(self) -> Callable[[torch.Tensor], torch.Tensor] | None:
-        """How :attr:`BatchScores.image_features` become the initial proxy's image embedding
-        (normalised, float16, CPU), or None when this scorer's features cannot give it."""
-        return None
 
     def _inputs(self, images: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """uint8 pixels are normalised on the device (mimic.inputs); float images are taken as they are."""
@@ -184,6 +179,7 @@ class MimicScorer:
             loss=loss.detach().cpu(),
             ref_loss=prepared.ref_loss.detach().cpu(),
             clip_score=None if prepared.clip_score is None else prepared.clip_score.detach().cpu(),
-            image_features=prepared.image_features,
+            reference_embeddings=None if prepared.reference_embeddings is None
+            else tuple(value.detach() for value in prepared.reference_embeddings),
         )
 

@@ -10,14 +10,18 @@ from typing import Any
 import torch
 
 from mimicfilter.mimic.build import autocast_dtype, load_models_on_device, make_scorer
-from mimicfilter.mimic.embedder import BatchEmbedder
+from mimicfilter.mimic.embedder import BatchEmbedder, PairEmbeddings
 from mimicfilter.mimic.models import ModelSpec
 from mimicfilter.mimic.scorer import BatchScores, MimicScorer
 from mimicfilter.pipeline.batches import Batch
-from mimicfilter.store.schema import EMBEDDING_COLUMN, NON_FINITE, SCORE_VALUE_COLUMNS
+from mimicfilter.store.schema import EMBEDDING_COLUMN, NON_FINITE, SCORE_VALUE_COLUMNS, TEXT_EMBEDDING_COLUMN
 
 
-def score_rows(batch: Batch, scores: BatchScores | None, embeddings: torch.Tensor | None = None,
+def _pair_cells(embeddings: PairEmbeddings, position: int) -> dict[str, Any]:
+    return {EMBEDDING_COLUMN: embeddings.image[position].numpy(), TEXT_EMBEDDING_COLUMN: embeddings.text[position].numpy()}
+
+
+def score_rows(batch: Batch, scores: BatchScores | None, embeddings: PairEmbeddings | None = None,
                epoch: int = 0) -> list[dict[str, Any]]:
     """One score row per sample of the batch; samples that are not ok get null scores."""
     rows = []
@@ -29,7 +33,7 @@ def score_rows(batch: Batch, scores: BatchScores | None, embeddings: torch.Tenso
                 values = getattr(scores, column)
                 row[column] = None if values is None else float(values[ok_position])
             if embeddings is not None:
-                row[EMBEDDING_COLUMN] = embeddings[ok_position].numpy()
+                row |= _pair_cells(embeddings, ok_position)
             ok_position += 1
             _mark_non_finite(row)
         rows.append(row)
@@ -47,13 +51,13 @@ def _mark_non_finite(row: dict[str, Any]) -> None:
             row[column] = None
 
 
-def embed_rows(batch: Batch, embeddings: torch.Tensor | None) -> list[dict[str, Any]]:
-    """One ``embed`` row per sample of the batch; the embedding for ok samples, null otherwise."""
+def embed_rows(batch: Batch, embeddings: PairEmbeddings | None) -> list[dict[str, Any]]:
+    """One ``embed`` row per sample of the batch; the pair embedding for ok samples, null otherwise."""
     rows, position = [], 0
     for sample in batch.samples:
         row = asdict(sample)
         if sample.ok and embeddings is not None:
-            row[EMBEDDING_COLUMN] = embeddings[position].numpy()
+            row |= _pair_cells(embeddings, position)
             position += 1
         rows.append(row)
     return rows
@@ -70,15 +74,15 @@ class BatchScorer:
     def embedding_dim(self) -> int | None:
         return self.embedder.dim if self.embedder is not None else None
 
-    def _embeddings(self, batch: Batch, scores: BatchScores) -> torch.Tensor | None:
-        return self.embedder(batch.images, scores) if self.embedder is not None else None
+    def _embeddings(self, scores: BatchScores) -> PairEmbeddings | None:
+        return self.embedder(scores) if self.embedder is not None else None
 
     def score(self, batch: Batch, epoch: int = 0) -> list[dict[str, Any]]:
         """Static scores of the batch (the proxy does not change)."""
         if batch.images is None:
             return score_rows(batch, None, epoch=epoch)
         scores = self.scorer.score(batch.images, batch.targets)
-        return score_rows(batch, scores, self._embeddings(batch, scores), epoch)
+        return score_rows(batch, scores, self._embeddings(scores), epoch)
 
     def train(self, batch: Batch, optimizer: torch.optim.Optimizer, epoch: int) -> list[dict[str, Any]]:
         """Score the batch at the current proxy, then take one Grad-Mimic step on it."""
@@ -88,13 +92,13 @@ class BatchScorer:
             scores = self.scorer.train_step(batch.images, batch.targets, optimizer)
         else:  # a batch of one has no contrast and a zero gradient: score it, but take no step
             scores = self.scorer.score(batch.images, batch.targets)
-        return score_rows(batch, scores, self._embeddings(batch, scores), epoch)
+        return score_rows(batch, scores, self._embeddings(scores), epoch)
 
 
-def build_batch_scorer(model: ModelSpec, temperature: float, save_embeddings: bool, train_mode: str) -> BatchScorer:
+def build_batch_scorer(model: ModelSpec, temperature: float, save_embeddings: bool) -> BatchScorer:
     """Models on their device, the task's scorer, and the embedder when asked for."""
     models = load_models_on_device(model)
     autocast = autocast_dtype(models.device)
     scorer = make_scorer(models, temperature, autocast_dtype=autocast)
-    embedder = BatchEmbedder(scorer, train_mode, autocast) if save_embeddings else None
+    embedder = BatchEmbedder(models) if save_embeddings else None
     return BatchScorer(scorer, embedder)

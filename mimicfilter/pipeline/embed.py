@@ -1,4 +1,4 @@
-"""``mimicfilter embed``: the proxy's image embedding of every sample, for score extrapolation.
+"""``mimicfilter embed``: the reference's pair embedding of every sample, for score extrapolation.
 
 Forward only, through the same read → decode → batch stages and the same local-executor loop as
 static scoring, with the same decoding options, so a sample gets the same status in both (a sample
@@ -14,7 +14,7 @@ from dataclasses import asdict
 from typing import Any
 
 from mimicfilter.mimic.build import autocast_dtype, load_models_on_device
-from mimicfilter.mimic.embedder import ImageEmbedder
+from mimicfilter.mimic.embedder import PairEmbedder
 from mimicfilter.pipeline.batch_scorer import embed_rows
 from mimicfilter.pipeline.batches import Batch
 from mimicfilter.pipeline.config import EmbedConfig, Progress
@@ -32,7 +32,7 @@ def run_embed(config: EmbedConfig, progress: Progress | None = None) -> dict[str
     run = RunDirectory(config.out_dir, "embed", config.argv)
     models = load_models_on_device(config.model)
     device = models.device
-    embedder = ImageEmbedder(models, frozen_copy=False, autocast_dtype=autocast_dtype(device))
+    embedder = PairEmbedder(models, autocast_dtype(device))
     fingerprint = {
         "format": 1,
         "kind": "embed",
@@ -57,7 +57,7 @@ def run_embed(config: EmbedConfig, progress: Progress | None = None) -> dict[str
     embedded = 0
 
     def rows_of_batch(batch: Batch) -> list[dict[str, Any]]:
-        return embed_rows(batch, embedder(batch.images) if batch.images is not None else None)
+        return embed_rows(batch, embedder(batch.images, batch.targets) if batch.images is not None else None)
 
     try:
         decoder = Decoder.for_models(config.decode, models)

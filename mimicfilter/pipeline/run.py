@@ -102,8 +102,7 @@ def run_score(config: ScoreConfig, progress: Progress | None = None) -> dict[str
     # head node may have no GPU); the actors load them again on their own devices.
     driver_model = config.model if config.ray is None else dataclasses.replace(config.model, device="cpu")
     with phase("models and scorer (total)"):
-        batch_scorer = build_batch_scorer(driver_model, config.effective_temperature, config.save_embeddings,
-                                          config.train.mode)
+        batch_scorer = build_batch_scorer(driver_model, config.effective_temperature, config.save_embeddings)
     scorer = batch_scorer.scorer
     models = scorer.models
     device = str(models.device) if config.ray is None else f"ray ({_device_type(config, models)})"

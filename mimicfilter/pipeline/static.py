@@ -57,8 +57,7 @@ class ShardWorkerFactory:
         config = self.config
         if config.ray is not None and not config.ray.gpus_per_task:  # never touch a GPU Ray did not assign
             config = dataclasses.replace(config, model=dataclasses.replace(config.model, device="cpu"))
-        batch_scorer = build_batch_scorer(config.model, config.effective_temperature, config.save_embeddings,
-                                          config.train.mode)
+        batch_scorer = build_batch_scorer(config.model, config.effective_temperature, config.save_embeddings)
         return functools.partial(score_shard, batch_scorer=batch_scorer, config=config)
 
 

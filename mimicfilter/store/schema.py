@@ -44,23 +44,28 @@ SCORE_VALUE_COLUMNS = ("mimic_score", "mimic_weight", "loss", "clip_score", "ref
 
 # Optional columns, appended after SCORE_SCHEMA's only when a run asks for them: the default schema
 # (and every reader of it) is unchanged. ``read_part``/``read_scores`` drop them unless named.
-EMBEDDING_COLUMN = "embedding"  # score --save-embeddings, and every `embed` part
-EXTRAPOLATED_COLUMN = "extrapolated"  # `extrapolate` output: true where the scores are kNN predictions
+EMBEDDING_COLUMN = "embedding"  # score --save-embeddings, and every `embed` part: the image side
+TEXT_EMBEDDING_COLUMN = "text_embedding"  # the caption's (or the label's) side of the pair, next to it
+EXTRAPOLATED_COLUMN = "extrapolated"  # `extrapolate` output: true where the scores are predictions
+# Both sides of the pair, in this order. Runs written before mimicfilter stored pairs have only
+# `embedding` (then the initial proxy's image embedding; run.json's `embedding` says which).
+PAIR_COLUMNS = (EMBEDDING_COLUMN, TEXT_EMBEDDING_COLUMN)
 
-# `embed` parts: who the sample is, its status, label and embedding.
-EMBED_COLUMNS = ("shard", "key", "uid", "index", "status", "error", "label", EMBEDDING_COLUMN)
+# `embed` parts: who the sample is, its status, label and pair embedding.
+EMBED_COLUMNS = ("shard", "key", "uid", "index", "status", "error", "label", *PAIR_COLUMNS)
 
 
-def embedding_field(dim: int) -> pa.Field:
-    """The proxy's L2-normalised image embedding: a fixed-size list of ``dim`` float16 (null unless ok)."""
-    return pa.field(EMBEDDING_COLUMN, pa.list_(pa.float16(), dim))
+def embedding_field(dim: int, name: str = EMBEDDING_COLUMN) -> pa.Field:
+    """An L2-normalised embedding column: a fixed-size list of ``dim`` float16 (null unless ok)."""
+    return pa.field(name, pa.list_(pa.float16(), dim))
 
 
 def score_schema(embedding_dim: int | None = None, extrapolated: bool = False) -> pa.Schema:
-    """SCORE_SCHEMA, plus ``embedding`` (with ``embedding_dim``) and/or ``extrapolated`` when asked."""
+    """SCORE_SCHEMA, plus the pair columns (with ``embedding_dim``) and/or ``extrapolated`` when asked."""
     schema = SCORE_SCHEMA
     if embedding_dim is not None:
-        schema = schema.append(embedding_field(embedding_dim))
+        for name in PAIR_COLUMNS:
+            schema = schema.append(embedding_field(embedding_dim, name))
     if extrapolated:
         schema = schema.append(pa.field(EXTRAPOLATED_COLUMN, pa.bool_(), nullable=False))
     return schema
@@ -68,8 +73,8 @@ def score_schema(embedding_dim: int | None = None, extrapolated: bool = False) -
 
 def embed_schema(dim: int) -> pa.Schema:
     """Parts written by ``mimicfilter embed``."""
-    return pa.schema([SCORE_SCHEMA.field(name) for name in EMBED_COLUMNS if name != EMBEDDING_COLUMN]
-                     + [embedding_field(dim)])
+    return pa.schema([SCORE_SCHEMA.field(name) for name in EMBED_COLUMNS if name not in PAIR_COLUMNS]
+                     + [embedding_field(dim, name) for name in PAIR_COLUMNS])
 
 
 def embedding_array(values: list[Any], dim: int) -> pa.FixedSizeListArray:
@@ -85,14 +90,19 @@ def embedding_array(values: list[Any], dim: int) -> pa.FixedSizeListArray:
 def rows_to_table(rows: Iterable[dict[str, Any]], embedding_dim: int | None = None) -> pa.Table:
     """Score rows (dicts with the schema's columns; missing columns are null) as a table in index order.
 
-    With ``embedding_dim``, the table has the ``embedding`` column too (from each row's ``embedding``).
+    With ``embedding_dim``, the table has the pair columns too (from each row's values of them).
     """
     ordered = sorted(rows, key=lambda row: (row["epoch"], row["index"]))
     columns = {name: [row.get(name) for row in ordered] for name in SCORE_COLUMNS}
     table = pa.table(columns, schema=SCORE_SCHEMA)
     if embedding_dim is not None:
-        embeddings = embedding_array([row.get(EMBEDDING_COLUMN) for row in ordered], embedding_dim)
-        table = table.append_column(embedding_field(embedding_dim), embeddings)
+        table = _append_pair_columns(table, ordered, embedding_dim)
+    return table
+
+
+def _append_pair_columns(table: pa.Table, ordered: list[dict[str, Any]], dim: int) -> pa.Table:
+    for name in PAIR_COLUMNS:
+        table = table.append_column(embedding_field(dim, name), embedding_array([row.get(name) for row in ordered], dim))
     return table
 
 
@@ -100,7 +110,6 @@ def embed_rows_to_table(rows: list[dict[str, Any]], dim: int) -> pa.Table:
     """`embed` rows as a table in index order."""
     ordered = sorted(rows, key=lambda row: row["index"])
     schema = embed_schema(dim)
-    columns = {name: [row.get(name) for row in ordered] for name in EMBED_COLUMNS if name != EMBEDDING_COLUMN}
+    columns = {name: [row.get(name) for row in ordered] for name in EMBED_COLUMNS if name not in PAIR_COLUMNS}
     table = pa.table(columns, schema=pa.schema([schema.field(name) for name in columns]))
-    return table.append_column(schema.field(EMBEDDING_COLUMN),
-                               embedding_array([row.get(EMBEDDING_COLUMN) for row in ordered], dim))
+    return _append_pair_columns(table, ordered, dim)
