@@ -54,3 +54,8 @@ bench-defaults: install
 
 clean:
 	rm -rf $(VENV) $(DEMO_RUN) .pytest_cache *.egg-info
+
+# Stage 1 (re-weighting while training): Fashion-MNIST and the emoji CLIP, plain vs Grad-Mimic (docs/training.md).
+.PHONY: bench-stage1
+bench-stage1: install
+	$(PY) benchmarks/stage1.py

@@ -196,23 +196,32 @@ def preprocess_images(images: np.ndarray, preprocess):
     return torch.stack([preprocess(Image.fromarray(image)) for image in images])
 
 
-def train_clip(images, tokens, steps: int, batch_size: int, seed: int, lr: float = 2e-3, log_every: int = 0):
-    """The small CLIP from scratch: AdamW, cosine schedule with warm-up, the demo's light augmentation."""
+def train_clip(images, tokens, steps: int, batch_size: int, seed: int, lr: float = 2e-3, log_every: int = 0,
+               make_loss=None, after_step=None, init_seed: int | None = None, config: dict | None = None):
+    """The small CLIP from scratch: AdamW, cosine schedule with warm-up, the demo's light augmentation.
+
+    ``make_loss(model)`` may return the batch loss as a function of (image features, text features,
+    logit scale) instead of open_clip's ClipLoss (benchmarks/stage1.py: Grad-Mimic re-weighting);
+    ``after_step(step, model, seconds, index)`` runs after every optimizer step with that step's wall time
+    and the batch's sample indices. ``init_seed`` seeds the initial weights apart from the data order.
+    ``config`` replaces the model config (default CONFIG).
+    """
     import open_clip
     import torch
     from make_demo_data import augment, build_model
 
-    torch.manual_seed(seed)
-    model, _, _ = build_model(CONFIG)
+    torch.manual_seed(seed if init_seed is None else init_seed)
+    model, _, _ = build_model(config or CONFIG)
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.1)
     schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=lr, total_steps=steps, pct_start=0.1,
                                                    anneal_strategy="cos")
-    loss_fn = open_clip.ClipLoss()
+    loss_fn = make_loss(model) if make_loss is not None else open_clip.ClipLoss()
     generator = torch.Generator().manual_seed(seed)
     batch_size = min(batch_size, len(images))
     order, cursor = torch.randperm(len(images), generator=generator), 0
     model.train()
     for step in range(steps):
+        started = time.perf_counter()
         if cursor + batch_size > len(order):  # epoch boundary: drop the remainder, reshuffle
             order, cursor = torch.randperm(len(images), generator=generator), 0
         index = order[cursor : cursor + batch_size]
@@ -225,6 +234,8 @@ def train_clip(images, tokens, steps: int, batch_size: int, seed: int, lr: float
         schedule.step()
         if log_every and (step + 1) % log_every == 0:
             print(f"    step {step + 1}/{steps}  loss {loss.item():.3f}", flush=True)
+        if after_step is not None:
+            after_step(step + 1, model, time.perf_counter() - started, index)
     model.eval()
     return model
 

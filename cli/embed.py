@@ -3,22 +3,19 @@
 from __future__ import annotations
 
 import json
-import sys
 
 import click
 
 from mimicfilter_cli.common import ProgressBar, one_line_errors
 from mimicfilter_cli.options import (
-    decode_from,
     execution_options,
     input_options,
-    model_from,
     model_options,
-    out_from,
     output_options,
     set_threads,
     shards_argument,
     shards_from,
+    stream_fields,
     task_from,
 )
 
@@ -52,17 +49,7 @@ def embed(shards, **options):
     shard_list = shards_from(shards, options)
     task = task_from(shard_list, options)
     set_threads(options["threads"])
-    config = EmbedConfig(
-        shards=shard_list,
-        out_dir=out_from(options),
-        model=model_from(options, task),
-        decode=decode_from(options, task),
-        batch_size=options["batch_size"],
-        workers=options["workers"],
-        allow_pipe=options["allow_pipe"],
-        overwrite=options["overwrite"],
-        argv=tuple(sys.argv),
-    )
+    config = EmbedConfig(**stream_fields(shard_list, task, options))
     stats = run_embed(config, progress=ProgressBar(enabled=not options["quiet"]))
     if options["as_json"]:
         click.echo(json.dumps(stats, indent=2, sort_keys=True))

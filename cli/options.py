@@ -187,3 +187,10 @@ def out_from(options: dict[str, Any]):
         if not existing.is_dir():
             raise MimicfilterError(f"--out {out}: {existing} is not a directory", hint="choose another --out")
     return out
+
+
+def stream_fields(shard_list: tuple[str, ...], task: str, options: dict[str, Any]) -> dict[str, Any]:
+    """The fields ``ScoreConfig`` and ``EmbedConfig`` share, from the shared option groups."""
+    return dict(shards=shard_list, out_dir=out_from(options), model=model_from(options, task),
+                decode=decode_from(options, task), batch_size=options["batch_size"], workers=options["workers"],
+                allow_pipe=options["allow_pipe"], overwrite=options["overwrite"], argv=tuple(sys.argv))

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import sys
 
 import click
 from rich.console import Console
@@ -13,18 +12,16 @@ from mimicfilter import timing
 from mimicfilter.defaults import TRAIN_MODES
 from mimicfilter_cli.common import ProgressBar, one_line_errors
 from mimicfilter_cli.options import (
-    decode_from,
     execution_options,
     group,
     input_options,
-    model_from,
     model_options,
-    out_from,
     output_options,
     per_task_default,
     set_threads,
     shards_argument,
     shards_from,
+    stream_fields,
     task_from,
 )
 
@@ -170,19 +167,11 @@ def _run(shards, options) -> dict:
     with timing.phase("detect the task"):
         task = task_from(shard_list, options)
     config = ScoreConfig(
-        shards=shard_list,
-        out_dir=out_from(options),
-        model=model_from(options, task),
-        decode=decode_from(options, task),
-        batch_size=options["batch_size"],
-        workers=options["workers"],
+        **stream_fields(shard_list, task, options),
         temperature=options["temperature"],
         train=TrainConfig(mode=options["train"], epochs=options["epochs"], lr=options["lr"],
                           weight_decay=options["weight_decay"], shuffle_buffer=options["shuffle_buffer"],
                           checkpoint_every=options["checkpoint_every"]),
-        allow_pipe=options["allow_pipe"],
-        overwrite=options["overwrite"],
-        argv=tuple(sys.argv),
         partition=partition,
         ray=ray,
         save_embeddings=options["save_embeddings"],

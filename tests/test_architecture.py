@@ -23,7 +23,7 @@ LAYERS = {
     "defaults": 1,
     "store": 2,
     "shards": 3, "mimic": 3, "execute": 3,
-    "curate": 4,
+    "curate": 4, "train": 4,  # train: open_clip's trainer with GradMimic (imports mimic, never pipeline)
     "pipeline": 5, "extrapolate": 5, "report": 5,
     "": 6,  # mimicfilter/__init__.py
     "__main__": 7,

@@ -150,7 +150,8 @@ def checkpoint_kind(path: Path) -> str | None:
     return None
 
 
-def _load_checkpoint(model: nn.Module, path: Path, role: str, trust: bool) -> None:
+def load_checkpoint(model: nn.Module, path: Path, role: str, trust: bool) -> None:
+    """Load a local state dict (or an open_clip_train checkpoint) into ``model``, strictly, with one-line errors."""
     if not path.is_file():
         raise MimicfilterError(f"{role} checkpoint {path} does not exist", hint="check the path")
     if (kind := checkpoint_kind(path)) is not None:
@@ -238,7 +239,7 @@ def instantiate(architecture: Architecture, source: str, role: str, trust: bool)
         built.weights = {"source": "pretrained", "tag": source}
         return built
     with phase(f"load the {role} checkpoint"):
-        _load_checkpoint(built.model, path, role, trust)
+        load_checkpoint(built.model, path, role, trust)
     with phase(f"hash the {role} checkpoint (rest of)"):
         sha256 = digest.result() if digest is not None else sha256_of_file(path)
     built.weights = {"source": "checkpoint", "path": str(path), "sha256": sha256}

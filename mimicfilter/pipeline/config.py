@@ -61,18 +61,11 @@ class ScoreConfig:
     chunk_size: int = 64  # raw samples per decoding work unit; never changes a table (not in the fingerprint)
 
     def __post_init__(self):
-        if not self.shards:
-            raise MimicfilterError("no shards to score", hint="pass shard files, a directory, a pattern or @list.txt")
+        _check_stream(self, "score")
         if self.batch_size < 2:
             raise MimicfilterError(f"--batch-size {self.batch_size}: need at least 2 (the loss contrasts pairs)")
-        if self.workers < 0:
-            raise MimicfilterError(f"--workers {self.workers}: must be 0 or more")
-        if self.chunk_size < 1:
-            raise MimicfilterError(f"chunk size {self.chunk_size}: must be at least 1")
         if self.temperature is not None and not self.temperature > 0:
             raise MimicfilterError(f"--temperature {self.temperature}: must be positive")
-        if self.decode.task != self.model.task:
-            raise MimicfilterError(f"decoding for {self.decode.task!r} but models for {self.model.task!r}")
         if (self.ray is not None or self.partition.partitioned) and self.train.mode != "none":
             raise MimicfilterError(
                 f"--train {self.train.mode} is one ordered stream and cannot be split over shards",
@@ -113,14 +106,21 @@ class EmbedConfig:
     chunk_size: int = 64  # raw samples per decoding work unit; never changes a table
 
     def __post_init__(self):
-        if not self.shards:
-            raise MimicfilterError("no shards to embed", hint="pass shard files, a directory, a pattern or @list.txt")
+        _check_stream(self, "embed")
         if self.batch_size < 1:
             raise MimicfilterError(f"--batch-size {self.batch_size}: must be at least 1")
-        if self.workers < 0:
-            raise MimicfilterError(f"--workers {self.workers}: must be 0 or more")
-        if self.decode.task != self.model.task:
-            raise MimicfilterError(f"decoding for {self.decode.task!r} but models for {self.model.task!r}")
+
+
+def _check_stream(config: "ScoreConfig | EmbedConfig", verb: str) -> None:
+    """What every streaming command checks alike: shards to read, workers, chunks, one task."""
+    if not config.shards:
+        raise MimicfilterError(f"no shards to {verb}", hint="pass shard files, a directory, a pattern or @list.txt")
+    if config.workers < 0:
+        raise MimicfilterError(f"--workers {config.workers}: must be 0 or more")
+    if config.chunk_size < 1:
+        raise MimicfilterError(f"chunk size {config.chunk_size}: must be at least 1")
+    if config.decode.task != config.model.task:
+        raise MimicfilterError(f"decoding for {config.decode.task!r} but models for {config.model.task!r}")
 
 
 class Progress(Protocol):
