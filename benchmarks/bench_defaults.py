@@ -1,7 +1,7 @@
 """The validation suite the filter's defaults are chosen on (``make bench-defaults``).
 
-    python benchmarks/bench_defaults.py                  # cold: ~29 CPU-minutes (docs/benchmarks.md); cached: ~5 minutes
-    python benchmarks/bench_defaults.py --out DIR --threads 2
+    python benchmarks/bench_defaults.py                  # cold: 15 min on 2 idle cores (docs/benchmarks.md); cached: ~5 min
+    python benchmarks/bench_defaults.py --out DIR --jobs 2
 
 Builds the pools of ``benchmarks/defaults_suite.py`` (image–text pools with swapped captions at 0-70 %
 and web-style mixed corruption; Fashion-MNIST with no, symmetric and class-dependent label noise),
@@ -29,6 +29,7 @@ import resource
 import sys
 import tempfile
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -195,40 +196,64 @@ def tables(results: list[dict]) -> str:
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=Path, default=suite.ROOT / "bench-runs" / "defaults")
-    parser.add_argument("--threads", type=int, default=0, help="torch threads here and in the CLI [the idle cores, at least 1]")
+    parser.add_argument("--threads", type=int, default=0, help="torch threads in all [the idle cores, at least 1]")
+    parser.add_argument("--jobs", type=int, default=0,
+                        help="scoring processes at once, each with threads/jobs torch threads [the cores]")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--pools", default=None, help="comma-separated pool names [all]")
     args = parser.parse_args(argv)
     if args.threads <= 0:
         cores = os.cpu_count() or 1
         args.threads = max(1, min(cores, cores - int(round(os.getloadavg()[0]))))
+    jobs = args.jobs if args.jobs > 0 else (os.cpu_count() or 1)
+    # one thread per job: small models run faster as several one-thread processes than as one
+    # multi-thread process, and the cached references and runs are stamped with this count
+    per_job = max(1, args.threads // jobs)
     import torch
 
-    torch.set_num_threads(args.threads)
+    torch.set_num_threads(per_job)
     started = time.time()
     args.out.mkdir(parents=True, exist_ok=True)
     pools = [p for p in suite.POOLS if args.pools is None or p.name in args.pools.split(",")]
-    data = {}
+    runs = suite.runs_of(pools)
+
+    def prepare(task: str):
+        """The task's reference and its pools, each pool written once before runs share it."""
+        made = (suite.EmojiData if task == "contrastive" else suite.FashionData)(args.out, args.seed, per_job)
+        for pool in dict.fromkeys(pool for pool, _, _ in runs if pool.task == task):
+            made.pool(pool)
+        return made
+
+    def score_and_evaluate(spec: tuple) -> tuple[dict, dict]:
+        pool, reference, setting = spec
+        run = suite.score(data[pool.task].result(), pool, reference, setting, args.out, per_job, args.seed)
+        return run, evaluate(run)
+
     results = []
-    for pool, reference, setting in suite.runs_of(pools):
-        if pool.task not in data:
-            data[pool.task] = (suite.EmojiData if pool.task == "contrastive" else suite.FashionData)(
-                args.out, args.seed, args.threads)
-        run = suite.score(data[pool.task], pool, reference, setting, args.out, args.threads, args.seed)
-        evaluated = evaluate(run)
-        results.append({"pool": pool.name, "task": pool.task, "reference": reference, "setting": setting.name,
-                        "role": setting.role, "command": run["command"], "score_wall_s": run["wall_s"], **evaluated})
-        default = evaluated["rules"][rule_name(DEFAULT)]
-        f1 = "–" if default["f1"] is None else f"{default['f1']:.3f}"
-        scored = "" if run["wall_s"] is None else f" [scored in {run['wall_s']:.0f} s]"
-        print(f"{pool.name:14s} {reference:7s} {setting.name:22s} truth {evaluated['clean_fraction']:.3f} default "
-              f"{default['estimate']:.3f} (F1 {f1}){scored}", flush=True)
+    tasks = list(dict.fromkeys(pool.task for pool, _, _ in runs))
+    # The references train side by side, and runs start as soon as their task's reference is ready:
+    # the runs of the quicker one (Fashion-MNIST) are queued first. Results are read back in the
+    # suite's order, so the tables never depend on --jobs.
+    with ThreadPoolExecutor(len(tasks)) as preparing, ThreadPoolExecutor(jobs) as scoring:
+        data = {task: preparing.submit(prepare, task) for task in tasks}
+        order = sorted(range(len(runs)), key=lambda i: runs[i][0].task != "classify")
+        futures = {i: scoring.submit(score_and_evaluate, runs[i]) for i in order}
+        for i, (pool, reference, setting) in enumerate(runs):
+            run, evaluated = futures[i].result()
+            results.append({"pool": pool.name, "task": pool.task, "reference": reference, "setting": setting.name,
+                            "role": setting.role, "command": run["command"], "score_wall_s": run["wall_s"],
+                            **evaluated})
+            default = evaluated["rules"][rule_name(DEFAULT)]
+            f1 = "–" if default["f1"] is None else f"{default['f1']:.3f}"
+            scored = "" if run["wall_s"] is None else f" [scored in {run['wall_s']:.0f} s]"
+            print(f"{pool.name:14s} {reference:7s} {setting.name:22s} truth {evaluated['clean_fraction']:.3f} default "
+                  f"{default['estimate']:.3f} (F1 {f1}){scored}", flush=True)
     text = tables(results)
     total = time.time() - started
     cpu = sum(getattr(resource.getrusage(who), field) for who in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN)
               for field in ("ru_utime", "ru_stime"))
     scored = [r["score_wall_s"] for r in results if r["score_wall_s"] is not None]
-    text += (f"\nWall time {total:.0f} s, CPU time {cpu:.0f} s ({args.threads} torch thread(s), {os.cpu_count()} cores, "
+    text += (f"\nWall time {total:.0f} s, CPU time {cpu:.0f} s ({jobs} job(s) of {per_job} torch thread(s), {os.cpu_count()} cores, "
              f"load average at the end {os.getloadavg()[0]:.1f}; {len(scored)} of {len(results)} runs scored now, "
              f"in {sum(scored):.0f} s, the rest cached). Command: `{' '.join([Path(sys.executable).name, *sys.argv])}`\n")
     print("\n" + text)

@@ -136,7 +136,9 @@ def slug(text: str) -> str:
 
 def _stamped(path: Path, stamp: dict) -> bool:
     stamp_file = path.with_name(path.name + ".stamp.json")
-    return path.exists() and stamp_file.exists() and json.loads(stamp_file.read_text()) == stamp
+    # compared as JSON reads it back (dict keys become strings): otherwise a stamp with int keys never
+    # matches, and the pool would be rewritten under runs that are reading it
+    return path.exists() and stamp_file.exists() and json.loads(stamp_file.read_text()) == json.loads(json.dumps(stamp))
 
 
 def _stamp(path: Path, stamp: dict) -> None:
