@@ -110,6 +110,19 @@ def _assert_gone_within(pids: set[int], seconds: float) -> None:
     assert not [pid for pid in pids if _alive(pid)]
 
 
+def _kill_parent_then_expect_workers_gone(process: subprocess.Popen, workers: int, busy_for: float = 0.0) -> None:
+    """SIGKILL ``process`` once its ``workers`` children exist (``busy_for`` s later): they must exit within 2 s."""
+    try:
+        children = _wait_for_children(process, workers)
+        time.sleep(busy_for)
+        process.send_signal(signal.SIGKILL)
+        process.wait()
+        _assert_gone_within(children, 2.0)
+    finally:
+        if process.poll() is None:
+            process.kill()
+
+
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
 def test_workers_exit_within_two_seconds_of_a_kill_minus_nine_of_the_parent():
     script = textwrap.dedent("""
@@ -123,15 +136,7 @@ def test_workers_exit_within_two_seconds_of_a_kill_minus_nine_of_the_parent():
                 pass
     """)
     process = subprocess.Popen([sys.executable, "-c", script], stderr=subprocess.PIPE, text=True)
-    try:
-        workers = _wait_for_children(process, 3)
-        time.sleep(0.5)  # busy now
-        process.send_signal(signal.SIGKILL)
-        process.wait()
-        _assert_gone_within(workers, 2.0)
-    finally:
-        if process.poll() is None:
-            process.kill()
+    _kill_parent_then_expect_workers_gone(process, workers=3, busy_for=0.5)
 
 
 @pytest.mark.slow
@@ -143,11 +148,4 @@ def test_score_decoders_exit_within_two_seconds_of_a_kill_minus_nine(tmp_path, t
                "--workers", "2", "--quiet", "--device", "cpu", "--threads", "1"]
     process = subprocess.Popen(command, stderr=subprocess.PIPE, text=True, cwd=ROOT,
                                env={**os.environ, "PYTHONPATH": str(ROOT)})
-    try:
-        workers = _wait_for_children(process, 2)
-        process.send_signal(signal.SIGKILL)
-        process.wait()
-        _assert_gone_within(workers, 2.0)
-    finally:
-        if process.poll() is None:
-            process.kill()
+    _kill_parent_then_expect_workers_gone(process, workers=2)
