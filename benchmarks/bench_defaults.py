@@ -40,7 +40,8 @@ import defaults_suite as suite  # noqa: E402
 from mimicfilter import metrics  # noqa: E402
 from mimicfilter.curate.duck import connect, load_scores, score_files  # noqa: E402
 from mimicfilter.curate.estimate import estimate_quality  # noqa: E402
-from mimicfilter.curate.votes import BINARIZE_RULES, VOTE_COMBINERS, AggregateConfig, aggregate  # noqa: E402
+from mimicfilter.curate.votes import AggregateConfig, aggregate  # noqa: E402
+from mimicfilter.defaults import BINARIZE_RULES, VOTE_COMBINERS  # noqa: E402
 
 DEFAULT = AggregateConfig()
 

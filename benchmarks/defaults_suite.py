@@ -110,8 +110,12 @@ SETTINGS = {
         (Setting("lr 1e-2, 3 epochs", ("--epochs", "3", "--lr", "1e-2"), "candidate"), None),
         (Setting("tau 0.05, 3 epochs", ("--epochs", "3", "--temperature", "0.05"), "candidate"),
          ("fmnist-sym40", "fmnist-cd40")),
-        (Setting("head+bias, 3 epochs", ("--epochs", "3", "--mimic-layers", "head+bias"), "candidate"),
-         ("fmnist-sym40", "fmnist-cd40")),
+        (Setting("head+bias, 3 epochs", ("--epochs", "3", "--mimic-layers", "head+bias"), "candidate"), None),
+        (Setting("head+bias, batch 64, 3 epochs", ("--epochs", "3", "--batch-size", "64", "--mimic-layers", "head+bias"),
+                 "candidate"), ("fmnist-clean", "fmnist-sym40", "fmnist-cd40")),
+        # the same steps x lr as the defaults at batch 256: does lr have to follow the batch size?
+        (Setting("lr 2.5e-4, batch 64, 3 epochs", ("--epochs", "3", "--lr", "2.5e-4", "--batch-size", "64"),
+                 "candidate"), ("fmnist-clean", "fmnist-sym40", "fmnist-cd40")),
     ),
 }
 

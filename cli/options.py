@@ -17,12 +17,21 @@ from __future__ import annotations
 
 import os
 import sys
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 import click
 
-from mimicfilter.curate.votes import BINARIZE_RULES, VOTE_COMBINERS, AggregateConfig
-from mimicfilter.defaults import MIMIC_LAYER_PRESETS, TASK_DEFAULTS
+from mimicfilter.defaults import (
+    BINARIZE_RULES,
+    DEFAULT_BINARIZE,
+    DEFAULT_COMBINE_VOTES,
+    MIMIC_LAYER_PRESETS,
+    TASK_DEFAULTS,
+    VOTE_COMBINERS,
+)
+
+if TYPE_CHECKING:
+    from mimicfilter.curate.votes import AggregateConfig
 
 DEFAULT_WORKERS = max(0, min(8, (os.cpu_count() or 2) // 2))
 THREADS_HELP = ("torch CPU threads of this process [default: torch's choice, all cores]; set it when several "
@@ -106,10 +115,10 @@ output_options = group(
 
 
 votes_options = group(
-    click.option("--binarize", type=click.Choice(BINARIZE_RULES), default=AggregateConfig.binarize, show_default=True,
+    click.option("--binarize", type=click.Choice(BINARIZE_RULES), default=DEFAULT_BINARIZE, show_default=True,
                  help="Per-epoch vote: mirror (drop twice the share below the noise's centre), gmm (2-component "
                  "mixture), kmeans, sign (s > 0) or threshold (r > 1)."),
-    click.option("--combine-votes", type=click.Choice(VOTE_COMBINERS), default=AggregateConfig.combine_votes,
+    click.option("--combine-votes", type=click.Choice(VOTE_COMBINERS), default=DEFAULT_COMBINE_VOTES,
                  show_default=True, help="Combine epoch votes by majority or a Dawid-Skene label model."),
     click.option("--memory-limit", default=None, help="DuckDB memory limit, e.g. 4GB (it spills beyond)."),
 )
@@ -120,6 +129,8 @@ strict_option = click.option(
 
 
 def aggregation_from(options: dict[str, Any]) -> AggregateConfig:
+    from mimicfilter.curate.votes import AggregateConfig  # DuckDB loads with the commands that use it
+
     return AggregateConfig(binarize=options["binarize"], combine_votes=options["combine_votes"])
 
 

@@ -8,6 +8,12 @@ from dataclasses import dataclass
 from mimicfilter.errors import MimicfilterError
 
 TASKS = ("contrastive", "classify")
+# filter and report: the per-epoch vote and how the epochs' votes combine (mimicfilter.curate.votes);
+# the defaults were chosen by their worst case on a validation suite: docs/benchmarks.md
+BINARIZE_RULES = ("mirror", "threshold", "sign", "kmeans", "gmm")
+VOTE_COMBINERS = ("majority", "label-model")
+DEFAULT_BINARIZE = "mirror"
+DEFAULT_COMBINE_VOTES = "majority"
 TRAIN_MODES = ("none", "head", "full")
 MIMIC_LAYER_PRESETS = {
     "image-proj": "the image tower's final projection (contrastive default)",

@@ -170,6 +170,15 @@ def test_filter_and_report_run_without_loading_torch():
     assert result.stdout.strip() == "[]"
 
 
+def test_score_loads_neither_duckdb_nor_the_report():
+    """Commands are imported when they run: `score` starts without DuckDB, pyarrow.compute or matplotlib."""
+    code = ("import sys; from mimicfilter_cli.main import cli; cli.get_command(None, 'score'); "
+            "print(sorted(m for m in ('duckdb', 'matplotlib', 'mimicfilter.curate.votes', 'mimicfilter_cli.filter') "
+            "if m in sys.modules))")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert result.stdout.strip() == "[]"
+
+
 def test_the_package_and_python_m_still_work():
     import mimicfilter
 
@@ -199,7 +208,7 @@ COMMAND_PAGES = {"filter": "filter.md", "report": "report.md"}
 def test_every_option_in_help_is_documented(command_name):
     from mimicfilter_cli.main import cli
 
-    command = cli.commands[command_name]
+    command = cli.all_commands[command_name]
     pages = ["usage.md"] + ([COMMAND_PAGES[command_name]] if command_name in COMMAND_PAGES else [])
     text = "".join((ROOT / "docs" / page).read_text() for page in pages)
     assert f"mimicfilter {command_name}" in text
@@ -215,7 +224,7 @@ def test_documented_options_exist():
 
     from mimicfilter_cli.main import cli
 
-    known = {opt for command in cli.commands.values() for param in command.params
+    known = {opt for command in cli.all_commands.values() for param in command.params
              if isinstance(param, click.Option) for opt in param.opts}
     text = (ROOT / "docs" / "usage.md").read_text()
     documented = set(re.findall(r"^\| `(--[a-z-]+)", text, flags=re.M))

@@ -23,18 +23,16 @@ from dataclasses import dataclass
 import numpy as np
 
 from mimicfilter.curate.duck import per_sample_sql
+from mimicfilter.defaults import BINARIZE_RULES, DEFAULT_BINARIZE, DEFAULT_COMBINE_VOTES, VOTE_COMBINERS
 from mimicfilter.errors import MimicfilterError
-
-BINARIZE_RULES = ("mirror", "threshold", "sign", "kmeans", "gmm")
-VOTE_COMBINERS = ("majority", "label-model")
 MAX_EPOCHS_FOR_PATTERNS = 62  # vote patterns are BIGINT bitmasks
 SECOND_MODE_DIP = 0.9  # a valley below 90 % of the lower mode's density counts as a second mode
 
 
 @dataclass(frozen=True)
 class AggregateConfig:
-    binarize: str = "mirror"  # chosen by its worst case on a validation suite: docs/benchmarks.md
-    combine_votes: str = "majority"
+    binarize: str = DEFAULT_BINARIZE  # chosen by its worst case on a validation suite: docs/benchmarks.md
+    combine_votes: str = DEFAULT_COMBINE_VOTES
 
     def __post_init__(self):
         if self.binarize not in BINARIZE_RULES:
