@@ -62,6 +62,28 @@ def test_an_abandoned_map_does_not_leak_into_the_next():
         assert list(pool.map(range(10, 14))) == [100, 121, 144, 169]
 
 
+def touch_and_square(item: tuple[str, int]) -> int:
+    marker, value = item
+    Path(f"{marker}-{value}").touch()
+    return value * value
+
+
+def test_a_map_starts_working_before_its_first_result_is_asked_for(tmp_path):
+    """Decoding runs while the caller does something else (score loads its models meanwhile)."""
+    marker = str(tmp_path / "done")
+    with OrderedPool(touch_and_square, 2, window=4) as pool:
+        results = pool.map((marker, value) for value in range(10))
+        deadline = time.time() + 30
+        while len(list(tmp_path.glob("done-*"))) < 4 and time.time() < deadline:
+            time.sleep(0.05)
+        assert len(list(tmp_path.glob("done-*"))) == 4  # the window's worth, and no more, before any read
+        unread = pool.map((marker, value) for value in range(100, 103))  # abandons `results` unread
+        assert list(unread) == [100 * 100, 101 * 101, 102 * 102]
+        assert list(pool.map(range(0))) == []
+    with pytest.raises(RuntimeError, match="abandoned"):  # reading it later fails, never hangs
+        list(results)
+
+
 def test_read_ahead_keeps_the_order_and_reports_errors():
     sources = [lambda i=i: iter(range(i * 10, i * 10 + i)) for i in range(6)]
     expected = [v for i in range(6) for v in range(i * 10, i * 10 + i)]

@@ -3,8 +3,10 @@
 :class:`OrderedPool` forks ``workers`` processes that apply one function to items sent from this
 process and returns the results in submission order. Any idle worker takes the next item, so all
 of them stay busy, while the order of the results never depends on the worker count; at most
-``window`` items are in flight. The function is inherited through fork (it need not be picklable);
-tensors in results travel through shared memory. With ``workers=0`` the map runs in this process.
+``window`` items are in flight, sent as soon as :meth:`OrderedPool.map` is called (the workers
+decode while the caller loads its models). The function is inherited through fork (it need not be
+picklable); tensors in results travel through shared memory. With ``workers=0`` the map runs
+lazily in this process.
 
 Workers die with their parent: Linux sends them SIGKILL when it dies (``prctl(PR_SET_PDEATHSIG)``),
 and they also check the parent's pid while idle, so a ``kill -9`` of the main process leaves no
@@ -83,7 +85,8 @@ class WorkerDied(RuntimeError):
 class OrderedPool(Generic[Item, Result]):
     """``workers`` forked processes applying ``func``; :meth:`map` yields results in input order.
 
-    Use as a context manager (or call :meth:`close`); one :meth:`map` at a time.
+    Use as a context manager (or call :meth:`close`); one :meth:`map` at a time: a new map, or
+    :meth:`close`, abandons the one before (reading an abandoned map raises, never hangs).
     """
 
     def __init__(self, func: Callable[[Item], Result], workers: int, window: int | None = None):
@@ -91,6 +94,7 @@ class OrderedPool(Generic[Item, Result]):
         self.workers = max(0, workers)
         self.window = window or 4 * max(1, self.workers)
         self._generation = 0
+        self._active_stop: threading.Event | None = None
         self._processes: list = []
         if self.workers:
             context = multiprocessing.get_context("fork")
@@ -107,18 +111,24 @@ class OrderedPool(Generic[Item, Result]):
         return [process.pid for process in self._processes]
 
     def map(self, items: Iterable[Item]) -> Iterator[Result]:
+        """The results of ``func`` over ``items``, in order. With workers, reading and decoding start
+        now, before the first result is asked for (work can run while the caller prepares); a new
+        map abandons the one before."""
         if not self.workers:
-            for item in items:
-                yield self.func(item)
-            return
+            return map(self.func, items)
+        self._abandon_active()
         self._generation += 1
-        generation = self._generation
         slots = threading.Semaphore(self.window)
         stop = threading.Event()
         feeder_error: list[BaseException] = []
-        feeder = threading.Thread(target=self._feed, args=(items, generation, slots, stop, feeder_error),
+        feeder = threading.Thread(target=self._feed, args=(items, self._generation, slots, stop, feeder_error),
                                   name="mimicfilter-reader", daemon=True)
+        self._active_stop = stop
         feeder.start()
+        return self._collect(self._generation, slots, stop, feeder_error)
+
+    def _collect(self, generation: int, slots: threading.Semaphore, stop: threading.Event,
+                 feeder_error: list[BaseException]) -> Iterator[Result]:
         expected: int | None = None
         done: dict[int, Result] = {}
         next_index = 0
@@ -133,6 +143,8 @@ class OrderedPool(Generic[Item, Result]):
                 try:
                     kind, message_generation, index, payload = self._results.get(timeout=_POLL_SECONDS)
                 except queue.Empty:
+                    if stop.is_set():  # a newer map or close() took the workers
+                        raise RuntimeError("an abandoned OrderedPool.map was read") from None
                     self._check_alive()
                     continue
                 if message_generation != generation:
@@ -150,6 +162,13 @@ class OrderedPool(Generic[Item, Result]):
             stop.set()
             if expected is None or next_index < expected:
                 self._drain_tasks()
+
+    def _abandon_active(self) -> None:
+        """Stop the feeder of a map that was not read to its end (or never read at all)."""
+        if self._active_stop is not None and not self._active_stop.is_set():
+            self._active_stop.set()
+            self._drain_tasks()
+        self._active_stop = None
 
     def _feed(self, items: Iterable[Item], generation: int, slots: threading.Semaphore, stop: threading.Event,
               error: list[BaseException]) -> None:
@@ -189,6 +208,7 @@ class OrderedPool(Generic[Item, Result]):
     def close(self) -> None:
         if not self._processes:
             return
+        self._abandon_active()
         self._drain_tasks()
         for _ in self._processes:
             self._tasks.put(None)

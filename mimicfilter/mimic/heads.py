@@ -127,6 +127,13 @@ def build_classifiers(reference_head: str | None, classnames: str | None, trust:
     return Classifiers(reference=reference_classifier, proxy=proxy_classifier, head_info=head_info)
 
 
+def head_classes(reference_head: str | None, classnames: str | None, trust: bool) -> int:
+    """How many classes the reference head will have (its checkpoint's rows, or the class names)."""
+    if reference_head:
+        return int(_load_reference_head(reference_head, trust)["weight"].shape[0])
+    return len(_read_classnames(classnames))
+
+
 def image_size(clip: nn.Module) -> tuple[int, int]:
     size = getattr(clip.visual, "image_size", 224)
     return tuple(size) if isinstance(size, (tuple, list)) else (size, size)

@@ -16,8 +16,8 @@ from torch import nn
 
 from mimicfilter.defaults import TASKS, task_defaults
 from mimicfilter.errors import MimicfilterError
-from mimicfilter.mimic.factory import instantiate, resolve_architecture
-from mimicfilter.mimic.heads import build_classifiers
+from mimicfilter.mimic.factory import instantiate, preview_preprocessing, resolve_architecture
+from mimicfilter.mimic.heads import build_classifiers, head_classes
 from mimicfilter.mimic.inputs import ImageNormalization
 from mimicfilter.mimic.jvp import MimicDirection, mimic_direction
 from mimicfilter.mimic.layers import layers_to_reinitialise, parameters_of, reinitialise, select_mimic_layers, touches_head
@@ -71,6 +71,35 @@ class LoadedModels:
     preprocess_cfg: dict[str, Any] = field(default_factory=dict)  # open_clip's, for the decoders' geometry
     proxy_is_reference_copy: bool = False  # the proxy equals the reference outside the mimic layers by construction
     normalization: ImageNormalization = field(default_factory=ImageNormalization)  # applied on the device
+
+
+@dataclass(frozen=True)
+class ModelInputs:
+    """What decoding needs from the models: the image preprocessing, the tokenizer and, for
+    classification, the number of classes the labels must fall in."""
+
+    task: str
+    preprocess_cfg: dict[str, Any]
+    tokenizer: Callable
+    num_classes: int | None = None
+
+    @classmethod
+    def of(cls, models: LoadedModels) -> ModelInputs:
+        classes = models.reference.head.out_features if models.task == "classify" else None
+        return cls(models.task, models.preprocess_cfg, models.tokenizer, classes)
+
+
+def preview_inputs(spec: ModelSpec) -> ModelInputs | None:
+    """:class:`ModelInputs` before any weight loads (see :func:`preview_preprocessing`); None when
+    they cannot be known early, or anything is wrong (``load_models`` then says what)."""
+    try:
+        preview = preview_preprocessing(resolve_architecture(spec.model), spec.reference)
+        if preview is None:
+            return None
+        classes = head_classes(spec.reference_head, spec.classnames, spec.trust_checkpoint) if spec.task == "classify" else None
+    except Exception:
+        return None
+    return ModelInputs(spec.task, *preview, classes)
 
 
 def load_models(spec: ModelSpec) -> LoadedModels:

@@ -18,13 +18,14 @@ from typing import Any
 
 from mimicfilter.errors import MimicfilterError
 from mimicfilter.execute.ray import run_with_ray
-from mimicfilter.mimic.models import LoadedModels
+from mimicfilter.execute.local import OrderedPool
+from mimicfilter.mimic.models import LoadedModels, preview_inputs
 from mimicfilter.pipeline.batch_scorer import BatchScorer, build_batch_scorer
 from mimicfilter.pipeline.config import Progress, ScoreConfig
 from mimicfilter.mimic.device import resolve_device
-from mimicfilter.pipeline.stages import Decoder, check_decoder
+from mimicfilter.pipeline.stages import Decoder, EarlyInput, check_decoder, shard_batches
 from mimicfilter.pipeline.static import ShardWorkerFactory, score_local
-from mimicfilter.pipeline.trajectory import EpochBatches, run_trajectory
+from mimicfilter.pipeline.trajectory import EpochBatches, StreamPosition, has_checkpoint, run_trajectory
 from mimicfilter.store.parts import part_path, table_stats
 from mimicfilter.store.rundir import RunDirectory, write_rank_stats
 from mimicfilter.timing import current, phase
@@ -74,7 +75,8 @@ class _StaticCounts:
     failures: tuple[str, ...] = ()
 
 
-def _score_static(config: ScoreConfig, batch_scorer: BatchScorer, progress: Progress | None) -> _StaticCounts:
+def _score_static(config: ScoreConfig, batch_scorer: BatchScorer, progress: Progress | None,
+                  early: EarlyInput | None = None) -> _StaticCounts:
     """This process's shards (all, or its --rank's share), on Ray or the local executor."""
     mine = config.partition.select(config.shards)
     pending = [shard for shard in mine if not part_path(config.out_dir, shard).exists()]
@@ -90,14 +92,56 @@ def _score_static(config: ScoreConfig, batch_scorer: BatchScorer, progress: Prog
         result = run_with_ray(pending, ShardWorkerFactory(config), config.ray, on_done)
         return _StaticCounts(result.total, len(mine) - len(pending), len(mine),
                              f"ray ({result.actors} actors)", result.failures)
-    scored = score_local(config, batch_scorer, pending, progress)
+    scored = score_local(config, batch_scorer, pending, progress, early)
     return _StaticCounts(scored, len(mine) - len(pending), len(mine), "local")
+
+
+def start_decoding_early(config: ScoreConfig) -> EarlyInput | None:
+    """Fork the decode workers and start reading and decoding before the models load: the
+    preprocessing, tokenizer and class count are known from the architecture alone
+    (:func:`~mimicfilter.mimic.models.preview_inputs`). The stream is the one the run will need
+    if nothing changes while the models load (static: the shards without a part; a trajectory: a
+    fresh run's first epoch); the run checks that against the loaded models and the opened run
+    directory and otherwise starts its own, so the early start never changes a table."""
+    if config.workers < 1 or config.ray is not None:
+        return None
+    inputs = preview_inputs(config.model)
+    if inputs is None:
+        return None
+    decoder = Decoder.for_inputs(config.decode, inputs)
+    pin_memory = _device_type(config, None) == "cuda"
+    pool = OrderedPool(decoder.decode_chunk, config.workers)
+    if config.train.mode == "none":
+        pending = tuple(shard for shard in config.partition.select(config.shards)
+                        if not part_path(config.out_dir, shard).exists())
+        batches = shard_batches(pending, pool, config.batch_size, config.allow_pipe, pin_memory, config.chunk_size)
+        return EarlyInput(decoder, pool, (pending, pin_memory), batches)
+    if config.overwrite or has_checkpoint(config.out_dir):  # the start position is known once the run dir is open
+        return EarlyInput(decoder, pool)
+    fresh = StreamPosition()
+    first_epoch = _epoch_batches(config, decoder)(fresh.epoch, fresh, pool, pin_memory)
+    return EarlyInput(decoder, pool, (fresh, pin_memory), first_epoch)
+
+
+def _epoch_batches(config: ScoreConfig, decoder: Decoder) -> EpochBatches:
+    return EpochBatches(config.shards, config.model.seed, config.train.shuffle_buffer, decoder, config.batch_size,
+                        config.allow_pipe, config.chunk_size)
 
 
 def run_score(config: ScoreConfig, progress: Progress | None = None) -> dict[str, Any]:
     """Score every shard into ``config.out_dir`` (resuming an earlier identical run); returns the stats."""
     check_decoder(config.decode, _device_type(config, None))
     run = RunDirectory(config.out_dir, "score", config.argv)
+    with phase("start decoding (before the models load)"):
+        early = start_decoding_early(config)
+    try:
+        return _run_score(config, run, progress, early)
+    finally:
+        if early is not None:  # not taken by the run (or taken and done): stop its workers
+            early.close()
+
+
+def _run_score(config: ScoreConfig, run: RunDirectory, progress: Progress | None, early: EarlyInput | None) -> dict[str, Any]:
     # With --ray the driver only validates the models and hashes the checkpoints (on CPU: the
     # head node may have no GPU); the actors load them again on their own devices.
     driver_model = config.model if config.ray is None else dataclasses.replace(config.model, device="cpu")
@@ -124,13 +168,12 @@ def run_score(config: ScoreConfig, progress: Progress | None = None) -> dict[str
     counts = None
     try:
         if config.train.mode == "none":
-            counts = _score_static(config, batch_scorer, progress)
+            counts = _score_static(config, batch_scorer, progress, early)
             scored_samples, shards_resumed = counts.samples_scored, counts.shards_resumed
         else:
-            batches = EpochBatches(config.shards, config.model.seed, config.train.shuffle_buffer,
-                                   Decoder.for_models(config.decode, models), config.batch_size, config.allow_pipe,
-                                   config.chunk_size)
-            scored_samples = run_trajectory(batch_scorer, config.train, batches, config.out_dir, config.workers, progress)
+            batches = _epoch_batches(config, Decoder.for_models(config.decode, models))
+            scored_samples = run_trajectory(batch_scorer, config.train, batches, config.out_dir, config.workers,
+                                            progress, early)
             shards_resumed = None
     finally:
         if progress:

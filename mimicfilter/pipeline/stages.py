@@ -27,7 +27,7 @@ import torch
 
 from mimicfilter.errors import MimicfilterError, one_line
 from mimicfilter.execute.local import OrderedPool, read_ahead
-from mimicfilter.mimic.models import LoadedModels
+from mimicfilter.mimic.models import LoadedModels, ModelInputs
 from mimicfilter.pipeline.batches import Batch, group_batches
 from mimicfilter.shards.decode import DecodeConfig, decode_sample, decode_with_pil
 from mimicfilter.shards.images import ImageGeometry
@@ -104,10 +104,14 @@ class Decoder:
     @classmethod
     def for_models(cls, decode: DecodeConfig, models: LoadedModels) -> Decoder:
         """The decoder with what only the models know: geometry, tokenizer, the head's classes."""
-        if models.task == "classify":
-            decode = dataclasses.replace(decode, num_classes=models.reference.head.out_features)
-        tokenizer = models.tokenizer if decode.task == "contrastive" else None
-        return cls(decode, ImageGeometry.from_open_clip(models.preprocess_cfg), tokenizer)
+        return cls.for_inputs(decode, ModelInputs.of(models))
+
+    @classmethod
+    def for_inputs(cls, decode: DecodeConfig, inputs: ModelInputs) -> Decoder:
+        if inputs.task == "classify":
+            decode = dataclasses.replace(decode, num_classes=inputs.num_classes)
+        tokenizer = inputs.tokenizer if decode.task == "contrastive" else None
+        return cls(decode, ImageGeometry.from_open_clip(inputs.preprocess_cfg), tokenizer)
 
     def decode_samples(self, raws: Iterable[RawSample]) -> list[DecodedSample]:
         """Decode, then tokenise the ok captions in one call."""
@@ -252,9 +256,34 @@ def per_shard(decoded_chunks: Iterable[DecodedChunk]) -> Iterator[tuple[str, Ite
 
 def shard_batches(shards: Iterable[str], pool: OrderedPool, batch_size: int, allow_pipe: bool,
                   pin_memory: bool = False, chunk_size: int = CHUNK_SIZE) -> Iterator[Batch]:
-    """Static scoring and ``embed``: every shard batched on its own, shards in order."""
-    for shard, samples in per_shard(pool.map(shard_chunks(shards, allow_pipe, chunk_size))):
-        yield from group_batches(samples, batch_size, shard, pin_memory=pin_memory)
+    """Static scoring and ``embed``: every shard batched on its own, shards in order. With worker
+    processes, reading and decoding start at this call."""
+    decoded = pool.map(shard_chunks(shards, allow_pipe, chunk_size))
+    return (batch for shard, samples in per_shard(decoded)
+            for batch in group_batches(samples, batch_size, shard, pin_memory=pin_memory))
+
+
+@dataclass
+class EarlyInput:
+    """Reading and decoding started while the models load (``score``): the pool's workers run
+    ``decoder``, and ``batches`` is the stream started for ``key`` (static scoring: the pending
+    shards; a trajectory: a fresh run's first epoch)."""
+
+    decoder: Decoder
+    pool: OrderedPool
+    key: Any = None
+    batches: Iterator[Batch] | None = None
+
+    def take(self, decoder: Decoder, key: Any) -> tuple[OrderedPool | None, Iterator[Batch] | None]:
+        """The pool when it decodes exactly as ``decoder`` does (the caller then owns it), with the
+        started batches when they are also what the run needs; else ``(None, None)``, pool closed."""
+        if decoder != self.decoder:
+            self.close()
+            return None, None
+        return self.pool, (self.batches if key == self.key else None)
+
+    def close(self) -> None:
+        self.pool.close()
 
 
 @dataclass(frozen=True)

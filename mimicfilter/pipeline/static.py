@@ -21,7 +21,7 @@ from mimicfilter.execute.local import OrderedPool
 from mimicfilter.pipeline.batch_scorer import BatchScorer, build_batch_scorer
 from mimicfilter.pipeline.batches import Batch
 from mimicfilter.pipeline.config import Progress, ScoreConfig
-from mimicfilter.pipeline.stages import CHUNK_SIZE, Decoder, ShardBatches, shard_batches
+from mimicfilter.pipeline.stages import CHUNK_SIZE, Decoder, EarlyInput, ShardBatches, shard_batches
 from mimicfilter.store.parts import part_path, write_part
 from mimicfilter.store.schema import rows_to_table
 
@@ -69,15 +69,21 @@ class ShardRows:
 
 def local_shard_rows(shards: list[str], decoder: Decoder, rows_of_batch: Callable[[Batch], list[dict[str, Any]]],
                      batch_size: int, allow_pipe: bool, workers: int, device: torch.device,
-                     progress: Progress | None, chunk_size: int = CHUNK_SIZE) -> Iterator[ShardRows]:
+                     progress: Progress | None, chunk_size: int = CHUNK_SIZE,
+                     early: EarlyInput | None = None) -> Iterator[ShardRows]:
     """Every finished shard's rows, shards in order: ``workers`` processes decode, this one makes the rows.
 
     Memory is flat in the number of shards: the pool keeps a bounded number of chunks in flight,
-    and rows are kept only for the shard being scored until the caller writes them.
+    and rows are kept only for the shard being scored until the caller writes them. ``early``: the
+    pool and stream started before the models loaded, used when they are exactly these.
     """
     rows: list[dict[str, Any]] = []
-    with OrderedPool(decoder.decode_chunk, workers) as pool:
-        for batch in shard_batches(shards, pool, batch_size, allow_pipe, device.type == "cuda", chunk_size):
+    pin_memory = device.type == "cuda"
+    pool, batches = early.take(decoder, (tuple(shards), pin_memory)) if early is not None else (None, None)
+    with pool or OrderedPool(decoder.decode_chunk, workers) as pool:
+        if batches is None:
+            batches = shard_batches(shards, pool, batch_size, allow_pipe, pin_memory, chunk_size)
+        for batch in batches:
             batch_rows = rows_of_batch(decoder.decode_on_device(batch, device))
             rows.extend(batch_rows)
             if progress:
@@ -89,12 +95,13 @@ def local_shard_rows(shards: list[str], decoder: Decoder, rows_of_batch: Callabl
                     progress.shard_done(len(finished.rows))
 
 
-def score_local(config: ScoreConfig, batch_scorer: BatchScorer, pending: list[str], progress: Progress | None) -> int:
+def score_local(config: ScoreConfig, batch_scorer: BatchScorer, pending: list[str], progress: Progress | None,
+                early: EarlyInput | None = None) -> int:
     """The local executor: one part per finished shard; returns the rows scored."""
     scored = 0
     for finished in local_shard_rows(pending, shard_decoder(config, batch_scorer), batch_scorer.score,
                                      config.batch_size, config.allow_pipe, config.workers,
-                                     batch_scorer.scorer.models.device, progress, config.chunk_size):
+                                     batch_scorer.scorer.models.device, progress, config.chunk_size, early):
         write_part(rows_to_table(finished.rows, embedding_dim=batch_scorer.embedding_dim),
                    part_path(config.out_dir, finished.shard))
         scored += len(finished.rows)

@@ -35,7 +35,7 @@ from mimicfilter.mimic.scorer import MimicScorer
 from mimicfilter.pipeline.batch_scorer import BatchScorer
 from mimicfilter.pipeline.batches import Batch, group_batches
 from mimicfilter.pipeline.config import Progress, TrainConfig
-from mimicfilter.pipeline.stages import CHUNK_SIZE, Decoder, decoded_samples, raw_stream, stream_chunks
+from mimicfilter.pipeline.stages import CHUNK_SIZE, Decoder, EarlyInput, decoded_samples, raw_stream, stream_chunks
 from mimicfilter.shards.records import RawSample
 from mimicfilter.store.atomic import atomic_write_bytes
 from mimicfilter.store.parts import write_part
@@ -134,9 +134,16 @@ def load_checkpoint(run_dir: Path, scorer: MimicScorer, optimizer) -> StreamPosi
     return StreamPosition(**payload["position"])
 
 
+def has_checkpoint(run_dir: Path) -> bool:
+    return _checkpoint_path(run_dir).exists()
+
+
 def run_trajectory(batch_scorer: BatchScorer, train: TrainConfig, batches: EpochBatches, run_dir: Path,
-                   workers: int, progress: Progress | None = None) -> int:
-    """Run (or resume) the trajectory into ``run_dir``; returns the number of rows scored now."""
+                   workers: int, progress: Progress | None = None, early: EarlyInput | None = None) -> int:
+    """Run (or resume) the trajectory into ``run_dir``; returns the number of rows scored now.
+
+    ``early``: the pool and first-epoch stream started before the models loaded (key: the start
+    position), used when they are exactly what this run needs."""
     scorer = batch_scorer.scorer
     trained = scorer.enable_training(train.mode)
     optimizer = torch.optim.AdamW(trained, lr=train.lr, weight_decay=train.weight_decay)
@@ -144,20 +151,24 @@ def run_trajectory(batch_scorer: BatchScorer, train: TrainConfig, batches: Epoch
     device = scorer.models.device
     if progress:
         progress.start(train.epochs, position.epoch, unit="epochs")
-    with OrderedPool(batches.decoder.decode_chunk, workers) as pool:
-        return _epochs(batch_scorer, train, batches, run_dir, pool, device, optimizer, position, progress)
+    key = (position, device.type == "cuda")
+    pool, started = early.take(batches.decoder, key) if early is not None else (None, None)
+    with pool or OrderedPool(batches.decoder.decode_chunk, workers) as pool:
+        return _epochs(batch_scorer, train, batches, run_dir, pool, device, optimizer, position, progress, started)
 
 
 def _epochs(batch_scorer: BatchScorer, train: TrainConfig, batches: EpochBatches, run_dir: Path, pool: OrderedPool,
             device: torch.device, optimizer: torch.optim.Optimizer, position: StreamPosition,
-            progress: Progress | None) -> int:
+            progress: Progress | None, started: Iterator[Batch] | None = None) -> int:
     scorer = batch_scorer.scorer
     scored_now = 0
     while position.epoch < train.epochs:
         epoch = position.epoch
         rows: list[dict] = []
         consumed, step, chunk = position.consumed, position.step, position.chunk
-        for batch in batches(epoch, position, pool, pin_memory=device.type == "cuda"):
+        stream = started if started is not None else batches(epoch, position, pool, pin_memory=device.type == "cuda")
+        started = None
+        for batch in stream:
             batch_rows = batch_scorer.train(batches.decoder.decode_on_device(batch, device), optimizer, epoch)
             rows.extend(batch_rows)
             consumed += len(batch_rows)
