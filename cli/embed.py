@@ -6,7 +6,7 @@ import json
 
 import click
 
-from mimicfilter_cli.common import ProgressBar, one_line_errors
+from mimicfilter_cli.common import ProgressBar, freeze_imported_objects, one_line_errors
 from mimicfilter_cli.options import (
     execution_options,
     input_options,
@@ -45,6 +45,8 @@ def embed(shards, **options):
     """
     from mimicfilter.pipeline.config import EmbedConfig
     from mimicfilter.pipeline.embed import run_embed
+
+    freeze_imported_objects()
 
     shard_list = shards_from(shards, options)
     task = task_from(shard_list, options)
