@@ -111,12 +111,13 @@ def start_decoding_early(config: ScoreConfig) -> EarlyInput | None:
     decoder = Decoder.for_inputs(config.decode, inputs)
     pin_memory = _device_type(config, None) == "cuda"
     pool = OrderedPool(decoder.decode_chunk, config.workers)
+    # --overwrite usually replaces a different run, whose results run.open then deletes
     if config.train.mode == "none":
         pending = tuple(shard for shard in config.partition.select(config.shards)
-                        if not part_path(config.out_dir, shard).exists())
+                        if config.overwrite or not part_path(config.out_dir, shard).exists())
         batches = shard_batches(pending, pool, config.batch_size, config.allow_pipe, pin_memory, config.chunk_size)
         return EarlyInput(decoder, pool, (pending, pin_memory), batches)
-    if config.overwrite or has_checkpoint(config.out_dir):  # the start position is known once the run dir is open
+    if has_checkpoint(config.out_dir) and not config.overwrite:  # where it resumes is known once the run dir is open
         return EarlyInput(decoder, pool)
     fresh = StreamPosition()
     first_epoch = _epoch_batches(config, decoder)(fresh.epoch, fresh, pool, pin_memory)
