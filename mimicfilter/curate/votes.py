@@ -25,6 +25,7 @@ import numpy as np
 from mimicfilter.curate.duck import per_sample_sql
 from mimicfilter.defaults import BINARIZE_RULES, DEFAULT_BINARIZE, DEFAULT_COMBINE_VOTES, VOTE_COMBINERS
 from mimicfilter.errors import MimicfilterError
+
 MAX_EPOCHS_FOR_PATTERNS = 62  # vote patterns are BIGINT bitmasks
 SECOND_MODE_DIP = 0.9  # a valley below 90 % of the lower mode's density counts as a second mode
 
