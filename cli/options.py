@@ -46,8 +46,12 @@ def per_task_default(attribute: str) -> str:
             return f"{value:.0e}".replace("e-0", "e-")
         return f"{value:g}" if isinstance(value, float) else str(value)
 
+    def scaled(defaults) -> str:
+        lr_batch = defaults.lr_batch if attribute == "lr" else None
+        return f" (at batch {lr_batch}, scaled with --batch-size)" if lr_batch else ""
+
     names = {"classify": "classification"}
-    return ", ".join(f"{shown(getattr(defaults, attribute))} {names.get(task, task)}"
+    return ", ".join(f"{shown(getattr(defaults, attribute))} {names.get(task, task)}{scaled(defaults)}"
                      for task, defaults in TASK_DEFAULTS.items())
 
 

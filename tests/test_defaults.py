@@ -1,5 +1,6 @@
 """One table of per-task defaults, used by the library and the CLI alike."""
 
+import dataclasses
 from pathlib import Path
 
 from click.testing import CliRunner
@@ -21,11 +22,20 @@ def config(task: str, **train) -> ScoreConfig:
 def test_the_library_takes_each_tasks_learning_rate_and_temperature_from_the_table():
     for task in ("contrastive", "classify"):
         resolved = config(task)
-        assert resolved.train.lr == TASK_DEFAULTS[task].lr
+        assert resolved.train.lr == TASK_DEFAULTS[task].lr_for(resolved.batch_size)
         assert resolved.effective_temperature == TASK_DEFAULTS[task].temperature
         assert resolved.model.layers == TASK_DEFAULTS[task].mimic_layers
-    assert config("classify").train.lr == 1e-3  # not the contrastive 1e-4
+    assert config("classify").train.lr == 3e-3  # not the contrastive 1e-4 (batch 256)
     assert config("classify", lr=0.5).train.lr == 0.5  # an explicit value wins
+
+
+def test_the_classification_lr_follows_the_batch_size_and_the_contrastive_one_does_not():
+    def resolved(task: str, batch_size: int, **train) -> float:
+        return dataclasses.replace(config(task, **train), batch_size=batch_size, train=TrainConfig(mode="head", **train)).train.lr
+
+    assert resolved("classify", 64) == 3e-3 / 4 and resolved("classify", 1024) == 3e-3 * 4
+    assert resolved("contrastive", 64) == resolved("contrastive", 1024) == 1e-4
+    assert resolved("classify", 64, lr=0.5) == 0.5  # an explicit --lr is never scaled
 
 
 def test_every_preset_has_a_selector():
@@ -34,7 +44,7 @@ def test_every_preset_has_a_selector():
 
 def test_the_help_shows_the_tables_values():
     text = " ".join(CliRunner().invoke(cli, ["score", "--help"]).output.split())
-    assert "1e-4 contrastive, 1e-3 classification" in text
+    assert "1e-4 contrastive, 3e-3 classification (at batch 256, scaled with --batch-size)" in text
     assert "0.05 contrastive, 1 classification" in text
     assert "image-proj contrastive, head classification" in text
     assert "head+bias" in text

@@ -82,7 +82,7 @@ class ScoreConfig:
                 hint="empty the run directory once before launching the ranks",
             )
         if self.train.lr is None:  # the task's learning rate, resolved once (it is part of the fingerprint)
-            resolved = dataclasses.replace(self.train, lr=task_defaults(self.model.task).lr)
+            resolved = dataclasses.replace(self.train, lr=task_defaults(self.model.task).lr_for(self.batch_size))
             object.__setattr__(self, "train", resolved)
 
     @property
