@@ -274,16 +274,21 @@ class EarlyInput:
     key: Any = None
     batches: Iterator[Batch] | None = None
 
-    def take(self, decoder: Decoder, key: Any) -> tuple[OrderedPool | None, Iterator[Batch] | None]:
-        """The pool when it decodes exactly as ``decoder`` does (the caller then owns it), with the
-        started batches when they are also what the run needs; else ``(None, None)``, pool closed."""
-        if decoder != self.decoder:
-            self.close()
-            return None, None
-        return self.pool, (self.batches if key == self.key else None)
-
     def close(self) -> None:
         self.pool.close()
+
+
+def input_pool(early: EarlyInput | None, decoder: Decoder, key: Any,
+               workers: int) -> tuple[OrderedPool, Iterator[Batch] | None]:
+    """The decode pool for a run (the caller owns it), and the stream started early for ``key``.
+
+    The early pool is reused when it decodes exactly as ``decoder`` does, and its stream when it is
+    also the one the run needs (else None: start your own); otherwise a new pool of ``workers``."""
+    if early is not None and decoder == early.decoder:
+        return early.pool, (early.batches if key == early.key else None)
+    if early is not None:
+        early.close()
+    return OrderedPool(decoder.decode_chunk, workers), None
 
 
 @dataclass(frozen=True)

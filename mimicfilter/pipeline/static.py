@@ -17,11 +17,10 @@ from typing import Any, Callable, Iterator
 
 import torch
 
-from mimicfilter.execute.local import OrderedPool
 from mimicfilter.pipeline.batch_scorer import BatchScorer, build_batch_scorer
 from mimicfilter.pipeline.batches import Batch
 from mimicfilter.pipeline.config import Progress, ScoreConfig
-from mimicfilter.pipeline.stages import CHUNK_SIZE, Decoder, EarlyInput, ShardBatches, shard_batches
+from mimicfilter.pipeline.stages import CHUNK_SIZE, Decoder, EarlyInput, ShardBatches, input_pool, shard_batches
 from mimicfilter.store.parts import part_path, write_part
 from mimicfilter.store.schema import rows_to_table
 
@@ -79,8 +78,8 @@ def local_shard_rows(shards: list[str], decoder: Decoder, rows_of_batch: Callabl
     """
     rows: list[dict[str, Any]] = []
     pin_memory = device.type == "cuda"
-    pool, batches = early.take(decoder, (tuple(shards), pin_memory)) if early is not None else (None, None)
-    with pool or OrderedPool(decoder.decode_chunk, workers) as pool:
+    pool, batches = input_pool(early, decoder, (tuple(shards), pin_memory), workers)
+    with pool:
         if batches is None:
             batches = shard_batches(shards, pool, batch_size, allow_pipe, pin_memory, chunk_size)
         for batch in batches:

@@ -35,7 +35,8 @@ from mimicfilter.mimic.scorer import MimicScorer
 from mimicfilter.pipeline.batch_scorer import BatchScorer
 from mimicfilter.pipeline.batches import Batch, group_batches
 from mimicfilter.pipeline.config import Progress, TrainConfig
-from mimicfilter.pipeline.stages import CHUNK_SIZE, Decoder, EarlyInput, decoded_samples, raw_stream, stream_chunks
+from mimicfilter.pipeline.stages import (CHUNK_SIZE, Decoder, EarlyInput, decoded_samples, input_pool, raw_stream,
+                                         stream_chunks)
 from mimicfilter.shards.records import RawSample
 from mimicfilter.store.atomic import atomic_write_bytes
 from mimicfilter.store.parts import write_part
@@ -152,8 +153,8 @@ def run_trajectory(batch_scorer: BatchScorer, train: TrainConfig, batches: Epoch
     if progress:
         progress.start(train.epochs, position.epoch, unit="epochs")
     key = (position, device.type == "cuda")
-    pool, started = early.take(batches.decoder, key) if early is not None else (None, None)
-    with pool or OrderedPool(batches.decoder.decode_chunk, workers) as pool:
+    pool, started = input_pool(early, batches.decoder, key, workers)
+    with pool:
         return _epochs(batch_scorer, train, batches, run_dir, pool, device, optimizer, position, progress, started)
 
 
