@@ -8,7 +8,8 @@ code written here (not mimicfilter's internals).
        (float32) → one tokenizer call per caption → float32 collate;
    (b) mimicfilter's path with ``--decoder pil`` and (c) with ``--decoder fast``: read → decode to
        uint8 at the model's size → batched tokenisation → uint8 collate (the float conversion happens
-       on the scoring device; the table also gives it on the CPU).
+       on the scoring device; the table also gives it on the CPU); and
+   (d) ``decode_jpeg`` + the uint8 resize alone on JPEG bytes already in memory: the fast path's floor.
    224-px geometry (ViT-B-32's preprocessing), 256×256 JPEGs cut from real photos. Target: ≥ 3×.
 2. ``process``: whole processes (start to exit) on the same shards, alternating: ``mimicfilter score
    --train none`` vs a plain forward-only CLIP-score script (written here: DataLoader workers,
@@ -198,9 +199,20 @@ def per_core(shards: list[str], rounds: int, batch_size: int) -> dict:
             return count
         return run
 
+    from mimicfilter.shards.fast import decode_jpeg_fast
+
+    jpegs = []
+    for shard in shards:
+        with tarfile.open(shard) as tar:
+            jpegs += [tar.extractfile(member).read() for member in tar if member.name.endswith(".jpg")]
+
+    def floor():  # what the fast decoder cannot go below here: libjpeg-turbo's decode and the resize
+        return sum(decode_jpeg_fast(data, geometry) is not None for data in jpegs)
+
     variants = {"plain (PIL + preprocess, float32)": plain, "mimicfilter --decoder pil": ours("pil", False),
                 "mimicfilter --decoder fast": ours("fast", False),
-                "mimicfilter --decoder fast, + normalising on the CPU": ours("fast", True)}
+                "mimicfilter --decoder fast, + normalising on the CPU": ours("fast", True),
+                "decode_jpeg + uint8 resize alone (bytes in memory; the fast path's floor)": floor}
     times: dict[str, list[float]] = {name: [] for name in variants}
     counts = {}
     for _ in range(rounds):  # alternating: every variant once per round

@@ -47,8 +47,12 @@ def per_task_default(attribute: str) -> str:
         return f"{value:g}" if isinstance(value, float) else str(value)
 
     def scaled(defaults) -> str:
-        lr_batch = defaults.lr_batch if attribute == "lr" else None
-        return f" (at batch {lr_batch}, scaled with --batch-size)" if lr_batch else ""
+        if attribute != "lr" or not defaults.lr_batch:
+            return ""
+        if defaults.lr_pool:
+            return (f" (at batch {defaults.lr_batch} on {defaults.lr_pool:,} samples; scaled to the steps of an "
+                    f"epoch: samples / --batch-size)")
+        return f" (at batch {defaults.lr_batch}, scaled with --batch-size)"
 
     names = {"classify": "classification"}
     return ", ".join(f"{shown(getattr(defaults, attribute))} {names.get(task, task)}{scaled(defaults)}"

@@ -3,6 +3,7 @@
 import dataclasses
 from pathlib import Path
 
+import pytest
 from click.testing import CliRunner
 
 from mimicfilter.defaults import MIMIC_LAYER_PRESETS, TASK_DEFAULTS
@@ -22,20 +23,80 @@ def config(task: str, **train) -> ScoreConfig:
 def test_the_library_takes_each_tasks_learning_rate_and_temperature_from_the_table():
     for task in ("contrastive", "classify"):
         resolved = config(task)
-        assert resolved.train.lr == TASK_DEFAULTS[task].lr_for(resolved.batch_size)
         assert resolved.effective_temperature == TASK_DEFAULTS[task].temperature
         assert resolved.model.layers == TASK_DEFAULTS[task].mimic_layers
-    assert config("classify").train.lr == 3e-3  # not the contrastive 1e-4 (batch 256)
+    assert config("contrastive").train.lr == TASK_DEFAULTS["contrastive"].lr == 1e-4
+    # classification's default follows the pool's size: left for the run to count (with_pool_lr)
+    assert config("classify").train.lr is None and config("classify").lr_needs_pool_size
     assert config("classify", lr=0.5).train.lr == 0.5  # an explicit value wins
+    assert not config("classify", lr=0.5).lr_needs_pool_size
 
 
-def test_the_classification_lr_follows_the_batch_size_and_the_contrastive_one_does_not():
-    def resolved(task: str, batch_size: int, **train) -> float:
-        return dataclasses.replace(config(task, **train), batch_size=batch_size, train=TrainConfig(mode="head", **train)).train.lr
+def test_the_classification_lr_follows_the_steps_of_an_epoch_and_the_contrastive_one_does_not():
+    classify, contrastive = TASK_DEFAULTS["classify"], TASK_DEFAULTS["contrastive"]
+    assert classify.lr_for(256, 3000) == 3e-3
+    assert classify.lr_for(64, 3000) == pytest.approx(3e-3 / 4)  # the batch size's scaling of before
+    assert classify.lr_for(1024, 3000) == pytest.approx(3e-3 * 4)
+    assert classify.lr_for(256, 12_000) == pytest.approx(3e-3 / 4)  # 4x the steps per epoch
+    assert classify.lr_for(256, 100) == classify.lr_for(512, 200) == pytest.approx(3e-3 * 3000 / 256)  # one step
+    with pytest.raises(ValueError, match="pool's size"):
+        classify.lr_for(256)
+    assert contrastive.lr_for(64) == contrastive.lr_for(1024, 10**9) == 1e-4
 
-    assert resolved("classify", 64) == 3e-3 / 4 and resolved("classify", 1024) == 3e-3 * 4
-    assert resolved("contrastive", 64) == resolved("contrastive", 1024) == 1e-4
-    assert resolved("classify", 64, lr=0.5) == 0.5  # an explicit --lr is never scaled
+
+def test_a_static_run_records_the_lr_earlier_versions_did():
+    static = dataclasses.replace(config("classify"), batch_size=64, train=TrainConfig(mode="none"))
+    assert static.train.lr == pytest.approx(3e-3 / 4) and not static.lr_needs_pool_size
+
+
+def test_the_run_counts_the_pools_samples_for_the_default_lr(tmp_path):
+    from helpers import write_tar
+
+    from mimicfilter.pipeline.run import with_pool_lr
+
+    shards = [write_tar(tmp_path / f"{i}.tar", [(f"s{i}-{k}", {"jpg": b"x", "cls": b"1"}) for k in range(n)])
+              for i, n in enumerate((5, 7))]
+    resolved = dataclasses.replace(config("classify"), shards=tuple(str(s) for s in shards), batch_size=4)
+    counted, samples = with_pool_lr(resolved)
+    assert samples == 12 and counted.train.lr == TASK_DEFAULTS["classify"].lr_for(4, 12)
+    assert with_pool_lr(config("classify", lr=0.5)) == (config("classify", lr=0.5), None)  # nothing to count
+
+
+def test_counting_a_shards_samples_reads_its_headers(tmp_path):
+    import gzip
+    import tarfile
+
+    from helpers import write_tar
+
+    from mimicfilter.shards.tar import _plain_tar_keys, count_shard_samples, iter_shard_samples
+
+    samples = [(f"k{k}", {"jpg": b"x" * 600, "txt": b"a caption"}) for k in range(6)]
+    plain = write_tar(tmp_path / "plain.tar", samples)
+    with open(plain, "rb") as handle:
+        assert _plain_tar_keys(handle) is not None  # read by the header parser, not tarfile
+    assert count_shard_samples(str(plain)) == 6
+    assert count_shard_samples(plain.as_uri()) == 6  # a URL is streamed
+    (tmp_path / "packed.tar.gz").write_bytes(gzip.compress(plain.read_bytes()))
+    assert count_shard_samples(str(tmp_path / "packed.tar.gz")) == 6
+    for form in (tarfile.USTAR_FORMAT, tarfile.GNU_FORMAT, tarfile.PAX_FORMAT):
+        with tarfile.open(tmp_path / f"mixed-{form}.tar", "w", format=form) as tar:
+            directory = tarfile.TarInfo("folder/")
+            directory.type = tarfile.DIRTYPE
+            tar.addfile(directory)  # members of no sample are not counted
+            names = ["a.jpg", "a.cls", "folder/b.jpg", "README", "c.txt", "c.jpg", "c.txt", "d.d.jpg"]
+            if form != tarfile.USTAR_FORMAT:  # pax and GNU long-name headers: tarfile reads these
+                names += ["x" * 120 + ".jpg", "é.jpg"]
+            for name in names:
+                tar.addfile(tarfile.TarInfo(name))
+        path = str(tmp_path / f"mixed-{form}.tar")
+        assert count_shard_samples(path) == len(list(iter_shard_samples(path))) == (4 if form == tarfile.USTAR_FORMAT else 6)
+    (tmp_path / "cut.tar").write_bytes(plain.read_bytes()[:4000])  # the samples before the cut
+    assert 0 < count_shard_samples(str(tmp_path / "cut.tar")) < 6
+    (tmp_path / "garbage.tar").write_bytes(plain.read_bytes()[:3072] + b"\x07" * 2048)  # a bad header ends it
+    assert count_shard_samples(str(tmp_path / "garbage.tar")) == 2
+    assert count_shard_samples(str(tmp_path / "missing.tar")) == 0
+    (tmp_path / "not-a-tar.tar").write_bytes(b"hello" * 300)
+    assert count_shard_samples(str(tmp_path / "not-a-tar.tar")) == 0
 
 
 def test_every_preset_has_a_selector():
@@ -44,7 +105,8 @@ def test_every_preset_has_a_selector():
 
 def test_the_help_shows_the_tables_values():
     text = " ".join(CliRunner().invoke(cli, ["score", "--help"]).output.split())
-    assert "1e-4 contrastive, 3e-3 classification (at batch 256, scaled with --batch-size)" in text
+    assert ("1e-4 contrastive, 3e-3 classification (at batch 256 on 3,000 samples; scaled to the steps of an epoch: "
+            "samples / --batch-size)") in text
     assert "0.05 contrastive, 1 classification" in text
     assert "image-proj contrastive, head classification" in text
     assert "head+bias" in text

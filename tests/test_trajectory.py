@@ -16,6 +16,7 @@ from helpers import image_bytes, image_text_samples, write_tar
 from torch.func import functional_call
 
 from mimicfilter import GradMimic
+from mimicfilter.defaults import TASK_DEFAULTS
 from mimicfilter.mimic.jvp import mimic_direction
 from mimicfilter.mimic.losses import classification_per_sample_loss, contrastive_per_sample_loss
 from mimicfilter.mimic.layers import parameters_of
@@ -219,6 +220,9 @@ def test_classification_with_a_zero_shot_reference_head(labelled_shard, tiny_con
     assert len(ok) == 28 and all(r["clip_score"] is None and r["ref_loss"] is not None for r in ok)
     assert {r["label"] for r in ok} == {0, 1, 2}
     assert run["temperature"] == 1.0
+    # the default lr follows the pool: 16 samples counted from the tar's headers, 4 steps an epoch
+    assert run["lr_pool_samples"] == 16
+    assert run["train"]["lr"] == pytest.approx(TASK_DEFAULTS["classify"].lr_for(4, 16))
 
 
 def test_classification_scores_equal_autograd(labelled_shard, tiny_config, reference_checkpoint):

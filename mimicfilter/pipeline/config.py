@@ -81,9 +81,18 @@ class ScoreConfig:
                 "--overwrite with --world-size > 1 would let one rank delete the others' parts",
                 hint="empty the run directory once before launching the ranks",
             )
-        if self.train.lr is None:  # the task's learning rate, resolved once (it is part of the fingerprint)
-            resolved = dataclasses.replace(self.train, lr=task_defaults(self.model.task).lr_for(self.batch_size))
-            object.__setattr__(self, "train", resolved)
+        defaults = task_defaults(self.model.task)
+        if self.train.lr is None and not (defaults.lr_needs_pool_size and self.train.mode != "none"):
+            # the task's learning rate, resolved once (it is part of the fingerprint); a static run
+            # never uses it, and records the value of a pool of lr_pool samples, as earlier versions did
+            lr = defaults.lr_for(self.batch_size, defaults.lr_pool)
+            object.__setattr__(self, "train", dataclasses.replace(self.train, lr=lr))
+
+    @property
+    def lr_needs_pool_size(self) -> bool:
+        """The proxy learns with the task's default lr, which depends on how many samples the
+        shards hold (:func:`with_pool_lr` counts them)."""
+        return self.train.lr is None
 
     @property
     def effective_temperature(self) -> float:

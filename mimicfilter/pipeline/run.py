@@ -13,9 +13,11 @@ from __future__ import annotations
 
 import dataclasses
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from typing import Any
 
+from mimicfilter.defaults import task_defaults
 from mimicfilter.errors import MimicfilterError
 from mimicfilter.execute.ray import run_with_ray
 from mimicfilter.execute.local import OrderedPool
@@ -26,6 +28,7 @@ from mimicfilter.mimic.device import resolve_device
 from mimicfilter.pipeline.stages import Decoder, EarlyInput, check_decoder, shard_batches
 from mimicfilter.pipeline.static import ShardWorkerFactory, score_local
 from mimicfilter.pipeline.trajectory import EpochBatches, StreamPosition, has_checkpoint, run_trajectory
+from mimicfilter.shards.tar import count_shard_samples
 from mimicfilter.store.parts import part_path, table_stats
 from mimicfilter.store.rundir import RunDirectory, write_rank_stats
 from mimicfilter.timing import current, phase
@@ -129,6 +132,18 @@ def _epoch_batches(config: ScoreConfig, decoder: Decoder) -> EpochBatches:
                         config.allow_pipe, config.chunk_size)
 
 
+def with_pool_lr(config: ScoreConfig) -> tuple[ScoreConfig, int | None]:
+    """The config with the task's default lr where it depends on the pool's size, and the number
+    of samples it was computed from (None: nothing to count). The samples are counted from the
+    shards' tar headers (local files: seeking over the data; URLs and pipes: streamed once)."""
+    if not config.lr_needs_pool_size:
+        return config, None
+    with ThreadPoolExecutor(max(1, min(16, len(config.shards)))) as readers:
+        samples = sum(readers.map(lambda shard: count_shard_samples(shard, allow_pipe=config.allow_pipe), config.shards))
+    lr = task_defaults(config.model.task).lr_for(config.batch_size, samples)
+    return dataclasses.replace(config, train=dataclasses.replace(config.train, lr=lr)), samples
+
+
 def run_score(config: ScoreConfig, progress: Progress | None = None) -> dict[str, Any]:
     """Score every shard into ``config.out_dir`` (resuming an earlier identical run); returns the stats."""
     check_decoder(config.decode, _device_type(config, None))
@@ -136,13 +151,16 @@ def run_score(config: ScoreConfig, progress: Progress | None = None) -> dict[str
     with phase("start decoding (before the models load)"):
         early = start_decoding_early(config)
     try:
-        return _run_score(config, run, progress, early)
+        with phase("count the pool's samples (the default lr follows them)"):
+            config, pool_samples = with_pool_lr(config)
+        return _run_score(config, run, progress, early, pool_samples)
     finally:
         if early is not None:  # not taken by the run (or taken and done): stop its workers
             early.close()
 
 
-def _run_score(config: ScoreConfig, run: RunDirectory, progress: Progress | None, early: EarlyInput | None) -> dict[str, Any]:
+def _run_score(config: ScoreConfig, run: RunDirectory, progress: Progress | None, early: EarlyInput | None,
+               pool_samples: int | None = None) -> dict[str, Any]:
     # With --ray the driver only validates the models and hashes the checkpoints (on CPU: the
     # head node may have no GPU); the actors load them again on their own devices.
     driver_model = config.model if config.ray is None else dataclasses.replace(config.model, device="cpu")
@@ -159,6 +177,8 @@ def _run_score(config: ScoreConfig, run: RunDirectory, progress: Progress | None
         "batch_size": config.batch_size,
         "seed": config.model.seed,
         "train": asdict(config.train),
+        # the samples the default lr was scaled to (defaults.TaskDefaults.lr_for)
+        **({"lr_pool_samples": pool_samples} if pool_samples is not None else {}),
         "device": device,
         "shards": list(config.shards),
         **({"embedding": batch_scorer.embedder.space} if batch_scorer.embedder is not None else {}),

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import lzma
+import os
 import re
 import tarfile
 import zlib
@@ -246,3 +247,82 @@ def iter_shard_samples(url: str, *, allow_pipe: bool = False, max_member_bytes: 
         return
     if pending is not None:
         yield pending
+
+
+
+def count_shard_samples(url: str, *, allow_pipe: bool = False) -> int:
+    """How many samples a shard holds (consecutive members sharing a key), reading headers only.
+
+    A local uncompressed tar is read block header by block header, seeking over the data
+    (:func:`_plain_tar_keys`); anything else goes through tarfile (a URL or ``pipe:`` streamed). A
+    shard that cannot be read to its end counts the samples before the failure (scoring then
+    reports the failure as a ``shard_error`` row).
+    """
+    count, key = 0, None
+    try:
+        with contextlib.ExitStack() as stack:
+            if is_url(url) or url.startswith("pipe:"):
+                keys = (member.key for member in stack.enter_context(TarStream(url, allow_pipe).open()))
+            else:
+                keys = _plain_tar_keys(stack.enter_context(open(url, "rb")))
+                if keys is None:  # compressed, or an extension header: tarfile reads it
+                    keys = (member.key for member in _seeking_members(stack.enter_context(tarfile.open(url, "r:*"))))
+            for member_key in keys:
+                if member_key is not None and member_key != key:
+                    count, key = count + 1, member_key
+    except STREAM_ERRORS:
+        pass
+    return count
+
+
+_REGULAR = frozenset(b"07\0")  # regular-file type flags (tarfile.REGULAR_TYPES less the sparse "S")
+_PLAIN = frozenset(b"01234567\0")  # types without extension data (no pax "x"/"g", no GNU long names "L"/"K")
+
+
+def _plain_tar_keys(handle: IO[bytes]) -> list[str | None] | None:
+    """The sample key of every member of a plain POSIX/GNU tar (None for members of no sample),
+    parsing the 512-byte headers directly (a fifth of tarfile's time per member), or None when
+    the file needs tarfile: compressed, pax or GNU long-name headers, base-256 sizes. Stops at the
+    end marker or at the first header whose checksum fails, as tarfile does."""
+    keys: list[str | None] = []
+    descriptor, offset = handle.fileno(), 0
+    while True:
+        header = os.pread(descriptor, 512, offset)
+        if len(header) < 512:
+            return keys if offset else None  # shorter than one block: compressed, or tarfile says what it is
+        if header == _ZERO_BLOCK:
+            return keys
+        if not _checksum_holds(header):
+            return keys if keys else None  # garbage after members (tarfile stops too); a first one: compressed?
+        kind, size_field = header[156], header[124:136]
+        if kind not in _PLAIN or size_field[0] & 0x80:
+            return None
+        name = header[:100].split(b"\0", 1)[0]
+        if header[257:263] == b"ustar\0" and header[345] != 0:
+            name = header[345:500].split(b"\0", 1)[0] + b"/" + name
+        size = int(size_field.split(b"\0", 1)[0].strip() or b"0", 8)
+        if kind in _REGULAR:
+            key, ext = base_plus_ext(name.decode("utf-8", "surrogateescape"))
+            keys.append(key if key is not None and ext else None)
+        else:
+            keys.append(None)
+        offset += 512 + (size + 511) // 512 * 512
+
+
+_ZERO_BLOCK = bytes(512)
+
+
+def _checksum_holds(header: bytes) -> bool:
+    """The header's checksum: the sum of its bytes with the checksum field read as spaces (zlib's
+    adler32 sums them in C; the sum is compared modulo its 65521)."""
+    stored = header[148:156].split(b"\0", 1)[0].strip()
+    if not stored or not all(48 <= c <= 55 for c in stored):
+        return False
+    total = (zlib.adler32(header[:148] + b"        " + header[156:]) & 0xFFFF) - 1
+    return total % 65521 == int(stored, 8) % 65521
+
+
+def _seeking_members(tar: tarfile.TarFile) -> Iterator[TarMember]:
+    while (member := tar.next()) is not None:
+        tar.members = []  # do not accumulate TarInfo objects for huge shards
+        yield TarMember(member, *_split_member(member))
