@@ -153,9 +153,10 @@ class TarStream:
             message = stream.describe(exc)
     """
 
-    def __init__(self, url: str, allow_pipe: bool = False):
+    def __init__(self, url: str, allow_pipe: bool = False, seeking: bool = False):
         self.url = url
         self.allow_pipe = allow_pipe
+        self.seeking = seeking  # a local file read with seeks over the data (for headers only)
         self.done: str | None = None  # last member fully handled
         self.reading: str | None = None  # member whose data is being read right now
         self._header_errors: list[tarfile.HeaderError] = []
@@ -164,7 +165,7 @@ class TarStream:
     @contextlib.contextmanager
     def open(self) -> Iterator[Iterator[TarMember]]:
         with open_stream(self.url, self.allow_pipe) as raw, tarfile.open(
-            fileobj=raw, mode="r|*", tarinfo=_recording_tarinfo(self._header_errors)
+            fileobj=raw, mode="r:*" if self.seeking else "r|*", tarinfo=_recording_tarinfo(self._header_errors)
         ) as tar:
             self._tar = tar
             yield self._members(tar)
@@ -259,14 +260,12 @@ def count_shard_samples(url: str, *, allow_pipe: bool = False) -> int:
     reports the failure as a ``shard_error`` row).
     """
     count, key = 0, None
+    local = not (is_url(url) or url.startswith("pipe:"))
     try:
         with contextlib.ExitStack() as stack:
-            if is_url(url) or url.startswith("pipe:"):
-                keys = (member.key for member in stack.enter_context(TarStream(url, allow_pipe).open()))
-            else:
-                keys = _plain_tar_keys(stack.enter_context(open(url, "rb")))
-                if keys is None:  # compressed, or an extension header: tarfile reads it
-                    keys = (member.key for member in _seeking_members(stack.enter_context(tarfile.open(url, "r:*"))))
+            keys = _plain_tar_keys(stack.enter_context(open(url, "rb"))) if local else None
+            if keys is None:  # a URL, a compressed tar, an extension header: tarfile reads it
+                keys = (member.key for member in stack.enter_context(TarStream(url, allow_pipe, seeking=local).open()))
             for member_key in keys:
                 if member_key is not None and member_key != key:
                     count, key = count + 1, member_key
@@ -321,8 +320,3 @@ def _checksum_holds(header: bytes) -> bool:
     total = (zlib.adler32(header[:148] + b"        " + header[156:]) & 0xFFFF) - 1
     return total % 65521 == int(stored, 8) % 65521
 
-
-def _seeking_members(tar: tarfile.TarFile) -> Iterator[TarMember]:
-    while (member := tar.next()) is not None:
-        tar.members = []  # do not accumulate TarInfo objects for huge shards
-        yield TarMember(member, *_split_member(member))
