@@ -104,6 +104,9 @@ SETTINGS = {
         (Setting("3 epochs", ("--epochs", "3"), "variant"), "variants"),
         (Setting("tau 1", ("--temperature", "1"), "candidate"), "variants"),
         (Setting("lr 1e-3", ("--lr", "1e-3"), "candidate"), "variants"),
+        # 100x the default's travel per epoch: what a pool of 100x the steps does at lr 1e-4, roughly
+        # (the emoji data cannot make a pool much larger than 1,200 pairs)
+        (Setting("lr 1e-2", ("--lr", "1e-2"), "candidate"), "variants"),
     ),
     "classify": (
         # labelled data is scored over 3 epochs (docs/usage.md); the CLI's default of 1 is a variant.
