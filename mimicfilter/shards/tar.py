@@ -250,7 +250,6 @@ def iter_shard_samples(url: str, *, allow_pipe: bool = False, max_member_bytes: 
         yield pending
 
 
-
 def count_shard_samples(url: str, *, allow_pipe: bool = False) -> int:
     """How many samples a shard holds (consecutive members sharing a key), reading headers only.
 
