@@ -131,9 +131,12 @@ class TarMember:
 
 def _split_member(member: tarfile.TarInfo) -> tuple[str | None, str | None]:
     """(key, lowercased ext) the WebDataset way, or (None, None) for members that are not sample files."""
-    if not member.isreg():
-        return None, None
-    key, ext = base_plus_ext(member.name)
+    return _split_name(member.name) if member.isreg() else (None, None)
+
+
+def _split_name(name: str) -> tuple[str | None, str | None]:
+    """(key, lowercased ext) of a regular member's name, or (None, None) when it names no sample file."""
+    key, ext = base_plus_ext(name)
     if key is None or not ext:
         return None, None
     return key, ext.lower()
@@ -299,11 +302,7 @@ def _plain_tar_keys(handle: IO[bytes]) -> list[str | None] | None:
         if header[257:263] == b"ustar\0" and header[345] != 0:
             name = header[345:500].split(b"\0", 1)[0] + b"/" + name
         size = int(size_field.split(b"\0", 1)[0].strip() or b"0", 8)
-        if kind in _REGULAR:
-            key, ext = base_plus_ext(name.decode("utf-8", "surrogateescape"))
-            keys.append(key if key is not None and ext else None)
-        else:
-            keys.append(None)
+        keys.append(_split_name(name.decode("utf-8", "surrogateescape"))[0] if kind in _REGULAR else None)
         offset += 512 + (size + 511) // 512 * 512
 
 
