@@ -276,7 +276,6 @@ def instantiate(architecture: Architecture, source: str, role: str, trust: bool)
     return built
 
 
-
 def preview_preprocessing(architecture: Architecture, source: str) -> tuple[dict, Callable] | None:
     """The preprocessing config and tokenizer :func:`instantiate` will pair with the model, known
     before any weight loads, so decoding can start while the models load; None when they cannot be
