@@ -184,6 +184,7 @@ def per_core(shards: list[str], rounds: int, batch_size: int) -> dict:
     tokenizer = open_clip.get_tokenizer("ViT-B-32")
     geometry = ImageGeometry(size=(224, 224))
     normalization = ImageNormalization()
+    cpu = torch.device("cpu")
 
     def plain():
         return sum(images.shape[0] for images, _ in plain_batches(shards, preprocess, tokenizer, batch_size))
@@ -193,8 +194,8 @@ def per_core(shards: list[str], rounds: int, batch_size: int) -> dict:
             decoding = Decoder(DecodeConfig(decoder=decoder), geometry, tokenizer)
             count = 0
             for batch in shard_batches(shards, OrderedPool(decoding.decode_chunk, 0), batch_size, False):
-                if normalise:
-                    normalization.normalise(batch.images)
+                if normalise:  # what the scorer does with a batch on a CPU device (layout, then floats)
+                    normalization.to_model(batch.images, cpu, torch.float32)
                 count += batch.images.shape[0]
             return count
         return run

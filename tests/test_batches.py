@@ -2,7 +2,8 @@
 
 import torch
 
-from mimicfilter.pipeline.batches import group_batches
+from mimicfilter.mimic.inputs import ImageNormalization
+from mimicfilter.pipeline.batches import group_batches, stack_images
 from mimicfilter.shards.records import DecodedSample
 
 
@@ -49,3 +50,19 @@ def test_an_empty_shard_yields_one_empty_last_batch():
 def test_a_shard_without_ok_samples_yields_its_rows():
     (batch,) = list(group_batches([sample(0, "decode_error"), sample(1, "shard_error")], batch_size=4, shard="s"))
     assert len(batch.samples) == 2 and batch.images is None
+
+
+def test_images_stay_in_the_decoders_memory_order_until_the_device():
+    """Decoders leave HWC memory; batches keep it (a plain copy) and the device makes it contiguous."""
+    generator = torch.Generator().manual_seed(0)
+    decoded = [torch.randint(0, 256, (8, 6, 3), dtype=torch.uint8, generator=generator).permute(2, 0, 1)
+               for _ in range(3)]
+    decoded.append(torch.zeros((3, 8, 6), dtype=torch.uint8))  # a contiguous one (a padded crop) too
+    batch = stack_images(decoded, lambda dtype, shape: torch.empty(shape, dtype=dtype))
+    assert batch.shape == (4, 3, 8, 6) and batch.is_contiguous(memory_format=torch.channels_last)
+    assert torch.equal(batch, torch.stack(decoded))
+    normalization = ImageNormalization()
+    model_input = normalization.to_model(batch, torch.device("cpu"), torch.float32)
+    assert model_input.is_contiguous() and torch.equal(model_input, normalization.normalise(torch.stack(decoded)))
+    grouped = next(iter(group_batches([sample(i) for i in range(2)], batch_size=2, shard="s")))
+    assert grouped.images.is_contiguous(memory_format=torch.channels_last)

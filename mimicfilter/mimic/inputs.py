@@ -1,9 +1,10 @@
 """Model inputs on the scoring device: uint8 images become normalised floats there, not in workers.
 
 Workers send ``uint8 [B, 3, H, W]`` pixels (a quarter of float32's bytes, and no per-sample float
-work on the CPU); :meth:`ImageNormalization.to_model` copies them to the device and applies
-open_clip's ``ToTensor`` + ``Normalize`` with the same float32 operations in the same order, so the
-result equals the float path bit for bit. Floating-point images are taken as already normalised
+work on the CPU), in the channels-last memory the decoders leave them in;
+:meth:`ImageNormalization.to_model` copies them to the device, makes them contiguous there and
+applies open_clip's ``ToTensor`` + ``Normalize`` with the same float32 operations in the same
+order, so the result equals the float path bit for bit. Floating-point images are taken as already normalised
 (library callers, the head-route self-check).
 """
 
@@ -45,6 +46,9 @@ class ImageNormalization:
     def to_model(self, images: torch.Tensor, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
         """Images as the model takes them on ``device``: uint8 pixels are normalised there."""
         if images.dtype == torch.uint8:
-            normalised = self.normalise(images.to(device, non_blocking=True))
+            pixels = images.to(device, non_blocking=True)  # keeps the memory order: one plain copy
+            # contiguous before the float work: a quarter of the bytes to move, and models get the
+            # layout they are tested with
+            normalised = self.normalise(pixels.contiguous())
             return normalised if dtype == torch.float32 else normalised.to(dtype)
         return images.to(device, dtype=dtype, non_blocking=True)

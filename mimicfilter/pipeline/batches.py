@@ -12,12 +12,16 @@ along with the batch being filled when they are read and take no part in its los
 
 Collation stacks the ok samples' uint8 images (and token ids) once, straight into page-locked
 memory when the batch goes to a GPU (``pin_memory``), so the copy to the device is asynchronous.
+Images keep the memory order the decoders leave them in — each pixel's three channels together
+(``[B, H, W, 3]`` underneath a ``[B, 3, H, W]`` view) — so stacking is a plain copy; the scoring
+device makes the batch contiguous (:mod:`mimicfilter.mimic.inputs`), where it costs nothing on a
+GPU, instead of every decode worker transposing each image (a tenth of the fast path's time).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Iterable, Iterator
+from typing import Any, Callable, Iterable, Iterator
 
 import torch
 
@@ -32,7 +36,7 @@ class Batch:
     step: int
     last: bool  # the stream's final batch
     samples: list[SampleInfo]
-    images: Any = None  # torch.Tensor uint8 [B, 3, H, W], None without ok samples
+    images: Any = None  # torch.Tensor uint8 [B, 3, H, W] (channels-last memory), None without ok samples
     texts: Any = None  # token ids [B, L] (image–text) ...
     labels: Any = None  # ... or labels [B] (classification)
     # --decoder gpu: (row of ``images``, JPEG bytes) of the images still to decode on the device;
@@ -50,6 +54,15 @@ def _stack(tensors: list, pin_memory: bool) -> Any:
     return torch.stack(tensors, out=out)
 
 
+def stack_images(images: list, allocate: Callable[[torch.dtype, tuple[int, ...]], Any]) -> Any:
+    """``uint8 [3, H, W]`` images → ``[n, 3, H, W]`` in channels-last memory (see the module
+    docstring), written into ``allocate(dtype, (n, H, W, 3))``."""
+    channels, height, width = images[0].shape
+    out = allocate(images[0].dtype, (len(images), height, width, channels))
+    torch.stack([image.permute(1, 2, 0) for image in images], out=out)
+    return out.permute(0, 3, 1, 2)
+
+
 def _collate(shard: str | None, step: int, samples: list[DecodedSample], last: bool, pin_memory: bool = False) -> Batch:
     ok = [sample for sample in samples if sample.ok]
     images = texts = labels = None
@@ -59,7 +72,8 @@ def _collate(shard: str | None, step: int, samples: list[DecodedSample], last: b
         if shape is None:  # every image of the batch waits for the GPU decoder
             shape = (3, 1, 1)
         blank = torch.zeros(shape, dtype=torch.uint8)
-        images = _stack([blank if sample.image is None else sample.image for sample in ok], pin_memory)
+        images = stack_images([blank if sample.image is None else sample.image for sample in ok],
+                              lambda dtype, shape: torch.empty(shape, dtype=dtype, pin_memory=pin_memory))
         encoded = tuple((row, sample.encoded) for row, sample in enumerate(ok) if sample.image is None)
         if ok[0].text is not None:
             texts = _stack([sample.text for sample in ok], pin_memory)

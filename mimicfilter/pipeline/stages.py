@@ -28,7 +28,7 @@ import torch
 from mimicfilter.errors import MimicfilterError, one_line
 from mimicfilter.execute.local import OrderedPool, read_ahead
 from mimicfilter.mimic.models import LoadedModels, ModelInputs
-from mimicfilter.pipeline.batches import Batch, group_batches
+from mimicfilter.pipeline.batches import Batch, group_batches, stack_images
 from mimicfilter.shards.decode import DecodeConfig, decode_sample, decode_with_pil
 from mimicfilter.shards.images import ImageGeometry
 from mimicfilter.shards.records import DecodedSample, RawSample, SampleInfo
@@ -53,7 +53,7 @@ class DecodedChunk:
     images and the token ids of the samples that have them (one shared-memory segment apiece)."""
 
     samples: list[DecodedSample]
-    images: Any = None  # uint8 [n, 3, H, W]: the samples with a decoded image, in order
+    images: Any = None  # uint8 [n, 3, H, W] (channels-last memory): the samples with a decoded image, in order
     texts: Any = None  # token ids [m, L]: the samples with tokens, in order
     shard: str | None = None
     ends_shard: bool = False
@@ -67,7 +67,9 @@ class DecodedChunk:
         with_text = [sample.text for sample in samples if sample.ok and sample.text is not None]
         for sample in samples:
             sample.image = sample.text = None
-        return cls(samples, _stack_shared(with_image), _stack_shared(with_text), shard, ends_shard)
+        images = stack_images(with_image, _shared) if with_image else None
+        texts = torch.stack(with_text, out=_shared(with_text[0].dtype, (len(with_text), *with_text[0].shape))) if with_text else None
+        return cls(samples, images, texts, shard, ends_shard)
 
     def unpack(self) -> list[DecodedSample]:
         """The samples with their image and token views restored."""
@@ -83,14 +85,10 @@ class DecodedChunk:
         return self.samples
 
 
-def _stack_shared(tensors: list) -> Any:
-    """Stack into shared memory (so sending it from the worker is not one more copy)."""
-    if not tensors:
-        return None
-    shape = (len(tensors), *tensors[0].shape)
-    storage = torch.UntypedStorage._new_shared(math.prod(shape) * tensors[0].element_size())
-    out = torch.empty(0, dtype=tensors[0].dtype).set_(storage).view(shape)
-    return torch.stack(tensors, out=out)
+def _shared(dtype: torch.dtype, shape: tuple[int, ...]) -> Any:
+    """An empty tensor in shared memory (so sending the chunk from the worker is not one more copy)."""
+    storage = torch.UntypedStorage._new_shared(math.prod(shape) * dtype.itemsize)
+    return torch.empty(0, dtype=dtype).set_(storage).view(shape)
 
 
 @dataclass(frozen=True)

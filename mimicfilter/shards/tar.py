@@ -1,10 +1,12 @@
 """Streaming tar shards member by member, and the raw samples of one shard.
 
-:class:`TarStream` is the one tar reader: it opens a shard (local file, fsspec URL or allowed
+:class:`TarStream` is the general tar reader: it opens a shard (local file, fsspec URL or allowed
 ``pipe:``), yields its members in order without accumulating headers, tells a clean end from a
 truncated or corrupt tail, and describes a failure in one line naming where it happened. Both
 :func:`iter_shard_samples` (scoring) and :mod:`mimicfilter.curate.reshard` (curated shards) read
-through it.
+through it. Local plain tars — most shards — are read for scoring by the faster
+:mod:`mimicfilter.shards.plain_tar`, which hands anything unusual back to :class:`TarStream`, so
+the rows are the same either way.
 
 Nothing here raises for a bad shard during sample iteration: a broken stream becomes exactly one
 ``shard_error`` row so the caller can account for every sample it could not read.
@@ -13,18 +15,19 @@ Nothing here raises for a bad shard during sample iteration: a broken stream bec
 from __future__ import annotations
 
 import contextlib
+import itertools
 import lzma
-import os
 import re
 import tarfile
 import zlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from typing import IO
 
 from mimicfilter.errors import MimicfilterError, one_line
 from mimicfilter.shards.discover import PIPE_HINT, PIPE_REFUSED
+from mimicfilter.shards.plain_tar import NeedsTarfile, PlainTar
 from mimicfilter.shards.records import RawSample
 from mimicfilter.store.paths import is_url
 
@@ -197,124 +200,148 @@ class TarStream:
         return describe_failure(self.url, exc, done=self.done, reading=self.reading)
 
 
-def _add_member(sample: RawSample, seen_exts: set[str], stream: TarStream, member: TarMember, limit: int) -> None:
-    """Add one member's bytes to ``sample``, or mark the sample; skipped data is never loaded."""
-    ext = member.ext
-    if ext in seen_exts:
-        sample.mark("decode_error", f"duplicate member {sample.key}.{ext}")
-        return
-    seen_exts.add(ext)
-    if member.info.size > limit:
-        # Left unread: streaming tarfile skips the data when it advances to the next header.
-        sample.mark("too_large", f"member {member.info.name} is {member.info.size} bytes, over the {limit}-byte limit")
-        return
-    with stream.member_data(member) as data:
-        sample.files[ext] = data.read()
+class _Samples:
+    """Members → samples: consecutive members sharing a key form a sample, which is complete only
+    once the key changes (the shard's last sample is yielded by its reader, after a clean end)."""
+
+    def __init__(self, url: str, limit: int):
+        self.url = url
+        self.limit = limit
+        self.pending: RawSample | None = None  # the sample being assembled
+        self.next_index = 0
+        self._seen_exts: set[str] = set()  # extensions of the pending sample, including unread too-large ones
+
+    def begin(self, key: str) -> RawSample | None:
+        """A member of sample ``key`` is next: returns the sample this completes (when the key changes)."""
+        if self.pending is not None and key == self.pending.key:
+            return None
+        done = self.pending
+        if done is not None:
+            self.next_index += 1
+        self.pending, self._seen_exts = RawSample(self.url, key, self.next_index), set()
+        return done
+
+    def add(self, ext: str, name: str, size: int, read: Callable[[], bytes]) -> None:
+        """Add one file to the pending sample; skipped data is never read."""
+        sample = self.pending
+        if ext in self._seen_exts:
+            sample.mark("decode_error", f"duplicate member {sample.key}.{ext}")
+            return
+        self._seen_exts.add(ext)
+        if size > self.limit:  # left unread: the reader skips the data when it moves to the next header
+            sample.mark("too_large", f"member {name} is {size} bytes, over the {self.limit}-byte limit")
+            return
+        sample.files[ext] = read()
+
+    def failed(self, error: str) -> RawSample:
+        """The one shard_error row of a broken stream: the in-progress sample's key and index, or
+        key "" and the next index."""
+        if self.pending is not None:
+            return RawSample(self.url, self.pending.key, self.pending.index, {}, "shard_error", error)
+        return RawSample(self.url, "", self.next_index, {}, "shard_error", error)
 
 
 def iter_shard_samples(url: str, *, allow_pipe: bool = False, max_member_bytes: int = DEFAULT_MAX_MEMBER_BYTES) -> Iterator[RawSample]:
     """Stream one shard and yield its samples in order.
 
     A stream failure yields the samples completed before it, then exactly one ``shard_error`` row
-    (carrying the in-progress sample's key/index, or key "" and the next index).
+    (carrying the in-progress sample's key/index, or key "" and the next index). A local plain tar
+    is read by :class:`~mimicfilter.shards.plain_tar.PlainTar`; whatever it leaves to tarfile
+    (compression, extension headers, a broken tail) is read again by tarfile, which gives the rows
+    from the first one not yet given — so every row is the one tarfile would give.
     """
-    pending: RawSample | None = None  # the sample being assembled; complete only once the key changes
-    next_index = 0
-    seen_exts: set[str] = set()  # extensions of the pending sample, including unread too-large ones
+    given = 0
+    if not (is_url(url) or url.startswith("pipe:")):
+        plain = _plain_samples(url, max_member_bytes)
+        try:
+            for sample in plain:
+                yield sample
+                given += 1
+            return
+        except NeedsTarfile:
+            pass
+        finally:
+            plain.close()
+    yield from itertools.islice(_tarfile_samples(url, allow_pipe, max_member_bytes), given, None)
+
+
+def _plain_samples(url: str, limit: int) -> Iterator[RawSample]:
+    samples = _Samples(url, limit)
+    with PlainTar.open(url) as tar:
+        try:
+            for header in tar.headers():
+                key, ext = _split_name(header.name) if header.regular else (None, None)
+                if key is None:
+                    continue
+                if (done := samples.begin(key)) is not None:
+                    yield done
+                samples.add(ext, header.name, header.size, tar.read)
+        except OSError as exc:  # tarfile reads it again and says what went wrong, and where
+            raise NeedsTarfile(str(exc)) from None
+    if samples.pending is not None:
+        yield samples.pending
+
+
+def _tarfile_samples(url: str, allow_pipe: bool, limit: int) -> Iterator[RawSample]:
+    samples = _Samples(url, limit)
     abandoned = False  # the consumer closed us early: close quietly, yield nothing more
     stream = TarStream(url, allow_pipe)
+
+    def reader(member: TarMember) -> Callable[[], bytes]:
+        def read() -> bytes:
+            with stream.member_data(member) as data:
+                return data.read()
+        return read
+
     try:
         with stream.open() as members:
             for member in members:
                 if member.key is None:
                     continue  # directories, links, extension-less names belong to no sample
-                if pending is None or member.key != pending.key:
-                    if pending is not None:
-                        try:
-                            yield pending
-                        except GeneratorExit:
-                            abandoned = True
-                            raise
-                        next_index += 1
-                    pending = RawSample(url, member.key, next_index)
-                    seen_exts = set()
-                _add_member(pending, seen_exts, stream, member, max_member_bytes)
+                if (done := samples.begin(member.key)) is not None:
+                    try:
+                        yield done
+                    except GeneratorExit:
+                        abandoned = True
+                        raise
+                samples.add(member.ext, member.info.name, member.info.size, reader(member))
     except STREAM_ERRORS as exc:
-        if abandoned:
-            return  # e.g. a pipe's SIGPIPE exit status after the consumer stopped reading
-        if pending is not None:
-            row = RawSample(url, pending.key, pending.index, {}, "shard_error")
-        else:
-            row = RawSample(url, "", next_index, {}, "shard_error")
-        row.error = stream.describe(exc)
-        yield row
+        if not abandoned:  # (e.g. a pipe's SIGPIPE exit status after the consumer stopped reading)
+            yield samples.failed(stream.describe(exc))
         return
-    if pending is not None:
-        yield pending
+    if samples.pending is not None:
+        yield samples.pending
 
 
 def count_shard_samples(url: str, *, allow_pipe: bool = False) -> int:
     """How many samples a shard holds (consecutive members sharing a key), reading headers only.
 
-    A local uncompressed tar is read block header by block header, seeking over the data
-    (:func:`_plain_tar_keys`); anything else goes through tarfile (a URL or ``pipe:`` streamed). A
-    shard that cannot be read to its end counts the samples before the failure (scoring then
-    reports the failure as a ``shard_error`` row).
+    A local plain tar is read header by header, seeking over the data (:class:`PlainTar`);
+    anything else goes through tarfile (a URL or ``pipe:`` streamed). A shard that cannot be read
+    to its end counts the samples before the failure (scoring then reports the failure as a
+    ``shard_error`` row).
     """
-    count, key = 0, None
     local = not (is_url(url) or url.startswith("pipe:"))
+    if local:
+        try:
+            with PlainTar.open(url) as tar:
+                return _count_keys(_split_name(header.name)[0] if header.regular else None for header in tar.headers())
+        except (NeedsTarfile, OSError):
+            pass  # tarfile reads it (and stops where it is broken)
+    return _count_keys(_tarfile_keys(url, allow_pipe, local))
+
+
+def _tarfile_keys(url: str, allow_pipe: bool, seeking: bool) -> Iterator[str | None]:
     try:
-        with contextlib.ExitStack() as stack:
-            keys = _plain_tar_keys(stack.enter_context(open(url, "rb"))) if local else None
-            if keys is None:  # a URL, a compressed tar, an extension header: tarfile reads it
-                keys = (member.key for member in stack.enter_context(TarStream(url, allow_pipe, seeking=local).open()))
-            for member_key in keys:
-                if member_key is not None and member_key != key:
-                    count, key = count + 1, member_key
+        with TarStream(url, allow_pipe, seeking=seeking).open() as members:
+            yield from (member.key for member in members)
     except STREAM_ERRORS:
-        pass
+        return
+
+
+def _count_keys(keys: Iterable[str | None]) -> int:
+    count, last = 0, None
+    for key in keys:
+        if key is not None and key != last:
+            count, last = count + 1, key
     return count
-
-
-_REGULAR = frozenset(b"07\0")  # regular-file type flags (tarfile.REGULAR_TYPES less the sparse "S")
-_PLAIN = frozenset(b"01234567\0")  # types without extension data (no pax "x"/"g", no GNU long names "L"/"K")
-
-
-def _plain_tar_keys(handle: IO[bytes]) -> list[str | None] | None:
-    """The sample key of every member of a plain POSIX/GNU tar (None for members of no sample),
-    parsing the 512-byte headers directly (a sixth of tarfile's time: benchmarks/bench_count.py),
-    or None when the file needs tarfile: compressed, pax or GNU long-name headers, base-256
-    sizes. Stops at the end marker or at the first header whose checksum fails, as tarfile does."""
-    keys: list[str | None] = []
-    descriptor, offset = handle.fileno(), 0
-    while True:
-        header = os.pread(descriptor, 512, offset)
-        if len(header) < 512:
-            return keys if offset else None  # shorter than one block: compressed, or tarfile says what it is
-        if header == _ZERO_BLOCK:
-            return keys
-        if not _checksum_holds(header):
-            return keys if keys else None  # garbage after members (tarfile stops too); a first one: compressed?
-        kind, size_field = header[156], header[124:136]
-        if kind not in _PLAIN or size_field[0] & 0x80:
-            return None
-        name = header[:100].split(b"\0", 1)[0]
-        if header[257:263] == b"ustar\0" and header[345] != 0:
-            name = header[345:500].split(b"\0", 1)[0] + b"/" + name
-        size = int(size_field.split(b"\0", 1)[0].strip() or b"0", 8)
-        keys.append(_split_name(name.decode("utf-8", "surrogateescape"))[0] if kind in _REGULAR else None)
-        offset += 512 + (size + 511) // 512 * 512
-
-
-_ZERO_BLOCK = bytes(512)
-
-
-def _checksum_holds(header: bytes) -> bool:
-    """The header's checksum: the sum of its bytes with the checksum field read as spaces (zlib's
-    adler32 sums them in C; the sum is compared modulo its 65521)."""
-    stored = header[148:156].split(b"\0", 1)[0].strip()
-    if not stored or not all(48 <= c <= 55 for c in stored):
-        return False
-    total = (zlib.adler32(header[:148] + b"        " + header[156:]) & 0xFFFF) - 1
-    return total % 65521 == int(stored, 8) % 65521
-

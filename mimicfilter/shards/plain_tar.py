@@ -1,0 +1,161 @@
+"""Local uncompressed tars read straight from their 512-byte headers, as tarfile would read them.
+
+Almost every WebDataset shard is a plain POSIX or GNU tar with short ASCII names. Reading those
+through :mod:`tarfile` costs ~0.12 ms a sample of two files, mostly Python bookkeeping (a TarInfo
+and a file object per member): a tenth of the fast decoder's whole time per sample. :class:`PlainTar`
+parses each header with tarfile's own rules (checksum, number fields, name and prefix, which
+types carry data) and reads each member's data with one positional read: ~0.03 ms a sample.
+
+It reads only what it is sure tarfile reads the same way. Anything else — a compressed file, pax
+or GNU long-name headers, sparse or unknown member types, base-256 numbers, a header that fails a
+check, data or headers cut short — raises :class:`NeedsTarfile`, and the caller reads the shard
+with tarfile instead (:func:`mimicfilter.shards.tar.iter_shard_samples` then skips the samples
+it already gave). So a broken shard's status rows and messages stay tarfile's, exactly.
+"""
+
+from __future__ import annotations
+
+import os
+import stat
+import zlib
+from collections.abc import Iterator
+from typing import NamedTuple
+
+BLOCK = 512
+_ZERO_BLOCK = bytes(BLOCK)
+_REGULAR = frozenset(b"07\0")  # tarfile.REGULAR_TYPES less the sparse "S" (which needs tarfile)
+_NO_DATA = frozenset(b"123456")  # links, devices, directories, FIFOs: tarfile skips no data for them
+# Leading bytes that make tarfile's "r|*" (or "r:*") try a decompressor: gzip, bzip2, xz/lzma, zstd.
+_COMPRESSED = (b"\x1f\x8b", b"BZh", b"\x5d\x00\x00", b"\xfd7zXZ", b"\x28\xb5\x2f\xfd")
+_NUMBER_FIELDS = ((100, 108), (108, 116), (116, 124), (124, 136), (136, 148), (329, 337), (337, 345))
+
+
+class NeedsTarfile(Exception):
+    """The file holds something only tarfile reads, or reads differently: read it with tarfile."""
+
+
+class PlainHeader(NamedTuple):
+    """A member's header as tarfile would make it: its full name, whether it is a regular file, and
+    the bytes of data that follow the header (a multiple of 512 bytes on disk)."""
+
+    name: str
+    regular: bool
+    size: int
+
+    @property
+    def stored_bytes(self) -> int:
+        """How far tarfile moves past the header: regular members' data rounded up to a block."""
+        return (self.size + BLOCK - 1) // BLOCK * BLOCK if self.regular else 0
+
+
+def _text(field: bytes) -> str:
+    """tarfile's ``nts`` with its default encoding on this platform (UTF-8, surrogateescape)."""
+    return field.split(b"\0", 1)[0].decode("utf-8", "surrogateescape")
+
+
+def _octal(field: bytes) -> int:
+    """tarfile's ``nti`` for ASCII octal numbers; base-256 or malformed numbers need tarfile."""
+    if field[0] in (0o200, 0o377):
+        raise NeedsTarfile("base-256 number")
+    digits = field.split(b"\0", 1)[0]
+    try:
+        return int(digits.decode("ascii").strip() or "0", 8)
+    except ValueError:
+        raise NeedsTarfile("malformed number field") from None
+
+
+def _checksum_holds(block: bytes, stored: int) -> bool:
+    """tarfile's unsigned checksum: the bytes' sum with the checksum field read as spaces. zlib's
+    adler32 sums them in C, modulo 65521; the sum is below that (so exact) when few bytes are set."""
+    field = block[148:156]
+    if ((zlib.adler32(block) & 0xFFFF) - 1 - sum(field) + 256) % 65521 != stored % 65521:
+        return False
+    if 255 * (BLOCK - block.count(0) + 8) < 65521:  # the field's 8 spaces included
+        return True
+    return sum(block) - sum(field) + 256 == stored
+
+
+_OCTAL_OR_NUL = b"01234567\0"
+
+
+def _numbers_surely_parse(block: bytes) -> bool:
+    """A quick sufficient test that tarfile parses every number field: nothing but octal digits
+    and NULs (spaces and the rest are left to the exact test, field by field)."""
+    return not (block[100:148].translate(None, _OCTAL_OR_NUL) or block[329:345].translate(None, _OCTAL_OR_NUL))
+
+
+def parse_header(block: bytes) -> PlainHeader | None:
+    """A 512-byte header block → its member, None for the end-of-archive (all-zero) block; raises
+    :class:`NeedsTarfile` for whatever tarfile would read differently or reject."""
+    if len(block) != BLOCK:
+        raise NeedsTarfile("short header")
+    if block == _ZERO_BLOCK:
+        return None
+    if not _checksum_holds(block, _octal(block[148:156])):  # tarfile also accepts old Sun/NeXT
+        raise NeedsTarfile("checksum")  # tars' signed-char sum: let it decide
+    if not _numbers_surely_parse(block):
+        for start, end in _NUMBER_FIELDS:  # tarfile rejects the header when any of these does not parse
+            _octal(block[start:end])
+    kind = block[156]
+    size = _octal(block[124:136])
+    name = _text(block[0:100])
+    if kind == 0 and name.endswith("/"):  # an old-style directory (tarfile makes it a DIRTYPE)
+        kind = ord("5")
+    if kind not in _REGULAR and kind not in _NO_DATA:
+        raise NeedsTarfile(f"member type {chr(kind)!r}")  # pax, GNU long names, sparse, unknown types
+    if kind == ord("5"):
+        name = name.rstrip("/")
+    prefix = _text(block[345:500])
+    if prefix:  # tarfile joins a ustar prefix, whatever the header's magic says
+        name = prefix + "/" + name
+    return PlainHeader(name, kind in _REGULAR, size)
+
+
+class PlainTar:
+    """One local plain tar read member by member: ``headers()`` yields each member's header, and
+    ``read()`` returns its data when asked before the next header (else it is never read). Reads
+    are positional (``os.pread``): one system call per header and one per member's data."""
+
+    def __init__(self, descriptor: int):
+        self._descriptor = descriptor
+        self._data_at = 0  # where the current member's data starts
+        self._unread_data = 0  # its size while the caller may still read it
+
+    @classmethod
+    def open(cls, path: str) -> PlainTar:
+        try:
+            if not stat.S_ISREG(os.stat(path).st_mode):  # a FIFO's bytes cannot be read twice
+                raise NeedsTarfile("not a regular file")
+            return cls(os.open(path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0)))
+        except OSError as exc:
+            raise NeedsTarfile(f"cannot open: {exc}") from None
+
+    def close(self) -> None:
+        os.close(self._descriptor)
+
+    def __enter__(self) -> PlainTar:
+        return self
+
+    def __exit__(self, *_exc) -> None:
+        self.close()
+
+    def headers(self) -> Iterator[PlainHeader]:
+        offset = 0
+        while True:
+            block = os.pread(self._descriptor, BLOCK, offset)
+            if offset == 0 and block.startswith(_COMPRESSED):
+                raise NeedsTarfile("may be compressed")
+            header = parse_header(block)  # past the end (data cut short, skipped): a short header
+            if header is None:
+                return
+            self._data_at, self._unread_data = offset + BLOCK, header.size if header.regular else 0
+            offset += BLOCK + header.stored_bytes
+            yield header
+
+    def read(self) -> bytes:
+        """The current member's data (once)."""
+        size, self._unread_data = self._unread_data, 0
+        data = os.pread(self._descriptor, size, self._data_at)
+        if len(data) != size:
+            raise NeedsTarfile("data cut short")
+        return data

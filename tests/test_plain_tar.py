@@ -1,0 +1,168 @@
+"""The plain-tar reader gives exactly the rows tarfile gives, on good tars and on broken ones."""
+
+from __future__ import annotations
+
+import io
+import random
+import tarfile
+
+import pytest
+from helpers import image_text_samples, write_tar
+
+from mimicfilter.shards.plain_tar import NeedsTarfile, PlainTar, parse_header
+from mimicfilter.shards.tar import _tarfile_samples, count_shard_samples, iter_shard_samples
+
+
+def rows(samples) -> list[tuple]:
+    return [(s.shard, s.key, s.index, dict(s.files), s.status, s.error) for s in samples]
+
+
+def same_as_tarfile(path, limit: int = 64 * 2**20) -> list[tuple]:
+    ours = rows(iter_shard_samples(str(path), max_member_bytes=limit))
+    assert ours == rows(_tarfile_samples(str(path), False, limit))
+    return ours
+
+
+def read_plainly(path) -> bool:
+    """Whether the plain reader reads the whole file (no fall back to tarfile)."""
+    try:
+        with PlainTar.open(str(path)) as tar:
+            for header in tar.headers():
+                if header.regular:
+                    tar.read()
+        return True
+    except NeedsTarfile:
+        return False
+
+
+def odd_tar(path, form=tarfile.USTAR_FORMAT):
+    """Directories, links, a prefixed long name, duplicates, an extension-less file, upper case."""
+    with tarfile.open(path, "w", format=form) as tar:
+        def add(name, data=b"", kind=tarfile.REGTYPE):
+            info = tarfile.TarInfo(name)
+            info.type, info.size, info.mtime = kind, len(data), 0
+            tar.addfile(info, io.BytesIO(data) if data else None)
+
+        add("dir/", kind=tarfile.DIRTYPE)
+        add("a.jpg", b"jpeg bytes")
+        add("a.TXT", b"caption")
+        add("a.txt", b"again")  # a duplicate extension
+        add("README", b"no extension")
+        add("link.jpg", kind=tarfile.SYMTYPE)
+        add("b.jpg", b"x" * 3000)  # over the limit below
+        add("b.txt", b"b")
+        add("deep/" * 20 + "c.jpg", b"c")  # over 100 characters: a ustar prefix
+        add("d.tar.gz", b"d")
+    return path
+
+
+def test_plain_tars_are_read_without_tarfile_and_agree(tmp_path):
+    good = write_tar(tmp_path / "good.tar", image_text_samples(6))
+    assert read_plainly(good)
+    assert [row[4] for row in same_as_tarfile(good)] == ["ok"] * 6
+    odd = odd_tar(tmp_path / "odd.tar")
+    assert read_plainly(odd)
+    table = same_as_tarfile(odd, limit=1000)
+    assert [(key, status) for _, key, _, _, status, _ in table] == [
+        ("a", "decode_error"), ("b", "too_large"), ("deep/" * 19 + "deep/c", "ok"), ("d", "ok")]
+    gnu = odd_tar(tmp_path / "gnu.tar", tarfile.GNU_FORMAT)  # long names as GNU "L" members: tarfile's
+    pax = odd_tar(tmp_path / "pax.tar", tarfile.PAX_FORMAT)
+    assert not read_plainly(gnu) and not read_plainly(pax)
+    assert [row[1:] for row in same_as_tarfile(gnu, limit=1000)] == [row[1:] for row in same_as_tarfile(pax, limit=1000)]
+    assert same_as_tarfile(write_tar(tmp_path / "empty.tar", [])) == []
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_broken_tars_give_tarfiles_rows(tmp_path, seed):
+    """Cut anywhere, or with bytes changed anywhere: the rows (and messages) are tarfile's."""
+    good = write_tar(tmp_path / "good.tar", image_text_samples(4)).read_bytes()
+    odd = odd_tar(tmp_path / "odd.tar").read_bytes()
+    rng = random.Random(seed)
+    path = tmp_path / "broken.tar"
+    for source in (good, odd):
+        for cut in sorted(rng.sample(range(len(source)), 40)) + [0, 511, 512, 1024]:
+            path.write_bytes(source[:cut])
+            same_as_tarfile(path, limit=1000)
+        for _ in range(60):
+            data = bytearray(source)
+            for _ in range(rng.choice((1, 3))):
+                data[rng.randrange(len(data) // 2)] = rng.randrange(256)  # headers lie in the first half too
+            path.write_bytes(bytes(data))
+            same_as_tarfile(path, limit=1000)
+
+
+def test_what_the_plain_reader_leaves_to_tarfile(tmp_path):
+    import gzip
+
+    good = write_tar(tmp_path / "good.tar", image_text_samples(3))
+    packed = tmp_path / "good.tar.gz"
+    packed.write_bytes(gzip.compress(good.read_bytes()))
+    assert not read_plainly(packed)
+    assert [row[1:] for row in same_as_tarfile(packed)] == [row[1:] for row in same_as_tarfile(good)]
+    assert not read_plainly(tmp_path / "missing.tar")
+    assert same_as_tarfile(tmp_path / "missing.tar")[0][4] == "shard_error"
+    header = bytearray(good.read_bytes()[:512])
+    header[124:136] = b"\x80" + bytes(10) + b"\x05"  # a base-256 size
+    with pytest.raises(NeedsTarfile):
+        parse_header(bytes(header))
+    assert parse_header(bytes(512)) is None  # the end-of-archive block
+
+
+def with_checksum(header: bytearray) -> bytearray:
+    header[148:156] = b" " * 8
+    header[148:156] = b"%06o\0 " % sum(header)
+    return header
+
+
+def test_the_checksum_of_a_header_with_many_high_bytes(tmp_path):
+    """Sums of 65,521 and more are checked exactly (zlib's adler32 sums modulo 65,521)."""
+    from mimicfilter.shards.plain_tar import _checksum_holds
+
+    data = bytearray(write_tar(tmp_path / "good.tar", image_text_samples(2)).read_bytes())
+    header = bytearray(data[:512])
+    for start, end in ((157, 257), (265, 297), (297, 329), (345, 512)):  # link name, owner, group, prefix
+        header[start:end] = b"\xff" * (end - start)
+    total = 256 + sum(header[:148]) + sum(header[156:])
+    assert total > 65521 and _checksum_holds(bytes(header), total)
+    assert not _checksum_holds(bytes(header), total - 65521)
+    for stored in (total, total - 65521):
+        header[148:156] = b"%06o\0 " % stored
+        data[:512] = header
+        (tmp_path / "high.tar").write_bytes(bytes(data))
+        assert same_as_tarfile(tmp_path / "high.tar")[0][4] == ("ok" if stored == total else "shard_error")
+
+
+@pytest.mark.parametrize("field", [(100, 108), (108, 116), (116, 124), (136, 148), (329, 337), (337, 345)])
+def test_a_header_tarfile_rejects_despite_its_checksum(tmp_path, field):
+    """A number field that is not octal fails tarfile's header even with a right checksum."""
+    data = bytearray(write_tar(tmp_path / "good.tar", image_text_samples(3)).read_bytes())
+    with tarfile.open(tmp_path / "good.tar") as tar:
+        offset = [member.offset for member in tar][4]  # sample 1's second member
+    header = bytearray(data[offset:offset + 512])
+    header[field[0]:field[1]] = b"9z" + bytes(field[1] - field[0] - 2)
+    data[offset:offset + 512] = with_checksum(header)
+    path = tmp_path / "bad.tar"
+    path.write_bytes(bytes(data))
+    table = same_as_tarfile(path)
+    assert [status for *_, status, _ in table] == ["ok", "shard_error"] and "invalid header" in table[-1][5]
+
+
+def test_a_consumer_that_stops_early_closes_the_file(tmp_path):
+    path = write_tar(tmp_path / "good.tar", image_text_samples(5))
+    samples = iter_shard_samples(str(path))
+    assert next(samples).key == "00000000"
+    samples.close()  # no error, nothing more
+    assert count_shard_samples(str(path)) == 5
+
+
+def test_a_fifo_is_read_once_by_tarfile(tmp_path):
+    import os
+    import threading
+
+    good = write_tar(tmp_path / "good.tar", image_text_samples(3))
+    fifo = tmp_path / "shard.tar"
+    os.mkfifo(fifo)
+    writer = threading.Thread(target=lambda: fifo.write_bytes(good.read_bytes()), daemon=True)
+    writer.start()
+    assert [row[1:] for row in rows(iter_shard_samples(str(fifo)))] == [row[1:] for row in same_as_tarfile(good)]
+    writer.join(timeout=10)
