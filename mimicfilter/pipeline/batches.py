@@ -49,18 +49,22 @@ class Batch:
         return self.texts if self.texts is not None else self.labels
 
 
-def _stack(tensors: list, pin_memory: bool) -> Any:
-    out = torch.empty((len(tensors), *tensors[0].shape), dtype=tensors[0].dtype, pin_memory=pin_memory)
-    return torch.stack(tensors, out=out)
+Allocate = Callable[[torch.dtype, tuple[int, ...]], Any]  # (dtype, shape) → an empty tensor to stack into
 
 
-def stack_images(images: list, allocate: Callable[[torch.dtype, tuple[int, ...]], Any]) -> Any:
+def stack_into(tensors: list, allocate: Allocate) -> Any:
+    """``torch.stack`` straight into memory from ``allocate`` (page-locked, or shared with a worker)."""
+    return torch.stack(tensors, out=allocate(tensors[0].dtype, (len(tensors), *tensors[0].shape)))
+
+
+def stack_images(images: list, allocate: Allocate) -> Any:
     """``uint8 [3, H, W]`` images → ``[n, 3, H, W]`` in channels-last memory (see the module
-    docstring), written into ``allocate(dtype, (n, H, W, 3))``."""
-    channels, height, width = images[0].shape
-    out = allocate(images[0].dtype, (len(images), height, width, channels))
-    torch.stack([image.permute(1, 2, 0) for image in images], out=out)
-    return out.permute(0, 3, 1, 2)
+    docstring): stacked as ``[n, H, W, 3]``, returned as a view of that."""
+    return stack_into([image.permute(1, 2, 0) for image in images], allocate).permute(0, 3, 1, 2)
+
+
+def _host_memory(pin_memory: bool) -> Allocate:
+    return lambda dtype, shape: torch.empty(shape, dtype=dtype, pin_memory=pin_memory)
 
 
 def _collate(shard: str | None, step: int, samples: list[DecodedSample], last: bool, pin_memory: bool = False) -> Batch:
@@ -72,11 +76,10 @@ def _collate(shard: str | None, step: int, samples: list[DecodedSample], last: b
         if shape is None:  # every image of the batch waits for the GPU decoder
             shape = (3, 1, 1)
         blank = torch.zeros(shape, dtype=torch.uint8)
-        images = stack_images([blank if sample.image is None else sample.image for sample in ok],
-                              lambda dtype, shape: torch.empty(shape, dtype=dtype, pin_memory=pin_memory))
+        images = stack_images([blank if sample.image is None else sample.image for sample in ok], _host_memory(pin_memory))
         encoded = tuple((row, sample.encoded) for row, sample in enumerate(ok) if sample.image is None)
         if ok[0].text is not None:
-            texts = _stack([sample.text for sample in ok], pin_memory)
+            texts = stack_into([sample.text for sample in ok], _host_memory(pin_memory))
         if ok[0].label is not None:
             labels = torch.tensor([sample.label for sample in ok])
     return Batch(shard, step, last, [sample.info for sample in samples], images, texts, labels, encoded)

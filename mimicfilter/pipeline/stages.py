@@ -28,7 +28,7 @@ import torch
 from mimicfilter.errors import MimicfilterError, one_line
 from mimicfilter.execute.local import OrderedPool, read_ahead
 from mimicfilter.mimic.models import LoadedModels, ModelInputs
-from mimicfilter.pipeline.batches import Batch, group_batches, stack_images
+from mimicfilter.pipeline.batches import Batch, group_batches, stack_images, stack_into
 from mimicfilter.shards.decode import DecodeConfig, decode_sample, decode_with_pil
 from mimicfilter.shards.images import ImageGeometry
 from mimicfilter.shards.records import DecodedSample, RawSample, SampleInfo
@@ -68,7 +68,7 @@ class DecodedChunk:
         for sample in samples:
             sample.image = sample.text = None
         images = stack_images(with_image, _shared) if with_image else None
-        texts = torch.stack(with_text, out=_shared(with_text[0].dtype, (len(with_text), *with_text[0].shape))) if with_text else None
+        texts = stack_into(with_text, _shared) if with_text else None
         return cls(samples, images, texts, shard, ends_shard)
 
     def unpack(self) -> list[DecodedSample]:

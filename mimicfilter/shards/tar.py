@@ -27,7 +27,7 @@ from typing import IO
 
 from mimicfilter.errors import MimicfilterError, one_line
 from mimicfilter.shards.discover import PIPE_HINT, PIPE_REFUSED
-from mimicfilter.shards.plain_tar import NeedsTarfile, PlainTar
+from mimicfilter.shards.plain_tar import NeedsTarfile, PlainHeader, PlainTar
 from mimicfilter.shards.records import RawSample
 from mimicfilter.store.paths import is_url
 
@@ -135,6 +135,11 @@ class TarMember:
 def _split_member(member: tarfile.TarInfo) -> tuple[str | None, str | None]:
     """(key, lowercased ext) the WebDataset way, or (None, None) for members that are not sample files."""
     return _split_name(member.name) if member.isreg() else (None, None)
+
+
+def _split_header(header: PlainHeader) -> tuple[str | None, str | None]:
+    """:func:`_split_member` for the plain reader's headers."""
+    return _split_name(header.name) if header.regular else (None, None)
 
 
 def _split_name(name: str) -> tuple[str | None, str | None]:
@@ -270,7 +275,7 @@ def _plain_samples(url: str, limit: int) -> Iterator[RawSample]:
     with PlainTar.open(url) as tar:
         try:
             for header in tar.headers():
-                key, ext = _split_name(header.name) if header.regular else (None, None)
+                key, ext = _split_header(header)
                 if key is None:
                     continue
                 if (done := samples.begin(key)) is not None:
@@ -325,7 +330,7 @@ def count_shard_samples(url: str, *, allow_pipe: bool = False) -> int:
     if local:
         try:
             with PlainTar.open(url) as tar:
-                return _count_keys(_split_name(header.name)[0] if header.regular else None for header in tar.headers())
+                return _count_keys(_split_header(header)[0] for header in tar.headers())
         except (NeedsTarfile, OSError):
             pass  # tarfile reads it (and stops where it is broken)
     return _count_keys(_tarfile_keys(url, allow_pipe, local))
