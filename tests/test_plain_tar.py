@@ -35,6 +35,18 @@ def read_plainly(path) -> bool:
         return False
 
 
+def webdataset_tar(path, count: int = 4):
+    """As webdataset's TarWriter (img2dataset, DataComp) writes shards: a pax header with a
+    fractional mtime before every member."""
+    with tarfile.open(path, "w", format=tarfile.PAX_FORMAT) as tar:
+        for key, files in image_text_samples(count):
+            for ext, data in files.items():
+                info = tarfile.TarInfo(f"{key}.{ext}")
+                info.size, info.mtime = len(data), 1796022512.5130124 + len(data)
+                tar.addfile(info, io.BytesIO(data))
+    return path
+
+
 def odd_tar(path, form=tarfile.USTAR_FORMAT):
     """Directories, links, a prefixed long name, duplicates, an extension-less file, upper case."""
     with tarfile.open(path, "w", format=form) as tar:
@@ -65,6 +77,9 @@ def test_plain_tars_are_read_without_tarfile_and_agree(tmp_path):
     table = same_as_tarfile(odd, limit=1000)
     assert [(key, status) for _, key, _, _, status, _ in table] == [
         ("a", "decode_error"), ("b", "too_large"), ("deep/" * 19 + "deep/c", "ok"), ("d", "ok")]
+    shard = webdataset_tar(tmp_path / "webdataset.tar")
+    assert read_plainly(shard) and b"mtime=" in shard.read_bytes()
+    assert [row[4] for row in same_as_tarfile(shard)] == ["ok"] * 4
     gnu = odd_tar(tmp_path / "gnu.tar", tarfile.GNU_FORMAT)  # long names as GNU "L" members: tarfile's
     pax = odd_tar(tmp_path / "pax.tar", tarfile.PAX_FORMAT)
     assert not read_plainly(gnu) and not read_plainly(pax)
@@ -77,9 +92,10 @@ def test_broken_tars_give_tarfiles_rows(tmp_path, seed):
     """Cut anywhere, or with bytes changed anywhere: the rows (and messages) are tarfile's."""
     good = write_tar(tmp_path / "good.tar", image_text_samples(4)).read_bytes()
     odd = odd_tar(tmp_path / "odd.tar").read_bytes()
+    pax = webdataset_tar(tmp_path / "webdataset.tar").read_bytes()
     rng = random.Random(seed)
     path = tmp_path / "broken.tar"
-    for source in (good, odd):
+    for source in (good, odd, pax):
         for cut in sorted(rng.sample(range(len(source)), 40)) + [0, 511, 512, 1024]:
             path.write_bytes(source[:cut])
             same_as_tarfile(path, limit=1000)
@@ -89,6 +105,40 @@ def test_broken_tars_give_tarfiles_rows(tmp_path, seed):
                 data[rng.randrange(len(data) // 2)] = rng.randrange(256)  # headers lie in the first half too
             path.write_bytes(bytes(data))
             same_as_tarfile(path, limit=1000)
+
+
+@pytest.mark.parametrize("records", [
+    b"30 path=a-longer-name-000.jpg\n",  # a path: tarfile's to apply
+    b"12 size=999\n",
+    b"27 mtime=1796022512.51301\n",  # a length that does not match the record
+    b"28 mtime=1796022512.513012\n" + b"\x01",  # something after the records
+])
+def test_extended_headers_beyond_timestamps_are_tarfiles(tmp_path, records):
+    from mimicfilter.shards.plain_tar import timestamps_only
+
+    assert timestamps_only(b"28 mtime=1796022512.5130124\n" + bytes(484), 28)
+    padded = records + bytes(-len(records) % 512)
+    assert not timestamps_only(padded, len(records.rstrip(b"\x01")))
+    shard = bytearray(webdataset_tar(tmp_path / "webdataset.tar").read_bytes())
+    with tarfile.open(tmp_path / "webdataset.tar") as tar:
+        offset = [member.offset for member in tar][3]  # sample 1's first member: its pax header
+    header = bytearray(shard[offset:offset + 512])
+    header[124:136] = b"%011o\0" % len(records.rstrip(b"\x01"))
+    shard[offset:offset + 1024] = with_checksum(header) + padded
+    path = tmp_path / "changed.tar"
+    path.write_bytes(bytes(shard))
+    assert not read_plainly(path)
+    same_as_tarfile(path)
+
+
+def test_an_extended_header_at_the_end_is_a_broken_tar(tmp_path):
+    shard = webdataset_tar(tmp_path / "webdataset.tar").read_bytes()
+    with tarfile.open(tmp_path / "webdataset.tar") as tar:
+        offset = [member.offset for member in tar][3]  # sample 1's first member: its pax header
+    for tail in (bytes(1024), shard[offset:offset + 1024] * 2 + shard[offset + 1024:]):
+        (tmp_path / "cut.tar").write_bytes(shard[:offset + 1024] + tail)
+        table = same_as_tarfile(tmp_path / "cut.tar")
+        assert [status for *_, status, _ in table] == (["shard_error"] if len(tail) == 1024 else ["ok"] * 4)
 
 
 def test_what_the_plain_reader_leaves_to_tarfile(tmp_path):

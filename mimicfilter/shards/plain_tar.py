@@ -6,9 +6,11 @@ and a file object per member): a tenth of the fast decoder's whole time per samp
 parses each header with tarfile's own rules (checksum, number fields, name and prefix, which
 types carry data) and reads each member's data with one positional read: ~0.03 ms a sample.
 
-It reads only what it is sure tarfile reads the same way. Anything else — a compressed file, pax
-or GNU long-name headers, sparse or unknown member types, base-256 numbers, a header that fails a
-check, data or headers cut short — raises :class:`NeedsTarfile`, and the caller reads the shard
+Pax extended headers that carry only timestamps are read too: webdataset's ``TarWriter`` (and so
+img2dataset) writes one before every member, for its fractional mtime. It reads only what it is
+sure tarfile reads the same way. Anything else — a compressed file, other pax records (paths,
+sizes), global pax or GNU long-name headers, sparse or unknown member types, base-256 numbers, a
+header that fails a check, data or headers cut short — raises :class:`NeedsTarfile`, and the caller reads the shard
 with tarfile instead (:func:`mimicfilter.shards.tar.iter_shard_samples` then skips the samples
 it already gave). So a broken shard's status rows and messages stay tarfile's, exactly.
 """
@@ -16,6 +18,7 @@ it already gave). So a broken shard's status rows and messages stay tarfile's, e
 from __future__ import annotations
 
 import os
+import re
 import stat
 import zlib
 from collections.abc import Iterator
@@ -25,6 +28,11 @@ BLOCK = 512
 _ZERO_BLOCK = bytes(BLOCK)
 _REGULAR = frozenset(b"07\0")  # tarfile.REGULAR_TYPES less the sparse "S" (which needs tarfile)
 _NO_DATA = frozenset(b"123456")  # links, devices, directories, FIFOs: tarfile skips no data for them
+_PAX = ord("x")  # a pax extended header (webdataset's TarWriter writes one per member for its float mtime)
+MAX_EXTENDED_BYTES = 1 << 16
+# The only pax records read here: timestamps, which change nothing this reader gives. Anything else
+# (a path, a size, a charset, sparse maps) is tarfile's to read.
+_TIMESTAMP_RECORD = re.compile(rb"(\d+) [acm]time=-?\d+(?:\.\d+)?\n")
 # Leading bytes that make tarfile's "r|*" (or "r:*") try a decompressor: gzip, bzip2, xz/lzma, zstd.
 _COMPRESSED = (b"\x1f\x8b", b"BZh", b"\x5d\x00\x00", b"\xfd7zXZ", b"\x28\xb5\x2f\xfd")
 _NUMBER_FIELDS = ((100, 108), (108, 116), (116, 124), (124, 136), (136, 148), (329, 337), (337, 345))
@@ -35,17 +43,26 @@ class NeedsTarfile(Exception):
 
 
 class PlainHeader(NamedTuple):
-    """A member's header as tarfile would make it: its full name, whether it is a regular file, and
-    the bytes of data that follow the header (a multiple of 512 bytes on disk)."""
+    """A header as tarfile would read it: the member's full name, its type flag and its data's size."""
 
     name: str
-    regular: bool
+    kind: int  # the type flag's byte
     size: int
 
     @property
+    def regular(self) -> bool:
+        return self.kind in _REGULAR
+
+    @property
+    def extended(self) -> bool:
+        """A pax extended header: its data describes the next member."""
+        return self.kind == _PAX
+
+    @property
     def stored_bytes(self) -> int:
-        """How far tarfile moves past the header: regular members' data rounded up to a block."""
-        return (self.size + BLOCK - 1) // BLOCK * BLOCK if self.regular else 0
+        """How far tarfile moves past the header: the data of regular members and extended headers,
+        rounded up to a block."""
+        return (self.size + BLOCK - 1) // BLOCK * BLOCK if self.regular or self.extended else 0
 
 
 def _text(field: bytes) -> str:
@@ -101,14 +118,26 @@ def parse_header(block: bytes) -> PlainHeader | None:
     name = _text(block[0:100])
     if kind == 0 and name.endswith("/"):  # an old-style directory (tarfile makes it a DIRTYPE)
         kind = ord("5")
-    if kind not in _REGULAR and kind not in _NO_DATA:
-        raise NeedsTarfile(f"member type {chr(kind)!r}")  # pax, GNU long names, sparse, unknown types
+    if kind not in _REGULAR and kind not in _NO_DATA and kind != _PAX:
+        raise NeedsTarfile(f"member type {chr(kind)!r}")  # global pax, GNU long names, sparse, unknown types
     if kind == ord("5"):
         name = name.rstrip("/")
     prefix = _text(block[345:500])
     if prefix:  # tarfile joins a ustar prefix, whatever the header's magic says
         name = prefix + "/" + name
-    return PlainHeader(name, kind in _REGULAR, size)
+    return PlainHeader(name, kind, size)
+
+
+def timestamps_only(data: bytes, size: int) -> bool:
+    """Whether a pax extended header's data (``size`` bytes of records, then the block's NUL
+    padding, as tarfile reads it) holds nothing but well-formed atime/ctime/mtime records."""
+    position = 0
+    while position < size:
+        match = _TIMESTAMP_RECORD.match(data, position, size)
+        if match is None or int(match.group(1)) != match.end() - position:
+            return False
+        position = match.end()
+    return not data[size:].strip(b"\0")
 
 
 class PlainTar:
@@ -140,16 +169,27 @@ class PlainTar:
         self.close()
 
     def headers(self) -> Iterator[PlainHeader]:
-        offset = 0
+        """The members' headers (pax extended headers read, not given)."""
+        offset, extended = 0, False
         while True:
             block = os.pread(self._descriptor, BLOCK, offset)
             if offset == 0 and block.startswith(_COMPRESSED):
                 raise NeedsTarfile("may be compressed")
             header = parse_header(block)  # past the end (data cut short, skipped): a short header
+            if extended and (header is None or header.extended):
+                raise NeedsTarfile("an extended header not followed by a member")
             if header is None:
                 return
-            self._data_at, self._unread_data = offset + BLOCK, header.size if header.regular else 0
-            offset += BLOCK + header.stored_bytes
+            data_at, offset = offset + BLOCK, offset + BLOCK + header.stored_bytes
+            extended = header.extended
+            if extended:
+                if header.size > MAX_EXTENDED_BYTES:
+                    raise NeedsTarfile("a large extended header")
+                records = os.pread(self._descriptor, header.stored_bytes, data_at)
+                if len(records) != header.stored_bytes or not timestamps_only(records, header.size):
+                    raise NeedsTarfile("an extended header with more than timestamps")
+                continue
+            self._data_at, self._unread_data = data_at, header.size if header.regular else 0
             yield header
 
     def read(self) -> bytes:
