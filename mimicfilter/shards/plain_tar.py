@@ -35,7 +35,7 @@ MAX_EXTENDED_BYTES = 1 << 16
 _TIMESTAMP_RECORD = re.compile(rb"(\d+) [acm]time=-?\d+(?:\.\d+)?\n")
 # Leading bytes that make tarfile's "r|*" (or "r:*") try a decompressor: gzip, bzip2, xz/lzma, zstd.
 _COMPRESSED = (b"\x1f\x8b", b"BZh", b"\x5d\x00\x00", b"\xfd7zXZ", b"\x28\xb5\x2f\xfd")
-_NUMBER_FIELDS = ((100, 108), (108, 116), (116, 124), (124, 136), (136, 148), (329, 337), (337, 345))
+_NUMBER_FIELDS = ((100, 108), (108, 116), (116, 124), (136, 148), (329, 337), (337, 345))  # size: parsed below
 
 
 class NeedsTarfile(Exception):
