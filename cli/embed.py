@@ -6,7 +6,7 @@ import json
 
 import click
 
-from mimicfilter_cli.common import ProgressBar, freeze_imported_objects, one_line_errors
+from mimicfilter_cli.common import ProgressBar, heavy_imports, one_line_errors
 from mimicfilter_cli.options import (
     execution_options,
     input_options,
@@ -43,10 +43,9 @@ def embed(shards, **options):
       mimicfilter embed 'pool/{00010..00099}.tar' --model ViT-B-32 --reference openai --out runs/embed
       mimicfilter extrapolate --scored runs/subset --embeddings runs/embed --out runs/pool
     """
-    from mimicfilter.pipeline.config import EmbedConfig
-    from mimicfilter.pipeline.embed import run_embed
-
-    freeze_imported_objects()
+    with heavy_imports():
+        from mimicfilter.pipeline.config import EmbedConfig
+        from mimicfilter.pipeline.embed import run_embed
 
     shard_list = shards_from(shards, options)
     task = task_from(shard_list, options)

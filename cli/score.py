@@ -10,7 +10,7 @@ from rich.table import Table
 
 from mimicfilter import timing
 from mimicfilter.defaults import TRAIN_MODES
-from mimicfilter_cli.common import ProgressBar, freeze_imported_objects, one_line_errors
+from mimicfilter_cli.common import ProgressBar, heavy_imports, one_line_errors
 from mimicfilter_cli.options import (
     execution_options,
     group,
@@ -146,9 +146,8 @@ def _print_startup(stats: dict) -> None:
 
 def _run(shards, options) -> dict:
     # torch and open_clip load here, not at import: `mimicfilter --help` and `filter` stay light.
-    with timing.phase("import torch, open_clip and the pipeline"):
+    with timing.phase("import torch, open_clip and the pipeline"), heavy_imports():
         import mimicfilter.pipeline.run  # noqa: F401
-    freeze_imported_objects()
     from mimicfilter.errors import MimicfilterError
     from mimicfilter.execute.partition import Partition
     from mimicfilter.execute.ray import RayConfig

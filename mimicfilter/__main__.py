@@ -1,4 +1,4 @@
-from mimicfilter_cli.main import cli
+from mimicfilter_cli.main import main
 
 if __name__ == "__main__":
-    cli()
+    main()

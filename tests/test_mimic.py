@@ -1,5 +1,7 @@
 """The mimic math: JVP scores equal a per-sample autograd loop, losses and weights behave."""
 
+from pathlib import Path
+
 import open_clip
 import pytest
 import torch
@@ -132,3 +134,49 @@ def test_direction_shape_mismatch_names_both_shapes():
 def test_direction_refuses_identical_models():
     with pytest.raises(ValueError, match="V = 0"):
         mimic_direction({"w": torch.ones(2)}, {"w": torch.ones(2)})
+
+
+def test_a_model_built_for_its_checkpoint_skips_the_random_init_and_equals_the_plain_build(tiny_config,
+                                                                                          reference_checkpoint):
+    from mimicfilter.mimic.factory import _skip_weight_init, instantiate, resolve_architecture
+
+    initialisers = {name: getattr(torch.nn.init, name) for name in dir(torch.nn.init)}
+    imported_by_name = torch.nn.modules.activation.xavier_uniform_  # MultiheadAttention's own reference
+    with _skip_weight_init():
+        assert torch.nn.init.normal_(torch.zeros(3)).eq(0).all()
+        assert torch.nn.modules.activation.xavier_uniform_(torch.zeros(3, 3)).eq(0).all()
+    assert torch.nn.modules.activation.xavier_uniform_ is imported_by_name
+    assert all(getattr(torch.nn.init, name) is function for name, function in initialisers.items())
+
+    architecture = resolve_architecture(str(tiny_config))
+    built = instantiate(architecture, str(reference_checkpoint), "reference", trust=False).model
+    with architecture.factory_name() as name:
+        plain = open_clip.create_model(name)
+    open_clip.load_checkpoint(plain, str(reference_checkpoint))
+    ours, theirs = dict(built.named_buffers()), dict(plain.named_buffers())  # non-persistent ones included
+    ours.update(built.named_parameters())
+    theirs.update(plain.named_parameters())
+    assert ours.keys() == theirs.keys() and any("attn_mask" in name for name in ours)
+    assert all(torch.equal(ours[name], theirs[name]) for name in ours)
+
+
+@pytest.mark.parametrize("model", ["tiny", "tiny-with-tokenizer-kwargs", "ViT-B-32", "RN50", "ViT-L-14-336",
+                                   "convnext_base"])
+def test_the_shared_tokenizer_tokenizes_as_open_clips_own(tmp_path, tiny_config, model):
+    import json
+
+    from mimicfilter.mimic.factory import _tokenizer, resolve_architecture
+
+    if model.startswith("tiny"):
+        config = json.loads(tiny_config.read_text())
+        if model.endswith("kwargs"):
+            config["text_cfg"]["tokenizer_kwargs"] = {"clean": "whitespace"}
+        model = str(tiny_config.with_name(f"{model}.json"))
+        Path(model).write_text(json.dumps(config))
+    architecture = resolve_architecture(model)
+    texts = ["a photo of a Dog", "  spaces   and\tTabs ", "émoji 🐕 and ünïcödé", "", "word " * 100, "it's 42%!"]
+    with architecture.factory_name() as name:
+        ours = _tokenizer(name, architecture)
+        theirs = open_clip.get_tokenizer(name)
+    assert type(ours) is type(theirs) and ours.context_length == theirs.context_length
+    assert torch.equal(ours(texts), theirs(texts))

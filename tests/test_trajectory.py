@@ -122,6 +122,25 @@ def test_full_training_trains_the_trunk_with_the_plain_mean_loss(tiny_config, re
     assert image is not None and text is not None and scale is not None
 
 
+def test_the_default_proxy_shares_the_frozen_tensors_until_its_trunk_trains(tiny_config, reference_checkpoint):
+    models = load_models(ModelSpec(model=str(tiny_config), reference=str(reference_checkpoint)))
+    reference, proxy = dict(models.reference.named_parameters()), dict(models.proxy.named_parameters())
+    shared = {name for name in proxy if proxy[name] is reference[name]}
+    assert shared == set(proxy) - {"visual.proj"}  # the mimic layer is the proxy's own (re-initialised)
+    assert not torch.equal(proxy["visual.proj"], reference["visual.proj"])
+    reference_before = {k: v.detach().clone() for k, v in reference.items()}
+
+    scorer = make_scorer(models, temperature=0.05)
+    optimizer = torch.optim.SGD(scorer.enable_training("full"), lr=1.0)
+    proxy = dict(models.proxy.named_parameters())
+    assert not any(proxy[name] is reference[name] for name in proxy)
+    images = torch.randn(5, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    scorer.train_step(images, models.tokenizer([f"t {i}" for i in range(5)]), optimizer)
+    assert all(torch.equal(reference[name], reference_before[name]) for name in reference)  # the reference stays
+    assert not torch.equal(proxy["transformer.resblocks.0.mlp.c_fc.weight"],
+                           reference["transformer.resblocks.0.mlp.c_fc.weight"])
+
+
 def trajectory_args(shards, tiny_config, reference_checkpoint, out, *extra):
     return ["score", *map(str, shards), "--model", str(tiny_config), "--reference", str(reference_checkpoint),
             "--out", str(out), "--batch-size", "4", "--workers", "0", "--quiet", "--train", "head",

@@ -5,22 +5,27 @@ from __future__ import annotations
 
 import concurrent.futures
 import contextlib
+import copy
 import hashlib
+import importlib
 import json
 import logging
 import pickle
+import sys
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterator
 
-import open_clip
 import torch
 from torch import nn
 
 from mimicfilter.errors import MimicfilterError, one_line
+from mimicfilter.lean_imports import import_open_clip, require
 from mimicfilter.mimic.hub import pretrained_access, suggest_models
 from mimicfilter.timing import phase
+
+open_clip = import_open_clip()  # without timm and huggingface_hub until a model needs them (lean_imports)
 
 CHECKPOINT_SUFFIXES = (".pt", ".pth", ".bin", ".safetensors", ".ckpt")
 
@@ -45,20 +50,29 @@ def sha256_of_file(path: Path) -> str:
 def _skip_weight_init() -> Iterator[None]:
     """Build modules without their random initialisation: a strict checkpoint load overwrites every
     parameter and persistent buffer right after, so those seconds would be wasted (non-persistent
-    buffers such as attention masks are computed by plain tensor ops and stay correct)."""
-    names = [name for name in dir(torch.nn.init) if name.endswith("_") and not name.startswith("_")]
-    saved = {name: getattr(torch.nn.init, name) for name in names}
+    buffers such as attention masks are computed by plain tensor ops and stay correct).
+
+    torch.nn.init's functions are replaced where torch and open_clip modules call them from:
+    ``torch.nn.init`` itself and every module that imported one by name (``MultiheadAttention``
+    takes ``xavier_uniform_`` that way: 0.3 s of ViT-B-32's build otherwise)."""
+    initialisers = {id(function): function for name in dir(torch.nn.init)
+                    if name.endswith("_") and not name.startswith("_") and callable(function := getattr(torch.nn.init, name))}
+    saved = []  # (namespace, attribute, original)
+    for module_name, module in list(sys.modules.items()):
+        if module is not None and module_name.startswith(("torch.nn", "open_clip")):
+            saved += [(module, attribute, value) for attribute, value in list(vars(module).items())
+                      if initialisers.get(id(value)) is value]
 
     def skip(tensor, *args, **kwargs):
         return tensor
 
-    for name in names:
-        setattr(torch.nn.init, name, skip)
+    for module, attribute, _ in saved:
+        setattr(module, attribute, skip)
     try:
         yield
     finally:
-        for name, function in saved.items():
-            setattr(torch.nn.init, name, function)
+        for module, attribute, original in saved:
+            setattr(module, attribute, original)
 
 
 def _read_json_config(path: Path) -> dict:
@@ -136,19 +150,30 @@ def _quiet_factory() -> Iterator[None]:
 _TOKENIZERS: dict[str, Callable] = {}  # architecture key -> tokenizer: built once, shared by models and decoder
 
 
-def _tokenizer(factory_name: str, key: str) -> Callable:
-    if key not in _TOKENIZERS:
-        _TOKENIZERS[key] = open_clip.get_tokenizer(factory_name)
-    return _TOKENIZERS[key]
+def _tokenizer(factory_name: str, architecture: Architecture) -> Callable:
+    """open_clip's tokenizer for the architecture, built once. The plain BPE tokenizer most models
+    use is a copy of the one open_clip built at import, with the model's context length (parsing
+    its 49,000 merges again took 0.13 s of start-up); HF, SigLIP and customised tokenizers come from
+    ``open_clip.get_tokenizer``, which decides the same way."""
+    if architecture.key not in _TOKENIZERS:
+        text_cfg = architecture.model_cfg.get("text_cfg") or {}
+        if text_cfg.get("hf_tokenizer_name") or text_cfg.get("tokenizer_kwargs") or "siglip" in architecture.name.lower():
+            tokenizer = open_clip.get_tokenizer(factory_name)
+        else:
+            module = importlib.import_module("open_clip.tokenizer")
+            tokenizer = copy.copy(module._tokenizer)  # shares the vocabulary and the BPE cache, read-only
+            tokenizer.context_length = text_cfg.get("context_length", module.DEFAULT_CONTEXT_LENGTH)
+        _TOKENIZERS[architecture.key] = tokenizer
+    return _TOKENIZERS[architecture.key]
 
 
-def _build_from_factory(factory_name: str, pretrained: str | None, tokenizer_key: str,
+def _build_from_factory(factory_name: str, pretrained: str | None, architecture: Architecture,
                         checkpoint_follows: bool = False) -> BuiltModel:
     """open_clip's factory pairs the model with its preprocessing and tokenizer."""
     with _quiet_factory():
         with phase("build the architecture"), (_skip_weight_init() if checkpoint_follows else contextlib.nullcontext()):
             model, _, preprocess = open_clip.create_model_and_transforms(factory_name, pretrained=pretrained)
-        tokenizer = _tokenizer(factory_name, tokenizer_key)
+        tokenizer = _tokenizer(factory_name, architecture)
     preprocess_cfg = dict(getattr(model.visual, "preprocess_cfg", None) or {})
     return BuiltModel(model=model, preprocess=preprocess, tokenizer=tokenizer, preprocess_cfg=preprocess_cfg)
 
@@ -201,6 +226,17 @@ class Architecture:
     def key(self) -> str:
         return self.name if self.json_config is None else json.dumps(self.json_config, sort_keys=True)
 
+    @property
+    def model_cfg(self) -> dict:
+        """open_clip's model_cfg: the JSON config's, or the built-in one (a copy)."""
+        return (self.json_config or {}).get("model_cfg") or open_clip.get_model_config(self.name) or {}
+
+    def prepare_towers(self) -> None:
+        """Import timm when the image tower is a timm model (left out of open_clip's import: lean_imports)."""
+        vision_cfg = self.model_cfg.get("vision_cfg")
+        if isinstance(vision_cfg, dict) and vision_cfg.get("timm_model_name"):
+            require("timm")
+
     @contextlib.contextmanager
     def factory_name(self) -> Iterator[str]:
         """The name open_clip's factory takes: the built-in name, or ``local-dir:`` of a temp dir
@@ -230,6 +266,7 @@ def resolve_architecture(model: str) -> Architecture:
 
 def instantiate(architecture: Architecture, source: str, role: str, trust: bool) -> BuiltModel:
     """Build one model and load its weights from a pretrained tag or a local checkpoint."""
+    architecture.prepare_towers()
     local = _is_local_checkpoint(source)
     path = Path(source)
     # hashed in a thread while the architecture is built (hashlib releases the GIL)
@@ -242,14 +279,14 @@ def instantiate(architecture: Architecture, source: str, role: str, trust: bool)
             )
         with architecture.factory_name() as factory_name:
             try:
-                built = _build_from_factory(factory_name, None, architecture.key, checkpoint_follows=path.is_file())
+                built = _build_from_factory(factory_name, None, architecture, checkpoint_follows=path.is_file())
             except (TypeError, ValueError, KeyError, AttributeError, RuntimeError, AssertionError,
                     ZeroDivisionError) as error:
                 raise MimicfilterError(
                     one_line(f"model config {architecture.name} cannot be built: {type(error).__name__}: {error}"),
                     hint="check the config's sizes and types (an open_clip model_cfg)") from None
     elif local:
-        built = _build_from_factory(architecture.name, None, architecture.key, checkpoint_follows=path.is_file())
+        built = _build_from_factory(architecture.name, None, architecture, checkpoint_follows=path.is_file())
     else:
         tags = _pretrained_tags(architecture.name)
         if source not in tags:
@@ -257,10 +294,11 @@ def instantiate(architecture: Architecture, source: str, role: str, trust: bool)
                 f"{role} {source!r} is neither a checkpoint file nor a pretrained tag of {architecture.name}",
                 hint=f"known tags: {', '.join(tags) or 'none'}",
             )
+        require("huggingface_hub")  # left out of open_clip's import (lean_imports): tags download through it
         access = pretrained_access(architecture.name, source)  # fails at once when offline and not cached
         try:
             with access:
-                built = _build_from_factory(architecture.name, source, architecture.key)
+                built = _build_from_factory(architecture.name, source, architecture)
         except Exception as error:  # the hub download failed: network, auth, cache
             raise MimicfilterError(
                 one_line(f"could not fetch pretrained weights {architecture.name}/{source}: {error}"),
@@ -285,9 +323,10 @@ def preview_preprocessing(architecture: Architecture, source: str) -> tuple[dict
     ViT-B-32); a pretrained tag adds its own mean, std and resizing, as open_clip's factory does.
     """
     try:
+        architecture.prepare_towers()
         with _quiet_factory(), architecture.factory_name() as factory_name, torch.device("meta"):
             model = open_clip.create_model(factory_name, pretrained=None, device="meta")
-            tokenizer = _tokenizer(factory_name, architecture.key)
+            tokenizer = _tokenizer(factory_name, architecture)
         preprocess_cfg = dict(getattr(model.visual, "preprocess_cfg", None) or {})
         if architecture.json_config is None and not _is_local_checkpoint(source):
             tag_cfg = open_clip.get_pretrained_cfg(architecture.name, source)

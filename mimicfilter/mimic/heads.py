@@ -9,13 +9,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-import open_clip
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from mimicfilter.errors import MimicfilterError, one_line
+from mimicfilter.lean_imports import import_open_clip
 from mimicfilter.mimic.factory import sha256_of_file
+
+open_clip = import_open_clip()  # without timm and huggingface_hub until a model needs them (lean_imports)
 
 ZERO_SHOT_TEMPLATES = ("a photo of a {}.", "a picture of a {}.", "an image of a {}.", "a {}.")
 

@@ -16,9 +16,10 @@ import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass
 
-import open_clip
-
 from mimicfilter.errors import MimicfilterError, one_line
+from mimicfilter.lean_imports import import_open_clip
+
+open_clip = import_open_clip()  # without timm and huggingface_hub until a model needs them (lean_imports)
 
 PROBE_SECONDS = 5.0
 

@@ -1,7 +1,9 @@
-"""Mimic layers: the presets, parameter globs, and the seeded re-initialisation of the default proxy."""
+"""Mimic layers: the presets, parameter globs, and the seeded re-initialisation of the default proxy
+(a copy of the reference that shares its frozen parameters)."""
 
 from __future__ import annotations
 
+import copy
 import fnmatch
 
 import torch
@@ -120,3 +122,27 @@ def touches_head(mimic_layers: tuple[str, ...]) -> bool:
     """A classifier head is never in a proxy checkpoint, so mimicking it needs a re-initialised one."""
     return any(name.startswith("head.") for name in mimic_layers)
 
+
+
+def copy_sharing_frozen(model: nn.Module, own: tuple[str, ...]) -> nn.Module:
+    """A deep copy of ``model`` with its own tensors for the parameters named in ``own`` (the mimic
+    layers) and the original's tensors for every other one, which neither model ever changes
+    (models are frozen; only the mimic layers train, until :func:`unshare_parameters`). Saves a
+    model's memory and the copy: ~0.3 s of start-up for ViT-B-32 on a CPU core."""
+    own_names = set(own)
+    shared = {id(parameter): parameter for name, parameter in model.named_parameters() if name not in own_names}
+    return copy.deepcopy(model, memo=shared)  # deepcopy returns what the memo holds for those objects
+
+
+def unshare_parameters(model: nn.Module, other: nn.Module) -> None:
+    """Give ``model`` its own copy of every parameter it shares with ``other`` (before its whole
+    trunk trains); a parameter tied to several modules stays tied."""
+    theirs = {id(parameter) for parameter in other.parameters()}
+    clones: dict[int, nn.Parameter] = {}
+    for module in model.modules():
+        for name, parameter in list(module.named_parameters(recurse=False)):
+            if id(parameter) in theirs:
+                if id(parameter) not in clones:
+                    clones[id(parameter)] = nn.Parameter(parameter.detach().clone(),
+                                                         requires_grad=parameter.requires_grad)
+                setattr(module, name, clones[id(parameter)])

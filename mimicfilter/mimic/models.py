@@ -7,7 +7,6 @@ those layers; the default proxy is the reference with the mimic layers re-initia
 
 from __future__ import annotations
 
-import copy
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -20,7 +19,8 @@ from mimicfilter.mimic.factory import instantiate, preview_preprocessing, resolv
 from mimicfilter.mimic.heads import build_classifiers, head_classes
 from mimicfilter.mimic.inputs import ImageNormalization
 from mimicfilter.mimic.jvp import MimicDirection, mimic_direction
-from mimicfilter.mimic.layers import layers_to_reinitialise, parameters_of, reinitialise, select_mimic_layers, touches_head
+from mimicfilter.mimic.layers import (copy_sharing_frozen, layers_to_reinitialise, parameters_of, reinitialise,
+                                      select_mimic_layers, touches_head)
 from mimicfilter.timing import phase
 
 
@@ -70,6 +70,7 @@ class LoadedModels:
     provenance: dict[str, Any] = field(default_factory=dict)
     preprocess_cfg: dict[str, Any] = field(default_factory=dict)  # open_clip's, for the decoders' geometry
     proxy_is_reference_copy: bool = False  # the proxy equals the reference outside the mimic layers by construction
+    # (a contrastive copy shares those parameters' tensors with the reference until its trunk trains)
     normalization: ImageNormalization = field(default_factory=ImageNormalization)  # applied on the device
 
 
@@ -129,7 +130,7 @@ def _proxy(spec: ModelSpec, reference: nn.Module, proxy: nn.Module | None, built
     if built_proxy is not None and not (spec.task == "classify" and touches_head(mimic_layers)):
         proxy_info = built_proxy.weights
     else:
-        proxy = copy.deepcopy(reference) if proxy is None else proxy
+        proxy = copy_sharing_frozen(reference, mimic_layers) if proxy is None else proxy
         reinitialised = layers_to_reinitialise(mimic_layers)
         reinitialise(proxy, reinitialised, spec.seed)
         proxy_info = {

@@ -28,7 +28,7 @@ from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from mimicfilter.mimic.jvp import ParamDict, mimic_direction, mimic_forward, mimic_scores
-from mimicfilter.mimic.layers import parameters_of
+from mimicfilter.mimic.layers import parameters_of, unshare_parameters
 from mimicfilter.mimic.models import LoadedModels
 
 
@@ -139,6 +139,7 @@ class MimicScorer:
         if mode == "head":
             trained = list(self.mimic_parameters().values())
         elif mode == "full":
+            unshare_parameters(proxy, self.models.reference)  # the trunk now trains: it needs its own tensors
             trained = list(proxy.parameters())
             self.trunk_trains = True
         else:

@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 from mimicfilter.errors import MimicfilterError
+from mimicfilter.lean_imports import import_open_clip, require
 from mimicfilter.mimic.factory import CHECKPOINT_SUFFIXES, load_checkpoint
 from mimicfilter.mimic.grad_mimic import OTHERS, GradMimic, GradMimicStep
 from mimicfilter.mimic.layers import select_mimic_layers
@@ -55,7 +56,9 @@ def reference_model_kwargs(args) -> dict:
 
 def load_reference(model_name: str, options: GradMimicOptions, model_kwargs: dict) -> dict[str, torch.Tensor]:
     """The reference's mimic-layer tensors (on CPU); the rest of the reference is dropped."""
-    import open_clip
+    open_clip = import_open_clip()
+    for package in ("timm", "huggingface_hub"):  # open_clip_train's models and tags may need either; the
+        require(package)  # trainer runs after this in the same process, so it gets the whole open_clip
 
     source = options.reference
     is_file = Path(source).suffix.lower() in CHECKPOINT_SUFFIXES or Path(source).is_file()
