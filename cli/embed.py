@@ -15,6 +15,7 @@ from mimicfilter_cli.options import (
     set_threads,
     shards_argument,
     shards_from,
+    start_hashing_checkpoints,
     stream_fields,
     task_from,
 )
@@ -43,6 +44,7 @@ def embed(shards, **options):
       mimicfilter embed 'pool/{00010..00099}.tar' --model ViT-B-32 --reference openai --out runs/embed
       mimicfilter extrapolate --scored runs/subset --embeddings runs/embed --out runs/pool
     """
+    start_hashing_checkpoints(options)
     with heavy_imports():
         from mimicfilter.pipeline.config import EmbedConfig
         from mimicfilter.pipeline.embed import run_embed

@@ -186,6 +186,15 @@ def decode_from(options: dict[str, Any], task: str):
                         decoder=options["decoder"])
 
 
+def start_hashing_checkpoints(options: dict[str, Any]) -> None:
+    """Hash the local checkpoints on another core while torch imports (run.json records their sha256)."""
+    from mimicfilter.checksums import start_hashing
+
+    for name in ("reference", "proxy", "reference_head"):
+        if options.get(name):
+            start_hashing(options[name])
+
+
 def model_from(options: dict[str, Any], task: str):
     from mimicfilter.mimic.models import ModelSpec
 

@@ -21,6 +21,7 @@ from mimicfilter_cli.options import (
     set_threads,
     shards_argument,
     shards_from,
+    start_hashing_checkpoints,
     stream_fields,
     task_from,
 )
@@ -146,6 +147,7 @@ def _print_startup(stats: dict) -> None:
 
 def _run(shards, options) -> dict:
     # torch and open_clip load here, not at import: `mimicfilter --help` and `filter` stay light.
+    start_hashing_checkpoints(options)
     with timing.phase("import torch, open_clip and the pipeline"), heavy_imports():
         import mimicfilter.pipeline.run  # noqa: F401
     from mimicfilter.errors import MimicfilterError

@@ -19,7 +19,7 @@ MAX_MODULE_LINES = 400
 # Who may import whom: a module may import its own subpackage and anything of a lower layer.
 # The root package (the lazy public API) and __main__ sit above everything; the CLI above that.
 LAYERS = {
-    "errors": 0, "version": 0, "metrics": 0, "timing": 0, "lean_imports": 0,
+    "errors": 0, "version": 0, "metrics": 0, "timing": 0, "lean_imports": 0, "checksums": 0,
     "defaults": 1,
     "store": 2,
     "shards": 3, "mimic": 3, "execute": 3,
@@ -28,7 +28,7 @@ LAYERS = {
     "": 6,  # mimicfilter/__init__.py
     "__main__": 7,
 }
-TORCH_FREE = ("errors", "version", "metrics", "timing", "defaults", "store", "curate", "report")
+TORCH_FREE = ("errors", "version", "metrics", "timing", "checksums", "defaults", "store", "curate", "report")
 
 
 def module_name(path: Path) -> str:

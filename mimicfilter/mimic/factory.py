@@ -1,12 +1,10 @@
 """Building models with open_clip's factory: architecture names or JSON configs, pretrained tags or
-local checkpoints (``weights_only=True`` unless the user trusts them), and checkpoint hashes."""
+local checkpoints (``weights_only=True`` unless the user trusts them), the tokenizer paired with them."""
 
 from __future__ import annotations
 
-import concurrent.futures
 import contextlib
 import copy
-import hashlib
 import importlib
 import json
 import logging
@@ -20,6 +18,7 @@ from typing import Callable, Iterator
 import torch
 from torch import nn
 
+from mimicfilter.checksums import sha256_of_file, start_hashing
 from mimicfilter.errors import MimicfilterError, one_line
 from mimicfilter.lean_imports import import_open_clip, require
 from mimicfilter.mimic.hub import pretrained_access, suggest_models
@@ -28,22 +27,6 @@ from mimicfilter.timing import phase
 open_clip = import_open_clip()  # without timm and huggingface_hub until a model needs them (lean_imports)
 
 CHECKPOINT_SUFFIXES = (".pt", ".pth", ".bin", ".safetensors", ".ckpt")
-
-
-_HASHES: dict[tuple[str, int, int], str] = {}  # (resolved path, size, mtime) -> sha256: each file hashed once
-_HASHER = concurrent.futures.ThreadPoolExecutor(max_workers=2, thread_name_prefix="mimicfilter-sha256")
-
-
-def sha256_of_file(path: Path) -> str:
-    stat = Path(path).stat()
-    key = (str(Path(path).resolve()), stat.st_size, stat.st_mtime_ns)
-    if key not in _HASHES:
-        digest = hashlib.sha256()
-        with open(path, "rb") as handle:
-            for block in iter(lambda: handle.read(1 << 22), b""):
-                digest.update(block)  # releases the GIL: runs beside the model build
-        _HASHES[key] = digest.hexdigest()
-    return _HASHES[key]
 
 
 @contextlib.contextmanager
@@ -269,8 +252,8 @@ def instantiate(architecture: Architecture, source: str, role: str, trust: bool)
     architecture.prepare_towers()
     local = _is_local_checkpoint(source)
     path = Path(source)
-    # hashed in a thread while the architecture is built (hashlib releases the GIL)
-    digest = _HASHER.submit(sha256_of_file, path) if local and path.is_file() else None
+    if local:
+        start_hashing(path)  # under way already when score started it before its imports; waited for below
     if architecture.json_config is not None:
         if not local:
             raise MimicfilterError(
@@ -309,7 +292,7 @@ def instantiate(architecture: Architecture, source: str, role: str, trust: bool)
     with phase(f"load the {role} checkpoint"):
         load_checkpoint(built.model, path, role, trust)
     with phase(f"hash the {role} checkpoint (rest of)"):
-        sha256 = digest.result() if digest is not None else sha256_of_file(path)
+        sha256 = sha256_of_file(path)
     built.weights = {"source": "checkpoint", "path": str(path), "sha256": sha256}
     return built
 

@@ -13,9 +13,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from mimicfilter.checksums import sha256_of_file
 from mimicfilter.errors import MimicfilterError, one_line
 from mimicfilter.lean_imports import import_open_clip
-from mimicfilter.mimic.factory import sha256_of_file
 
 open_clip = import_open_clip()  # without timm and huggingface_hub until a model needs them (lean_imports)
 
