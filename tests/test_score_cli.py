@@ -252,6 +252,21 @@ def test_stdin_shard_list_and_version(shard_dir, tiny_config, reference_checkpoi
     assert version.exit_code == 0 and "mimicfilter" in version.output
 
 
+def test_the_program_skips_only_the_teardown(shard_dir, tiny_config, reference_checkpoint, tmp_path):
+    """``python -m mimicfilter`` exits without the interpreter's teardown once torch is loaded: exit
+    handlers still run after the output, the output is whole, the status is the command's."""
+    program = ("import atexit, sys; atexit.register(lambda: print('exit handler ran', flush=True)); "
+               "sys.argv[0] = 'mimicfilter'; from mimicfilter_cli.main import main; main()")
+    args = score_args(sorted(shard_dir.glob("*.tar")), tiny_config, reference_checkpoint, tmp_path / "run", "--json")
+    done = subprocess.run([sys.executable, "-c", program, *args], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    output, handler = done.stdout.rsplit("}", 1)
+    assert json.loads(output + "}")["rows"] == 16 and handler.strip() == "exit handler ran"
+    args[args.index("--reference") + 1] = str(tmp_path / "missing.pt")
+    failed = subprocess.run([sys.executable, "-m", "mimicfilter", *args], capture_output=True, text=True, timeout=300)
+    assert failed.returncode == 2 and "does not exist" in failed.stderr and "Traceback" not in failed.stderr
+
+
 def test_help_has_examples():
     for args in (["--help"], ["score", "--help"]):
         assert "Example:" in invoke(args).output
