@@ -43,7 +43,8 @@ def start_hashing(path: str | Path) -> Future[str] | None:
         return None
     key = (os.path.realpath(path), status.st_size, status.st_mtime_ns)
     with _lock:
-        if key not in _digests:
+        known = _digests.get(key)
+        if known is None or (known.done() and known.exception() is not None):  # a failed read is tried again
             if _hasher is None:
                 _hasher = ThreadPoolExecutor(max_workers=2, thread_name_prefix="mimicfilter-sha256")
             _digests[key] = _hasher.submit(_sha256, key[0])

@@ -9,8 +9,8 @@ name a ``timm_model_name``, and huggingface_hub (with its HTTP clients) for pret
 installed" branch (``timm = None`` in ``open_clip.timm_model``, ``_has_hf_hub = False`` in
 ``open_clip.pretrained``). :func:`require` imports one of them and runs the open_clip modules that
 import it again, after which open_clip holds what a plain ``import open_clip`` would have given it
-(functions defined there read those globals at call time). The model factory calls it before building a timm tower or fetching
-a pretrained tag.
+(functions defined there read those globals at call time). The model factory calls it before
+building a timm tower or fetching a pretrained tag; open_clip's trainer gets both.
 
 Nothing is hidden that is already imported: a library user who imported timm or huggingface_hub
 first keeps exactly what they had. ``tests/test_lean_imports.py`` checks both ways.

@@ -44,3 +44,17 @@ def test_a_forked_child_hashes_on_its_own(tmp_path, monkeypatch):
         in_child = pool.apply_async(checksums.sha256_of_file, (str(path),)).get(timeout=60)
     release.set()
     assert in_child == pending.result() == hashlib.sha256(b"x" * 1000).hexdigest()
+
+
+def test_a_failed_read_is_tried_again(tmp_path, monkeypatch):
+    path = tmp_path / "weights.bin"
+    path.write_bytes(b"weights")
+    real = checksums._sha256
+
+    def unreadable(name):
+        raise PermissionError(13, "Permission denied", name)
+
+    monkeypatch.setattr(checksums, "_sha256", unreadable)
+    assert isinstance(checksums.start_hashing(path).exception(timeout=30), PermissionError)
+    monkeypatch.setattr(checksums, "_sha256", real)  # readable again, same size and mtime
+    assert checksums.sha256_of_file(path) == hashlib.sha256(b"weights").hexdigest()

@@ -140,7 +140,8 @@ def _tokenizer(factory_name: str, architecture: Architecture) -> Callable:
     ``open_clip.get_tokenizer``, which decides the same way."""
     if architecture.key not in _TOKENIZERS:
         text_cfg = architecture.model_cfg.get("text_cfg") or {}
-        if text_cfg.get("hf_tokenizer_name") or text_cfg.get("tokenizer_kwargs") or "siglip" in architecture.name.lower():
+        customised = text_cfg.get("hf_tokenizer_name") or text_cfg.get("tokenizer_kwargs")
+        if customised or "siglip" in architecture.name.lower():
             tokenizer = open_clip.get_tokenizer(factory_name)
         else:
             module = importlib.import_module("open_clip.tokenizer")

@@ -123,7 +123,6 @@ def touches_head(mimic_layers: tuple[str, ...]) -> bool:
     return any(name.startswith("head.") for name in mimic_layers)
 
 
-
 def copy_sharing_frozen(model: nn.Module, own: tuple[str, ...]) -> nn.Module:
     """A deep copy of ``model`` with its own tensors for the parameters named in ``own`` (the mimic
     layers) and the original's tensors for every other one, which neither model ever changes
