@@ -50,6 +50,11 @@ MIXTURES = {
     "all clean, skewed": (1.0, lambda: mixture(1.0, lambda rng, n: rng.gamma(2.0, 0.6, n) + 0.2, normal(0, 1))),
     # all clean, a Gaussian bump
     "all clean": (1.0, lambda: mixture(1.0, normal(2.0, 0.5), normal(0, 1))),
+    # all clean after a proxy trained for epochs: a narrow core just above 0 and a wider part, 15 % below 0
+    # (Fashion-MNIST's clean pool in its third epoch)
+    "all clean, near 0": (1.0, lambda: mixture(
+        1.0, lambda rng, n: np.concatenate([rng.normal(0.12, 0.07, n // 2), rng.normal(0.17, 0.25, n - n // 2)]),
+        normal(0, 1))),
     # bimodal, well apart (flipped labels with a good reference), over 3 epochs
     "bimodal": (0.7, lambda: mixture(0.7, normal(2.0, 0.4), normal(-2.0, 0.5), epochs=3)),
     # one bump of clean scores plus noise symmetric around 0 (swapped captions)
@@ -86,6 +91,15 @@ def test_a_clean_pool_reads_clean_and_is_not_split_in_two(measured, name):
     assert set(quality["by_rule"]) == {"mirror", "sign"}  # no clustering rule where there is nothing to cluster
     assert [w for w in default["warnings"] if "no second mode" in w and "uncertain" in w]
     assert not [w for w in default["warnings"] if "disagree" in w]
+
+
+def test_a_clean_bump_whose_tail_crosses_zero_reads_clean(measured):
+    truth, summaries = measured["all clean, near 0"]
+    scores = mixture(1.0, lambda rng, n: np.concatenate([rng.normal(0.12, 0.07, n // 2),
+                                                           rng.normal(0.17, 0.25, n - n // 2)]), normal(0, 1))
+    assert (scores < 0).mean() > 0.1  # dropping twice that share would read the pool 70-80 % clean
+    assert summaries["mirror"]["quality_estimate"] == 1.0
+    assert summaries["mirror"]["kept"] == SAMPLES
 
 
 def test_two_modes_every_rule_agrees(measured):

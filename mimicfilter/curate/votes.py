@@ -28,6 +28,11 @@ from mimicfilter.errors import MimicfilterError
 
 MAX_EPOCHS_FOR_PATTERNS = 62  # vote patterns are BIGINT bitmasks
 SECOND_MODE_DIP = 0.9  # a valley below 90 % of the lower mode's density counts as a second mode
+# The mirror's lower component lying this many of its standard deviations above 0 is the lower
+# shoulder of clean scores, not noise centred at or below 0. Chosen on the validation suite: every
+# value from 1.25 to 1.6 gives the same readings there (1.2 reads one noisy pool as clean, 1.7 misses
+# a clean pool's shoulder); 1.4 is the middle (docs/benchmarks.md)
+CLEAN_SHOULDER_SDS = 1.4
 
 
 @dataclass(frozen=True)
@@ -53,7 +58,17 @@ def _mirror_threshold(connection, epoch: int, mixture: Mixture | None) -> float:
     scores are the noise's share. c is the mean of the mixture's lower component, capped at 0 (a
     noisy sample has no reason to pull toward the reference): with one bump of clean scores the
     cap holds, nothing lies below 0 and everything is kept.
+
+    Where the lower component itself sits clearly above 0 (its mean more than
+    ``CLEAN_SHOULDER_SDS`` of its standard deviations), there is no noise centre at all: the
+    component is the lower shoulder of one bump of clean scores, whose tail may still cross 0 (a
+    proxy trained for several epochs draws clean scores toward 0), and everything is kept.
     """
+    if mixture is not None and mixture.means[0] > CLEAN_SHOULDER_SDS * math.sqrt(mixture.variances[0]):
+        lowest = connection.execute("SELECT min(mimic_score) FROM epoch_scores WHERE epoch = ?", [epoch]).fetchone()[0]
+        # votes are "score > threshold": one float32 step below the lowest score keeps all (scores are
+        # stored as float32, and a double just below one rounds back to it when compared as float32)
+        return float(np.nextafter(np.float32(lowest), np.float32(-np.inf)))
     centre = 0.0 if mixture is None else min(0.0, mixture.means[0])
     below, count = connection.execute(
         "SELECT count(*) FILTER (WHERE mimic_score < ?), count(*) FROM epoch_scores WHERE epoch = ?", [centre, epoch]
