@@ -5,7 +5,7 @@
 Reads the suite's cached runs at the defaults (``benchmarks/bench_defaults.py``) and, per
 image–text pool and reference, splits the clean pairs by what the *reference* sees in them: a
 clean pair is "noise-like" when the reference's own CLIP score for it is below the 90th
-percentile of the swapped pairs' CLIP scores (pooled over that reference's swap pools). It
+percentile of the corrupted pairs' CLIP scores (pooled over that reference's pools). It
 prints their share, how their mimic scores compare with the noise's (quantiles and the
 Kolmogorov–Smirnov distance), and the mirror rule's error against the truth and against the
 truth as the reference can see it (the clean share minus the noise-like clean pairs).
@@ -46,6 +46,10 @@ def load_run(out: Path, pool: str, reference: str) -> dict | None:
             "clip": np.array([c for _, _, c in rows])}
 
 
+def deciles(x: np.ndarray) -> str:
+    """The 10th, 50th and 90th percentiles, or a dash for no values."""
+    return "/".join(f"{v:+.2f}" for v in np.quantile(x, [0.1, 0.5, 0.9])) if len(x) else "–"
+
 
 def ks_distance(a: np.ndarray, b: np.ndarray) -> float:
     a, b = np.sort(a), np.sort(b)
@@ -75,14 +79,13 @@ def main(argv=None) -> None:
             clean, score = run["clean"], run["score"]
             noise_like = clean & (run["clip"] < cut)
             truth, seen_truth = clean.mean(), (clean & ~noise_like).mean()
-            quantiles = lambda x: "/".join(f"{v:+.2f}" for v in np.quantile(x, [0.1, 0.5, 0.9])) if len(x) else "–"
             noise = score[~clean]
             ks = f"{ks_distance(score[noise_like], noise):.2f}" if noise_like.sum() and len(noise) else "–"
             estimate = mirror.get((pool, reference))
             error = "–" if estimate is None else f"{100 * (estimate - truth):+.1f}"
             seen_error = "–" if estimate is None else f"{100 * (estimate - seen_truth):+.1f}"
             print(f"| {pool} | {reference} | {100 * truth:.0f}% | {100 * noise_like.sum() / clean.sum():.1f}% of the clean | "
-                  f"{quantiles(score[noise_like])} | {quantiles(noise)} | {ks} | "
+                  f"{deciles(score[noise_like])} | {deciles(noise)} | {ks} | "
                   f"{'–' if estimate is None else f'{100 * estimate:.1f}%'} | {error} | {100 * seen_truth:.1f}% | {seen_error} |")
         print(f"\n({reference}: a clean pair is noise-like below a reference CLIP score of {cut:.3f}, the {100 * NOISE_QUANTILE:.0f}th percentile "
               f"of the {len(noise_clip)} corrupted pairs' scores)\n")
