@@ -7,7 +7,7 @@ image–text pool and reference, splits the clean pairs by what the *reference* 
 clean pair is "noise-like" when the reference's own CLIP score for it is below the 90th
 percentile of the corrupted pairs' CLIP scores (pooled over that reference's pools). It
 prints their share, how their mimic scores compare with the noise's (quantiles and the
-Kolmogorov–Smirnov distance), and the mirror rule's error against the truth and against the
+Kolmogorov–Smirnov distance), and the default rule's error against the truth and against the
 truth as the reference can see it (the clean share minus the noise-like clean pairs).
 
 If the noise-like clean pairs score like noise, no rule over the scores can count them as clean:
@@ -61,12 +61,13 @@ def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=Path, default=suite.ROOT / "bench-runs" / "defaults")
     args = parser.parse_args(argv)
-    results = json.loads((args.out / "results.json").read_text())["results"]
-    mirror = {(r["pool"], r["reference"]): r["rules"]["mirror"]["estimate"]
-              for r in results if r["setting"] == "defaults" and r["task"] == "contrastive"}
+    blob = json.loads((args.out / "results.json").read_text())
+    default = blob["default"]  # the default vote rule, as the suite recorded it
+    estimates = {(r["pool"], r["reference"]): r["rules"][default]["estimate"]
+                 for r in blob["results"] if r["setting"] == "defaults" and r["task"] == "contrastive"}
     pools = [pool.name for pool in suite.POOLS if pool.task == "contrastive"]
     print("| pool | reference | truth | noise-like clean pairs | their mimic scores (10/50/90 %) | noise's | KS | "
-          "mirror | error | truth the reference can see | error against it |")
+          f"{default} | error | truth the reference can see | error against it |")
     print("|---|---|---|---|---|---|---|---|---|---|---|")
     for reference in REFERENCES:
         runs = {pool: load_run(args.out, pool, reference) for pool in pools}
@@ -81,7 +82,7 @@ def main(argv=None) -> None:
             truth, seen_truth = clean.mean(), (clean & ~noise_like).mean()
             noise = score[~clean]
             ks = f"{ks_distance(score[noise_like], noise):.2f}" if noise_like.sum() and len(noise) else "–"
-            estimate = mirror.get((pool, reference))
+            estimate = estimates.get((pool, reference))
             error = "–" if estimate is None else f"{100 * (estimate - truth):+.1f}"
             seen_error = "–" if estimate is None else f"{100 * (estimate - seen_truth):+.1f}"
             print(f"| {pool} | {reference} | {100 * truth:.0f}% | {100 * noise_like.sum() / clean.sum():.1f}% of the clean | "
