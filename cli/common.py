@@ -21,7 +21,7 @@ def os_error_line(error: OSError) -> str:
 
 
 def one_line_errors(command):
-    """Report MimicfilterError as ``Error: ... (hint: ...)`` on stderr with exit code 2, and a
+    """Report MimicfilterError as ``Error: ... (hint: ...)`` on stderr with its exit code (2 for usage), and a
     refusal of the system (full or read-only disk, a path through a file) as one line, exit 1."""
 
     @functools.wraps(command)
@@ -30,7 +30,7 @@ def one_line_errors(command):
             return command(*args, **kwargs)
         except MimicfilterError as error:
             click.echo(f"Error: {error}", err=True)
-            sys.exit(2)
+            sys.exit(error.exit_code)
         except OSError as error:
             click.echo(f"Error: {os_error_line(error)} (hint: check the path, free space and permissions; "
                        "finished outputs are kept)", err=True)

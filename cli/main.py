@@ -12,6 +12,7 @@ import sys
 import click
 
 from mimicfilter import __version__
+from mimicfilter.errors import one_line
 
 COMMANDS = {  # name -> "module:attribute", in the order --help lists them
     "embed": "mimicfilter_cli.embed:embed",
@@ -33,6 +34,28 @@ class LazyGroup(click.Group):
             module, attribute = COMMANDS[name].split(":")
             self.add_command(getattr(importlib.import_module(module), attribute), name)
         return super().get_command(ctx, name)
+
+    def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):
+        """click's standalone mode, with usage errors as one line (``Error: … (hint: see '… --help')``,
+        exit 2) instead of the usage block: every error of mimicfilter reads the same way."""
+        if not standalone_mode:
+            return super().main(args, prog_name, complete_var, standalone_mode, **extra)
+        try:
+            result = super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+        except click.exceptions.NoArgsIsHelpError as error:
+            error.show()
+            sys.exit(error.exit_code)
+        except click.UsageError as error:
+            command = error.ctx.command_path if error.ctx is not None else "mimicfilter"
+            click.echo(f"Error: {one_line(error.format_message())} (hint: see '{command} --help')", err=True)
+            sys.exit(error.exit_code)
+        except click.ClickException as error:
+            error.show()
+            sys.exit(error.exit_code)
+        except click.Abort:
+            click.echo("Aborted!", err=True)
+            sys.exit(1)
+        sys.exit(result if isinstance(result, int) else 0)
 
     @property
     def all_commands(self) -> dict[str, click.Command]:

@@ -160,10 +160,13 @@ def _image_keys(options: dict[str, Any]) -> tuple[str, ...]:
 
 
 def shards_from(shards: tuple[str, ...], options: dict[str, Any]) -> tuple[str, ...]:
-    """The expanded shard list (``-`` reads the list from stdin)."""
+    """The expanded shard list (``-`` reads the list from stdin); remote shards need their fsspec driver."""
     from mimicfilter.shards.discover import expand_shards
+    from mimicfilter.store.paths import check_url_drivers
 
-    return tuple(expand_shards(shards, allow_pipe=options["allow_pipe"], stdin=sys.stdin))
+    expanded = tuple(expand_shards(shards, allow_pipe=options["allow_pipe"], stdin=sys.stdin))
+    check_url_drivers(list(expanded), "shard")
+    return expanded
 
 
 def task_from(shard_list: tuple[str, ...], options: dict[str, Any]) -> str:

@@ -114,9 +114,10 @@ def test_directories_holding_other_files_are_refused_not_replaced(tmp_path):
     (tmp_path / "mine").mkdir()
     (tmp_path / "mine" / "thesis.tex").write_text("precious")
     for args in (("filter", run, "--out", tmp_path / "mine"), ("report", run, "--out", tmp_path / "mine"),
-                 ("filter", run, "--out", tmp_path / "o", "--write-shards", tmp_path / "mine"),
-                 ("filter", run, "--out", tmp_path)):  # --out above the run directory
+                 ("filter", run, "--out", tmp_path / "o", "--write-shards", tmp_path / "mine")):
         assert "holds other files" in one_line_error(invoke(*args))
+    # --out above the run directory: refused before anything is computed, as it holds an input
+    assert "holds an input" in one_line_error(invoke("filter", run, "--out", tmp_path))
     assert (tmp_path / "mine" / "thesis.tex").read_text() == "precious"
 
 

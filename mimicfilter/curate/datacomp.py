@@ -42,12 +42,17 @@ def write_datacomp_npy(uids: Iterable[str], path: Path) -> int:
     return save_uid_array(uids_to_array(uids), path)
 
 
-def save_uid_array(array: np.ndarray, path: Path) -> int:
-    """Save (high, low) uid halves as the subset file: sorted, duplicates dropped, written atomically."""
+def save_uid_array(array: np.ndarray, path: Path, stream: bool = False) -> int:
+    """Save (high, low) uid halves as the subset file: sorted, duplicates dropped, written atomically
+    (``stream``: written in place into a FIFO or character device)."""
     array = np.unique(np.asarray(array, dtype=UID_DTYPE))
     buffer = io.BytesIO()
     np.save(buffer, array, allow_pickle=False)
-    atomic_write_bytes(Path(path), buffer.getvalue())
+    if stream:
+        with open(path, "wb") as handle:
+            handle.write(buffer.getvalue())
+    else:
+        atomic_write_bytes(Path(path), buffer.getvalue())
     return int(array.shape[0])
 
 

@@ -119,23 +119,42 @@ def load_scores(connection: duckdb.DuckDBPyConnection, files: Sequence[str]) -> 
     connection.execute(f"CREATE OR REPLACE VIEW scores AS {_finite_rows_sql(columns)}")
 
 
+# An ok row must carry these: a null there (a table edited by hand, a writer's bug) is no score at all.
+REQUIRED_SCORE_COLUMNS = ("mimic_score", "mimic_weight")
+
+
 def _finite_rows_sql(columns: set[str]) -> str:
-    """``score_rows`` with non-finite values nulled and their ok rows re-labelled ``non_finite_score``."""
+    """``score_rows`` with non-finite values nulled, and ok rows with a non-finite value or a missing
+    required score re-labelled ``non_finite_score``."""
     values = [column for column in SCORE_VALUE_COLUMNS if column in columns]
-    finite = " AND ".join(f"coalesce(isfinite({column}), true)" for column in values)
-    replaced = [f"CASE WHEN status = 'ok' AND NOT ({finite}) THEN '{NON_FINITE}' ELSE status END AS status",
-                f"CASE WHEN status = 'ok' AND NOT ({finite}) THEN 'non-finite score in the table' ELSE error END AS error",
+    bad = " OR ".join([f"NOT coalesce(isfinite({column}), true)" for column in values]
+                      + [f"{column} IS NULL" for column in REQUIRED_SCORE_COLUMNS])
+    replaced = [f"CASE WHEN status = 'ok' AND ({bad}) THEN '{NON_FINITE}' ELSE status END AS status",
+                f"CASE WHEN status = 'ok' AND ({bad}) THEN 'non-finite or missing score in the table' ELSE error END "
+                "AS error",
                 *(f"CASE WHEN isfinite({column}) THEN {column} END AS {column}" for column in values)]
     if "error" not in columns:
         replaced.pop(1)
     return f"SELECT * REPLACE ({', '.join(replaced)}) FROM score_rows"
 
 
+# A sample is usable only if every epoch's row is: one NaN, infinite or missing score in any epoch marks
+# the whole sample ``non_finite_score`` (its other epochs' scores would describe a different trajectory),
+# with the first such epoch named in its error.
+SAMPLE_STATUS_SQL = (f"CASE WHEN bool_or(status = '{NON_FINITE}') THEN '{NON_FINITE}' "
+                     "ELSE arg_max(status, epoch) END")
+SAMPLE_ERROR_SQL = (f"CASE WHEN bool_or(status = '{NON_FINITE}') THEN 'epoch ' || "
+                    f"min(epoch) FILTER (WHERE status = '{NON_FINITE}') || ': ' || "
+                    f"coalesce(arg_min(error, epoch) FILTER (WHERE status = '{NON_FINITE}'), 'non-finite score') "
+                    "ELSE arg_max(error, epoch) END")
+
+
 def per_sample_sql(connection: duckdb.DuckDBPyConnection, source: str = "scores", extra: Sequence[str] = (),
                    rows: str | None = None) -> str:
     """SELECT one row per sample (shard, index) from the epoch rows of ``source``.
 
-    Per sample: identity (key, uid), the last epoch's status and error, the number of epochs,
+    Per sample: identity (key, uid), its status and error (the last epoch's, or ``non_finite_score``
+    when any epoch's score is; see SAMPLE_STATUS_SQL), the number of epochs,
     the mean and last-epoch mimic score, the mean relative weight, loss, CLIP score and reference
     loss (NULL where the table lacks the column), and the label. ``extra`` adds aggregates;
     ``rows`` replaces the FROM clause's row source (e.g. a sub-query adding a vote column).
@@ -149,8 +168,8 @@ def per_sample_sql(connection: duckdb.DuckDBPyConnection, source: str = "scores"
         "shard", "min(key) AS key",  # a sample's key is the same in every epoch
         "any_value(uid) AS uid",
         '"index"::INTEGER AS "index"',
-        "arg_max(status, epoch) AS status",
-        "arg_max(error, epoch) AS error",
+        f"{SAMPLE_STATUS_SQL} AS status",
+        f"{SAMPLE_ERROR_SQL} AS error",
         "count(*)::INTEGER AS epochs",
         "avg(mimic_score) AS mimic_score",
         "arg_max(mimic_score, epoch) AS mimic_score_last",

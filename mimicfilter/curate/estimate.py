@@ -21,6 +21,7 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
+from mimicfilter.curate.duck import SAMPLE_STATUS_SQL
 from mimicfilter.curate.votes import AggregateConfig, Mixture, VoteRule, dawid_skene, epoch_mixtures, vote_rule
 
 SPREAD_RULES = ("mirror", "sign", "kmeans", "gmm")
@@ -55,11 +56,11 @@ def estimate_label(keep: list[str], drop: list[str]) -> str:
 def vote_share(connection, rule: VoteRule, combine: str) -> float | None:
     """The share of usable samples whose combined vote under ``rule`` is keep (one pass over the rows)."""
     per_sample = (
-        "SELECT arg_max(status, epoch) = 'ok' AS usable, count(*) AS epochs, "
+        f"SELECT {SAMPLE_STATUS_SQL} = 'ok' AS usable, count(*) AS epochs, "
         "sum(CASE WHEN vote THEN 1 ELSE 0 END) AS votes, "
         "sum(CASE WHEN vote THEN (1::BIGINT << epoch::BIGINT) ELSE 0 END)::BIGINT AS pattern "
-        f"FROM (SELECT shard, key, epoch, status, coalesce({rule.sql()}, false) AS vote FROM scores) "
-        "GROUP BY shard, key"
+        f'FROM (SELECT shard, "index", epoch, status, coalesce({rule.sql()}, false) AS vote FROM scores) '
+        'GROUP BY shard, "index"'
     )
     if combine == "majority":
         kept, usable = connection.execute(

@@ -25,12 +25,14 @@ from mimicfilter.curate.duck import check_memory_limit, connect, forbid_file_acc
 from mimicfilter.curate.duplicates import DEDUPE_UID, dedupe_uids, find_duplicates, shared_kept_uids
 from mimicfilter.curate.estimate import QualityEstimate, estimate_quality, headline_fields
 from mimicfilter.curate.outputs import write_keys
-from mimicfilter.curate.publish import publish
+from mimicfilter.curate.publish import MANIFEST, SUMMARY, publish
 from mimicfilter.curate.rules import Rule, apply_rules
 from mimicfilter.curate.votes import AggregateConfig, aggregate
 from mimicfilter.errors import MimicfilterError
 from mimicfilter.shards.discover import shard_locator
-from mimicfilter.store.paths import RUN_FILE, run_path
+from mimicfilter.store.guard import Inputs, Output, Target, guard_outputs
+from mimicfilter.store.schema import NON_FINITE
+from mimicfilter.store.paths import RUN_FILE, SUCCESS_FILE, is_remote_url, run_path
 from mimicfilter.store.rundir import unfinished_run
 
 JOIN_KEYS = {"uid": ("uid",), "shard,key": ("shard", "key")}
@@ -139,8 +141,9 @@ def _join(connection, joins: tuple[JoinSpec, ...]) -> list[dict]:
 def _summary(connection, config: FilterConfig, aggregation: dict, joins: list[dict],
              estimate: QualityEstimate) -> dict[str, Any]:
     reasons = dict(connection.execute("SELECT reason, count(*) FROM decisions GROUP BY reason ORDER BY 2 DESC").fetchall())
-    total, ok, kept = connection.execute(
-        "SELECT count(*), count(*) FILTER (WHERE status = 'ok'), count(*) FILTER (WHERE kept) FROM decisions"
+    total, ok, kept, non_finite = connection.execute(
+        "SELECT count(*), count(*) FILTER (WHERE status = 'ok'), count(*) FILTER (WHERE kept), "
+        f"count(*) FILTER (WHERE status = '{NON_FINITE}') FROM decisions"
     ).fetchone()
     return {
         "inputs": list(config.inputs),
@@ -156,6 +159,7 @@ def _summary(connection, config: FilterConfig, aggregation: dict, joins: list[di
         "ok": ok,
         "kept": kept,
         "kept_fraction": kept / total if total else None,
+        "non_finite_scores": non_finite,  # samples with a NaN, infinite or missing score in some epoch
         **headline_fields([rule.text for rule in config.effective_keep], [rule.text for rule in config.drop],
                           kept, ok, estimate),
         "reasons": reasons,
@@ -179,9 +183,39 @@ def _warnings(connection, config: FilterConfig, unfinished: list[str], duplicate
     return warnings
 
 
+def _outputs(config: FilterConfig) -> list[Output]:
+    return [
+        Output("--out", config.out_dir, directory=True, whole=True, own_names=(MANIFEST, SUMMARY, SUCCESS_FILE)),
+        Output("--keys", config.keys, stream_ok=True),
+        Output("--datacomp-npy", config.datacomp_npy, stream_ok=True),
+        Output("--write-shards", config.write_shards, directory=True, whole=True),
+    ]
+
+
+def _guard(config: FilterConfig, files: list[str], shards: list[str]) -> dict[str, Target]:
+    """Every output checked against the inputs (store/guard.py) before anything is written."""
+    runs = [item for item in config.inputs if not is_remote_url(item) and run_path(item).is_dir()]
+    return guard_outputs(_outputs(config), Inputs.of(runs=runs, score_table=files, joined_table=[
+        join.path for join in config.joins], shard=shards))
+
+
+def _top_k_warnings(connection, rules: tuple[Rule, ...]) -> list[str]:
+    """A top-k rule asking for more samples than there are usable ones keeps them all: say so."""
+    warnings = []
+    for rule in rules:
+        if rule.kind == "top-k":
+            usable = connection.execute(
+                f'SELECT count("{rule.column}") FROM samples WHERE status = \'ok\'').fetchone()[0]
+            if rule.value > usable:
+                warnings.append(f"--top-k {rule.column}={rule.value:g} asks for more than the {usable} usable samples "
+                                f"with a {rule.column} value: every one is kept")
+    return warnings
+
+
 def run_filter(config: FilterConfig, stdout: IO[str] = sys.stdout) -> dict[str, Any]:
     """Run the filter; returns the summary (also written to summary.json unless --dry-run)."""
     files = score_files(config.inputs)
+    _guard(config, files, _run_shard_order(config.inputs))
     unfinished = [message for item in config.inputs if (message := unfinished_run(item))]
     if unfinished and config.strict:
         raise MimicfilterError(unfinished[0], hint="wait for the run to finish (or resume it), or drop --strict")
@@ -198,19 +232,23 @@ def run_filter(config: FilterConfig, stdout: IO[str] = sys.stdout) -> dict[str, 
         duplicates = find_duplicates(connection)
         summary = _summary(connection, config, aggregation, joins, estimate)
         summary |= {"score_rows": rows, "duplicates": duplicates,
-                    "warnings": list(estimate.warnings) + _warnings(connection, config, unfinished, duplicates)}
+                    "warnings": list(estimate.warnings) + _warnings(connection, config, unfinished, duplicates)
+                    + _top_k_warnings(connection, config.effective_keep + config.drop)}
         if config.dedupe_uid != "off":
             summary["dedupe_uid"] = {"mode": config.dedupe_uid, "dropped": dropped}
         shard_order = _run_shard_order(config.inputs) or _shard_order(connection)
         if config.dry_run:
             if config.keys == "-":  # stdout is no file: a dry run still shows what would be kept
-                written = write_keys(connection, shard_order, "-", stdout)
+                written = write_keys(connection, shard_order, None, stdout)
                 summary |= {"keys_written": written.lines} | ({"keys_reader_closed": True} if written.reader_closed else {})
             return summary
+        targets = _guard(config, files, shard_order)  # the table's shards too (tables without a run.json)
         locate = shard_locator(config.shard_roots, shard_order) if config.write_shards else None
-        summary = publish(connection, out=config.out_dir, keys=config.keys, datacomp_npy=config.datacomp_npy,
-                          shards_dir=config.write_shards, maxcount=config.maxcount, shard_order=shard_order,
-                          locate=locate, summary=summary, stdout=stdout)
+        summary = publish(connection, out=targets["--out"].path, keys="-" if config.keys == "-" else targets.get("--keys"),
+                          datacomp_npy=targets.get("--datacomp-npy"),
+                          shards_dir=targets["--write-shards"].path if config.write_shards else None,
+                          maxcount=config.maxcount, shard_order=shard_order, locate=locate, summary=summary,
+                          stdout=stdout)
         connection.close()
     return summary
 

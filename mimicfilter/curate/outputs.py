@@ -71,18 +71,28 @@ class KeysWritten:
     reader_closed: bool = False  # stdout's reader stopped early (``| head``): the rest was not written
 
 
-def write_keys(connection, shard_order: list[str], target: str, stdout: IO[str]) -> KeysWritten:
-    """Kept ``shard<TAB>key`` lines to a file (atomically) or ``-`` (stdout)."""
+def _stream_keys(connection, shard_order: list[str], stream: IO[str]) -> KeysWritten:
     count = 0
-    if target == "-":
-        try:
-            for shard, key, _ in kept_keys(connection, shard_order):
-                stdout.write(key_line(shard, key))
-                count += 1
-            stdout.flush()
-        except BrokenPipeError:
-            return KeysWritten(count, reader_closed=True)
-        return KeysWritten(count)
+    try:
+        for shard, key, _ in kept_keys(connection, shard_order):
+            stream.write(key_line(shard, key))
+            count += 1
+        stream.flush()
+    except BrokenPipeError:
+        return KeysWritten(count, reader_closed=True)
+    return KeysWritten(count)
+
+
+def write_keys(connection, shard_order: list[str], target: Path | None, stdout: IO[str] | None,
+               stream: bool = False) -> KeysWritten:
+    """Kept ``shard<TAB>key`` lines to a file (atomically), to ``stdout`` (``target`` None), or into a
+    FIFO or character device (``stream``: written in place, as ``tee`` would)."""
+    if target is None:
+        return _stream_keys(connection, shard_order, stdout)
+    if stream:
+        with open(target, "w", encoding="utf-8") as handle:
+            return _stream_keys(connection, shard_order, handle)
+    count = 0
     with atomic_path(Path(target)) as temp, open(temp, "w", encoding="utf-8") as handle:
         for shard, key, _ in kept_keys(connection, shard_order):  # streamed: no list of all keys
             handle.write(key_line(shard, key))
@@ -90,8 +100,9 @@ def write_keys(connection, shard_order: list[str], target: str, stdout: IO[str])
     return KeysWritten(count)
 
 
-def write_datacomp(connection, path: Path) -> int:
-    """The kept uids as a DataComp subset file; every kept sample needs a 32-hex-digit uid."""
+def write_datacomp(connection, path: Path, stream: bool = False) -> int:
+    """The kept uids as a DataComp subset file (``stream``: into a FIFO or character device in place);
+    every kept sample needs a 32-hex-digit uid."""
     missing, bad = connection.execute(
         "SELECT count(*) FILTER (WHERE uid IS NULL), "
         "count(*) FILTER (WHERE uid IS NOT NULL AND NOT regexp_full_match(uid, '[0-9a-fA-F]{32}')) "
@@ -109,7 +120,7 @@ def write_datacomp(connection, path: Path) -> int:
     ).fetchnumpy()
     uids = np.empty(len(halves["high"]), dtype=UID_DTYPE)
     uids["f0"], uids["f1"] = halves["high"], halves["low"]
-    return save_uid_array(uids, path)
+    return save_uid_array(uids, path, stream=stream)
 
 
 def is_curated_name(name: str) -> bool:
@@ -124,5 +135,10 @@ def write_shards(connection, shard_order: list[str], staging: Path, final: Path,
     which becomes ``final``; ``locate`` says where each recorded shard is read from now."""
     staging.mkdir(parents=True, exist_ok=True)
     kept = ((locate(shard), key, index) for shard, key, index in kept_keys(connection, shard_order))
-    written = write_curated_shards(kept, staging, maxcount=maxcount, prefix=CURATED_PREFIX)
+    try:
+        written = write_curated_shards(kept, staging, maxcount=maxcount, prefix=CURATED_PREFIX)
+    except OSError as error:
+        if error.filename is None or not str(error.filename).startswith(str(staging)):
+            raise
+        raise OSError(error.errno, error.strerror, str(final)) from error  # the directory the user named
     return [asdict(shard) | {"path": str(final / shard.url)} for shard in written]

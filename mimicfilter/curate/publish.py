@@ -23,6 +23,7 @@ from typing import IO, Any
 
 from mimicfilter.curate.outputs import is_curated_name, write_datacomp, write_keys, write_manifest, write_shards
 from mimicfilter.store.atomic import atomic_write_bytes, atomic_write_json
+from mimicfilter.store.guard import Target
 from mimicfilter.store.paths import SUCCESS_FILE
 from mimicfilter.store.swap import is_temp_name, replaced_directory
 
@@ -61,15 +62,21 @@ def _owned_by_filter(out: Path, requested: list[Path]) -> Callable[[str], bool]:
     return lambda name: name in names() or is_temp_name(name)
 
 
-def publish(connection, *, out: Path, keys: str | None, datacomp_npy: Path | None, shards_dir: Path | None,
+def publish(connection, *, out: Path, keys: Target | str | None, datacomp_npy: Target | None, shards_dir: Path | None,
             maxcount: int, shard_order: list[str], locate: Callable[[str], str], summary: dict[str, Any],
             stdout: IO[str]) -> dict[str, Any]:
-    """Write every requested output as described above; returns the summary as written."""
+    """Write every requested output as described above; returns the summary as written.
+
+    ``keys`` is ``-`` (stdout) or a checked target (store/guard.py), like ``datacomp_npy``. Streams
+    (stdout, a FIFO, a character device) are written after every file of the unit, so a failure
+    while writing files never follows keys that already reached a reader.
+    """
     run_id = new_run_id()
     summary = {**summary, "run_id": run_id}
-    keys_file = None if keys in (None, "-") else Path(keys)
+    keys_file = keys.path if isinstance(keys, Target) and not keys.stream else None
+    npy_file = datacomp_npy.path if datacomp_npy is not None and not datacomp_npy.stream else None
     inside = {name: _inside(path, out) for name, path in
-              (("keys", keys_file), ("datacomp_npy", datacomp_npy), ("curated_shards", shards_dir))}
+              (("keys", keys_file), ("datacomp_npy", npy_file), ("curated_shards", shards_dir))}
     requested = [path for path in inside.values() if path is not None]
     outputs = {"manifest": str(out / MANIFEST)}
     if shards_dir is not None and inside["curated_shards"] is None:
@@ -79,19 +86,26 @@ def publish(connection, *, out: Path, keys: str | None, datacomp_npy: Path | Non
         def place(name: str, path: Path) -> Path:
             return staging / inside[name] if inside[name] is not None else path
 
-        if keys is not None:
-            written = write_keys(connection, shard_order, keys if keys == "-" else str(place("keys", keys_file)), stdout)
-            summary["keys_written"] = written.lines
-            if written.reader_closed:
-                summary["keys_reader_closed"] = True  # `| head`: the other outputs are complete all the same
-            outputs["keys"] = keys
         write_manifest(connection, staging / MANIFEST, run_id)
-        if datacomp_npy is not None:
-            summary["datacomp_uids"] = write_datacomp(connection, place("datacomp_npy", datacomp_npy))
-            outputs["datacomp_npy"] = str(datacomp_npy)
         if shards_dir is not None and inside["curated_shards"] is not None:
             summary["curated_shards"] = write_shards(connection, shard_order, place("curated_shards", shards_dir),
                                                      shards_dir, maxcount, locate)
+        if npy_file is not None:
+            summary["datacomp_uids"] = write_datacomp(connection, place("datacomp_npy", npy_file))
+        if keys_file is not None:
+            summary["keys_written"] = write_keys(connection, shard_order, place("keys", keys_file), None).lines
+        # streams last: nothing but summary.json and _SUCCESS is written after them
+        if datacomp_npy is not None and datacomp_npy.stream:
+            summary["datacomp_uids"] = write_datacomp(connection, datacomp_npy.path, stream=True)
+        if keys is not None and keys_file is None:
+            written = write_keys(connection, shard_order, None if keys == "-" else keys.path, stdout, stream=True)
+            summary["keys_written"] = written.lines
+            if written.reader_closed:
+                summary["keys_reader_closed"] = True  # `| head`: the other outputs are complete all the same
+        if keys is not None:
+            outputs["keys"] = keys if keys == "-" else str(keys.path)
+        if datacomp_npy is not None:
+            outputs["datacomp_npy"] = str(datacomp_npy.path)
         if shards_dir is not None:
             outputs["curated_shards"] = str(shards_dir)
         summary["outputs"] = outputs

@@ -217,12 +217,19 @@ def _copy_source(plan: _SourcePlan, sink: _ShardSink, *, allow_pipe: bool) -> No
                         sink.add_member(member.info, _GuardedReader(data))
     except _SourceReadError as exc:
         _raise_read_error(stream, exc.cause)
+    except WriteRefused:
+        raise  # the output's fault, not the shard's
     except STREAM_ERRORS as exc:
-        if isinstance(exc.__context__, MimicfilterError):
+        if isinstance(exc.__context__, (MimicfilterError, WriteRefused)):
             # e.g. a pipe's exit status raised while closing after an output write error
             raise exc.__context__ from None
         _raise_read_error(stream, exc)
     _check_all_found(plan, found, found_indices)
+
+
+class WriteRefused(OSError):
+    """The system refused a write of the curated shards (disk full, read-only, permissions): exit 1,
+    naming the directory; never mistaken for a source shard that cannot be read."""
 
 
 def _raise_read_error(stream: TarStream, exc: BaseException) -> None:
@@ -378,10 +385,8 @@ class _ShardSink:
     def _new_temp_path(self) -> Path:
         return temp_path_beside(self._out_dir / shard_file_name(self._prefix, len(self._pending)))
 
-    def _write_error(self, exc: OSError) -> MimicfilterError:
-        return MimicfilterError(
-            one_line(f"cannot write curated shards to {self._out_dir}: {exc}"), hint="check free space and permissions"
-        )
+    def _write_error(self, exc: OSError) -> "WriteRefused":
+        return WriteRefused(exc.errno, exc.strerror or one_line(exc), str(self._out_dir))
 
 
 def _output_info(member: tarfile.TarInfo) -> tarfile.TarInfo:

@@ -22,6 +22,7 @@ from mimicfilter.mimic.device import resolve_device
 from mimicfilter.pipeline.stages import Decoder, check_decoder
 from mimicfilter.pipeline.static import local_shard_rows
 from mimicfilter.store.parts import part_path, table_stats, write_part
+from mimicfilter.store.guard import guard_run_directory
 from mimicfilter.store.rundir import RunDirectory
 from mimicfilter.store.schema import embed_rows_to_table
 
@@ -30,6 +31,9 @@ def run_embed(config: EmbedConfig, progress: Progress | None = None) -> dict[str
     """Embed every shard into ``config.out_dir`` (resuming an earlier identical run); returns the stats."""
     check_decoder(config.decode, resolve_device(config.model.device).type)
     run = RunDirectory(config.out_dir, "embed", config.argv)
+    spec = config.model
+    guard_run_directory(config.out_dir, config.shards,
+                        (spec.model, spec.reference, spec.proxy, spec.reference_head, spec.classnames))
     models = load_models_on_device(config.model)
     device = models.device
     embedder = PairEmbedder(models, autocast_dtype(device))

@@ -30,6 +30,7 @@ from mimicfilter.pipeline.static import ShardWorkerFactory, score_local
 from mimicfilter.pipeline.trajectory import EpochBatches, StreamPosition, has_checkpoint, run_trajectory
 from mimicfilter.shards.tar import count_shard_samples
 from mimicfilter.store.parts import part_path, table_stats
+from mimicfilter.store.guard import guard_run_directory
 from mimicfilter.store.rundir import RunDirectory, write_rank_stats
 from mimicfilter.timing import current, phase
 
@@ -148,6 +149,9 @@ def run_score(config: ScoreConfig, progress: Progress | None = None) -> dict[str
     """Score every shard into ``config.out_dir`` (resuming an earlier identical run); returns the stats."""
     check_decoder(config.decode, _device_type(config, None))
     run = RunDirectory(config.out_dir, "score", config.argv)
+    spec = config.model
+    guard_run_directory(config.out_dir, config.shards,
+                        (spec.model, spec.reference, spec.proxy, spec.reference_head, spec.classnames))
     with phase("start decoding (before the models load)"):
         early = start_decoding_early(config)
     try:

@@ -49,6 +49,7 @@ from mimicfilter.report.sheets import THUMBNAIL_DIR
 from mimicfilter.report.tally import decisions, drop_reasons, funnel, shard_quality, status_counts
 from mimicfilter.shards.discover import shard_locator
 from mimicfilter.store.atomic import atomic_write_bytes, atomic_write_json
+from mimicfilter.store.guard import Inputs, Output, guard_outputs
 from mimicfilter.store.paths import SUCCESS_FILE, is_remote
 from mimicfilter.store.rundir import read_run_info, unfinished_run
 from mimicfilter.store.swap import is_temp_name, replaced_directory
@@ -122,7 +123,10 @@ def build_report(config: ReportConfig) -> dict[str, Any]:
     if unfinished and config.strict:
         raise MimicfilterError(unfinished, hint="wait for the run to finish (or resume it), or drop --strict")
     files = score_files([str(config.run_dir)])
-    with replaced_directory(Path(config.out_dir), _owned_by_report(Path(config.out_dir)), "--out") as staging:
+    out = guard_outputs([Output("--out", config.out_dir, directory=True, whole=True)], Inputs.of(
+        runs=[config.run_dir], score_table=files, filter_manifest=config.filter_manifest,
+        shard=info.get("shards") or []))["--out"].path
+    with replaced_directory(out, _owned_by_report(out), "--out") as staging:
         summary = _write_report(config, info, files, staging)
         summary["warnings"] = summary["quality"]["warnings"] + (
             [f"{unfinished}: the report covers what it holds so far"] if unfinished else [])

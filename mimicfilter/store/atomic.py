@@ -64,7 +64,12 @@ def atomic_path(path: Path, *, exclusive: bool = False) -> Iterator[Path]:
     """
     temp = temp_path_beside(path)
     try:
-        yield temp
+        try:
+            yield temp
+        except OSError as error:
+            if error.filename is not None or error.errno is None:
+                raise
+            raise OSError(error.errno, error.strerror, str(path)) from error  # a failed write names its file
         if exclusive:
             os.link(temp, path)
         else:

@@ -60,9 +60,35 @@ def run_path(location: str | Path) -> RunPath:
         path.fs  # noqa: B018 - resolves the protocol's filesystem now, so a missing driver fails here
     except (ImportError, ValueError) as error:
         raise MimicfilterError(
-            f"cannot use {text}: {error}", hint="install the fsspec driver for this URL (s3fs, gcsfs, adlfs…)"
+            f"cannot use {text}: {' '.join(str(error).split())[:200]}", hint=driver_hint(text.split("://", 1)[0])
         ) from error
     return path
+
+
+# The extra of mimicfilter that installs each URL scheme's fsspec driver (pyproject.toml's optional
+# dependencies); the default install reads local files only.
+DRIVER_EXTRAS = {"s3": "s3", "s3a": "s3", "gs": "gcs", "gcs": "gcs", "http": "http", "https": "http",
+                 "az": "azure", "abfs": "azure", "abfss": "azure", "adl": "azure"}
+
+
+def driver_hint(scheme: str) -> str:
+    extra = DRIVER_EXTRAS.get(scheme.lower())
+    return f"pip install 'mimicfilter[{extra}]'" if extra else f"install the fsspec driver for {scheme}://"
+
+
+def check_url_drivers(urls: list[str], what: str) -> None:
+    """Fail now, with one line naming the package to install, when an fsspec driver for a scheme of
+    ``urls`` is missing: without it every remote shard would fail to read, one by one."""
+    schemes = sorted({url.split("://", 1)[0].lower() for url in urls if is_remote_url(url)})
+    for scheme in schemes:
+        try:
+            import fsspec
+
+            fsspec.get_filesystem_class(scheme)
+        except (ImportError, ValueError) as error:
+            example = next(url for url in urls if url.lower().startswith(scheme + "://"))
+            raise MimicfilterError(f"cannot read {what} {example}: no fsspec driver for {scheme}:// is installed "
+                                   f"({' '.join(str(error).split())[:120]})", hint=driver_hint(scheme)) from None
 
 
 def is_remote(path: RunPath) -> bool:

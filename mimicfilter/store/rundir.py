@@ -20,9 +20,12 @@ import sys
 import time
 from typing import Any, Sequence
 
-from mimicfilter.errors import MimicfilterError
+import pyarrow.parquet as pq
+
+from mimicfilter.errors import MimicfilterError, one_line
 from mimicfilter.store.atomic import atomic_write_bytes, atomic_write_json
 from mimicfilter.store.parts import part_paths
+from mimicfilter.store.schema import SHARD_ERROR
 from mimicfilter.store.paths import (
     CHECKPOINTS_DIR,
     RANKS_DIR,
@@ -31,6 +34,7 @@ from mimicfilter.store.paths import (
     STATS_FILE,
     SUCCESS_FILE,
     RunPath,
+    arrow_source,
     is_remote,
     remove_tree,
     run_path,
@@ -69,9 +73,28 @@ class RunDirectory:
         }
 
     def finish(self, stats: dict[str, Any]) -> dict[str, Any]:
-        """Write stats.json, then ``_SUCCESS``: the run is complete."""
+        """Write stats.json, then ``_SUCCESS``: the run is complete. A run whose every shard failed
+        (rows, but each a ``shard_error``) read nothing: stats.json is written, ``_SUCCESS`` is not,
+        and the command fails (exit 1); re-running it retries the shards."""
+        counts = stats.get("status_counts") or {}
+        if stats.get("rows") and counts.get(SHARD_ERROR) == stats["rows"]:
+            atomic_write_json(self.path / STATS_FILE, stats)
+            raise MimicfilterError(f"every shard failed to read ({_first_shard_error(self.path)}): nothing was "
+                                   f"{'scored' if self.command == 'score' else 'read'}",
+                                   hint="check the shards (format, permissions, URLs) and re-run", exit_code=1)
         finish_run_dir(self.path, stats)
         return stats
+
+
+def _first_shard_error(run_dir: RunPath) -> str:
+    """``SHARD: error`` of the first failed shard in the parts, for the message."""
+    for part in part_paths(run_dir):
+        source = arrow_source(part)
+        table = pq.read_table(source["source"], filesystem=source.get("filesystem"), columns=["shard", "error"])
+        if table.num_rows:
+            shard, error = table.column("shard")[0].as_py(), table.column("error")[0].as_py()
+            return one_line(f"{shard}: {error}", 200)
+    return "no parts"
 
 
 def _differences(old: dict, new: dict, prefix: str = "") -> list[str]:

@@ -13,6 +13,7 @@ import pyarrow as pa
 
 STATUSES = ("ok", "decode_error", "missing_image", "missing_text", "missing_label", "too_large", "shard_error",
             "non_finite_score")
+SHARD_ERROR = "shard_error"  # a shard could not be read (any further): one row for the failure
 NON_FINITE = "non_finite_score"  # a score column came out NaN or infinite (diverged proxy, NaN weights)
 
 SCORE_SCHEMA = pa.schema(
