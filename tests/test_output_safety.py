@@ -322,3 +322,22 @@ def test_top_k_above_the_pool_says_so(tmp_path):
     assert result.exit_code == 0, result.output
     assert "--top-k mimic_score" in result.stderr and "20" in result.stderr and "every one" in result.stderr
     assert json.loads((tmp_path / "out" / "summary.json").read_text())["kept"] == 20
+
+
+def test_large_transparent_images_become_rgb_band_by_band_with_the_same_pixels(monkeypatch):
+    from PIL import Image
+
+    from mimicfilter.shards import decode
+
+    rng = np.random.default_rng(0)
+    pixels = rng.integers(0, 256, size=(300, 200, 4), dtype=np.uint8)
+    for mode in ("RGBA", "LA", "P"):
+        image = Image.fromarray(pixels, "RGBA").convert(mode)
+        if mode == "P":
+            image.info["transparency"] = 3
+        whole = np.asarray(decode._to_rgb(image.copy()))
+        monkeypatch.setattr(decode, "_BANDED_PIXELS", 1000)
+        monkeypatch.setattr(decode, "_BAND_ROWS", 7)
+        banded = np.asarray(decode._to_rgb(image.copy()))
+        monkeypatch.undo()
+        assert banded.shape == whole.shape == (300, 200, 3) and np.array_equal(banded, whole), mode

@@ -207,7 +207,9 @@ def _load_image(files: dict[str, bytes], config: DecodeConfig, geometry: ImageGe
                     geometry.check_size(width, height, config.max_image_pixels, config.max_aspect_ratio)
                 opened.load()  # force a full decode so truncated/corrupt data fails here, not later
                 rgb = _to_rgb(opened)
-                return _Loaded(rgb if geometry is None else geometry.apply_pil(rgb), (width, height))
+                if geometry is not None:
+                    return _Loaded(geometry.apply_pil(rgb), (width, height))
+                return _Loaded(rgb.copy() if rgb is opened else rgb, (width, height))  # outlives the `with`
         except TooLarge as exc:
             raise _Reject("too_large", f"image {ext}: {exc}", None if width is None else (width, height)) from None
         except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
@@ -235,14 +237,30 @@ def decode_with_pil(data: bytes, config: DecodeConfig, geometry: ImageGeometry) 
         return None, reject.error
 
 
+# Images above this many pixels are made RGB a band of rows at a time (the same pixels: both steps work
+# pixel by pixel), so a 9400x9400 RGBA PNG needs its decoded pixels and the RGB result, not four copies.
+_BANDED_PIXELS = 4_000_000
+_BAND_ROWS = 512
+
+
 def _to_rgb(image: Image.Image) -> Image.Image:
-    """RGB copy; transparent pixels become white (emoji PNGs are transparent, black would hide them)."""
+    """RGB (``image`` itself when it already is); transparent pixels become white (emoji PNGs are
+    transparent, black would hide them). Large images free their decoded pixels once converted."""
     has_alpha = image.mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in image.info
     if not has_alpha:
-        return image.convert("RGB")
-    rgba = image.convert("RGBA")
-    background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-    return Image.alpha_composite(background, rgba).convert("RGB")
+        return image if image.mode == "RGB" else image.convert("RGB")
+    width, height = image.size
+    if width * height <= _BANDED_PIXELS:
+        rgba = image.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(background, rgba).convert("RGB")
+    rgb = Image.new("RGB", image.size)
+    for top in range(0, height, _BAND_ROWS):
+        band = image.crop((0, top, width, min(height, top + _BAND_ROWS))).convert("RGBA")
+        background = Image.new("RGBA", band.size, (255, 255, 255, 255))
+        rgb.paste(Image.alpha_composite(background, band).convert("RGB"), (0, top))
+    image.close()  # the caller is done with the decoded pixels: free them before resizing
+    return rgb
 
 
 def _caption(files: dict[str, bytes], meta: dict | None, meta_error: str | None, config: DecodeConfig) -> str:
