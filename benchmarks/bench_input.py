@@ -22,7 +22,7 @@ code written here (not mimicfilter's internals).
    ``mate-backgrounds`` and ``plasma-workspace-wallpapers``, installed when missing). Target ≥ 0.999.
 
 Usage:
-    python benchmarks/bench_input.py                      # all parts (about 30 min on 2 busy cores)
+    python benchmarks/bench_input.py                      # all parts (about 30 min on 2 cores under load)
     python benchmarks/bench_input.py --only per-core,agreement
 """
 

@@ -122,7 +122,7 @@ SETTINGS = {
          ("fmnist-clean", "fmnist-sym40", "fmnist-cd40")),
         (Setting("lr 1e-3 (1 epoch)", ("--lr", "1e-3"), "candidate"), ("fmnist-clean", "fmnist-sym40", "fmnist-cd40")),
         # 3e-3 not scaled with the batch size (1e-3 scaled with it, 2.5e-4 at batch 64, had a worst
-        # case of 22.5 in the third session: docs/benchmarks.md)
+        # case of 22.5 on the suite of commit beac639)
         (Setting("lr 3e-3, batch 64, 3 epochs", ("--epochs", "3", "--lr", "3e-3", "--batch-size", "64"), "candidate"),
          ("fmnist-clean", "fmnist-sym40", "fmnist-cd40")),
         (Setting("lr 1e-2, 3 epochs", ("--epochs", "3", "--lr", "1e-2"), "candidate"), ("fmnist-clean", "fmnist-cd40")),

@@ -67,7 +67,7 @@ TASK_DEFAULTS = {
     # default lr is 3e-3 x (3,000 / 256) / (steps per epoch): 3e-3 at batch 256 on 3,000 samples,
     # 7.5e-4 at batch 64, 7.5e-4 at batch 256 on 12,000. On the validation suite
     # (benchmarks/bench_defaults.py, docs/benchmarks.md) a fixed 3e-3 read a clean pool of 12,000
-    # images as 44 % clean; scaled, 92 %. Against other lrs at 3,000 samples it had the smallest
+    # images as 44 % clean; scaled, 100 %. Against other lrs at 3,000 samples it had the smallest
     # worst-case estimate error over batch sizes 256 and 64 and 1 or 3 epochs: 18.5 points,
     # against 30.3 for a fixed 1e-3 (which read class-dependent noise 20-30 points high) and 52.3
     # for a fixed 3e-3 at every batch size (a clean pool read 48 % clean at batch 64).
