@@ -228,8 +228,7 @@ def _copy_source(plan: _SourcePlan, sink: _ShardSink, *, allow_pipe: bool) -> No
 
 
 class WriteRefused(OSError):
-    """The system refused a write of the curated shards (disk full, read-only, permissions): exit 1,
-    naming the directory; never mistaken for a source shard that cannot be read."""
+    """A refused write of the curated shards (exit 1, naming the directory), never a bad source shard."""
 
 
 def _raise_read_error(stream: TarStream, exc: BaseException) -> None:
