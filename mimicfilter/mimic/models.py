@@ -15,9 +15,9 @@ from torch import nn
 
 from mimicfilter.defaults import TASKS, task_defaults
 from mimicfilter.errors import MimicfilterError
-from mimicfilter.mimic.factory import instantiate, preview_preprocessing, resolve_architecture
+from mimicfilter.mimic.architectures import instantiate, preview_preprocessing, resolve_architecture
 from mimicfilter.mimic.heads import build_classifiers, head_classes
-from mimicfilter.mimic.inputs import ImageNormalization
+from mimicfilter.mimic.normalization import ImageNormalization
 from mimicfilter.mimic.jvp import MimicDirection, mimic_direction
 from mimicfilter.mimic.layers import (copy_sharing_frozen, layers_to_reinitialise, parameters_of, reinitialise,
                                       select_mimic_layers, touches_head)

@@ -119,7 +119,7 @@ class MimicScorer:
         raise NotImplementedError
 
     def _inputs(self, images: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """uint8 pixels are normalised on the device (mimic.inputs); float images are taken as they are."""
+        """uint8 pixels are normalised on the device (mimic.normalization); float images are taken as they are."""
         device = self.models.device
         images = self.models.normalization.to_model(images, device, self._dtype())
         return images, targets.to(device, non_blocking=True)

@@ -10,7 +10,7 @@ from typing import Any
 import torch
 
 from mimicfilter.mimic.build import autocast_dtype, load_models_on_device, make_scorer
-from mimicfilter.mimic.embedder import BatchEmbedder, PairEmbeddings
+from mimicfilter.mimic.embedder import EmbeddingsFromScores, PairEmbeddings
 from mimicfilter.mimic.models import ModelSpec
 from mimicfilter.mimic.scorer import BatchScores, MimicScorer
 from mimicfilter.pipeline.batches import Batch
@@ -68,7 +68,7 @@ class BatchScorer:
     """The scorer, and the embedder when the run stores embeddings."""
 
     scorer: MimicScorer
-    embedder: BatchEmbedder | None = None
+    embedder: EmbeddingsFromScores | None = None
 
     @property
     def embedding_dim(self) -> int | None:
@@ -100,5 +100,5 @@ def build_batch_scorer(model: ModelSpec, temperature: float, save_embeddings: bo
     models = load_models_on_device(model)
     autocast = autocast_dtype(models.device)
     scorer = make_scorer(models, temperature, autocast_dtype=autocast)
-    embedder = BatchEmbedder(models) if save_embeddings else None
+    embedder = EmbeddingsFromScores(models) if save_embeddings else None
     return BatchScorer(scorer, embedder)

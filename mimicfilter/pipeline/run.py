@@ -1,6 +1,6 @@
 """``mimicfilter score``: shards → decoded samples → batches → scores → Parquet parts, resumable.
 
-    read (shards.tar) → decode (shards.decode) → batch (pipeline.batches)      pipeline.stages
+    read (shards.samples) → decode (shards.decode) → batch (pipeline.batches)      pipeline.stages
         → score (mimic scorer [+ proxy update]) → rows (pipeline.batch_scorer)
         → write (store.parts.write_part, atomic)
 
@@ -28,7 +28,7 @@ from mimicfilter.mimic.device import resolve_device
 from mimicfilter.pipeline.stages import Decoder, EarlyInput, check_decoder, shard_batches
 from mimicfilter.pipeline.static import ShardWorkerFactory, score_local
 from mimicfilter.pipeline.trajectory import EpochBatches, StreamPosition, has_checkpoint, run_trajectory
-from mimicfilter.shards.tar import count_shard_samples
+from mimicfilter.shards.samples import count_shard_samples
 from mimicfilter.store.parts import part_path, table_stats
 from mimicfilter.store.rundir import RunDirectory, write_rank_stats
 from mimicfilter.timing import current, phase

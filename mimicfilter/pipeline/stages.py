@@ -1,7 +1,7 @@
 """The one input path of every mode: read → chunk → decode (in parallel, order kept) → batch.
 
     reader (this process)             decode workers (execute.local.OrderedPool)     this process
-    shards.tar + read-ahead ─► RawChunk ─► Decoder.decode_chunk ─► DecodedChunk ─► group_batches ─► Batch
+    shards.samples + read-ahead ─► RawChunk ─► Decoder.decode_chunk ─► DecodedChunk ─► group_batches ─► Batch
     (static: per shard;               (uint8 images at the model's size,            (per shard, or
      trajectory: one shuffled          token ids tokenised a chunk at a time,        one epoch stream)
      stream, resume skip)              stacked in shared memory)
@@ -32,7 +32,7 @@ from mimicfilter.pipeline.batches import Batch, group_batches, stack_images, sta
 from mimicfilter.shards.decode import DecodeConfig, decode_sample, decode_with_pil
 from mimicfilter.shards.images import ImageGeometry
 from mimicfilter.shards.records import DecodedSample, RawSample, SampleInfo
-from mimicfilter.shards.tar import iter_shard_samples
+from mimicfilter.shards.samples import iter_shard_samples
 
 CHUNK_SIZE = 64  # raw samples per work unit: ~20-100 ms of decoding, small enough to balance the workers
 READ_AHEAD_SHARDS = 4  # shards read concurrently by the reader (remote shards spend their time waiting)
@@ -150,7 +150,7 @@ class Decoder:
         decoded by PIL here, and one PIL rejects too becomes a ``decode_error`` row of the batch."""
         if not batch.encoded:
             return batch
-        from mimicfilter.shards.fast import decode_jpegs_on_device
+        from mimicfilter.shards.fast_decode import decode_jpegs_on_device
 
         rows = [row for row, _ in batch.encoded]
         decoded = decode_jpegs_on_device([data for _, data in batch.encoded], self.geometry, device)

@@ -13,7 +13,7 @@ from torch import nn
 
 from mimicfilter.errors import MimicfilterError
 from mimicfilter.lean_imports import import_open_clip, require
-from mimicfilter.mimic.factory import CHECKPOINT_SUFFIXES, load_checkpoint
+from mimicfilter.mimic.architectures import CHECKPOINT_SUFFIXES, load_checkpoint
 from mimicfilter.mimic.grad_mimic import OTHERS, GradMimic, GradMimicStep
 from mimicfilter.mimic.layers import select_mimic_layers
 from mimicfilter.mimic.losses import contrastive_per_sample_loss

@@ -1,5 +1,8 @@
-"""Building models with open_clip's factory: architecture names or JSON configs, pretrained tags or
-local checkpoints (``weights_only=True`` unless the user trusts them), the tokenizer paired with them."""
+"""One open_clip model from an architecture and its weights: :func:`resolve_architecture` turns a
+built-in name or a JSON config into an :class:`Architecture`, and :func:`instantiate` builds it
+through open_clip's factory with weights from a pretrained tag or a local checkpoint
+(``weights_only=True`` unless the user trusts them), paired with its preprocessing and tokenizer.
+Reference and proxy are made from these by :mod:`mimicfilter.mimic.models`."""
 
 from __future__ import annotations
 
