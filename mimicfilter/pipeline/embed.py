@@ -21,7 +21,8 @@ from mimicfilter.pipeline.config import EmbedConfig, Progress
 from mimicfilter.mimic.device import resolve_device
 from mimicfilter.pipeline.stages import Decoder, check_decoder
 from mimicfilter.pipeline.static import local_shard_rows
-from mimicfilter.store.parts import part_path, table_stats, write_part
+from mimicfilter.store.parts import table_stats, write_part
+from mimicfilter.store.paths import part_path
 from mimicfilter.store.rundir import RunDirectory
 from mimicfilter.store.schema import embed_rows_to_table
 

@@ -29,7 +29,8 @@ from mimicfilter.pipeline.stages import Decoder, EarlyInput, check_decoder, shar
 from mimicfilter.pipeline.static import ShardWorkerFactory, score_local
 from mimicfilter.pipeline.trajectory import EpochBatches, StreamPosition, has_checkpoint, run_trajectory
 from mimicfilter.shards.samples import count_shard_samples
-from mimicfilter.store.parts import part_path, table_stats
+from mimicfilter.store.parts import table_stats
+from mimicfilter.store.paths import part_path
 from mimicfilter.store.rundir import RunDirectory, write_rank_stats
 from mimicfilter.timing import current, phase
 

@@ -21,7 +21,8 @@ from mimicfilter.pipeline.batch_scorer import BatchScorer, build_batch_scorer
 from mimicfilter.pipeline.batches import Batch
 from mimicfilter.pipeline.config import Progress, ScoreConfig
 from mimicfilter.pipeline.stages import CHUNK_SIZE, Decoder, EarlyInput, ShardBatches, input_pool, shard_batches
-from mimicfilter.store.parts import part_path, write_part
+from mimicfilter.store.parts import write_part
+from mimicfilter.store.paths import part_path
 from mimicfilter.store.schema import rows_to_table
 
 

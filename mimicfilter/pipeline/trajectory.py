@@ -13,10 +13,11 @@ boundaries, tables and resume are the same for any worker count.
 
 Resume: every ``checkpoint_every`` steps and at each epoch end, the rows since the previous
 checkpoint are written as a part (``scores/epoch-EEEE-chunk-CCCCC.parquet``) and then the proxy,
-the optimizer and the stream position are saved (``checkpoints/latest.pt``, atomically). A
-re-run loads that checkpoint, skips the samples of the stream it had consumed (raw bytes are
-re-read but not decoded), and continues; the parts it rewrites are byte-for-byte what the killed
-run would have written, so the finished table equals an uninterrupted run's (CPU, same seed).
+the optimizer and the stream position are saved (``checkpoints/latest.pt``, atomically; these names
+are spelled in :mod:`mimicfilter.store.paths`). A re-run loads that checkpoint, skips the samples
+of the stream it had consumed (raw bytes are re-read but not decoded), and continues; the parts it
+rewrites are byte-for-byte what the killed run would have written, so the finished table equals
+an uninterrupted run's (CPU, same seed).
 """
 
 from __future__ import annotations
@@ -40,7 +41,7 @@ from mimicfilter.pipeline.stages import (CHUNK_SIZE, Decoder, EarlyInput, decode
 from mimicfilter.shards.records import RawSample
 from mimicfilter.store.atomic import atomic_write_bytes
 from mimicfilter.store.parts import write_part
-from mimicfilter.store.paths import CHECKPOINTS_DIR, SCORES_DIR
+from mimicfilter.store.paths import epoch_checkpoint_path, latest_checkpoint_path, trajectory_part_path
 from mimicfilter.store.schema import rows_to_table
 
 
@@ -97,10 +98,6 @@ class EpochBatches:
         return group_batches(samples, self.batch_size, None, position.step, pin_memory)
 
 
-def _checkpoint_path(run_dir: Path) -> Path:
-    return run_dir / CHECKPOINTS_DIR / "latest.pt"
-
-
 def _trained_state(scorer: MimicScorer, mode: str) -> dict[str, torch.Tensor]:
     if mode == "full":
         return {name: value.detach().cpu() for name, value in scorer.models.proxy.state_dict().items()}
@@ -115,14 +112,14 @@ def _save(path: Path, payload: dict[str, Any]) -> None:
 
 def save_checkpoint(run_dir: Path, scorer: MimicScorer, optimizer, mode: str, position: StreamPosition) -> None:
     _save(
-        _checkpoint_path(run_dir),
+        latest_checkpoint_path(run_dir),
         {"position": asdict(position), "proxy": _trained_state(scorer, mode), "optimizer": optimizer.state_dict()},
     )
 
 
 def load_checkpoint(run_dir: Path, scorer: MimicScorer, optimizer) -> StreamPosition:
     """Restore proxy and optimizer from the last checkpoint; a fresh position when there is none."""
-    path = _checkpoint_path(run_dir)
+    path = latest_checkpoint_path(run_dir)
     if not path.exists():
         return StreamPosition()
     payload = torch.load(path, map_location=scorer.models.device, weights_only=True)
@@ -136,7 +133,7 @@ def load_checkpoint(run_dir: Path, scorer: MimicScorer, optimizer) -> StreamPosi
 
 
 def has_checkpoint(run_dir: Path) -> bool:
-    return _checkpoint_path(run_dir).exists()
+    return latest_checkpoint_path(run_dir).exists()
 
 
 def run_trajectory(batch_scorer: BatchScorer, train: TrainConfig, batches: EpochBatches, run_dir: Path,
@@ -186,11 +183,11 @@ def _epochs(batch_scorer: BatchScorer, train: TrainConfig, batches: EpochBatches
         _write_chunk(run_dir, epoch, chunk, rows, batch_scorer.embedding_dim)
         position = StreamPosition(epoch=epoch + 1, consumed=0, step=step, chunk=0)
         save_checkpoint(run_dir, scorer, optimizer, train.mode, position)
-        _save(run_dir / CHECKPOINTS_DIR / f"epoch-{epoch:04d}.pt", {"proxy": _trained_state(scorer, train.mode)})
+        _save(epoch_checkpoint_path(run_dir, epoch), {"proxy": _trained_state(scorer, train.mode)})
         if progress:
             progress.shard_done(consumed)
     return scored_now
 
 
 def _write_chunk(run_dir: Path, epoch: int, chunk: int, rows: list[dict], embedding_dim: int | None = None) -> None:
-    write_part(rows_to_table(rows, embedding_dim=embedding_dim), run_dir / SCORES_DIR / f"epoch-{epoch:04d}-chunk-{chunk:05d}.parquet")
+    write_part(rows_to_table(rows, embedding_dim=embedding_dim), trajectory_part_path(run_dir, epoch, chunk))
