@@ -175,7 +175,8 @@ def per_core(shards: list[str], rounds: int, batch_size: int) -> dict:
 
     from mimicfilter.execute.local import OrderedPool
     from mimicfilter.mimic.normalization import ImageNormalization
-    from mimicfilter.pipeline.stages import Decoder, shard_batches
+    from mimicfilter.pipeline.decoder import Decoder
+    from mimicfilter.pipeline.stream import shard_batches
     from mimicfilter.shards.decode import DecodeConfig
     from mimicfilter.shards.images import ImageGeometry
 

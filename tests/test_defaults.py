@@ -128,7 +128,7 @@ def test_the_classification_default_mimics_the_head_weight_only_as_the_papers_co
     import torch
     import torch.nn.functional as F
 
-    from mimicfilter.mimic.build import make_scorer
+    from mimicfilter.pipeline.batch_scorer import make_scorer
     from mimicfilter.mimic.models import load_models
 
     generator = torch.Generator().manual_seed(0)

@@ -85,7 +85,7 @@ def _same_outside(reference: nn.Module, proxy: nn.Module, mimic_layers: tuple[st
 class MimicScorer:
     """Scores batches (:meth:`score`) and takes Grad-Mimic training steps (:meth:`train_step`).
 
-    Build once per run with :func:`mimicfilter.mimic.build.make_scorer`; the task-specific part
+    Build once per run with :func:`mimicfilter.pipeline.batch_scorer.make_scorer`; the task-specific part
     is :meth:`_prepare`.
     """
 

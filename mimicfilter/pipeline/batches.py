@@ -40,7 +40,7 @@ class Batch:
     texts: Any = None  # token ids [B, L] (image–text) ...
     labels: Any = None  # ... or labels [B] (classification)
     # --decoder gpu: (row of ``images``, JPEG bytes) of the images still to decode on the device;
-    # their rows of ``images`` are zeros until then (pipeline.stages.decode_on_device)
+    # their rows of ``images`` are zeros until then (pipeline.decoder.Decoder.decode_on_device)
     encoded: tuple[tuple[int, bytes], ...] = ()
 
     @property

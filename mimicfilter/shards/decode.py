@@ -9,7 +9,7 @@ device), decoded by ``config.decoder``: ``fast`` (libjpeg-turbo + uint8 resize f
 :mod:`mimicfilter.shards.fast_decode`), ``pil`` (PIL for everything, open_clip's exact pixels) or ``gpu``
 (plain JPEGs are checked here and sent encoded, for nvJPEG on the scoring device). PIL decodes
 every other file, and decides the status of any file the fast routes reject. Captions are
-tokenised later, a chunk of samples at a time (:mod:`mimicfilter.pipeline.stages`).
+tokenised later, a chunk of samples at a time (:mod:`mimicfilter.pipeline.decoder`).
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""The raw samples of one shard, and how many it holds.
+"""The raw samples of one shard, how many it holds, and which task its samples are for.
 
 :func:`iter_shard_samples` reads a local plain tar — most shards — with the fast header reader
 (:mod:`mimicfilter.shards.tar_headers`) and anything else, or whatever that reader hands back, with
@@ -13,6 +13,7 @@ from __future__ import annotations
 import itertools
 from collections.abc import Callable, Iterable, Iterator
 
+from mimicfilter.shards.decode import DecodeConfig
 from mimicfilter.shards.records import RawSample
 from mimicfilter.shards.tar_headers import NeedsTarfile, PlainHeader, PlainTar
 from mimicfilter.shards.tar_stream import STREAM_ERRORS, TarMember, TarStream, split_name
@@ -172,3 +173,13 @@ def _count_keys(keys: Iterable[str | None]) -> int:
             count, last = count + 1, key
     return count
 
+
+def detect_task(shards: tuple[str, ...], decode: DecodeConfig, allow_pipe: bool, sample_limit: int = 16) -> str:
+    """``classify`` when the first readable samples carry a label and no caption, else ``contrastive``."""
+    text_ext = "json" if decode.json_field else decode.text_key.lower()
+    for shard in shards[:2]:
+        for raw in itertools.islice(iter_shard_samples(shard, allow_pipe=allow_pipe), sample_limit):
+            if raw.status == "ok" and raw.files:
+                has_label, has_text = decode.label_key in raw.files, text_ext in raw.files
+                return "classify" if has_label and not has_text else "contrastive"
+    return "contrastive"
