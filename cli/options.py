@@ -106,8 +106,9 @@ input_options = group(
 execution_options = group(
     click.option("--batch-size", type=int, default=256, show_default=True,
                  help="Samples per batch (score: per shard in static mode, see docs/method.md)."),
-    click.option("--workers", type=int, default=DEFAULT_WORKERS, show_default=True,
-                 help="DataLoader worker processes reading and decoding shards."),
+    click.option("--workers", type=int, default=DEFAULT_WORKERS,
+                 help="Processes that decode images and tokenise captions while this process reads the shards "
+                 f"(0: decode in this process) [default: half the CPU cores, at most 8: {DEFAULT_WORKERS} here]."),
     click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N."),
     click.option("--threads", type=int, default=None, help=THREADS_HELP),
 )
