@@ -4,7 +4,7 @@ whose default lr follows the pool's size) against a plain tarfile loop written h
     python benchmarks/bench_count.py [--samples 100000] [--rounds 3]
 
 Builds one local tar of two-file samples (a 12 kB "image" and a caption) in a temporary directory,
-then times, alternating, mimicfilter's count (`shards.tar.count_shard_samples`: the 512-byte headers
+then times, alternating, mimicfilter's count (`shards.samples.count_shard_samples`: the 512-byte headers
 parsed directly, seeking over the data) and the plain way (`tarfile.open(path)` and a loop over its
 members), each in the page cache; prints the best round of each and the ratio.
 """
@@ -22,7 +22,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from mimicfilter.shards.tar import count_shard_samples  # noqa: E402
+from mimicfilter.shards.samples import count_shard_samples  # noqa: E402
 
 
 def write_pool(path: Path, samples: int) -> None:

@@ -174,8 +174,9 @@ def per_core(shards: list[str], rounds: int, batch_size: int) -> dict:
     import torch
 
     from mimicfilter.execute.local import OrderedPool
-    from mimicfilter.mimic.inputs import ImageNormalization
-    from mimicfilter.pipeline.stages import Decoder, shard_batches
+    from mimicfilter.mimic.normalization import ImageNormalization
+    from mimicfilter.pipeline.decoder import Decoder
+    from mimicfilter.pipeline.stream import shard_batches
     from mimicfilter.shards.decode import DecodeConfig
     from mimicfilter.shards.images import ImageGeometry
 
@@ -200,7 +201,7 @@ def per_core(shards: list[str], rounds: int, batch_size: int) -> dict:
             return count
         return run
 
-    from mimicfilter.shards.fast import decode_jpeg_fast
+    from mimicfilter.shards.fast_decode import decode_jpeg_fast
 
     jpegs = []
     for shard in shards:
@@ -376,7 +377,7 @@ def startup(shards, scratch: Path, rounds: int, revision: str, device: str) -> d
 def pixel_deviation(shards: list[str], geometry_size: int) -> dict:
     from mimicfilter.shards.decode import DecodeConfig, decode_sample
     from mimicfilter.shards.images import ImageGeometry
-    from mimicfilter.shards.tar import iter_shard_samples
+    from mimicfilter.shards.samples import iter_shard_samples
 
     geometry = ImageGeometry(size=(geometry_size, geometry_size))
     differences = []

@@ -28,13 +28,14 @@ import torch.nn.functional as F
 from torch.func import grad, vmap
 
 from mimicfilter.execute.local import OrderedPool
-from mimicfilter.mimic.build import load_models_on_device
+from mimicfilter.mimic.models import load_models_on_device
 from mimicfilter.mimic.jvp import mimic_direction, mimic_scores
 from mimicfilter.mimic.losses import contrastive_per_sample_loss
 from mimicfilter.mimic.models import ModelSpec
 from mimicfilter.pipeline.config import ScoreConfig
 from mimicfilter.pipeline.run import run_score
-from mimicfilter.pipeline.stages import Decoder, shard_batches
+from mimicfilter.pipeline.decoder import Decoder
+from mimicfilter.pipeline.stream import shard_batches
 from mimicfilter.shards.decode import DecodeConfig
 from mimicfilter.shards.discover import expand_shards
 

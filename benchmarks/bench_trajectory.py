@@ -46,7 +46,7 @@ from mimicfilter.mimic.jvp import mimic_direction, mimic_forward
 from mimicfilter.mimic.losses import contrastive_per_sample_loss
 from mimicfilter.mimic.layers import parameters_of
 from mimicfilter.mimic.models import LoadedModels, ModelSpec, load_models
-from mimicfilter.mimic.build import make_scorer
+from mimicfilter.pipeline.batch_scorer import make_scorer
 
 TEMPERATURE = 0.05
 LR, WEIGHT_DECAY = 1e-4, 1e-5

@@ -12,7 +12,6 @@ from mimicfilter_cli.options import (
     input_options,
     model_options,
     output_options,
-    set_threads,
     shards_argument,
     shards_from,
     start_hashing_checkpoints,
@@ -51,7 +50,6 @@ def embed(shards, **options):
 
     shard_list = shards_from(shards, options)
     task = task_from(shard_list, options)
-    set_threads(options["threads"])
     config = EmbedConfig(**stream_fields(shard_list, task, options))
     stats = run_embed(config, progress=ProgressBar(enabled=not options["quiet"]))
     if options["as_json"]:

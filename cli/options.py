@@ -106,8 +106,9 @@ input_options = group(
 execution_options = group(
     click.option("--batch-size", type=int, default=256, show_default=True,
                  help="Samples per batch (score: per shard in static mode, see docs/method.md)."),
-    click.option("--workers", type=int, default=DEFAULT_WORKERS, show_default=True,
-                 help="DataLoader worker processes reading and decoding shards."),
+    click.option("--workers", type=int, default=DEFAULT_WORKERS,
+                 help="Processes that decode images and tokenise captions while this process reads the shards "
+                 f"(0: decode in this process) [default: half the CPU cores, at most 8: {DEFAULT_WORKERS} here]."),
     click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N."),
     click.option("--threads", type=int, default=None, help=THREADS_HELP),
 )
@@ -142,19 +143,6 @@ def aggregation_from(options: dict[str, Any]) -> AggregateConfig:
     return AggregateConfig(binarize=options["binarize"], combine_votes=options["combine_votes"])
 
 
-def set_threads(threads: int | None) -> None:
-    """Apply --threads (validated here, before any model loads)."""
-    if threads is None:
-        return
-    from mimicfilter.errors import MimicfilterError
-
-    if threads < 1:
-        raise MimicfilterError(f"--threads {threads}: must be at least 1")
-    import torch
-
-    torch.set_num_threads(threads)
-
-
 def _image_keys(options: dict[str, Any]) -> tuple[str, ...]:
     return tuple(key.strip().lower() for key in options["image_key"].split(",") if key.strip())
 
@@ -175,8 +163,8 @@ def task_from(shard_list: tuple[str, ...], options: dict[str, Any]) -> str:
         return options["task"]
     if options["classnames"] or options["reference_head"]:
         return "classify"
-    from mimicfilter.pipeline.stages import detect_task
     from mimicfilter.shards.decode import DecodeConfig
+    from mimicfilter.shards.samples import detect_task
 
     decode = DecodeConfig(image_keys=_image_keys(options), text_key=options["text_key"].strip())
     return detect_task(shard_list, decode, options["allow_pipe"])
@@ -207,21 +195,11 @@ def model_from(options: dict[str, Any], task: str):
                      reference_head=options["reference_head"])
 
 
-def out_from(options: dict[str, Any]):
-    """The run directory; a local one whose path runs through a file fails here, before any model loads."""
-    from mimicfilter.errors import MimicfilterError
-    from mimicfilter.store.paths import is_remote, run_path
-
-    out = run_path(options["out_dir"])
-    if not is_remote(out):
-        existing = next(path for path in (out, *out.absolute().parents) if path.exists())
-        if not existing.is_dir():
-            raise MimicfilterError(f"--out {out}: {existing} is not a directory", hint="choose another --out")
-    return out
-
-
 def stream_fields(shard_list: tuple[str, ...], task: str, options: dict[str, Any]) -> dict[str, Any]:
-    """The fields ``ScoreConfig`` and ``EmbedConfig`` share, from the shared option groups."""
-    return dict(shards=shard_list, out_dir=out_from(options), model=model_from(options, task),
+    """The fields of ``StreamConfig`` (shared by ``ScoreConfig`` and ``EmbedConfig``), from the shared option groups."""
+    from mimicfilter.store.paths import run_path
+
+    return dict(shards=shard_list, out_dir=run_path(options["out_dir"]), model=model_from(options, task),
                 decode=decode_from(options, task), batch_size=options["batch_size"], workers=options["workers"],
-                allow_pipe=options["allow_pipe"], overwrite=options["overwrite"], argv=tuple(sys.argv))
+                allow_pipe=options["allow_pipe"], overwrite=options["overwrite"], argv=tuple(sys.argv),
+                threads=options["threads"])

@@ -18,7 +18,6 @@ from mimicfilter_cli.options import (
     model_options,
     output_options,
     per_task_default,
-    set_threads,
     shards_argument,
     shards_from,
     start_hashing_checkpoints,
@@ -150,20 +149,15 @@ def _run(shards, options) -> dict:
     start_hashing_checkpoints(options)
     with timing.phase("import torch, open_clip and the pipeline"), heavy_imports():
         import mimicfilter.pipeline.run  # noqa: F401
-    from mimicfilter.errors import MimicfilterError
     from mimicfilter.execute.partition import Partition
     from mimicfilter.execute.ray import RayConfig
     from mimicfilter.pipeline.config import ScoreConfig, TrainConfig
     from mimicfilter.pipeline.run import run_score
 
-    rank, world_size = options["rank"], options["world_size"]
-    if (rank is None) != (world_size is None):
-        raise MimicfilterError("--rank and --world-size go together", hint="e.g. --rank 3 --world-size 16")
-    partition = Partition(0, 1) if rank is None else Partition(rank, world_size)  # checked before listing shards
+    partition = Partition.of(options["rank"], options["world_size"])  # checked before listing shards
     ray = None if options["ray_address"] is None else RayConfig(
         options["ray_address"], options["cpus_per_task"], options["gpus_per_task"], options["max_retries"],
         options["ray_actors"])
-    set_threads(options["threads"])
     with timing.phase("list the shards"):
         shard_list = shards_from(shards, options)
     with timing.phase("detect the task"):

@@ -19,7 +19,7 @@ from rich.table import Table
 
 from mimicfilter.metrics import auroc
 from mimicfilter.store.rundir import read_run_info
-from mimicfilter.shards.tar import iter_shard_samples
+from mimicfilter.shards.samples import iter_shard_samples
 from mimicfilter.store.parts import read_scores
 
 

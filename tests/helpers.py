@@ -127,7 +127,7 @@ def image_text_run(tmp_path: Path, shards: int = 2, per_shard: int = 10, epochs:
 
 def pool_values(shards: list[str]) -> dict[tuple[str, str], tuple[int | None, int | None, int | None]]:
     """(shard, key) → (caption chars, image width, image height) read from the shards (None: unknown)."""
-    from mimicfilter.shards.tar import iter_shard_samples
+    from mimicfilter.shards.samples import iter_shard_samples
 
     values = {}
     for shard in shards:

@@ -15,6 +15,7 @@ ROOT = Path(__file__).resolve().parent.parent
 PACKAGE = ROOT / "mimicfilter"
 CLI = ROOT / "cli"  # installed as mimicfilter_cli
 MAX_MODULE_LINES = 400
+MAX_PIPELINE_FUNCTION_LINES = 50  # the score pipeline's middle layer reads function by function
 
 # Who may import whom: a module may import its own subpackage and anything of a lower layer.
 # The root package (the lazy public API) and __main__ sit above everything; the CLI above that.
@@ -144,6 +145,26 @@ def test_every_stage_has_a_layer():
 def test_no_module_is_over_the_size_limit():
     too_long = {str(path.relative_to(ROOT)): count for path in MODULES.values()
                 if (count := len(path.read_text().splitlines())) > MAX_MODULE_LINES}
+    assert too_long == {}
+
+
+def function_lengths(path: Path) -> dict[str, int]:
+    """Lines of every function and method of a module (decorators excluded, docstrings included)."""
+    tree = ast.parse(path.read_text())
+    return {f"{path.name}:{node.lineno} {node.name}": node.end_lineno - node.lineno + 1
+            for node in ast.walk(tree) if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef))}
+
+
+def test_the_function_length_counter_counts_methods_and_nested_functions(tmp_path):
+    module = tmp_path / "m.py"
+    module.write_text("def outer():\n    def inner():\n        return 1\n    return inner\n\n\n"
+                      "class C:\n    def method(self):\n        x = 1\n        return x\n")
+    assert function_lengths(module) == {"m.py:1 outer": 4, "m.py:2 inner": 2, "m.py:8 method": 3}
+
+
+def test_no_pipeline_function_is_over_the_length_limit():
+    too_long = {name: count for path in sorted((PACKAGE / "pipeline").glob("*.py"))
+                for name, count in function_lengths(path).items() if count > MAX_PIPELINE_FUNCTION_LINES}
     assert too_long == {}
 
 

@@ -2,7 +2,7 @@
 
 import torch
 
-from mimicfilter.mimic.inputs import ImageNormalization
+from mimicfilter.mimic.normalization import ImageNormalization
 from mimicfilter.pipeline.batches import group_batches, stack_images
 from mimicfilter.shards.records import DecodedSample
 

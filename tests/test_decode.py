@@ -8,7 +8,7 @@ from helpers import image_bytes
 from PIL import Image, ImageFile
 
 from mimicfilter.errors import MimicfilterError
-from mimicfilter.pipeline.stages import Decoder
+from mimicfilter.pipeline.decoder import Decoder
 from mimicfilter.shards.decode import DecodeConfig, decode_sample
 from mimicfilter.shards.images import ImageGeometry
 from mimicfilter.shards.records import DecodedSample, RawSample

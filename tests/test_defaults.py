@@ -68,8 +68,8 @@ def test_counting_a_shards_samples_reads_its_headers(tmp_path):
 
     from helpers import write_tar
 
-    from mimicfilter.shards.plain_tar import PlainTar
-    from mimicfilter.shards.tar import count_shard_samples, iter_shard_samples
+    from mimicfilter.shards.tar_headers import PlainTar
+    from mimicfilter.shards.samples import count_shard_samples, iter_shard_samples
 
     samples = [(f"k{k}", {"jpg": b"x" * 600, "txt": b"a caption"}) for k in range(6)]
     plain = write_tar(tmp_path / "plain.tar", samples)
@@ -128,7 +128,7 @@ def test_the_classification_default_mimics_the_head_weight_only_as_the_papers_co
     import torch
     import torch.nn.functional as F
 
-    from mimicfilter.mimic.build import make_scorer
+    from mimicfilter.pipeline.batch_scorer import make_scorer
     from mimicfilter.mimic.models import load_models
 
     generator = torch.Generator().manual_seed(0)

@@ -10,7 +10,7 @@ from mimicfilter.shards.decode import DecodeConfig
 from mimicfilter.mimic.models import ModelSpec
 from mimicfilter.pipeline.config import ScoreConfig
 from mimicfilter.pipeline.run import run_score
-from mimicfilter.shards.tar import iter_shard_samples
+from mimicfilter.shards.samples import iter_shard_samples
 from mimicfilter.store.parts import read_scores
 
 DEMO = Path(__file__).resolve().parent.parent / "demo"

@@ -8,10 +8,10 @@ import pytest
 from helpers import image_text_samples, write_tar
 
 import mimicfilter.pipeline.run as run_module
-from mimicfilter.mimic.factory import preview_preprocessing, resolve_architecture
+from mimicfilter.mimic.architectures import preview_preprocessing, resolve_architecture
 from mimicfilter.mimic.models import ModelInputs, ModelSpec, load_models, preview_inputs
 from mimicfilter.pipeline.config import ScoreConfig, TrainConfig
-from mimicfilter.pipeline.stages import Decoder
+from mimicfilter.pipeline.decoder import Decoder
 from mimicfilter.store.parts import read_scores
 
 CHUNK = 4

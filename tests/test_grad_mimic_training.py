@@ -201,6 +201,50 @@ def test_open_clip_train_runs_a_few_reweighted_steps_on_synthetic_shards(tmp_pat
     assert not torch.equal(checkpoint["state_dict"]["visual.proj"], start["visual.proj"])
 
 
+DEMO = Path(__file__).resolve().parent.parent / "demo"
+
+
+@pytest.mark.slow
+def test_a_json_model_config_trains_as_score_takes_it(tmp_path):
+    """``--model demo/tiny-clip.json`` (as ``score`` takes it), started from ``--pretrained``: 2 steps."""
+    from safetensors.torch import load_file
+
+    shards = tmp_path / "shards"
+    shards.mkdir()
+    write_tar(shards / "pool-0.tar", image_text_samples(12))
+    pretrained = write_random_checkpoint(tmp_path / "start.safetensors", json.loads((DEMO / "tiny-clip.json").read_text()), 3)
+    result = wrapper([
+        "--grad-mimic-reference", str(DEMO / "reference.safetensors"), "--",
+        "--model", str(DEMO / "tiny-clip.json"), "--pretrained", str(pretrained),
+        "--train-data", str(shards / "pool-0.tar"), "--dataset-type", "webdataset", "--train-num-samples", "12",
+        "--batch-size", "6", "--epochs", "1", "--workers", "1", "--precision", "fp32", "--lr", "1e-3",
+        "--warmup", "1", "--log-every-n-steps", "1", "--seed", "0", "--logs", str(tmp_path / "logs"),
+        "--name", "run", "--report-to", "",
+    ], tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    log = (tmp_path / "logs" / "run" / "out.log").read_text()
+    assert len([line for line in log.splitlines() if "grad-mimic step" in line]) == 2  # 12 samples / batch 6
+    trained = torch.load(tmp_path / "logs" / "run" / "checkpoints" / "epoch_1.pt", weights_only=True)["state_dict"]
+    start = load_file(str(pretrained))
+    assert trained.keys() == start.keys()  # the demo architecture, not a built-in one
+    # two AdamW steps at lr 1e-3 from the --pretrained weights: every weight within a few lr of them
+    assert max((trained[name] - start[name]).abs().max().item() for name in start) < 1e-2
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--model", "missing.json"], "model config missing.json does not exist"),
+    (["--model", str(DEMO / "tiny-clip.json"), "--pretrained", "openai"], "pretrained tags belong to built-in"),
+])
+def test_a_json_model_config_is_checked_in_one_line(tmp_path, args, message):
+    reference = write_random_checkpoint(tmp_path / "reference.pt", seed=7)
+    result = wrapper(["--grad-mimic-reference", str(reference), "--train-data", str(tmp_path / "none.tar"),
+                      "--logs", str(tmp_path / "logs"), *args], tmp_path)
+    assert result.returncode == 2, result.stderr[-2000:]
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("Error: ") and message in lines[0]
+    assert not (tmp_path / "logs").exists()
+
+
 @pytest.mark.parametrize("args, message", [
     (["--accum-freq", "2"], "--accum-freq 2"),
     (["--torchcompile"], "--torchcompile"),

@@ -276,7 +276,7 @@ def test_score_usage_errors_are_one_line(tmp_path, tiny_config, reference_checkp
     {"text_cfg": {**TINY_CLIP_CONFIG["text_cfg"], "width": 0}}, {"vision_cfg": [1, 2]},
 ])
 def test_broken_model_configs_are_one_line(tmp_path, change):
-    from mimicfilter.mimic.factory import instantiate, resolve_architecture
+    from mimicfilter.mimic.architectures import instantiate, resolve_architecture
 
     path = tmp_path / "broken.json"
     path.write_text(json.dumps({**TINY_CLIP_CONFIG, **change}))

@@ -10,9 +10,9 @@ import torch
 from helpers import image_bytes
 from PIL import Image
 
-from mimicfilter.mimic.inputs import ImageNormalization
+from mimicfilter.mimic.normalization import ImageNormalization
 from mimicfilter.pipeline.batches import group_batches
-from mimicfilter.pipeline.stages import Decoder
+from mimicfilter.pipeline.decoder import Decoder
 from mimicfilter.shards.decode import DecodeConfig, decode_sample
 from mimicfilter.shards.images import ImageGeometry
 from mimicfilter.shards.records import RawSample

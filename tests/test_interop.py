@@ -20,7 +20,7 @@ from helpers import image_text_run, image_text_samples, score_row, write_score_r
 from mimicfilter.curate.datacomp import read_datacomp_npy
 from mimicfilter.errors import MimicfilterError
 from mimicfilter.shards.discover import expand_shards
-from mimicfilter.shards.tar import iter_shard_samples
+from mimicfilter.shards.samples import iter_shard_samples
 from mimicfilter_cli.main import cli
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -243,7 +243,7 @@ def empty_hub_cache(tmp_path, monkeypatch):
 def test_an_uncached_tag_fails_at_once_offline(empty_hub_cache, monkeypatch):
     from huggingface_hub import constants
 
-    from mimicfilter.mimic.factory import instantiate, resolve_architecture
+    from mimicfilter.mimic.architectures import instantiate, resolve_architecture
 
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
     started = time.monotonic()
@@ -291,7 +291,7 @@ def test_a_cached_tag_is_loaded_without_asking_the_network(empty_hub_cache):
 
 @pytest.mark.parametrize("typed", ["ViT-B32", "vit-b-32", "vitb32"])
 def test_model_name_typos_suggest_the_name(typed):
-    from mimicfilter.mimic.factory import resolve_architecture
+    from mimicfilter.mimic.architectures import resolve_architecture
 
     with pytest.raises(MimicfilterError, match="did you mean ViT-B-32\\?"):
         resolve_architecture(typed)

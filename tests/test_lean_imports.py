@@ -62,7 +62,7 @@ def test_the_factory_brings_timm_back_for_a_timm_tower(tmp_path):
     run_python("""
         import sys
         import torch
-        from mimicfilter.mimic.factory import instantiate, preview_preprocessing, resolve_architecture, open_clip
+        from mimicfilter.mimic.architectures import instantiate, preview_preprocessing, resolve_architecture, open_clip
         architecture = resolve_architecture("timm-clip.json")
         assert "timm" not in sys.modules
         preview = preview_preprocessing(architecture, "weights.pt")
@@ -82,7 +82,7 @@ def test_a_pretrained_tag_brings_the_hub_back(tmp_path):
     (snapshot.parent.parent / "refs" / "main").write_text("a" * 40)
     run_python("""
         from mimicfilter.errors import MimicfilterError
-        from mimicfilter.mimic.factory import instantiate, resolve_architecture, open_clip
+        from mimicfilter.mimic.architectures import instantiate, resolve_architecture, open_clip
         assert open_clip.pretrained._has_hf_hub is False
         try:
             instantiate(resolve_architecture("ViT-B-32"), "openai", "reference", False)

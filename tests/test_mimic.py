@@ -138,7 +138,7 @@ def test_direction_refuses_identical_models():
 
 def test_a_model_built_for_its_checkpoint_skips_the_random_init_and_equals_the_plain_build(tiny_config,
                                                                                           reference_checkpoint):
-    from mimicfilter.mimic.factory import _skip_weight_init, instantiate, resolve_architecture
+    from mimicfilter.mimic.architectures import _skip_weight_init, instantiate, resolve_architecture
 
     initialisers = {name: getattr(torch.nn.init, name) for name in dir(torch.nn.init)}
     imported_by_name = torch.nn.modules.activation.xavier_uniform_  # MultiheadAttention's own reference
@@ -165,7 +165,7 @@ def test_a_model_built_for_its_checkpoint_skips_the_random_init_and_equals_the_p
 def test_the_shared_tokenizer_tokenizes_as_open_clips_own(tmp_path, tiny_config, model):
     import json
 
-    from mimicfilter.mimic.factory import _tokenizer, resolve_architecture
+    from mimicfilter.mimic.architectures import _tokenizer, resolve_architecture
 
     if model.startswith("tiny"):
         config = json.loads(tiny_config.read_text())

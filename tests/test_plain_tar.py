@@ -9,8 +9,8 @@ import tarfile
 import pytest
 from helpers import image_text_samples, write_tar
 
-from mimicfilter.shards.plain_tar import NeedsTarfile, PlainTar, parse_header
-from mimicfilter.shards.tar import _tarfile_samples, count_shard_samples, iter_shard_samples
+from mimicfilter.shards.tar_headers import NeedsTarfile, PlainTar, parse_header
+from mimicfilter.shards.samples import _tarfile_samples, count_shard_samples, iter_shard_samples
 
 
 def rows(samples) -> list[tuple]:
@@ -114,7 +114,7 @@ def test_broken_tars_give_tarfiles_rows(tmp_path, seed):
     b"28 mtime=1796022512.513012\n" + b"\x01",  # something after the records
 ])
 def test_extended_headers_beyond_timestamps_are_tarfiles(tmp_path, records):
-    from mimicfilter.shards.plain_tar import timestamps_only
+    from mimicfilter.shards.tar_headers import timestamps_only
 
     assert timestamps_only(b"28 mtime=1796022512.5130124\n" + bytes(484), 28)
     padded = records + bytes(-len(records) % 512)
@@ -166,7 +166,7 @@ def with_checksum(header: bytearray) -> bytearray:
 
 def test_the_checksum_of_a_header_with_many_high_bytes(tmp_path):
     """Sums of 65,521 and more are checked exactly (zlib's adler32 sums modulo 65,521)."""
-    from mimicfilter.shards.plain_tar import _checksum_holds
+    from mimicfilter.shards.tar_headers import _checksum_holds
 
     data = bytearray(write_tar(tmp_path / "good.tar", image_text_samples(2)).read_bytes())
     header = bytearray(data[:512])

@@ -170,7 +170,7 @@ def test_missing_and_unreadable_images_are_labelled_on_the_sheet(run, tmp_path):
 
 def test_contact_sheet_shows_what_the_decoder_says(run, tmp_path):
     from mimicfilter.shards.decode import DecodeConfig, decode_for_display
-    from mimicfilter.shards.tar import iter_shard_samples
+    from mimicfilter.shards.samples import iter_shard_samples
 
     shard_a = json.loads((run / "run.json").read_text())["shards"][0]
     shown = [decode_for_display(raw, DecodeConfig()) for raw in iter_shard_samples(shard_a)]

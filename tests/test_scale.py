@@ -163,7 +163,7 @@ class CrashOnce:
         self.factory, self.marker = factory, marker
 
     def __call__(self):
-        from mimicfilter.store.parts import part_path
+        from mimicfilter.store.paths import part_path
 
         score = self.factory()
 

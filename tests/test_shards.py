@@ -8,7 +8,7 @@ from helpers import image_text_samples, write_tar
 
 from mimicfilter.errors import MimicfilterError
 from mimicfilter.shards.discover import expand_shards
-from mimicfilter.shards.tar import iter_shard_samples
+from mimicfilter.shards.samples import iter_shard_samples
 from mimicfilter.store.paths import part_name, shard_display_name
 
 

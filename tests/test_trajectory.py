@@ -21,7 +21,7 @@ from mimicfilter.mimic.jvp import mimic_direction
 from mimicfilter.mimic.losses import classification_per_sample_loss, contrastive_per_sample_loss
 from mimicfilter.mimic.layers import parameters_of
 from mimicfilter.mimic.models import ModelSpec, load_models
-from mimicfilter.mimic.build import make_scorer
+from mimicfilter.pipeline.batch_scorer import make_scorer
 from mimicfilter.store.parts import read_scores
 from mimicfilter_cli.main import cli
 

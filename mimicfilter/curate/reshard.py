@@ -22,7 +22,7 @@ from typing import IO, Any
 
 from mimicfilter.errors import MimicfilterError, one_line
 from mimicfilter.shards.discover import MOVED_HINT, PIPE_HINT, PIPE_REFUSED
-from mimicfilter.shards.tar import STREAM_ERRORS, TarStream
+from mimicfilter.shards.tar_stream import STREAM_ERRORS, TarStream
 from mimicfilter.store.atomic import atomic_write_json, temp_path_beside
 
 WIDS_KIND = "wids-shard-index-v1"
@@ -190,7 +190,7 @@ class _GuardedReader:
 def _copy_source(plan: _SourcePlan, sink: _ShardSink, *, allow_pipe: bool) -> None:
     """Stream one source shard once, copying every member of its kept samples into ``sink``.
 
-    Samples are counted as the scorer counts them (shards.tar: consecutive members with one key
+    Samples are counted as the scorer counts them (shards.samples: consecutive members with one key
     form one sample), so a sample's index here is its ``index`` in the score table.
     """
     found: set[str] = set()

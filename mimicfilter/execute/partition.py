@@ -28,6 +28,13 @@ class Partition:
                 hint="ranks count from 0; with Slurm arrays use --rank $SLURM_ARRAY_TASK_ID",
             )
 
+    @classmethod
+    def of(cls, rank: int | None, world_size: int | None) -> Partition:
+        """From ``--rank`` and ``--world-size``, which go together (neither: the whole list)."""
+        if (rank is None) != (world_size is None):
+            raise MimicfilterError("--rank and --world-size go together", hint="e.g. --rank 3 --world-size 16")
+        return cls() if rank is None else cls(rank, world_size)
+
     @property
     def partitioned(self) -> bool:
         return self.world_size > 1

@@ -14,7 +14,8 @@ import torch
 from mimicfilter.errors import MimicfilterError
 from mimicfilter.extrapolate.methods import Fitted, ReferenceSet
 from mimicfilter.extrapolate.sources import Scored, Source, embedded_of, iter_embed_parts, read_embed_part
-from mimicfilter.store.parts import part_path, write_part
+from mimicfilter.store.parts import write_part
+from mimicfilter.store.paths import part_path
 from mimicfilter.store.schema import EMBEDDING_COLUMN, score_schema
 
 TARGETS = ("mimic_score", "mimic_weight")  # what is extrapolated, in this order

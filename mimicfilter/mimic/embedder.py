@@ -118,7 +118,7 @@ class PairEmbedder:
         return _half_cpu((image, text))
 
 
-class BatchEmbedder:
+class EmbeddingsFromScores:
     """The pair embeddings of a scored batch: the reference embeddings the scorer computed for its
     baselines (no extra forward pass, whatever the route or training mode)."""
 

@@ -7,6 +7,7 @@ those layers; the default proxy is the reference with the mimic layers re-initia
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -15,9 +16,10 @@ from torch import nn
 
 from mimicfilter.defaults import TASKS, task_defaults
 from mimicfilter.errors import MimicfilterError
-from mimicfilter.mimic.factory import instantiate, preview_preprocessing, resolve_architecture
+from mimicfilter.mimic.architectures import instantiate, preview_preprocessing, resolve_architecture
+from mimicfilter.mimic.device import resolve_device
 from mimicfilter.mimic.heads import build_classifiers, head_classes
-from mimicfilter.mimic.inputs import ImageNormalization
+from mimicfilter.mimic.normalization import ImageNormalization
 from mimicfilter.mimic.jvp import MimicDirection, mimic_direction
 from mimicfilter.mimic.layers import (copy_sharing_frozen, layers_to_reinitialise, parameters_of, reinitialise,
                                       select_mimic_layers, touches_head)
@@ -101,6 +103,13 @@ def preview_inputs(spec: ModelSpec) -> ModelInputs | None:
     except Exception:
         return None
     return ModelInputs(spec.task, *preview, classes)
+
+
+def load_models_on_device(spec: ModelSpec) -> LoadedModels:
+    """Resolve ``spec.device`` (``auto``…), seed torch, build reference and proxy there."""
+    device = resolve_device(spec.device)
+    torch.manual_seed(spec.seed)
+    return load_models(dataclasses.replace(spec, device=str(device)))
 
 
 def load_models(spec: ModelSpec) -> LoadedModels:

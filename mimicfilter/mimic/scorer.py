@@ -85,7 +85,7 @@ def _same_outside(reference: nn.Module, proxy: nn.Module, mimic_layers: tuple[st
 class MimicScorer:
     """Scores batches (:meth:`score`) and takes Grad-Mimic training steps (:meth:`train_step`).
 
-    Build once per run with :func:`mimicfilter.mimic.build.make_scorer`; the task-specific part
+    Build once per run with :func:`mimicfilter.pipeline.batch_scorer.make_scorer`; the task-specific part
     is :meth:`_prepare`.
     """
 
@@ -119,7 +119,7 @@ class MimicScorer:
         raise NotImplementedError
 
     def _inputs(self, images: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """uint8 pixels are normalised on the device (mimic.inputs); float images are taken as they are."""
+        """uint8 pixels are normalised on the device (mimic.normalization); float images are taken as they are."""
         device = self.models.device
         images = self.models.normalization.to_model(images, device, self._dtype())
         return images, targets.to(device, non_blocking=True)

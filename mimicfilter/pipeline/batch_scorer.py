@@ -1,5 +1,7 @@
-"""A batch in, output rows out: the scorer (and, with ``--save-embeddings``, the embedder) applied
-to a :class:`~mimicfilter.pipeline.batches.Batch`, one row per sample, bad samples included."""
+"""From what the user asked for to output rows: the one entry point "model spec → scorer"
+(:func:`build_batch_scorer`: the models on their device, the task's scorer, the embedder), and the
+:class:`BatchScorer` that turns a :class:`~mimicfilter.pipeline.batches.Batch` into one row per
+sample, bad samples included."""
 
 from __future__ import annotations
 
@@ -9,9 +11,10 @@ from typing import Any
 
 import torch
 
-from mimicfilter.mimic.build import autocast_dtype, load_models_on_device, make_scorer
-from mimicfilter.mimic.embedder import BatchEmbedder, PairEmbeddings
-from mimicfilter.mimic.models import ModelSpec
+from mimicfilter.mimic.classify import ClassifierScorer
+from mimicfilter.mimic.contrastive import ContrastiveScorer
+from mimicfilter.mimic.embedder import EmbeddingsFromScores, PairEmbeddings
+from mimicfilter.mimic.models import LoadedModels, ModelSpec, load_models_on_device
 from mimicfilter.mimic.scorer import BatchScores, MimicScorer
 from mimicfilter.pipeline.batches import Batch
 from mimicfilter.store.schema import EMBEDDING_COLUMN, NON_FINITE, SCORE_VALUE_COLUMNS, TEXT_EMBEDDING_COLUMN
@@ -68,7 +71,7 @@ class BatchScorer:
     """The scorer, and the embedder when the run stores embeddings."""
 
     scorer: MimicScorer
-    embedder: BatchEmbedder | None = None
+    embedder: EmbeddingsFromScores | None = None
 
     @property
     def embedding_dim(self) -> int | None:
@@ -95,10 +98,21 @@ class BatchScorer:
         return score_rows(batch, scores, self._embeddings(scores), epoch)
 
 
+def autocast_dtype(device: torch.device) -> torch.dtype | None:
+    """The towers run in bf16 on CUDA (the JVP stays float32); CPU stays float32."""
+    return torch.bfloat16 if device.type == "cuda" else None
+
+
+def make_scorer(models: LoadedModels, temperature: float, autocast_dtype: torch.dtype | None = None) -> MimicScorer:
+    """The task's scorer over loaded models."""
+    scorer_class = ClassifierScorer if models.task == "classify" else ContrastiveScorer
+    return scorer_class(models, temperature, autocast_dtype)
+
+
 def build_batch_scorer(model: ModelSpec, temperature: float, save_embeddings: bool) -> BatchScorer:
-    """Models on their device, the task's scorer, and the embedder when asked for."""
+    """Model spec → scorer: the models on their device, the task's scorer, and the embedder when asked for."""
     models = load_models_on_device(model)
     autocast = autocast_dtype(models.device)
     scorer = make_scorer(models, temperature, autocast_dtype=autocast)
-    embedder = BatchEmbedder(models) if save_embeddings else None
+    embedder = EmbeddingsFromScores(models) if save_embeddings else None
     return BatchScorer(scorer, embedder)

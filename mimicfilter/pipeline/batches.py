@@ -14,7 +14,7 @@ Collation stacks the ok samples' uint8 images (and token ids) once, straight int
 memory when the batch goes to a GPU (``pin_memory``), so the copy to the device is asynchronous.
 Images keep the memory order the decoders leave them in — each pixel's three channels together
 (``[B, H, W, 3]`` underneath a ``[B, 3, H, W]`` view) — so stacking is a plain copy; the scoring
-device makes the batch contiguous (:mod:`mimicfilter.mimic.inputs`), where it costs nothing on a
+device makes the batch contiguous (:mod:`mimicfilter.mimic.normalization`), where it costs nothing on a
 GPU, instead of every decode worker transposing each image (a tenth of the fast path's time).
 """
 
@@ -40,7 +40,7 @@ class Batch:
     texts: Any = None  # token ids [B, L] (image–text) ...
     labels: Any = None  # ... or labels [B] (classification)
     # --decoder gpu: (row of ``images``, JPEG bytes) of the images still to decode on the device;
-    # their rows of ``images`` are zeros until then (pipeline.stages.decode_on_device)
+    # their rows of ``images`` are zeros until then (pipeline.decoder.Decoder.decode_on_device)
     encoded: tuple[tuple[int, bytes], ...] = ()
 
     @property

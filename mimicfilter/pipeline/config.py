@@ -5,7 +5,9 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Protocol
+from typing import ClassVar, Protocol
+
+import torch
 
 from mimicfilter.defaults import TRAIN_MODES, task_defaults
 from mimicfilter.errors import MimicfilterError
@@ -41,8 +43,9 @@ class TrainConfig:
 
 
 @dataclass(frozen=True)
-class ScoreConfig:
-    """Everything ``mimicfilter score`` needs; validated once, up front."""
+class StreamConfig:
+    """What every command that streams shards through the models (``score``, ``embed``) needs;
+    validated once, up front."""
 
     shards: tuple[str, ...]
     out_dir: Path
@@ -50,18 +53,64 @@ class ScoreConfig:
     decode: DecodeConfig = field(default_factory=DecodeConfig)
     batch_size: int = 256
     workers: int = 0
-    temperature: float | None = None  # None: the task's default
-    train: TrainConfig = field(default_factory=lambda: TrainConfig(mode="none"))
     allow_pipe: bool = False
     overwrite: bool = False
     argv: tuple[str, ...] = ()
+    chunk_size: int = 64  # raw samples per decoding work unit; never changes a table (not in the fingerprint)
+    threads: int | None = None  # torch CPU threads of this process (None: torch's choice); speed only
+
+    verb: ClassVar[str] = "stream"  # what the command does to the shards, for the messages
+
+    def __post_init__(self):
+        if not self.shards:
+            raise MimicfilterError(f"no shards to {self.verb}",
+                                   hint="pass shard files, a directory, a pattern or @list.txt")
+        if self.workers < 0:
+            raise MimicfilterError(f"--workers {self.workers}: must be 0 or more")
+        if self.threads is not None and self.threads < 1:
+            raise MimicfilterError(f"--threads {self.threads}: must be at least 1")
+        if self.chunk_size < 1:
+            raise MimicfilterError(f"chunk size {self.chunk_size}: must be at least 1")
+        if self.decode.task != self.model.task:
+            raise MimicfilterError(f"decoding for {self.decode.task!r} but models for {self.model.task!r}")
+        _check_out_dir(self.out_dir)
+
+
+def _check_out_dir(out_dir: Path) -> None:
+    """A local run directory whose path runs through a file fails here, before any model loads."""
+    if is_remote(out_dir):
+        return
+    existing = next(path for path in (out_dir, *out_dir.absolute().parents) if path.exists())
+    if not existing.is_dir():
+        raise MimicfilterError(f"--out {out_dir}: {existing} is not a directory", hint="choose another --out")
+
+
+def use_threads(config: StreamConfig) -> None:
+    """Apply ``config.threads`` to this process (decode workers run one thread each regardless)."""
+    if config.threads is not None:
+        torch.set_num_threads(config.threads)
+
+
+@dataclass(frozen=True)
+class ScoreConfig(StreamConfig):
+    """Everything ``mimicfilter score`` needs; validated once, up front.
+
+    ``train`` defaults to a frozen proxy (``none``: static scoring, one part per shard) where the
+    command line defaults to ``--train head``: a library caller gets the mode whose parts depend
+    only on their shard (any executor, any order, no checkpoints) unless it asks for a trajectory,
+    while the command runs the paper's method unless told otherwise.
+    """
+
+    temperature: float | None = None  # None: the task's default
+    train: TrainConfig = field(default_factory=lambda: TrainConfig(mode="none"))
     partition: Partition = field(default_factory=Partition)
     ray: RayConfig | None = None  # None: the local executor
     save_embeddings: bool = False  # also store the reference's pair embedding (mimic.embedder)
-    chunk_size: int = 64  # raw samples per decoding work unit; never changes a table (not in the fingerprint)
+
+    verb: ClassVar[str] = "score"
 
     def __post_init__(self):
-        _check_stream(self, "score")
+        super().__post_init__()
         if self.batch_size < 2:
             raise MimicfilterError(f"--batch-size {self.batch_size}: need at least 2 (the loss contrasts pairs)")
         if self.temperature is not None and not self.temperature > 0:
@@ -100,36 +149,15 @@ class ScoreConfig:
 
 
 @dataclass(frozen=True)
-class EmbedConfig:
+class EmbedConfig(StreamConfig):
     """Everything ``mimicfilter embed`` needs; validated once, up front."""
 
-    shards: tuple[str, ...]
-    out_dir: Path
-    model: ModelSpec
-    decode: DecodeConfig = field(default_factory=DecodeConfig)
-    batch_size: int = 256
-    workers: int = 0
-    allow_pipe: bool = False
-    overwrite: bool = False
-    argv: tuple[str, ...] = ()
-    chunk_size: int = 64  # raw samples per decoding work unit; never changes a table
+    verb: ClassVar[str] = "embed"
 
     def __post_init__(self):
-        _check_stream(self, "embed")
+        super().__post_init__()
         if self.batch_size < 1:
             raise MimicfilterError(f"--batch-size {self.batch_size}: must be at least 1")
-
-
-def _check_stream(config: "ScoreConfig | EmbedConfig", verb: str) -> None:
-    """What every streaming command checks alike: shards to read, workers, chunks, one task."""
-    if not config.shards:
-        raise MimicfilterError(f"no shards to {verb}", hint="pass shard files, a directory, a pattern or @list.txt")
-    if config.workers < 0:
-        raise MimicfilterError(f"--workers {config.workers}: must be 0 or more")
-    if config.chunk_size < 1:
-        raise MimicfilterError(f"chunk size {config.chunk_size}: must be at least 1")
-    if config.decode.task != config.model.task:
-        raise MimicfilterError(f"decoding for {config.decode.task!r} but models for {config.model.task!r}")
 
 
 class Progress(Protocol):

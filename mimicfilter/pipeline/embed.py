@@ -13,15 +13,17 @@ import time
 from dataclasses import asdict
 from typing import Any
 
-from mimicfilter.mimic.build import autocast_dtype, load_models_on_device
-from mimicfilter.mimic.embedder import PairEmbedder
-from mimicfilter.pipeline.batch_scorer import embed_rows
-from mimicfilter.pipeline.batches import Batch
-from mimicfilter.pipeline.config import EmbedConfig, Progress
 from mimicfilter.mimic.device import resolve_device
-from mimicfilter.pipeline.stages import Decoder, check_decoder
-from mimicfilter.pipeline.static import local_shard_rows
-from mimicfilter.store.parts import part_path, table_stats, write_part
+from mimicfilter.mimic.embedder import PairEmbedder
+from mimicfilter.mimic.models import load_models_on_device
+from mimicfilter.pipeline.batch_scorer import autocast_dtype, embed_rows
+from mimicfilter.pipeline.batches import Batch
+from mimicfilter.pipeline.config import EmbedConfig, Progress, use_threads
+from mimicfilter.pipeline.decoder import Decoder, check_decoder
+from mimicfilter.pipeline.static import local_shard_rows, shard_stream
+from mimicfilter.pipeline.stream import open_input
+from mimicfilter.store.parts import table_stats, write_part
+from mimicfilter.store.paths import part_path
 from mimicfilter.store.guard import guard_run_directory
 from mimicfilter.store.rundir import RunDirectory
 from mimicfilter.store.schema import embed_rows_to_table
@@ -29,28 +31,28 @@ from mimicfilter.store.schema import embed_rows_to_table
 
 def run_embed(config: EmbedConfig, progress: Progress | None = None) -> dict[str, Any]:
     """Embed every shard into ``config.out_dir`` (resuming an earlier identical run); returns the stats."""
+    use_threads(config)
     check_decoder(config.decode, resolve_device(config.model.device).type)
     run = RunDirectory(config.out_dir, "embed", config.argv)
     spec = config.model
     guard_run_directory(config.out_dir, config.shards,
                         (spec.model, spec.reference, spec.proxy, spec.reference_head, spec.classnames))
     models = load_models_on_device(config.model)
-    device = models.device
-    embedder = PairEmbedder(models, autocast_dtype(device))
+    embedder = PairEmbedder(models, autocast_dtype(models.device))
     fingerprint = {
         "format": 1,
         "kind": "embed",
         "task": models.task,
         "shards": list(config.shards),
         "embedding": embedder.space,
-        "device_type": device.type,
+        "device_type": models.device.type,
         "decode": asdict(config.decode),
     }
     provenance = {
         "models": models.provenance,
         "embedding": embedder.space,
         "batch_size": config.batch_size,
-        "device": str(device),
+        "device": str(models.device),
         "shards": list(config.shards),
     }
     run.open(fingerprint, provenance, config.overwrite)
@@ -58,17 +60,8 @@ def run_embed(config: EmbedConfig, progress: Progress | None = None) -> dict[str
     if progress:
         progress.start(len(config.shards), len(config.shards) - len(pending))
     loop_started = time.time()
-    embedded = 0
-
-    def rows_of_batch(batch: Batch) -> list[dict[str, Any]]:
-        return embed_rows(batch, embedder(batch.images, batch.targets) if batch.images is not None else None)
-
     try:
-        decoder = Decoder.for_models(config.decode, models)
-        for finished in local_shard_rows(pending, decoder, rows_of_batch, config.batch_size, config.allow_pipe,
-                                         config.workers, device, progress, config.chunk_size):
-            write_part(embed_rows_to_table(finished.rows, embedder.dim), part_path(config.out_dir, finished.shard))
-            embedded += len(finished.rows)
+        embedded = _embed_shards(config, pending, embedder, progress)
     finally:
         if progress:
             progress.close()
@@ -81,6 +74,23 @@ def run_embed(config: EmbedConfig, progress: Progress | None = None) -> dict[str
         "samples_embedded_now": embedded,
         "embedding_seconds": round(elapsed, 3),
         "samples_per_second": round(embedded / elapsed, 2) if embedded else None,
-        "device": str(device),
+        "device": str(models.device),
         "workers": config.workers,
     }))
+
+
+def _embed_shards(config: EmbedConfig, shards: list[str], embedder: PairEmbedder, progress: Progress | None) -> int:
+    """One part per shard, on the local executor; returns the rows written."""
+    models = embedder.models
+
+    def rows_of_batch(batch: Batch) -> list[dict[str, Any]]:
+        return embed_rows(batch, embedder(batch.images, batch.targets) if batch.images is not None else None)
+
+    decoder = Decoder.for_models(config.decode, models)
+    pool, batches = open_input(decoder, shard_stream(config, shards, models.device.type), config.workers)
+    embedded = 0
+    with pool:
+        for finished in local_shard_rows(batches, decoder, models.device, rows_of_batch, progress):
+            write_part(embed_rows_to_table(finished.rows, embedder.dim), part_path(config.out_dir, finished.shard))
+            embedded += len(finished.rows)
+    return embedded

@@ -1,12 +1,13 @@
 """``mimicfilter score``: shards → decoded samples → batches → scores → Parquet parts, resumable.
 
-    read (shards.tar) → decode (shards.decode) → batch (pipeline.batches)      pipeline.stages
+    read (shards.samples) → decode (pipeline.decoder) → batch (pipeline.batches)   pipeline.stream
         → score (mimic scorer [+ proxy update]) → rows (pipeline.batch_scorer)
         → write (store.parts.write_part, atomic)
 
 Static mode (``--train none``, :mod:`~mimicfilter.pipeline.static`): one part per shard, on the local
 executor, a ``--rank`` share, or Ray actors. Trajectory mode (``--train head|full``,
 :mod:`~mimicfilter.pipeline.trajectory`): one ordered stream per epoch while the proxy learns.
+Reading and decoding start before the models load (:func:`start_decoding_early`).
 """
 
 from __future__ import annotations
@@ -14,22 +15,22 @@ from __future__ import annotations
 import dataclasses
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from typing import Any
 
 from mimicfilter.defaults import task_defaults
 from mimicfilter.errors import MimicfilterError
-from mimicfilter.execute.ray import run_with_ray
-from mimicfilter.execute.local import OrderedPool
+from mimicfilter.mimic.device import resolve_device
 from mimicfilter.mimic.models import LoadedModels, preview_inputs
 from mimicfilter.pipeline.batch_scorer import BatchScorer, build_batch_scorer
-from mimicfilter.pipeline.config import Progress, ScoreConfig
-from mimicfilter.mimic.device import resolve_device
-from mimicfilter.pipeline.stages import Decoder, EarlyInput, check_decoder, shard_batches
-from mimicfilter.pipeline.static import ShardWorkerFactory, score_local
-from mimicfilter.pipeline.trajectory import EpochBatches, StreamPosition, has_checkpoint, run_trajectory
-from mimicfilter.shards.tar import count_shard_samples
-from mimicfilter.store.parts import part_path, table_stats
+from mimicfilter.pipeline.config import Progress, ScoreConfig, use_threads
+from mimicfilter.pipeline.decoder import Decoder, check_decoder
+from mimicfilter.pipeline.static import StaticCounts, pending_shards, score_static, shard_stream
+from mimicfilter.pipeline.stream import EarlyStart, Stream
+from mimicfilter.pipeline.trajectory import StreamPosition, epoch_stream, has_checkpoint, run_trajectory
+from mimicfilter.shards.samples import count_shard_samples
+from mimicfilter.store.parts import table_stats
+from mimicfilter.store.paths import part_path
 from mimicfilter.store.guard import guard_run_directory
 from mimicfilter.store.rundir import RunDirectory, write_rank_stats
 from mimicfilter.timing import current, phase
@@ -63,6 +64,24 @@ def _fingerprint(config: ScoreConfig, models: LoadedModels) -> dict[str, Any]:
     }
 
 
+def _provenance(config: ScoreConfig, batch_scorer: BatchScorer, device: str, pool_samples: int | None) -> dict[str, Any]:
+    scorer = batch_scorer.scorer
+    return {
+        "models": scorer.models.provenance,
+        "scoring_route": scorer.route,
+        "shared_trunk": scorer.shared_trunk,
+        "temperature": config.effective_temperature,
+        "batch_size": config.batch_size,
+        "seed": config.model.seed,
+        "train": asdict(config.train),
+        # the samples the default lr was scaled to (defaults.TaskDefaults.lr_for)
+        **({"lr_pool_samples": pool_samples} if pool_samples is not None else {}),
+        "device": device,
+        "shards": list(config.shards),
+        **({"embedding": batch_scorer.embedder.space} if batch_scorer.embedder is not None else {}),
+    }
+
+
 def _device_type(config: ScoreConfig, models: LoadedModels | None) -> str:
     """Where the scores are computed: this process's device, or the Ray actors' for --ray."""
     if config.ray is not None:
@@ -70,67 +89,30 @@ def _device_type(config: ScoreConfig, models: LoadedModels | None) -> str:
     return models.device.type if models is not None else resolve_device(config.model.device).type
 
 
-@dataclass(frozen=True)
-class _StaticCounts:
-    samples_scored: int
-    shards_resumed: int
-    shards_mine: int
-    executor: str
-    failures: tuple[str, ...] = ()
-
-
-def _score_static(config: ScoreConfig, batch_scorer: BatchScorer, progress: Progress | None,
-                  early: EarlyInput | None = None) -> _StaticCounts:
-    """This process's shards (all, or its --rank's share), on Ray or the local executor."""
-    mine = config.partition.select(config.shards)
-    pending = [shard for shard in mine if not part_path(config.out_dir, shard).exists()]
-    if progress:
-        progress.start(len(mine), len(mine) - len(pending))
-    if config.ray is not None:
-
-        def on_done(shard: str, rows: int) -> None:
-            if progress:
-                progress.advance(rows)
-                progress.shard_done(rows)
-
-        result = run_with_ray(pending, ShardWorkerFactory(config), config.ray, on_done)
-        return _StaticCounts(result.total, len(mine) - len(pending), len(mine),
-                             f"ray ({result.actors} actors)", result.failures)
-    scored = score_local(config, batch_scorer, pending, progress, early)
-    return _StaticCounts(scored, len(mine) - len(pending), len(mine), "local")
-
-
-def start_decoding_early(config: ScoreConfig) -> EarlyInput | None:
+def start_decoding_early(config: ScoreConfig) -> EarlyStart | None:
     """Fork the decode workers and start reading and decoding before the models load: the
     preprocessing, tokenizer and class count are known from the architecture alone
-    (:func:`~mimicfilter.mimic.models.preview_inputs`). The stream is the one the run will need
-    if nothing changes while the models load (static: the shards without a part; a trajectory: a
-    fresh run's first epoch); the run checks that against the loaded models and the opened run
-    directory and otherwise starts its own, so the early start never changes a table."""
+    (:func:`~mimicfilter.mimic.models.preview_inputs`). The run takes the early stream only if it
+    is the one it needs once the models are loaded and the run directory is open (else it starts
+    its own: :func:`~mimicfilter.pipeline.stream.open_input`), so the early start never changes a table."""
     if config.workers < 1 or config.ray is not None:
         return None
     inputs = preview_inputs(config.model)
     if inputs is None:
         return None
-    decoder = Decoder.for_inputs(config.decode, inputs)
-    pin_memory = _device_type(config, None) == "cuda"
-    pool = OrderedPool(decoder.decode_chunk, config.workers)
-    # --overwrite usually replaces a different run, whose results run.open then deletes
+    return EarlyStart.begin(Decoder.for_inputs(config.decode, inputs), config.workers, _expected_stream(config))
+
+
+def _expected_stream(config: ScoreConfig) -> Stream | None:
+    """The stream the run will need if nothing changes while the models load (static: the shards
+    without a part; a trajectory: a fresh run's first epoch); None when it cannot be known yet."""
+    device_type = _device_type(config, None)
     if config.train.mode == "none":
-        pending = tuple(shard for shard in config.partition.select(config.shards)
-                        if config.overwrite or not part_path(config.out_dir, shard).exists())
-        batches = shard_batches(pending, pool, config.batch_size, config.allow_pipe, pin_memory, config.chunk_size)
-        return EarlyInput(decoder, pool, (pending, pin_memory), batches)
+        # --overwrite usually replaces a different run, whose results run.open then deletes
+        return shard_stream(config, pending_shards(config, redo_finished=config.overwrite), device_type)
     if has_checkpoint(config.out_dir) and not config.overwrite:  # where it resumes is known once the run dir is open
-        return EarlyInput(decoder, pool)
-    fresh = StreamPosition()
-    first_epoch = _epoch_batches(config, decoder)(fresh.epoch, fresh, pool, pin_memory)
-    return EarlyInput(decoder, pool, (fresh, pin_memory), first_epoch)
-
-
-def _epoch_batches(config: ScoreConfig, decoder: Decoder) -> EpochBatches:
-    return EpochBatches(config.shards, config.model.seed, config.train.shuffle_buffer, decoder, config.batch_size,
-                        config.allow_pipe, config.chunk_size)
+        return None
+    return epoch_stream(config, StreamPosition(), device_type)
 
 
 def with_pool_lr(config: ScoreConfig) -> tuple[ScoreConfig, int | None]:
@@ -147,6 +129,7 @@ def with_pool_lr(config: ScoreConfig) -> tuple[ScoreConfig, int | None]:
 
 def run_score(config: ScoreConfig, progress: Progress | None = None) -> dict[str, Any]:
     """Score every shard into ``config.out_dir`` (resuming an earlier identical run); returns the stats."""
+    use_threads(config)
     check_decoder(config.decode, _device_type(config, None))
     run = RunDirectory(config.out_dir, "score", config.argv)
     spec = config.model
@@ -163,43 +146,26 @@ def run_score(config: ScoreConfig, progress: Progress | None = None) -> dict[str
             early.close()
 
 
-def _run_score(config: ScoreConfig, run: RunDirectory, progress: Progress | None, early: EarlyInput | None,
+def _run_score(config: ScoreConfig, run: RunDirectory, progress: Progress | None, early: EarlyStart | None,
                pool_samples: int | None = None) -> dict[str, Any]:
     # With --ray the driver only validates the models and hashes the checkpoints (on CPU: the
     # head node may have no GPU); the actors load them again on their own devices.
     driver_model = config.model if config.ray is None else dataclasses.replace(config.model, device="cpu")
     with phase("models and scorer (total)"):
         batch_scorer = build_batch_scorer(driver_model, config.effective_temperature, config.save_embeddings)
-    scorer = batch_scorer.scorer
-    models = scorer.models
+    models = batch_scorer.scorer.models
     device = str(models.device) if config.ray is None else f"ray ({_device_type(config, models)})"
-    provenance = {
-        "models": models.provenance,
-        "scoring_route": scorer.route,
-        "shared_trunk": scorer.shared_trunk,
-        "temperature": config.effective_temperature,
-        "batch_size": config.batch_size,
-        "seed": config.model.seed,
-        "train": asdict(config.train),
-        # the samples the default lr was scaled to (defaults.TaskDefaults.lr_for)
-        **({"lr_pool_samples": pool_samples} if pool_samples is not None else {}),
-        "device": device,
-        "shards": list(config.shards),
-        **({"embedding": batch_scorer.embedder.space} if batch_scorer.embedder is not None else {}),
-    }
     with phase("open the run directory"):
-        run.open(_fingerprint(config, models), provenance, config.overwrite, concurrent=config.partition.partitioned)
+        run.open(_fingerprint(config, models), _provenance(config, batch_scorer, device, pool_samples),
+                 config.overwrite, concurrent=config.partition.partitioned)
     loop_started = time.time()
     counts = None
     try:
         if config.train.mode == "none":
-            counts = _score_static(config, batch_scorer, progress, early)
+            counts = score_static(config, batch_scorer, progress, early)
             scored_samples, shards_resumed = counts.samples_scored, counts.shards_resumed
         else:
-            batches = _epoch_batches(config, Decoder.for_models(config.decode, models))
-            scored_samples = run_trajectory(batch_scorer, config.train, batches, config.out_dir, config.workers,
-                                            progress, early)
-            shards_resumed = None
+            scored_samples, shards_resumed = run_trajectory(config, batch_scorer, progress, early), None
     finally:
         if progress:
             progress.close()
@@ -213,23 +179,27 @@ def _run_score(config: ScoreConfig, run: RunDirectory, progress: Progress | None
         "samples_per_second": round(scored_samples / scoring, 2) if scored_samples else None,
         "train": config.train.mode,
         "epochs": config.train.epochs,
-        "scoring_route": scorer.route,
+        "scoring_route": batch_scorer.scorer.route,
         "device": device,
         "workers": config.workers,
         **({"startup_seconds": startup_breakdown()} if current() is not None else {}),
     })
-    if counts is not None:
-        stats |= {"executor": counts.executor, "shards_this_process": counts.shards_mine,
-                  "rank": config.partition.rank, "world_size": config.partition.world_size}
-        if config.partition.partitioned:
-            write_rank_stats(config.out_dir, config.partition.rank, config.partition.world_size, stats)
-        if counts.failures:
-            raise MimicfilterError(
-                f"{len(counts.failures)} shard(s) failed after --max-retries {config.ray.max_retries}: "
-                f"{counts.failures[0]}",
-                hint="re-run the same command to retry them (finished parts are kept)",
-            )
-        missing = sum(not part_path(config.out_dir, shard).exists() for shard in config.shards)
-        if missing:  # other ranks are still working: the last one to finish marks the run done
-            return stats | {"shards_missing": missing}
+    return run.finish(stats) if counts is None else _finish_static(config, run, counts, stats)
+
+
+def _finish_static(config: ScoreConfig, run: RunDirectory, counts: StaticCounts, stats: dict[str, Any]) -> dict[str, Any]:
+    """A static run's closing stats; the run is finished by the rank that finds every part written."""
+    stats |= {"executor": counts.executor, "shards_this_process": counts.shards_mine,
+              "rank": config.partition.rank, "world_size": config.partition.world_size}
+    if config.partition.partitioned:
+        write_rank_stats(config.out_dir, config.partition.rank, config.partition.world_size, stats)
+    if counts.failures:
+        raise MimicfilterError(
+            f"{len(counts.failures)} shard(s) failed after --max-retries {config.ray.max_retries}: "
+            f"{counts.failures[0]}",
+            hint="re-run the same command to retry them (finished parts are kept)",
+        )
+    missing = sum(not part_path(config.out_dir, shard).exists() for shard in config.shards)
+    if missing:  # other ranks are still working: the last one to finish marks the run done
+        return stats | {"shards_missing": missing}
     return run.finish(stats)

@@ -2,10 +2,11 @@
 
 :func:`score_shard` is the pure, idempotent unit of work (one shard → one part; a part that exists
 is done); :class:`ShardWorkerFactory` hands it to any executor (Ray actors, other machines).
-:func:`local_shard_rows` is the local executor's loop, shared by ``score`` and ``embed``: this
-process reads the shards in order, worker processes decode chunks of them (any idle worker takes
-the next chunk, results come back in order: :mod:`mimicfilter.pipeline.stages`), and this process
-scores the batches and gets each shard's rows as soon as the shard is complete.
+:func:`score_static` runs this process's shards on Ray or the local executor, whose loop
+:func:`local_shard_rows` is shared by ``score`` and ``embed``: this process reads the shards in
+order, worker processes decode chunks of them (any idle worker takes the next chunk, results come
+back in order: :mod:`mimicfilter.pipeline.stream`), and this process scores the batches and gets
+each shard's rows as soon as the shard is complete.
 """
 
 from __future__ import annotations
@@ -13,20 +14,32 @@ from __future__ import annotations
 import dataclasses
 import functools
 from dataclasses import dataclass
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterable, Iterator
 
 import torch
 
+from mimicfilter.execute.local import OrderedPool
+from mimicfilter.execute.ray import run_with_ray
 from mimicfilter.pipeline.batch_scorer import BatchScorer, build_batch_scorer
 from mimicfilter.pipeline.batches import Batch
-from mimicfilter.pipeline.config import Progress, ScoreConfig
-from mimicfilter.pipeline.stages import CHUNK_SIZE, Decoder, EarlyInput, ShardBatches, input_pool, shard_batches
-from mimicfilter.store.parts import part_path, write_part
+from mimicfilter.pipeline.config import Progress, ScoreConfig, StreamConfig
+from mimicfilter.pipeline.decoder import Decoder
+from mimicfilter.pipeline.stream import EarlyStart, ShardStream, open_input
+from mimicfilter.store.parts import write_part
+from mimicfilter.store.paths import part_path
 from mimicfilter.store.schema import rows_to_table
 
 
-def shard_decoder(config: ScoreConfig, batch_scorer: BatchScorer) -> Decoder:
-    return Decoder.for_models(config.decode, batch_scorer.scorer.models)
+def shard_stream(config: StreamConfig, shards: Iterable[str], device_type: str) -> ShardStream:
+    """The batches of ``shards`` for a run of ``config`` scoring on ``device_type`` (``score``'s
+    early start and its run both ask for theirs here, so equal inputs give equal streams)."""
+    return ShardStream(tuple(shards), config.batch_size, config.allow_pipe, device_type, config.chunk_size)
+
+
+def pending_shards(config: ScoreConfig, redo_finished: bool = False) -> list[str]:
+    """This process's shards (all, or its --rank's share) without a part yet (``redo_finished``: all of them)."""
+    mine = config.partition.select(config.shards)
+    return [shard for shard in mine if redo_finished or not part_path(config.out_dir, shard).exists()]
 
 
 def score_shard(shard: str, batch_scorer: BatchScorer, config: ScoreConfig) -> int:
@@ -39,8 +52,9 @@ def score_shard(shard: str, batch_scorer: BatchScorer, config: ScoreConfig) -> i
     if path.exists():
         return 0
     rows = []
-    decoder = shard_decoder(config, batch_scorer)
-    for batch in ShardBatches(decoder, config.batch_size, config.allow_pipe)(shard):
+    decoder = Decoder.for_models(config.decode, batch_scorer.scorer.models)
+    stream = ShardStream((shard,), config.batch_size, config.allow_pipe)
+    for batch in stream.batches(OrderedPool(decoder.decode_chunk, 0)):
         rows.extend(batch_scorer.score(decoder.decode_on_device(batch, batch_scorer.scorer.models.device)))
     write_part(rows_to_table(rows, embedding_dim=batch_scorer.embedding_dim), path)
     return len(rows)
@@ -66,42 +80,61 @@ class ShardRows:
     rows: list[dict[str, Any]]
 
 
-def local_shard_rows(shards: list[str], decoder: Decoder, rows_of_batch: Callable[[Batch], list[dict[str, Any]]],
-                     batch_size: int, allow_pipe: bool, workers: int, device: torch.device,
-                     progress: Progress | None, chunk_size: int = CHUNK_SIZE,
-                     early: EarlyInput | None = None) -> Iterator[ShardRows]:
-    """Every finished shard's rows, shards in order: ``workers`` processes decode, this one makes the rows.
+def local_shard_rows(batches: Iterator[Batch], decoder: Decoder, device: torch.device,
+                     rows_of_batch: Callable[[Batch], list[dict[str, Any]]],
+                     progress: Progress | None) -> Iterator[ShardRows]:
+    """Every finished shard's rows, shards in order, from a per-shard stream's ``batches``.
 
     Memory is flat in the number of shards: the pool keeps a bounded number of chunks in flight,
-    and rows are kept only for the shard being scored until the caller writes them. ``early``: the
-    pool and stream started before the models loaded, used when they are exactly these.
+    and rows are kept only for the shard being scored until the caller writes them.
     """
     rows: list[dict[str, Any]] = []
-    pin_memory = device.type == "cuda"
-    pool, batches = input_pool(early, decoder, (tuple(shards), pin_memory), workers)
-    with pool:
-        if batches is None:
-            batches = shard_batches(shards, pool, batch_size, allow_pipe, pin_memory, chunk_size)
-        for batch in batches:
-            batch_rows = rows_of_batch(decoder.decode_on_device(batch, device))
-            rows.extend(batch_rows)
+    for batch in batches:
+        batch_rows = rows_of_batch(decoder.decode_on_device(batch, device))
+        rows.extend(batch_rows)
+        if progress:
+            progress.advance(len(batch_rows))
+        if batch.last:
+            finished, rows = ShardRows(batch.shard, rows), []
+            yield finished
             if progress:
-                progress.advance(len(batch_rows))
-            if batch.last:
-                finished, rows = ShardRows(batch.shard, rows), []
-                yield finished
-                if progress:
-                    progress.shard_done(len(finished.rows))
+                progress.shard_done(len(finished.rows))
 
 
-def score_local(config: ScoreConfig, batch_scorer: BatchScorer, pending: list[str], progress: Progress | None,
-                early: EarlyInput | None = None) -> int:
-    """The local executor: one part per finished shard; returns the rows scored."""
+@dataclass(frozen=True)
+class StaticCounts:
+    samples_scored: int
+    shards_resumed: int
+    shards_mine: int
+    executor: str
+    failures: tuple[str, ...] = ()
+
+
+def score_static(config: ScoreConfig, batch_scorer: BatchScorer, progress: Progress | None,
+                 early: EarlyStart | None = None) -> StaticCounts:
+    """This process's shards (all, or its --rank's share), one part each, on Ray or the local
+    executor (``early``: the pool and stream started before the models loaded, taken if they fit)."""
+    mine = config.partition.select(config.shards)
+    pending = pending_shards(config)
+    if progress:
+        progress.start(len(mine), len(mine) - len(pending))
+    if config.ray is not None:
+
+        def on_done(shard: str, rows: int) -> None:
+            if progress:
+                progress.advance(rows)
+                progress.shard_done(rows)
+
+        result = run_with_ray(pending, ShardWorkerFactory(config), config.ray, on_done)
+        return StaticCounts(result.total, len(mine) - len(pending), len(mine),
+                            f"ray ({result.actors} actors)", result.failures)
+    models = batch_scorer.scorer.models
+    decoder = Decoder.for_models(config.decode, models)
+    pool, batches = open_input(decoder, shard_stream(config, pending, models.device.type), config.workers, early)
     scored = 0
-    for finished in local_shard_rows(pending, shard_decoder(config, batch_scorer), batch_scorer.score,
-                                     config.batch_size, config.allow_pipe, config.workers,
-                                     batch_scorer.scorer.models.device, progress, config.chunk_size, early):
-        write_part(rows_to_table(finished.rows, embedding_dim=batch_scorer.embedding_dim),
-                   part_path(config.out_dir, finished.shard))
-        scored += len(finished.rows)
-    return scored
+    with pool:
+        for finished in local_shard_rows(batches, decoder, models.device, batch_scorer.score, progress):
+            write_part(rows_to_table(finished.rows, embedding_dim=batch_scorer.embedding_dim),
+                       part_path(config.out_dir, finished.shard))
+            scored += len(finished.rows)
+    return StaticCounts(scored, len(mine) - len(pending), len(mine), "local")

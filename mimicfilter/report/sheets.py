@@ -14,7 +14,7 @@ from typing import Any
 from mimicfilter.errors import MimicfilterError
 from mimicfilter.report.samples import SheetEntry
 from mimicfilter.shards.decode import DecodeConfig, DisplaySample, decode_for_display
-from mimicfilter.shards.tar import iter_shard_samples
+from mimicfilter.shards.samples import iter_shard_samples
 from mimicfilter.store.atomic import atomic_write_bytes
 
 THUMBNAIL_EDGE = 256  # pixels: sharp on HiDPI screens at the page's ~150 px tiles; never enlarged

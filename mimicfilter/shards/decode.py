@@ -6,10 +6,10 @@ Statuses, first failing rule wins: a non-"ok" raw status passes through; then "m
 
 The image leaves here as ``uint8 [3, H, W]`` at the model's size (normalised later, on the scoring
 device), decoded by ``config.decoder``: ``fast`` (libjpeg-turbo + uint8 resize for plain JPEGs,
-:mod:`mimicfilter.shards.fast`), ``pil`` (PIL for everything, open_clip's exact pixels) or ``gpu``
+:mod:`mimicfilter.shards.fast_decode`), ``pil`` (PIL for everything, open_clip's exact pixels) or ``gpu``
 (plain JPEGs are checked here and sent encoded, for nvJPEG on the scoring device). PIL decodes
 every other file, and decides the status of any file the fast routes reject. Captions are
-tokenised later, a chunk of samples at a time (:mod:`mimicfilter.pipeline.stages`).
+tokenised later, a chunk of samples at a time (:mod:`mimicfilter.pipeline.decoder`).
 """
 
 from __future__ import annotations
@@ -221,9 +221,9 @@ def _load_image(files: dict[str, bytes], config: DecodeConfig, geometry: ImageGe
 
 
 def _fast_module():
-    from mimicfilter.shards import fast  # torch and torchvision load only where images are scored
+    from mimicfilter.shards import fast_decode  # torch and torchvision load only where images are scored
 
-    return fast
+    return fast_decode
 
 
 def decode_with_pil(data: bytes, config: DecodeConfig, geometry: ImageGeometry) -> tuple[Any, str | None]:

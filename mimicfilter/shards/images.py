@@ -1,7 +1,7 @@
 """The model's image geometry (resize, crop or pad) applied to decoded pixels, as uint8 tensors.
 
 Workers turn every image into a ``uint8 [3, H, W]`` tensor of the model's input size; the scoring
-device normalises them (:mod:`mimicfilter.mimic.inputs`). :class:`ImageGeometry` is the geometric
+device normalises them (:mod:`mimicfilter.mimic.normalization`). :class:`ImageGeometry` is the geometric
 half of open_clip's evaluation preprocessing (``PreprocessCfg``: size, resize mode, interpolation,
 fill) and reproduces it exactly on PIL images: the PIL route gives the pixels open_clip's own
 ``preprocess`` works on, so after normalisation its tensor to the bit (tests/test_decode.py).

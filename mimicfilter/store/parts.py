@@ -12,13 +12,8 @@ import pyarrow.parquet as pq
 
 from mimicfilter.errors import MimicfilterError
 from mimicfilter.store.atomic import atomic_path, atomic_write_bytes
-from mimicfilter.store.paths import SCORES_DIR, RunPath, arrow_source, is_remote, part_name, run_path
+from mimicfilter.store.paths import SCORES_DIR, RunPath, arrow_source, is_remote, run_path
 from mimicfilter.store.schema import SCORE_COLUMNS, SCORE_SCHEMA, STATUSES
-
-
-def part_path(run_dir: RunPath, shard: str) -> RunPath:
-    """Where the part of one shard goes (static scoring, embed, extrapolate)."""
-    return run_dir / SCORES_DIR / f"{part_name(shard)}.parquet"
 
 
 def write_part(table: pa.Table, path: RunPath) -> None:

@@ -1,4 +1,5 @@
-"""Locations and names: run directories (local paths or fsspec URLs), shard display names, part names.
+"""Locations and names: run directories (local paths or fsspec URLs) and their whole layout (parts,
+checkpoints, rank stats), shard display names, part names.
 
 Local paths stay :class:`pathlib.Path` and keep POSIX atomicity (temp file + rename, link-if-absent).
 URLs become :class:`upath.UPath` objects with the same small API (``/``, ``exists``, ``glob``,
@@ -25,13 +26,14 @@ LOCAL_SCHEME = "file://"
 
 RunPath = Union[Path, Any]  # pathlib.Path or upath.UPath
 
-# The run directory's layout (docs/formats.md).
+# The run directory's layout (docs/formats.md); the paths below are the one place its names are spelled.
 RUN_FILE = "run.json"  # provenance and the fingerprint of the command that owns the directory
 STATS_FILE = "stats.json"
 SUCCESS_FILE = "_SUCCESS"  # written last: the run is complete
 SCORES_DIR = "scores"  # one Parquet part per shard (static) or per epoch chunk (trajectory)
 CHECKPOINTS_DIR = "checkpoints"  # trajectory resume state
 RANKS_DIR = "ranks"  # per-rank stats of partitioned runs
+_TRAJECTORY_PART = re.compile(r"^epoch-(\d+)-chunk-\d+\.parquet$")
 
 
 def is_url(text: str) -> bool:
@@ -129,3 +131,34 @@ def part_name(url: str) -> str:
     """
     stem = _UNSAFE_NAME_CHARS.sub("_", shard_display_name(url)).strip("._")[:80] or "shard"
     return f"{stem}-{hashlib.sha1(url.encode('utf-8')).hexdigest()[:10]}"
+
+
+def part_path(run_dir: RunPath, shard: str) -> RunPath:
+    """Where the part of one shard goes (static scoring, embed, extrapolate)."""
+    return run_dir / SCORES_DIR / f"{part_name(shard)}.parquet"
+
+
+def trajectory_part_path(run_dir: RunPath, epoch: int, chunk: int) -> RunPath:
+    """A trajectory's part: the rows of one epoch between two checkpoints."""
+    return run_dir / SCORES_DIR / f"epoch-{epoch:04d}-chunk-{chunk:05d}.parquet"
+
+
+def trajectory_part_epoch(name: str) -> int | None:
+    """The epoch of a trajectory part's file name (:func:`trajectory_part_path`); None for other names."""
+    match = _TRAJECTORY_PART.match(name)
+    return int(match.group(1)) if match else None
+
+
+def latest_checkpoint_path(run_dir: RunPath) -> RunPath:
+    """A trajectory's resume state: proxy, optimizer and stream position, replaced at every checkpoint."""
+    return run_dir / CHECKPOINTS_DIR / "latest.pt"
+
+
+def epoch_checkpoint_path(run_dir: RunPath, epoch: int) -> RunPath:
+    """The proxy's trained layers at the end of ``epoch`` (written once the epoch's parts are)."""
+    return run_dir / CHECKPOINTS_DIR / f"epoch-{epoch:04d}.pt"
+
+
+def rank_stats_path(run_dir: RunPath, rank: int, world_size: int) -> RunPath:
+    """One rank's own stats in a partitioned run (stats.json is the last rank's)."""
+    return run_dir / RANKS_DIR / f"rank-{rank:05d}-of-{world_size:05d}.json"

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import sys
 import time
 from typing import Any, Sequence
@@ -35,9 +34,12 @@ from mimicfilter.store.paths import (
     SUCCESS_FILE,
     RunPath,
     arrow_source,
+    epoch_checkpoint_path,
     is_remote,
+    rank_stats_path,
     remove_tree,
     run_path,
+    trajectory_part_epoch,
 )
 from mimicfilter.version import __version__
 
@@ -184,7 +186,7 @@ def _create_once(path: RunPath, payload: dict[str, Any]) -> bool:
 
 def write_rank_stats(run_dir: RunPath, rank: int, world_size: int, stats: dict[str, Any]) -> RunPath:
     """Each rank's own stats (ranks/rank-RRRRR-of-WWWWW.json); stats.json is the last rank's."""
-    path = run_dir / RANKS_DIR / f"rank-{rank:05d}-of-{world_size:05d}.json"
+    path = rank_stats_path(run_dir, rank, world_size)
     path.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_json(path, stats)
     return path
@@ -193,9 +195,6 @@ def write_rank_stats(run_dir: RunPath, rank: int, world_size: int, stats: dict[s
 def finish_run_dir(run_dir: RunPath, stats: dict[str, Any]) -> None:
     atomic_write_json(run_dir / STATS_FILE, stats)
     atomic_write_bytes(run_dir / SUCCESS_FILE, b"")
-
-
-_TRAJECTORY_PART = re.compile(r"^epoch-(\d+)-chunk-\d+\.parquet$")
 
 
 def unfinished_run(run_dir: RunPath | str) -> str | None:
@@ -214,8 +213,8 @@ def unfinished_run(run_dir: RunPath | str) -> str | None:
     parts = [part.name for part in part_paths(path)]
     train = info.get("train") or {}
     if train.get("mode", "none") != "none":
-        epochs = sorted({int(match.group(1)) for name in parts if (match := _TRAJECTORY_PART.match(name))})
-        finished = [epoch for epoch in epochs if (path / CHECKPOINTS_DIR / f"epoch-{epoch:04d}.pt").exists()]
+        epochs = sorted({epoch for name in parts if (epoch := trajectory_part_epoch(name)) is not None})
+        finished = [epoch for epoch in epochs if epoch_checkpoint_path(path, epoch).exists()]
         present = ", ".join(f"{epoch}{'' if epoch in finished else ' (partial)'}" for epoch in epochs) or "none"
         held = f"epochs with scores: {present} of {train.get('epochs', '?')} (0-based)"
     elif info.get("shards") and info.get("command") in ("score", "embed"):

@@ -13,7 +13,7 @@ from torch import nn
 
 from mimicfilter.errors import MimicfilterError
 from mimicfilter.lean_imports import import_open_clip, require
-from mimicfilter.mimic.factory import CHECKPOINT_SUFFIXES, load_checkpoint
+from mimicfilter.mimic.architectures import is_local_checkpoint, load_checkpoint
 from mimicfilter.mimic.grad_mimic import OTHERS, GradMimic, GradMimicStep
 from mimicfilter.mimic.layers import select_mimic_layers
 from mimicfilter.mimic.losses import contrastive_per_sample_loss
@@ -61,7 +61,7 @@ def load_reference(model_name: str, options: GradMimicOptions, model_kwargs: dic
         require(package)  # trainer runs after this in the same process, so it gets the whole open_clip
 
     source = options.reference
-    is_file = Path(source).suffix.lower() in CHECKPOINT_SUFFIXES or Path(source).is_file()
+    is_file = is_local_checkpoint(source)
     root = logging.getLogger()
     level = root.level
     root.setLevel(logging.ERROR)  # open_clip warns about building without weights: we load them next

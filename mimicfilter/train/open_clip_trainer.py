@@ -16,7 +16,8 @@ from __future__ import annotations
 import argparse
 import contextlib
 import sys
-from typing import Sequence
+from pathlib import Path
+from typing import Iterator, Sequence
 
 from mimicfilter.defaults import task_defaults
 from mimicfilter.errors import MimicfilterError, one_line
@@ -85,6 +86,47 @@ def check_trainer_args(args) -> None:
                                    hint="train in one process with --accum-freq 1, or use mimicfilter.GradMimic in your own loop")
 
 
+def with_model(argv: Sequence[str], model: str) -> list[str]:
+    """The trainer's arguments with every ``--model`` value replaced by ``model``."""
+    rewritten, found = [], False
+    arguments = iter(argv)
+    for argument in arguments:
+        if argument == "--model":
+            rewritten += [argument, model]
+            next(arguments, None)
+        elif argument.startswith("--model="):
+            rewritten.append(f"--model={model}")
+        else:
+            rewritten.append(argument)
+            continue
+        found = True
+    if not found:
+        raise MimicfilterError("a JSON model config goes to the trainer as --model PATH", hint="spell --model in full")
+    return rewritten
+
+
+@contextlib.contextmanager
+def json_model(trainer_argv: Sequence[str], model: str, pretrained: str, reference: str) -> Iterator[tuple[list[str], str]]:
+    """``--model`` naming a JSON config, as ``mimicfilter score --model`` takes it: open_clip's trainer
+    gets the directory ``score`` builds the model from (``local-dir:``), with a ``--pretrained``
+    checkpoint linked beside the config (open_clip ignores ``--pretrained`` for a directory). Yields
+    the trainer's arguments and the model name to build the reference with; any other ``--model``
+    passes unchanged."""
+    from mimicfilter.mimic.architectures import is_local_checkpoint, names_config_file, resolve_architecture
+
+    if not names_config_file(model):
+        yield list(trainer_argv), model
+        return
+    architecture = resolve_architecture(model)  # read and checked as score checks it (one-line errors)
+    for option, source in (("--pretrained", pretrained), ("--grad-mimic-reference", reference)):
+        if source and not is_local_checkpoint(source):
+            raise MimicfilterError(f"{option} {source!r} with a JSON --model: pretrained tags belong to built-in "
+                                   "architectures", hint="pass a local .pt/.bin/.safetensors checkpoint")
+    with architecture.factory_name(Path(pretrained) if pretrained else None) as trainer_model, \
+            architecture.factory_name() as reference_model:
+        yield with_model(trainer_argv, trainer_model), reference_model
+
+
 @contextlib.contextmanager
 def trainer_with(loss):
     """open_clip_train.main with ``loss`` as its loss, bound to the trained model before the first epoch
@@ -129,10 +171,12 @@ def run(argv: Sequence[str]) -> int:
     check_trainer_args(trainer_args)
     if not trainer_args.train_data and trainer_args.dataset_type != "synthetic":
         raise MimicfilterError("no --train-data: Grad-Mimic re-weights training batches", hint="pass --train-data SHARDS")
-    reference = load_reference(trainer_args.model, options, reference_model_kwargs(trainer_args))
-    loss = GradMimicClipLoss(reference, options, log_every=trainer_args.log_every_n_steps)
-    with trainer_with(loss) as trainer:
-        result = trainer.main(trainer_argv)
+    with json_model(trainer_argv, trainer_args.model, trainer_args.pretrained, options.reference) as (
+            trainer_argv, reference_model):
+        reference = load_reference(reference_model, options, reference_model_kwargs(trainer_args))
+        loss = GradMimicClipLoss(reference, options, log_every=trainer_args.log_every_n_steps)
+        with trainer_with(loss) as trainer:
+            result = trainer.main(trainer_argv)
     return 1 if result == -1 else 0  # open_clip_train returns -1 when it refuses (e.g. the run name exists)
 
 

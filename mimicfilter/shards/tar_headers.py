@@ -11,7 +11,7 @@ img2dataset) writes one before every member, for its fractional mtime. It reads 
 sure tarfile reads the same way. Anything else — a compressed file, other pax records (paths,
 sizes), global pax or GNU long-name headers, sparse or unknown member types, base-256 numbers, a
 header that fails a check, data or headers cut short — raises :class:`NeedsTarfile`, and the caller reads the shard
-with tarfile instead (:func:`mimicfilter.shards.tar.iter_shard_samples` then skips the samples
+with tarfile instead (:func:`mimicfilter.shards.samples.iter_shard_samples` then skips the samples
 it already gave). So a broken shard's status rows and messages stay tarfile's, exactly.
 """
 

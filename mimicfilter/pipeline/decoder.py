@@ -1,41 +1,32 @@
-"""The one input path of every mode: read → chunk → decode (in parallel, order kept) → batch.
+"""Decoding: raw samples → model inputs, in the decode workers, a chunk at a time.
 
-    reader (this process)             decode workers (execute.local.OrderedPool)     this process
-    shards.tar + read-ahead ─► RawChunk ─► Decoder.decode_chunk ─► DecodedChunk ─► group_batches ─► Batch
-    (static: per shard;               (uint8 images at the model's size,            (per shard, or
-     trajectory: one shuffled          token ids tokenised a chunk at a time,        one epoch stream)
-     stream, resume skip)              stacked in shared memory)
+    reader (this process)           decode workers (execute.local.OrderedPool)        this process
+    RawChunk (pipeline.stream) ─► Decoder.decode_chunk ─► DecodedChunk ─► batches ─► Decoder.decode_on_device
+                                    (uint8 images at the model's size,               (--decoder gpu: the
+                                     token ids tokenised a chunk at a time,           batch's JPEGs on the
+                                     stacked in shared memory)                        scoring device)
 
-Work units are chunks of ``chunk_size`` raw samples, so every worker stays busy however many
-shards there are, and the pool returns chunks in the order they were read: the decoded sample
-stream, and so every batch, part and table, is the same for any worker count and chunk size.
-Static scoring and ``embed`` batch each shard on its own (:func:`shard_batches`); a trajectory
-epoch is one stream spanning shards (:mod:`mimicfilter.pipeline.trajectory`).
+The :class:`Decoder` carries what only the models know (image geometry, tokenizer, the head's
+classes) and is inherited by the workers through fork; a decoded chunk travels back with one
+shared-memory tensor for its images and one for its token ids.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import functools
-import itertools
 import math
 import multiprocessing
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable, Iterator
+from typing import Any, Callable, Iterable
 
 import torch
 
 from mimicfilter.errors import MimicfilterError, one_line
-from mimicfilter.execute.local import OrderedPool, read_ahead
 from mimicfilter.mimic.models import LoadedModels, ModelInputs
-from mimicfilter.pipeline.batches import Batch, group_batches, stack_images, stack_into
+from mimicfilter.pipeline.batches import Batch, stack_images, stack_into
 from mimicfilter.shards.decode import DecodeConfig, decode_sample, decode_with_pil
 from mimicfilter.shards.images import ImageGeometry
 from mimicfilter.shards.records import DecodedSample, RawSample, SampleInfo
-from mimicfilter.shards.tar import iter_shard_samples
-
-CHUNK_SIZE = 64  # raw samples per work unit: ~20-100 ms of decoding, small enough to balance the workers
-READ_AHEAD_SHARDS = 4  # shards read concurrently by the reader (remote shards spend their time waiting)
 
 
 @dataclass(frozen=True)
@@ -150,7 +141,7 @@ class Decoder:
         decoded by PIL here, and one PIL rejects too becomes a ``decode_error`` row of the batch."""
         if not batch.encoded:
             return batch
-        from mimicfilter.shards.fast import decode_jpegs_on_device
+        from mimicfilter.shards.fast_decode import decode_jpegs_on_device
 
         rows = [row for row, _ in batch.encoded]
         decoded = decode_jpegs_on_device([data for _, data in batch.encoded], self.geometry, device)
@@ -199,115 +190,3 @@ def check_decoder(decode: DecodeConfig, device_type: str) -> None:
     if decode.decoder == "gpu" and device_type != "cuda":
         raise MimicfilterError("--decoder gpu decodes JPEGs on the scoring GPU, but the scoring device is the CPU",
                                hint="use --decoder fast (the default) on CPU, or --device cuda")
-
-
-# ---------------------------------------------------------------------------------------- reading
-
-
-def _chunks_of_shard(shard: str, allow_pipe: bool, chunk_size: int) -> Iterator[RawChunk]:
-    pending: list[RawSample] = []
-    for raw in iter_shard_samples(shard, allow_pipe=allow_pipe):
-        if len(pending) == chunk_size:
-            yield RawChunk(tuple(pending), shard)
-            pending = []
-        pending.append(raw)
-    yield RawChunk(tuple(pending), shard, ends_shard=True)
-
-
-def shard_chunks(shards: Iterable[str], allow_pipe: bool, chunk_size: int = CHUNK_SIZE,
-                 read_depth: int = READ_AHEAD_SHARDS) -> Iterator[RawChunk]:
-    """Every shard's chunks in order (the next shards read ahead by threads)."""
-    sources = [functools.partial(_chunks_of_shard, shard, allow_pipe, chunk_size) for shard in shards]
-    return read_ahead(sources, read_depth)
-
-
-def raw_stream(shards: Iterable[str], allow_pipe: bool, read_depth: int = READ_AHEAD_SHARDS) -> Iterator[RawSample]:
-    """The raw samples of the shards, in order (the next shards read ahead by threads)."""
-    sources = [functools.partial(iter_shard_samples, shard, allow_pipe=allow_pipe) for shard in shards]
-    return read_ahead(sources, read_depth)
-
-
-def stream_chunks(samples: Iterable[RawSample], chunk_size: int = CHUNK_SIZE) -> Iterator[RawChunk]:
-    iterator = iter(samples)
-    while piece := tuple(itertools.islice(iterator, chunk_size)):
-        yield RawChunk(piece)
-
-
-def decoded_samples(decoded_chunks: Iterable[DecodedChunk]) -> Iterator[DecodedSample]:
-    for chunk in decoded_chunks:
-        yield from chunk.unpack()
-
-
-def per_shard(decoded_chunks: Iterable[DecodedChunk]) -> Iterator[tuple[str, Iterator[DecodedSample]]]:
-    """(shard, its samples) in order; consume each shard's samples before asking for the next shard."""
-    chunks = iter(decoded_chunks)
-    for first in chunks:
-        def samples(chunk: DecodedChunk = first) -> Iterator[DecodedSample]:
-            while True:
-                yield from chunk.unpack()
-                if chunk.ends_shard:
-                    return
-                chunk = next(chunks)
-
-        yield first.shard, samples()
-
-
-def shard_batches(shards: Iterable[str], pool: OrderedPool, batch_size: int, allow_pipe: bool,
-                  pin_memory: bool = False, chunk_size: int = CHUNK_SIZE) -> Iterator[Batch]:
-    """Static scoring and ``embed``: every shard batched on its own, shards in order. With worker
-    processes, reading and decoding start at this call."""
-    decoded = pool.map(shard_chunks(shards, allow_pipe, chunk_size))
-    return (batch for shard, samples in per_shard(decoded)
-            for batch in group_batches(samples, batch_size, shard, pin_memory=pin_memory))
-
-
-@dataclass
-class EarlyInput:
-    """Reading and decoding started while the models load (``score``): the pool's workers run
-    ``decoder``, and ``batches`` is the stream started for ``key`` (static scoring: the pending
-    shards; a trajectory: a fresh run's first epoch)."""
-
-    decoder: Decoder
-    pool: OrderedPool
-    key: Any = None
-    batches: Iterator[Batch] | None = None
-
-    def close(self) -> None:
-        self.pool.close()
-
-
-def input_pool(early: EarlyInput | None, decoder: Decoder, key: Any,
-               workers: int) -> tuple[OrderedPool, Iterator[Batch] | None]:
-    """The decode pool for a run (the caller owns it), and the stream started early for ``key``.
-
-    The early pool is reused when it decodes exactly as ``decoder`` does, and its stream when it is
-    also the one the run needs (else None: start your own); otherwise a new pool of ``workers``."""
-    if early is not None and decoder == early.decoder:
-        return early.pool, (early.batches if key == early.key else None)
-    if early is not None:
-        early.close()
-    return OrderedPool(decoder.decode_chunk, workers), None
-
-
-@dataclass(frozen=True)
-class ShardBatches:
-    """read → decode → batch for one shard in this process: the unit of work of executors that run
-    one shard per call (Ray actors)."""
-
-    decoder: Decoder
-    batch_size: int
-    allow_pipe: bool = False
-
-    def __call__(self, shard: str) -> Iterator[Batch]:
-        return shard_batches([shard], OrderedPool(self.decoder.decode_chunk, 0), self.batch_size, self.allow_pipe)
-
-
-def detect_task(shards: tuple[str, ...], decode: DecodeConfig, allow_pipe: bool, sample_limit: int = 16) -> str:
-    """``classify`` when the first readable samples carry a label and no caption, else ``contrastive``."""
-    text_ext = "json" if decode.json_field else decode.text_key.lower()
-    for shard in shards[:2]:
-        for raw in itertools.islice(iter_shard_samples(shard, allow_pipe=allow_pipe), sample_limit):
-            if raw.status == "ok" and raw.files:
-                has_label, has_text = decode.label_key in raw.files, text_ext in raw.files
-                return "classify" if has_label and not has_text else "contrastive"
-    return "contrastive"

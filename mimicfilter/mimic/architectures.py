@@ -1,5 +1,8 @@
-"""Building models with open_clip's factory: architecture names or JSON configs, pretrained tags or
-local checkpoints (``weights_only=True`` unless the user trusts them), the tokenizer paired with them."""
+"""One open_clip model from an architecture and its weights: :func:`resolve_architecture` turns a
+built-in name or a JSON config into an :class:`Architecture`, and :func:`instantiate` builds it
+through open_clip's factory with weights from a pretrained tag or a local checkpoint
+(``weights_only=True`` unless the user trusts them), paired with its preprocessing and tokenizer.
+Reference and proxy are made from these by :mod:`mimicfilter.mimic.models`."""
 
 from __future__ import annotations
 
@@ -103,7 +106,7 @@ def _check_sizes(path: Path, model_cfg: dict) -> None:
                                    hint="fix the JSON config (an open_clip model_cfg)")
 
 
-def _is_local_checkpoint(source: str) -> bool:
+def is_local_checkpoint(source: str) -> bool:
     return Path(source).suffix.lower() in CHECKPOINT_SUFFIXES or Path(source).is_file()
 
 
@@ -222,20 +225,31 @@ class Architecture:
             require("timm")
 
     @contextlib.contextmanager
-    def factory_name(self) -> Iterator[str]:
+    def factory_name(self, checkpoint: Path | None = None) -> Iterator[str]:
         """The name open_clip's factory takes: the built-in name, or ``local-dir:`` of a temp dir
-        holding the JSON config for as long as the block runs."""
+        holding the JSON config for as long as the block runs (with ``checkpoint`` linked beside
+        it, where open_clip looks for a config directory's weights: it ignores ``pretrained`` there)."""
         if self.json_config is None:
             yield self.name
             return
         with tempfile.TemporaryDirectory(prefix="mimicfilter-config-") as config_dir:
             (Path(config_dir) / "open_clip_config.json").write_text(json.dumps(self.json_config))
+            if checkpoint is not None:
+                name = "open_clip_model.safetensors" if checkpoint.suffix.lower() == ".safetensors" else \
+                    "open_clip_pytorch_model.bin"
+                (Path(config_dir) / name).symlink_to(checkpoint.resolve())
             yield f"local-dir:{config_dir}"
+
+
+def names_config_file(model: str) -> bool:
+    """Whether ``--model`` names a JSON config file (rather than an architecture)."""
+    path = Path(model)
+    return path.suffix.lower() == ".json" or path.is_file()
 
 
 def resolve_architecture(model: str) -> Architecture:
     path = Path(model)
-    if path.suffix.lower() == ".json" or path.is_file():
+    if names_config_file(model):
         if not path.is_file():
             raise MimicfilterError(f"model config {model} does not exist", hint="check the path")
         return Architecture(name=model, json_config=_read_json_config(path))
@@ -251,7 +265,7 @@ def resolve_architecture(model: str) -> Architecture:
 def instantiate(architecture: Architecture, source: str, role: str, trust: bool) -> BuiltModel:
     """Build one model and load its weights from a pretrained tag or a local checkpoint."""
     architecture.prepare_towers()
-    local = _is_local_checkpoint(source)
+    local = is_local_checkpoint(source)
     path = Path(source)
     if local:
         start_hashing(path)  # under way already when score started it before its imports; waited for below
@@ -312,7 +326,7 @@ def preview_preprocessing(architecture: Architecture, source: str) -> tuple[dict
             model = open_clip.create_model(factory_name, pretrained=None, device="meta")
             tokenizer = _tokenizer(factory_name, architecture)
         preprocess_cfg = dict(getattr(model.visual, "preprocess_cfg", None) or {})
-        if architecture.json_config is None and not _is_local_checkpoint(source):
+        if architecture.json_config is None and not is_local_checkpoint(source):
             tag_cfg = open_clip.get_pretrained_cfg(architecture.name, source)
             if not tag_cfg:
                 return None

@@ -1,0 +1,191 @@
+"""Any tar shard read member by member: :class:`TarStream`, the general tar reader.
+
+It opens a shard (local file, fsspec URL or allowed ``pipe:``), yields its members in order without
+accumulating headers, tells a clean end from a truncated or corrupt tail, and describes a failure
+in one line naming where it happened. Both :mod:`mimicfilter.shards.samples` (scoring) and
+:mod:`mimicfilter.curate.reshard` (curated shards) read through it; local plain tars — most
+shards — are read for scoring by the faster :mod:`mimicfilter.shards.tar_headers`, which hands
+anything unusual back to it, so the rows are the same either way.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import lzma
+import re
+import tarfile
+import zlib
+from collections.abc import Iterator
+from contextlib import AbstractContextManager
+from dataclasses import dataclass
+from typing import IO
+
+from mimicfilter.errors import MimicfilterError, one_line
+from mimicfilter.shards.discover import PIPE_HINT, PIPE_REFUSED
+from mimicfilter.store.paths import is_url
+
+# What a broken/unreadable stream can raise: tarfile, compression, I/O, and fsspec's
+# "unknown protocol" (ValueError) / "backend not installed" (ImportError).
+STREAM_ERRORS: tuple[type[BaseException], ...] = (
+    tarfile.TarError,
+    EOFError,
+    OSError,
+    ValueError,
+    ImportError,
+    zlib.error,
+    lzma.LZMAError,
+)
+
+_MEMBER_NAME = re.compile(r"^((?:.*/|)[^.]+)[.]([^/]*)$")
+
+
+def base_plus_ext(name: str) -> tuple[str | None, str | None]:
+    """(key, extensions) of a tar member name, split as webdataset does (its regex, without
+    importing webdataset, which pulls in torch: `filter` and `report` start without it)."""
+    match = _MEMBER_NAME.match(name)
+    return (match.group(1), match.group(2)) if match else (None, None)
+
+
+def open_stream(url: str, allow_pipe: bool) -> AbstractContextManager[IO[bytes]]:
+    """A binary stream of a shard: a local file, an fsspec URL, or (when allowed) a ``pipe:`` command."""
+    if url.startswith("pipe:"):
+        if not allow_pipe:
+            raise MimicfilterError(PIPE_REFUSED, hint=PIPE_HINT)
+        from webdataset import gopen  # imported lazily: only pipe: shards need it
+
+        return gopen(url, "rb")
+    if is_url(url):
+        import fsspec
+
+        return fsspec.open(url, "rb")
+    return open(url, "rb")
+
+
+def _recording_tarinfo(header_errors: list[tarfile.HeaderError]) -> type[tarfile.TarInfo]:
+    """A TarInfo class that remembers why tarfile stopped reading headers.
+
+    Streaming tarfile treats a short or garbage header after the first member as a normal end of
+    archive; only an all-zero block is a real end marker. Recording the header error lets us tell
+    a clean end from a truncated or corrupt tail, which would otherwise lose samples silently.
+    """
+
+    class RecordingTarInfo(tarfile.TarInfo):
+        @classmethod
+        def fromtarfile(cls, tar: tarfile.TarFile) -> tarfile.TarInfo:
+            try:
+                return super().fromtarfile(tar)
+            except tarfile.HeaderError as exc:
+                header_errors.append(exc)
+                raise
+
+    return RecordingTarInfo
+
+
+def _end_problem(header_errors: list[tarfile.HeaderError]) -> str | None:
+    """Why a tar that stopped yielding members did not end cleanly, or None if it did."""
+    if not header_errors or isinstance(header_errors[-1], tarfile.EOFHeaderError):
+        return None
+    last = header_errors[-1]
+    if isinstance(last, (tarfile.EmptyHeaderError, tarfile.TruncatedHeaderError)):
+        return "unexpected end of data"
+    return f"invalid header ({last})"
+
+
+def describe_failure(url: str, exc: BaseException, *, done: str | None, reading: str | None) -> str:
+    """One-line description of a stream failure, naming where in the tar it happened."""
+    message = one_line(exc) or type(exc).__name__
+    where = f" in member {reading}" if reading else (f" after member {done}" if done else "")
+    if isinstance(exc, FileNotFoundError):
+        return one_line(f"shard not found: {url}")
+    if url.startswith("pipe:") and isinstance(exc, OSError) and (status := re.search(r"exit (-?\d+)", message)):
+        # webdataset's Pipe error repeats Popen's arguments; the command and status are what matter.
+        return one_line(f"pipe command failed with exit status {status.group(1)}{where}: {url[5:]}")
+    compressed = isinstance(exc, (zlib.error, lzma.LZMAError)) or re.search(r"zlib|gzip|bz2|lzma|compress", message)
+    if compressed:
+        return one_line(f"corrupt compressed stream: {message}{where}")
+    if isinstance(exc, (tarfile.TarError, EOFError)):
+        if reading is None and done is None:
+            kind = "not a tar archive"
+        elif isinstance(exc, EOFError) or "end of data" in message or "truncated" in message:
+            kind = "truncated tar"
+        else:
+            kind = "corrupt tar"
+        return one_line(f"{kind}: {message}{where}")
+    return one_line(f"cannot read shard{where}: {type(exc).__name__}: {message}")
+
+
+@dataclass(frozen=True)
+class TarMember:
+    """One member of a shard; ``key``/``ext`` are None for members that are not sample files."""
+
+    info: tarfile.TarInfo
+    key: str | None
+    ext: str | None  # lower case
+
+
+def _split_member(member: tarfile.TarInfo) -> tuple[str | None, str | None]:
+    """(key, lowercased ext) the WebDataset way, or (None, None) for members that are not sample files."""
+    return split_name(member.name) if member.isreg() else (None, None)
+
+
+def split_name(name: str) -> tuple[str | None, str | None]:
+    """(key, lowercased ext) of a regular member's name, or (None, None) when it names no sample file."""
+    key, ext = base_plus_ext(name)
+    if key is None or not ext:
+        return None, None
+    return key, ext.lower()
+
+
+class TarStream:
+    """One shard read member by member; remembers where it is, so a failure can say where.
+
+    Usage::
+
+        stream = TarStream(url)
+        try:
+            with stream.open() as members:
+                for member in members:
+                    with stream.member_data(member) as data: ...
+        except STREAM_ERRORS as exc:
+            message = stream.describe(exc)
+    """
+
+    def __init__(self, url: str, allow_pipe: bool = False, seeking: bool = False):
+        self.url = url
+        self.allow_pipe = allow_pipe
+        self.seeking = seeking  # a local file read with seeks over the data (for headers only)
+        self.done: str | None = None  # last member fully handled
+        self.reading: str | None = None  # member whose data is being read right now
+        self._header_errors: list[tarfile.HeaderError] = []
+        self._tar: tarfile.TarFile | None = None
+
+    @contextlib.contextmanager
+    def open(self) -> Iterator[Iterator[TarMember]]:
+        with open_stream(self.url, self.allow_pipe) as raw, tarfile.open(
+            fileobj=raw, mode="r:*" if self.seeking else "r|*", tarinfo=_recording_tarinfo(self._header_errors)
+        ) as tar:
+            self._tar = tar
+            yield self._members(tar)
+
+    def _members(self, tar: tarfile.TarFile) -> Iterator[TarMember]:
+        while (info := tar.next()) is not None:
+            tar.members = []  # streaming: do not accumulate TarInfo objects for huge shards
+            key, ext = _split_member(info)
+            yield TarMember(info, key, ext)
+            self.done = info.name
+        problem = _end_problem(self._header_errors)
+        if problem is not None:
+            raise tarfile.ReadError(problem)
+
+    @contextlib.contextmanager
+    def member_data(self, member: TarMember) -> Iterator[IO[bytes]]:
+        """The member's data as a file (read it before the next member)."""
+        handle = self._tar.extractfile(member.info) if self._tar is not None else None
+        if handle is None:  # cannot happen for regular members; guards against a tarfile change
+            raise tarfile.ReadError(f"no data for member {member.info.name}")
+        self.reading = member.info.name
+        yield handle
+        self.reading = None
+
+    def describe(self, exc: BaseException) -> str:
+        return describe_failure(self.url, exc, done=self.done, reading=self.reading)
