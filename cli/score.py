@@ -50,6 +50,8 @@ def _print_summary(stats: dict) -> None:
     for status, count in stats["status_counts"].items():
         if count:
             table.add_row(f"  {status} (rows)" if epochs > 1 else f"  {status}", str(count))
+    for anchor, count in stats.get("anchor_rows", {}).items():
+        table.add_row(f"{anchor} anchors (rows, not in the pool)", str(count))
     if stats["mimic_score_mean"] is not None:
         table.add_row("mean mimic score", f"{stats['mimic_score_mean']:.4g}")
         table.add_row("score > 0 (pulls toward reference)", f"{stats['mimic_score_positive_fraction']:.1%}")
@@ -93,11 +95,23 @@ scale_options = group(
 )
 
 
+anchor_options = group(
+    click.option("--trusted", "trusted", multiple=True, metavar="SPEC",
+                 help="Shards of samples you checked (100-500; same formats as SHARDS, repeatable): scored in the "
+                 "pool's stream as anchors, with synthetic negatives made from the pool, so that `filter` "
+                 "calibrates the quality estimate and the cut (docs/filter.md)."),
+    click.option("--synthetic-share", type=float, default=None,
+                 help="Share of pool samples whose pair makes a synthetic negative (a caption or label from "
+                 "another sample) [default: as many as trusted samples, at least 200]."),
+)
+
+
 @click.command()
 @shards_argument
 @model_options
 @input_options
 @training_options
+@anchor_options
 @execution_options
 @scale_options
 @click.option("--save-embeddings", is_flag=True,
@@ -119,6 +133,7 @@ def score(shards, **options):
           --reference demo/reference.safetensors --epochs 3 --out runs/demo --json | jq .status_counts
       mimicfilter score pool/ --model ViT-B-32 --reference openai --train none --workers 8 --out runs/static
       mimicfilter score labelled/ --model ViT-B-32 --reference openai --classnames classes.txt --out runs/cls
+      mimicfilter score pool/ --trusted checked/ --model ViT-B-32 --reference openai --out runs/calibrated
       mimicfilter score 's3://pool/{00000..09999}.tar' --model ViT-B-32 --reference openai --train none \\
           --ray auto --gpus-per-task 1 --cpus-per-task 8 --out /shared/runs/pool
       mimicfilter score pool/ --model ViT-B-32 --reference openai --train none \\
@@ -162,6 +177,7 @@ def _run(shards, options) -> dict:
         shard_list = shards_from(shards, options)
     with timing.phase("detect the task"):
         task = task_from(shard_list, options)
+    trusted = shards_from(options["trusted"], options) if options["trusted"] else ()
     config = ScoreConfig(
         **stream_fields(shard_list, task, options),
         temperature=options["temperature"],
@@ -171,5 +187,7 @@ def _run(shards, options) -> dict:
         partition=partition,
         ray=ray,
         save_embeddings=options["save_embeddings"],
+        trusted=trusted,
+        synthetic_share=options["synthetic_share"],
     )
     return run_score(config, progress=ProgressBar(enabled=not options["quiet"]))

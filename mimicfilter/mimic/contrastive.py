@@ -141,14 +141,17 @@ class ContrastiveScorer(MimicScorer):
         dtype = self._dtype()
         return F.normalize(image.to(dtype), dim=-1), F.normalize(text.to(dtype), dim=-1)
 
-    def _baselines(self, reference_image, reference_text) -> tuple[torch.Tensor, torch.Tensor]:
+    def _baselines(self, reference_image, reference_text) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """The reference's per-sample loss, CLIP score and, for softmax CLIP, the negCLIP score
+        (Wang et al. 2024: the CLIP score less the batch's contrastive normaliser τ/2·(LSE_row + LSE_col),
+        which is exactly -ref_loss·τ; averaged over epochs it is averaged over random batches)."""
         reference = self.models.reference
         with torch.no_grad():
             clip_score = clip_similarity(reference_image, reference_text)
-            ref_loss = contrastive_per_sample_loss(
-                reference_image, reference_text, reference.logit_scale.exp(), reference.logit_bias
-            )
-        return ref_loss, clip_score
+            scale = reference.logit_scale.exp()
+            ref_loss = contrastive_per_sample_loss(reference_image, reference_text, scale, reference.logit_bias)
+            negclip = -ref_loss / scale if reference.logit_bias is None else None
+        return ref_loss, clip_score, negclip
 
     def _prepare(self, images, texts) -> Prepared:
         proxy = self.models.proxy
@@ -165,7 +168,7 @@ class ContrastiveScorer(MimicScorer):
             reference_image, reference_text = F.normalize(image, dim=-1), F.normalize(text, dim=-1)
         else:
             reference_image, reference_text = self._reference_features(images, texts)
-        ref_loss, clip_score = self._baselines(reference_image, reference_text)
+        ref_loss, clip_score, negclip = self._baselines(reference_image, reference_text)
 
         def per_sample_loss(params: ParamDict) -> torch.Tensor:
             image = heads["image"].apply(params, proxy_image) if "image" in heads else proxy_image
@@ -174,12 +177,12 @@ class ContrastiveScorer(MimicScorer):
                 F.normalize(image, dim=-1), F.normalize(text, dim=-1), proxy.logit_scale.exp(), proxy.logit_bias
             )
 
-        return Prepared(per_sample_loss, ref_loss, clip_score, (reference_image, reference_text))
+        return Prepared(per_sample_loss, ref_loss, clip_score, (reference_image, reference_text), negclip)
 
     def _prepare_full(self, images, texts) -> Prepared:
         proxy = self.models.proxy
         reference_image, reference_text = self._reference_features(images, texts)
-        ref_loss, clip_score = self._baselines(reference_image, reference_text)
+        ref_loss, clip_score, negclip = self._baselines(reference_image, reference_text)
 
         def per_sample_loss(params: ParamDict) -> torch.Tensor:
             # The JVP stays in full precision: no autocast on this route.
@@ -193,5 +196,5 @@ class ContrastiveScorer(MimicScorer):
                 F.normalize(image, dim=-1), F.normalize(text, dim=-1), logit_scale, logit_bias
             )
 
-        return Prepared(per_sample_loss, ref_loss, clip_score, (reference_image, reference_text))
+        return Prepared(per_sample_loss, ref_loss, clip_score, (reference_image, reference_text), negclip)
 

@@ -42,6 +42,7 @@ class BatchScores:
     loss: torch.Tensor
     ref_loss: torch.Tensor
     clip_score: torch.Tensor | None = None
+    negclip_score: torch.Tensor | None = None  # CLIP score less the batch's contrastive normaliser (softmax CLIP)
     # The reference's L2-normalised (image, text) embeddings [B, D] on the scoring device, computed
     # for the baselines anyway: the pair embedding of mimic.embedder (for classification the text
     # side is the label's class embedding).
@@ -57,6 +58,7 @@ class Prepared:
     ref_loss: torch.Tensor
     clip_score: torch.Tensor | None
     reference_embeddings: tuple[torch.Tensor, torch.Tensor] | None = None
+    negclip_score: torch.Tensor | None = None
 
 
 @contextlib.contextmanager
@@ -180,6 +182,7 @@ class MimicScorer:
             loss=loss.detach().cpu(),
             ref_loss=prepared.ref_loss.detach().cpu(),
             clip_score=None if prepared.clip_score is None else prepared.clip_score.detach().cpu(),
+            negclip_score=None if prepared.negclip_score is None else prepared.negclip_score.detach().cpu(),
             reference_embeddings=None if prepared.reference_embeddings is None
             else tuple(value.detach() for value in prepared.reference_embeddings),
         )

@@ -14,6 +14,7 @@ from mimicfilter.errors import MimicfilterError
 from mimicfilter.execute.partition import Partition
 from mimicfilter.execute.ray import RayConfig
 from mimicfilter.mimic.models import ModelSpec
+from mimicfilter.pipeline.anchors import AnchorPlan
 from mimicfilter.shards.decode import DecodeConfig
 from mimicfilter.store.paths import is_remote
 
@@ -106,6 +107,9 @@ class ScoreConfig(StreamConfig):
     partition: Partition = field(default_factory=Partition)
     ray: RayConfig | None = None  # None: the local executor
     save_embeddings: bool = False  # also store the reference's pair embedding (mimic.embedder)
+    trusted: tuple[str, ...] = ()  # --trusted: shards of checked samples, scored as anchors (pipeline/anchors.py)
+    synthetic_share: float | None = None  # share of pool samples whose pair makes a synthetic negative (None: auto)
+    anchors: AnchorPlan | None = None  # the plan for ``trusted``, made when the run starts
 
     verb: ClassVar[str] = "score"
 
@@ -125,6 +129,11 @@ class ScoreConfig(StreamConfig):
                 f"--out {self.out_dir}: trajectory runs (checkpoints, resume) need a local or mounted directory",
                 hint="use a local --out, or --train none for a remote run directory",
             )
+        if self.synthetic_share is not None and not 0 < self.synthetic_share <= 0.5:
+            raise MimicfilterError(f"--synthetic-share {self.synthetic_share}: must lie in (0, 0.5]")
+        if self.synthetic_share is not None and not self.trusted:
+            raise MimicfilterError("--synthetic-share makes the negatives beside --trusted samples",
+                                   hint="add --trusted SPEC (the checked samples), or drop --synthetic-share")
         if self.partition.partitioned and self.overwrite:
             raise MimicfilterError(
                 "--overwrite with --world-size > 1 would let one rank delete the others' parts",

@@ -22,9 +22,9 @@ from mimicfilter.pipeline.config import EmbedConfig, Progress, use_threads
 from mimicfilter.pipeline.decoder import Decoder, check_decoder
 from mimicfilter.pipeline.static import local_shard_rows, shard_stream
 from mimicfilter.pipeline.stream import open_input
+from mimicfilter.store.guard import guard_run_directory
 from mimicfilter.store.parts import table_stats, write_part
 from mimicfilter.store.paths import part_path
-from mimicfilter.store.guard import guard_run_directory
 from mimicfilter.store.rundir import RunDirectory
 from mimicfilter.store.schema import embed_rows_to_table
 

@@ -22,6 +22,7 @@ from mimicfilter.defaults import task_defaults
 from mimicfilter.errors import MimicfilterError
 from mimicfilter.mimic.device import resolve_device
 from mimicfilter.mimic.models import LoadedModels, preview_inputs
+from mimicfilter.pipeline.anchors import plan_anchors
 from mimicfilter.pipeline.batch_scorer import BatchScorer, build_batch_scorer
 from mimicfilter.pipeline.config import Progress, ScoreConfig, use_threads
 from mimicfilter.pipeline.decoder import Decoder, check_decoder
@@ -29,9 +30,9 @@ from mimicfilter.pipeline.static import StaticCounts, pending_shards, score_stat
 from mimicfilter.pipeline.stream import EarlyStart, Stream
 from mimicfilter.pipeline.trajectory import StreamPosition, epoch_stream, has_checkpoint, run_trajectory
 from mimicfilter.shards.samples import count_shard_samples
+from mimicfilter.store.guard import guard_run_directory
 from mimicfilter.store.parts import table_stats
 from mimicfilter.store.paths import part_path
-from mimicfilter.store.guard import guard_run_directory
 from mimicfilter.store.rundir import RunDirectory, write_rank_stats
 from mimicfilter.timing import current, phase
 
@@ -61,6 +62,7 @@ def _fingerprint(config: ScoreConfig, models: LoadedModels) -> dict[str, Any]:
         "decode": asdict(config.decode),
         # only when on, so runs made before the flag existed keep their fingerprint
         **({"save_embeddings": True} if config.save_embeddings else {}),
+        **({"anchors": config.anchors.provenance()} if config.anchors is not None else {}),
     }
 
 
@@ -79,6 +81,7 @@ def _provenance(config: ScoreConfig, batch_scorer: BatchScorer, device: str, poo
         "device": device,
         "shards": list(config.shards),
         **({"embedding": batch_scorer.embedder.space} if batch_scorer.embedder is not None else {}),
+        **({"anchors": config.anchors.provenance()} if config.anchors is not None else {}),
     }
 
 
@@ -109,10 +112,19 @@ def _expected_stream(config: ScoreConfig) -> Stream | None:
     device_type = _device_type(config, None)
     if config.train.mode == "none":
         # --overwrite usually replaces a different run, whose results run.open then deletes
-        return shard_stream(config, pending_shards(config, redo_finished=config.overwrite), device_type)
+        return shard_stream(config, pending_shards(config, redo_finished=config.overwrite), device_type, config.anchors)
     if has_checkpoint(config.out_dir) and not config.overwrite:  # where it resumes is known once the run dir is open
         return None
     return epoch_stream(config, StreamPosition(), device_type)
+
+
+def with_anchors(config: ScoreConfig) -> ScoreConfig:
+    """The config with its anchor plan (``--trusted``: read and counted now, before any model loads)."""
+    if not config.trusted or config.anchors is not None:
+        return config
+    plan = plan_anchors(config.trusted, config.shards, config.decode, config.model.seed, config.synthetic_share,
+                        config.allow_pipe)
+    return dataclasses.replace(config, anchors=plan)
 
 
 def with_pool_lr(config: ScoreConfig) -> tuple[ScoreConfig, int | None]:
@@ -133,8 +145,10 @@ def run_score(config: ScoreConfig, progress: Progress | None = None) -> dict[str
     check_decoder(config.decode, _device_type(config, None))
     run = RunDirectory(config.out_dir, "score", config.argv)
     spec = config.model
-    guard_run_directory(config.out_dir, config.shards,
+    guard_run_directory(config.out_dir, config.shards + config.trusted,
                         (spec.model, spec.reference, spec.proxy, spec.reference_head, spec.classnames))
+    with phase("read the trusted samples, plan the anchors"):
+        config = with_anchors(config)
     with phase("start decoding (before the models load)"):
         early = start_decoding_early(config)
     try:

@@ -20,6 +20,7 @@ import torch
 
 from mimicfilter.execute.local import OrderedPool
 from mimicfilter.execute.ray import run_with_ray
+from mimicfilter.pipeline.anchors import AnchorPlan
 from mimicfilter.pipeline.batch_scorer import BatchScorer, build_batch_scorer
 from mimicfilter.pipeline.batches import Batch
 from mimicfilter.pipeline.config import Progress, ScoreConfig, StreamConfig
@@ -30,10 +31,11 @@ from mimicfilter.store.paths import part_path
 from mimicfilter.store.schema import rows_to_table
 
 
-def shard_stream(config: StreamConfig, shards: Iterable[str], device_type: str) -> ShardStream:
+def shard_stream(config: StreamConfig, shards: Iterable[str], device_type: str,
+                 anchors: AnchorPlan | None = None) -> ShardStream:
     """The batches of ``shards`` for a run of ``config`` scoring on ``device_type`` (``score``'s
     early start and its run both ask for theirs here, so equal inputs give equal streams)."""
-    return ShardStream(tuple(shards), config.batch_size, config.allow_pipe, device_type, config.chunk_size)
+    return ShardStream(tuple(shards), config.batch_size, config.allow_pipe, device_type, config.chunk_size, anchors)
 
 
 def pending_shards(config: ScoreConfig, redo_finished: bool = False) -> list[str]:
@@ -53,7 +55,7 @@ def score_shard(shard: str, batch_scorer: BatchScorer, config: ScoreConfig) -> i
         return 0
     rows = []
     decoder = Decoder.for_models(config.decode, batch_scorer.scorer.models)
-    stream = ShardStream((shard,), config.batch_size, config.allow_pipe)
+    stream = ShardStream((shard,), config.batch_size, config.allow_pipe, anchors=config.anchors)
     for batch in stream.batches(OrderedPool(decoder.decode_chunk, 0)):
         rows.extend(batch_scorer.score(decoder.decode_on_device(batch, batch_scorer.scorer.models.device)))
     write_part(rows_to_table(rows, embedding_dim=batch_scorer.embedding_dim), path)
@@ -130,7 +132,8 @@ def score_static(config: ScoreConfig, batch_scorer: BatchScorer, progress: Progr
                             f"ray ({result.actors} actors)", result.failures)
     models = batch_scorer.scorer.models
     decoder = Decoder.for_models(config.decode, models)
-    pool, batches = open_input(decoder, shard_stream(config, pending, models.device.type), config.workers, early)
+    pool, batches = open_input(decoder, shard_stream(config, pending, models.device.type, config.anchors),
+                               config.workers, early)
     scored = 0
     with pool:
         for finished in local_shard_rows(batches, decoder, models.device, batch_scorer.score, progress):

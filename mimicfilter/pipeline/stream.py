@@ -26,6 +26,7 @@ from dataclasses import dataclass
 from typing import Iterable, Iterator, Protocol
 
 from mimicfilter.execute.local import OrderedPool, read_ahead
+from mimicfilter.pipeline.anchors import AnchorPlan, pool_with_anchors
 from mimicfilter.pipeline.batches import Batch, group_batches
 from mimicfilter.pipeline.decoder import DecodedChunk, Decoder, RawChunk
 from mimicfilter.shards.records import DecodedSample, RawSample
@@ -40,9 +41,9 @@ def pins_memory(device_type: str) -> bool:
     return device_type == "cuda"
 
 
-def _chunks_of_shard(shard: str, allow_pipe: bool, chunk_size: int) -> Iterator[RawChunk]:
+def _chunks_of_shard(shard: str, allow_pipe: bool, chunk_size: int, anchors: AnchorPlan | None) -> Iterator[RawChunk]:
     pending: list[RawSample] = []
-    for raw in iter_shard_samples(shard, allow_pipe=allow_pipe):
+    for raw in pool_with_anchors(iter_shard_samples(shard, allow_pipe=allow_pipe), anchors, shard):
         if len(pending) == chunk_size:
             yield RawChunk(tuple(pending), shard)
             pending = []
@@ -51,9 +52,9 @@ def _chunks_of_shard(shard: str, allow_pipe: bool, chunk_size: int) -> Iterator[
 
 
 def shard_chunks(shards: Iterable[str], allow_pipe: bool, chunk_size: int = CHUNK_SIZE,
-                 read_depth: int = READ_AHEAD_SHARDS) -> Iterator[RawChunk]:
-    """Every shard's chunks in order (the next shards read ahead by threads)."""
-    sources = [functools.partial(_chunks_of_shard, shard, allow_pipe, chunk_size) for shard in shards]
+                 read_depth: int = READ_AHEAD_SHARDS, anchors: AnchorPlan | None = None) -> Iterator[RawChunk]:
+    """Every shard's chunks in order, with the anchors each shard carries (the next shards read ahead by threads)."""
+    sources = [functools.partial(_chunks_of_shard, shard, allow_pipe, chunk_size, anchors) for shard in shards]
     return read_ahead(sources, read_depth)
 
 
@@ -89,10 +90,10 @@ def per_shard(decoded_chunks: Iterable[DecodedChunk]) -> Iterator[tuple[str, Ite
 
 
 def shard_batches(shards: Iterable[str], pool: OrderedPool, batch_size: int, allow_pipe: bool,
-                  pin_memory: bool = False, chunk_size: int = CHUNK_SIZE) -> Iterator[Batch]:
-    """Static scoring and ``embed``: every shard batched on its own, shards in order. With worker
-    processes, reading and decoding start at this call."""
-    decoded = pool.map(shard_chunks(shards, allow_pipe, chunk_size))
+                  pin_memory: bool = False, chunk_size: int = CHUNK_SIZE, anchors: AnchorPlan | None = None) -> Iterator[Batch]:
+    """Static scoring and ``embed``: every shard batched on its own (with its anchors), shards in
+    order. With worker processes, reading and decoding start at this call."""
+    decoded = pool.map(shard_chunks(shards, allow_pipe, chunk_size, anchors=anchors))
     return (batch for shard, samples in per_shard(decoded)
             for batch in group_batches(samples, batch_size, shard, pin_memory=pin_memory))
 
@@ -113,10 +114,11 @@ class ShardStream:
     allow_pipe: bool = False
     device_type: str = "cpu"  # where the batches go (a GPU gets page-locked batches)
     chunk_size: int = CHUNK_SIZE
+    anchors: AnchorPlan | None = None  # score --trusted: each shard's anchors join its stream
 
     def batches(self, pool: OrderedPool) -> Iterator[Batch]:
         return shard_batches(self.shards, pool, self.batch_size, self.allow_pipe, pins_memory(self.device_type),
-                             self.chunk_size)
+                             self.chunk_size, self.anchors)
 
 
 @dataclass

@@ -33,6 +33,7 @@ import torch
 
 from mimicfilter.execute.local import OrderedPool
 from mimicfilter.mimic.scorer import MimicScorer
+from mimicfilter.pipeline.anchors import AnchorPlan, pool_with_anchors
 from mimicfilter.pipeline.batch_scorer import BatchScorer
 from mimicfilter.pipeline.batches import Batch, group_batches
 from mimicfilter.pipeline.config import Progress, ScoreConfig, TrainConfig
@@ -74,10 +75,11 @@ def shuffled(samples: Iterable[RawSample], buffer_size: int, rng: random.Random)
 
 
 def epoch_samples(shards: tuple[str, ...], epoch: int, seed: int, shuffle_buffer: int,
-                  allow_pipe: bool) -> Iterator[RawSample]:
-    """The raw samples of one epoch, in the order the proxy sees them (a function of seed and epoch)."""
+                  allow_pipe: bool, anchors: AnchorPlan | None = None) -> Iterator[RawSample]:
+    """The raw samples of one epoch (with their anchors), in the order the proxy sees them (a
+    function of seed and epoch)."""
     rng = random.Random(seed * 1_000_003 + epoch)
-    return shuffled(raw_stream(shards, allow_pipe), shuffle_buffer, rng)
+    return shuffled(pool_with_anchors(raw_stream(shards, allow_pipe), anchors), shuffle_buffer, rng)
 
 
 @dataclass(frozen=True)
@@ -93,10 +95,12 @@ class EpochStream:
     position: StreamPosition
     device_type: str = "cpu"  # where the batches go (a GPU gets page-locked batches)
     chunk_size: int = CHUNK_SIZE
+    anchors: AnchorPlan | None = None  # score --trusted: anchors spread through every epoch
 
     def batches(self, pool: OrderedPool) -> Iterator[Batch]:
         position = self.position
-        stream = epoch_samples(self.shards, position.epoch, self.seed, self.shuffle_buffer, self.allow_pipe)
+        stream = epoch_samples(self.shards, position.epoch, self.seed, self.shuffle_buffer, self.allow_pipe,
+                               self.anchors)
         remaining = itertools.islice(stream, position.consumed, None)  # resume: skip without decoding
         samples = decoded_samples(pool.map(stream_chunks(remaining, self.chunk_size)))
         return group_batches(samples, self.batch_size, None, position.step, pins_memory(self.device_type))
@@ -106,7 +110,7 @@ def epoch_stream(config: ScoreConfig, position: StreamPosition, device_type: str
     """The stream from ``position`` for a run of ``config`` scoring on ``device_type`` (``score``'s
     early start and the run both ask for theirs here, so equal inputs give equal streams)."""
     return EpochStream(config.shards, config.model.seed, config.train.shuffle_buffer, config.batch_size,
-                       config.allow_pipe, position, device_type, config.chunk_size)
+                       config.allow_pipe, position, device_type, config.chunk_size, config.anchors)
 
 
 def _trained_state(scorer: MimicScorer, mode: str) -> dict[str, torch.Tensor]:

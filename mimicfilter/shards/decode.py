@@ -95,7 +95,8 @@ class _Loaded:
 def decode_sample(raw: RawSample, config: DecodeConfig, geometry: ImageGeometry) -> DecodedSample:
     """Decode one raw sample into model inputs; every outcome is a row, never an exception."""
     meta, meta_error = _parse_json(raw.files.get("json"))
-    sample = DecodedSample(raw.shard, raw.key, raw.index, uid=_uid(meta), status=raw.status, error=raw.error)
+    sample = DecodedSample(raw.shard, raw.key, raw.index, uid=_uid(meta), status=raw.status, error=raw.error,
+                           anchor=raw.anchor)
     if not sample.ok:
         return sample
     try:

@@ -23,6 +23,7 @@ class RawSample:
     files: dict[str, bytes] = field(default_factory=dict)  # extension (lower case) -> bytes
     status: str = "ok"
     error: str | None = None
+    anchor: str | None = None  # "trusted" or "synthetic" for the anchors of score --trusted (pipeline/anchors.py)
 
     def mark(self, status: str, error: str) -> None:
         """Record a problem; the first one wins, so a later one cannot hide why the sample was rejected."""
@@ -46,6 +47,7 @@ class SampleInfo:
     caption_chars: int | None = None  # characters of the caption, as scored (stripped)
     image_width: int | None = None  # the original image's pixels, from its header
     image_height: int | None = None
+    anchor: str | None = None  # "trusted" or "synthetic": not a pool sample (score --trusted)
 
     @property
     def ok(self) -> bool:
@@ -71,6 +73,7 @@ class DecodedSample:
     encoded: bytes | None = None  # a JPEG left for the GPU decoder (``image`` is None then)
     image_width: int | None = None  # the original image's size, from its header
     image_height: int | None = None
+    anchor: str | None = None
 
     @property
     def ok(self) -> bool:
@@ -79,4 +82,5 @@ class DecodedSample:
     @property
     def info(self) -> SampleInfo:
         return SampleInfo(self.shard, self.key, self.index, self.uid, self.status, self.error, self.label,
-                          None if self.caption is None else len(self.caption), self.image_width, self.image_height)
+                          None if self.caption is None else len(self.caption), self.image_width, self.image_height,
+                          self.anchor)

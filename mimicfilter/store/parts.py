@@ -13,7 +13,7 @@ import pyarrow.parquet as pq
 from mimicfilter.errors import MimicfilterError
 from mimicfilter.store.atomic import atomic_path, atomic_write_bytes
 from mimicfilter.store.paths import SCORES_DIR, RunPath, arrow_source, is_remote, run_path
-from mimicfilter.store.schema import SCORE_COLUMNS, SCORE_SCHEMA, STATUSES
+from mimicfilter.store.schema import ANCHOR_COLUMN, SCORE_COLUMNS, SCORE_SCHEMA, STATUSES
 
 
 def write_part(table: pa.Table, path: RunPath) -> None:
@@ -67,16 +67,24 @@ def table_stats(run_dir: RunPath, score_column: str | None = "mimic_score", flag
     """Row and status counts of a run's parts (score, embed or extrapolate parts), one part at a time.
 
     With ``score_column``: the mean and the positive fraction of its non-null values; with
-    ``flag_column``: how many rows have it true (``{flag_column}_rows``). Memory does not grow
-    with the run.
+    ``flag_column``: how many rows have it true (``{flag_column}_rows``). Anchor rows (score
+    --trusted) are counted apart (``anchor_rows``), never as pool rows. Memory does not grow with
+    the run.
     """
     counts: Counter = Counter()
+    anchors: Counter = Counter()
     rows = scored = positive = flagged = 0
     score_sum = 0.0
     columns = ["status"] + [column for column in (score_column, flag_column) if column]
     for part in part_paths(run_path(run_dir)):
         source = arrow_source(part)
-        table = pq.read_table(source["source"], filesystem=source.get("filesystem"), columns=columns)
+        names = pq.read_schema(source["source"], filesystem=source.get("filesystem")).names
+        wanted = columns + ([ANCHOR_COLUMN] if ANCHOR_COLUMN in names else [])
+        table = pq.read_table(source["source"], filesystem=source.get("filesystem"), columns=wanted)
+        if ANCHOR_COLUMN in names:
+            anchors.update(table.column(ANCHOR_COLUMN).drop_null().to_pylist())
+            table = table.filter(pc.is_null(table.column(ANCHOR_COLUMN)))
+        table = table.select(columns)
         rows += table.num_rows
         counts.update(table.column("status").to_pylist())
         if score_column:
@@ -93,4 +101,6 @@ def table_stats(run_dir: RunPath, score_column: str | None = "mimic_score", flag
         stats[f"{score_column}_positive_fraction"] = positive / scored if scored else None
     if flag_column:
         stats[f"{flag_column}_rows"] = flagged
+    if anchors:
+        stats["anchor_rows"] = dict(sorted(anchors.items()))
     return stats

@@ -31,17 +31,23 @@ SCORE_SCHEMA = pa.schema(
         pa.field("loss", pa.float32()),
         pa.field("clip_score", pa.float32()),
         pa.field("ref_loss", pa.float32()),
+        # the reference's CLIP score less its contrastive normaliser over the batch (negCLIPLoss, Wang et al.
+        # 2024): -ref_loss / the reference's logit scale for softmax CLIP; null for SigLIP and classification
+        pa.field("negclip_score", pa.float32()),
         pa.field("label", pa.int32()),
         # the pool's shape, per sample (repeated in every epoch; null when unknown): caption length in
         # characters and the original image size; tables written before these existed read as null
         pa.field("caption_chars", pa.int32()),
         pa.field("image_width", pa.int32()),
         pa.field("image_height", pa.int32()),
+        # "trusted" or "synthetic" on the rows of score --trusted's anchors; null on pool samples
+        pa.field("anchor", pa.string()),
     ]
 )
 SCORE_COLUMNS = tuple(SCORE_SCHEMA.names)
 POOL_COLUMNS = ("caption_chars", "image_width", "image_height")
-SCORE_VALUE_COLUMNS = ("mimic_score", "mimic_weight", "loss", "clip_score", "ref_loss")
+SCORE_VALUE_COLUMNS = ("mimic_score", "mimic_weight", "loss", "clip_score", "ref_loss", "negclip_score")
+ANCHOR_COLUMN = "anchor"
 
 # Optional columns, appended after SCORE_SCHEMA's only when a run asks for them: the default schema
 # (and every reader of it) is unchanged. ``read_part``/``read_scores`` drop them unless named.

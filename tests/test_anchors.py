@@ -1,0 +1,138 @@
+"""Anchors (score --trusted): trusted samples and synthetic negatives scored in the pool's stream,
+flagged, deterministic, resumable, split over ranks, and never counted as pool samples."""
+
+import signal
+import subprocess
+import sys
+import time
+from collections import Counter
+
+import pytest
+from click.testing import CliRunner
+from helpers import image_bytes, image_text_samples, write_tar
+
+from mimicfilter.mimic.models import ModelSpec
+from mimicfilter.pipeline.anchors import SYNTHETIC, SYNTHETIC_SUFFIX, TRUSTED
+from mimicfilter.pipeline.config import ScoreConfig, TrainConfig
+from mimicfilter.pipeline.run import run_score
+from mimicfilter.store.parts import read_scores
+from mimicfilter_cli.main import cli
+
+
+@pytest.fixture
+def pool(tmp_path):
+    shards = tuple(str(write_tar(tmp_path / f"pool-{i}.tar", image_text_samples(20, start=20 * i))) for i in range(3))
+    trusted = (str(write_tar(tmp_path / "trusted.tar", image_text_samples(7, start=500))),)
+    return shards, trusted
+
+
+def _score(tmp_path, name, pool, tiny_config, reference_checkpoint, **changes):
+    shards, trusted = pool
+    train = changes.pop("train", TrainConfig(mode="head", epochs=2, lr=1e-2, shuffle_buffer=8, checkpoint_every=2))
+    config = ScoreConfig(shards, tmp_path / name, ModelSpec(str(tiny_config), str(reference_checkpoint)),
+                         batch_size=6, train=train, trusted=trusted, synthetic_share=0.25, **changes)
+    run_score(config)
+    return read_scores(tmp_path / name)
+
+
+def _captions(rows):
+    return {(row["shard"], row["key"]): row for row in rows}
+
+
+def test_anchors_are_scored_in_every_epoch_and_flagged(tmp_path, pool, tiny_config, reference_checkpoint):
+    rows = _score(tmp_path, "run", pool, tiny_config, reference_checkpoint).to_pylist()
+    per_epoch = Counter((row["epoch"], row["anchor"]) for row in rows)
+    synthetic = per_epoch[(0, SYNTHETIC)]
+    assert per_epoch[(0, None)] == per_epoch[(1, None)] == 60  # every pool sample once per epoch
+    assert per_epoch[(0, TRUSTED)] == per_epoch[(1, TRUSTED)] == 7
+    assert 5 <= synthetic == per_epoch[(1, SYNTHETIC)]  # the same pairs in both epochs
+    made = [row for row in rows if row["anchor"] == SYNTHETIC]
+    assert all(row["shard"].endswith(SYNTHETIC_SUFFIX) and "~" in row["key"] for row in made)
+    assert {(row["shard"], row["key"]) for row in made if row["epoch"] == 0} == \
+        {(row["shard"], row["key"]) for row in made if row["epoch"] == 1}
+    for row in made:  # a derangement within the shard: another sample's caption, never its own
+        image_key, caption_key = row["key"].split("~")
+        assert image_key != caption_key and row["caption_chars"] is not None
+    trusted = {row["key"] for row in rows if row["anchor"] == TRUSTED}
+    assert trusted == {f"{i:08d}" for i in range(500, 507)}
+    # interleaved: trusted samples are spread over the epoch's batches, not gathered at its end
+    steps = sorted({row["step"] for row in rows if row["anchor"] == TRUSTED and row["epoch"] == 0})
+    assert len(steps) >= 3
+
+
+def test_anchor_tables_do_not_depend_on_workers(tmp_path, pool, tiny_config, reference_checkpoint):
+    tables = [_score(tmp_path, f"w{workers}", pool, tiny_config, reference_checkpoint, workers=workers, chunk_size=chunk)
+              for workers, chunk in ((0, 64), (2, 5))]
+    assert tables[0].equals(tables[1])
+    static = TrainConfig(mode="none")
+    tables = [_score(tmp_path, f"s{workers}", pool, tiny_config, reference_checkpoint, train=static, workers=workers)
+              for workers in (0, 2)]
+    assert tables[0].equals(tables[1])
+    rows = tables[0].to_pylist()
+    assert Counter(row["anchor"] for row in rows)[TRUSTED] == 7  # each trusted sample once, in one shard's part
+
+
+def test_ranks_score_each_anchor_once_and_equal_one_process(tmp_path, pool, tiny_config, reference_checkpoint):
+    from mimicfilter.execute.partition import Partition
+
+    static = TrainConfig(mode="none")
+    whole = _score(tmp_path, "whole", pool, tiny_config, reference_checkpoint, train=static)
+    for rank in range(2):
+        _score(tmp_path, "ranks", pool, tiny_config, reference_checkpoint, train=static, partition=Partition(rank, 2))
+    split = read_scores(tmp_path / "ranks")
+    key = lambda row: (row["shard"], row["index"], row["key"])  # noqa: E731
+    assert sorted(split.to_pylist(), key=key) == sorted(whole.to_pylist(), key=key)
+    assert (tmp_path / "ranks" / "_SUCCESS").exists()
+
+
+@pytest.mark.slow
+def test_a_killed_run_with_anchors_resumes_to_the_same_table(tmp_path, pool, tiny_config, reference_checkpoint):
+    shards, trusted = pool
+    args = ["score", *shards, "--trusted", *trusted, "--model", str(tiny_config), "--reference",
+            str(reference_checkpoint), "--batch-size", "4", "--epochs", "3", "--checkpoint-every", "2", "--lr", "1e-2",
+            "--synthetic-share", "0.25", "--workers", "0", "--quiet"]
+    assert CliRunner().invoke(cli, [*args, "--out", str(tmp_path / "baseline")]).exit_code == 0
+    out = tmp_path / "killed"
+    process = subprocess.Popen([sys.executable, "-m", "mimicfilter", *args, "--out", str(out)],
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    checkpoint = out / "checkpoints" / "latest.pt"
+    deadline = time.time() + 120
+    while time.time() < deadline and not checkpoint.exists():
+        time.sleep(0.005)
+    time.sleep(0.05)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    assert not (out / "_SUCCESS").exists(), "the run finished before it could be killed"
+    resumed = CliRunner().invoke(cli, [*args, "--out", str(out)])
+    assert resumed.exit_code == 0, resumed.output
+    assert read_scores(out).equals(read_scores(tmp_path / "baseline"))
+
+
+def test_label_flips_for_labelled_pools(tmp_path, tiny_config, reference_checkpoint):
+    samples = [(f"{i:05d}", {"png": image_bytes(i, fmt="PNG"), "cls": str(i % 3).encode()}) for i in range(30)]
+    shard = write_tar(tmp_path / "labelled.tar", samples)
+    trusted = write_tar(tmp_path / "trusted.tar", samples[:5])
+    classnames = tmp_path / "classes.txt"
+    classnames.write_text("cat\ndog\nbird\n")
+    model = ModelSpec(str(tiny_config), str(reference_checkpoint), task="classify", classnames=str(classnames))
+    from mimicfilter.shards.decode import DecodeConfig
+
+    config = ScoreConfig((str(shard),), tmp_path / "run", model, decode=DecodeConfig(task="classify"), batch_size=8,
+                         trusted=(str(trusted),), synthetic_share=0.5, train=TrainConfig(mode="none"))
+    run_score(config)
+    rows = read_scores(tmp_path / "run").to_pylist()
+    labels = {row["key"]: row["label"] for row in rows if row["anchor"] is None}
+    flips = [row for row in rows if row["anchor"] == SYNTHETIC]
+    assert flips and all(row["label"] != labels[row["key"].split("~")[0]] for row in flips)
+
+
+def test_synthetic_share_needs_trusted_samples(tmp_path, pool, tiny_config, reference_checkpoint):
+    shards, _ = pool
+    result = CliRunner().invoke(cli, ["score", *shards, "--model", str(tiny_config), "--reference",
+                                      str(reference_checkpoint), "--synthetic-share", "0.1", "--out", str(tmp_path / "r")])
+    assert result.exit_code == 2 and "--trusted" in result.stderr
+    (tmp_path / "empty.tar").write_bytes(b"\0" * 1024)
+    result = CliRunner().invoke(cli, ["score", *shards, "--model", str(tiny_config), "--reference",
+                                      str(reference_checkpoint), "--trusted", str(tmp_path / "empty.tar"),
+                                      "--out", str(tmp_path / "r")])
+    assert result.exit_code == 2 and "no samples" in result.stderr
