@@ -25,7 +25,7 @@ $(VENV)/.installed: pyproject.toml
 
 # The dev extras on top of the user install (skipped where they are already there).
 $(VENV)/.installed-dev: $(VENV)/.installed
-	$(PY) -c "import pytest, ray" 2>/dev/null || $(PY) -m pip install -e '.[dev]'
+	$(PY) -c "import pytest, pytest_timeout, ray" 2>/dev/null || $(PY) -m pip install -e '.[dev]'
 	touch $@
 
 test: dev
