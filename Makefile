@@ -11,7 +11,7 @@ TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
 TORCH_INDEX ?=
 DEMO_RUN ?= demo-run
 
-.PHONY: install dev test test-fast demo bench bench-quality bench-defaults clean
+.PHONY: install dev test test-fast demo bench bench-quality clean
 
 install: $(VENV)/.installed
 
@@ -25,7 +25,7 @@ $(VENV)/.installed: pyproject.toml
 
 # The dev extras on top of the user install (skipped where they are already there).
 $(VENV)/.installed-dev: $(VENV)/.installed
-	$(PY) -c "import pytest, ray" 2>/dev/null || $(PY) -m pip install -e '.[dev]'
+	$(PY) -c "import pytest, pytest_timeout, ray" 2>/dev/null || $(PY) -m pip install -e '.[dev]'
 	touch $@
 
 test: dev
@@ -42,20 +42,19 @@ demo: install
 	$(VENV)/bin/mimicfilter report $(DEMO_RUN) --filter-manifest $(DEMO_RUN)/curated/manifest.parquet \
 		--out $(DEMO_RUN)/report
 
-bench: install
-	$(PY) benchmarks/bench_score.py
+# Benchmarks (docs/benchmarks.md): `make bench-NAME [ARGS='...']` runs benchmarks/bench_NAME.py, or
+# benchmarks/NAME.py, or benchmarks/gpu/bench_NAME.py (dashes for underscores) with ARGS, e.g.
+#   make bench-score ARGS='--max-shards 1'    make bench-defaults    make bench-quality-imagetext ARGS=--quick
+#   make bench-stage1    make bench-explain-unseen    make bench-filter-versions ARGS='--a A/python --b B/python'
+BENCH_NAME = $(subst -,_,$*)
+BENCH_SCRIPT = $(firstword $(wildcard benchmarks/bench_$(BENCH_NAME).py benchmarks/$(BENCH_NAME).py \
+	benchmarks/gpu/bench_$(BENCH_NAME).py))
+bench-%: install
+	$(if $(BENCH_SCRIPT),$(PY) $(BENCH_SCRIPT) $(ARGS),@echo "no benchmark script for $@ in benchmarks/" >&2; exit 2)
 
-bench-quality: install
-	$(PY) benchmarks/quality_imagetext.py
-
-# The validation suite the filter's defaults are chosen on (docs/benchmarks.md); cached in bench-runs/defaults.
-bench-defaults: install
-	$(PY) benchmarks/bench_defaults.py
+# Static scoring speed, and the image–text quality benchmark (the names the docs have used).
+bench: bench-score
+bench-quality: bench-quality-imagetext
 
 clean:
 	rm -rf $(VENV) $(DEMO_RUN) .pytest_cache *.egg-info
-
-# Stage 1 (re-weighting while training): Fashion-MNIST and the emoji CLIP, plain vs Grad-Mimic (docs/training.md).
-.PHONY: bench-stage1
-bench-stage1: install
-	$(PY) benchmarks/stage1.py

@@ -12,27 +12,19 @@ members), each in the page cache; prints the best round of each and the ratio.
 from __future__ import annotations
 
 import argparse
-import io
 import os
-import sys
 import tarfile
 import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from mimicfilter.shards.samples import count_shard_samples  # noqa: E402
+from common import write_tar
+from mimicfilter.shards.samples import count_shard_samples
 
 
 def write_pool(path: Path, samples: int) -> None:
     image, caption = os.urandom(12_000), b"a photo of something"
-    with tarfile.open(path, "w") as tar:
-        for index in range(samples):
-            for ext, data in (("jpg", image), ("txt", caption)):
-                info = tarfile.TarInfo(f"{index:09d}.{ext}")
-                info.size = len(data)
-                tar.addfile(info, io.BytesIO(data))
+    write_tar(path, ((f"{index:09d}", {"jpg": image, "txt": caption}) for index in range(samples)))
 
 
 def plain_count(path: Path) -> int:
@@ -45,11 +37,11 @@ def plain_count(path: Path) -> int:
     return len(keys)
 
 
-def main() -> None:
+def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--samples", type=int, default=100_000)
     parser.add_argument("--rounds", type=int, default=3)
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     with tempfile.TemporaryDirectory() as scratch:
         path = Path(scratch) / "pool.tar"
         write_pool(path, args.samples)

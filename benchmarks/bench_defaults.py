@@ -34,14 +34,13 @@ from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import defaults_suite as suite  # noqa: E402
-
-from mimicfilter import metrics  # noqa: E402
-from mimicfilter.curate.duck import connect, load_scores, score_files  # noqa: E402
-from mimicfilter.curate.estimate import estimate_quality  # noqa: E402
-from mimicfilter.curate.votes import AggregateConfig, aggregate  # noqa: E402
-from mimicfilter.defaults import BINARIZE_RULES, VOTE_COMBINERS  # noqa: E402
+import defaults_suite as suite
+from common import ROOT, idle_cores, md_table
+from mimicfilter import metrics
+from mimicfilter.curate.duck import connect, load_scores, score_files
+from mimicfilter.curate.estimate import estimate_quality
+from mimicfilter.curate.votes import AggregateConfig, aggregate
+from mimicfilter.defaults import BINARIZE_RULES, VOTE_COMBINERS
 
 DEFAULT = AggregateConfig()
 
@@ -91,12 +90,6 @@ def fmt_entry(entry: dict | None) -> str:
     return f"{100 * entry['error']:+.1f} / {f1}"
 
 
-def markdown(title: str, header: list[str], rows: list[list[str]]) -> str:
-    lines = [f"### {title}", "", "| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
-    lines += ["| " + " | ".join(row) + " |" for row in rows]
-    return "\n".join(lines) + "\n"
-
-
 def _worst(runs: list[dict], name: str) -> tuple[float, dict | None]:
     errors = [(abs(r["rules"][name]["error"]), r) for r in runs if name in r["rules"]]
     return max(errors, key=lambda pair: pair[0]) if errors else (float("nan"), None)
@@ -131,7 +124,7 @@ def default_per_pool(results: list[dict], default: str) -> str:
                      "–" if worst is None else f"{100 * worst:.1f} ({where['setting']})",
                      f1, f"{100 * entry['interval'][0]:.1f}–{100 * entry['interval'][1]:.1f}%",
                      "yes" if entry["covered"] else "no", warnings, "miss" if miss else "ok"])
-    return markdown(f"The default rule ({default}) per pool: error at the task's defaults, worst abs error over the "
+    return md_table(f"The default rule ({default}) per pool: error at the task's defaults, worst abs error over the "
                     "variants (batch size, epochs), F1, range over the vote rules and warnings at the defaults",
                     ["pool", "reference", "truth", "estimate", "error", "worst variant", "F1", "range",
                      "holds truth", "warnings", "±5"], rows)
@@ -145,7 +138,7 @@ def tables(results: list[dict]) -> str:
         if runs:
             rows = [[r["pool"], r["reference"], r["setting"], f"{100 * r['clean_fraction']:.0f}%",
                      *[fmt_entry(r["rules"].get(name)) for name in rules]] for r in runs]
-            out.append(markdown(f"{task}: estimate error (points, estimate − truth) / detection F1, per rule",
+            out.append(md_table(f"{task}: estimate error (points, estimate − truth) / detection F1, per rule",
                                 ["pool", "reference", "setting", "clean", *rules], rows))
     selection = [r for r in results if r["role"] in ("default", "variant")]
     rows = []
@@ -156,7 +149,7 @@ def tables(results: list[dict]) -> str:
         rows.append([name, f"**{100 * worst:.1f}**", _where(where),
                      f"{100 * np.mean([abs(r['rules'][name]['error']) for r in selection if name in r['rules']]):.1f}",
                      f"{min(f1s):.2f}" if f1s else "–", f"{100 * every:.1f}", _where(every_where)])
-    out.append(markdown("Worst case per rule: over the runs at the defaults and their variants (batch size, epochs), "
+    out.append(md_table("Worst case per rule: over the runs at the defaults and their variants (batch size, epochs), "
                         "and over every run", ["rule", "worst abs error", "where", "mean abs error", "worst F1",
                                                "worst, every run", "where"], rows))
     default = rule_name(DEFAULT)
@@ -169,7 +162,7 @@ def tables(results: list[dict]) -> str:
                      "yes" if entry["covered"] else "no",
                      "; ".join(w.split(" (")[0].split(":")[0] for w in entry["warnings"]) or "–"])
     covered = [r["rules"][default]["covered"] for r in selection]
-    out.append(markdown(f"The default rule ({default}): estimate, range over the vote rules, warnings",
+    out.append(md_table(f"The default rule ({default}): estimate, range over the vote rules, warnings",
                         ["pool", "reference", "setting", "truth", "estimate", "range", "range holds truth", "warnings"],
                         rows))
     misses = [r for r in selection if abs(r["rules"][default]["error"]) > 0.05]
@@ -187,7 +180,7 @@ def tables(results: list[dict]) -> str:
         rows.append([task, setting, role, str(len(runs)), f"{100 * _worst(runs, default)[0]:.1f}",
                      f"{100 * _worst(base, default)[0]:.1f}", f"{min(f1s):.2f}" if f1s else "–",
                      f"{np.mean(f1s):.2f}" if f1s else "–"])
-    out.append(markdown(f"Settings under the default rule ({default}): worst abs error over the runs of each setting, "
+    out.append(md_table(f"Settings under the default rule ({default}): worst abs error over the runs of each setting, "
                         "next to the defaults' on the same pools",
                         ["task", "setting", "role", "runs", "worst abs error", "defaults, same pools", "worst F1",
                          "mean F1"], rows))
@@ -196,7 +189,7 @@ def tables(results: list[dict]) -> str:
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--out", type=Path, default=suite.ROOT / "bench-runs" / "defaults")
+    parser.add_argument("--out", type=Path, default=ROOT / "bench-runs" / "defaults")
     parser.add_argument("--threads", type=int, default=0, help="torch threads in all [the idle cores, at least 1]")
     parser.add_argument("--jobs", type=int, default=0,
                         help="scoring processes at once, each with threads/jobs torch threads [the cores]")
@@ -204,8 +197,7 @@ def main(argv=None) -> None:
     parser.add_argument("--pools", default=None, help="comma-separated pool names [all]")
     args = parser.parse_args(argv)
     if args.threads <= 0:
-        cores = os.cpu_count() or 1
-        args.threads = max(1, min(cores, cores - int(round(os.getloadavg()[0]))))
+        args.threads = idle_cores()
     jobs = args.jobs if args.jobs > 0 else (os.cpu_count() or 1)
     # one thread per job: small models run faster as several one-thread processes than as one
     # multi-thread process, and the cached references and runs are stamped with this count

@@ -23,15 +23,13 @@ from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_memory import DEMO, MIMICFILTER, write_shards  # noqa: E402
-
-from mimicfilter.store.parts import read_scores  # noqa: E402
+from common import DEMO_MODEL, demo_pool, mimicfilter_command
+from mimicfilter.store.parts import read_scores
 
 
 def model_args(model: str, scratch: Path) -> list[str]:
     if model == "demo":
-        return ["--model", str(DEMO / "tiny-clip.json"), "--reference", str(DEMO / "reference.safetensors")]
+        return DEMO_MODEL
     import open_clip
     import torch
 
@@ -50,19 +48,18 @@ def timed(commands: list[list[str]], env: dict[str, str] | None = None) -> float
     return time.time() - started
 
 
-def main() -> None:
+def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--shards", type=int, default=16)
     parser.add_argument("--samples-per-shard", type=int, default=256)
     parser.add_argument("--batch-size", type=int, default=128)
     parser.add_argument("--model", default="demo", help="demo (the bundled tiny CLIP) or an open_clip name")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     cores = os.cpu_count() or 2
     with tempfile.TemporaryDirectory(prefix="mimicfilter-bench-executors-") as scratch:
         scratch = Path(scratch)
-        (scratch / "shards").mkdir()
-        shards = [str(path) for path in write_shards(scratch / "shards", args.shards, args.samples_per_shard)]
-        base = [str(MIMICFILTER), "score", *shards, *model_args(args.model, scratch), "--train", "none",
+        shards = [str(path) for path in demo_pool(scratch / "shards", args.shards, args.samples_per_shard)]
+        base = [*mimicfilter_command(), "score", *shards, *model_args(args.model, scratch), "--train", "none",
                 "--batch-size", str(args.batch_size), "--quiet"]
         samples = args.shards * args.samples_per_shard
         one_thread = {**os.environ, "OMP_NUM_THREADS": "1"}  # ranks share the cores like the actors do

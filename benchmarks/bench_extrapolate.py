@@ -7,12 +7,12 @@
 
 Two pools, every score through the real CLI (subprocesses, wall-clock timed, model loading included):
 
-* **imagetext**: the emoji pool of ``benchmarks/quality_imagetext.py`` (its functions are reused):
+* **imagetext**: the emoji pool of the image–text quality benchmark (``benchmarks/imagetext_data.py``):
   Noto emoji with their CLDR names, a small CLIP reference trained from scratch on a clean split
   that excludes the pool, and ``--noise`` of the pool corrupted web-style (swapped captions,
   boilerplate captions, blank and noise images), in ``--shards`` shards. Trajectory:
   ``score --train head --epochs 3`` (the contrastive defaults). Truth: the corruption flags.
-* **labelled**: the Fashion-MNIST pool of ``benchmarks/quality_fashion_mnist.py``: a tiny ViT +
+* **labelled**: the Fashion-MNIST pool of ``benchmarks/fmnist_data.py``: a tiny ViT +
   linear head trained on clean images, a disjoint pool with ``--fm-noise`` of its labels flipped.
   Trajectory: ``score --task classify --train head`` (lr 1e-3, tau 1). Truth: the flipped labels.
 
@@ -31,7 +31,6 @@ measured in alternating rounds (full, subset pipeline, full, subset pipeline, ..
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import os
 import platform
@@ -43,13 +42,10 @@ from pathlib import Path
 
 import numpy as np
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT / "benchmarks"))
-sys.path.insert(0, str(ROOT / "scripts"))
-import quality_fashion_mnist as fm  # noqa: E402
-import quality_imagetext as qi  # noqa: E402
-
-from mimicfilter import metrics  # noqa: E402
+import fmnist_data as fm
+import imagetext_data as it
+from common import ROOT, json_arguments, mimicfilter_command, print_table, run_cli, slug, thread_env
+from mimicfilter import metrics
 
 IMAGETEXT_VARIANTS = {
     "kNN image": ["--features", "image"],
@@ -95,16 +91,13 @@ class Suite:
         self.name, self.shards, self.where, self.clean = name, shards, where, clean
         self.model, self.trajectory, self.variants, self.runs = model, trajectory, variants, runs
         self.n = len(clean)
-        self.exe = qi.mimicfilter_executable()
-        self.env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
+        self.env = thread_env(threads)
         self.commands: list[str] = []
 
     def cli(self, arguments: list[str]) -> tuple[dict, float]:
-        command = self.exe + arguments
+        command = mimicfilter_command() + arguments
         self.commands.append(shlex.join(command))
-        qi.CLI_ENV.clear()
-        qi.CLI_ENV.update(self.env)
-        return qi.run_cli(command)
+        return run_cli(command, self.env)
 
     def score(self, shards: list[Path], out: Path, extra: list[str] = ()) -> float:
         _, seconds = self.cli(["score", *map(str, shards), *self.model, *self.trajectory, *extra, "--json", "--quiet",
@@ -144,7 +137,7 @@ class Suite:
             clip, _ = per_sample(self.runs / f"{tag}-subset", self.where, self.n, "clip_score")
             agreement = self.agreement(self.runs / f"{tag}-embed", clip)
             for variant, extra in self.variants.items():
-                out = self.runs / f"{tag}-{qi.slug(variant)}"
+                out = self.runs / f"{tag}-{slug(variant.split(' (')[0])}"
                 stats, extrapolate_s = self.cli(["extrapolate", "--scored", str(self.runs / f"{tag}-subset"),
                                                  "--embeddings", str(self.runs / f"{tag}-embed"), *extra,
                                                  "--seed", str(seed), "--json", "--out", str(out)])
@@ -219,81 +212,31 @@ class Suite:
 def imagetext_suite(args, work: Path) -> Suite:
     import torch
 
-    qi.ensure_packages()
-    entries = qi.load_emoji_names()
-    pictures = qi.render_all(entries, qi.IMAGE_SIZE)
-    _, ref_split, pool = qi.split(len(entries), 0, args.ref_size, args.seed)
-    samples = qi.corrupt(pool, entries, pictures, args.noise, args.seed + 1)
-    where = qi.write_pool(work / "emoji-pool", samples, args.shards, f"extrapolate-{args.seed}")
+    entries = it.load_emoji()
+    pictures = it.render_all(entries, it.IMAGE_SIZE)
+    _, ref_split, pool = it.split(len(entries), 0, args.ref_size, args.seed)
+    samples = it.corrupt(pool, entries, pictures, args.noise, args.seed + 1)
+    where = it.write_pool(work / "emoji-pool", samples, args.shards, f"extrapolate-{args.seed}")
     clean = np.array([not sample["corrupted"] for sample in samples])
     print(f"emoji pool: {len(samples)} pairs, {int((~clean).sum())} corrupted, {args.shards} shards", flush=True)
-    model_dir = work / "emoji-model"
-    model_dir.mkdir(parents=True, exist_ok=True)
-    config_path = model_dir / "clip64.json"
-    config_path.write_text(json.dumps(qi.CONFIG, indent=2) + "\n")
-    reference_path, stamp_path = model_dir / "reference.safetensors", model_dir / "reference.json"
-    stamp = {"config": qi.CONFIG, "seed": args.seed, "steps": args.ref_steps, "batch": 128,
-             "split": hashlib.md5(ref_split.tobytes()).hexdigest()}
-    if reference_path.exists() and stamp_path.exists() and json.loads(stamp_path.read_text()) == stamp:
-        print(f"reference: reusing {reference_path}", flush=True)
-    else:
-        from make_demo_data import build_model
-        from safetensors.torch import save_file
-
-        started = time.time()
-        _, preprocess, tokenizer = build_model(qi.CONFIG)
-        x_ref = qi.preprocess_images(pictures[ref_split], preprocess)
-        y_ref = tokenizer([entries[i][1] for i in ref_split])
-        reference = qi.train_clip(x_ref, y_ref, args.ref_steps, 128, args.seed, log_every=100)
-        save_file({k: v.detach().contiguous() for k, v in reference.state_dict().items()}, str(reference_path))
-        stamp_path.write_text(json.dumps(stamp, indent=2))
-        print(f"reference: trained in {time.time() - started:.0f} s", flush=True)
-        del reference, x_ref
+    reference = it.Reference(work / "emoji-model", entries, pictures, ref_split, args.ref_steps, args.seed, args.threads)
     torch.set_num_threads(args.threads)
-    model = ["--model", str(config_path), "--reference", str(reference_path), "--seed", str(args.seed),
-             "--batch-size", "256"]
+    model = [*reference.score_options(), "--seed", str(args.seed), "--batch-size", "256"]
     trajectory = ["--train", "head", "--epochs", str(args.epochs)]
     return Suite("imagetext", sorted((work / "emoji-pool").glob("*.tar")), where, clean, model, trajectory,
                  IMAGETEXT_VARIANTS, work / "imagetext-runs", args.threads)
 
 
 def labelled_suite(args, work: Path) -> Suite:
-    import torch
-    from safetensors.torch import save_file
-
     data = fm.load_fashion_mnist()
     ref_idx, pool_idx, true, noisy_labels, flipped = fm.split_and_flip(
         data["train_labels"], args.fm_ref_size, args.fm_pool_size, args.fm_noise, args.seed)
-    ref_pixels = data["train_images"][ref_idx].astype(np.float64) / 255.0
-    mean, std = round(float(ref_pixels.mean()), 4), round(float(ref_pixels.std()), 4)
     shard_dir = work / "fmnist-pool"
     shutil.rmtree(shard_dir, ignore_errors=True)
     where = fm.write_shards(shard_dir, data["train_images"][pool_idx], true, noisy_labels, flipped, args.shards, args.seed)
     print(f"fashion-mnist pool: {len(pool_idx)} images, {int(flipped.sum())} labels flipped, {args.shards} shards", flush=True)
-    model_dir = work / "fmnist-model"
-    reference_path, head_path = model_dir / "reference.safetensors", model_dir / "head.pt"
-    config_path = fm.write_model_config(model_dir / "config", mean, std)
-    stamp = {"seed": args.seed, "ref_size": args.fm_ref_size, "epochs": args.fm_ref_epochs, "model": fm.MODEL_CFG}
-    stamp_path = model_dir / "reference.json"
-    if reference_path.exists() and head_path.exists() and stamp_path.exists() and json.loads(stamp_path.read_text()) == stamp:
-        print(f"reference: reusing {reference_path}", flush=True)
-    else:
-        started = time.time()
-        torch.manual_seed(args.seed)
-        model, preprocess = fm.build_clip(config_path.parent)
-        x_ref = fm.preprocess_all(data["train_images"][ref_idx], preprocess)
-        y_ref = torch.as_tensor(data["train_labels"][ref_idx].astype(np.int64))
-        head, _ = fm.train_reference(model, x_ref, y_ref, args.fm_ref_epochs, 256, 2e-3, args.seed)
-        x_test = fm.preprocess_all(data["test_images"], preprocess)
-        accuracy = fm.classifier_accuracy(model, head, x_test, torch.as_tensor(data["test_labels"].astype(np.int64)))
-        save_file({k: v.detach().contiguous() for k, v in model.state_dict().items()}, str(reference_path))
-        torch.save({"weight": head.weight.detach().clone(), "bias": head.bias.detach().clone(),
-                    "logit_scale": torch.tensor(fm.HEAD_SCALE)}, head_path)
-        stamp_path.write_text(json.dumps(stamp, indent=2))
-        (model_dir / "accuracy.json").write_text(json.dumps({"clean_test_accuracy": accuracy}))
-        print(f"reference: trained in {time.time() - started:.0f} s, clean test accuracy {accuracy:.3f}", flush=True)
-    model = ["--model", str(config_path), "--reference", str(reference_path), "--reference-head", str(head_path),
-             "--task", "classify", "--seed", str(args.seed), "--batch-size", "256"]
+    reference = fm.Reference(work / "fmnist-model", data, ref_idx, args.fm_ref_epochs, args.seed, args.threads)
+    model = [*reference.score_options(), "--seed", str(args.seed), "--batch-size", "256"]
     trajectory = ["--train", "head", "--epochs", str(args.fm_epochs), "--lr", "1e-3", "--temperature", "1"]
     return Suite("labelled", sorted(shard_dir.glob("*.tar")), where, ~flipped.astype(bool), model, trajectory,
                  LABELLED_VARIANTS, work / "labelled-runs", args.threads)
@@ -304,7 +247,7 @@ def labelled_suite(args, work: Path) -> Suite:
 
 def print_results(name: str, outcome: dict) -> None:
     results = outcome["results"]
-    fm.print_table(
+    print_table(
         f"{name}: full-run AUROC {outcome['full_auroc']:.3f} in {outcome['full_s'][0]:.1f} s",
         ["scored", "variant", "chose", "held-out rho", "rho vs full (all)", "(extrap.)", "AUROC extrap.",
          "full run, same samples", "agreement alone, same", "extrapolate s"],
@@ -318,7 +261,7 @@ def print_results(name: str, outcome: dict) -> None:
         rows.append([f"{float(fraction):.0%}", " / ".join(f"{s:.1f}" for s in t["full_s"]),
                      " / ".join(f"{s:.1f}" for s in t["pipeline_s"]), " / ".join(f"{r:.2f}" for r in t["ratios"]),
                      f"{float(np.median(t['ratios'])):.2f}"])
-    fm.print_table(f"{name}: cost, alternating rounds (wall s, whole CLI processes)",
+    print_table(f"{name}: cost, alternating rounds (wall s, whole CLI processes)",
                    ["scored", "full trajectory", "subset + embed + extrapolate", "ratio per round", "median"], rows)
 
 
@@ -373,7 +316,7 @@ def main(argv=None) -> None:
         if kind not in seen:
             seen.add(kind)
             print(f"  {command}")
-    blob = {"args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
+    blob = {"args": json_arguments(args),
             "platform": {"python": platform.python_version(), "torch": torch.__version__, "cpus": os.cpu_count()},
             "outcomes": outcomes, "total_s": time.time() - started, "commands": commands}
     (work / "results.json").write_text(json.dumps(blob, indent=2, default=float))

@@ -18,58 +18,20 @@ import tempfile
 import time
 from pathlib import Path
 
-import duckdb
+from synthetic_scores import filter_run
 
 
-def write_table(directory: Path, rows: int, epochs: int, parts: int) -> None:
-    """Score parts like a trajectory run's: every sample once per epoch, ~1% bad samples."""
-    samples = rows // epochs
-    scores = directory / "scores"
-    scores.mkdir(parents=True)
-    per_part = -(-samples // parts)
-    connection = duckdb.connect()
-    for epoch in range(epochs):
-        for part in range(parts):
-            start, stop = part * per_part, min(samples, (part + 1) * per_part)
-            path = scores / f"epoch-{epoch:04d}-chunk-{part:05d}.parquet"
-            connection.execute(
-                f"""
-                COPY (
-                  SELECT 'pool/' || lpad((i // 10000)::VARCHAR, 8, '0') || '.tar' AS shard,
-                         lpad(i::VARCHAR, 12, '0') AS key,
-                         md5(i::VARCHAR) AS uid,
-                         (i % 10000)::INTEGER AS "index",
-                         {epoch}::SMALLINT AS epoch,
-                         (i // 256)::INTEGER AS step,
-                         CASE WHEN hash(i) % 100 = 0 THEN 'decode_error' ELSE 'ok' END AS status,
-                         CASE WHEN hash(i) % 100 = 0 THEN 'cannot decode image jpg' END AS error,
-                         CASE WHEN hash(i) % 100 = 0 THEN NULL
-                              ELSE (((hash(i * 7 + {epoch}) % 20000) / 10000.0) - 1.0)::FLOAT END AS mimic_score,
-                         CASE WHEN hash(i) % 100 = 0 THEN NULL
-                              ELSE ((hash(i * 13 + {epoch}) % 30000) / 10000.0)::FLOAT END AS mimic_weight,
-                         ((hash(i * 3) % 10000) / 1000.0)::FLOAT AS loss,
-                         ((hash(i * 5) % 10000) / 10000.0)::FLOAT AS clip_score,
-                         ((hash(i * 11) % 10000) / 1000.0)::FLOAT AS ref_loss,
-                         NULL::INTEGER AS label
-                  FROM range({start}, {stop}) t(i)
-                ) TO '{path}' (FORMAT parquet, COMPRESSION zstd)
-                """
-            )
-    (directory / "run.json").write_text(json.dumps({"shards": []}))
-    (directory / "_SUCCESS").write_text("")  # a finished run: filter warns about unfinished ones
-
-
-def main() -> None:
+def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rows", type=int, default=10_000_000)
     parser.add_argument("--epochs", type=int, default=3)
     parser.add_argument("--parts", type=int, default=20, help="parts per epoch")
     parser.add_argument("--memory-limit", default="3GB")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     with tempfile.TemporaryDirectory(prefix="mimicfilter-bench-filter-") as scratch:
         run = Path(scratch) / "run"
         started = time.perf_counter()
-        write_table(run, args.rows, args.epochs, args.parts)
+        filter_run(run, args.rows, args.epochs, args.parts)
         generated = time.perf_counter() - started
         command = [
             sys.executable, "-m", "mimicfilter", "filter", str(run), "--out", str(Path(scratch) / "curated"),

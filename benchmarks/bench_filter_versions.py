@@ -1,6 +1,6 @@
 """Two mimicfilter installs, one synthetic score table: is `filter` slower or bigger after a change?
 
-The table of bench_filter.py (every sample once per epoch, ~1 % bad samples) goes through
+The table of bench_filter.py (synthetic_scores.py) (every sample once per epoch, ~1 % bad samples) goes through
 `python -m mimicfilter filter` of interpreter A and of interpreter B, alternating A/B and B/A
 rounds as whole processes; prints each run's wall time and peak RSS, and the B/A wall-time ratio.
 Both must keep the same number of samples.
@@ -18,7 +18,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from bench_filter import write_table
+from synthetic_scores import filter_run
 
 # Run in a fresh process per measurement, so RUSAGE_CHILDREN is that one filter's peak RSS.
 MEASURE = ("import resource, subprocess, sys, time; started = time.perf_counter(); "
@@ -26,17 +26,17 @@ MEASURE = ("import resource, subprocess, sys, time; started = time.perf_counter(
            "print(done.returncode, wall, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 2**20)")
 
 
-def main() -> None:
+def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--a", required=True, help="python of install A (e.g. main's virtualenv)")
     parser.add_argument("--b", required=True, help="python of install B")
     parser.add_argument("--rows", type=int, default=3_000_000)
     parser.add_argument("--rounds", type=int, default=2)
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     installs = {"A": args.a, "B": args.b}
     with tempfile.TemporaryDirectory(prefix="mimicfilter-bench-versions-") as scratch:
         run = Path(scratch) / "run"
-        write_table(run, args.rows, 3, 20)
+        filter_run(run, args.rows, 3, 20)
         walls: dict[str, list[float]] = {"A": [], "B": []}
         kept: set[int] = set()
         for number in range(args.rounds * 2):

@@ -1,7 +1,7 @@
 """The input path: decoders per core, whole processes against a plain script, start-up, decoder agreement.
 
 Every speed figure is a ratio from alternating A/B runs in this one script; the baselines are plain
-code written here (not mimicfilter's internals).
+code written here and in benchmarks/plain_forward.py (not mimicfilter's internals).
 
 1. ``per-core``: samples/s on one core (one torch thread, no workers) of
    (a) the plain path of a webdataset-style script: tarfile → PIL decode → open_clip ``preprocess``
@@ -12,7 +12,7 @@ code written here (not mimicfilter's internals).
    (d) ``decode_jpeg`` + the uint8 resize alone on JPEG bytes already in memory: the fast path's floor.
    224-px geometry (ViT-B-32's preprocessing), 256×256 JPEGs cut from real photos. Target: ≥ 3×.
 2. ``process``: whole processes (start to exit) on the same shards, alternating: ``mimicfilter score
-   --train none`` vs a plain forward-only CLIP-score script (written here: DataLoader workers,
+   --train none`` vs a plain forward-only CLIP-score script (benchmarks/plain_forward.py: DataLoader workers,
    PIL + open_clip preprocess, reference towers, cosine), and ``--train head`` vs ``--train none``;
    tiny 224-px model, 2 workers. Targets: ≥ 1.0 and ≥ 0.9.
 3. ``startup``: process wall − scoring wall of ``score --train none`` for ViT-B-32 (random weights) on
@@ -37,7 +37,6 @@ import random
 import shutil
 import statistics
 import subprocess
-import sys
 import tarfile
 import tempfile
 import time
@@ -45,13 +44,12 @@ from pathlib import Path
 
 import numpy as np
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT / "benchmarks"))
+from common import ROOT, write_tar
+from plain_forward import tar_samples
+from process_runs import TINY_224, processes, run_process, score_command, write_model
+
 PHOTO_DIRS = ("/usr/share/backgrounds/mate", "/usr/share/wallpapers")
 PHOTO_PACKAGES = ("mate-backgrounds", "plasma-workspace-wallpapers")
-TINY_224 = {"embed_dim": 64,
-            "vision_cfg": {"image_size": 224, "layers": 2, "width": 64, "head_width": 32, "patch_size": 32},
-            "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 64, "heads": 2, "layers": 2}}
 BASELINE_REV = "f3659a7"  # the last commit before the new input path (issue 14)
 
 
@@ -82,89 +80,54 @@ def photo_pool(out: Path, count: int, per_shard: int, seed: int, fixed_size: int
 
     rng = random.Random(seed)
     photos = source_photos()
-    out.mkdir(parents=True, exist_ok=True)
-    shards = []
     opened = {path: Image.open(path).convert("RGB") for path in photos}
-    for shard_index in range(0, count, per_shard):
-        path = out / f"photos-{shard_index // per_shard:05d}.tar"
-        with tarfile.open(path, "w") as tar:
-            for i in range(shard_index, min(count, shard_index + per_shard)):
-                source_path = rng.choice(photos)
-                picture = opened[source_path]
-                width, height = picture.size
-                scale = rng.uniform(0.3, 1.0)
-                aspect = 1.0 if fixed_size else rng.uniform(0.5, 2.0)
-                crop_w = min(width, int(width * scale * aspect ** 0.5))
-                crop_h = min(height, int(height * scale / aspect ** 0.5))
-                left, top = rng.randint(0, width - crop_w), rng.randint(0, height - crop_h)
-                crop = picture.crop((left, top, left + crop_w, top + crop_h))
-                if fixed_size:
-                    crop = crop.resize((fixed_size, fixed_size), Image.BICUBIC)
-                else:
-                    long_side = rng.randint(256, 1024)
-                    ratio = long_side / max(crop.size)
-                    crop = crop.resize((max(1, round(crop.size[0] * ratio)), max(1, round(crop.size[1] * ratio))), Image.BICUBIC)
-                if rng.random() < 0.1:
-                    crop = crop.convert("L")
-                buffer = io.BytesIO()
-                crop.save(buffer, "JPEG", quality=rng.randint(70, 95), subsampling=rng.choice([0, 2]),
-                          progressive=rng.random() < 0.1)
-                name = source_path.parent.parent.name if source_path.parent.name.startswith("images") else source_path.stem
-                files = {"jpg": buffer.getvalue(), "txt": f"a photo of {name.lower()} number {i}".encode(),
-                         "json": json.dumps({"uid": f"{i:032x}"}).encode()}
-                for ext, data in files.items():
-                    info = tarfile.TarInfo(f"{i:08d}.{ext}")
-                    info.size, info.mtime = len(data), 0
-                    tar.addfile(info, io.BytesIO(data))
-        shards.append(str(path))
-    return shards
 
+    def sample(i: int) -> tuple[str, dict[str, bytes]]:
+        source_path = rng.choice(photos)
+        picture = opened[source_path]
+        width, height = picture.size
+        scale = rng.uniform(0.3, 1.0)
+        aspect = 1.0 if fixed_size else rng.uniform(0.5, 2.0)
+        crop_w = min(width, int(width * scale * aspect ** 0.5))
+        crop_h = min(height, int(height * scale / aspect ** 0.5))
+        left, top = rng.randint(0, width - crop_w), rng.randint(0, height - crop_h)
+        crop = picture.crop((left, top, left + crop_w, top + crop_h))
+        if fixed_size:
+            crop = crop.resize((fixed_size, fixed_size), Image.BICUBIC)
+        else:
+            long_side = rng.randint(256, 1024)
+            ratio = long_side / max(crop.size)
+            crop = crop.resize((max(1, round(crop.size[0] * ratio)), max(1, round(crop.size[1] * ratio))), Image.BICUBIC)
+        if rng.random() < 0.1:
+            crop = crop.convert("L")
+        buffer = io.BytesIO()
+        crop.save(buffer, "JPEG", quality=rng.randint(70, 95), subsampling=rng.choice([0, 2]),
+                  progressive=rng.random() < 0.1)
+        name = source_path.parent.parent.name if source_path.parent.name.startswith("images") else source_path.stem
+        return f"{i:08d}", {"jpg": buffer.getvalue(), "txt": f"a photo of {name.lower()} number {i}".encode(),
+                            "json": json.dumps({"uid": f"{i:032x}"}).encode()}
 
-def write_model(directory: Path, config: dict | None, name: str = "ViT-B-32") -> tuple[str, str]:
-    """(model argument, checkpoint) with random weights: a JSON config, or an open_clip name."""
-    import open_clip
-    import torch
-    from safetensors.torch import save_file
-
-    torch.manual_seed(0)
-    if config is None:
-        model, model_arg = open_clip.create_model(name), name
-    else:
-        model_arg = str(directory / "model.json")
-        Path(model_arg).write_text(json.dumps(config))
-        with tempfile.TemporaryDirectory() as config_dir:
-            (Path(config_dir) / "open_clip_config.json").write_text(json.dumps({"model_cfg": config, "preprocess_cfg": {}}))
-            model = open_clip.create_model(f"local-dir:{config_dir}")
-    checkpoint = str(directory / f"{Path(model_arg).stem}.safetensors")
-    save_file({key: value.contiguous() for key, value in model.state_dict().items()}, checkpoint)
-    return model_arg, checkpoint
+    return [str(write_tar(out / f"photos-{start // per_shard:05d}.tar",
+                          (sample(i) for i in range(start, min(count, start + per_shard)))))
+            for start in range(0, count, per_shard)]
 
 
 # ------------------------------------------------------------------------------- 1. per core
 
 
 def plain_batches(shards: list[str], preprocess, tokenizer, batch_size: int):
-    """The plain path: the way a webdataset + open_clip script feeds a model."""
+    """The plain path: the way a webdataset + open_clip script feeds a model (benchmarks/plain_forward.py)."""
     import torch
     from PIL import Image
 
     images, texts = [], []
     for shard in shards:
-        with tarfile.open(shard, "r|") as tar:
-            sample, key = {}, None
-            for member in tar:
-                member_key, ext = member.name.split(".", 1)
-                if key is not None and member_key != key:
-                    images.append(preprocess(Image.open(io.BytesIO(sample["jpg"])).convert("RGB")))
-                    texts.append(tokenizer([sample["txt"].decode()])[0])
-                    sample = {}
-                key = member_key
-                sample[ext] = tar.extractfile(member).read()
-                if len(images) == batch_size:
-                    yield torch.stack(images), torch.stack(texts)
-                    images, texts = [], []
+        for sample in tar_samples(shard):
             images.append(preprocess(Image.open(io.BytesIO(sample["jpg"])).convert("RGB")))
             texts.append(tokenizer([sample["txt"].decode()])[0])
+            if len(images) == batch_size:
+                yield torch.stack(images), torch.stack(texts)
+                images, texts = [], []
     if images:
         yield torch.stack(images), torch.stack(texts)
 
@@ -228,112 +191,6 @@ def per_core(shards: list[str], rounds: int, batch_size: int) -> dict:
 
 
 # -------------------------------------------------------------------------------- 2. processes
-
-PLAIN_SCRIPT = r'''
-import io, json, sys, tarfile, time, tempfile
-from pathlib import Path
-import torch, open_clip
-import torch.nn.functional as F
-from PIL import Image
-from safetensors.torch import load_file
-from torch.utils.data import DataLoader, IterableDataset, get_worker_info
-
-args = json.loads(sys.argv[1])
-with tempfile.TemporaryDirectory() as d:
-    config = json.loads(Path(args["model"]).read_text()) if args["model"].endswith(".json") else None
-    if config is not None:
-        (Path(d) / "open_clip_config.json").write_text(json.dumps({"model_cfg": config, "preprocess_cfg": {}}))
-    name = f"local-dir:{d}" if config is not None else args["model"]
-    model, _, preprocess = open_clip.create_model_and_transforms(name)
-    tokenizer = open_clip.get_tokenizer(name)
-model.load_state_dict(load_file(args["checkpoint"]))
-device = torch.device(args["device"])
-model = model.to(device).eval()
-
-class Pairs(IterableDataset):
-    def __iter__(self):
-        info = get_worker_info()
-        shards = args["shards"][info.id::info.num_workers] if info else args["shards"]
-        for shard in shards:
-            with tarfile.open(shard, "r|") as tar:
-                sample, key = {}, None
-                for member in tar:
-                    member_key, ext = member.name.split(".", 1)
-                    if key is not None and member_key != key:
-                        yield self.pair(sample)
-                        sample = {}
-                    key = member_key
-                    sample[ext] = tar.extractfile(member).read()
-                if sample:
-                    yield self.pair(sample)
-
-    def pair(self, sample):
-        image = preprocess(Image.open(io.BytesIO(sample["jpg"])).convert("RGB"))
-        return image, tokenizer([sample["txt"].decode()])[0]
-
-loader = DataLoader(Pairs(), batch_size=args["batch_size"], num_workers=args["workers"],
-                    pin_memory=device.type == "cuda")
-count, started = 0, time.perf_counter()
-autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else torch.autocast("cpu", enabled=False)
-with torch.no_grad(), autocast:
-    for images, texts in loader:
-        image = F.normalize(model.encode_image(images.to(device, non_blocking=True)).float(), dim=-1)
-        text = F.normalize(model.encode_text(texts.to(device, non_blocking=True)).float(), dim=-1)
-        (image * text).sum(-1).cpu()
-        count += images.shape[0]
-print(json.dumps({"samples": count, "loop_seconds": time.perf_counter() - started}))
-'''
-
-
-def run_process(command: list[str], env: dict | None = None, cwd: Path | None = None) -> tuple[float, str]:
-    started = time.perf_counter()
-    result = subprocess.run(command, capture_output=True, text=True, env=env, cwd=cwd)
-    wall = time.perf_counter() - started
-    if result.returncode != 0:
-        raise SystemExit(f"{' '.join(command[:4])}… failed:\n{result.stderr[-2000:]}")
-    return wall, result.stdout
-
-
-def score_command(shards, model, checkpoint, out, train, workers, batch_size, device, extra=()) -> list[str]:
-    return [sys.executable, "-m", "mimicfilter", "score", *shards, "--model", model, "--reference", checkpoint,
-            "--out", str(out), "--train", train, "--workers", str(workers), "--batch-size", str(batch_size),
-            "--device", device, "--overwrite", "--quiet", "--json", *extra]
-
-
-def processes(shards, model, checkpoint, scratch: Path, rounds: int, workers: int, batch_size: int, device: str,
-              modes=("plain", "none", "head"), extra: tuple[str, ...] = ()) -> dict:
-    plain_path = scratch / "plain_forward.py"
-    plain_path.write_text(PLAIN_SCRIPT)
-    plain_args = json.dumps({"shards": shards, "model": model, "checkpoint": checkpoint, "workers": workers,
-                             "batch_size": batch_size, "device": device})
-    walls: dict[str, list[float]] = {mode: [] for mode in modes}
-    samples = {}
-    for _ in range(rounds):
-        for mode in modes:
-            if mode == "plain":
-                wall, out = run_process([sys.executable, str(plain_path), plain_args])
-                samples[mode] = json.loads(out)["samples"]
-            else:
-                out_dir = scratch / f"run-{mode}"
-                shutil.rmtree(out_dir, ignore_errors=True)  # a first run each round, as a user's
-                wall, out = run_process(score_command(shards, model, checkpoint, out_dir, mode,
-                                                      workers, batch_size, device, extra), cwd=ROOT)
-                samples[mode] = json.loads(out)["rows"]
-            walls[mode].append(wall)
-    rates = {mode: samples[mode] / min(walls[mode]) for mode in modes}
-    medians = {mode: statistics.median(walls[mode]) for mode in modes}
-    result = {mode: {"samples": samples[mode], "walls_s": [round(wall, 2) for wall in walls[mode]],
-                     "best_wall_s": round(min(walls[mode]), 2), "median_wall_s": round(medians[mode], 2),
-                     "samples_per_s_whole_process": round(rates[mode], 1)} for mode in modes}
-    # best of the rounds, and the median (the best alone rewards one lucky round on a shared machine)
-    if "plain" in rates and "none" in rates:
-        result["score --train none / plain script"] = round(rates["none"] / rates["plain"], 3)
-        result["score --train none / plain script, medians"] = round(medians["plain"] / medians["none"], 3)
-    if "none" in rates and "head" in rates:
-        result["score --train head / --train none"] = round(rates["head"] / rates["none"], 3)
-        result["score --train head / --train none, medians"] = round(medians["none"] / medians["head"], 3)
-    return result
-
 
 # --------------------------------------------------------------------------------- 3. start-up
 
@@ -434,7 +291,7 @@ def agreement(scratch: Path, pool_size: int) -> dict:
 # ---------------------------------------------------------------------------------------- main
 
 
-def main() -> None:
+def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--only", default="per-core,process,startup,agreement")
     parser.add_argument("--samples", type=int, default=1024, help="samples of 256-px photo JPEGs (per-core, process)")
@@ -444,7 +301,7 @@ def main() -> None:
     parser.add_argument("--pool-size", type=int, default=512, help="photo pool for the agreement part")
     parser.add_argument("--baseline", default=BASELINE_REV, help="git revision for the start-up comparison")
     parser.add_argument("--device", default="cpu")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     parts = set(args.only.split(","))
     import torch
 

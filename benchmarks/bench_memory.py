@@ -12,45 +12,15 @@ one shard in flight and are reported separately from /proc while the run goes).
 from __future__ import annotations
 
 import argparse
-import io
 import os
 import subprocess
 import sys
-import tarfile
 import tempfile
 import threading
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-DEMO = ROOT / "demo"
-MIMICFILTER = Path(sys.executable).parent / "mimicfilter"
-
-
-def demo_samples() -> list[dict[str, bytes]]:
-    samples: dict[str, dict[str, bytes]] = {}
-    for shard in sorted((DEMO / "shards").glob("*.tar")):
-        with tarfile.open(shard) as tar:
-            for member in tar.getmembers():
-                key, _, ext = member.name.partition(".")
-                samples.setdefault(f"{shard.name}/{key}", {})[ext] = tar.extractfile(member).read()
-    return list(samples.values())
-
-
-def write_shards(directory: Path, count: int, per_shard: int) -> list[Path]:
-    source = demo_samples()
-    paths = []
-    for number in range(count):
-        path = directory / f"pool-{number:05d}.tar"
-        with tarfile.open(path, "w") as tar:
-            for index in range(per_shard):
-                files = source[(number * per_shard + index) % len(source)]
-                for ext, data in files.items():
-                    info = tarfile.TarInfo(f"{number:05d}{index:06d}.{ext}")
-                    info.size = len(data)
-                    tar.addfile(info, io.BytesIO(data))
-        paths.append(path)
-    return paths
+from common import DEMO_MODEL, demo_pool, mimicfilter_command
 
 
 def tree_rss_mib(pid: int) -> float:
@@ -71,8 +41,7 @@ def tree_rss_mib(pid: int) -> float:
 
 
 def score(shards: list[Path], out: Path, workers: int, batch_size: int) -> dict[str, float]:
-    command = [str(MIMICFILTER), "score", *map(str, shards), "--model", str(DEMO / "tiny-clip.json"),
-               "--reference", str(DEMO / "reference.safetensors"), "--train", "none", "--batch-size", str(batch_size),
+    command = [*mimicfilter_command(), "score", *map(str, shards), *DEMO_MODEL, "--train", "none", "--batch-size", str(batch_size),
                "--workers", str(workers), "--out", str(out), "--quiet", "--overwrite"]
     started = time.time()
     process = subprocess.Popen(command, stdout=subprocess.DEVNULL)
@@ -93,18 +62,17 @@ def score(shards: list[Path], out: Path, workers: int, batch_size: int) -> dict[
     return {"peak_rss_mib": usage.ru_maxrss / 1024, "tree_peak_mib": tree_peak[0], "seconds": time.time() - started}
 
 
-def main() -> None:
+def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--shards", type=int, nargs=2, default=[2, 20], metavar=("FEW", "MANY"))
     parser.add_argument("--samples-per-shard", type=int, default=256)
     parser.add_argument("--workers", type=int, default=0)
     parser.add_argument("--batch-size", type=int, default=128)
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     few, many = args.shards
     with tempfile.TemporaryDirectory(prefix="mimicfilter-bench-memory-") as scratch:
         scratch = Path(scratch)
-        (scratch / "shards").mkdir()
-        shards = write_shards(scratch / "shards", many, args.samples_per_shard)
+        shards = demo_pool(scratch / "shards", many, args.samples_per_shard)
         results = {}
         for count in (few, many):
             results[count] = score(shards[:count], scratch / f"run-{count}", args.workers, args.batch_size)

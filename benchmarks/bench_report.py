@@ -30,7 +30,7 @@ import tempfile
 import time
 from pathlib import Path
 
-import duckdb
+from synthetic_scores import report_run
 
 PLAIN_SCRIPT = r'''
 import sys, duckdb, numpy as np, matplotlib
@@ -50,46 +50,6 @@ print(kept)
 '''
 
 
-def write_table(directory: Path, rows: int, epochs: int, parts: int) -> None:
-    """Score parts like a trajectory run's: every sample once per epoch, ~1 % bad samples."""
-    samples = rows // epochs
-    scores = directory / "scores"
-    scores.mkdir(parents=True)
-    per_part = -(-samples // parts)
-    connection = duckdb.connect()
-    for epoch in range(epochs):
-        for part in range(parts):
-            start, stop = part * per_part, min(samples, (part + 1) * per_part)
-            path = scores / f"epoch-{epoch:04d}-chunk-{part:05d}.parquet"
-            bad = "hash(i) % 100 = 0"
-            connection.execute(
-                f"""
-                COPY (
-                  SELECT 'pool/' || lpad((i // 10000)::VARCHAR, 8, '0') || '.tar' AS shard,
-                         lpad(i::VARCHAR, 12, '0') AS key, md5(i::VARCHAR) AS uid,
-                         (i % 10000)::INTEGER AS "index", {epoch}::SMALLINT AS epoch, (i // 256)::INTEGER AS step,
-                         CASE WHEN {bad} THEN 'decode_error' ELSE 'ok' END AS status,
-                         CASE WHEN {bad} THEN 'cannot decode image jpg' END AS error,
-                         CASE WHEN {bad} THEN NULL WHEN hash(i * 17) % 4 = 0
-                              THEN (-1.0 + (hash(i * 7 + {epoch}) % 10000) / 10000.0)::FLOAT
-                              ELSE (1.0 + (hash(i * 7 + {epoch}) % 20000) / 10000.0)::FLOAT END AS mimic_score,
-                         CASE WHEN {bad} THEN NULL ELSE ((hash(i * 13 + {epoch}) % 30000) / 10000.0)::FLOAT END AS mimic_weight,
-                         ((hash(i * 3) % 10000) / 1000.0)::FLOAT AS loss,
-                         CASE WHEN {bad} THEN NULL WHEN hash(i * 17) % 4 = 0 THEN ((hash(i * 5) % 3000) / 10000.0)::FLOAT
-                              ELSE (0.2 + (hash(i * 5) % 2000) / 10000.0)::FLOAT END AS clip_score,
-                         ((hash(i * 11) % 10000) / 1000.0)::FLOAT AS ref_loss,
-                         NULL::INTEGER AS label,
-                         (5 + hash(i * 19) % 200)::INTEGER AS caption_chars,
-                         CASE WHEN {bad} THEN NULL ELSE (64 + hash(i * 23) % 1000)::INTEGER END AS image_width,
-                         CASE WHEN {bad} THEN NULL ELSE (64 + hash(i * 29) % 800)::INTEGER END AS image_height
-                  FROM range({start}, {stop}) t(i)
-                ) TO '{path}' (FORMAT parquet, COMPRESSION zstd)
-                """
-            )
-    (directory / "run.json").write_text(json.dumps({"shards": [], "train": {"mode": "head", "epochs": epochs},
-                                                    "fingerprint": {"task": "contrastive"}}))
-
-
 def timed(command: list[str]) -> tuple[float, float, str]:
     """(wall seconds, peak RSS GiB, stdout) of one whole process, measured with wait4."""
     with tempfile.TemporaryFile("w+") as stdout, tempfile.TemporaryFile("w+") as stderr:
@@ -105,18 +65,18 @@ def timed(command: list[str]) -> tuple[float, float, str]:
         return wall, usage.ru_maxrss / 2**20, stdout.read()  # ru_maxrss: KiB
 
 
-def main() -> None:
+def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rows", type=int, default=10_000_000)
     parser.add_argument("--epochs", type=int, default=3)
     parser.add_argument("--parts", type=int, default=20, help="parts per epoch")
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--binarize", default="sign", help="the report's vote rule (sign: the plain script's)")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     with tempfile.TemporaryDirectory(prefix="mimicfilter-bench-report-") as scratch:
         run = Path(scratch) / "run"
         started = time.perf_counter()
-        write_table(run, args.rows, args.epochs, args.parts)
+        report_run(run, args.rows, args.epochs, args.parts)
         print(f"table: {args.rows:,} rows written in {time.perf_counter() - started:.0f} s", flush=True)
         plain = Path(scratch) / "plain.py"
         plain.write_text(PLAIN_SCRIPT)

@@ -118,7 +118,7 @@ def head_math(batch: int, width: int, dim: int, repeats: int) -> dict:
     }
 
 
-def main() -> None:
+def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="ViT-B-32")
     parser.add_argument("--reference", default=None, help="checkpoint; default: random weights saved to a temp file")
@@ -129,7 +129,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     parser.add_argument("--device", default="auto")
     parser.add_argument("--skip-pipeline", action="store_true")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
 
     results: dict = {

@@ -19,21 +19,20 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from pathlib import Path
 
 import numpy as np
 import pyarrow.parquet as pq
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import defaults_suite as suite  # noqa: E402
+import defaults_suite as suite
+from common import ROOT, slug
 
 REFERENCES = ("unseen", "seen")
 NOISE_QUANTILE = 0.9  # a clean pair whose reference CLIP score is below this quantile of the noise's is "noise-like"
 
 
 def load_run(out: Path, pool: str, reference: str) -> dict | None:
-    run_dir = out / "runs" / suite.slug(f"{pool}-{reference}-defaults")
+    run_dir = out / "runs" / slug(f"{pool}-{reference}-defaults")
     truth_file = out / "emoji" / "pools" / pool / "truth.json"
     if not (run_dir / "_SUCCESS").exists() or not truth_file.exists():
         return None
@@ -59,7 +58,7 @@ def ks_distance(a: np.ndarray, b: np.ndarray) -> float:
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--out", type=Path, default=suite.ROOT / "bench-runs" / "defaults")
+    parser.add_argument("--out", type=Path, default=ROOT / "bench-runs" / "defaults")
     args = parser.parse_args(argv)
     blob = json.loads((args.out / "results.json").read_text())
     default = blob["default"]  # the default vote rule, as the suite recorded it

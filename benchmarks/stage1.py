@@ -40,12 +40,8 @@ from pathlib import Path
 
 import numpy as np
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT / "scripts"))
-sys.path.insert(0, str(ROOT / "benchmarks"))
-
-from quality_imagetext import md_table  # noqa: E402
-from stage1_common import compare_to_plain, pm  # noqa: E402
+from common import ROOT, idle_cores, json_arguments, md_table, quick_or_full
+from stage1_common import Curve, compare_to_plain, pm
 
 PLAIN = "plain AdamW"
 LABELLED_METRICS = (("test_accuracy", "clean test accuracy", True),)
@@ -81,14 +77,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     group.add_argument("--ref-size", type=int, default=1500)
     group.add_argument("--train-batch", type=int, default=128)
     args = parser.parse_args(argv)
-    quick = args.quick
-    args.out = args.out or ROOT / "bench-runs" / ("stage1-quick" if quick else "stage1")
-    args.timing_pairs = args.timing_pairs or (15 if quick else 40)
-    args.labelled_steps = args.labelled_steps or (600 if quick else 1500)
-    args.labelled_eval_every = args.labelled_eval_every or (50 if quick else 100)
-    args.labelled_ref_steps = args.labelled_ref_steps or (600 if quick else 1500)
-    args.imagetext_steps = args.imagetext_steps or (150 if quick else 300)
-    args.imagetext_ref_steps = args.imagetext_ref_steps or (300 if quick else 600)
+    quick_or_full(args, args.quick, {
+        "out": (ROOT / "bench-runs" / "stage1-quick", ROOT / "bench-runs" / "stage1"), "timing_pairs": (15, 40),
+        "labelled_steps": (600, 1500), "labelled_eval_every": (50, 100), "labelled_ref_steps": (600, 1500),
+        "imagetext_steps": (150, 300), "imagetext_ref_steps": (300, 600)})
     args.parts = [part.strip() for part in args.parts.split(",") if part.strip()]
     if set(args.parts) - {"labelled", "imagetext"} or not args.parts:
         parser.error("--parts: labelled and/or imagetext")
@@ -97,8 +89,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     if args.threads <= 0 and args.jobs > 1:
         args.threads = 1
     if args.threads <= 0:
-        cores = os.cpu_count() or 1
-        args.threads = max(1, min(cores, cores - int(round(os.getloadavg()[0]))))
+        args.threads = idle_cores()
     return args
 
 
@@ -236,8 +227,6 @@ def report(args, results: dict, timings: dict, argv: list[str]) -> tuple[str, li
 
 def load_results(path: Path) -> tuple[argparse.Namespace, dict, dict, list[str]]:
     """A finished run's arguments, curves and timings from its results.json (to redraw its tables)."""
-    from stage1_common import Curve
-
     blob = json.loads(path.read_text())
     args = argparse.Namespace(**blob["args"])
     args.out = Path(args.out)
@@ -320,7 +309,7 @@ def main(argv=None) -> None:
             return value.to_json()
         return float(value) if isinstance(value, (np.floating, np.integer)) else str(value)
 
-    blob = {"args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}, "argv": command,
+    blob = {"args": json_arguments(args), "argv": command,
             "platform": {"python": platform.python_version(), "torch": torch.__version__, "threads": args.threads,
                          "cpu_count": os.cpu_count(), "machine": platform.machine()},
             "results": results, "timings": timings}

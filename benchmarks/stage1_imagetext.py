@@ -1,5 +1,5 @@
 """Stage 1 on image–text pairs (benchmarks/stage1.py, part 2): a small CLIP trained from scratch on
-the noisy emoji pool of the image–text quality benchmark (benchmarks/quality_imagetext.py: its data,
+the noisy emoji pool of the image–text quality benchmark (benchmarks/imagetext_data.py: its data,
 corruption, model config, training loop and retrieval metric are imported, not copied).
 
 The reference is that benchmark's reference: the same CLIP trained on the clean reference split.
@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import numpy as np
 
+import imagetext_data as imagetext
 from stage1_common import Curve, ab_overhead
 
 IMAGE_SIZE = 32
@@ -26,11 +27,9 @@ TEXT_CONTEXT = 16
 
 def stage1_config(vocab_size: int) -> dict:
     """The quality benchmark's CLIP config, shrunk (see the module docstring)."""
-    import quality_imagetext as quality
-
-    return {**quality.CONFIG,
-            "vision_cfg": {**quality.CONFIG["vision_cfg"], "image_size": IMAGE_SIZE, "layers": 3, "width": 64},
-            "text_cfg": {**quality.CONFIG["text_cfg"], "context_length": TEXT_CONTEXT, "vocab_size": vocab_size}}
+    return {**imagetext.CONFIG,
+            "vision_cfg": {**imagetext.CONFIG["vision_cfg"], "image_size": IMAGE_SIZE, "layers": 3, "width": 64},
+            "text_cfg": {**imagetext.CONFIG["text_cfg"], "context_length": TEXT_CONTEXT, "vocab_size": vocab_size}}
 
 
 def compact_vocabulary(*token_sets):
@@ -65,7 +64,6 @@ def heldout_metrics(model, images, tokens, batch: int) -> dict[str, float]:
     import torch
 
     from mimicfilter import contrastive_per_sample_loss
-    from quality_imagetext import recall_at
 
     was_training = model.training
     model.eval()
@@ -74,14 +72,14 @@ def heldout_metrics(model, images, tokens, batch: int) -> dict[str, float]:
         for start in range(0, len(images) - batch + 1, batch):
             image, text, scale = model(images[start : start + batch], tokens[start : start + batch])[:3]
             losses.append(contrastive_per_sample_loss(image, text, scale).mean().item())
-    recall = recall_at(model, images, tokens)
+    recall = imagetext.recall_at(model, images, tokens)
     model.train(was_training)
     return {"heldout_loss": float(np.mean(losses)), "r1": (recall["i2t_r1"] + recall["t2i_r1"]) / 2,
             "r5": (recall["i2t_r5"] + recall["t2i_r5"]) / 2, **recall}
 
 
 def make_loss_factory(method: dict, reference, curve: Curve, last: dict):
-    """The ``make_loss`` hook of quality_imagetext.train_clip: plain mean or GradMimic's loss (its
+    """The ``make_loss`` hook of imagetext_data.train_clip: plain mean or GradMimic's loss (its
     weights kept in ``last`` for the step's bookkeeping)."""
     from mimicfilter import GradMimic, contrastive_per_sample_loss
 
@@ -106,19 +104,18 @@ def make_loss_factory(method: dict, reference, curve: Curve, last: dict):
 def run(args, log) -> dict:
     import torch
 
-    import quality_imagetext as quality
     from make_demo_data import build_model
 
-    entries = quality.load_emoji_names()
-    pictures = quality.render_all(entries, IMAGE_SIZE)
-    heldout, ref_split, pool = quality.split(len(entries), args.heldout, args.ref_size, args.seed)
-    samples = quality.corrupt(pool, entries, pictures, args.noise, args.seed + 1)
+    entries = imagetext.load_emoji()
+    pictures = imagetext.render_all(entries, IMAGE_SIZE)
+    heldout, ref_split, pool = imagetext.split(len(entries), args.heldout, args.ref_size, args.seed)
+    samples = imagetext.corrupt(pool, entries, pictures, args.noise, args.seed + 1)
     corrupted = np.array([s["corrupted"] for s in samples])
     corrupted_tensor = torch.as_tensor(corrupted)
     _, preprocess, tokenizer = build_model(stage1_config(2))
-    x_ref = quality.preprocess_images(pictures[ref_split], preprocess)
-    x_held = quality.preprocess_images(pictures[heldout], preprocess)
-    x_pool = quality.preprocess_images(np.stack([s["image"] for s in samples]), preprocess)
+    x_ref = imagetext.preprocess_images(pictures[ref_split], preprocess)
+    x_held = imagetext.preprocess_images(pictures[heldout], preprocess)
+    x_pool = imagetext.preprocess_images(np.stack([s["image"] for s in samples]), preprocess)
     vocab_size, (y_ref, y_held, y_pool) = compact_vocabulary(
         tokenizer([entries[i][1] for i in ref_split]), tokenizer([entries[i][1] for i in heldout]),
         tokenizer([s["caption"] for s in samples]))
@@ -126,7 +123,7 @@ def run(args, log) -> dict:
     batch = args.train_batch
     log(f"image-text: pool {len(samples)} ({corrupted.mean():.0%} corrupted), reference split {len(ref_split)}, "
         f"held-out {len(heldout)}, vocabulary {vocab_size} tokens")
-    reference = quality.train_clip(x_ref, y_ref, args.imagetext_ref_steps, batch, args.seed, config=config)
+    reference = imagetext.train_clip(x_ref, y_ref, args.imagetext_ref_steps, batch, args.seed, config=config)
     result = {"reference": heldout_metrics(reference, x_held, y_held, batch), "curves": {},
               "pool": {"size": len(samples), "corrupted": float(corrupted.mean())}}
     log(f"image-text reference ({args.imagetext_ref_steps} steps): held-out {result['reference']}")
@@ -144,7 +141,7 @@ def run(args, log) -> dict:
                 if step % every == 0:
                     curve.add(step, heldout_metrics(model, x_held, y_held, batch))
 
-            quality.train_clip(x_pool, y_pool, steps, batch, seed, make_loss=make_loss_factory(method, reference, curve, last),
+            imagetext.train_clip(x_pool, y_pool, steps, batch, seed, make_loss=make_loss_factory(method, reference, curve, last),
                                after_step=after_step, init_seed=args.seed if method.get("shared_init") else None,
                                config=config)
             result["curves"].setdefault(method["name"], []).append(curve)
@@ -158,7 +155,6 @@ def time_steps(images, tokens, batch: int, reference, pairs: int, chosen: list[d
     """A/B: a plain step against a re-weighted step (same architecture, same batches)."""
     import torch
 
-    import quality_imagetext as quality
     from make_demo_data import build_model
 
     from mimicfilter import GradMimic, contrastive_per_sample_loss

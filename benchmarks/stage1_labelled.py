@@ -16,11 +16,10 @@ import time
 
 import numpy as np
 
+from common import STAGE1_SIMILAR_CLASS
+from fmnist_data import flip_labels, load_fashion_mnist
 from stage1_common import Curve, ab_overhead
 
-# the most confusable class of each class (T-shirt/top, Trouser, Pullover, Dress, Coat, Sandal, Shirt,
-# Sneaker, Bag, Ankle boot)
-SIMILAR_CLASS = {0: 6, 1: 3, 2: 4, 3: 0, 4: 2, 5: 7, 6: 0, 7: 9, 8: 6, 9: 7}
 NOISE_KINDS = ("symmetric", "class-dependent")
 START_SIZE = 3000
 START_STEPS = 300
@@ -41,17 +40,6 @@ def make_model():
             return self.head(F.relu(self.fc2(F.relu(self.fc1(x)))))
 
     return SmallClassifier()
-
-
-def flip_labels(labels: np.ndarray, kind: str, noise: float, rng: np.random.Generator):
-    """Noisy labels and the flipped mask: exactly round(noise * n) labels changed."""
-    flipped = np.zeros(len(labels), dtype=bool)
-    flipped[rng.choice(len(labels), size=int(round(noise * len(labels))), replace=False)] = True
-    if kind == "symmetric":
-        other = (labels + rng.integers(1, 10, size=len(labels))) % 10
-    else:
-        other = np.array([SIMILAR_CLASS[int(label)] for label in labels])
-    return np.where(flipped, other, labels), flipped
 
 
 def train(model, x, y, steps: int, seed: int, x_test, y_test, eval_every: int, grad_mimic=None, others="weighted",
@@ -119,7 +107,6 @@ def run(args, log) -> dict:
     import torch
 
     from mimicfilter import GradMimic
-    from quality_fashion_mnist import load_fashion_mnist
 
     data = load_fashion_mnist()
     pixels = torch.tensor(data["train_images"].reshape(-1, 784), dtype=torch.float32) / 255.0
@@ -148,7 +135,9 @@ def run(args, log) -> dict:
         log(f"labelled seed {seed}: start acc {result['start_accuracy'][-1]:.4f}, reference acc "
             f"{result['reference_accuracy'][-1]:.4f}")
         for kind in NOISE_KINDS:
-            noisy, flipped = flip_labels(data["train_labels"][pool_idx].astype(np.int64), kind, args.noise, rng)
+            true = data["train_labels"][pool_idx].astype(np.int64)
+            noisy = flip_labels(true, args.noise, kind, rng, STAGE1_SIMILAR_CLASS)  # (class-dependent: this map)
+            flipped = noisy != true
             x_pool, y_pool, flipped = x_all[pool_idx], torch.as_tensor(noisy), torch.as_tensor(flipped)
             for method in chosen:
                 if kind not in method.get("noise", NOISE_KINDS):

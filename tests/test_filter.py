@@ -149,6 +149,29 @@ def test_label_model_learns_which_epochs_to_trust():
     assert (decided == truth).mean() > 0.93 > 0.85 > (majority == truth).mean()
 
 
+def test_label_model_end_to_end_follows_the_epoch_it_trusts(tmp_path):
+    """`filter --combine-votes label-model` on a 3-epoch run whose epoch 0 votes right 95 % of the
+    time and epochs 1 and 2 only 60 %: the label model keeps exactly what epoch 0 votes for (every
+    vote pattern's posterior follows it), where the majority follows the weak pair."""
+    rng = np.random.default_rng(0)
+    truth = rng.random(4000) < 0.6
+    right = rng.random((4000, 3)) < np.array([0.95, 0.6, 0.6])
+    votes = np.where(right, truth[:, None], ~truth[:, None])
+    scores = np.where(votes, 1.0, -1.0) * rng.uniform(0.5, 1.5, votes.shape)  # --binarize sign: vote = score > 0
+    run = write_run(tmp_path / "run", [row(f"k{i}", epoch, float(scores[i, epoch])) for i in range(4000) for epoch in range(3)])
+    decided = {}
+    for combine in ("label-model", "majority"):
+        result = CliRunner().invoke(cli, ["filter", str(run), "--binarize", "sign", "--combine-votes", combine, "--json",
+                                          "--out", str(tmp_path / combine)], catch_exceptions=False)
+        assert result.exit_code == 0, result.output
+        assert json.loads(result.stdout)["aggregation"]["combine_votes"] == combine
+        table = pq.read_table(tmp_path / combine / "manifest.parquet").to_pylist()
+        decided[combine] = np.array([r["kept"] for r in sorted(table, key=lambda r: int(r["key"][1:]))])
+    assert (decided["label-model"] == votes[:, 0]).all()
+    assert (decided["majority"] == (votes.sum(axis=1) >= 2)).all()
+    assert (decided["label-model"] == truth).mean() > 0.93 > 0.85 > (decided["majority"] == truth).mean()
+
+
 def test_gaussian_crossing_is_between_the_means():
     assert _gaussian_crossing([0.0, 4.0], [1.0, 1.0], [0.5, 0.5]) == pytest.approx(2.0)
 

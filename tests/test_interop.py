@@ -310,8 +310,19 @@ def test_make_install_is_for_users_and_make_test_adds_the_dev_extras():
     assert "--index-url https://download.pytorch.org/whl/cpu" in plan(
         "install", "TORCH_INDEX=https://download.pytorch.org/whl/cpu")
     assert "'.[dev]'" in plan("test") and "pytest" in plan("test")
+    assert "import pytest, pytest_timeout, ray" in plan("test")  # a clone without the per-test timeout gets it
     assert "[dev]" not in plan("demo")
     assert "make test" in (ROOT / ".ci" / "run").read_text()
+
+
+def test_a_hung_test_fails_instead_of_blocking_the_run(request, tmp_path):
+    """pytest-timeout gives every test a deadline (pyproject.toml); past it the test fails and the run goes on."""
+    assert float(request.config.getini("timeout")) >= 60
+    (tmp_path / "test_hung.py").write_text("import time\n\n\ndef test_hangs():\n    time.sleep(120)\n\n\n"
+                                          "def test_after():\n    pass\n")
+    done = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "--timeout", "2",
+                           "test_hung.py"], capture_output=True, text=True, cwd=tmp_path, timeout=100)
+    assert done.returncode == 1 and "Timeout" in done.stdout and "1 failed, 1 passed" in done.stdout, done.stdout
 
 
 def test_report_without_out_writes_into_the_run(tmp_path):

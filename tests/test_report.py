@@ -11,7 +11,7 @@ import pytest
 from click.testing import CliRunner
 from PIL import Image
 
-from helpers import image_text_samples, write_tar
+from helpers import image_bytes, image_text_samples, write_tar
 from mimicfilter.report.build import ReportConfig, build_report
 from mimicfilter.store.parts import write_part
 from mimicfilter.store.schema import rows_to_table
@@ -304,6 +304,35 @@ def test_report_of_a_real_tiny_run(tmp_path, tiny_config, reference_checkpoint):
     assert summary["ok"] == 12 and summary["epochs"] == 2
     for name in referenced_files(run / "report" / "index.html"):
         assert_drawn(run / "report" / name)
+
+
+@pytest.mark.slow
+def test_report_of_a_classification_run(tmp_path, tiny_config, reference_checkpoint):
+    """A labelled pool scored with a zero-shot head: no CLIP score to plot against, labels on the
+    cards, the broken sample in the funnel, and every picture drawn."""
+    samples = [(f"{i:04d}", {"png": image_bytes(i, fmt="PNG"), "cls": str(i % 3).encode()}) for i in range(12)]
+    samples[5] = (samples[5][0], {"png": b"not a png", "cls": b"2"})
+    shard = write_tar(tmp_path / "labelled.tar", samples)
+    classnames = tmp_path / "classes.txt"
+    classnames.write_text("cat\ndog\nboat\n")
+    run = tmp_path / "run"
+    score = ["score", str(shard), "--model", str(tiny_config), "--reference", str(reference_checkpoint), "--classnames",
+             str(classnames), "--out", str(run), "--batch-size", "4", "--epochs", "2", "--workers", "0", "--quiet"]
+    assert CliRunner().invoke(cli, score, catch_exceptions=False).exit_code == 0
+    assert json.loads((run / "run.json").read_text())["models"]["task"] == "classify"
+    result = CliRunner().invoke(cli, ["report", str(run), "--out", str(tmp_path / "report"), "--sheet-size", "4",
+                                      "--json"], catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    summary = json.loads(result.stdout)
+    assert summary["samples"] == 12 and summary["ok"] == 11 and summary["epochs"] == 2
+    assert "score_vs_clip" not in summary["images"] and "scores" in summary["images"]  # (no CLIP score to plot)
+    assert any(reason["reason"].endswith("decode_error") and reason["count"] == 1 for reason in summary["drop_reasons"])
+    cards = [card for sheet in summary["sheets"].values() for card in sheet]
+    assert cards and all(card["label"] == int(card["key"]) % 3 for card in cards)
+    page = (tmp_path / "report" / "index.html").read_text()
+    assert "label 0" in page or "label 1" in page or "label 2" in page
+    for name in referenced_files(tmp_path / "report" / "index.html"):
+        assert_drawn(tmp_path / "report" / name)
 
 
 def test_the_command_line_starts_without_torch():

@@ -145,11 +145,11 @@ def test_trajectories_cannot_be_split(shards, tiny_config, reference_checkpoint,
 
 # ---------------------------------------------------------------- Ray (local instance, 2 CPUs)
 
-ray = pytest.importorskip("ray")
-
 
 @pytest.fixture(scope="module")
 def ray_cluster():
+    """A local Ray instance; the tests that use it are skipped where Ray is not installed (the rest run)."""
+    ray = pytest.importorskip("ray")
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, logging_level="ERROR")
     ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])  # the crash hook below runs in actors
     yield

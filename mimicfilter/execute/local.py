@@ -23,6 +23,7 @@ import multiprocessing
 import os
 import queue
 import signal
+import sys
 import threading
 import traceback
 from typing import Callable, Generic, Iterable, Iterator, Sequence, TypeVar
@@ -48,9 +49,25 @@ def die_with_parent(parent_pid: int) -> None:
         os._exit(0)
 
 
+def _quiet_when_the_parent_hangs_up(hook: Callable) -> Callable:
+    """``sys.excepthook`` for a worker: a connection its parent dropped is not worth a traceback.
+
+    The parent fetches each result tensor's shared memory through a socket of multiprocessing's
+    resource sharer, whose thread in the worker reports every failure with ``sys.excepthook``. A
+    parent interrupted (Ctrl-C) while fetching resets that socket: the parent says so in one line,
+    and the worker's traceback of the reset would follow it on the terminal."""
+
+    def quiet(kind, value, trace) -> None:
+        if not issubclass(kind, (EOFError, ConnectionError)):
+            hook(kind, value, trace)
+
+    return quiet
+
+
 def _worker_loop(func: Callable, tasks, results, parent_pid: int) -> None:
     die_with_parent(parent_pid)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle; it stops us
+    sys.excepthook = _quiet_when_the_parent_hangs_up(sys.excepthook)
     torch.set_num_threads(1)  # one core per worker: W workers use W cores
     while True:
         try:

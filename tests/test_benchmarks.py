@@ -1,0 +1,84 @@
+"""The benchmark scripts still import, answer --help, do no work at import, and each has a make target.
+
+Nothing else runs them (they take minutes to hours); this keeps a rename in the package from
+silently breaking them. Every module is imported the way a script sees its neighbours: with
+benchmarks/ first on sys.path (``python benchmarks/NAME.py`` puts it there).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+BENCHMARKS = ROOT / "benchmarks"
+MODULES = sorted(BENCHMARKS.rglob("*.py"))
+SCRIPTS = [path for path in MODULES if 'if __name__ == "__main__":' in path.read_text()]
+
+
+def make_target(script: Path) -> str:
+    """`make bench-NAME` for benchmarks/bench_NAME.py, benchmarks/NAME.py and benchmarks/gpu/bench_NAME.py."""
+    return "bench-" + script.stem.removeprefix("bench_").replace("_", "-")
+
+
+@pytest.fixture
+def benchmark_path(monkeypatch):
+    """benchmarks/ first on sys.path, and the modules imported from it forgotten afterwards."""
+    monkeypatch.syspath_prepend(str(BENCHMARKS))  # (sys.path is restored whole: common.py's scripts/ goes too)
+    before = set(sys.modules)
+    yield
+    for name in set(sys.modules) - before:
+        module_file = getattr(sys.modules[name], "__file__", None) or ""
+        if name.startswith("benchmark_") or module_file.startswith((str(BENCHMARKS), str(ROOT / "scripts"))):
+            del sys.modules[name]
+
+
+def load(path: Path):
+    spec = importlib.util.spec_from_file_location(f"benchmark_{path.stem}", path)
+    module = sys.modules[spec.name] = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_there_are_scripts_and_libraries():
+    names = {path.name for path in SCRIPTS}
+    assert {"bench_defaults.py", "quality_imagetext.py", "quality_fashion_mnist.py", "stage1.py", "bench_gpu.py"} <= names
+    assert {"common.py", "fmnist_data.py", "imagetext_data.py", "defaults_suite.py"} <= {p.name for p in MODULES} - names
+
+
+@pytest.mark.parametrize("path", MODULES, ids=lambda path: str(path.relative_to(BENCHMARKS)))
+def test_every_benchmark_imports_without_doing_work_and_scripts_answer_help(path, benchmark_path, capsys):
+    module = load(path)
+    assert capsys.readouterr() == ("", ""), "a benchmark printed (so worked) while being imported"
+    if path not in SCRIPTS:
+        return
+    with pytest.raises(SystemExit) as exit_:
+        module.main(["--help"])
+    assert exit_.value.code == 0
+    help_text = capsys.readouterr().out
+    assert help_text.startswith("usage: ") and "--help" in help_text
+
+
+def test_every_script_has_a_make_target():
+    targets = [make_target(script) for script in SCRIPTS]
+    assert len(set(targets)) == len(targets), "two scripts would answer to one make target"
+    plan = subprocess.run(["make", "-n", "-C", str(ROOT), *targets, "ARGS=--given"], capture_output=True, text=True,
+                          check=True).stdout
+    for script in SCRIPTS:
+        assert f"benchmarks/{script.relative_to(BENCHMARKS)} --given" in plan, make_target(script)
+    assert "benchmarks/bench_score.py" in subprocess.run(["make", "-n", "-C", str(ROOT), "bench"], capture_output=True,
+                                                         text=True, check=True).stdout
+    unknown = subprocess.run(["make", "-C", str(ROOT), "bench-no-such-benchmark"], capture_output=True, text=True)
+    assert unknown.returncode != 0 and "no benchmark script for bench-no-such-benchmark" in unknown.stderr
+
+
+@pytest.mark.parametrize("script", ["quality_imagetext.py", "gpu/bench_gpu.py"])
+def test_scripts_run_as_scripts(script):
+    """As `python benchmarks/...`: the scripts find their neighbours (and scripts/) by themselves."""
+    done = subprocess.run([sys.executable, str(BENCHMARKS / script), "--help"], capture_output=True, text=True,
+                          cwd=ROOT / "docs", timeout=120)
+    assert done.returncode == 0 and done.stdout.startswith("usage: "), done.stderr
