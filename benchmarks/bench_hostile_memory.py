@@ -16,13 +16,11 @@ import argparse
 import io
 import subprocess
 import sys
-import tarfile
 import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-MIMICFILTER = Path(sys.executable).parent / "mimicfilter"
+from common import DEMO_MODEL, mimicfilter_command, write_tar
 
 PLAIN_LOADER = """
 import io, sys, tarfile
@@ -42,13 +40,7 @@ def write_bomb_shard(path: Path, mode: str, images: int, side: int) -> Path:
 
     buffer = io.BytesIO()
     Image.new(mode, (side, side), (200, 30, 30, 128)[: len(mode)]).save(buffer, "PNG")
-    with tarfile.open(path, "w") as tar:
-        for index in range(images):
-            for ext, payload in (("png", buffer.getvalue()), ("txt", b"a red square")):
-                info = tarfile.TarInfo(f"{index:04d}.{ext}")
-                info.size = len(payload)
-                tar.addfile(info, io.BytesIO(payload))
-    return path
+    return write_tar(path, ((f"{index:04d}", {"png": buffer.getvalue(), "txt": b"a red square"}) for index in range(images)))
 
 
 def _tree(pid: int) -> list[int]:
@@ -86,18 +78,17 @@ def peak_memory_mib(command: list[str]) -> tuple[int, float, float]:
     return process.returncode, rss / 1024, pss / 1024
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--images", type=int, default=5)
     parser.add_argument("--side", type=int, default=9400)
     parser.add_argument("--rounds", type=int, default=1, help="alternating rounds of mimicfilter and the plain script")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     with tempfile.TemporaryDirectory(prefix="bench-hostile-") as scratch:
         for mode in ("RGB", "RGBA"):
             shard = write_bomb_shard(Path(scratch) / f"bomb-{mode}.tar", mode, args.images, args.side)
-            score = [str(MIMICFILTER), "score", str(shard), "--model", str(ROOT / "demo" / "tiny-clip.json"),
-                     "--reference", str(ROOT / "demo" / "reference.safetensors"), "--out",
-                     str(Path(scratch) / f"run-{mode}"), "--overwrite", "--quiet"]
+            score = [*mimicfilter_command(), "score", str(shard), *DEMO_MODEL, "--out", str(Path(scratch) / f"run-{mode}"),
+                     "--overwrite", "--quiet"]
             plain = [sys.executable, "-c", PLAIN_LOADER, str(shard)]
             for round_number in range(args.rounds):
                 for name, command in (("mimicfilter score", score), ("plain PIL loader", plain)):
