@@ -36,6 +36,10 @@ def _print_summary(summary: dict, dry_run: bool) -> None:
     table.add_row("kept", f"{summary['kept']} ({summary['kept_fraction'] or 0:.1%})")
     for name, value in headline_rows(summary["headline"], summary["quality"]):
         table.add_row(name, value)
+    cut = summary.get("calibration", {}).get("cut") or {}
+    if cut.get("rule"):
+        table.add_row("calibrated cut (estimated)", f"keeps {cut['kept']:.1%}: precision {cut['precision']:.1%}, "
+                      f"recall {cut['recall']:.1%}")
     for reason, count in summary["reasons"].items():
         table.add_row(f"  {reason}", str(count))
     for name, path in summary.get("outputs", {}).items():
@@ -55,8 +59,14 @@ def _print_summary(summary: dict, dry_run: bool) -> None:
 @click.option("--top-frac", multiple=True, metavar="COL=F", help="Keep the top fraction F by COL (global).")
 @click.option("--bottom-frac", multiple=True, metavar="COL=F", help="Keep the bottom fraction F by COL.")
 @click.option("--top-k", multiple=True, metavar="COL=N", help="Keep the N highest by COL.")
-@click.option("--keep-votes", is_flag=True, help="Keep what the per-epoch votes keep (the default rule).")
+@click.option("--keep-votes", is_flag=True, help="Keep what the per-epoch votes keep (the default rule of runs without anchors).")
 @click.option("--where", "where", multiple=True, metavar="SQL", help="Keep rows where the SQL expression holds.")
+@click.option("--target-precision", type=float, default=None, metavar="P",
+              help="Runs with anchors (score --trusted): the calibrated cut with the most recall at estimated "
+              "precision P.")
+@click.option("--target-recall", type=float, default=None, metavar="R",
+              help="Runs with anchors: the calibrated cut keeping an estimated share R of the clean samples "
+              "[default rule with anchors: 0.95].")
 @click.option("--drop", multiple=True, metavar="KIND:COL=V",
               help="Remove afterwards, e.g. bottom-frac:mimic_score=0.2 (also min/max/top-frac/top-k/where:SQL).")
 @click.option("--combine", type=click.Choice(["and", "or"]), default="and", show_default=True,
@@ -80,15 +90,17 @@ def _print_summary(summary: dict, dry_run: bool) -> None:
 @click.option("--dry-run", is_flag=True, help="Print what would be kept; write no file (--keys - still prints keys).")
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON on stdout (not with --keys -).")
 @one_line_errors
-def filter_command(inputs, out_dir, minimum, maximum, top_frac, bottom_frac, top_k, keep_votes, where, drop, combine,
-                   joins, join_on, keys, datacomp_npy, write_shards, maxcount, shard_roots, dedupe_uid, strict, dry_run,
-                   as_json, **options):
+def filter_command(inputs, out_dir, minimum, maximum, top_frac, bottom_frac, top_k, keep_votes, where, target_precision,
+                   target_recall, drop, combine, joins, join_on, keys, datacomp_npy, write_shards, maxcount, shard_roots,
+                   dedupe_uid, strict, dry_run, as_json, **options):
     """Aggregate score tables and keep samples by rules; write a manifest and curated outputs.
 
     INPUTS are run directories of `mimicfilter score` or Parquet score files/globs. With no
-    rule, samples are kept by their per-epoch votes (--keep-votes). Columns for rules: mimic_score
-    (mean over epochs), mimic_score_last, mimic_weight, loss, clip_score, ref_loss, votes, epochs,
-    label, caption_chars, image_width, image_height, plus any --join columns.
+    rule, samples are kept by their per-epoch votes (--keep-votes), or, when the run was scored with
+    anchors (score --trusted), by the calibrated cut (--target-recall 0.95). Columns for rules:
+    mimic_score (mean over epochs), mimic_score_last, mimic_weight, loss, clip_score, ref_loss,
+    negclip_score, votes, epochs, label, caption_chars, image_width, image_height, plus any --join
+    columns.
 
     \b
     Example:
@@ -98,6 +110,7 @@ def filter_command(inputs, out_dir, minimum, maximum, top_frac, bottom_frac, top
       mimicfilter filter runs/pool --join metadata.parquet --on uid --top-frac clip_l14_similarity_score=0.3 \\
           --keys - --out curated/ | cut -f2 > kept-keys.txt
       mimicfilter filter runs/pool --where 'mimic_score > 0 AND clip_score > 0.2' --dry-run
+      mimicfilter filter runs/calibrated --target-precision 0.9 --out curated/
     """
     if as_json and keys == "-":
         raise MimicfilterError("--keys - and --json both want stdout", hint="write the keys to a file (--keys FILE)")
@@ -126,6 +139,8 @@ def filter_command(inputs, out_dir, minimum, maximum, top_frac, bottom_frac, top
         strict=strict,
         dedupe_uid=dedupe_uid,
         shard_roots=tuple(shard_roots),
+        target_precision=target_precision,
+        target_recall=target_recall,
     )
     summary = run_filter(config, stdout=sys.stdout)
     if summary.get("keys_reader_closed"):

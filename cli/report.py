@@ -9,7 +9,7 @@ import click
 from rich.console import Console
 from rich.table import Table
 
-from mimicfilter.curate.estimate import QUALITY_LABEL, headline_rows
+from mimicfilter.curate.estimate import RELATIVE_LABEL, headline_rows
 from mimicfilter.report.build import ReportConfig, build_report
 from mimicfilter.report.html import worst_shards
 from mimicfilter.store.paths import run_path
@@ -38,7 +38,7 @@ def _print_summary(summary: dict, out_dir: Path) -> None:
     if len(summary["shards_worst_first"]) > 1 and worst:
         table = Table(title="Worst shards", show_edge=False)
         for name, justify in (("shard", "left"), ("usable", "right"), ("errors", "right"), ("kept", "right"),
-                              ("quality" if head["label"] == QUALITY_LABEL else "kept share", "right")):
+                              ("relative score" if head["label"] == RELATIVE_LABEL else "kept share", "right")):
             table.add_column(name, justify=justify)
         for shard in worst:
             errors = sum(shard["errors"].values())
@@ -78,7 +78,7 @@ def report(run_dir, out_dir, filter_manifest, sheet_size, sample_rows, shard_roo
     Example:
       mimicfilter report runs/pool                # writes runs/pool/report/index.html
       mimicfilter report runs/pool --filter-manifest curated/manifest.parquet --out report/ --sheet-size 48
-      mimicfilter report runs/pool --out report/ --json | jq .quality_estimate
+      mimicfilter report runs/pool --out report/ --json | jq .relative_score
     """
     config = ReportConfig(
         run_dir=run_path(run_dir),

@@ -14,6 +14,10 @@ BINARIZE_RULES = ("mirror", "threshold", "sign", "kmeans", "gmm")
 VOTE_COMBINERS = ("majority", "label-model")
 DEFAULT_BINARIZE = "mirror"
 DEFAULT_COMBINE_VOTES = "majority"
+# With anchors (score --trusted), filter's default rule is the calibrated cut that keeps this share of the
+# clean samples (the trusted sample's tail); chosen on the validation suite by its worst case
+# (docs/benchmarks.md, "Calibrated curation").
+CALIBRATED_TARGET_RECALL = 0.95
 TRAIN_MODES = ("none", "head", "full")
 MIMIC_LAYER_PRESETS = {
     "image-proj": "the image tower's final projection (contrastive default)",

@@ -20,7 +20,7 @@ import duckdb
 from mimicfilter.errors import MimicfilterError
 from mimicfilter.store.parts import part_paths
 from mimicfilter.store.paths import SCORES_DIR, is_remote_url, run_path
-from mimicfilter.store.schema import NON_FINITE, POOL_COLUMNS, SCORE_VALUE_COLUMNS
+from mimicfilter.store.schema import ANCHOR_COLUMN, NON_FINITE, POOL_COLUMNS, SCORE_VALUE_COLUMNS
 
 _MEMORY_LIMIT = re.compile(r"^\d+(\.\d+)?\s*(B|KB|MB|GB|TB|KIB|MIB|GIB|TIB)$", re.IGNORECASE)
 
@@ -99,7 +99,8 @@ def forbid_file_access(connection: duckdb.DuckDBPyConnection) -> None:
 
 
 def load_scores(connection: duckdb.DuckDBPyConnection, files: Sequence[str]) -> None:
-    """A view ``scores`` over all rows of the given parts."""
+    """A view ``scores`` over the pool's rows of the given parts, and ``anchor_scores`` over the rows
+    of the anchors scored beside it (score --trusted; empty when there are none)."""
     for protocol in sorted({file.split("://", 1)[0] for file in files if is_remote_url(file)}):
         import fsspec
 
@@ -116,7 +117,20 @@ def load_scores(connection: duckdb.DuckDBPyConnection, files: Sequence[str]) -> 
     missing = {"shard", "key", "index", "status", "epoch", "mimic_score", "mimic_weight"} - columns
     if missing:
         raise MimicfilterError(f"not a mimicfilter score table: no column {', '.join(sorted(missing))}")
-    connection.execute(f"CREATE OR REPLACE VIEW scores AS {_finite_rows_sql(columns)}")
+    finite = _finite_rows_sql(columns)
+    if ANCHOR_COLUMN not in columns:
+        finite = f"SELECT *, NULL::VARCHAR AS {ANCHOR_COLUMN} FROM ({finite})"
+    # anchors are never pool samples: no count, vote, rule, manifest, key or shard ever sees them
+    connection.execute(f"CREATE OR REPLACE VIEW scores AS SELECT * FROM ({finite}) WHERE {ANCHOR_COLUMN} IS NULL")
+    connection.execute(f"CREATE OR REPLACE VIEW anchor_scores AS SELECT * FROM ({finite}) WHERE {ANCHOR_COLUMN} IS NOT NULL")
+
+
+def hash_condition(total: int, wanted: int, key_sql: str = 'shard, "index"') -> str:
+    """A deterministic ~wanted/total sample by hash of the sample's identity (stable across epochs)."""
+    if total <= wanted:
+        return "true"
+    fraction_ppm = max(1, int(1_000_000 * wanted / total))
+    return f"(hash({key_sql}) % 1000000) < {fraction_ppm}"
 
 
 # An ok row must carry these: a null there (a table edited by hand, a writer's bug) is no score at all.
@@ -177,6 +191,7 @@ def per_sample_sql(connection: duckdb.DuckDBPyConnection, source: str = "scores"
         optional("avg(loss)", "loss", "loss"),
         optional("avg(clip_score)", "clip_score", "clip_score"),
         optional("avg(ref_loss)", "ref_loss", "ref_loss"),
+        optional("avg(negclip_score)", "negclip_score", "negclip_score"),
         optional("any_value(label)::INTEGER", "label", "label"),
         *(optional(f"max({name})::INTEGER", name, name) for name in POOL_COLUMNS),
         *extra,

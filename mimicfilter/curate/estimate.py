@@ -1,16 +1,20 @@
-"""The dataset-quality estimate: the share of usable samples the epoch votes keep, how far to
-trust it, and what to call the kept share under other rules.
+"""The votes' relative score of a pool: the share of usable samples the epoch votes keep, how far to
+trust it, and what to call each figure.
 
-* **Estimate**: the kept share of the usable (status ``ok``) samples under the per-epoch votes
+* **Relative score**: the kept share of the usable (status ``ok``) samples under the per-epoch votes
   (``--binarize``, combined by ``--combine-votes``); with the default rule it was chosen by its
-  worst-case error on a validation suite of unlike pools (docs/benchmarks.md).
+  worst-case error on a validation suite of unlike pools (docs/benchmarks.md). It is not called a
+  quality: to a reference that never saw the pool's pairs part of the clean data scores like noise,
+  and no rule over the scores alone can tell (a clean pool read 57 %). The quality estimate is the
+  calibrated one (curate/calibrate.py), measured against the anchors of ``score --trusted``.
 * **Uncertainty**: the same share under each other sensible binarisation (``SPREAD_RULES``);
   the interval runs from the lowest to the highest of them and the rule in use.
 * **Warnings**: when those estimates disagree by more than ``DISAGREEMENT_MARGIN``, and when an
   epoch's scores show no second mode (one bump: a clean pool, or noise the reference cannot tell
   from clean data, so no rule can split it reliably).
-* **Label**: the votes' kept share estimates quality; any other rule fixes what is kept (top-k,
-  fractions, thresholds, SQL), so its kept share is a "kept fraction", never a quality.
+* **Label**: the votes' kept share is a "relative score"; any other rule fixes what is kept (top-k,
+  fractions, thresholds, SQL, the calibrated cut), so its kept share is a "kept fraction". Only a
+  calibrated estimate is called a "quality estimate".
 
 Torch-free; everything runs in DuckDB over the ``scores`` view and the ``samples`` table.
 """
@@ -27,7 +31,8 @@ from mimicfilter.curate.votes import AggregateConfig, Mixture, VoteRule, dawid_s
 SPREAD_RULES = ("mirror", "sign", "kmeans", "gmm")
 CLUSTERING_RULES = ("kmeans", "gmm")
 DISAGREEMENT_MARGIN = 0.10  # estimates further apart than this (in share of samples) → a warning
-QUALITY_LABEL, KEPT_LABEL = "quality estimate", "kept fraction"
+QUALITY_LABEL, RELATIVE_LABEL, KEPT_LABEL = "quality estimate", "relative score", "kept fraction"
+CALIBRATE_HINT = "uncalibrated: score with --trusted CHECKED_SHARDS to measure the quality (docs/filter.md)"
 
 
 @dataclass(frozen=True)
@@ -49,8 +54,8 @@ class QualityEstimate:
 
 
 def estimate_label(keep: list[str], drop: list[str]) -> str:
-    """"quality estimate" when the votes alone decide what is kept, else "kept fraction"."""
-    return QUALITY_LABEL if list(keep) == ["keep-votes"] and not list(drop) else KEPT_LABEL
+    """"relative score" when the votes alone decide what is kept, else "kept fraction"."""
+    return RELATIVE_LABEL if list(keep) == ["keep-votes"] and not list(drop) else KEPT_LABEL
 
 
 def vote_share(connection, rule: VoteRule, combine: str) -> float | None:
@@ -119,29 +124,45 @@ def estimate_quality(connection, aggregation: dict, config: AggregateConfig) -> 
     return QualityEstimate(value, rule, low, high, by_rule, second_mode, tuple(warnings))
 
 
-def headline_fields(keep: list[str], drop: list[str], kept: int, ok: int, estimate: QualityEstimate) -> dict:
+def headline_fields(keep: list[str], drop: list[str], kept: int, ok: int, estimate: QualityEstimate,
+                    calibrated: dict | None = None) -> dict:
     """What ``filter``'s summary.json and ``report``'s report.json both say about the kept share and
-    the estimate: ``headline`` (the kept share of usable samples under its right name),
-    ``quality_estimate`` (the votes' estimate of the pool) and ``quality`` (its range, per-rule
-    estimates, second modes and warnings)."""
+    the pool: ``headline`` (the kept share of usable samples under its right name),
+    ``quality_estimate`` (the calibrated estimate; null without anchors), ``relative_score`` (the
+    votes' share) and ``quality`` (the votes' range, per-rule shares, second modes and warnings,
+    plus ``calibrated``: value, low, high, trusted, synthetic, signal — or null)."""
+    calibrated_fields = None if calibrated is None else {
+        name: calibrated[name] for name in ("value", "low", "high", "trusted", "synthetic", "signal")}
     return {
         "headline": {"label": estimate_label(keep, drop), "value": kept / ok if ok else None},
-        "quality_estimate": estimate.value,
-        "quality": estimate.as_dict(),
+        "quality_estimate": None if calibrated is None else calibrated["value"],
+        "relative_score": estimate.value,
+        "quality": estimate.as_dict() | {"calibrated": calibrated_fields},
     }
+
+
+def calibrated_row(calibrated: dict) -> tuple[str, str]:
+    interval = f"{_percent(calibrated['low'])}–{_percent(calibrated['high'])}"
+    return (f"{QUALITY_LABEL} (calibrated)", f"{_percent(calibrated['value'])} (90% interval {interval}; "
+            f"{calibrated['trusted']} trusted and {calibrated['synthetic']} synthetic anchors, on {calibrated['signal']})")
 
 
 def headline_rows(headline: dict, quality: dict) -> list[tuple[str, str]]:
     """The headline as (name, value) rows, worded alike in ``filter``, ``report`` and the report page.
 
-    Under the votes the kept share *is* the estimate, followed by its range over the vote rules;
-    under any other rule the kept share is a "kept fraction" and the votes' estimate of the pool
-    follows it with its range."""
+    The kept share under its name; the calibrated quality estimate when the run has anchors; the
+    votes' relative score with its range (under the votes the kept share *is* that score), and
+    without anchors the line that says how to calibrate it."""
     rows = [(f"{headline['label']} (kept / usable)", _percent(headline["value"]))]
+    calibrated = quality.get("calibrated")
+    if calibrated:
+        rows.append(calibrated_row(calibrated))
     if quality.get("value") is not None:
         spread = f"{_percent(quality['low'])}–{_percent(quality['high'])}"
-        if headline["label"] == QUALITY_LABEL:
+        if headline["label"] == RELATIVE_LABEL:
             rows.append(("range over the vote rules", spread))
         else:
-            rows.append((f"{QUALITY_LABEL} of the pool (votes)", f"{_percent(quality['value'])} (range {spread})"))
+            rows.append((f"{RELATIVE_LABEL} of the pool (votes)", f"{_percent(quality['value'])} (range {spread})"))
+    if not calibrated:
+        rows.append(("calibration", CALIBRATE_HINT))
     return rows

@@ -21,6 +21,7 @@ from typing import IO, Any
 
 import duckdb
 
+from mimicfilter.curate.calibrate import MIN_ANCHORS, WEAK_SEPARATION, CalibratedCut, anchor_counts, calibrated_cut
 from mimicfilter.curate.duck import check_memory_limit, connect, forbid_file_access, load_scores, score_files, sql_string
 from mimicfilter.curate.duplicates import DEDUPE_UID, dedupe_uids, find_duplicates, shared_kept_uids
 from mimicfilter.curate.estimate import QualityEstimate, estimate_quality, headline_fields
@@ -69,6 +70,8 @@ class FilterConfig:
     strict: bool = False  # refuse unfinished runs instead of warning
     dedupe_uid: str = "off"  # see duplicates.py
     shard_roots: tuple[str, ...] = ()  # --shard-root: where moved shards are read from
+    target_precision: float | None = None  # the calibrated cut's target (needs anchors: score --trusted)
+    target_recall: float | None = None
 
     def __post_init__(self):
         if not self.inputs:
@@ -88,14 +91,27 @@ class FilterConfig:
         if self.shard_roots and self.write_shards is None:
             raise MimicfilterError("--shard-root only changes where --write-shards reads the shards",
                                    hint="add --write-shards DIR, or drop --shard-root")
+        for name, value in (("--target-precision", self.target_precision), ("--target-recall", self.target_recall)):
+            if value is not None and not 0 < value <= 1:
+                raise MimicfilterError(f"{name} {value}: must lie in (0, 1]")
+        if self.target_precision is not None and self.target_recall is not None:
+            raise MimicfilterError("--target-precision and --target-recall both choose the cut", hint="give one")
+        if (self.target_precision is not None or self.target_recall is not None) and self.keep:
+            raise MimicfilterError("--target-precision/--target-recall choose the calibrated cut, the keep rule",
+                                   hint="drop the other keep rules (--drop rules still apply after it)")
         if self.dry_run and written:
             raise MimicfilterError(f"--dry-run writes no files, but {', '.join(written)} asks for one",
                                    hint="drop --dry-run, or the output options (--keys - still prints keys)")
 
     @property
     def effective_keep(self) -> tuple[Rule, ...]:
-        """With no keep rule, the paper's filter: keep what the epoch votes keep."""
+        """With no keep rule, the paper's filter: keep what the epoch votes keep (a run with anchors
+        is cut by its calibration instead: :func:`_keep_rules`)."""
         return self.keep or (Rule("keep-votes"),)
+
+    @property
+    def wants_calibrated_cut(self) -> bool:
+        return not self.keep
 
 
 def _join(connection, joins: tuple[JoinSpec, ...]) -> list[dict]:
@@ -138,8 +154,8 @@ def _join(connection, joins: tuple[JoinSpec, ...]) -> list[dict]:
     return report
 
 
-def _summary(connection, config: FilterConfig, aggregation: dict, joins: list[dict],
-             estimate: QualityEstimate) -> dict[str, Any]:
+def _summary(connection, config: FilterConfig, keep: tuple[Rule, ...], aggregation: dict, joins: list[dict],
+             estimate: QualityEstimate, cut: CalibratedCut | None) -> dict[str, Any]:
     reasons = dict(connection.execute("SELECT reason, count(*) FROM decisions GROUP BY reason ORDER BY 2 DESC").fetchall())
     total, ok, kept, non_finite = connection.execute(
         "SELECT count(*), count(*) FILTER (WHERE status = 'ok'), count(*) FILTER (WHERE kept), "
@@ -149,7 +165,7 @@ def _summary(connection, config: FilterConfig, aggregation: dict, joins: list[di
         "inputs": list(config.inputs),
         "argv": list(config.argv),
         "rules": {
-            "keep": [rule.text for rule in config.effective_keep],
+            "keep": [rule.text for rule in keep],
             "drop": [rule.text for rule in config.drop],
             "combine": config.combine,
         },
@@ -160,8 +176,9 @@ def _summary(connection, config: FilterConfig, aggregation: dict, joins: list[di
         "kept": kept,
         "kept_fraction": kept / total if total else None,
         "non_finite_scores": non_finite,  # samples with a NaN, infinite or missing score in some epoch
-        **headline_fields([rule.text for rule in config.effective_keep], [rule.text for rule in config.drop],
-                          kept, ok, estimate),
+        **headline_fields([rule.text for rule in keep], [rule.text for rule in config.drop], kept, ok, estimate,
+                          cut.calibration.as_dict() if cut else None),
+        **({"calibration": cut.summary()} if cut else {}),
         "reasons": reasons,
     }
 
@@ -212,6 +229,32 @@ def _top_k_warnings(connection, rules: tuple[Rule, ...]) -> list[str]:
     return warnings
 
 
+def _keep_rules(config: FilterConfig, cut: CalibratedCut | None) -> tuple[Rule, ...]:
+    """The keep rules: the user's; else the calibrated cut when the run has anchors; else the votes."""
+    targeted = config.target_precision is not None or config.target_recall is not None
+    if targeted and cut is None:
+        raise MimicfilterError("--target-precision/--target-recall need a run scored with anchors",
+                               hint=f"score with --trusted CHECKED_SHARDS (at least {MIN_ANCHORS} usable trusted samples)")
+    if not config.wants_calibrated_cut or cut is None:
+        return config.effective_keep
+    if cut.rule is None:
+        raise MimicfilterError(f"no cut reaches the target {cut.target}: the estimated precision stays below it",
+                               hint="lower --target-precision, or use --target-recall")
+    return (cut.rule,)
+
+
+def _calibration_warnings(connection, cut: CalibratedCut | None) -> list[str]:
+    counts = anchor_counts(connection)
+    if cut is None:
+        return [f"only {counts.get('trusted', 0)} trusted anchors: at least {MIN_ANCHORS} usable ones calibrate the "
+                "estimate; the relative score is uncalibrated"] if counts else []
+    separation = cut.calibration.separation[cut.calibration.signal]
+    if separation < WEAK_SEPARATION:
+        return [f"the anchors' best signal ({cut.calibration.signal}) separates trusted from synthetic samples with "
+                f"AUROC {separation:.2f} only: read the quality estimate with its interval"]
+    return []
+
+
 def run_filter(config: FilterConfig, stdout: IO[str] = sys.stdout) -> dict[str, Any]:
     """Run the filter; returns the summary (also written to summary.json unless --dry-run)."""
     files = score_files(config.inputs)
@@ -225,15 +268,19 @@ def run_filter(config: FilterConfig, stdout: IO[str] = sys.stdout) -> dict[str, 
         rows = connection.execute("SELECT count(*) FROM scores").fetchone()[0]
         aggregation = aggregate(connection, config.aggregation)
         estimate = estimate_quality(connection, aggregation, config.aggregation)
+        cut = calibrated_cut(connection, [int(epoch) for epoch in aggregation["thresholds"]], config.target_precision,
+                             config.target_recall)
+        keep = _keep_rules(config, cut)
+        calibration_warnings = _calibration_warnings(connection, cut)
         joins = _join(connection, config.joins)
         forbid_file_access(connection)  # user SQL (--where) runs from here on: tables only, no files
-        apply_rules(connection, list(config.effective_keep), list(config.drop), config.combine)
+        apply_rules(connection, list(keep), list(config.drop), config.combine)
         dropped = dedupe_uids(connection, config.dedupe_uid)
         duplicates = find_duplicates(connection)
-        summary = _summary(connection, config, aggregation, joins, estimate)
+        summary = _summary(connection, config, keep, aggregation, joins, estimate, cut)
         summary |= {"score_rows": rows, "duplicates": duplicates,
-                    "warnings": list(estimate.warnings) + _warnings(connection, config, unfinished, duplicates)
-                    + _top_k_warnings(connection, config.effective_keep + config.drop)}
+                    "warnings": calibration_warnings + list(estimate.warnings)
+                    + _warnings(connection, config, unfinished, duplicates) + _top_k_warnings(connection, keep + config.drop)}
         if config.dedupe_uid != "off":
             summary["dedupe_uid"] = {"mode": config.dedupe_uid, "dropped": dropped}
         shard_order = _run_shard_order(config.inputs) or _shard_order(connection)

@@ -6,6 +6,8 @@ Keep rules (combined with ``and`` or ``or``):
                                 the ⌊F·N⌋ highest / lowest of the N ok samples with a COL value
   top-k COL=N                   the N highest
   keep-votes                    the combined per-epoch votes say keep (see votes.py)
+  calibrated COL>=X (or <=)     the calibrated cut on the anchors' best signal (calibrate.py), the
+                                default when the run has anchors
   where SQL                     any SQL expression over the columns
 Drop rules (subtracted afterwards: "keep A AND NOT B"): the same kinds, given with ``--drop``.
 
@@ -42,6 +44,8 @@ class Rule:
     def text(self) -> str:
         if self.kind == "keep-votes":
             return "keep-votes"
+        if self.kind == "calibrated":
+            return f"calibrated {self.column}{self.expression}{self.value:.6g}"
         if self.kind == "where":
             return f"where {self.expression}"
         value = int(self.value) if self.kind == "top-k" else self.value
@@ -106,6 +110,8 @@ def _compile(rules: list[Rule], prefix: str) -> _CompiledRules:
             predicates.append(f"coalesce({column} <= {_sql_literal(rule.value)}, false)")
         elif rule.kind == "keep-votes":
             predicates.append("coalesce(vote_keep, false)")
+        elif rule.kind == "calibrated":  # expression: ">=" (higher is cleaner) or "<="
+            predicates.append(f"coalesce({column} {rule.expression} {_sql_literal(rule.value)}, false)")
         elif rule.kind == "where":
             predicates.append(f"coalesce(({rule.expression}), false)")
         else:

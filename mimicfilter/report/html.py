@@ -8,7 +8,7 @@ import html
 from pathlib import Path
 from typing import Any
 
-from mimicfilter.curate.estimate import QUALITY_LABEL, headline_rows
+from mimicfilter.curate.estimate import QUALITY_LABEL, RELATIVE_LABEL, headline_rows
 from mimicfilter.report.page_parts import (
     STYLE,
     contact_sheet_section,
@@ -29,20 +29,31 @@ def headline(summary: dict[str, Any]) -> str:
     on the page that names and qualifies the estimate; the wording comes from curate/estimate.py, as
     in ``filter`` and ``report``'s terminal summary."""
     head, quality = summary["headline"], summary["quality"]
-    is_quality = head["label"] == QUALITY_LABEL
-    rows = headline_rows(head, quality)[1:]  # the first row is the big number
-    caveat = (
-        "<strong>Read it relatively.</strong> It is the kept share of the usable samples under the votes, "
-        "not a count of errors: compare it between shards of this run and between pools scored with the same "
-        "reference and settings; a pool whose bad samples look good to the reference reads too high, one from a "
-        "domain the reference never saw reads too low."
-        if is_quality else
-        "<strong>Not a quality.</strong> This rule fixes what is kept (a share, a count or a threshold), so the "
-        "kept share says nothing about the data; the votes' estimate of the pool is given below it."
-    )
+    calibrated = quality.get("calibrated")
+    rows = headline_rows(head, quality)
+    if calibrated:  # the big number is the calibrated estimate; the kept share is a row beneath it
+        title, key, value = "Dataset quality estimate", "quality_estimate", calibrated["value"]
+        rows = [row for row in rows if not row[0].startswith(QUALITY_LABEL)]
+        caveat = (f"<strong>Calibrated.</strong> Measured against {calibrated['trusted']} trusted samples and "
+                  f"{calibrated['synthetic']} synthetic negatives scored in the same run, on {calibrated['signal']}; "
+                  "the interval is where the clean share lies on 9 runs in 10 of the validation suite. It assumes the "
+                  "trusted samples are like the pool's clean ones.")
+    else:
+        is_relative = head["label"] == RELATIVE_LABEL
+        title, key, value = ("Relative score" if is_relative else "Kept fraction"), "headline.value", head["value"]
+        rows = rows[1:]  # the first row is the big number
+        caveat = (
+            "<strong>Uncalibrated: read it relatively.</strong> It is the kept share of the usable samples under the "
+            "votes, not a quality: compare it between shards of this run and between pools scored with the same "
+            "reference and settings; a pool whose bad samples look good to the reference reads too high, one from a "
+            "domain the reference never saw reads too low. Score with <code>--trusted</code> to measure the quality."
+            if is_relative else
+            "<strong>Not a quality.</strong> This rule fixes what is kept (a share, a count or a threshold), so the "
+            "kept share says nothing about the data; the votes' relative score of the pool is given below it."
+        )
     return (
-        f"<section id='estimate' class='headline'><h2>{'Dataset quality estimate' if is_quality else 'Kept fraction'}</h2>"
-        f"<p class='big' data-key='{'quality_estimate' if is_quality else 'headline.value'}'>{percent(head['value'])}</p>"
+        f"<section id='estimate' class='headline'><h2>{title}</h2>"
+        f"<p class='big' data-key='{key}'>{percent(value)}</p>"
         + "".join(f"<p>{e(name[0].upper() + name[1:])}: {e(value)}</p>" for name, value in rows)
         + f"<p>{number(summary['kept'], 'kept')} of {number(summary['ok'], 'ok')} usable samples kept under "
         f"<code>{e(summary['rule'])}</code>.</p>"

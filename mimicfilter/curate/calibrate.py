@@ -1,0 +1,228 @@
+"""Calibrated curation: the pool's clean share with an interval, and the precision and recall of every
+cut, measured against the anchors a run scored beside its pool (``score --trusted``, pipeline/anchors.py).
+
+    anchor_scores ──► per anchor: its signals ──► each signal's separation (AUROC trusted vs synthetic)
+    scores (hash sample of the pool) ──► the chosen signal ──► clean share (curate/mixture.py), interval,
+                                                               precision / recall per threshold ──► the cut
+
+Signals (per sample, over its epochs): the mimic score (mean and per epoch), the reference's CLIP
+score, its negCLIP score (the CLIP score less the batch's contrastive normaliser) and its own loss
+(lower is cleaner). The one that separates the trusted samples from the synthetic negatives best
+is used. Torch-free; everything reads DuckDB views made by curate/duck.py.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+
+from mimicfilter.curate.duck import hash_condition, per_sample_sql
+from mimicfilter.curate.mixture import (
+    best_bin,
+    bootstrap,
+    tail_curve,
+    threshold_for_precision,
+    threshold_for_recall,
+    two_component,
+)
+from mimicfilter.curate.rules import Rule
+from mimicfilter.defaults import CALIBRATED_TARGET_RECALL as DEFAULT_TARGET_RECALL
+from mimicfilter.errors import MimicfilterError
+from mimicfilter.metrics import auroc
+
+POOL_SAMPLE = 200_000  # pool samples the estimate and the curve are computed on (hash-sampled beyond)
+MIN_ANCHORS = 20  # fewer usable trusted (or synthetic) samples: no calibration, a warning instead
+WEAK_SEPARATION = 0.85  # below this AUROC (trusted vs synthetic) the estimate's worst case is wider
+BOOTSTRAP_ROUNDS = 200
+LEVEL = 0.9  # the interval's coverage
+TRUSTED, SYNTHETIC = "trusted", "synthetic"
+
+
+@dataclass(frozen=True)
+class Signal:
+    column: str  # a column of the per-sample table
+    higher_is_clean: bool = True
+
+    @property
+    def name(self) -> str:
+        return self.column
+
+    def oriented(self, values: np.ndarray) -> np.ndarray:
+        return values if self.higher_is_clean else -values
+
+
+def candidate_signals(columns: set[str], epochs: list[int]) -> list[Signal]:
+    """The signals a run's table can give (per-epoch mimic scores only with more than one epoch)."""
+    signals = [Signal("mimic_score")]
+    if len(epochs) > 1:
+        signals += [Signal(f"mimic_score_e{epoch}") for epoch in epochs]
+    signals += [Signal(name) for name in ("clip_score", "negclip_score") if name in columns]
+    if "ref_loss" in columns:
+        signals.append(Signal("ref_loss", higher_is_clean=False))
+    return signals
+
+
+def _epoch_columns(epochs: list[int]) -> list[str]:
+    return [f"avg(mimic_score) FILTER (WHERE epoch = {epoch}) AS mimic_score_e{epoch}" for epoch in epochs]
+
+
+def _values(connection, source: str, signals: list[Signal], epochs: list[int], where: str = "true",
+            extra: tuple[str, ...] = ()) -> dict[str, np.ndarray]:
+    rows = f"(SELECT * FROM {source} WHERE {where})"
+    sql = per_sample_sql(connection, source, list(extra) + (_epoch_columns(epochs) if len(epochs) > 1 else []), rows)
+    selected = ", ".join([f"{signal.column}::DOUBLE AS {signal.column}" for signal in signals]
+                         + [name.rsplit(" AS ", 1)[-1] for name in extra])
+    data = connection.execute(f"SELECT {selected} FROM ({sql}) WHERE status = 'ok'").fetchnumpy()
+    return {name: np.ma.filled(np.ma.asarray(values).astype(float), np.nan) if name != "anchor" else np.asarray(values)
+            for name, values in data.items()}
+
+
+@dataclass(frozen=True)
+class Calibration:
+    """The calibrated estimate of a pool and what the cut would keep."""
+
+    value: float  # estimated clean share of the pool's usable samples
+    low: float
+    high: float
+    trusted: int  # usable anchors the estimate stands on
+    synthetic: int
+    signal: str  # the per-sample column it was computed on
+    higher_is_clean: bool
+    separation: dict[str, float]  # AUROC of each signal, trusted vs synthetic
+    upper: float  # the best-bin estimate (an upper bound up to sampling error)
+    explained: float  # the two-component estimate (trusted + synthetic)
+    curve: list[dict[str, float]] = field(default_factory=list)  # threshold, kept, recall, precision
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class Anchored:
+    """The arrays a calibration is computed from (oriented: higher = cleaner)."""
+
+    pool: np.ndarray
+    trusted: np.ndarray
+    synthetic: np.ndarray
+    signal: Signal
+    separation: dict[str, float]
+
+
+def anchor_counts(connection) -> dict[str, int]:
+    return dict(connection.execute(
+        "SELECT anchor, count(DISTINCT (shard, \"index\")) FROM anchor_scores GROUP BY anchor").fetchall())
+
+
+def gather(connection, epochs: list[int]) -> Anchored | None:
+    """The anchors' and a hash sample of the pool's signals; None without enough usable anchors."""
+    counts = anchor_counts(connection)
+    if counts.get(TRUSTED, 0) < MIN_ANCHORS:
+        return None
+    columns = {row[0] for row in connection.execute("DESCRIBE scores").fetchall()}
+    signals = candidate_signals(columns, epochs)
+    anchors = _values(connection, "anchor_scores", signals, epochs, extra=("any_value(anchor) AS anchor",))
+    is_trusted, is_synthetic = anchors["anchor"] == TRUSTED, anchors["anchor"] == SYNTHETIC
+    total = connection.execute("SELECT count(*) FROM samples WHERE status = 'ok'").fetchone()[0]
+    pool = _values(connection, "scores", signals, epochs, hash_condition(total, POOL_SAMPLE))
+    separation = {}
+    for signal in signals:
+        values = signal.oriented(anchors[signal.column])
+        usable = ~np.isnan(values) & (is_trusted | is_synthetic)
+        if is_trusted[usable].sum() >= MIN_ANCHORS and is_synthetic[usable].sum() >= MIN_ANCHORS:
+            separation[signal.name] = round(auroc(values[usable], is_trusted[usable]), 4)
+    if not separation:
+        return None
+    best = max(separation, key=lambda name: (separation[name], -list(separation).index(name)))
+    signal = next(s for s in signals if s.name == best)
+
+    def usable(values: np.ndarray) -> np.ndarray:
+        oriented = signal.oriented(values)
+        return oriented[~np.isnan(oriented)]
+
+    return Anchored(usable(pool[signal.column]), usable(anchors[signal.column][is_trusted]),
+                    usable(anchors[signal.column][is_synthetic]), signal, separation)
+
+
+def estimate(data: Anchored, seed: int = 0) -> Calibration:
+    """The clean share (see docs/filter.md "Calibrated curation"), its bootstrap interval and the curve."""
+    if not len(data.pool):
+        raise MimicfilterError("no usable pool sample to calibrate", hint="check the run's statuses")
+    upper, _ = best_bin(data.pool, data.trusted)
+    explained = two_component(data.pool, data.trusted, data.synthetic)
+    value = upper
+    rounds = bootstrap(lambda p, t: best_bin(p, t)[0], (data.pool, data.trusted), BOOTSTRAP_ROUNDS, seed=seed)
+    low, high = (float(x) for x in np.quantile(rounds, [(1 - LEVEL) / 2, (1 + LEVEL) / 2]))
+    curve = tail_curve(data.pool, data.trusted, value)
+    sign = 1.0 if data.signal.higher_is_clean else -1.0
+    points = [{"threshold": round(sign * float(t), 6), "kept": round(float(k), 6), "recall": round(float(r), 6),
+               "precision": round(float(p), 6)}
+              for t, k, r, p in zip(curve["threshold"], curve["kept"], curve["recall"], curve["precision"])]
+    return Calibration(round(value, 6), round(min(low, value), 6), round(max(high, value), 6), len(data.trusted),
+                       len(data.synthetic), data.signal.name, data.signal.higher_is_clean, data.separation,
+                       round(upper, 6), round(explained, 6), points)
+
+
+def cut_threshold(data: Anchored, calibration: Calibration, target_precision: float | None,
+                  target_recall: float | None) -> float | None:
+    """The threshold on the signal (in its own orientation) meeting the target; None when none does."""
+    if target_recall is not None:
+        oriented = threshold_for_recall(data.trusted, target_recall)
+    else:
+        oriented = threshold_for_precision(data.pool, data.trusted, calibration.value, target_precision)
+        if oriented is None:
+            return None
+    return oriented if data.signal.higher_is_clean else -oriented
+
+
+@dataclass(frozen=True)
+class CalibratedCut:
+    """The calibration of a filter run and, when a calibrated cut keeps samples, that cut."""
+
+    calibration: Calibration
+    rule: Rule | None  # the calibrated keep rule (None when no threshold reaches the target)
+    target: dict[str, float]  # {"recall": r} or {"precision": p}
+    expected: dict[str, float] | None  # the cut's estimated kept share, precision and recall
+
+    def summary(self) -> dict:
+        return {**self.calibration.as_dict(), "cut": {"target": self.target, "rule": self.rule.text if self.rule else None,
+                                                      **(self.expected or {})}}
+
+
+def _expected(data: Anchored, calibration: Calibration, threshold: float) -> dict[str, float]:
+    oriented = threshold if data.signal.higher_is_clean else -threshold
+    kept = float(np.mean(data.pool >= oriented))
+    recall = float(np.mean(data.trusted >= oriented))
+    return {"threshold": threshold, "kept": round(kept, 6), "recall": round(recall, 6),
+            "precision": round(min(1.0, calibration.value * recall / kept) if kept else 1.0, 6)}
+
+
+def add_signal_column(connection, signal: str) -> None:
+    """A per-epoch signal (``mimic_score_eK``) as a column of ``samples``, for the cut's rule."""
+    columns = {row[0] for row in connection.execute("DESCRIBE samples").fetchall()}
+    if signal in columns or not signal.startswith("mimic_score_e"):
+        return
+    epoch = int(signal.removeprefix("mimic_score_e"))
+    connection.execute(
+        f'CREATE OR REPLACE TABLE samples AS SELECT s.*, e.value AS {signal} FROM samples s LEFT JOIN '
+        f'(SELECT shard, "index", avg(mimic_score) AS value FROM scores WHERE epoch = {epoch} GROUP BY shard, "index") e '
+        'USING (shard, "index")')
+
+
+def calibrated_cut(connection, epochs: list[int], target_precision: float | None = None,
+                   target_recall: float | None = None, seed: int = 0) -> CalibratedCut | None:
+    """Calibrate the pool against its anchors and make the cut for the target (recall by default);
+    None when the run has too few anchors. Reads ``scores``: call before file access is switched off."""
+    data = gather(connection, epochs)
+    if data is None:
+        return None
+    calibration = estimate(data, seed)
+    target = {"precision": target_precision} if target_precision is not None else {
+        "recall": target_recall if target_recall is not None else DEFAULT_TARGET_RECALL}
+    threshold = cut_threshold(data, calibration, target_precision, target.get("recall"))
+    if threshold is None:
+        return CalibratedCut(calibration, None, target, None)
+    add_signal_column(connection, data.signal.column)
+    rule = Rule("calibrated", column=data.signal.column, value=threshold,
+                expression=">=" if data.signal.higher_is_clean else "<=")
+    return CalibratedCut(calibration, rule, target, _expected(data, calibration, threshold))

@@ -1,0 +1,150 @@
+"""Calibrated curation: mixture-proportion estimates with anchors, the calibrated cut, and anchors that
+never reach a count, manifest, key, DataComp subset or curated shard."""
+
+import json
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+from click.testing import CliRunner
+from helpers import image_text_samples, score_row, write_score_run, write_tar
+
+from mimicfilter.curate.datacomp import read_datacomp_npy
+from mimicfilter.curate.mixture import best_bin, tail_curve, threshold_for_precision, threshold_for_recall, two_component
+from mimicfilter_cli.main import cli
+
+
+def invoke(*args):
+    return CliRunner().invoke(cli, [str(arg) for arg in args], catch_exceptions=False)
+
+
+# the numbers ---------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("share", [1.0, 0.7, 0.3])
+def test_best_bin_and_two_components_recover_the_clean_share(share):
+    rng = np.random.default_rng(0)
+    clean, noise = lambda n: rng.normal(1.0, 0.5, n), lambda n: rng.normal(-1.0, 0.5, n)  # noqa: E731
+    pool = np.concatenate([clean(int(20_000 * share)), noise(20_000 - int(20_000 * share))])
+    trusted, synthetic = clean(500), noise(500)
+    upper, _ = best_bin(pool, trusted)
+    assert share - 0.03 <= upper <= min(1.0, share + 0.05)
+    assert two_component(pool, trusted, synthetic) == pytest.approx(share, abs=0.03)
+
+
+def test_best_bin_is_an_upper_bound_when_noise_reaches_the_top():
+    rng = np.random.default_rng(1)
+    pool = np.concatenate([rng.normal(0.3, 1, 6000), rng.normal(0, 1, 4000)])  # barely apart
+    upper, _ = best_bin(pool, rng.normal(0.3, 1, 500))
+    assert upper >= 0.6 - 0.03
+
+
+def test_the_curve_and_the_cuts_follow_the_trusted_tail():
+    rng = np.random.default_rng(2)
+    pool = np.concatenate([rng.normal(1, 0.3, 8000), rng.normal(-1, 0.3, 2000)])
+    trusted = rng.normal(1, 0.3, 400)
+    curve = tail_curve(pool, trusted, 0.8)
+    assert curve["kept"][0] == 1.0 and curve["recall"][0] == 1.0 and curve["precision"][0] == pytest.approx(0.8)
+    assert np.all(np.diff(curve["kept"]) <= 0)
+    at_95 = threshold_for_recall(trusted, 0.95)
+    assert np.mean(trusted >= at_95) >= 0.95 and np.mean(trusted > at_95) < 0.95
+    precise = threshold_for_precision(pool, trusted, 0.8, 0.99)
+    assert precise is not None and np.mean(pool[pool >= precise] > 0) > 0.98  # estimated at 0.99
+    assert threshold_for_precision(pool, trusted, 0.8, 1.01) is None
+
+
+# filter with anchors --------------------------------------------------------------------------------
+
+
+def anchored_run(tmp_path, clean_share=0.7, trusted=200, synthetic=200, epochs=1, seed=0, gap=2.0):
+    """Real shards, and a score table whose clip_score is N(1, .5) for clean pairs and N(-1, .5) for
+    corrupted ones, with trusted and synthetic anchor rows drawn the same way."""
+    rng = np.random.default_rng(seed)
+    (tmp_path / "shards").mkdir(exist_ok=True)
+    shard = str(write_tar(tmp_path / "shards" / "s0.tar", image_text_samples(1000)))
+    truth, rows = {}, []
+    for index in range(1000):
+        clean = index < int(1000 * clean_share)
+        truth[f"{index:08d}"] = clean
+        value = float(rng.normal(gap / 2 if clean else -gap / 2, 0.5))
+        for epoch in range(epochs):
+            rows.append(score_row(shard, f"{index:08d}", index, epoch, float(rng.normal(0, 1)), uid=f"{index:032x}",
+                                  clip=value))
+    for kind, count, centre in (("trusted", trusted, gap / 2), ("synthetic", synthetic, -gap / 2)):
+        anchor_shard = shard + "#synthetic" if kind == "synthetic" else str(tmp_path / "trusted.tar")
+        for index in range(count):
+            value = float(rng.normal(centre, 0.5))
+            for epoch in range(epochs):
+                row = score_row(anchor_shard, f"{kind}{index}", index, epoch, float(rng.normal(0, 1)),
+                                uid=f"{index:032x}", clip=value)  # uids that collide with the pool's on purpose
+                rows.append(row | {"anchor": kind})
+    return write_score_run(tmp_path / "run", rows, [shard], epochs=epochs), truth
+
+
+def test_a_calibrated_estimate_and_its_default_cut(tmp_path):
+    run, truth = anchored_run(tmp_path, clean_share=0.7)
+    out = tmp_path / "out"
+    result = invoke("filter", run, "--out", out, "--json")
+    assert result.exit_code == 0, result.output
+    summary = json.loads(result.stdout)
+    calibrated = summary["quality"]["calibrated"]
+    assert set(calibrated) == {"value", "low", "high", "trusted", "synthetic", "signal"}
+    assert calibrated["signal"] == "clip_score" and calibrated["trusted"] == 200 and calibrated["synthetic"] == 200
+    assert calibrated["low"] <= 0.7 <= calibrated["high"] and abs(calibrated["value"] - 0.7) < 0.05
+    assert summary["quality_estimate"] == calibrated["value"]
+    assert summary["rules"]["keep"][0].startswith("calibrated clip_score>=")
+    assert summary["calibration"]["separation"]["clip_score"] > 0.95
+    cut = summary["calibration"]["cut"]
+    assert cut["target"] == {"recall": 0.95} and cut["recall"] >= 0.95
+    manifest = pq.read_table(out / "manifest.parquet").to_pylist()
+    kept_clean = sum(row["kept"] and truth[row["key"]] for row in manifest)
+    assert kept_clean / sum(truth.values()) >= 0.9  # the cut keeps the clean samples it promises
+    assert summary["headline"]["label"] == "kept fraction"
+
+
+def test_targets_choose_the_cut(tmp_path):
+    run, _ = anchored_run(tmp_path, clean_share=0.5, gap=1.0)
+    precise = json.loads(invoke("filter", run, "--dry-run", "--json", "--target-precision", "0.95").stdout)
+    loose = json.loads(invoke("filter", run, "--dry-run", "--json", "--target-recall", "0.95").stdout)
+    assert precise["calibration"]["cut"]["precision"] >= 0.95 and loose["calibration"]["cut"]["recall"] >= 0.95
+    assert precise["kept"] < loose["kept"]
+    assert invoke("filter", run, "--dry-run", "--target-precision", "1.5").exit_code == 2
+    assert "choose the calibrated cut" in invoke("filter", run, "--dry-run", "--target-recall", "0.9",
+                                                  "--top-frac", "clip_score=0.5").stderr
+
+
+def test_anchors_never_reach_a_count_or_an_output(tmp_path):
+    run, _ = anchored_run(tmp_path, clean_share=0.7)
+    out = tmp_path / "out"
+    result = invoke("filter", run, "--out", out, "--where", "true", "--keys", out / "keys.txt",
+                    "--datacomp-npy", out / "subset.npy", "--write-shards", out / "shards", "--json")
+    assert result.exit_code == 0, result.output
+    summary = json.loads(result.stdout)
+    assert summary["samples"] == summary["ok"] == summary["kept"] == 1000 and summary["score_rows"] == 1000
+    manifest = pq.read_table(out / "manifest.parquet").to_pylist()
+    assert len(manifest) == 1000 and all(row["shard"].endswith("s0.tar") for row in manifest)
+    keys = (out / "keys.txt").read_text().splitlines()
+    assert len(keys) == 1000 and not any("trusted" in line or "synthetic" in line for line in keys)
+    assert len(read_datacomp_npy(out / "subset.npy")) == 1000
+    assert sum(shard["nsamples"] for shard in summary["curated_shards"]) == 1000
+    assert "duplicates" in summary and summary["duplicates"]["uids"]["names"] == 0  # anchors' uids are not pool uids
+    report = invoke("report", run, "--out", tmp_path / "report", "--sheet-size", "2", "--json")
+    assert report.exit_code == 0, report.output
+    assert json.loads(report.stdout)["samples"] == 1000
+
+
+def test_without_anchors_nothing_is_called_a_quality_estimate(tmp_path):
+    rows = [score_row("x.tar", f"k{i}", i, 0, float(i % 7) - 3) for i in range(60)]
+    run = write_score_run(tmp_path / "run", rows, ["x.tar"])
+    result = invoke("filter", run, "--out", tmp_path / "out")
+    assert result.exit_code == 0, result.output
+    assert "quality estimate" not in result.output.lower() and "relative score" in result.stderr
+    assert "--trusted" in result.stderr
+    summary = json.loads((tmp_path / "out" / "summary.json").read_text())
+    assert summary["quality_estimate"] is None and summary["quality"]["calibrated"] is None
+    assert summary["headline"]["label"] == "relative score"
+    report = invoke("report", run, "--out", tmp_path / "report", "--sheet-size", "0")
+    assert report.exit_code == 0 and "quality estimate" not in report.output.lower()
+    page = (tmp_path / "report" / "index.html").read_text().lower()
+    assert "quality estimate" not in page and "relative score" in page
+    assert invoke("filter", run, "--dry-run", "--target-recall", "0.9").exit_code == 2
