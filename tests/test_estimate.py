@@ -86,9 +86,9 @@ def test_the_default_rule_is_mirror():
 def test_a_clean_pool_reads_clean_and_is_not_split_in_two(measured, name):
     truth, summaries = measured[name]
     default = summaries["mirror"]
-    assert default["quality_estimate"] >= 0.99 and summaries["sign"]["quality_estimate"] >= 0.99
+    assert default["relative_score"] >= 0.99 and summaries["sign"]["relative_score"] >= 0.99
     # the clustering rules split any single bump in two: the failure the default avoids
-    assert summaries["gmm"]["quality_estimate"] < 0.85 and summaries["kmeans"]["quality_estimate"] < 0.85
+    assert summaries["gmm"]["relative_score"] < 0.85 and summaries["kmeans"]["relative_score"] < 0.85
     quality = default["quality"]
     assert quality["second_mode"] == {"0": False}
     assert set(quality["by_rule"]) == {"mirror", "sign"}  # no clustering rule where there is nothing to cluster
@@ -99,14 +99,14 @@ def test_a_clean_pool_reads_clean_and_is_not_split_in_two(measured, name):
 def test_a_clean_bump_whose_tail_crosses_zero_reads_clean(measured):
     truth, summaries = measured["all clean, near 0"]
     assert (mixture(1.0, clean_near_zero, normal(0, 1)) < 0).mean() > 0.1  # dropping twice that share would read the pool 70-80 % clean
-    assert summaries["mirror"]["quality_estimate"] == 1.0
+    assert summaries["mirror"]["relative_score"] == 1.0
     assert summaries["mirror"]["kept"] == SAMPLES
 
 
 def test_two_modes_every_rule_agrees(measured):
     truth, summaries = measured["bimodal"]
     for binarize, summary in summaries.items():
-        assert summary["quality_estimate"] == pytest.approx(truth, abs=0.02), binarize
+        assert summary["relative_score"] == pytest.approx(truth, abs=0.02), binarize
     default = summaries["mirror"]
     assert default["quality"]["second_mode"] == {"0": True, "1": True, "2": True}
     assert set(default["quality"]["by_rule"]) == {"mirror", "sign", "kmeans", "gmm"}
@@ -116,9 +116,9 @@ def test_two_modes_every_rule_agrees(measured):
 
 def test_noise_symmetric_around_zero_is_counted_by_the_mirror_not_by_the_sign(measured):
     truth, summaries = measured["symmetric noise"]
-    assert summaries["mirror"]["quality_estimate"] == pytest.approx(truth, abs=0.03)
+    assert summaries["mirror"]["relative_score"] == pytest.approx(truth, abs=0.03)
     # half the noise scores above 0: the sign rule keeps it
-    assert summaries["sign"]["quality_estimate"] == pytest.approx(truth + (1 - truth) / 2, abs=0.03)
+    assert summaries["sign"]["relative_score"] == pytest.approx(truth + (1 - truth) / 2, abs=0.03)
     default = summaries["mirror"]
     assert default["quality"]["low"] <= truth <= default["quality"]["high"]
     disagreement = [w for w in default["warnings"] if "disagree" in w]
@@ -141,13 +141,13 @@ def filter_summary(run: Path, out: Path, *args: str) -> dict:
 def test_the_label_changes_with_the_rule(tmp_path):
     run = write_scores(tmp_path / "run", mixture(0.7, normal(2.0, 0.4), normal(-2.0, 0.5)))
     votes = filter_summary(run, tmp_path / "votes")
-    assert votes["headline"]["label"] == "quality estimate"
-    assert votes["headline"]["value"] == votes["quality_estimate"] == pytest.approx(0.7, abs=0.02)
+    assert votes["headline"]["label"] == "relative score"
+    assert votes["headline"]["value"] == votes["relative_score"] == pytest.approx(0.7, abs=0.02)
     for args in (["--top-frac", "clip_score=0.3"], ["--top-k", "mimic_score=10"], ["--min", "mimic_score=1"],
                  ["--where", "loss < 2"], ["--keep-votes", "--drop", "bottom-frac:mimic_score=0.1"]):
         summary = filter_summary(run, tmp_path / "other", *args)
         assert summary["headline"]["label"] == "kept fraction", args
-        assert summary["quality_estimate"] == votes["quality_estimate"]  # the pool's, whatever the rule
+        assert summary["relative_score"] == votes["relative_score"]  # the pool's, whatever the rule
     assert summary["headline"]["value"] <= votes["headline"]["value"]  # the votes minus a drop rule
     top = filter_summary(run, tmp_path / "top", "--top-frac", "clip_score=0.3")
     assert top["headline"]["value"] == pytest.approx(0.3)
@@ -161,10 +161,10 @@ def test_report_shows_the_filters_label_estimate_interval_and_warnings(tmp_path)
                                               "fingerprint": {"task": "contrastive"}}))
     votes = filter_summary(run, tmp_path / "votes")
     report = build_report(ReportConfig(run_dir=run, out_dir=tmp_path / "report-votes", sheet_size=0))
-    for field in ("headline", "quality_estimate", "quality", "warnings"):
+    for field in ("headline", "quality_estimate", "relative_score", "quality", "warnings"):
         assert report[field] == votes[field], field
     page = (tmp_path / "report-votes" / "index.html").read_text()
-    assert "Dataset quality estimate" in page and "disagree" in page
+    assert "Relative score" in page and "disagree" in page and "quality estimate" not in page.lower()
     top = tmp_path / "top"
     filter_summary(run, top, "--top-frac", "clip_score=0.3")
     result = CliRunner().invoke(cli, ["report", str(run), "--out", str(tmp_path / "report-top"), "--sheet-size", "0",
@@ -172,9 +172,9 @@ def test_report_shows_the_filters_label_estimate_interval_and_warnings(tmp_path)
     assert result.exit_code == 0, result.output
     report = json.loads((tmp_path / "report-top" / "report.json").read_text())
     assert report["headline"] == {"label": "kept fraction", "value": pytest.approx(0.3)}
-    assert report["quality_estimate"] == votes["quality_estimate"]
+    assert report["relative_score"] == votes["relative_score"]
     page = (tmp_path / "report-top" / "index.html").read_text()
-    assert "Kept fraction" in page and "Dataset quality estimate" not in page
+    assert "Kept fraction" in page and "quality estimate" not in page.lower()
     assert "Kept fraction 30.0%" in " ".join(result.stderr.split())
     assert "warning:" in result.stderr.lower()
 
@@ -184,13 +184,18 @@ def test_rules_are_parsed_as_the_label_expects():
 
 
 def test_filter_and_report_word_the_headline_alike():
-    from mimicfilter.curate.estimate import headline_rows
+    from mimicfilter.curate.estimate import CALIBRATE_HINT, headline_rows
 
     quality = {"value": 0.62, "low": 0.55, "high": 0.8}
-    votes = headline_rows({"label": "quality estimate", "value": 0.62}, quality)
-    assert votes == [("quality estimate (kept / usable)", "62.0%"), ("range over the vote rules", "55.0%–80.0%")]
+    hint = ("calibration", CALIBRATE_HINT)
+    votes = headline_rows({"label": "relative score", "value": 0.62}, quality)
+    assert votes == [("relative score (kept / usable)", "62.0%"), ("range over the vote rules", "55.0%–80.0%"), hint]
     fixed = headline_rows({"label": "kept fraction", "value": 0.3}, quality)
     assert fixed == [("kept fraction (kept / usable)", "30.0%"),
-                     ("quality estimate of the pool (votes)", "62.0% (range 55.0%–80.0%)")]
+                     ("relative score of the pool (votes)", "62.0% (range 55.0%–80.0%)"), hint]
     assert headline_rows({"label": "kept fraction", "value": None}, {"value": None}) == [
-        ("kept fraction (kept / usable)", "–")]
+        ("kept fraction (kept / usable)", "–"), hint]
+    calibrated = {"value": 0.71, "low": 0.66, "high": 0.75, "trusted": 200, "synthetic": 180, "signal": "clip_score"}
+    rows = headline_rows({"label": "kept fraction", "value": 0.66}, quality | {"calibrated": calibrated})
+    assert rows[1] == ("quality estimate (calibrated)", "71.0% (90% interval 66.0%–75.0%; 200 trusted and 180 "
+                                                        "synthetic anchors, on clip_score)") and hint not in rows

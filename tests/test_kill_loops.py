@@ -44,7 +44,7 @@ def report_mixed(out: Path) -> str | None:
     """Why the report in ``out`` is not one run's, or None."""
     summary = json.loads((out / "report.json").read_text())
     page = (out / "index.html").read_text()
-    quality = summary["quality_estimate"]
+    quality = summary["headline"]["value"]
     thumbnails = {card["thumbnail"] for cards in summary.get("sheets", {}).values() for card in cards if card["thumbnail"]}
     expected = {"index.html", "report.json", "_SUCCESS", *summary["images"].values(), *({"thumbs"} if thumbnails else ())}
     shown = {f"thumbs/{name}" for name in os.listdir(out / "thumbs")} if (out / "thumbs").is_dir() else set()

@@ -104,9 +104,9 @@ def test_default_rule_quality_equals_the_filter_summary(run, tmp_path):
     assert result.exit_code == 0, result.output
     filter_summary = json.loads((tmp_path / "curated" / "summary.json").read_text())
     summary = build_report(ReportConfig(run_dir=run, out_dir=tmp_path / "report"))
-    assert summary["quality_estimate"] == pytest.approx(filter_summary["quality_estimate"])
+    assert summary["relative_score"] == pytest.approx(filter_summary["relative_score"])
     assert summary["headline"] == filter_summary["headline"]
-    assert summary["headline"]["label"] == "quality estimate"
+    assert summary["headline"]["label"] == "relative score"
     assert summary["quality"] == filter_summary["quality"]
     for warning in summary["quality"]["warnings"]:  # the estimate's warnings, in both (beside their own)
         assert warning in summary["warnings"] and warning in filter_summary["warnings"]

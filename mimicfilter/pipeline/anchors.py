@@ -8,9 +8,11 @@ proxy states, so that ``filter`` can calibrate the quality estimate and the cut 
   that shard, so each is scored exactly once per epoch whatever the executor or ``--rank``.
 * **Synthetic negatives** are made from the pool: a pool sample is chosen with probability
   ``synthetic_share`` (a seeded hash of its shard, key and position), and each chosen sample's image
-  is paired with the caption — or the label — of the next chosen sample of the same shard (the last
-  with the first): a derangement within the shard, the same pairs in every epoch and every process.
-  A pair whose caption or label is its own is not made.
+  is paired with the caption — or the label — of a random earlier chosen sample of the same shard
+  (the shard's first chosen sample, with a random later one at the shard's end): the same pairs in
+  every epoch and every process, made as the stream goes, with the partners' caption or label files
+  as the only memory. Random partners, not neighbours: shards are often sorted (by source, by
+  class), and a neighbour's caption may fit. A pair whose caption or label is its own is not made.
 
 Anchors enter the batches, and the proxy's re-weighted loss, exactly as pool samples do: a trusted
 sample is scored as a clean pool sample would be, a synthetic one as a mismatched pool pair. Their
@@ -23,6 +25,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import random
 from collections.abc import Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -129,25 +132,32 @@ def _synthetic(image: RawSample, partner: RawSample, plan: AnchorPlan) -> RawSam
 
 
 def with_synthetic(samples: Iterable[RawSample], plan: AnchorPlan) -> Iterator[RawSample]:
-    """The samples, each chosen one followed by the synthetic pair it completes (its predecessor's
-    image with its caption or label); a shard's last chosen sample pairs with its first at the shard's end."""
-    first = previous = None
+    """The samples, each chosen one followed by its synthetic pair (its image with the caption or label
+    of a random earlier chosen sample of its shard); a shard's first chosen sample is paired with a
+    random later one when the shard ends."""
+    shard: str | None = None
+    first: RawSample | None = None
+    partners: list[RawSample] = []  # the shard's chosen samples so far, with their partner files only
+    rng = random.Random()
 
     def close_shard() -> Iterator[RawSample]:
-        if previous is not None and first is not previous and (made := _synthetic(previous, first, plan)):
+        if first is not None and len(partners) > 1 and (made := _synthetic(first, rng.choice(partners[1:]), plan)):
             yield made
 
     for sample in samples:
-        if previous is not None and sample.shard != previous.shard:
+        if sample.anchor is None and sample.shard != shard:
             yield from close_shard()
-            first = previous = None
+            shard, first, partners = sample.shard, None, []
+            rng = random.Random(f"{plan.seed}\x00{shard}")
         yield sample
         if sample.anchor is not None or sample.status != "ok" or not plan.chosen(sample):
             continue
-        if previous is not None and (made := _synthetic(previous, sample, plan)):
+        if partners and (made := _synthetic(sample, rng.choice(partners), plan)):
             yield made
-        first = sample if first is None else first
-        previous = sample
+        if first is None:
+            first = sample
+        partners.append(RawSample(sample.shard, sample.key, sample.index,
+                                  {name: sample.files[name] for name in plan.partner_files if name in sample.files}))
     yield from close_shard()
 
 
