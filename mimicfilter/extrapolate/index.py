@@ -38,8 +38,8 @@ MIN_IVF_VECTORS = 4096  # fewer scored samples (per label) are searched exactly:
 SQ8_MAX_VECTORS = 20_000_000  # IVF-SQ8 up to this many scored samples (d bytes each); IVF-PQ beyond
 TRAINING_POINTS_PER_CELL = 64  # k-means sample: 64 points per cell (faiss warns below 39)
 KMEANS_ITERATIONS = 10
-HNSW_COARSE_ABOVE = 16384  # cells: beyond this many the coarse search is an HNSW graph, not a flat scan
-ADD_BLOCK = 65536  # vectors converted to float32 and added at a time
+HNSW_COARSE_ABOVE = 4096  # cells: beyond this many the coarse search is an HNSW graph, not a flat scan
+ADD_BLOCK = 65536  # vectors converted to float32 and added (or compared exactly) at a time
 
 
 @dataclass(frozen=True)
@@ -107,6 +107,8 @@ def _build(vectors: Vectors, members: np.ndarray, dim: int, plan: IndexPlan, see
         ivf = faiss.extract_index_ivf(index)
         ivf.cp.niter = KMEANS_ITERATIONS
         ivf.cp.seed = seed
+        if plan.kind == "ivf-pq":  # polysemous codes serve Hamming pre-filtering, which is not used here
+            faiss.downcast_index(ivf).do_polysemous_training = False
         sample = min(len(members), TRAINING_POINTS_PER_CELL * plan.nlist)
         chosen = np.sort(np.random.default_rng(seed).choice(len(members), sample, replace=False))
         index.train(as_float32(vectors(members[chosen])))
@@ -114,6 +116,19 @@ def _build(vectors: Vectors, members: np.ndarray, dim: int, plan: IndexPlan, see
         index.add(as_float32(vectors(members[start : start + ADD_BLOCK])))
     _set_nprobe(index, plan)
     return index
+
+
+def exact_search(queries: np.ndarray, vectors: Vectors, members: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Exact top-``k`` (inner products, positions into ``members``) of ``queries`` [Q, d], a block of
+    members at a time (BLAS products; no float32 copy of them all)."""
+    heap = faiss.ResultHeap(len(queries), k, keep_max=True)
+    queries = as_float32(queries)
+    for start in range(0, len(members), ADD_BLOCK):
+        block = as_float32(vectors(members[start : start + ADD_BLOCK]))
+        sims, ids = faiss.knn(queries, block, min(k, len(block)), metric=faiss.METRIC_INNER_PRODUCT)
+        heap.add_result(sims, np.where(ids >= 0, ids + start, -1))
+    heap.finalize()
+    return heap.D, heap.I
 
 
 def _set_nprobe(index: faiss.Index, plan: IndexPlan) -> None:
@@ -165,6 +180,10 @@ class SubIndex:
         queries = as_float32(queries)
         if allowed is None:
             sims, local = (self.gpu or self.cpu).search(queries, k)
+        elif self.plan.kind == "exact":  # faiss's selector path skips BLAS: compare the allowed rows in blocks
+            rows = np.flatnonzero(allowed[self.members])
+            sims, found = exact_search(queries, self.cpu.reconstruct_batch, rows, k)
+            local = np.where(found >= 0, rows[np.clip(found, 0, None)], -1)
         else:
             bits = np.packbits(allowed[self.members], bitorder="little")
             selector = faiss.IDSelectorBitmap(len(self.members), faiss.swig_ptr(bits))

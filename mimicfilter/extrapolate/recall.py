@@ -5,27 +5,13 @@ from __future__ import annotations
 
 from dataclasses import replace
 
-import faiss
 import numpy as np
 
-from mimicfilter.extrapolate.index import SubIndex, Vectors, as_float32
+from mimicfilter.extrapolate.index import SubIndex, Vectors, as_float32, exact_search
 
 RECALL_TARGET = 0.95
 RECALL_AT = 10
 CALIBRATION_QUERIES = 1000
-EXACT_BLOCK = 65536  # scored vectors compared with the queries at a time
-
-
-def exact_search(queries: np.ndarray, vectors: Vectors, members: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-    """Exact top-``k`` (inner products, positions into ``members``) of ``queries`` [Q, d], block by block."""
-    heap = faiss.ResultHeap(len(queries), k, keep_max=True)
-    queries = as_float32(queries)
-    for start in range(0, len(members), EXACT_BLOCK):
-        block = as_float32(vectors(members[start : start + EXACT_BLOCK]))
-        sims, ids = faiss.knn(queries, block, min(k, len(block)), metric=faiss.METRIC_INNER_PRODUCT)
-        heap.add_result(sims, np.where(ids >= 0, ids + start, -1))
-    heap.finalize()
-    return heap.D, heap.I
 
 
 def drop_own(ids: np.ndarray, own: np.ndarray, k: int) -> np.ndarray:
