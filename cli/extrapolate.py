@@ -62,11 +62,12 @@ method_options = group(
 )
 
 search_options = group(
-    click.option("--index", "index", type=click.Choice(["auto", "exact", "ivf-sq8", "ivf-pq"]), default="auto",
+    click.option("--index", "index", type=click.Choice(["auto", "exact", "ivf-sq8", "ivf-sq4"]), default="auto",
                  show_default=True, help="faiss index over the scored samples; auto: exact while queries x scored "
-                 "samples <= 2e10, IVF-SQ8 beyond, IVF-PQ beyond 20M scored samples."),
+                 "samples <= 2e10, IVF with 8-bit re-ranking codes beyond, 4-bit beyond 20M scored samples."),
     click.option("--recall", "recall", type=float, default=0.95, show_default=True,
-                 help="IVF: nprobe is raised until recall@10 against exact search reaches this on calibration queries."),
+                 help="IVF: nprobe (and the candidates re-ranked) grow until recall@10 against exact search "
+                 "reaches this on calibration queries."),
     click.option("--block-size", type=int, default=16384, show_default=True, help="Queries handed to faiss at a time."),
     click.option("--device", default="cpu", show_default=True,
                  help="cpu, cuda, cuda:N or auto (the GPU index needs faiss-gpu; the GNN trains there too)."),

@@ -41,11 +41,12 @@ def test_the_plan_follows_the_size():
     small = plan_index(100_000, int(EXACT_PAIR_BUDGET / 100_000), 512)
     assert small.kind == "exact" and "pairs" in small.reason
     large = plan_index(1_000_000, 10_000_000, 512)
-    assert large.kind == "ivf-sq8" and large.nlist == 4096 and large.coarse == "flat"
-    assert large.factory_string(512) == "IVF4096,SQ8"
+    assert large.kind == "ivf-sq8" and large.nlist == 2048 and large.coarse == "flat" and large.fast_scan
+    assert large.factory_string(512) == "IVF2048,PQ128x4fs,Refine(SQ8)"
+    assert plan_index(1_000_000, 10_000_000, 512, gpu=True).factory_string(512) == "IVF2048,SQ8"  # no fast scan on GPUs
     huge = plan_index(SQ8_MAX_VECTORS + 1, 10**9, 512)
-    assert huge.kind == "ivf-pq" and huge.pq_bytes == 64 and huge.coarse == "hnsw" and "SQ8 memory" in huge.reason
-    assert huge.factory_string(512) == f"IVF{huge.nlist}_HNSW32,PQ64"
+    assert huge.kind == "ivf-sq4" and huge.coarse == "hnsw" and "memory" in huge.reason
+    assert huge.factory_string(512) == f"IVF{huge.nlist}_HNSW32,PQ128x4fs,Refine(SQ4)"
     assert plan_index(50, 1, 16, "ivf-sq8").nlist == 1 and plan_index(10**6, 1, 16, "exact").kind == "exact"
 
 
@@ -84,8 +85,8 @@ def test_ivf_reaches_its_recall_target_and_the_exact_rho(tmp_path):
     exact = fit_knn(reference, "image", split, (5, 10, 20), False, SearchSettings(index="exact"))
     approximate = fit_knn(reference, "image", split, (5, 10, 20), False, SearchSettings(index="ivf-sq8", recall_target=0.95))
     plan = approximate.index.describe()
-    assert plan["kind"] == "ivf-sq8" and plan["recall"] >= 0.95 and plan["recall_k"] == 10
-    assert plan["calibration_queries"] == 1000 and 1 <= plan["nprobe"] <= plan["nlist"]
+    assert plan["kind"] == "ivf-sq8" and plan["recall"] >= 0.95 and plan["recall_k"] == 10 and plan["fast_scan"]
+    assert plan["calibration_queries"] == 1000 and 1 <= plan["nprobe"] <= plan["nlist"] and plan["k_factor"] >= 2
     assert exact.heldout_spearman > 0.5
     assert abs(approximate.heldout_spearman - exact.heldout_spearman) <= 0.01
     # the recall it claims holds on queries it was not tuned on
@@ -99,11 +100,11 @@ def test_ivf_reaches_its_recall_target_and_the_exact_rho(tmp_path):
         assert np.array_equal(one, other)
 
 
-def test_ivf_pq_records_what_it_reaches():
+def test_ivf_sq4_and_untuned_indexes():
     vectors, _ = clustered(4000, dim=16)
-    index = ScoredIndex.build(rows_of(vectors), len(vectors), 16, None, 10, "ivf-pq", 0)
+    index = ScoredIndex.build(rows_of(vectors), len(vectors), 16, None, 10, "ivf-sq4", 0)
     plan = index.describe()
-    assert plan["kind"] == "ivf-pq" and plan["pq_bytes"] == 2 and "recall" not in plan  # untuned without a tuner
+    assert plan["kind"] == "ivf-sq4" and plan["nprobe"] == 1 and "recall" not in plan  # untuned without a tuner
     sims, ids = index.search(vectors[:5], 3)
     assert ids.shape == (5, 3) and (ids >= 0).all()
 

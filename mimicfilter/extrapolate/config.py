@@ -40,7 +40,7 @@ class ExtrapolateConfig:
     holdout_fraction: float = 0.2
     holdout_by: str = "shard"
     min_rho: float = DEFAULT_MIN_RHO
-    index: str = "auto"  # exact | ivf-sq8 | ivf-pq | auto (by size)
+    index: str = "auto"  # exact | ivf-sq8 | ivf-sq4 | auto (by size)
     recall_target: float = RECALL_TARGET
     block_size: int = 16384  # queries handed to faiss at a time
     device: str = "cpu"

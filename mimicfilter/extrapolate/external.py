@@ -30,6 +30,7 @@ import pyarrow.parquet as pq
 
 from mimicfilter.errors import MimicfilterError, one_line
 from mimicfilter.extrapolate.features import unit_rows
+from mimicfilter.extrapolate.overlap import SortedIds
 from mimicfilter.extrapolate.sources import Scored, ScoredVectors, VectorCollector
 
 ID_COLUMNS = ("uid", "key")
@@ -276,12 +277,11 @@ def scored_vectors_from_files(files: list[ExternalFile], scored: Scored, columns
     """The scored samples' embeddings, matched by id: the files beside the scored shards first, the
     rest only while some are still missing."""
     collector = VectorCollector(scored.wanted(), len(columns), dim)
-    scored_ids = scored.ids(id_column)
+    scored_ids = SortedIds(scored.table.column(id_column))
     for file in beside_first(files, set(scored.table.column("shard").unique().to_pylist())):
         if collector.complete:
             break
-        positions = np.asarray(pc.index_in(read_ids(file, id_column), value_set=scored_ids).fill_null(-1)
-                               .to_numpy(zero_copy_only=False), dtype=np.int64)
+        positions = scored_ids.positions(read_ids(file, id_column))
         hit = positions >= 0
         if hit.any():
             vectors, usable = unit_rows(read_vectors(file, columns, len(positions), dim)[hit])

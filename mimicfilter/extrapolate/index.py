@@ -6,17 +6,22 @@ Which index (:func:`plan_index`, recorded in stats.json with its parameters):
 * ``exact`` (``IndexFlatIP``, float32 inner products = cosine on unit vectors) while the whole
   search costs at most :data:`EXACT_PAIR_BUDGET` query–reference pairs (about five minutes on two
   cores), or the scored set is too small to cluster;
-* ``ivf-sq8`` beyond: ``nlist`` ≈ 4·√M k-means cells (``IVF{nlist}``), vectors stored as 8-bit
-  scalar codes (``SQ8``: d bytes each, a quarter of float32); the number of cells searched per
-  query (``nprobe``) is raised until recall@10 against exact search reaches the target on
-  calibration queries drawn from the scored samples (:mod:`~mimicfilter.extrapolate.recall`);
-* ``ivf-pq`` beyond :data:`SQ8_MAX_VECTORS` scored samples: product-quantised codes of d/8 bytes
-  (``PQ{d/8}``) behind an HNSW coarse quantizer, so a hundred million scored samples fit in memory.
+* ``ivf-sq8`` beyond: ``nlist`` ≈ 2·√M k-means cells; within the ``nprobe`` cells searched, a
+  4-bit fast-scan product quantiser (d/8 bytes per vector, SIMD table lookups) proposes
+  ``k_factor`` × k candidates that are re-ranked on 8-bit scalar codes (d bytes): on two cores
+  3.5× the queries per second of scanning the SQ8 codes themselves at 1M scored samples;
+* ``ivf-sq4`` beyond :data:`SQ8_MAX_VECTORS` scored samples: the same with 4-bit re-ranking codes
+  (d/2 bytes) behind an HNSW coarse search, so a hundred million 512-d samples take 32 GB.
+
+``nprobe`` and ``k_factor`` are raised until recall@10 against exact search reaches the target on
+calibration queries drawn from the scored samples (:mod:`~mimicfilter.extrapolate.recall`). For a
+GPU (``--device cuda`` with faiss-gpu) the IVF kinds scan their SQ codes directly (faiss has no
+fast-scan on the GPU).
 
 Every sub-index stores its members' vectors in order; :class:`ScoredIndex` maps its local ids back
 to positions in the scored set (the *global* ids every caller sees), and ``allowed`` (a mask over
-global ids: the training split while the held-out split is predicted) restricts a search through
-faiss's ``IDSelectorBitmap`` on the CPU index. Slots without a neighbour hold −inf and id −1.
+global ids: the training split while the held-out split is predicted) restricts a search to those
+samples on the CPU index. Slots without a neighbour hold −inf and id −1.
 """
 
 from __future__ import annotations
@@ -32,11 +37,11 @@ import numpy as np
 
 from mimicfilter.errors import MimicfilterError
 
-INDEX_KINDS = ("auto", "exact", "ivf-sq8", "ivf-pq")
+INDEX_KINDS = ("auto", "exact", "ivf-sq8", "ivf-sq4")
 EXACT_PAIR_BUDGET = 2e10  # queries × scored samples below which exact search is used (~5 min on 2 cores)
 MIN_IVF_VECTORS = 4096  # fewer scored samples (per label) are searched exactly: too few to cluster
-SQ8_MAX_VECTORS = 20_000_000  # IVF-SQ8 up to this many scored samples (d bytes each); IVF-PQ beyond
-TRAINING_POINTS_PER_CELL = 64  # k-means sample: 64 points per cell (faiss warns below 39)
+SQ8_MAX_VECTORS = 20_000_000  # 8-bit re-ranking codes up to this many scored samples (d bytes each); 4-bit beyond
+TRAINING_POINTS_PER_CELL = 39  # the k-means sample (faiss's minimum)
 KMEANS_ITERATIONS = 10
 HNSW_COARSE_ABOVE = 4096  # cells: beyond this many the coarse search is an HNSW graph, not a flat scan
 ADD_BLOCK = 65536  # vectors converted to float32 and added (or compared exactly) at a time
@@ -46,10 +51,11 @@ ADD_BLOCK = 65536  # vectors converted to float32 and added (or compared exactly
 class IndexPlan:
     """Which faiss index the scored samples get, and why (recorded in stats.json)."""
 
-    kind: str  # exact | ivf-sq8 | ivf-pq
+    kind: str  # exact | ivf-sq8 | ivf-sq4
     nlist: int = 0
     nprobe: int = 0
-    pq_bytes: int = 0
+    k_factor: int = 0  # fast scan: candidates re-ranked per neighbour wanted
+    fast_scan: bool = False  # candidates from a 4-bit fast-scan PQ (CPU); else the SQ codes are scanned (GPU)
     coarse: str = "flat"  # flat | hnsw
     reason: str = ""
     recall: float = 0.0  # recall@recall_k against exact search at this nprobe, on calibration queries
@@ -60,19 +66,20 @@ class IndexPlan:
         if self.kind == "exact":
             return "Flat"
         cells = f"IVF{self.nlist}" + ("_HNSW32" if self.coarse == "hnsw" else "")
-        return f"{cells},SQ8" if self.kind == "ivf-sq8" else f"{cells},PQ{self.pq_bytes}"
+        codes = "SQ8" if self.kind == "ivf-sq8" else "SQ4"
+        return f"{cells},PQ{dim // 4}x4fs,Refine({codes})" if self.fast_scan else f"{cells},{codes}"
 
     def describe(self) -> dict[str, Any]:
-        return {name: value for name, value in asdict(self).items() if value not in (0, "")}
+        return {name: value for name, value in asdict(self).items() if value not in (0, "", False)}
 
 
 def _cells(count: int) -> int:
-    """≈ 4·√count cells (a power of two), and at least 39 training points per cell."""
-    cells = 2 ** round(math.log2(max(1.0, 4 * math.sqrt(count))))
-    return max(1, min(cells, count // 39))
+    """≈ 2·√count cells (a power of two), and at least 39 training points per cell."""
+    cells = 2 ** round(math.log2(max(1.0, 2 * math.sqrt(count))))
+    return max(1, min(cells, count // TRAINING_POINTS_PER_CELL))
 
 
-def plan_index(reference_count: int, query_count: int, dim: int, requested: str = "auto") -> IndexPlan:
+def plan_index(reference_count: int, query_count: int, dim: int, requested: str = "auto", gpu: bool = False) -> IndexPlan:
     """The index for ``reference_count`` scored vectors searched by about ``query_count`` queries."""
     if requested not in INDEX_KINDS:
         raise MimicfilterError(f"--index {requested}: choose one of {', '.join(INDEX_KINDS)}")
@@ -82,15 +89,14 @@ def plan_index(reference_count: int, query_count: int, dim: int, requested: str 
             f"{reference_count} scored samples: too few to cluster" if reference_count < MIN_IVF_VECTORS
             else f"{pairs:.2g} query-reference pairs <= {EXACT_PAIR_BUDGET:.0g}")
         return IndexPlan("exact", reason=why)
-    kind = requested if requested != "auto" else ("ivf-sq8" if reference_count <= SQ8_MAX_VECTORS else "ivf-pq")
+    kind = requested if requested != "auto" else ("ivf-sq8" if reference_count <= SQ8_MAX_VECTORS else "ivf-sq4")
     nlist = _cells(reference_count)
     why = "asked for" if requested != "auto" else (
         f"{pairs:.2g} query-reference pairs > {EXACT_PAIR_BUDGET:.0g}"
-        + ("" if kind == "ivf-sq8" else f"; {reference_count} scored samples > {SQ8_MAX_VECTORS} (SQ8 memory)"))
-    pq_bytes = 0
-    if kind == "ivf-pq":
-        pq_bytes = next(m for m in (dim // 8, dim // 4, dim // 2, dim) if m >= 1 and dim % m == 0)
-    return IndexPlan(kind, nlist, 1, pq_bytes, "hnsw" if nlist > HNSW_COARSE_ABOVE else "flat", why)
+        + ("" if kind == "ivf-sq8" else f"; {reference_count} scored samples > {SQ8_MAX_VECTORS} (memory)"))
+    fast_scan = not gpu and dim % 8 == 0  # 4-dim sub-quantisers, codes packed two per byte
+    return IndexPlan(kind, nlist, 1, 2 if fast_scan else 0, fast_scan,
+                     "hnsw" if nlist > HNSW_COARSE_ABOVE else "flat", why)
 
 
 def as_float32(vectors: np.ndarray) -> np.ndarray:
@@ -107,14 +113,12 @@ def _build(vectors: Vectors, members: np.ndarray, dim: int, plan: IndexPlan, see
         ivf = faiss.extract_index_ivf(index)
         ivf.cp.niter = KMEANS_ITERATIONS
         ivf.cp.seed = seed
-        if plan.kind == "ivf-pq":  # polysemous codes serve Hamming pre-filtering, which is not used here
-            faiss.downcast_index(ivf).do_polysemous_training = False
-        sample = min(len(members), TRAINING_POINTS_PER_CELL * plan.nlist)
+        sample = min(len(members), 4 * TRAINING_POINTS_PER_CELL * plan.nlist)
         chosen = np.sort(np.random.default_rng(seed).choice(len(members), sample, replace=False))
         index.train(as_float32(vectors(members[chosen])))
     for start in range(0, len(members), ADD_BLOCK):
         index.add(as_float32(vectors(members[start : start + ADD_BLOCK])))
-    _set_nprobe(index, plan)
+    _set_search(index, plan)
     return index
 
 
@@ -131,13 +135,23 @@ def exact_search(queries: np.ndarray, vectors: Vectors, members: np.ndarray, k: 
     return heap.D, heap.I
 
 
-def _set_nprobe(index: faiss.Index, plan: IndexPlan) -> None:
+def _set_search(index: faiss.Index, plan: IndexPlan) -> None:
+    """The plan's nprobe (and k_factor) on the index."""
     if plan.kind == "exact":
         return
     ivf = faiss.extract_index_ivf(index)
     ivf.nprobe = max(1, plan.nprobe)
     if plan.coarse == "hnsw":  # the graph must return at least nprobe cells
         faiss.downcast_index(ivf.quantizer).hnsw.efSearch = max(64, 2 * ivf.nprobe)
+    if plan.fast_scan:
+        faiss.downcast_index(index).k_factor = max(1, plan.k_factor)
+
+
+def _search_parameters(plan: IndexPlan, selector: faiss.IDSelector) -> faiss.SearchParameters:
+    if plan.kind == "exact":
+        return faiss.SearchParameters(sel=selector)
+    cells = faiss.SearchParametersIVF(sel=selector, nprobe=max(1, plan.nprobe))
+    return faiss.IndexRefineSearchParameters(k_factor=plan.k_factor, base_index_params=cells) if plan.fast_scan else cells
 
 
 def gpu_count() -> int:
@@ -159,17 +173,17 @@ class SubIndex:
     def build(cls, vectors: Vectors, members: np.ndarray, dim: int, plan: IndexPlan, seed: int) -> SubIndex:
         return cls(_build(vectors, members, dim, plan, seed), members, plan)
 
-    def with_nprobe(self, nprobe: int) -> None:
-        self.plan = replace(self.plan, nprobe=nprobe)
-        _set_nprobe(self.cpu, self.plan)
-        if self.gpu is not None:
-            faiss.GpuParameterSpace().set_index_parameter(self.gpu, "nprobe", nprobe)
+    def with_search(self, nprobe: int, k_factor: int) -> None:
+        self.plan = replace(self.plan, nprobe=nprobe, k_factor=k_factor if self.plan.fast_scan else 0)
+        _set_search(self.cpu, self.plan)
 
     def to_gpu(self, device: int) -> str | None:
         """Search on GPU ``device`` from now on; returns why not, or None."""
         try:
             self._gpu_resources = faiss.StandardGpuResources()
             self.gpu = faiss.index_cpu_to_gpu(self._gpu_resources, device, self.cpu)
+            if self.plan.kind != "exact":
+                faiss.GpuParameterSpace().set_index_parameter(self.gpu, "nprobe", max(1, self.plan.nprobe))
             return None
         except (AttributeError, RuntimeError) as error:  # faiss-cpu, or an index kind the GPU lacks
             self.gpu = None
@@ -187,9 +201,7 @@ class SubIndex:
         else:
             bits = np.packbits(allowed[self.members], bitorder="little")
             selector = faiss.IDSelectorBitmap(len(self.members), faiss.swig_ptr(bits))
-            params = faiss.SearchParameters(sel=selector) if self.plan.kind == "exact" else \
-                faiss.SearchParametersIVF(sel=selector, nprobe=max(1, self.plan.nprobe))
-            sims, local = self.cpu.search(queries, k, params=params)
+            sims, local = self.cpu.search(queries, k, params=_search_parameters(self.plan, selector))
             del bits
         found = local >= 0
         ids = np.where(found, self.members[np.clip(local, 0, None)], -1)
@@ -211,14 +223,15 @@ class ScoredIndex:
 
     @classmethod
     def build(cls, vectors: Vectors, count: int, dim: int, labels: np.ndarray | None, query_count: int,
-              requested: str, seed: int, tune: Callable[[SubIndex, Vectors], None] | None = None) -> ScoredIndex:
+              requested: str, seed: int, tune: Callable[[SubIndex, Vectors], None] | None = None,
+              gpu: bool = False) -> ScoredIndex:
         """Index the ``count`` scored vectors (per label with ``labels``); ``tune`` sets an IVF's nprobe."""
         groups = {None: np.arange(count)} if labels is None else \
             {int(label): np.flatnonzero(labels == label) for label in np.unique(labels)}
         parts = {}
         for label, members in groups.items():
             share = query_count * len(members) / max(1, count)  # queries go to their label's index
-            plan = plan_index(len(members), int(share), dim, requested)
+            plan = plan_index(len(members), int(share), dim, requested, gpu)
             parts[label] = SubIndex.build(vectors, members, dim, plan, seed)
             if tune is not None and plan.kind != "exact":
                 tune(parts[label], vectors)
@@ -285,6 +298,6 @@ class ScoredIndex:
             plan = IndexPlan(**entry["plan"])
             flags = faiss.IO_FLAG_MMAP | faiss.IO_FLAG_READ_ONLY if plan.kind != "exact" else 0
             index = faiss.read_index(str(directory / f"index-{number}.faiss"), flags)
-            _set_nprobe(index, plan)
+            _set_search(index, plan)
             parts[entry["label"]] = SubIndex(index, np.load(directory / f"members-{number}.npy"), plan)
         return cls(parts, manifest["count"], manifest["dim"])

@@ -17,9 +17,9 @@ import torch
 from mimicfilter.errors import MimicfilterError
 from mimicfilter.extrapolate import gnn
 from mimicfilter.extrapolate.features import Embedded
-from mimicfilter.extrapolate.index import ScoredIndex
+from mimicfilter.extrapolate.index import ScoredIndex, gpu_count
 from mimicfilter.extrapolate.knn import MIN_HOLDOUT, Blend, choose_k, knn_predict, without_self
-from mimicfilter.extrapolate.recall import RECALL_TARGET, tune_nprobe
+from mimicfilter.extrapolate.recall import RECALL_TARGET, tune_search
 from mimicfilter.metrics import spearman
 
 METHODS = ("knn", "gnn")
@@ -77,9 +77,12 @@ class Neighbours:
         self.reference, self.features, self.settings = reference, features, settings
         self.labels = None if reference.labels is None else reference.labels.numpy()
         count = len(reference.positions)
+        gpu = settings.device.startswith("cuda") and gpu_count() > 0
         self.index = ScoredIndex.build(self.vectors, count, reference.embedded.dim(features), self.labels,
                                        settings.query_count + count, settings.index, settings.seed,
-                                       lambda sub, vectors: tune_nprobe(sub, vectors, settings.seed, settings.recall_target))
+                                       lambda sub, vectors: tune_search(sub, vectors, settings.seed, settings.recall_target),
+                                       gpu)
+        self.index.use_device(settings.device)
 
     def vectors(self, rows: np.ndarray) -> np.ndarray:
         return self.reference.embedded.neighbour_vectors(self.features, rows).numpy()

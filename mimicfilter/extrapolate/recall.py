@@ -1,5 +1,6 @@
-"""How close an approximate index comes to exact search: exact top-k by blocks (no float32 copy of
-the scored set), recall@k, and ``nprobe`` raised until the recall reaches the target."""
+"""How close an approximate index comes to exact search: recall@k against exact top-k (by blocks,
+no float32 copy of the scored set), and ``nprobe`` / ``k_factor`` raised until the recall reaches
+the target."""
 
 from __future__ import annotations
 
@@ -33,11 +34,16 @@ def recall_at(found: np.ndarray, truth: np.ndarray) -> float:
     return float(np.mean(shares)) if shares else 1.0
 
 
-def tune_nprobe(sub: SubIndex, vectors: Vectors, seed: int, target: float = RECALL_TARGET,
+MAX_K_FACTOR = 64
+
+
+def tune_search(sub: SubIndex, vectors: Vectors, seed: int, target: float = RECALL_TARGET,
                 calibration: int = CALIBRATION_QUERIES, k: int = RECALL_AT) -> None:
-    """Double ``nprobe`` from 1 until recall@k of the sub-index's own members, each searched for its
-    k nearest others, reaches ``target`` against exact search (or every cell is searched); the plan
-    records the nprobe and the recall it measured."""
+    """Raise ``nprobe`` (and, for fast-scan indexes, ``k_factor``) from (1, 2) until recall@k of
+    the sub-index's own members, each searched for its k nearest others, reaches ``target`` against
+    exact search. Each step doubles whichever of the two gains more recall (nprobe on a tie); the
+    search stops when neither can grow. Deterministic: the same index gives the same settings. The
+    plan records them and the recall measured."""
     members = sub.members
     k = min(k, len(members) - 1)
     if k < 1:
@@ -46,12 +52,24 @@ def tune_nprobe(sub: SubIndex, vectors: Vectors, seed: int, target: float = RECA
     queries = as_float32(vectors(members[rows]))
     _, truth = exact_search(queries, vectors, members, k + 1)
     truth = drop_own(truth, rows, k)
-    nprobe, nlist = 1, sub.plan.nlist
-    while True:
-        sub.with_nprobe(nprobe)
+
+    def recall_with(nprobe: int, k_factor: int) -> float:
+        sub.with_search(nprobe, k_factor)
         _, found = sub.cpu.search(queries, k + 1)
-        recall = recall_at(drop_own(found, rows, k), truth)
-        if recall >= target or nprobe >= nlist:
+        return recall_at(drop_own(found, rows, k), truth)
+
+    nprobe, k_factor = 1, 2 if sub.plan.fast_scan else 0
+    recall = recall_with(nprobe, k_factor)
+    while recall < target:
+        moves = []
+        if nprobe < sub.plan.nlist:
+            moves.append((min(sub.plan.nlist, 2 * nprobe), k_factor))
+        if sub.plan.fast_scan and k_factor < MAX_K_FACTOR:
+            moves.append((nprobe, 2 * k_factor))
+        if not moves:
             break
-        nprobe = min(nlist, nprobe * 2)
+        gains = [recall_with(*move) for move in moves]
+        best = int(np.argmax(gains))
+        (nprobe, k_factor), recall = moves[best], gains[best]
+    sub.with_search(nprobe, k_factor)
     sub.plan = replace(sub.plan, recall=round(recall, 4), recall_k=k, calibration_queries=len(rows))

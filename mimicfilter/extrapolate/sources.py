@@ -16,6 +16,7 @@ import pyarrow.parquet as pq
 from mimicfilter.curate.duck import connect, load_scores, per_sample_sql
 from mimicfilter.errors import MimicfilterError
 from mimicfilter.extrapolate.features import unit_rows
+from mimicfilter.extrapolate.overlap import SortedIds
 from mimicfilter.store.parts import part_paths
 from mimicfilter.store.paths import RUN_FILE, SUCCESS_FILE
 from mimicfilter.store.schema import EMBEDDING_COLUMN, PAIR_COLUMNS
@@ -87,17 +88,11 @@ class Scored:
 
     table: pa.Table  # shard, key, uid, index, status, error, mimic_score, mimic_weight, loss, clip_score, ref_loss, label, epochs
 
-    def __post_init__(self):
-        self.places = places(self.table.column("shard"), self.table.column("key")).combine_chunks()
-
     def wanted(self) -> np.ndarray:
         """The samples with a score (ok and not NaN): the ones extrapolation can learn from."""
         score = np.asarray(self.table.column("mimic_score").to_numpy(zero_copy_only=False), dtype=np.float64)
         ok = np.asarray(pc.equal(self.table.column("status"), "ok").to_numpy(zero_copy_only=False), dtype=bool)
         return ok & ~np.isnan(score)
-
-    def ids(self, column: str) -> pa.Array:
-        return self.table.column(column).combine_chunks().cast(pa.string())
 
 
 def read_scored(source: Source) -> Scored:
@@ -151,12 +146,6 @@ class VectorCollector:
         return ScoredVectors(self.rows[self.found], self.vectors[self.found], self.rows[~self.found])
 
 
-def positions_in(scored: Scored, shards: pa.Array | pa.ChunkedArray, keys: pa.Array | pa.ChunkedArray) -> np.ndarray:
-    """Scored-table positions of samples named by (shard, key), −1 where not scored."""
-    found = pc.index_in(places(shards, keys), value_set=scored.places)
-    return np.asarray(found.fill_null(-1).to_numpy(zero_copy_only=False), dtype=np.int64)
-
-
 def vectors_of(table: pa.Table, columns: tuple[str, ...], dim: int) -> np.ndarray:
     """A table's embedding columns as [rows, sides, D] float16 (null cells read as zeros)."""
     sides = []
@@ -172,6 +161,7 @@ def scored_vectors_from_runs(scored_source: Source, embedding_sources: list[Sour
                              columns: tuple[str, ...], dim: int) -> ScoredVectors:
     """The scored samples' embeddings: the scored run's own (first epoch), else from the embeddings runs."""
     collector = VectorCollector(scored.wanted(), len(columns), dim)
+    scored_places = SortedIds(places(scored.table.column("shard"), scored.table.column("key")))
     runs = ([(scored_source, part) for part in part_paths(scored_source.path)] if scored_source.space else []) + \
         [(source, part) for source in embedding_sources for part in part_paths(source.path)]
     for source, part in runs:
@@ -179,7 +169,7 @@ def scored_vectors_from_runs(scored_source: Source, embedding_sources: list[Sour
             break
         table = pq.read_table(part, columns=["shard", "key", "status", *columns])
         table = table.filter(pc.and_(pc.equal(table.column("status"), "ok"), pc.is_valid(table.column(EMBEDDING_COLUMN))))
-        positions = positions_in(scored, table.column("shard"), table.column("key"))
+        positions = scored_places.positions(places(table.column("shard"), table.column("key")))
         hit = positions >= 0
         if hit.any():
             vectors, usable = unit_rows(vectors_of(table.filter(pa.array(hit)), columns, dim))

@@ -25,8 +25,9 @@ from mimicfilter.errors import MimicfilterError
 from mimicfilter.extrapolate.external import ExternalFile, read_file
 from mimicfilter.extrapolate.features import Embedded, unit_rows
 from mimicfilter.extrapolate.methods import SearchSettings
+from mimicfilter.extrapolate.overlap import ScoredMembers
 from mimicfilter.extrapolate.saved import Saved, load
-from mimicfilter.extrapolate.sources import places, vectors_of
+from mimicfilter.extrapolate.sources import vectors_of
 from mimicfilter.store.parts import part_path, write_part
 from mimicfilter.store.schema import EMBEDDING_COLUMN, score_schema
 
@@ -80,17 +81,6 @@ def read_unit(unit: Unit, reading: Reading) -> UnitRows:
     return UnitRows(table.select(list(IDENTITY)), vectors, usable, table.column("uid").combine_chunks().cast(pa.string()))
 
 
-def _in_scored(rows: UnitRows, scored: pa.Table, id_column: str) -> np.ndarray:
-    """Which rows are samples of the scored run: the same (shard, key), or the same id."""
-    identity = rows.identity
-    overlap = pc.is_in(places(identity.column("shard"), identity.column("key")),
-                       value_set=places(scored.column("shard"), scored.column("key")))
-    if rows.ids is not None:
-        scored_ids = scored.column(id_column).combine_chunks().cast(pa.string()).drop_null()
-        overlap = pc.or_(overlap, pc.is_in(rows.ids, value_set=scored_ids).fill_null(False))
-    return np.asarray(overlap.to_numpy(zero_copy_only=False), dtype=bool)
-
-
 def scored_rows(scored: pa.Table, shard: str) -> pa.Table:
     """The scored samples of ``shard``, as output rows (their true epoch-mean scores)."""
     rows = scored.filter(pc.equal(scored.column("shard"), shard))
@@ -131,7 +121,8 @@ def _predict(saved: Saved, rows: UnitRows, todo: np.ndarray, settings: SearchSet
     return predicted, int(missing.sum())
 
 
-def predict_unit(unit: Unit, saved: Saved, reading: Reading, settings: SearchSettings, run_dir: Path) -> int:
+def predict_unit(unit: Unit, saved: Saved, members: ScoredMembers, reading: Reading, settings: SearchSettings,
+                 run_dir: Path) -> int:
     """Write the unit's part (skipped when it exists); returns the rows written."""
     path = part_path(run_dir, unit.shard)
     if path.exists():
@@ -141,7 +132,7 @@ def predict_unit(unit: Unit, saved: Saved, reading: Reading, settings: SearchSet
         table = scored_rows(saved.scored, unit.shard)
     else:
         rows = read_unit(unit, reading)
-        overlap = _in_scored(rows, saved.scored, reading.id_column)
+        overlap = members.in_scored(unit.shard, rows.identity.column("key"), rows.ids)
         new = ~overlap
         todo = rows.usable & new
         predicted, counts["fallbacks"] = _predict(saved, rows, todo, settings)
@@ -180,8 +171,9 @@ class UnitWorkerFactory:
             faiss.omp_set_num_threads(self.threads)
         saved = load(self.run_dir)
         saved.index.use_device(self.settings.device)
+        members = ScoredMembers(saved.scored, self.reading.id_column)
         run_dir, reading, settings = self.run_dir, self.reading, self.settings
-        return lambda unit: predict_unit(unit, saved, reading, settings, run_dir)
+        return lambda unit: predict_unit(unit, saved, members, reading, settings, run_dir)
 
 
 class LazyWorker:
