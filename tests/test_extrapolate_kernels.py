@@ -271,3 +271,14 @@ def test_gnn_settings_are_validated():
     for bad in ({"hidden": 0}, {"batch_nodes": 0}, {"fanout": 0}, {"lr": 0.0}, {"patience": 0}):
         with pytest.raises(MimicfilterError):
             gnn.GnnSettings(**bad)
+
+
+def test_gnn_refuses_beyond_its_size_in_one_line(monkeypatch):
+    from mimicfilter.extrapolate import methods
+
+    embedded, values, _ = planted(n_clusters=4, per_cluster=15)
+    reference = ReferenceSet(np.arange(60), embedded, values, None, 60)
+    monkeypatch.setattr(methods, "GNN_MAX_SCORED", 59)
+    with pytest.raises(MimicfilterError, match="60 scored samples is beyond its 59") as error:
+        fit_gnn(reference, "image", holdout_split(60, 0.2, 0), 4, gnn.GnnSettings(max_epochs=2), SearchSettings())
+    assert "\n" not in str(error.value) and "--method knn" in error.value.hint

@@ -82,15 +82,13 @@ def unit_rows(vectors: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     rounding are normalised (in float32); zero or non-finite rows are not usable. Every source of
     embeddings goes through here, so the same vectors give the same neighbours whatever the source."""
     vectors = np.asarray(vectors)
-    norms = np.linalg.norm(vectors.astype(np.float32), axis=-1)
+    wide = vectors.astype(np.float32)
+    norms = np.sqrt(np.einsum("...d,...d->...", wide, wide))
     usable = np.isfinite(norms) & (norms > 0)
     if vectors.ndim == 3:
         usable = usable.all(axis=1)
-        norms = norms[..., None]
-    else:
-        norms = norms[:, None]
+    norms = norms[..., None]
     off = ~np.isclose(norms, 1.0, atol=NORM_TOLERANCE, rtol=0)
     if off.any():
-        scaled = np.where(off & (norms > 0), vectors.astype(np.float32) / np.where(norms > 0, norms, 1), vectors)
-        vectors = scaled.astype(np.float16)
+        vectors = np.where(off & (norms > 0), wide / np.where(norms > 0, norms, 1), vectors).astype(np.float16)
     return np.asarray(vectors, dtype=np.float16), usable
