@@ -127,4 +127,5 @@ def test_without_gpu_support_the_search_stays_on_the_cpu():
     where = index.use_device("cuda:0")
     if gpu_count() < 1:
         assert where["search_device"] == "cpu" and "faiss-gpu" in where["gpu_unused"]
-    assert index.use_device("cpu") == {"search_device": "cpu"}
+        assert "faiss-gpu" in index.describe()["gpu_unused"]  # stats.json says why the GPU went unused
+    assert index.use_device("cpu") == {"search_device": "cpu"} and "gpu_unused" not in index.describe()

@@ -193,7 +193,7 @@ class SubIndex:
         """(similarities, global ids) [Q, k]; ``allowed``: a mask over global ids (CPU search)."""
         queries = as_float32(queries)
         if allowed is None:
-            sims, local = (self.gpu or self.cpu).search(queries, k)
+            sims, local = (self.cpu if self.gpu is None else self.gpu).search(queries, k)
         elif self.plan.kind == "exact":  # faiss's selector path skips BLAS: compare the allowed rows in blocks
             rows = np.flatnonzero(allowed[self.members])
             sims, found = exact_search(queries, self.cpu.reconstruct_batch, rows, k)
@@ -216,6 +216,7 @@ class ScoredIndex:
         self.count = count
         self.dim = dim
         self.device = "cpu"
+        self.where: dict[str, str] = {}  # a GPU in use, or why none is
 
     @property
     def labelled(self) -> bool:
@@ -239,6 +240,10 @@ class ScoredIndex:
 
     def use_device(self, device: str) -> dict[str, Any]:
         """Move the indexes to the CUDA device ``device`` names when faiss has GPU support."""
+        self.where = self._move(device)
+        return self.where
+
+    def _move(self, device: str) -> dict[str, Any]:
         if not device.startswith("cuda"):
             return {"search_device": "cpu"}
         if gpu_count() < 1:
@@ -247,6 +252,8 @@ class ScoredIndex:
         for sub in self.parts.values():
             why = sub.to_gpu(number)
             if why is not None:
+                for moved in self.parts.values():
+                    moved.gpu = None
                 return {"search_device": "cpu", "gpu_unused": why}
         self.device = device
         return {"search_device": device}
@@ -272,11 +279,12 @@ class ScoredIndex:
     def describe(self) -> dict[str, Any]:
         """What stats.json records: the plan of each index (one, or per label summarised)."""
         plans = [sub.plan.describe() for sub in self.parts.values()]
+        device = {name: value for name, value in self.where.items() if name == "gpu_unused" or value != "cpu"}
         if not self.labelled:
-            return {**plans[0], "vectors": self.count, "dim": self.dim}
+            return {**plans[0], "vectors": self.count, "dim": self.dim, **device}
         kinds = sorted({plan["kind"] for plan in plans})
         return {"kind": "per-label", "labels": len(plans), "kinds": kinds, "vectors": self.count, "dim": self.dim,
-                "largest": max(plans, key=lambda plan: plan.get("nlist", 0))}
+                "largest": max(plans, key=lambda plan: plan.get("nlist", 0)), **device}
 
     # --------------------------------------------------------------------------------- on disk
 

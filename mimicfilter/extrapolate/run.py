@@ -26,6 +26,7 @@ The output is a score run (one row per sample, epoch 0, step −1, an ``extrapol
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import time
 from dataclasses import dataclass
@@ -182,8 +183,9 @@ def _fingerprint(config: ExtrapolateConfig, inputs: Inputs, device: torch.device
 
 def _execute(config: ExtrapolateConfig, inputs: Inputs, pending: list[Unit], settings: SearchSettings) -> tuple[str, tuple[str, ...]]:
     """Step 5: every pending unit's part, on Ray, forked workers or in this process."""
-    if config.ray is not None:
-        ray_settings = settings if config.ray.gpus_per_task else SearchSettings(**{**settings.__dict__, "device": "cpu"})
+    if config.ray is not None:  # actors get a picklable copy, and never touch a GPU Ray did not assign
+        ray_settings = dataclasses.replace(settings, observer=None,
+                                           device=settings.device if config.ray.gpus_per_task else "cpu")
         factory = UnitWorkerFactory(config.out_dir, inputs.reading, ray_settings, max(1, int(config.ray.cpus_per_task)))
         result = run_with_ray(pending, factory, config.ray)
         return f"ray ({result.actors} actors)", result.failures
