@@ -9,7 +9,8 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 from click.testing import CliRunner
-from helpers import TINY_CLIP_CONFIG, image_text_samples, write_random_checkpoint, write_tar, write_tiny_config
+from extrapolate_pool import invoke, model_args, pool, rest_embeddings, subset_run  # noqa: F401  (fixtures)
+from helpers import TINY_CLIP_CONFIG, write_random_checkpoint, write_tar, write_tiny_config
 
 from mimicfilter.errors import MimicfilterError
 from mimicfilter.extrapolate import gnn
@@ -21,10 +22,6 @@ from mimicfilter.store.schema import SCORE_SCHEMA, score_schema
 from mimicfilter_cli.main import cli
 
 
-def invoke(args):
-    return CliRunner().invoke(cli, [str(arg) for arg in args], catch_exceptions=False)
-
-
 def test_config_is_validated_up_front(tmp_path):
     for bad in ({"k_candidates": (0, 2)}, {"holdout_fraction": 1.0}, {"block_size": 0}, {"out_dir": tmp_path / "s"},
                 {"method": "svm"}, {"features": "text"}, {"graph_k": 0}, {"min_rho": 2.0}):
@@ -33,44 +30,6 @@ def test_config_is_validated_up_front(tmp_path):
 
 
 # ----------------------------------------------------------------------------------- CLI end to end
-
-
-@pytest.fixture(scope="module")
-def pool(tmp_path_factory):
-    """Tiny image-text shards (one with bad samples), a tiny CLIP config and a random reference."""
-    root = tmp_path_factory.mktemp("pool")
-    config = write_tiny_config(root / "tiny-clip.json")
-    reference = write_random_checkpoint(root / "reference.pt")
-    shards = []
-    for number in range(4):
-        samples = image_text_samples(24, start=number * 100)
-        if number == 3:
-            samples[2][1]["jpg"] = b"not an image"
-            del samples[5][1]["txt"]
-        shards.append(write_tar(root / f"shard-{number}.tar", samples))
-    return {"root": root, "config": config, "reference": reference, "shards": shards}
-
-
-def model_args(pool):
-    return ["--model", pool["config"], "--reference", pool["reference"], "--workers", "0", "--quiet"]
-
-
-@pytest.fixture(scope="module")
-def subset_run(pool):
-    """Shards 0-1 scored by a 2-epoch trajectory with --save-embeddings."""
-    out = pool["root"] / "subset"
-    result = invoke(["score", *pool["shards"][:2], *model_args(pool), "--batch-size", "8", "--epochs", "2",
-                     "--save-embeddings", "--out", out])
-    assert result.exit_code == 0, result.output
-    return out
-
-
-@pytest.fixture(scope="module")
-def rest_embeddings(pool):
-    out = pool["root"] / "rest-embed"
-    result = invoke(["embed", *pool["shards"][2:], *model_args(pool), "--batch-size", "16", "--out", out])
-    assert result.exit_code == 0, result.output
-    return out
 
 
 PAIR = ["embedding", "text_embedding"]
@@ -208,30 +167,35 @@ def test_gnn_run_records_its_method_and_trust(pool, subset_run, rest_embeddings,
 def test_holdout_is_built_from_scored_rows_only(pool, subset_run, rest_embeddings, tmp_path, monkeypatch, method):
     """Whatever the unscored set, the choices see exactly the scored samples: same inputs, same results."""
     seen = []
-    real_choose_k, real_train = methods_module.choose_k, gnn.train
+    real_choose_k, real_train, real_neighbours = methods_module.choose_k, gnn.train, methods_module.Neighbours
 
-    def spy_choose_k(embeddings, values, *args, **kwargs):
-        seen.append((embeddings.clone(), values.clone()))
-        return real_choose_k(embeddings, values, *args, **kwargs)
+    class SpyNeighbours(real_neighbours):
+        def __init__(self, reference, features, settings):
+            seen.append((reference.embedded.neighbour_vectors(features), reference.values.clone()))
+            super().__init__(reference, features, settings)
+
+    def spy_choose_k(search, values, candidates, holdout, train, **kwargs):
+        seen.append((torch.cat([holdout, train]), values.clone()))
+        return real_choose_k(search, values, candidates, holdout, train, **kwargs)
 
     def spy_train(pool_, heldout_inputs, *args, **kwargs):
         seen.append((torch.cat([pool_.inputs, heldout_inputs]), pool_.targets.clone()))
         return real_train(pool_, heldout_inputs, *args, **kwargs)
 
     monkeypatch.setattr(methods_module, "choose_k", spy_choose_k)
+    monkeypatch.setattr(methods_module, "Neighbours", SpyNeighbours)
     monkeypatch.setattr(gnn, "train", spy_train)
     config = dict(scored=subset_run, method=method, features="pair", k_candidates=(1, 3, 10), holdout_fraction=0.3,
                   seed=5, graph_k=3, gnn=GnnSettings(max_epochs=3))
     with_rest = run_extrapolate(ExtrapolateConfig(out_dir=tmp_path / "a", embeddings=(rest_embeddings,), **config))
     alone = run_extrapolate(ExtrapolateConfig(out_dir=tmp_path / "b", **config))  # no unscored samples at all
-    assert len(seen) == 2 and all(torch.equal(a, b) for a, b in zip(seen[0], seen[1]))
-    assert len(seen[0][0]) == 48  # the 48 scored samples, held-out and training split together
-    if method == "knn":
-        scored_means = {}
-        for row in read_scores(subset_run).to_pylist():
-            scored_means.setdefault((row["shard"], row["key"]), []).append(row["mimic_score"])
-        expected = sorted(np.mean(v) for v in scored_means.values())
-        assert sorted(seen[0][1][:, 0].tolist()) == pytest.approx(expected, rel=1e-6)
+    assert len(seen) == 4 and all(torch.equal(a, b) for a, b in zip(seen[0] + seen[1], seen[2] + seen[3]))
+    assert len(seen[0][0]) == len(seen[1][0]) == 48  # the index and the split: the 48 scored samples only
+    scored_means = {}
+    for row in read_scores(subset_run).to_pylist():
+        scored_means.setdefault((row["shard"], row["key"]), []).append(row["mimic_score"])
+    expected = sorted(np.mean(v) for v in scored_means.values())
+    assert sorted(seen[0][1][:, 0].tolist()) == pytest.approx(expected, rel=1e-6)
     for name in ("heldout_spearman", "heldout_spearman_weight", "heldout_size", "heldout_train_size", "heldout_by"):
         assert with_rest[name] == alone[name]
     assert alone["heldout_by"] == "shard" and alone["heldout_shards"] == 1  # of the two scored shards
@@ -358,3 +322,29 @@ def test_classification_embeddings_match_embed_and_same_label_runs(pool, tmp_pat
     assert json.loads(result.stdout)["extrapolated_samples"] == 20
     rows = read_scores(out).to_pylist()
     assert len(rows) == 41 and {row["status"] for row in rows} == {"ok", "missing_label"}
+
+
+def test_samples_of_the_scored_run_are_never_extrapolated(pool, subset_run, rest_embeddings, tmp_path):
+    """--embeddings that also cover the scored samples (here: the scored shards reached through a
+    symlinked folder, so their shard paths differ; the uids are the same samples) give each such
+    sample one row, its true score, and the overlap is reported in stats.json and the summary."""
+    linked = tmp_path / "linked-pool"
+    linked.symlink_to(pool["root"], target_is_directory=True)
+    overlapping = tmp_path / "overlap-embed"
+    result = invoke(["embed", *(linked / shard.name for shard in pool["shards"][:2]), *model_args(pool),
+                     "--out", overlapping])
+    assert result.exit_code == 0, result.output
+    out = tmp_path / "extrapolated"
+    result = CliRunner().invoke(cli, [str(a) for a in ["extrapolate", "--scored", subset_run, "--embeddings", overlapping,
+                                                       "--embeddings", rest_embeddings, "--out", out, "--k", "1,2"]])
+    assert result.exit_code == 0, result.output
+    stats = json.loads((out / "stats.json").read_text())
+    assert stats["overlap_samples"] == 48 and stats["extrapolated_samples"] == 46
+    assert "48 samples of the --embeddings runs are in the scored run" in result.output
+    rows = read_scores(out, columns=["shard", "uid", "mimic_score", "extrapolated"]).to_pylist()
+    assert len(rows) == 96 and len({row["uid"] for row in rows}) == 96
+    assert not any(row["shard"].startswith(str(linked)) for row in rows)
+    curated = tmp_path / "curated"
+    assert invoke(["filter", out, "--out", curated, "--top-frac", "mimic_score=0.5"]).exit_code == 0
+    manifest = pq.read_table(curated / "manifest.parquet").to_pylist()
+    assert len(manifest) == 96 and all(row["epochs"] == 1 for row in manifest)

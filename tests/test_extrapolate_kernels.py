@@ -1,5 +1,6 @@
-"""Score extrapolation's kernels on synthetic data: blocked kNN, choosing k, pair features, the GNN
-(planted graphs, full-batch and mini-batched), and the held-out split."""
+"""Score extrapolation's kernels on synthetic data: kNN over the faiss index, choosing k, pair
+features, the GNN (planted graphs, full-batch and mini-batched), and the held-out split. The index
+itself (exact against brute force, IVF recall, labels, saving) is tested in test_extrapolate_index.py."""
 
 import numpy as np
 import pytest
@@ -8,13 +9,15 @@ import torch
 from mimicfilter.errors import MimicfilterError
 from mimicfilter.extrapolate import gnn
 from mimicfilter.extrapolate.features import Embedded, available_features
-from mimicfilter.extrapolate.knn import choose_k, knn_predict, knn_search, search_without_self
+from mimicfilter.extrapolate.knn import choose_k, knn_predict, without_self
 from mimicfilter.extrapolate.methods import (
+    Neighbours,
     ReferenceSet,
     SearchSettings,
     fit_gnn,
     fit_knn,
     holdout_split,
+    query_neighbours,
 )
 from mimicfilter.metrics import spearman
 
@@ -33,6 +36,13 @@ def clusters(n_clusters=6, per_cluster=12, dim=16, seed=0):
     return torch.nn.functional.normalize(members, dim=1), values, torch.arange(n_clusters).repeat_interleave(per_cluster)
 
 
+def neighbours_of(embeddings, values=None, labels=None, **settings):
+    """The exact index over ``embeddings`` as a reference set (image features)."""
+    values = torch.zeros(len(embeddings), 2, dtype=torch.float64) if values is None else values
+    reference = ReferenceSet(np.arange(len(embeddings)), Embedded(embeddings), values, labels, len(embeddings))
+    return Neighbours(reference, "image", SearchSettings(**settings))
+
+
 # ------------------------------------------------------------------------------------------------ kNN
 
 
@@ -40,7 +50,8 @@ def clusters(n_clusters=6, per_cluster=12, dim=16, seed=0):
 def test_exact_recovery_when_neighbours_share_scores(weighted):
     embeddings, values, cluster = clusters()
     split = holdout_split(len(embeddings), 0.25, seed=3)
-    choice = choose_k(embeddings, values, (1, 2, 5), split.holdout, split.train, weighted=weighted)
+    neighbours = neighbours_of(embeddings, values)
+    choice = choose_k(neighbours.of_rows, values, (1, 2, 5), split.holdout, split.train, weighted=weighted)
     assert choice.spearman == pytest.approx(1.0)
     assert choice.spearman_by_k == {1: pytest.approx(1.0), 2: pytest.approx(1.0), 5: pytest.approx(1.0)}
     assert choice.k == 1  # ties go to the smallest k
@@ -48,25 +59,22 @@ def test_exact_recovery_when_neighbours_share_scores(weighted):
     queries, _, query_cluster = clusters(seed=0)
     queries = torch.nn.functional.normalize(queries + 0.01, dim=1)
     for k in (1, 5, 12):
-        sims, index = knn_search(queries, embeddings, k, block_size=7, reference_block=11)
+        sims, index = query_neighbours(neighbours.index, Embedded(queries), "image", k, None, SearchSettings(block_size=7))
         predicted = knn_predict(values, sims, index, weighted)
         torch.testing.assert_close(predicted, values[query_cluster * 12], rtol=0, atol=1e-12)
 
 
-def test_blocked_search_equals_brute_force_and_stays_in_its_blocks():
+def test_held_out_rows_find_neighbours_among_training_rows_only():
     generator = torch.Generator().manual_seed(1)
-    queries, reference = unit_rows(53, 8, generator), unit_rows(97, 8, generator)
-    shapes = []
-    sims, index = knn_search(queries, reference, 5, block_size=10, reference_block=16, observer=shapes.append)
-    full = (queries @ reference.T).topk(5, dim=1)
-    torch.testing.assert_close(sims, full.values)
-    assert torch.equal(index, full.indices)
-    assert shapes and max(rows * columns for rows, columns in shapes) <= 10 * 16
-    assert all(rows <= 10 and columns <= 16 for rows, columns in shapes)
-    # with the reference in one block, the largest block is block_size x M, never N x M
-    shapes.clear()
-    knn_search(queries, reference, 5, block_size=10, reference_block=10**6, observer=shapes.append)
-    assert max(rows * columns for rows, columns in shapes) == 10 * 97 < 53 * 97
+    embeddings = unit_rows(60, 8, generator)
+    allowed = np.arange(60) % 3 != 0
+    blocks = []
+    sims, index = neighbours_of(embeddings, block_size=7, observer=blocks.append).of_rows(np.arange(60), 5, allowed)
+    assert blocks and max(blocks) <= 7 and sum(blocks) == 60  # searched 7 queries at a time
+    brute = embeddings @ embeddings[torch.from_numpy(allowed)].T
+    expected = torch.from_numpy(np.flatnonzero(allowed))[brute.topk(5, dim=1).indices]
+    assert torch.equal(index, expected)
+    torch.testing.assert_close(sims, brute.topk(5, dim=1).values)
 
 
 def test_same_label_neighbours_and_too_few_neighbours():
@@ -75,16 +83,17 @@ def test_same_label_neighbours_and_too_few_neighbours():
     labels = torch.arange(20) % 2
     queries = unit_rows(6, 4, generator)
     query_labels = torch.tensor([0, 1, 0, 1, 0, 2])  # label 2 has no scored sample
-    sims, index = knn_search(queries, reference, 3, query_labels=query_labels, reference_labels=labels, block_size=4,
-                             reference_block=7)
+    index = neighbours_of(reference, labels=labels).index
+    sims, found = query_neighbours(index, Embedded(queries), "image", 3, query_labels, SearchSettings(block_size=4))
     for row in range(5):
-        assert (labels[index[row]] == query_labels[row]).all()
-    assert (index[5] == -1).all() and torch.isneginf(sims[5]).all()
+        assert (labels[found[row]] == query_labels[row]).all()
+    assert (found[5] == -1).all() and torch.isneginf(sims[5]).all()
     values = torch.randn(20, 2, dtype=torch.float64)
-    predicted = knn_predict(values, sims, index, weighted=False)
+    predicted = knn_predict(values, sims, found, weighted=False)
     assert torch.isnan(predicted[5]).all() and not torch.isnan(predicted[:5]).any()
-    sims, index = knn_search(queries, reference[:2], 5)  # k larger than the reference: padded
-    assert (index[:, 2:] == -1).all()
+    small = neighbours_of(reference[:2]).index
+    sims, found = query_neighbours(small, Embedded(queries), "image", 5, None, SearchSettings())  # k > the reference: padded
+    assert (found[:, 2:] == -1).all() and torch.isneginf(sims[:, 2:]).all()
 
 
 def test_spearman():
@@ -96,9 +105,10 @@ def test_spearman():
 def test_choose_k_refuses_k_larger_than_the_scored_set():
     embeddings, values, _ = clusters(n_clusters=2, per_cluster=5)
     split = holdout_split(len(embeddings), 0.2, seed=0)
+    search = neighbours_of(embeddings, values).of_rows
     with pytest.raises(MimicfilterError, match="larger than the scored set"):
-        choose_k(embeddings, values, (20, 50), split.holdout, split.train)
-    choice = choose_k(embeddings, values, (1, 50), split.holdout, split.train)
+        choose_k(search, values, (20, 50), split.holdout, split.train)
+    choice = choose_k(search, values, (1, 50), split.holdout, split.train)
     assert choice.k == 1 and choice.skipped_candidates == (50,)
     with pytest.raises(MimicfilterError, match="too few"):
         holdout_split(3, 0.2, seed=0)
@@ -193,10 +203,9 @@ def test_gnn_recovers_scores_on_a_planted_graph(settings):
     reference = ReferenceSet(np.arange(80), embedded.take(scored), values[scored], None, 80)
     split = holdout_split(80, 0.2, seed=1)
     blocks = []
-    fitted = fit_gnn(reference, "image", split, 4, settings, SearchSettings(block_size=7, reference_block=11,
-                                                                             observer=blocks.append))
+    fitted = fit_gnn(reference, "image", split, 4, settings, SearchSettings(block_size=7, observer=blocks.append))
     # every graph search (training split, held-out split, all scored samples) ran in small blocks
-    assert blocks and all(rows <= 7 and columns <= 11 for rows, columns in blocks)
+    assert blocks and max(blocks) <= 7 and sum(blocks) == 64 + 16 + 80
     assert fitted.method == "gnn" and fitted.details["full_batch"] == (settings.batch_nodes >= 64)
     assert fitted.heldout_spearman > 0.9 and fitted.heldout_spearman_weight > 0.9
     predicted = fitted.predict(embedded.take(unscored), None)
@@ -220,8 +229,10 @@ def test_gnn_is_deterministic():
 def test_mini_batches_touch_only_their_sampled_neighbourhood():
     generator = torch.Generator().manual_seed(0)
     count, k = 500, 8
-    pool = gnn.Pool(torch.randn(count, 5, generator=generator), torch.randn(count, 2, generator=generator),
-                    search_without_self(unit_rows(count, 6, generator), k, None, SearchSettings(block_size=64).search)[1])
+    everything = np.arange(count)
+    edges = without_self(*neighbours_of(unit_rows(count, 6, generator), block_size=64).of_rows(everything, k + 1, None),
+                         everything, k)[1]
+    pool = gnn.Pool(torch.randn(count, 5, generator=generator), torch.randn(count, 2, generator=generator), edges)
     model = gnn.SageRegressor(5, 8, 2)
     touched = []
     batch = torch.arange(10)
@@ -242,7 +253,8 @@ def test_neighbours_without_self_and_labels():
     vectors[6] = vectors[3]  # a duplicate of the same label: the row itself must still be dropped, its twin kept
     labels = torch.arange(30) % 3
     assert labels[3] == labels[6]
-    _, index = search_without_self(vectors, 4, labels, SearchSettings(block_size=8, reference_block=9).search)
+    everything = np.arange(30)
+    _, index = without_self(*neighbours_of(vectors, labels=labels, block_size=8).of_rows(everything, 5, None), everything, 4)
     assert index.shape == (30, 4)
     assert not (index == torch.arange(30)[:, None]).any()
     assert (labels[index] == labels[:, None]).all()
@@ -262,14 +274,12 @@ def test_gnn_settings_are_validated():
             gnn.GnnSettings(**bad)
 
 
-@pytest.mark.gpu
-def test_blocked_search_on_cuda_equals_cpu():
-    generator = torch.Generator().manual_seed(4)
-    queries, reference = unit_rows(300, 32, generator), unit_rows(700, 32, generator)
-    labels_q, labels_r = torch.randint(0, 3, (300,), generator=generator), torch.randint(0, 3, (700,), generator=generator)
-    cpu = knn_search(queries, reference, 7, query_labels=labels_q, reference_labels=labels_r, block_size=64,
-                     reference_block=128)
-    cuda = knn_search(queries, reference, 7, query_labels=labels_q, reference_labels=labels_r, block_size=64,
-                      reference_block=128, device="cuda")
-    torch.testing.assert_close(cuda[0], cpu[0], rtol=1e-5, atol=1e-5)
-    assert (cuda[1] == cpu[1]).float().mean() > 0.99  # near-ties may swap
+def test_gnn_refuses_beyond_its_size_in_one_line(monkeypatch):
+    from mimicfilter.extrapolate import methods
+
+    embedded, values, _ = planted(n_clusters=4, per_cluster=15)
+    reference = ReferenceSet(np.arange(60), embedded, values, None, 60)
+    monkeypatch.setattr(methods, "GNN_MAX_SCORED", 59)
+    with pytest.raises(MimicfilterError, match="60 scored samples is beyond its 59") as error:
+        fit_gnn(reference, "image", holdout_split(60, 0.2, 0), 4, gnn.GnnSettings(max_epochs=2), SearchSettings())
+    assert "\n" not in str(error.value) and "--method knn" in error.value.hint

@@ -1,5 +1,6 @@
-"""k-nearest-neighbour kernels: blocked top-k cosine search, neighbour means (optionally blended
-with the sample's own signal), and the choice of k on a held-out split of the scored samples."""
+"""k-nearest-neighbour kernels: neighbour means (optionally blended with the sample's own signal)
+and the choice of k on a held-out split of the scored samples. The neighbours come from the faiss
+index over the scored samples (:mod:`~mimicfilter.extrapolate.index`)."""
 
 from __future__ import annotations
 
@@ -14,61 +15,6 @@ from mimicfilter.metrics import spearman
 
 MIN_HOLDOUT = 3  # Spearman ρ needs a few points
 DISTANCE_EPSILON = 1e-6
-
-
-def knn_search(
-    queries: torch.Tensor,
-    reference: torch.Tensor,
-    k: int,
-    *,
-    query_labels: torch.Tensor | None = None,
-    reference_labels: torch.Tensor | None = None,
-    block_size: int = 4096,
-    reference_block: int = 65536,
-    device: torch.device | str = "cpu",
-    observer: Callable[[tuple[int, int]], None] | None = None,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Top-``k`` cosine similarities of each query among ``reference`` (rows L2-normalised).
-
-    Returns (similarities [Q, k] float32, indices [Q, k] int64) on the CPU, best first; slots
-    without a neighbour (fewer than k reference rows, or none with the query's label when labels
-    are given) hold −inf and index −1. Memory: one ``block_size`` × ``reference_block`` similarity
-    block at a time (``observer`` is told each block's shape), plus the reference on ``device``.
-    """
-    device = torch.device(device)
-    n_queries, n_reference = queries.shape[0], reference.shape[0]
-    if queries.shape[1] != reference.shape[1]:
-        raise MimicfilterError(f"embedding dimension mismatch: {queries.shape[1]} vs {reference.shape[1]}")
-    reference = reference.to(device, torch.float32)
-    labelled = query_labels is not None and reference_labels is not None
-    if labelled:
-        reference_labels = reference_labels.to(device)
-    out_sims = torch.full((n_queries, k), float("-inf"))
-    out_index = torch.full((n_queries, k), -1, dtype=torch.long)
-    for q_start in range(0, n_queries, block_size):
-        q = queries[q_start : q_start + block_size].to(device, torch.float32)
-        best_sims = torch.full((q.shape[0], k), float("-inf"), device=device)
-        best_index = torch.full((q.shape[0], k), -1, dtype=torch.long, device=device)
-        q_labels = query_labels[q_start : q_start + block_size].to(device) if labelled else None
-        for r_start in range(0, n_reference, reference_block):
-            block = reference[r_start : r_start + reference_block]
-            sims = q @ block.T
-            if observer is not None:
-                observer(tuple(sims.shape))
-            if labelled:
-                sims.masked_fill_(q_labels[:, None] != reference_labels[None, r_start : r_start + block.shape[0]],
-                                  float("-inf"))
-            top = sims.topk(min(k, sims.shape[1]), dim=1)
-            merged_sims = torch.cat([best_sims, top.values], dim=1)
-            merged_index = torch.cat([best_index, top.indices + r_start], dim=1)
-            keep = merged_sims.topk(k, dim=1)
-            best_sims = keep.values
-            best_index = merged_index.gather(1, keep.indices)
-            del sims, top, merged_sims, merged_index
-        best_index[torch.isneginf(best_sims)] = -1
-        out_sims[q_start : q_start + q.shape[0]] = best_sims.cpu()
-        out_index[q_start : q_start + q.shape[0]] = best_index.cpu()
-    return out_sims, out_index
 
 
 def knn_predict(values: torch.Tensor, sims: torch.Tensor, index: torch.Tensor, weighted: bool) -> torch.Tensor:
@@ -90,22 +36,20 @@ def knn_predict(values: torch.Tensor, sims: torch.Tensor, index: torch.Tensor, w
     return torch.where(total > 0, predicted, torch.full_like(predicted, float("nan")))
 
 
-Search = Callable[..., tuple[torch.Tensor, torch.Tensor]]  # (queries, reference, k, query_labels, reference_labels)
+RowSearch = Callable[[np.ndarray, int, np.ndarray | None], tuple[torch.Tensor, torch.Tensor]]
+"""(rows of the scored set, k, allowed mask over the scored set or None) → their top-k among the
+allowed scored samples: (similarities, scored-set ids) [R, k], −inf / −1 where there is none."""
 
 
-def default_search(queries, reference, k, query_labels=None, reference_labels=None):
-    return knn_search(queries, reference, k, query_labels=query_labels, reference_labels=reference_labels)
-
-
-def search_without_self(vectors: torch.Tensor, k: int, labels: torch.Tensor | None,
-                        search: Search = default_search) -> tuple[torch.Tensor, torch.Tensor]:
-    """Each row's k nearest *other* rows (similarities, indices [N, k], −1 padded): k + 1 found and
-    the row itself dropped — wherever near-duplicates put it in the order."""
-    sims, index = search(vectors, vectors, k + 1, labels, labels)
-    own = index == torch.arange(len(vectors))[:, None]
-    rank = torch.where(own, torch.full_like(index, k + 1), torch.arange(k + 1).expand_as(index))
-    keep = rank.argsort(dim=1)[:, :k]
-    return sims.gather(1, keep), index.gather(1, keep)
+def without_self(sims: torch.Tensor, index: torch.Tensor, rows: np.ndarray, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each row's k nearest *other* samples from its k + 1 nearest: the row itself dropped,
+    wherever near-duplicates put it in the order (−1 padded)."""
+    own = index == torch.as_tensor(rows)[:, None]
+    rank = torch.where(own, torch.full_like(index, index.shape[1]), torch.arange(index.shape[1]).expand_as(index))
+    keep = rank.argsort(dim=1, stable=True)[:, :k]
+    sims, index = sims.gather(1, keep), index.gather(1, keep)
+    gone = own.gather(1, keep)
+    return sims.masked_fill(gone, float("-inf")), index.masked_fill(gone, -1)
 
 
 @dataclass(frozen=True)
@@ -151,21 +95,19 @@ class KChoice:
 
 
 def choose_k(
-    embeddings: torch.Tensor,
+    search: RowSearch,
     values: torch.Tensor,
     candidates: tuple[int, ...],
     holdout: torch.Tensor,
     train: torch.Tensor,
     *,
-    labels: torch.Tensor | None = None,
     weighted: bool = False,
     signal: torch.Tensor | None = None,
-    search: Search = default_search,
 ) -> KChoice:
     """Pick k by Spearman ρ of predicted vs true mean score on the held-out rows ``holdout``,
-    predicted from the rows ``train`` (both positions into the scored samples' ``embeddings``,
-    ``values`` [M, 2], ``labels`` and ``signal`` [M, S]: the split is built from the scored
-    samples alone). With ``signal`` (pairs: their agreement), each k's prediction is a
+    predicted from the rows ``train`` (both positions into the scored samples' ``values`` [M, 2] and
+    ``signal`` [M, S]; the search is restricted to the training rows: the split is built from the
+    scored samples alone). With ``signal`` (pairs: their agreement), each k's prediction is a
     :class:`Blend` of the neighbour mean and the signal, fitted on the training split.
     """
     usable = tuple(k for k in candidates if k <= len(train) - (signal is not None))
@@ -175,16 +117,17 @@ def choose_k(
             f"{len(train) + len(holdout)} scored samples; {len(holdout)} are held out to choose k)",
             hint=f"pass --k {len(train) - 1} or less, or score more samples",
         )
-    labels_of = (lambda rows: None) if labels is None else (lambda rows: labels[rows])
-    sims, index = search(embeddings[holdout], embeddings[train], max(usable), labels_of(holdout), labels_of(train))
+    allowed = np.zeros(len(values), dtype=bool)
+    allowed[train.numpy()] = True
+    sims, index = search(holdout.numpy(), max(usable), allowed)
     if signal is not None:
-        train_sims, train_index = search_without_self(embeddings[train], max(usable), labels_of(train), search)
+        train_sims, train_index = without_self(*search(train.numpy(), max(usable) + 1, allowed), train.numpy(), max(usable))
     train_values, true_values = values[train], values[holdout].numpy()
     by_k, by_k_weight, blends = {}, {}, {}
     for k in usable:
-        predicted = knn_predict(train_values, sims[:, :k], index[:, :k], weighted)
+        predicted = knn_predict(values, sims[:, :k], index[:, :k], weighted)
         if signal is not None:
-            own_mean = knn_predict(train_values, train_sims[:, :k], train_index[:, :k], weighted)
+            own_mean = knn_predict(values, train_sims[:, :k], train_index[:, :k], weighted)
             blends[k] = Blend.fit(own_mean, signal[train], train_values)
             predicted = blends[k].apply(predicted, signal[holdout])
         predicted = predicted.numpy()

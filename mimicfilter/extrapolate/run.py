@@ -1,311 +1,281 @@
 """Score extrapolation: predict the mimic scores of unscored samples from their scored neighbours.
 
-Score a subset with the (expensive) trajectory, embed the rest (the cheap ``embed`` pass, or
-``score --save-embeddings``), then predict each unscored sample's per-sample mean mimic score and
-relative weight from the scored samples most like it (:mod:`~mimicfilter.extrapolate.features`:
-the image alone, or the image–text pair and its agreement), by kNN (the mean of the k nearest,
-optionally distance-weighted or among the same label only) or by a small GNN over the kNN graph
-(:mod:`~mimicfilter.extrapolate.gnn`).
+Score a subset with the (expensive) trajectory; embed the rest (``embed``, ``score
+--save-embeddings``) or bring the embeddings the pool already has (``--features-from``: DataComp
+.npz files or Parquet, :mod:`~mimicfilter.extrapolate.external`); then predict each unscored
+sample's per-sample mean mimic score and relative weight from the scored samples most like it
+(:mod:`~mimicfilter.extrapolate.features`), by kNN or by a small GNN over the kNN graph.
 
-* **Per-sample targets.** A scored sample's target is its mean ``mimic_score`` and mean
-  ``mimic_weight`` over the scored run's epochs.
-* **Choices on a held-out split of the scored samples only**: a seeded fraction of them is
-  predicted from the rest; k (kNN), the stopping epoch (GNN) and, with ``--features auto``, the
-  feature set are the ones with the highest Spearman ρ between predicted and true mean scores.
-  Unscored samples never enter a choice. That ρ is printed and stored in stats.json; below
-  ``--min-rho`` the run is marked untrusted (``trusted: false``) and ``extrapolate`` says the
-  extrapolated scores should not be used for filtering.
-* **Blocked search.** Similarities are computed block by block (``block_size`` queries ×
-  ``reference_block`` scored samples at most), so the full N×M similarity matrix never exists.
-* **Output**: a normal run directory (run.json, scores/ parts, stats.json, _SUCCESS) with the score
-  schema plus a boolean ``extrapolated`` column, one row per sample at epoch 0 (step −1): scored
-  samples keep their true (epoch-mean) scores, unscored ok samples get predictions
-  (``loss``/``clip_score``/``ref_loss`` null), bad samples keep their status and null scores.
-  ``filter`` and ``report`` read it like any score run.
+The steps (:func:`run_extrapolate`):
+
+1. **Inputs**: the scored run, the embedding source and its one space, the work units (one per input
+   file; the scored rows of shards no input covers are units too).
+2. **Reference set**: the scored samples' targets (epoch means) and embeddings; a scored sample
+   without one is counted and reported (it keeps its scored row).
+3. **Fit**, on a held-out split of the scored samples only: the faiss index over the scored side
+   (:mod:`~mimicfilter.extrapolate.index`), k or the GNN's epoch, the feature set; the held-out
+   Spearman ρ is printed and stored, and below ``--min-rho`` the run is marked untrusted.
+4. **Save** the extrapolator in the run directory (:mod:`~mimicfilter.extrapolate.saved`), once.
+5. **Stream** the units through the local loop, forked workers, Ray actors or this rank's share
+   (:mod:`~mimicfilter.extrapolate.stream`): one part per unit, exactly once.
+6. **Stats** from the parts; ``_SUCCESS`` once every unit's part exists.
+
+The output is a score run (one row per sample, epoch 0, step −1, an ``extrapolated`` column) that
+``filter`` and ``report`` read like any other.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
+import pyarrow.parquet as pq
 import torch
 
 from mimicfilter.errors import MimicfilterError
-from mimicfilter.extrapolate.features import FEATURE_CHOICES, Embedded, available_features
-from mimicfilter.extrapolate.gnn import GnnSettings
-from mimicfilter.extrapolate.methods import (
-    HOLDOUT_BY,
-    METHODS,
-    Fitted,
-    ReferenceSet,
-    SearchSettings,
-    Split,
-    fit_gnn,
-    fit_knn,
-    holdout_split,
+from mimicfilter.execute.local import OrderedPool
+from mimicfilter.execute.ray import run_with_ray
+from mimicfilter.extrapolate import saved as saved_module
+from mimicfilter.extrapolate.config import ExtrapolateConfig, files_digest
+from mimicfilter.extrapolate.external import (
+    ExternalFile,
+    check_file,
+    list_files,
+    resolve_columns,
+    row_count,
+    scored_vectors_from_files,
 )
-from mimicfilter.extrapolate.output import write_predictions
-from mimicfilter.extrapolate.sources import (
-    Scored,
-    Source,
-    check_spaces,
-    embeddings_numpy,
-    iter_embed_parts,
-    open_run,
-    read_embed_part,
-    read_scored,
-    scored_run_embeddings,
-)
+from mimicfilter.extrapolate.fit import describe, fit, fit_record
+from mimicfilter.extrapolate.methods import ReferenceSet, SearchSettings
+from mimicfilter.extrapolate.features import Embedded
+from mimicfilter.extrapolate.sources import Scored, Source, check_spaces, open_run, read_scored, scored_vectors_from_runs
+from mimicfilter.extrapolate.stream import LazyWorker, Reading, Unit, UnitWorkerFactory, part_counts
 from mimicfilter.mimic.device import resolve_device
-from mimicfilter.store.parts import table_stats
-from mimicfilter.store.rundir import RunDirectory
-from mimicfilter.store.schema import EMBEDDING_COLUMN, EXTRAPOLATED_COLUMN
-
-DEFAULT_K_CANDIDATES = (1, 2, 5, 10, 20, 50)
-DEFAULT_MIN_RHO = 0.5  # held-out rho below this: the extrapolated scores are not to be trusted (docs/usage.md)
+from mimicfilter.store.parts import part_path, part_paths, table_stats
+from mimicfilter.store.paths import RUN_FILE
+from mimicfilter.store.rundir import RunDirectory, write_rank_stats
+from mimicfilter.store.schema import EXTRAPOLATED_COLUMN
 
 
-@dataclass(frozen=True)
-class ExtrapolateConfig:
-    """Everything ``mimicfilter extrapolate`` needs; validated once, up front."""
+@dataclass
+class Inputs:
+    """Step 1: the scored run, the embedding source, its space, and the work units."""
 
-    scored: Path
-    out_dir: Path
-    embeddings: tuple[Path, ...] = ()
-    method: str = "knn"
-    features: str = "auto"
-    k_candidates: tuple[int, ...] = DEFAULT_K_CANDIDATES
-    weighted: bool = False
-    same_label: bool = False
-    graph_k: int = 10  # GNN: neighbours per node
-    gnn: GnnSettings = field(default_factory=GnnSettings)
-    holdout_fraction: float = 0.2
-    holdout_by: str = "shard"
-    min_rho: float = DEFAULT_MIN_RHO
-    block_size: int = 4096  # queries per similarity block
-    reference_block: int = 65536  # scored samples per similarity block
-    device: str = "cpu"
-    seed: int = 0
-    overwrite: bool = False
-    argv: tuple[str, ...] = ()
+    scored_source: Source
+    embedding_sources: list[Source]
+    files: list[ExternalFile]
+    reading: Reading
+    space: dict[str, Any]
+    units: list[Unit]
+    duplicate_units: int  # input files naming a shard an earlier input already covers (the first wins)
+    query_count: int  # samples in the input units
 
-    def __post_init__(self):
-        if self.method not in METHODS:
-            raise MimicfilterError(f"--method {self.method}: choose one of {', '.join(METHODS)}")
-        if self.features not in FEATURE_CHOICES:
-            raise MimicfilterError(f"--features {self.features}: choose one of {', '.join(FEATURE_CHOICES)}")
-        if not self.k_candidates:
-            raise MimicfilterError("--k: no candidate given", hint="e.g. --k 1,2,5,10,20,50 or --k 10")
-        if any(k < 1 for k in self.k_candidates):
-            raise MimicfilterError(f"--k {','.join(map(str, self.k_candidates))}: every k must be at least 1")
-        object.__setattr__(self, "k_candidates", tuple(sorted(set(self.k_candidates))))
-        if self.graph_k < 1:
-            raise MimicfilterError(f"--graph-k {self.graph_k}: must be at least 1")
-        if self.holdout_by not in HOLDOUT_BY:
-            raise MimicfilterError(f"--holdout-by {self.holdout_by}: choose one of {', '.join(HOLDOUT_BY)}")
-        if not 0 < self.holdout_fraction < 1:
-            raise MimicfilterError(f"--holdout {self.holdout_fraction}: must lie strictly between 0 and 1")
-        if not -1 <= self.min_rho <= 1:
-            raise MimicfilterError(f"--min-rho {self.min_rho}: a Spearman rho lies in [-1, 1]")
-        if self.block_size < 1 or self.reference_block < 1:
-            raise MimicfilterError("--block-size and --reference-block must be at least 1")
-        out = self.out_dir.resolve()
-        for source in (self.scored, *self.embeddings):
-            if Path(source).resolve() == out:
-                raise MimicfilterError(f"--out {self.out_dir} is also an input run", hint="write to a new directory")
-
-    def choices(self) -> dict[str, Any]:
-        """What changes the result (the fingerprint and run.json record it)."""
-        chosen = {"method": self.method, "features": self.features, "same_label": self.same_label,
-                  "holdout_fraction": self.holdout_fraction, "holdout_by": self.holdout_by, "seed": self.seed}
-        if self.method == "knn":
-            return chosen | {"k_candidates": list(self.k_candidates), "weighted": self.weighted}
-        return chosen | {"graph_k": self.graph_k, "gnn": asdict(self.gnn)}
+    @property
+    def external(self) -> bool:
+        return bool(self.files)
 
 
-def _fingerprint(config: ExtrapolateConfig, scored: Source, embedding_sources: list[Source], device: torch.device) -> dict:
-    return {
-        "format": 2,
-        "kind": "extrapolate",
-        "scored": scored.info.get("fingerprint"),
-        "embeddings": [source.info.get("fingerprint") for source in embedding_sources],
-        **config.choices(),
-        "device_type": device.type,
-    }
+def _run_units(source: Source) -> list[Unit]:
+    if (source.info.get("train") or {}).get("mode", "none") != "none":
+        raise MimicfilterError(f"--embeddings {source.path} is a trajectory run (its parts are epochs, not shards)",
+                               hint="pass it as --scored; --embeddings takes `embed` or `score --train none` runs")
+    units = []
+    for shard in source.info.get("shards", []):
+        part = part_path(source.path, shard)
+        if not part.exists():
+            raise MimicfilterError(f"--embeddings {source.path} has no part for {shard}",
+                                   hint="re-run the command that made it to complete it")
+        units.append(Unit("embed", str(part), shard))
+    return units
 
 
-# ------------------------------------------------------------------------------------- the steps
-
-
-def open_sources(config: ExtrapolateConfig) -> tuple[Source, list[Source], dict[str, Any]]:
-    """Step 1: the scored run, the embeddings runs, and the one embedding space they share."""
+def open_inputs(config: ExtrapolateConfig, scored: Scored | None = None) -> tuple[Inputs, Scored]:
     scored_source = open_run(Path(config.scored), "--scored run")
     embedding_sources = [open_run(Path(path), "--embeddings run") for path in config.embeddings]
-    for source in embedding_sources:
-        if source.space is None:
-            raise MimicfilterError(f"{source.path} holds no embeddings",
-                                   hint="make it with `mimicfilter embed` or `score --save-embeddings`")
-    spaces = [source for source in [scored_source, *embedding_sources] if source.space is not None]
-    if not spaces:
+    files: list[ExternalFile] = []
+    if config.features_from is not None:
+        spec = config.features_from
+        files = list_files(spec)
+        if len({file.layout for file in files}) > 1:
+            raise MimicfilterError("--features-from mixes .npz and .parquet files", hint="give one layout per run")
+        columns = resolve_columns(spec, files[0])
+        dim = None
+        for file in files:  # headers and footers only: a bad file stops the run before anything is written
+            dim = check_file(file, columns, spec.id_column, dim)
+        space = {"source": "features-from", "layout": files[0].layout, "columns": list(columns), "dim": dim,
+                 "id_column": spec.id_column, "files": len(files), "files_sha1": files_digest([f.path for f in files])}
+        reading = Reading(columns, dim, spec.id_column)
+        units = [Unit(file.layout, file.path, file.path) for file in files]
+    else:
+        for source in embedding_sources:
+            if source.space is None:
+                raise MimicfilterError(f"{source.path} holds no embeddings",
+                                       hint="make it with `mimicfilter embed` or `score --save-embeddings`")
+        spaced = [source for source in [scored_source, *embedding_sources] if source.space is not None]
+        if not spaced:
+            raise MimicfilterError(
+                f"no embeddings: {config.scored} was scored without --save-embeddings and no --embeddings run is given",
+                hint="embed the pool with `mimicfilter embed` and pass --embeddings RUN, or --features-from FILES")
+        space = check_spaces(spaced)
+        reading = Reading(spaced[0].columns, int(space["dim"]))
+        units = [unit for source in embedding_sources for unit in _run_units(source)]
+    scored = scored or read_scored(scored_source)
+    kept: dict[str, Unit] = {}
+    for unit in units:
+        kept.setdefault(unit.shard, unit)
+    query_count = sum(row_count(ExternalFile(u.path, u.kind)) if u.kind != "embed" else pq.ParquetFile(u.path).metadata.num_rows
+                      for u in kept.values())
+    covered = set(kept)
+    scored_only = [Unit("scored", shard, shard) for shard in sorted(scored.table.column("shard").unique().to_pylist())
+                   if shard not in covered]
+    return Inputs(scored_source, embedding_sources, files, reading, space, [*kept.values(), *scored_only],
+                  len(units) - len(kept), query_count), scored
+
+
+def reference_set(config: ExtrapolateConfig, inputs: Inputs, scored: Scored) -> tuple[ReferenceSet, np.ndarray]:
+    """Step 2: the scored samples' targets, embeddings and (with --same-label) labels; and the
+    positions of scored samples with a score but no embedding."""
+    reading = inputs.reading
+    if inputs.external:
+        found = scored_vectors_from_files(inputs.files, scored, reading.columns, reading.id_column, reading.dim)
+    else:
+        found = scored_vectors_from_runs(inputs.scored_source, inputs.embedding_sources, scored, reading.columns,
+                                         reading.dim)
+    if not len(found.rows):
+        source = f"no {reading.id_column} of it is in the --features-from files" if inputs.external else \
+            "none has an embedding"
         raise MimicfilterError(
-            f"no embeddings: {config.scored} was scored without --save-embeddings and no --embeddings run is given",
-            hint="embed the pool with `mimicfilter embed` and pass --embeddings RUN",
-        )
-    return scored_source, embedding_sources, check_spaces(spaces)
-
-
-def _embeddings_of_scored(scored_source: Source, embedding_sources: list[Source], scored: Scored,
-                          has_score: np.ndarray, columns: tuple[str, ...], dim: int) -> dict[int, np.ndarray]:
-    """Scored-table position → embedding [sides, D]: the scored run's own, else from the embeddings runs."""
-    vectors = scored_run_embeddings(scored_source, scored) if scored_source.space is not None else {}
-    wanted = {position for position in np.flatnonzero(has_score).tolist() if position not in vectors}
-    if not wanted:
-        return vectors
-    for _, part in iter_embed_parts(embedding_sources):
-        table = read_embed_part(part, columns)
-        table = table.filter(table.column(EMBEDDING_COLUMN).is_valid())
-        if not table.num_rows:
-            continue
-        rows = [(row, scored.position.get(pair)) for row, pair in
-                enumerate(zip(table.column("shard").to_pylist(), table.column("key").to_pylist()))]
-        rows = [(row, position) for row, position in rows if position in wanted]
-        if rows:
-            block = np.stack([embeddings_numpy(table.column(name), dim) for name in columns], axis=1)
-            for row, position in rows:
-                vectors[position] = block[row]
-                wanted.discard(position)
-    return vectors
-
-
-def reference_set(config: ExtrapolateConfig, scored_source: Source, embedding_sources: list[Source], scored: Scored,
-                  columns: tuple[str, ...], dim: int) -> ReferenceSet:
-    """Step 2: the scored samples' targets (epoch means), embeddings and (with --same-label) labels."""
-    mean_score = np.asarray(scored.table.column("mimic_score").to_numpy(zero_copy_only=False), dtype=np.float64)
-    mean_weight = np.asarray(scored.table.column("mimic_weight").to_numpy(zero_copy_only=False), dtype=np.float64)
-    statuses = scored.table.column("status").to_pylist()
-    has_score = np.array([status == "ok" for status in statuses]) & ~np.isnan(mean_score)
-    vectors = _embeddings_of_scored(scored_source, embedding_sources, scored, has_score, columns, dim)
-    positions = np.array(sorted(p for p in vectors if has_score[p]), dtype=np.int64)
-    if not len(positions):
-        raise MimicfilterError(
-            f"none of the {int(has_score.sum())} scored samples of {config.scored} has an embedding",
-            hint="score with --save-embeddings, or embed the scored shards too (same shard paths as when scoring)",
-        )
-    stacked = torch.from_numpy(np.stack([vectors[p] for p in positions]).astype(np.float32))  # [M, sides, D]
-    embedded = Embedded(stacked[:, 0], stacked[:, 1] if stacked.shape[1] > 1 else None)
-    values = torch.from_numpy(np.stack([mean_score[positions], mean_weight[positions]], 1))
+            f"none of the {int(scored.wanted().sum())} scored samples of {config.scored} can be used: {source}",
+            hint="--features-from: files covering the scored samples too (same uids); otherwise score with "
+            "--save-embeddings, or embed the scored shards too (same shard paths as when scoring)")
+    vectors = torch.from_numpy(found.vectors)
+    embedded = Embedded(vectors[:, 0], vectors[:, 1] if vectors.shape[1] > 1 else None)
+    positions = found.rows
+    column = lambda name: np.asarray(scored.table.column(name).to_numpy(zero_copy_only=False), dtype=np.float64)[positions]
+    values = torch.from_numpy(np.stack([column("mimic_score"), column("mimic_weight")], 1))
     labels = None
     if config.same_label:
-        label_values = np.asarray(scored.table.column("label").to_numpy(zero_copy_only=False), dtype=float)[positions]
+        label_values = column("label")
         if np.isnan(label_values).any():
             raise MimicfilterError("--same-label needs labels, and scored samples without one were found",
                                    hint="--same-label is for classification runs (shards with .cls)")
         labels = torch.from_numpy(label_values.astype(np.int64))
     shards = np.asarray(scored.table.column("shard").to_pylist(), dtype=object)[positions]
-    return ReferenceSet(positions, embedded, values, labels, int(has_score.sum()), shards)
+    return ReferenceSet(positions, embedded, values, labels, int(scored.wanted().sum()), shards), found.missing
 
 
-def fit(config: ExtrapolateConfig, reference: ReferenceSet,
-        search: SearchSettings) -> tuple[Fitted, dict[str, float], Split]:
-    """Step 3: the method fitted on each candidate feature set; the best held-out rho wins (ties:
-    the first of image, pair). Returns the winner, every candidate's held-out rho and the split."""
-    available = available_features(reference.embedded)
-    if config.features not in ("auto", *available):
-        raise MimicfilterError(f"--features {config.features}: the embeddings hold the image side only "
-                               "(made by an older mimicfilter)", hint="re-embed with this version, or pass --features image")
-    candidates = available if config.features == "auto" else (config.features,)
-    shards = reference.shards if config.holdout_by == "shard" else None
-    split = holdout_split(len(reference.positions), config.holdout_fraction, config.seed, shards)
-    fits = []
-    for features in candidates:
-        if config.method == "knn":
-            fits.append(fit_knn(reference, features, split, config.k_candidates, config.weighted, search))
-        else:
-            fits.append(fit_gnn(reference, features, split, config.graph_k, config.gnn, search))
-    by_features = {fitted.features: fitted.heldout_spearman for fitted in fits}
-    best = max(fits, key=lambda fitted: np.nan_to_num(fitted.heldout_spearman, nan=-2.0))
-    return best, by_features, split
+def _fingerprint(config: ExtrapolateConfig, inputs: Inputs, device: torch.device) -> dict:
+    return json.loads(json.dumps({
+        "format": 3,
+        "kind": "extrapolate",
+        "scored": inputs.scored_source.info.get("fingerprint"),
+        "embeddings": [source.info.get("fingerprint") for source in inputs.embedding_sources],
+        **({"features_from": inputs.space} if inputs.external else {}),
+        **config.choices(),
+        "device_type": device.type,
+    }, default=str))
 
 
-def describe(fitted: Fitted, by_features: dict[str, float], split: Split) -> str:
-    """One line: the method, what it chose and the held-out rho it reached."""
-    if fitted.method == "knn":
-        by_k = ", ".join(f"k={k}: {rho:.3f}" for k, rho in fitted.details["heldout_spearman_by_k"].items())
-        chosen = f"kNN, k = {fitted.details['k']} ({by_k})"
-    else:
-        chosen = (f"GNN, {fitted.details['graph_k']} neighbours, best epoch {fitted.details['best_epoch']} "
-                  f"of {fitted.details['epochs_run']}")
-    others = "; ".join(f"{name} {rho:.3f}" for name, rho in by_features.items())
-    held = f"{len(split.holdout)} scored samples" + (f" in {split.shards_held_out} shard(s)" if split.by == "shard" else "")
-    return (f"held-out split ({held}): {chosen} on {fitted.features} features, "
-            f"Spearman rho {fitted.heldout_spearman:.3f} (by features: {others})")
+def _execute(config: ExtrapolateConfig, inputs: Inputs, pending: list[Unit], settings: SearchSettings) -> tuple[str, tuple[str, ...]]:
+    """Step 5: every pending unit's part, on Ray, forked workers or in this process."""
+    if config.ray is not None:  # actors get a picklable copy, and never touch a GPU Ray did not assign
+        ray_settings = dataclasses.replace(settings, observer=None,
+                                           device=settings.device if config.ray.gpus_per_task else "cpu")
+        factory = UnitWorkerFactory(config.out_dir, inputs.reading, ray_settings, max(1, int(config.ray.cpus_per_task)))
+        result = run_with_ray(pending, factory, config.ray)
+        return f"ray ({result.actors} actors)", result.failures
+    if config.workers:
+        factory = UnitWorkerFactory(config.out_dir, inputs.reading, settings, config.threads or 1)
+        with OrderedPool(LazyWorker(factory), config.workers, window=2 * config.workers) as pool:
+            for _ in pool.map(pending):
+                pass
+        return f"local ({config.workers} workers)", ()
+    worker = UnitWorkerFactory(config.out_dir, inputs.reading, settings, config.threads)()
+    for unit in pending:
+        worker(unit)
+    return "local", ()
 
 
-def run_extrapolate(config: ExtrapolateConfig, observer: Callable | None = None,
+def _counts(run_dir: Path) -> dict[str, int]:
+    totals = {"overlap": 0, "fallbacks": 0}
+    for part in part_paths(run_dir):
+        counts = part_counts(part)
+        for name in totals:
+            totals[name] += int(counts.get(name, 0))
+    return totals
+
+
+def run_extrapolate(config: ExtrapolateConfig, observer: Callable[[int], None] | None = None,
                     echo: Callable[[str], None] | None = None) -> dict[str, Any]:
     """Extrapolate the scored run's per-sample scores to the embedded samples; returns the stats.
 
-    ``observer`` (tests) is told the shape of every similarity block; ``echo`` gets progress lines.
+    ``observer`` (tests) is told the size of every block of queries searched; ``echo`` gets progress lines.
     """
     say = echo or (lambda message: None)
     run = RunDirectory(config.out_dir, "extrapolate", config.argv)
     device = resolve_device(config.device)
-    scored_source, embedding_sources, space = open_sources(config)
-    columns = (scored_source if scored_source.space else embedding_sources[0]).columns  # the same for all (checked)
-    dim = int(space["dim"])
-    scored = read_scored(scored_source)
-    say(f"scored run: {scored.table.num_rows} samples")
-    reference = reference_set(config, scored_source, embedding_sources, scored, columns, dim)
-
+    inputs, scored = open_inputs(config)
+    say(f"scored run: {scored.table.num_rows} samples; {len(inputs.units)} units of work")
+    fingerprint = _fingerprint(config, inputs, device)
+    run_file = Path(config.out_dir) / RUN_FILE
+    if run_file.is_file() and not config.overwrite and json.loads(run_file.read_text()).get("fingerprint") != fingerprint:
+        run.open(fingerprint, {}, overwrite=False)  # refuses, naming what differs, before any fitting
+    settings = SearchSettings(config.index, inputs.query_count, config.recall_target, str(device), config.seed,
+                              config.block_size, observer)
+    record = None if config.overwrite else saved_module.saved_fit(config.out_dir)
+    resumed = record is not None and record.get("fingerprint") == fingerprint
     fit_started = time.time()
-    search = SearchSettings(config.block_size, config.reference_block, str(device), observer)
-    fitted, by_features, split = fit(config, reference, search)
-    heldout_size = len(split.holdout)
-    say(describe(fitted, by_features, split))
-    trusted = bool(fitted.heldout_spearman >= config.min_rho)  # NaN: not trusted
-
-    provenance = {
-        "scored_run": str(config.scored),
-        "embeddings_runs": [str(path) for path in config.embeddings],
-        "embedding": space,
-        **config.choices(),
-        "chosen": {"method": fitted.method, "features": fitted.features, **fitted.details},
-        "min_rho": config.min_rho,
-        "device": str(device),
-    }
-    run.open(_fingerprint(config, scored_source, embedding_sources, device), provenance, config.overwrite)
-    written = write_predictions(config.out_dir, embedding_sources, scored, reference, fitted, columns, dim)
+    fitted = None
+    if not resumed:
+        reference, missing = reference_set(config, inputs, scored)
+        fitted, by_features, split = fit(config, reference, settings)
+        say(describe(fitted, by_features, split))
+        record = fit_record(config, fitted, by_features, split, reference, scored, missing, fingerprint)
+        del reference
+    else:
+        say(f"resuming with the saved extrapolator ({record['method']} on {record['features']} features)")
+    provenance = {"scored_run": str(config.scored), "embeddings_runs": [str(path) for path in config.embeddings],
+                  "embedding": inputs.space, **config.choices(), "chosen": record["chosen"], "min_rho": config.min_rho,
+                  "index": record["index"], "device": str(device)}
+    run.open(fingerprint, provenance, config.overwrite, concurrent=config.partition.partitioned)
+    if fitted is not None:
+        if config.overwrite:
+            saved_module.remove(config.out_dir)
+        saved_module.save(config.out_dir, fitted, scored.table, record)
+        record = saved_module.saved_fit(config.out_dir)  # the published one (another rank's, if it won)
+        del fitted
     fit_seconds = time.time() - fit_started
 
+    mine = config.partition.select(inputs.units)
+    pending = [unit for unit in mine if not part_path(config.out_dir, unit.shard).exists()]
+    executor, failures = ("none (--fit-only)", ()) if config.fit_only else _execute(config, inputs, pending, settings)
     counted = table_stats(config.out_dir, flag_column=EXTRAPOLATED_COLUMN)
-    flagged = counted.pop(f"{EXTRAPOLATED_COLUMN}_rows")
-    return run.finish(run.stats({
+    stats = run.stats({
         **counted,
-        "scored_samples": reference.scored_samples,
-        "reference_samples": int(len(reference.positions)),
-        "extrapolated_samples": flagged,
-        "extrapolated_now": written.extrapolated,
-        "fallback_samples": written.fallbacks,
-        "method": fitted.method,
-        "features": fitted.features,
-        **fitted.details,
-        "heldout_size": heldout_size,
-        "heldout_train_size": len(split.train),
-        "heldout_by": split.by,
-        "heldout_shards": split.shards_held_out,
-        "heldout_spearman": fitted.heldout_spearman,
-        "heldout_spearman_weight": fitted.heldout_spearman_weight,
-        "heldout_spearman_by_features": by_features,
+        **{name: value for name, value in record.items() if name not in ("fingerprint", "predictor", "chosen")},
+        "extrapolated_samples": counted.pop(f"{EXTRAPOLATED_COLUMN}_rows"),
+        "overlap_samples": 0, "fallback_samples": 0, **{f"{name}_samples": n for name, n in _counts(config.out_dir).items()},
+        "trusted": bool(record["heldout_spearman"] >= config.min_rho),  # NaN: not trusted
         "min_rho": config.min_rho,
-        "trusted": trusted,
-        "same_label": config.same_label,
-        "embedding_dim": dim,
-        "embedding_columns": list(columns),
-        "parts_written_now": written.parts_written,
-        "extrapolate_seconds": round(fit_seconds, 3),
-        "device": str(device),
-    }))
+        "embedding_source": "features-from" if inputs.external else "embeddings",
+        "embedding_columns": list(inputs.reading.columns),
+        "units": len(inputs.units), "units_this_process": len(mine), "parts_written_now": 0 if config.fit_only else len(pending),
+        "duplicate_units": inputs.duplicate_units, "executor": executor,
+        "rank": config.partition.rank, "world_size": config.partition.world_size,
+        "resumed_fit": resumed, "extrapolate_seconds": round(fit_seconds, 3), "device": str(device),
+    })
+    stats.pop(f"{EXTRAPOLATED_COLUMN}_rows", None)
+    if config.partition.partitioned:
+        write_rank_stats(config.out_dir, config.partition.rank, config.partition.world_size, stats)
+    if failures:
+        raise MimicfilterError(f"{len(failures)} unit(s) failed after --max-retries {config.ray.max_retries}: {failures[0]}",
+                               hint="re-run the same command to retry them (finished parts are kept)")
+    missing_parts = sum(not part_path(config.out_dir, unit.shard).exists() for unit in inputs.units)
+    if missing_parts:  # other ranks (or the prediction after --fit-only) still to come
+        return stats | {"units_missing": missing_parts}
+    return run.finish(stats)

@@ -6,18 +6,18 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
-import torch
 
 from mimicfilter.curate.duck import connect, load_scores, per_sample_sql
 from mimicfilter.errors import MimicfilterError
-from mimicfilter.extrapolate.features import Embedded
-from mimicfilter.store.parts import part_paths, read_part
+from mimicfilter.extrapolate.features import unit_rows
+from mimicfilter.extrapolate.overlap import SortedIds
+from mimicfilter.store.parts import part_paths
 from mimicfilter.store.paths import RUN_FILE, SUCCESS_FILE
 from mimicfilter.store.schema import EMBEDDING_COLUMN, PAIR_COLUMNS
 
@@ -77,12 +77,22 @@ def check_spaces(sources: list[Source]) -> dict[str, Any]:
     return first.space
 
 
+def places(shards: pa.Array | pa.ChunkedArray, keys: pa.Array | pa.ChunkedArray) -> pa.Array:
+    """One string per sample naming its place: shard and key (for joins in Arrow)."""
+    return pc.binary_join_element_wise(shards, keys, "\x00")
+
+
 @dataclass
 class Scored:
-    """The scored run, one entry per sample (shard, key), as numpy/arrow columns."""
+    """The scored run, one row per sample (shard, key), as Arrow columns."""
 
     table: pa.Table  # shard, key, uid, index, status, error, mimic_score, mimic_weight, loss, clip_score, ref_loss, label, epochs
-    position: dict[tuple[str, str], int]
+
+    def wanted(self) -> np.ndarray:
+        """The samples with a score (ok and not NaN): the ones extrapolation can learn from."""
+        score = np.asarray(self.table.column("mimic_score").to_numpy(zero_copy_only=False), dtype=np.float64)
+        ok = np.asarray(pc.equal(self.table.column("status"), "ok").to_numpy(zero_copy_only=False), dtype=bool)
+        return ok & ~np.isnan(score)
 
 
 def read_scored(source: Source) -> Scored:
@@ -94,50 +104,74 @@ def read_scored(source: Source) -> Scored:
     load_scores(connection, parts)
     table = connection.sql(per_sample_sql(connection) + ' ORDER BY shard, "index", key').to_arrow_table()
     connection.close()
-    shards, keys = table.column("shard").to_pylist(), table.column("key").to_pylist()
-    return Scored(table, {(shard, key): row for row, (shard, key) in enumerate(zip(shards, keys))})
+    return Scored(table)
 
 
-def embedded_of(table: pa.Table, columns: tuple[str, ...], dim: int) -> Embedded:
-    """The embeddings of a table's rows (every row must have them), as float32 tensors."""
-    sides = [torch.from_numpy(embeddings_numpy(table.column(name), dim).astype(np.float32)) for name in columns]
-    return Embedded(sides[0], sides[1] if len(sides) > 1 else None)
+@dataclass
+class ScoredVectors:
+    """The embeddings found for the scored samples with a score: ``rows`` (positions in the scored
+    table) and their vectors [len(rows), sides, D] float16, in the order of ``rows``."""
+
+    rows: np.ndarray
+    vectors: np.ndarray
+    missing: np.ndarray  # positions of scored samples with a score but no embedding
 
 
-def scored_run_embeddings(source: Source, scored: Scored) -> dict[int, np.ndarray]:
-    """Scored-table position → embedding [sides, D] from the scored run's own columns (first epoch)."""
-    found: dict[int, np.ndarray] = {}
-    dim = source.space["dim"]
-    for part in part_paths(source.path):
-        table = read_part(part, columns=["shard", "key", "epoch", *source.columns])
-        table = table.filter(pc.is_valid(table.column(EMBEDDING_COLUMN)))
-        if not table.num_rows:
-            continue
-        vectors = np.stack([embeddings_numpy(table.column(name), dim) for name in source.columns], axis=1)
-        for row, (shard, key) in enumerate(zip(table.column("shard").to_pylist(), table.column("key").to_pylist())):
-            position = scored.position.get((shard, key))
-            if position is not None and position not in found:
-                found[position] = vectors[row]
-    return found
+class VectorCollector:
+    """Collects embeddings for the wanted scored positions, into one preallocated array."""
+
+    def __init__(self, wanted: np.ndarray, sides: int, dim: int):
+        self.rows = np.flatnonzero(wanted)
+        self.slot = np.full(len(wanted) + 1, -1, dtype=np.int64)  # position → row of the array (−1: not wanted)
+        self.slot[self.rows] = np.arange(len(self.rows))
+        self.vectors = np.zeros((len(self.rows), sides, dim), dtype=np.float16)
+        self.found = np.zeros(len(self.rows), dtype=bool)
+
+    @property
+    def complete(self) -> bool:
+        return bool(self.found.all())
+
+    def add(self, positions: np.ndarray, vectors: np.ndarray) -> None:
+        """``positions`` (scored-table positions, −1 for none) of ``vectors``: the first found of each wins."""
+        slots = self.slot[positions]
+        take = slots >= 0
+        slots, vectors = slots[take], vectors[take]
+        fresh = ~self.found[slots]
+        self.vectors[slots[fresh]] = vectors[fresh]
+        self.found[slots[fresh]] = True
+
+    def result(self) -> ScoredVectors:
+        if self.complete:
+            return ScoredVectors(self.rows, self.vectors, self.rows[:0])
+        return ScoredVectors(self.rows[self.found], self.vectors[self.found], self.rows[~self.found])
 
 
-def embed_parts(source: Source) -> list[Path]:
-    parts = part_paths(source.path)
-    if not parts:
-        raise MimicfilterError(f"embeddings run {source.path} holds no parts", hint="pass an `embed --out` directory")
-    return parts
+def vectors_of(table: pa.Table, columns: tuple[str, ...], dim: int) -> np.ndarray:
+    """A table's embedding columns as [rows, sides, D] float16 (null cells read as zeros)."""
+    sides = []
+    for name in columns:
+        column = table.column(name).combine_chunks()
+        if column.null_count:
+            column = pc.if_else(column.is_valid(), column, pa.scalar([0.0] * dim, type=column.type))
+        sides.append(embeddings_numpy(column, dim))
+    return np.stack(sides, axis=1)
 
 
-def read_embed_part(path: Path, columns: tuple[str, ...]) -> pa.Table:
-    table = pq.read_table(path)
-    missing = [name for name in columns if name not in table.column_names]
-    if missing:
-        raise MimicfilterError(f"{path} has no {', '.join(missing)} column", hint="pass an `embed --out` directory")
-    return table
-
-
-def iter_embed_parts(sources: list[Source]) -> Iterator[tuple[Source, Path]]:
-    for source in sources:
-        for part in embed_parts(source):
-            yield source, part
-
+def scored_vectors_from_runs(scored_source: Source, embedding_sources: list[Source], scored: Scored,
+                             columns: tuple[str, ...], dim: int) -> ScoredVectors:
+    """The scored samples' embeddings: the scored run's own (first epoch), else from the embeddings runs."""
+    collector = VectorCollector(scored.wanted(), len(columns), dim)
+    scored_places = SortedIds(places(scored.table.column("shard"), scored.table.column("key")))
+    runs = ([(scored_source, part) for part in part_paths(scored_source.path)] if scored_source.space else []) + \
+        [(source, part) for source in embedding_sources for part in part_paths(source.path)]
+    for source, part in runs:
+        if collector.complete:
+            break
+        table = pq.read_table(part, columns=["shard", "key", "status", *columns])
+        table = table.filter(pc.and_(pc.equal(table.column("status"), "ok"), pc.is_valid(table.column(EMBEDDING_COLUMN))))
+        positions = scored_places.positions(places(table.column("shard"), table.column("key")))
+        hit = positions >= 0
+        if hit.any():
+            vectors, usable = unit_rows(vectors_of(table.filter(pa.array(hit)), columns, dim))
+            collector.add(positions[hit][usable], vectors[usable])
+    return collector.result()

@@ -1,0 +1,171 @@
+"""extrapolate --features-from: a DataComp-layout pool (NNNNNNNN.npz beside NNNNNNNN.parquet and the
+tar) and plain Parquet embedding files, matched to the scored run by uid; the table equals the one
+from `embed` runs given the same vectors; bad files give one-line errors."""
+
+import json
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from click.testing import CliRunner
+from extrapolate_pool import invoke, pool, rest_embeddings, subset_run  # noqa: F401  (fixtures)
+
+from mimicfilter.store.parts import read_scores
+from mimicfilter_cli.main import cli
+
+PAIR = ("embedding", "text_embedding")
+
+
+def pool_vectors(subset_run, rest_embeddings):
+    """uid → (shard, key, image, text) as the --embeddings route uses them: the scored run's own
+    first-epoch embeddings for its samples, the embed run's for the rest (None where not ok)."""
+    found = {}
+    for run in (subset_run, rest_embeddings):
+        for part in sorted((run / "scores").glob("*.parquet")):
+            table = pq.read_table(part)
+            epochs = table.column("epoch").to_pylist() if "epoch" in table.column_names else [0] * table.num_rows
+            for row, epoch in zip(table.select(["shard", "key", "uid", *PAIR]).to_pylist(), epochs):
+                if epoch == 0:
+                    found[row["uid"]] = row
+    return found
+
+
+def write_datacomp(folder, vectors, shards, arrays=("b32_img", "b32_txt"), dim=16):
+    """NNNNNNNN.npz + NNNNNNNN.parquet per shard (beside the tar when ``folder`` holds it)."""
+    folder.mkdir(exist_ok=True)
+    by_shard = {}
+    for uid, row in vectors.items():
+        by_shard.setdefault(row["shard"], []).append((row["key"], uid, row))
+    paths = []
+    for shard in shards:
+        rows = sorted(by_shard[str(shard)])
+        stem = folder / shard.stem
+        sides = [np.array([row[name] if row[name] is not None else [0.0] * dim for _, _, row in rows], dtype=np.float16)
+                 for name in PAIR]
+        np.savez(stem.with_suffix(".npz"), **dict(zip(arrays, sides)))
+        pq.write_table(pa.table({"uid": [uid for _, uid, _ in rows], "key": [key for key, _, _ in rows],
+                                 "url": [f"https://example.com/{key}.jpg" for key, _, _ in rows]}),
+                       stem.with_suffix(".parquet"))
+        paths.append(stem.with_suffix(".npz"))
+    return paths
+
+
+def by_uid(run_dir):
+    return {row["uid"]: row for row in read_scores(run_dir, columns=["shard", "uid", "status", "mimic_score", "mimic_weight",
+                                                                     "extrapolated"]).to_pylist()}
+
+
+def test_datacomp_layout_equals_embed_runs_with_the_same_vectors(pool, subset_run, rest_embeddings, tmp_path):
+    vectors = pool_vectors(subset_run, rest_embeddings)
+    write_datacomp(pool["root"], vectors, pool["shards"])  # beside the tars, as DataComp ships them
+    common = ["--scored", subset_run, "--k", "1,2,5", "--json"]
+    result = invoke(["extrapolate", *common, "--embeddings", rest_embeddings, "--out", tmp_path / "embed-route"])
+    assert result.exit_code == 0, result.output
+    via_runs = json.loads(result.stdout)
+    result = invoke(["extrapolate", *common, "--features-from", pool["root"], "--out", tmp_path / "npz-route"])
+    assert result.exit_code == 0, result.output
+    via_npz = json.loads(result.stdout)
+    for name in ("method", "features", "k", "heldout_spearman", "heldout_spearman_by_features", "reference_samples",
+                 "extrapolated_samples", "rows"):
+        assert via_npz[name] == via_runs[name], name
+    # the run records which space it used; the scored shards' npz rows are the scored samples themselves
+    assert via_npz["embedding_source"] == "features-from" and via_npz["embedding_columns"] == ["b32_img", "b32_txt"]
+    run = json.loads((tmp_path / "npz-route" / "run.json").read_text())
+    assert run["embedding"]["layout"] == "npz" and run["embedding"]["columns"] == ["b32_img", "b32_txt"]
+    assert via_npz["overlap_samples"] == 48 and via_npz["scored_without_embedding"] == 0
+    expected, got = by_uid(tmp_path / "embed-route"), by_uid(tmp_path / "npz-route")
+    assert set(got) == set(expected) and len(got) == 96
+    for uid, row in expected.items():
+        other = got[uid]
+        assert (other["mimic_score"], other["mimic_weight"], other["extrapolated"]) == \
+            (row["mimic_score"], row["mimic_weight"], row["extrapolated"]), uid
+        if row["extrapolated"]:
+            assert other["shard"].endswith(".npz")  # the file is the unscored sample's shard
+        elif row["status"] == "ok":
+            assert other["shard"] == row["shard"]  # the scored samples keep their rows
+        else:
+            assert other["status"] == "missing_image"  # no usable vector: never extrapolated
+    # an embed run's parts are Parquet with uid and embedding columns: the same table again
+    result = invoke(["extrapolate", *common, "--features-from", rest_embeddings / "scores",
+                     "--features-from", pool["root"] / "shard-0.npz", "--features-from", str(pool["root"] / "shard-1.npz"),
+                     "--out", tmp_path / "mixed"])
+    assert result.exit_code == 2 and "mixes .npz and .parquet" in result.output
+
+
+def test_parquet_embeddings_and_scored_samples_without_one(pool, subset_run, rest_embeddings, tmp_path):
+    vectors = pool_vectors(subset_run, rest_embeddings)
+    folder = tmp_path / "parquet"
+    folder.mkdir()
+    rows = [row | {"uid": uid} for uid, row in vectors.items() if row["key"] != "00000003"]  # one scored sample lacks one
+    pq.write_table(pa.table({"uid": [row["uid"] for row in rows], "vec": [row["embedding"] for row in rows]}),
+                   folder / "embeddings.parquet")
+    out = tmp_path / "out"
+    result = CliRunner().invoke(cli, [str(a) for a in ["extrapolate", "--scored", subset_run, "--features-from", folder,
+                                                       "--embedding-column", "vec", "--k", "1,2", "--out", out]])
+    assert result.exit_code == 0, result.output
+    stats = json.loads((out / "stats.json").read_text())
+    assert stats["features"] == "image" and stats["embedding_columns"] == ["vec"]
+    assert stats["scored_without_embedding"] == 1 and "00000003" in stats["scored_without_embedding_examples"][0]
+    assert "1 scored samples have no embedding" in result.output
+    assert stats["reference_samples"] == 47 and stats["overlap_samples"] == 47 and stats["extrapolated_samples"] == 46
+    rows = read_scores(out, columns=["key", "uid", "mimic_score", "extrapolated"]).to_pylist()
+    assert len(rows) == 96 and len({row["uid"] for row in rows}) == 96  # 48 scored + the file's 48 others
+    lacking = [row for row in rows if row["key"] == "00000003" and not row["extrapolated"]]
+    assert len(lacking) == 1 and lacking[0]["mimic_score"] is not None  # kept with its true score
+
+
+def error_of(*args):
+    result = CliRunner().invoke(cli, ["extrapolate", *map(str, args)])
+    assert result.exit_code == 2, result.output
+    errors = [line for line in result.output.splitlines() if line.startswith("Error: ")]
+    assert len(errors) == 1 and errors[0] == result.output.strip().splitlines()[-1]  # one line, no traceback
+    assert not args[3].exists()  # refused before the run directory is made
+    return errors[0]
+
+
+def test_bad_files_give_one_line_errors(pool, subset_run, rest_embeddings, tmp_path):
+    vectors = pool_vectors(subset_run, rest_embeddings)
+    good = tmp_path / "good"
+    write_datacomp(good, vectors, pool["shards"])
+    common = ["--scored", subset_run, "--out", tmp_path / "out"]
+
+    wrong = tmp_path / "wrong-dim"
+    write_datacomp(wrong, vectors, pool["shards"][:1])
+    np.savez(wrong / "shard-9.npz", b32_img=np.ones((3, 8), np.float16), b32_txt=np.ones((3, 8), np.float16))
+    pq.write_table(pa.table({"uid": ["a", "b", "c"]}), wrong / "shard-9.parquet")
+    assert "holds 8-d embeddings, expected 16" in error_of(*common, "--features-from", wrong)
+
+    no_uid = tmp_path / "no-uid"
+    write_datacomp(no_uid, vectors, pool["shards"][:1])
+    pq.write_table(pa.table({"key": ["x"]}), no_uid / "shard-0.parquet")
+    assert "has no uid column" in error_of(*common, "--features-from", no_uid)
+
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    np.savez(empty / "00000000.npz")
+    pq.write_table(pa.table({"uid": pa.array([], pa.string())}), empty / "00000000.parquet")
+    assert "is empty: it holds no arrays" in error_of(*common, "--features-from", empty)
+    (empty / "00000000.npz").write_bytes(b"")
+    assert "not a readable .npz" in error_of(*common, "--features-from", empty / "00000000.npz")
+
+    alone = tmp_path / "alone"
+    alone.mkdir()
+    np.savez(alone / "00000001.npz", b32_img=np.zeros((1, 16), np.float16))
+    assert "has no 00000001.parquet beside it" in error_of(*common, "--features-from", alone)
+
+    rows = tmp_path / "rows"
+    write_datacomp(rows, vectors, pool["shards"][:1])
+    np.savez(rows / "shard-0.npz", b32_img=np.zeros((5, 16), np.float16), b32_txt=np.zeros((5, 16), np.float16))
+    assert "expected (24, d)" in error_of(*common, "--features-from", rows)
+
+    assert "has no l14_img" in error_of(*common, "--features-from", good, "--embedding-column", "l14_img")
+    assert "no such file or folder" in error_of(*common, "--features-from", tmp_path / "missing")
+    assert "no file matches" in error_of(*common, "--features-from", tmp_path / "nothing-*.npz")
+    assert "two embedding spaces" in error_of(*common, "--features-from", good, "--embeddings", rest_embeddings)
+    assert "are for --features-from" in error_of(*common, "--embeddings", rest_embeddings, "--embedding-column", "x")
+    unrelated = tmp_path / "unrelated"
+    unrelated.mkdir()
+    np.savez(unrelated / "a.npz", b32_img=np.ones((2, 16), np.float16))
+    pq.write_table(pa.table({"uid": ["nobody", "nobody-else"]}), unrelated / "a.parquet")
+    assert "can be used: no uid of it is in the --features-from files" in error_of(*common, "--features-from", unrelated)
