@@ -202,7 +202,7 @@ def _scored_scores(workdir: Path) -> np.ndarray:
     return table.column("mimic_score").to_numpy().astype(np.float64)
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--scored", type=int, default=100_000)
     parser.add_argument("--unscored", type=int, default=1_000_000)
@@ -212,7 +212,7 @@ def main() -> None:
     parser.add_argument("--workdir", type=Path, default=None, help="keep the pool here (reused when unchanged)")
     parser.add_argument("--k", default="10", help="extrapolate --k (default: 10)")
     parser.add_argument("extra", nargs="*", help="more extrapolate options, after --")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     workdir = args.workdir or Path(tempfile.mkdtemp(prefix="bench-extrapolate-scale-"))
     workdir.mkdir(parents=True, exist_ok=True)
     started = time.time()
