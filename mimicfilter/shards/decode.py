@@ -14,6 +14,7 @@ tokenised later, a chunk of samples at a time (:mod:`mimicfilter.pipeline.decode
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import re
@@ -99,11 +100,15 @@ def decode_sample(raw: RawSample, config: DecodeConfig, geometry: ImageGeometry)
                            anchor=raw.anchor)
     if not sample.ok:
         return sample
+    image_ext = _present_image_ext(raw.files, config)
+    if image_ext is not None:  # the exact-duplicate key, from the bytes already in hand
+        sample.image_sha1 = hashlib.sha1(raw.files[image_ext]).digest()
     try:
         loaded = _load_image(raw.files, config, geometry)
         sample.image_width, sample.image_height = loaded.size
         if config.task == "contrastive":
             sample.caption = _caption(raw.files, meta, meta_error, config)
+            sample.caption_sha1 = hashlib.sha1(sample.caption.encode("utf-8")).digest()
         else:
             sample.label = _label(raw.files, config)
     except _Reject as reject:
@@ -167,8 +172,12 @@ def _uid(meta: dict | None) -> str | None:
     return None if uid is None else str(uid)
 
 
+def _present_image_ext(files: dict[str, bytes], config: DecodeConfig) -> str | None:
+    return next((key.lower() for key in config.image_keys if key.lower() in files), None)
+
+
 def _image_ext(files: dict[str, bytes], config: DecodeConfig) -> str:
-    ext = next((key.lower() for key in config.image_keys if key.lower() in files), None)
+    ext = _present_image_ext(files, config)
     if ext is None:
         raise _Reject("missing_image", f"no image file (looked for {', '.join(config.image_keys)})")
     return ext

@@ -48,6 +48,10 @@ class SampleInfo:
     image_width: int | None = None  # the original image's pixels, from its header
     image_height: int | None = None
     anchor: str | None = None  # "trusted" or "synthetic": not a pool sample (score --trusted)
+    # exact-duplicate keys, computed where the bytes are in hand (decoding): SHA-1 of the image file and
+    # of the caption as scored (null when there is none)
+    image_sha1: bytes | None = None
+    caption_sha1: bytes | None = None
 
     @property
     def ok(self) -> bool:
@@ -74,6 +78,8 @@ class DecodedSample:
     image_width: int | None = None  # the original image's size, from its header
     image_height: int | None = None
     anchor: str | None = None
+    image_sha1: bytes | None = None
+    caption_sha1: bytes | None = None
 
     @property
     def ok(self) -> bool:
@@ -83,4 +89,4 @@ class DecodedSample:
     def info(self) -> SampleInfo:
         return SampleInfo(self.shard, self.key, self.index, self.uid, self.status, self.error, self.label,
                           None if self.caption is None else len(self.caption), self.image_width, self.image_height,
-                          self.anchor)
+                          self.anchor, self.image_sha1, self.caption_sha1)
