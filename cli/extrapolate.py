@@ -8,7 +8,7 @@ import sys
 import click
 
 from mimicfilter_cli.common import one_line_errors
-from mimicfilter_cli.options import group
+from mimicfilter_cli.options import external_embedding_options, external_spec_from, group
 
 
 def _parse_k(value: str) -> tuple[int, ...]:
@@ -23,15 +23,7 @@ source_options = group(
     click.option("--embeddings", "embeddings", multiple=True,
                  help="`embed` run(s) of the samples to extrapolate to (repeatable). Optional when the scored run "
                  "has --save-embeddings and only its own samples matter."),
-    click.option("--features-from", "features_from", multiple=True,
-                 help="Embeddings the pool already has, instead of --embeddings (repeatable): DataComp .npz files "
-                 "(each with its .parquet of uids beside it) or Parquet files with an id and an embedding column; "
-                 "files, folders or globs. The scored samples are looked up in them too, by --id-column."),
-    click.option("--embedding-column", default=None,
-                 help="--features-from: the image array/column and optionally the text one, IMAGE[,TEXT] "
-                 "[default: l14_img,l14_txt, else b32_img,b32_txt (.npz); embedding[,text_embedding] (Parquet)]."),
-    click.option("--id-column", type=click.Choice(["uid", "key"]), default="uid", show_default=True,
-                 help="--features-from: the column matching the files' samples to the scored run's."),
+    external_embedding_options("The scored samples are looked up in them too, by --id-column."),
 )
 
 method_options = group(
@@ -102,20 +94,15 @@ def _config(options: dict, argv: tuple[str, ...]):
     from mimicfilter.execute.partition import Partition
     from mimicfilter.execute.ray import RayConfig
     from mimicfilter.extrapolate.config import ExtrapolateConfig
-    from mimicfilter.extrapolate.external import ExternalSpec
     from mimicfilter.extrapolate.gnn import GnnSettings
 
     rank, world_size = options["rank"], options["world_size"]
     if (rank is None) != (world_size is None):
         raise MimicfilterError("--rank and --world-size go together", hint="e.g. --rank 3 --world-size 16")
-    columns = tuple(name.strip() for name in (options["embedding_column"] or "").split(",") if name.strip())
-    if (columns or options["id_column"] != "uid") and not options["features_from"]:
-        raise MimicfilterError("--embedding-column and --id-column are for --features-from")
     return ExtrapolateConfig(
         scored=Path(options["scored"]),
         embeddings=tuple(Path(path) for path in options["embeddings"]),
-        features_from=ExternalSpec(tuple(options["features_from"]), columns, options["id_column"])
-        if options["features_from"] else None,
+        features_from=external_spec_from(options),
         out_dir=Path(options["out_dir"]),
         method=options["method"], features=options["features"], k_candidates=_parse_k(options["k"]),
         weighted=options["weighted"], same_label=options["same_label"], graph_k=options["graph_k"],

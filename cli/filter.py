@@ -11,6 +11,7 @@ import click
 from rich.console import Console
 from rich.table import Table
 
+from mimicfilter.curate.dedup import DEFAULT_EPSILON, DedupOptions
 from mimicfilter.curate.duplicates import DEDUPE_UID
 from mimicfilter.curate.estimate import headline_rows
 from mimicfilter.curate.filter import FilterConfig, JoinSpec, run_filter
@@ -42,6 +43,10 @@ def _print_summary(summary: dict, dry_run: bool) -> None:
                       f"recall {cut['recall']:.1%}")
     for reason, count in summary["reasons"].items():
         table.add_row(f"  {reason}", str(count))
+    if "dedup" in summary:
+        groups = summary["dedup"]
+        table.add_row("duplicate groups (--dedup)", f"{groups['groups']} groups of {groups['samples_in_groups']} samples: "
+                      f"{groups['dropped']} dropped (ε {groups['epsilon']:g}, kept by {groups['keep']})")
     for name, path in summary.get("outputs", {}).items():
         table.add_row(name, path)
     if "keys_written" in summary:
@@ -86,6 +91,17 @@ def _print_summary(summary: dict, dry_run: bool) -> None:
               help="--write-shards: read shards recorded under OLD from NEW (bare NEW: the shards' common folder moved).")
 @click.option("--dedupe-uid", type=click.Choice(DEDUPE_UID), default="off", show_default=True,
               help="Samples sharing a uid: off (report only), keep-first (one kept per uid), drop-all.")
+@click.option("--dedup", "dedup", is_flag=True,
+              help="Keep one sample per group of duplicates before any rule: exact ones (same image bytes and caption) "
+              "and the near-duplicate pairs of `mimicfilter dedup` (RUN/dedup, or --dedup-from).")
+@click.option("--dedup-from", "dedup_from", default=None, metavar="DIR",
+              help="--dedup: the `mimicfilter dedup --out` directory to read [default: dedup/ in each input run].")
+@click.option("--dedup-threshold", "dedup_threshold", type=float, default=DEFAULT_EPSILON, show_default=True,
+              metavar="EPS", help="--dedup: near-duplicates are pairs with cosine >= 1 - EPS (with --dedup-on pair: "
+              "the image's and the caption's).")
+@click.option("--dedup-keep", "dedup_keep", default=None, metavar="COL[:lowest]",
+              help="--dedup: the member kept of each group, the highest (or :lowest) by COL [default: the first keep "
+              "rule's column (lowest for bottom-frac/max), else mimic_score].")
 @strict_option
 @click.option("--dry-run", is_flag=True, help="Print what would be kept; write no file (--keys - still prints keys).")
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON on stdout (not with --keys -).")
@@ -111,6 +127,7 @@ def filter_command(inputs, out_dir, minimum, maximum, top_frac, bottom_frac, top
           --keys - --out curated/ | cut -f2 > kept-keys.txt
       mimicfilter filter runs/pool --where 'mimic_score > 0 AND clip_score > 0.2' --dry-run
       mimicfilter filter runs/calibrated --target-precision 0.9 --out curated/
+      mimicfilter dedup runs/pool && mimicfilter filter runs/pool --dedup --top-frac mimic_score=0.3 --out curated/
     """
     if as_json and keys == "-":
         raise MimicfilterError("--keys - and --json both want stdout", hint="write the keys to a file (--keys FILE)")
@@ -141,6 +158,7 @@ def filter_command(inputs, out_dir, minimum, maximum, top_frac, bottom_frac, top
         shard_roots=tuple(shard_roots),
         target_precision=target_precision,
         target_recall=target_recall,
+        dedup=DedupOptions(options["dedup"], options["dedup_from"], options["dedup_threshold"], options["dedup_keep"]),
     )
     summary = run_filter(config, stdout=sys.stdout)
     if summary.get("keys_reader_closed"):

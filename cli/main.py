@@ -15,6 +15,7 @@ from mimicfilter import __version__
 from mimicfilter.errors import one_line
 
 COMMANDS = {  # name -> "module:attribute", in the order --help lists them
+    "dedup": "mimicfilter_cli.dedup:dedup",
     "embed": "mimicfilter_cli.embed:embed",
     "extrapolate": "mimicfilter_cli.extrapolate:extrapolate",
     "filter": "mimicfilter_cli.filter:filter_command",

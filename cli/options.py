@@ -137,6 +137,34 @@ strict_option = click.option(
     "--strict", is_flag=True, help="Refuse a score run that has not finished (no _SUCCESS) instead of warning.")
 
 
+def external_embedding_options(matching: str) -> Callable:
+    """``--features-from`` and how to read the files (extrapolate, dedup); ``matching`` ends its help."""
+    return group(
+        click.option("--features-from", "features_from", multiple=True,
+                     help="Embeddings the pool already has, instead of --embeddings (repeatable): DataComp .npz files "
+                     "(each with its .parquet of uids beside it) or Parquet files with an id and an embedding column; "
+                     f"files, folders or globs. {matching}"),
+        click.option("--embedding-column", default=None,
+                     help="--features-from: the image array/column and optionally the text one, IMAGE[,TEXT] "
+                     "[default: l14_img,l14_txt, else b32_img,b32_txt (.npz); embedding[,text_embedding] (Parquet)]."),
+        click.option("--id-column", type=click.Choice(["uid", "key"]), default="uid", show_default=True,
+                     help="--features-from: the column matching the files' samples to the run's."),
+    )
+
+
+def external_spec_from(options: dict[str, Any]):
+    """The ``--features-from`` spec, or None; the reading options without it are refused."""
+    from mimicfilter.errors import MimicfilterError
+    from mimicfilter.extrapolate.external import ExternalSpec
+
+    columns = tuple(name.strip() for name in (options["embedding_column"] or "").split(",") if name.strip())
+    if not options["features_from"]:
+        if columns or options["id_column"] != "uid":
+            raise MimicfilterError("--embedding-column and --id-column are for --features-from")
+        return None
+    return ExternalSpec(tuple(options["features_from"]), columns, options["id_column"])
+
+
 def aggregation_from(options: dict[str, Any]) -> AggregateConfig:
     from mimicfilter.curate.votes import AggregateConfig  # DuckDB loads with the commands that use it
 

@@ -26,8 +26,9 @@ LAYERS = {
     "shards": 3, "mimic": 3, "execute": 3,
     "curate": 4, "train": 4,  # train: open_clip's trainer with GradMimic (imports mimic, never pipeline)
     "pipeline": 5, "extrapolate": 5, "report": 5,
-    "": 6,  # mimicfilter/__init__.py
-    "__main__": 7,
+    "dedup": 6,  # near-duplicate search: extrapolate's embedding readers, faiss, the executors
+    "": 7,  # mimicfilter/__init__.py
+    "__main__": 8,
 }
 TORCH_FREE = ("errors", "version", "metrics", "timing", "checksums", "defaults", "store", "curate", "report")
 

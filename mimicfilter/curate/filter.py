@@ -22,6 +22,7 @@ from typing import IO, Any
 import duckdb
 
 from mimicfilter.curate.calibrate import MIN_ANCHORS, WEAK_SEPARATION, CalibratedCut, anchor_counts, calibrated_cut
+from mimicfilter.curate import dedup as content_dedup
 from mimicfilter.curate.duck import check_memory_limit, connect, forbid_file_access, load_scores, score_files, sql_string
 from mimicfilter.curate.duplicates import DEDUPE_UID, dedupe_uids, find_duplicates, shared_kept_uids
 from mimicfilter.curate.estimate import QualityEstimate, estimate_quality, headline_fields
@@ -72,6 +73,7 @@ class FilterConfig:
     shard_roots: tuple[str, ...] = ()  # --shard-root: where moved shards are read from
     target_precision: float | None = None  # the calibrated cut's target (needs anchors: score --trusted)
     target_recall: float | None = None
+    dedup: content_dedup.DedupOptions = field(default_factory=content_dedup.DedupOptions)  # --dedup (curate/dedup.py)
 
     def __post_init__(self):
         if not self.inputs:
@@ -266,15 +268,18 @@ def run_filter(config: FilterConfig, stdout: IO[str] = sys.stdout) -> dict[str, 
         connection = connect(config.memory_limit, spill)
         load_scores(connection, files)
         rows = connection.execute("SELECT count(*) FROM scores").fetchone()[0]
+        dedup = content_dedup.prepare(connection, config.dedup, config.inputs, list(config.keep))  # narrows `scores`
         aggregation = aggregate(connection, config.aggregation)
         estimate = estimate_quality(connection, aggregation, config.aggregation)
         cut = calibrated_cut(connection, [int(epoch) for epoch in aggregation["thresholds"]], config.target_precision,
                              config.target_recall)
         keep = _keep_rules(config, cut)
         calibration_warnings = _calibration_warnings(connection, cut)
+        content_dedup.add_duplicates(connection, dedup)  # the dropped duplicates' rows, never kept by a rule
         joins = _join(connection, config.joins)
         forbid_file_access(connection)  # user SQL (--where) runs from here on: tables only, no files
-        apply_rules(connection, list(keep), list(config.drop), config.combine)
+        apply_rules(connection, list(keep), list(config.drop), config.combine,
+                    excluded=content_dedup.excluded_reason(dedup))
         dropped = dedupe_uids(connection, config.dedupe_uid)
         duplicates = find_duplicates(connection)
         summary = _summary(connection, config, keep, aggregation, joins, estimate, cut)
@@ -283,6 +288,7 @@ def run_filter(config: FilterConfig, stdout: IO[str] = sys.stdout) -> dict[str, 
                     + _warnings(connection, config, unfinished, duplicates) + _top_k_warnings(connection, keep + config.drop)}
         if config.dedupe_uid != "off":
             summary["dedupe_uid"] = {"mode": config.dedupe_uid, "dropped": dropped}
+        summary = content_dedup.summarise(summary, dedup)
         shard_order = _run_shard_order(config.inputs) or _shard_order(connection)
         if config.dry_run:
             if config.keys == "-":  # stdout is no file: a dry run still shows what would be kept

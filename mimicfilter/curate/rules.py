@@ -100,7 +100,7 @@ class _CompiledRules:
     predicates: list[str]  # one boolean SQL expression per rule
 
 
-def _compile(rules: list[Rule], prefix: str) -> _CompiledRules:
+def _compile(rules: list[Rule], prefix: str, table: str, excluded: str | None) -> _CompiledRules:
     windows, predicates = [], []
     for index, rule in enumerate(rules):
         column = f'"{rule.column}"' if rule.column else None
@@ -115,7 +115,8 @@ def _compile(rules: list[Rule], prefix: str) -> _CompiledRules:
         elif rule.kind == "where":
             predicates.append(f"coalesce(({rule.expression}), false)")
         else:
-            rank, eligible = f"{prefix}_rank_{index}", f"(status = 'ok' AND {column} IS NOT NULL)"
+            rank, eligible = f"{prefix}_rank_{index}", f"(status = 'ok' AND {column} IS NOT NULL"
+            eligible += f" AND ({excluded}) IS NULL)" if excluded else ")"
             order = "ASC" if rule.kind == "bottom-frac" else "DESC"
             windows.append(
                 f"CASE WHEN {eligible} THEN row_number() OVER (PARTITION BY {eligible} "
@@ -124,7 +125,7 @@ def _compile(rules: list[Rule], prefix: str) -> _CompiledRules:
             if rule.kind == "top-k":
                 limit = str(int(rule.value))
             else:
-                limit = f"floor({_sql_literal(rule.value)} * (SELECT count(*) FROM samples WHERE {eligible}))"
+                limit = f"floor({_sql_literal(rule.value)} * (SELECT count(*) FROM {table} WHERE {eligible}))"
             predicates.append(f"coalesce({rank} <= {limit}, false)")
     return _CompiledRules(windows, predicates)
 
@@ -139,18 +140,27 @@ def check_columns(connection: duckdb.DuckDBPyConnection, rules: list[Rule], tabl
             )
 
 
-def apply_rules(connection, keep: list[Rule], drop: list[Rule], combine: str, table: str = "samples") -> None:
-    """Create table ``decisions``: every column of ``table`` plus ``kept`` and ``reason``."""
+def apply_rules(connection, keep: list[Rule], drop: list[Rule], combine: str, table: str = "samples",
+                excluded: str | None = None) -> None:
+    """Create table ``decisions``: every column of ``table`` plus ``kept`` and ``reason``.
+
+    ``excluded``: an SQL expression over a row giving a reason, or NULL; a row with a reason is
+    never kept, carries it, and is left out before the rules (fractions and top-k count the others
+    only): ``filter --dedup``'s duplicates.
+    """
     if combine not in ("and", "or"):
         raise MimicfilterError(f"--combine {combine!r}", hint="and or or")
     check_columns(connection, keep + drop, table)
-    compiled_keep, compiled_drop = _compile(keep, "keep"), _compile(drop, "drop")
+    compiled_keep, compiled_drop = _compile(keep, "keep", table, excluded), _compile(drop, "drop", table, excluded)
     keep_windows, keep_predicates = compiled_keep.windows, compiled_keep.predicates
     drop_windows, drop_predicates = compiled_drop.windows, compiled_drop.predicates
     joiner = " AND " if combine == "and" else " OR "
     keep_all = joiner.join(f"({p})" for p in keep_predicates) if keep_predicates else "true"
     drop_any = " OR ".join(f"({p})" for p in drop_predicates) if drop_predicates else "false"
     reasons = ["WHEN status <> 'ok' THEN 'status:' || status"]
+    if excluded:
+        reasons.append(f"WHEN ({excluded}) IS NOT NULL THEN ({excluded})")
+        keep_all = f"({excluded}) IS NULL AND ({keep_all})"
     if combine == "and":
         reasons += [f"WHEN NOT ({p}) THEN {sql_string('not ' + rule.text)}" for rule, p in zip(keep, keep_predicates)]
     elif keep_predicates:

@@ -1,0 +1,136 @@
+"""Where the embeddings to deduplicate come from, as units of work (one input file each): the parts of
+a run with embeddings (``score --save-embeddings``, ``embed``), or files the pool already has
+(``--features-from``: DataComp .npz, Parquet; read by :mod:`~mimicfilter.extrapolate.external`).
+
+A unit reads as the usable samples' identity (shard, key, uid, index) and their unit vectors
+[n, sides, d] (float16; sides: the image, and the caption's or label's embedding when present).
+Not usable: rows whose status is not ``ok``, without an embedding, the anchors of ``score
+--trusted`` (never pool samples), and rows of later epochs (a sample's embedding is the same in
+every epoch's row).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from mimicfilter.dedup.config import DedupConfig
+from mimicfilter.errors import MimicfilterError
+from mimicfilter.extrapolate.external import ExternalFile, check_file, list_files, read_file, resolve_columns, row_count
+from mimicfilter.extrapolate.features import unit_rows
+from mimicfilter.extrapolate.sources import Source, check_spaces, open_run, vectors_of
+from mimicfilter.store.parts import part_paths
+from mimicfilter.store.paths import part_name, trajectory_part_epoch
+from mimicfilter.store.schema import ANCHOR_COLUMN, EMBEDDING_COLUMN
+
+IDENTITY = ("shard", "key", "uid", "index")
+
+
+@dataclass(frozen=True)
+class Unit:
+    """One input file: ``kind`` run (a run's part) or npz / parquet (--features-from)."""
+
+    kind: str
+    path: str
+
+    @property
+    def name(self) -> str:
+        return part_name(self.path)
+
+    def __str__(self) -> str:
+        return self.path
+
+
+@dataclass(frozen=True)
+class Reading:
+    """How units are read: the embedding columns (image first), their width, the external id column."""
+
+    columns: tuple[str, ...]
+    dim: int
+    id_column: str = "uid"
+
+
+@dataclass
+class UnitRows:
+    identity: pa.Table  # IDENTITY columns of the usable rows
+    vectors: np.ndarray  # [n, sides, d] float16 unit rows
+
+
+@dataclass(frozen=True)
+class Inputs:
+    units: list[Unit]
+    reading: Reading
+    space: dict[str, Any]  # the embedding space, recorded in run.json
+    match: tuple[str, ...]  # how filter finds a sample of the run: ("shard", "index") or the id column
+    rows: int  # rows in the units (an upper bound of the samples: the cell count follows it)
+
+
+def _run_units(source: Source) -> list[Unit]:
+    parts = part_paths(source.path)
+    if (source.info.get("train") or {}).get("mode", "none") != "none":  # trajectory: epoch 0's parts hold every sample
+        parts = [part for part in parts if trajectory_part_epoch(part.name) == 0]
+    return [Unit("run", str(part)) for part in parts]
+
+
+def open_inputs(config: DedupConfig) -> Inputs:
+    """The units and how to read them; refuses sources without embeddings, or of two spaces."""
+    if config.features_from is not None:
+        spec = config.features_from
+        files = list_files(spec)
+        if len({file.layout for file in files}) > 1:
+            raise MimicfilterError("--features-from mixes .npz and .parquet files", hint="give one layout per run")
+        columns = resolve_columns(spec, files[0])
+        dim = None
+        for file in files:  # headers and footers only: a bad file stops the run before anything is written
+            dim = check_file(file, columns, spec.id_column, dim)
+        space = {"source": "features-from", "layout": files[0].layout, "columns": list(columns), "dim": dim,
+                 "id_column": spec.id_column, "files": len(files)}
+        units = [Unit(file.layout, file.path) for file in files]
+        reading = Reading(columns, int(dim), spec.id_column)
+        return _checked(config, Inputs(units, reading, space, (spec.id_column,), sum(row_count(f) for f in files)))
+    sources = [open_run(Path(path), "--embeddings run") for path in config.embeddings] or \
+        [open_run(Path(config.run), "run")]
+    for source in sources:
+        if source.space is None:
+            raise MimicfilterError(f"{source.path} holds no embeddings",
+                                   hint="score with --save-embeddings, embed the shards (`mimicfilter embed`) and pass "
+                                   "--embeddings, or pass --features-from FILES")
+    space = check_spaces(sources)
+    units = [unit for source in sources for unit in _run_units(source)]
+    rows = sum(pq.ParquetFile(unit.path).metadata.num_rows for unit in units)
+    return _checked(config, Inputs(units, Reading(sources[0].columns, int(space["dim"])), space, ("shard", "index"), rows))
+
+
+def _checked(config: DedupConfig, inputs: Inputs) -> Inputs:
+    if config.dedup_on == "pair" and len(inputs.reading.columns) < 2:
+        raise MimicfilterError(f"--dedup-on pair needs the text side of the embeddings; these hold the image only "
+                               f"({', '.join(inputs.reading.columns)})",
+                               hint="use --dedup-on image, or name both columns with --embedding-column IMAGE,TEXT")
+    if not inputs.units:
+        raise MimicfilterError(f"{config.run} has no parts to read", hint="finish the run first")
+    return inputs
+
+
+def read_unit(unit: Unit, reading: Reading) -> UnitRows:
+    """The usable samples of one unit."""
+    if unit.kind in ("npz", "parquet"):
+        rows = read_file(ExternalFile(unit.path, unit.kind), reading.columns, reading.id_column, reading.dim)
+        usable = pa.array(rows.usable)
+        return UnitRows(rows.identity.select(list(IDENTITY)).filter(usable), rows.vectors[rows.usable])
+    names = set(pq.read_schema(unit.path).names)
+    extra = [name for name in ("epoch", ANCHOR_COLUMN) if name in names]
+    table = pq.read_table(unit.path, columns=[*IDENTITY, "status", *extra, *reading.columns])
+    keep = pc.and_(pc.equal(table.column("status"), "ok"), pc.is_valid(table.column(EMBEDDING_COLUMN)))
+    if "epoch" in extra:
+        keep = pc.and_(keep, pc.equal(table.column("epoch"), 0))
+    if ANCHOR_COLUMN in extra:
+        keep = pc.and_(keep, pc.is_null(table.column(ANCHOR_COLUMN)))
+    table = table.filter(keep)
+    vectors, usable = unit_rows(vectors_of(table, reading.columns, reading.dim))
+    return UnitRows(table.select(list(IDENTITY)).filter(pa.array(usable)), vectors[usable])

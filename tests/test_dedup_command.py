@@ -1,0 +1,207 @@
+"""`mimicfilter dedup`: planted near-duplicates found in cells, the same pairs whatever the executor,
+resumable ranks, --dedup-on pair vs image, and the whole path from `score --save-embeddings`."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from click.testing import CliRunner
+from helpers import image_text_samples, score_row, write_score_run, write_tar
+
+from mimicfilter.dedup import cells as cells_module
+from mimicfilter.dedup.cells import Cells, plan_cells, train_cells
+from mimicfilter.dedup.pairs import cell_edges
+from mimicfilter.store.parts import read_scores
+from mimicfilter_cli.main import cli
+
+DIM = 32
+
+
+def _unit(vectors: np.ndarray) -> np.ndarray:
+    return vectors / np.linalg.norm(vectors, axis=-1, keepdims=True)
+
+
+def planted(count: int, copies: int, seed: int = 0):
+    """``count`` random pairs (image, text) [n, 2, DIM], the last ``copies`` of them near-copies of
+    earlier ones (cosine ≈ 0.99 on both sides), and a few "same image, other caption" samples."""
+    rng = np.random.default_rng(seed)
+    vectors = _unit(rng.standard_normal((count, 2, DIM)))
+    sources = rng.choice(count - copies - 20, copies, replace=False)
+    noisy = vectors[sources] + 0.1 / np.sqrt(DIM) * rng.standard_normal((copies, 2, DIM))
+    vectors[count - copies:] = _unit(noisy)
+    recaptioned = np.arange(count - copies - 10, count - copies)  # same image as sample i - 10, another caption
+    vectors[recaptioned, 0] = vectors[recaptioned - 10, 0]
+    truth = {(int(s), count - copies + i) for i, s in enumerate(sources)}
+    return vectors.astype(np.float16), truth, {(int(r) - 10, int(r)) for r in recaptioned}
+
+
+def write_features(folder, vectors: np.ndarray, per_file: int = 700) -> list[str]:
+    folder.mkdir(parents=True, exist_ok=True)
+    uids = [f"{i:032x}" for i in range(len(vectors))]
+    for number, start in enumerate(range(0, len(vectors), per_file)):
+        part = slice(start, start + per_file)
+        table = pa.table({"uid": uids[part],
+                          "image": pa.FixedSizeListArray.from_arrays(pa.array(vectors[part, 0].reshape(-1)), DIM),
+                          "text": pa.FixedSizeListArray.from_arrays(pa.array(vectors[part, 1].reshape(-1)), DIM)})
+        pq.write_table(table, folder / f"{number:05d}.parquet")
+    return uids
+
+
+def _dedup(*arguments) -> dict:
+    result = CliRunner().invoke(cli, ["dedup", *map(str, arguments), "--json"])
+    assert result.exit_code == 0, result.output
+    return json.loads(result.output)
+
+
+def _edges(folder) -> list[tuple]:
+    table = pq.read_table(folder / "edges").to_pylist()
+    return sorted((row["uid_a"], row["uid_b"], round(row["similarity"], 5)) for row in table)
+
+
+def _found(edges, threshold: float) -> set[tuple[int, int]]:
+    from mimicfilter.curate.groups import components
+
+    pairs = [(int(a, 16), int(b, 16)) for a, b, similarity in edges if similarity >= threshold]
+    if not pairs:
+        return set()
+    a, b = np.array(pairs).T
+    labels = components(int(max(a.max(), b.max())) + 1, a, b)
+    groups: dict[int, list[int]] = {}
+    for node in np.unique(np.r_[a, b]):
+        groups.setdefault(int(labels[node]), []).append(int(node))
+    return {(x, y) for members in groups.values() for i, x in enumerate(members) for y in members[i + 1:]}
+
+
+@pytest.fixture(scope="module")
+def pool(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("features")
+    vectors, truth, recaptioned = planted(3000, 150)
+    write_features(folder / "files", vectors)
+    return folder, vectors, truth, recaptioned
+
+
+def test_planted_pairs_are_found_in_cells_and_pair_mode_checks_the_caption(pool, tmp_path):
+    folder, _, truth, recaptioned = pool
+    features = ["--features-from", folder / "files", "--embedding-column", "image,text", "--cell-size", "256",
+                "--margin", "0.05"]  # 32-d random vectors: wider cell boundaries than real embeddings
+    stats = _dedup(tmp_path / "run", *features, "--out", tmp_path / "pairs")
+    assert stats["cells"] > 4 and stats["samples"] == 3000
+    found = _found(_edges(tmp_path / "pairs"), 0.95)
+    assert truth <= found and not found & recaptioned
+    assert found == truth  # random vectors: nothing else is alike
+    image = _dedup(tmp_path / "run", *features, "--dedup-on", "image", "--out", tmp_path / "image")
+    assert truth | recaptioned <= _found(_edges(tmp_path / "image"), 0.95)
+    assert image["at_default"]["groups"] == len(truth | recaptioned)
+    assert not (tmp_path / "pairs" / "buckets").exists() and (tmp_path / "pairs" / "_SUCCESS").exists()
+
+
+def test_the_same_pairs_whatever_the_executor_and_ranks_resume(pool, tmp_path):
+    folder, *_ = pool
+    features = ["--features-from", folder / "files", "--embedding-column", "image,text", "--cell-size", "256",
+                "--margin", "0.05"]  # 32-d random vectors: wider cell boundaries than real embeddings
+    _dedup(tmp_path / "run", *features, "--out", tmp_path / "local")
+    _dedup(tmp_path / "run", *features, "--out", tmp_path / "workers", "--workers", "2")
+    first = _dedup(tmp_path / "run", *features, "--out", tmp_path / "ranks", "--rank", "0", "--world-size", "2")
+    assert first["buckets_missing"] > 0 and not (tmp_path / "ranks" / "_SUCCESS").exists()
+    _dedup(tmp_path / "run", *features, "--out", tmp_path / "ranks", "--rank", "1", "--world-size", "2")
+    _dedup(tmp_path / "run", *features, "--out", tmp_path / "ranks", "--rank", "0", "--world-size", "2")
+    assert (tmp_path / "ranks" / "_SUCCESS").exists()
+    assert _edges(tmp_path / "local") == _edges(tmp_path / "workers") == _edges(tmp_path / "ranks")
+    again = _dedup(tmp_path / "run", *features, "--out", tmp_path / "local")  # finished: nothing redone
+    assert again["edges"] == len(_edges(tmp_path / "local"))
+    result = CliRunner().invoke(cli, ["dedup", str(tmp_path / "run"), *map(str, features), "--out",
+                                      str(tmp_path / "local"), "--cell-size", "512"])
+    assert result.exit_code == 2 and "different command" in result.output
+
+
+def test_filter_matches_features_from_pairs_by_uid(pool, tmp_path):
+    folder, vectors, truth, _ = pool
+    rows = [score_row("/data/s.tar", f"k{i}", i, 0, float(i), uid=f"{i:032x}") for i in range(len(vectors))]
+    run = write_score_run(tmp_path / "run", rows, ["/data/s.tar"])
+    _dedup(run, "--features-from", folder / "files", "--embedding-column", "image,text", "--cell-size", "256")
+    result = CliRunner().invoke(cli, ["filter", str(run), "--dedup", "--out", str(tmp_path / "out"), "--json"])
+    assert result.exit_code == 0, result.output
+    manifest = pq.read_table(tmp_path / "out" / "manifest.parquet").to_pylist()
+    dropped = {row["index"] for row in manifest if row["duplicate_of"]}
+    assert dropped == {min(pair) for pair in truth}  # the higher score (later index) of each pair stays
+
+
+def test_cells_share_boundary_pairs_within_the_margin():
+    rng = np.random.default_rng(1)
+    images = _unit(rng.standard_normal((4000, DIM))).astype(np.float32)
+    plan = plan_cells(4000, 100)
+    centroids, coarse = train_cells(images, plan, 0)
+    near = _unit(images + 0.1 / np.sqrt(DIM) * rng.standard_normal(images.shape)).astype(np.float32)
+
+    def shared(margin: float) -> float:
+        cells = Cells(centroids, coarse, margin)
+        rows, of = cells.assign(images)
+        rows_near, of_near = cells.assign(near)
+        mine = {(int(r), int(c)) for r, c in zip(rows, of)}
+        return np.mean([any((int(r), int(c)) in mine for c in of_near[rows_near == r]) for r in range(len(images))])
+
+    without, within = shared(0.0), shared(0.05)
+    assert without < 0.97 and within > 0.999
+
+
+def test_two_level_cells_assign_like_flat_ones(monkeypatch):
+    monkeypatch.setattr(cells_module, "FLAT_CELLS", 8)
+    rng = np.random.default_rng(2)
+    images = _unit(rng.standard_normal((6000, DIM))).astype(np.float32)
+    plan = plan_cells(6000, 200)
+    assert plan.levels == 2 and plan.cells == 30
+    centroids, coarse = train_cells(images, plan, 0)
+    cells = Cells(centroids, coarse, 0.0)
+    rows, assigned = cells.assign(images)
+    exact = np.argmax(images @ cells.centroids.T, axis=1)
+    assert np.mean(assigned == exact[rows]) > 0.97 and len(np.unique(assigned)) > 20
+
+
+def test_identical_vectors_collapse_and_pairs_need_both_sides():
+    rng = np.random.default_rng(3)
+    base = _unit(rng.standard_normal((5, 2, DIM)))
+    vectors = np.concatenate([base, np.repeat(base[:1], 4, axis=0), base[1:2]]).astype(np.float16)
+    vectors[-1, 1] = _unit(rng.standard_normal(DIM))  # sample 1's image, another caption
+    edges = cell_edges(vectors, 0.9, pair=True)
+    assert sorted(zip(edges.a.tolist(), edges.b.tolist())) == [(5, 0), (6, 0), (7, 0), (8, 0)]
+    assert np.all(edges.similarity == 1)
+    image = cell_edges(vectors, 0.9, pair=False)
+    assert len(image.a) == 5 and (9 in image.a.tolist() or 9 in image.b.tolist())
+
+
+def test_score_save_embeddings_dedup_filter(tmp_path, tiny_config, reference_checkpoint):
+    samples = image_text_samples(12)
+    samples += [("copy-a", dict(samples[3][1])), ("copy-b", dict(samples[3][1]))]  # byte-identical twice
+    shard = write_tar(tmp_path / "pool.tar", samples)
+    run = tmp_path / "run"
+    result = CliRunner().invoke(cli, ["score", str(shard), "--model", str(tiny_config), "--reference",
+                                      str(reference_checkpoint), "--train", "none", "--save-embeddings", "--workers",
+                                      "0", "--batch-size", "7", "--out", str(run), "--quiet"])
+    assert result.exit_code == 0, result.output
+    table = read_scores(run).to_pylist()
+    hashes = {row["key"]: (row["image_sha1"], row["caption_sha1"]) for row in table}
+    assert hashes["copy-a"] == hashes["copy-b"] == hashes["00000003"] != hashes["00000004"]
+    assert all(len(value) == 20 for pair in hashes.values() for value in pair)
+    stats = _dedup(run, "--max-threshold", "0.05")
+    assert stats["samples"] == 14 and (run / "dedup" / "_SUCCESS").exists()
+    result = CliRunner().invoke(cli, ["filter", str(run), "--dedup", "--dedup-threshold", "0.0", "--out",
+                                      str(tmp_path / "out")])
+    assert result.exit_code == 0, result.output
+    manifest = pq.read_table(tmp_path / "out" / "manifest.parquet").to_pylist()
+    group = [row for row in manifest if row["key"] in ("copy-a", "copy-b", "00000003")]
+    assert len({row["duplicate_group"] for row in group}) == 1 and sum(row["duplicate_of"] is None for row in group) == 1
+
+
+def test_dedup_refuses_what_it_cannot_use(tmp_path):
+    run = write_score_run(tmp_path / "run", [score_row("/s.tar", "k", 0, 0, 1.0)], ["/s.tar"])
+    result = CliRunner().invoke(cli, ["dedup", str(run)])
+    assert result.exit_code == 2 and "holds no embeddings" in result.output
+    vectors, _, _ = planted(50, 5)
+    write_features(tmp_path / "files", vectors)
+    result = CliRunner().invoke(cli, ["dedup", str(run), "--features-from", str(tmp_path / "files"),
+                                      "--embedding-column", "image"])
+    assert result.exit_code == 2 and "--dedup-on pair needs the text side" in result.output
