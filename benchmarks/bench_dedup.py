@@ -9,16 +9,21 @@ The pool: emoji of Unicode's emoji-test.txt drawn at 64 px with their CLDR names
 the other ``--ref-size`` emoji from scratch, benchmarks/imagetext_data.py). For a rate r, r × N
 pool samples get a near-duplicate each: the image JPEG re-encoded (quality 50–90), resized (40–120
 px), cropped (80–95 % of each side, scaled back) or recoloured (brightness, contrast, saturation
-±8–20 %), and half of them a caption variant as well (case, a trailing period, "emoji"/"icon"
-added, "a picture of …", doubled spaces). Besides: 2 % byte-identical copies (exact duplicates:
-found by the content hashes), and 2 % of the images again under another emoji's caption — not a
-duplicate with ``pair`` (another training pair), a duplicate with ``image``.
+±8–20 %), and half of them a caption variant as well (case and spacing). Besides: 2 % byte-identical
+copies (exact duplicates: found by the content hashes); 2 % of the images again under another
+emoji's caption — not a duplicate with ``pair`` (another training pair), a duplicate with
+``image``; 2 % transformed images under a punctuation variant of the caption ("bathtub!",
+"flag - Togo") and 2 % under a reworded one ("a picture of …", "… emoji", "… icon"): duplicates
+with ``image``, neither counted as found nor as missed with ``pair`` (the share of them found is
+printed apart) — the small CLIP's text tower never saw punctuation ("bathtub!" lies at cosine 0.3
+from "bathtub"), so to it they are other captions.
 
 A pair of samples is a *true* duplicate when both come from the same pool emoji (and, with
 ``pair``, neither is a re-captioned copy). Found pairs: every pair of samples in one group of
 ``filter --dedup`` at ε (groups are connected components, so a group of k counts k(k−1)/2 pairs).
 Precision = true found / found, recall = true found / true. Pairs of distinct emoji that the
-groups join (skin-tone variants, near-identical signs) are false positives.
+groups join (skin-tone variants, near-identical signs) are false positives. With ``pair`` each
+``--caption-factor`` is tried.
 """
 
 from __future__ import annotations
@@ -39,9 +44,13 @@ import common
 import imagetext_data as it
 from common import ROOT, print_table
 
-EPSILONS = (0.005, 0.01, 0.02, 0.03, 0.05, 0.075, 0.1, 0.15)
-CAPTION_VARIANTS = (str.lower, str.capitalize, lambda c: c + ".", lambda c: c + " emoji", lambda c: c + " icon",
-                    lambda c: "a picture of " + c, lambda c: c.replace(" ", "  "), str.title)
+EPSILONS = (0.01, 0.02, 0.05, 0.075, 0.1, 0.15, 0.2, 0.25, 0.3)
+CAPTION_FACTORS = (1.0, 0.1, 0.05, 0.02)
+CAPTION_VARIANTS = (str.lower, str.upper, str.capitalize, str.title, lambda c: c.replace(" ", "  "),
+                    lambda c: " " + c.upper())
+PUNCTUATION = (lambda c: c + ".", lambda c: c + "!", lambda c: c.replace(":", " -"), lambda c: c.replace(",", ";"))
+PARAPHRASES = (lambda c: "a picture of " + c, lambda c: c + " emoji", lambda c: c + " icon")
+UNCOUNTED_WITH_PAIR = ("other-caption", "punctuation", "paraphrase")  # other captions to this reference
 
 
 def transform(image: np.ndarray, rng: np.random.Generator) -> tuple[bytes, str, str]:
@@ -88,6 +97,12 @@ def planted_pool(pool: np.ndarray, entries, pictures: np.ndarray, rate: float, s
     for position in rng.choice(count, int(round(0.02 * count)), replace=False):
         other = int(pool[(position + 1 + int(rng.integers(count - 1))) % count])
         samples.append({**samples[position], "kind": "other-caption", "caption": entries[other][1]})
+    for kind, variants in (("punctuation", PUNCTUATION), ("paraphrase", PARAPHRASES)):
+        for position in rng.choice(count, int(round(0.02 * count)), replace=False):
+            origin = int(pool[position])
+            data, ext, _ = transform(pictures[origin], rng)
+            caption = variants[int(rng.integers(len(variants)))](entries[origin][1])
+            samples.append({"origin": origin, "kind": kind, ext: data, "caption": caption})
     order = rng.permutation(len(samples))  # copies spread over the shards, not beside their originals
     return [samples[i] for i in order]
 
@@ -108,14 +123,24 @@ def write_shards(directory: Path, samples: list[dict], shards: int) -> dict[str,
 def true_pairs(samples: list[dict], on: str) -> set[tuple[int, int]]:
     by_origin: dict[int, list[int]] = {}
     for position, sample in enumerate(samples):
-        if on == "image" or sample["kind"] != "other-caption":
+        if on == "image" or sample["kind"] not in UNCOUNTED_WITH_PAIR:
             by_origin.setdefault(sample["origin"], []).append(position)
     return {(a, b) for members in by_origin.values() for i, a in enumerate(members) for b in members[i + 1:]}
 
 
-def scores(found: set, truth: set) -> tuple[float, float, int]:
+def scores(found: set, truth: set, ignored: set[int]) -> tuple[float, float, int]:
+    """Precision, recall and the pairs found, leaving out pairs with an ``ignored`` sample."""
+    found = {pair for pair in found if not ignored.intersection(pair)}
     hit = len(found & truth)
     return (hit / len(found) if found else 1.0), (hit / len(truth) if truth else 1.0), len(found)
+
+
+def share_found(samples: list[dict], found: set, kind: str) -> float:
+    """Share of the samples of ``kind`` grouped with their emoji's original."""
+    original = {sample["origin"]: position for position, sample in enumerate(samples) if sample["kind"] == "original"}
+    pairs = [tuple(sorted((original[sample["origin"]], position))) for position, sample in enumerate(samples)
+             if sample["kind"] == kind]
+    return sum(pair in found for pair in pairs) / len(pairs) if pairs else 1.0
 
 
 def filter_groups(run: Path, pairs: Path, epsilon: float, where: dict[str, int]) -> set[tuple[int, int]]:
@@ -168,16 +193,23 @@ def one_rate(args, rate: float, entries, pictures, pool, reference, work: Path) 
     exact = common.run_cli([*common.mimicfilter_command(), "filter", str(run), "--dry-run", "--json"])[0]
     planted_exact = sum(sample["kind"] == "exact" for sample in samples)
     result["exact"] = {"planted_copies": planted_exact, **exact["duplicates"]["content"]}
-    for on in ("pair", "image"):
-        pairs = directory / f"dedup-{on}"
+    uncounted = {position for position, sample in enumerate(samples) if sample["kind"] in UNCOUNTED_WITH_PAIR[1:]}
+    for on, factor in [("pair", factor) for factor in CAPTION_FACTORS] + [("image", 1.0)]:
+        name = on if on == "image" else f"pair-{factor:g}"
+        pairs = directory / f"dedup-{name}"
         stats, seconds = common.run_cli([*common.mimicfilter_command(), "dedup", str(run), "--dedup-on", on, "--out",
-                                         str(pairs), "--json", "--overwrite"], env)
+                                         str(pairs), "--caption-factor", str(factor), "--max-threshold",
+                                         str(max(EPSILONS)), "--json", "--overwrite",
+                                         *args.dedup_options], env)
         truth = true_pairs(samples, on)
         rows = []
         for epsilon in EPSILONS:
-            precision, recall, found = scores(filter_groups(run, pairs, epsilon, where), truth)
-            rows.append({"epsilon": epsilon, "precision": precision, "recall": recall, "found": found, "true": len(truth)})
-        result[on] = {"dedup_s": seconds, "edges": stats["edges"], "cells": stats["cells"], "by_epsilon": rows}
+            found = filter_groups(run, pairs, epsilon, where)
+            precision, recall, count = scores(found, truth, uncounted if on == "pair" else set())
+            rows.append({"epsilon": epsilon, "precision": precision, "recall": recall, "found": count,
+                         "true": len(truth), **{f"{kind}_found": share_found(samples, found, kind)
+                                                for kind in UNCOUNTED_WITH_PAIR[1:]}})
+        result[name] = {"dedup_s": seconds, "edges": stats["edges"], "cells": stats["cells"], "by_epsilon": rows}
     return result
 
 
@@ -189,12 +221,14 @@ def report(results: list[dict]) -> None:
         exact = result["exact"]
         print(f"exact duplicates: {exact['planted_copies']} byte-identical copies planted; the content hashes group "
               f"{exact['samples']} samples in {exact['groups']} groups")
-        for on in ("pair", "image"):
-            rows = [[f"{row['epsilon']:g}", row["precision"], row["recall"], row["found"], row["true"]]
-                    for row in result[on]["by_epsilon"]]
-            print_table(f"rate {result['rate']:g}, --dedup-on {on} (dedup {result[on]['dedup_s']:.1f} s, "
-                        f"{result[on]['cells']} cell(s), {result[on]['edges']} edges kept)",
-                        ["epsilon", "precision", "recall", "pairs found", "true pairs"], rows)
+        for name in [f"pair-{factor:g}" for factor in CAPTION_FACTORS] + ["image"]:
+            rows = [[f"{row['epsilon']:g}", row["precision"], row["recall"], row["found"], row["true"],
+                     row["punctuation_found"], row["paraphrase_found"]] for row in result[name]["by_epsilon"]]
+            what = "--dedup-on image" if name == "image" else f"--dedup-on pair --caption-factor {name[5:]}"
+            print_table(f"rate {result['rate']:g}, {what} (dedup {result[name]['dedup_s']:.1f} s, "
+                        f"{result[name]['cells']} cell(s), {result[name]['edges']} edges kept)",
+                        ["epsilon", "precision", "recall", "pairs found", "true pairs", "punctuation found",
+                         "paraphrases found"], rows)
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -207,6 +241,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--ref-steps", type=int, default=700, help="reference training steps")
     parser.add_argument("--workdir", type=Path, default=None, help="[bench-runs/dedup]")
     parser.add_argument("--json-out", type=Path, default=None, help="also write the results here")
+    parser.add_argument("dedup_options", nargs="*", help="more `mimicfilter dedup` options, after -- (e.g. --cell-size 256)")
     args = parser.parse_args(argv)
     args.rates = [float(rate) for rate in args.rates.split(",")]
     args.workdir = args.workdir or ROOT / "bench-runs" / "dedup"

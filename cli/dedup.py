@@ -12,7 +12,7 @@ from mimicfilter_cli.common import one_line_errors
 from mimicfilter_cli.options import external_embedding_options, external_spec_from
 
 # the library's defaults, written out: importing them would load faiss and torch for --help
-MAX_EPSILON, CELL_SIZE, MARGIN = 0.15, 2048, 0.02
+MAX_EPSILON, CAPTION_FACTOR, CELL_SIZE, MARGIN = 0.15, 0.02, 2048, 0.02
 
 
 def _config(run: str, options: dict, argv: tuple[str, ...]):
@@ -23,7 +23,8 @@ def _config(run: str, options: dict, argv: tuple[str, ...]):
     return DedupConfig(
         run=Path(run), out_dir=Path(options["out_dir"]) if options["out_dir"] else None,
         embeddings=tuple(Path(path) for path in options["embeddings"]), features_from=external_spec_from(options),
-        dedup_on=options["dedup_on"], max_epsilon=options["max_threshold"], cell_size=options["cell_size"],
+        dedup_on=options["dedup_on"], max_epsilon=options["max_threshold"], caption_factor=options["caption_factor"],
+        cell_size=options["cell_size"],
         margin=options["margin"], seed=options["seed"], workers=options["workers"], threads=options["threads"],
         partition=Partition.of(options["rank"], options["world_size"]),
         ray=None if options["ray_address"] is None else RayConfig(
@@ -57,6 +58,9 @@ def _summary(stats: dict) -> list[str]:
               "training pair); image: the image alone (DataComp's and SemDeDup's notion).")
 @click.option("--max-threshold", "max_threshold", type=float, default=MAX_EPSILON, show_default=True, metavar="EPS",
               help="Keep pairs down to cosine 1 - EPS: filter --dedup-threshold may pick any EPS up to this later.")
+@click.option("--caption-factor", type=float, default=CAPTION_FACTOR, show_default=True,
+              help="--dedup-on pair: the captions must be this many times as close as the images (cosine >= "
+              "1 - FACTOR x EPS): a caption that differs by a word is another caption.")
 @click.option("--cell-size", type=int, default=CELL_SIZE, show_default=True,
               help="Samples per k-means cell on average (pairs are searched within cells).")
 @click.option("--margin", type=float, default=MARGIN, show_default=True,

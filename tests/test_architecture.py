@@ -226,7 +226,7 @@ def test_architecture_doc_lists_every_module_and_only_real_ones():
 COMMAND_PAGES = {"filter": "filter.md", "report": "report.md"}
 
 
-@pytest.mark.parametrize("command_name", ["score", "filter", "report", "embed", "extrapolate"])
+@pytest.mark.parametrize("command_name", ["score", "filter", "report", "embed", "extrapolate", "dedup"])
 def test_every_option_in_help_is_documented(command_name):
     from mimicfilter_cli.main import cli
 

@@ -27,11 +27,13 @@ def _unit(vectors: np.ndarray) -> np.ndarray:
 
 def planted(count: int, copies: int, seed: int = 0):
     """``count`` random pairs (image, text) [n, 2, DIM], the last ``copies`` of them near-copies of
-    earlier ones (cosine ≈ 0.99 on both sides), and a few "same image, other caption" samples."""
+    earlier ones (image cosine ≈ 0.995, caption cosine ≈ 0.99995), and a few "same image, other
+    caption" samples."""
     rng = np.random.default_rng(seed)
     vectors = _unit(rng.standard_normal((count, 2, DIM)))
     sources = rng.choice(count - copies - 20, copies, replace=False)
-    noisy = vectors[sources] + 0.1 / np.sqrt(DIM) * rng.standard_normal((copies, 2, DIM))
+    noise = np.array([0.1, 0.01])[None, :, None] / np.sqrt(DIM)  # captions of near-duplicates barely differ
+    noisy = vectors[sources] + noise * rng.standard_normal((copies, 2, DIM))
     vectors[count - copies:] = _unit(noisy)
     recaptioned = np.arange(count - copies - 10, count - copies)  # same image as sample i - 10, another caption
     vectors[recaptioned, 0] = vectors[recaptioned - 10, 0]
@@ -134,11 +136,11 @@ def test_cells_share_boundary_pairs_within_the_margin():
     rng = np.random.default_rng(1)
     images = _unit(rng.standard_normal((4000, DIM))).astype(np.float32)
     plan = plan_cells(4000, 100)
-    centroids, coarse = train_cells(images, plan, 0)
+    centroids, coarse, parents = train_cells(images, plan, 0)
     near = _unit(images + 0.1 / np.sqrt(DIM) * rng.standard_normal(images.shape)).astype(np.float32)
 
     def shared(margin: float) -> float:
-        cells = Cells(centroids, coarse, margin)
+        cells = Cells(centroids, coarse, parents, margin)
         rows, of = cells.assign(images)
         rows_near, of_near = cells.assign(near)
         mine = {(int(r), int(c)) for r, c in zip(rows, of)}
@@ -154,10 +156,10 @@ def test_two_level_cells_assign_like_flat_ones(monkeypatch):
     images = _unit(rng.standard_normal((6000, DIM))).astype(np.float32)
     plan = plan_cells(6000, 200)
     assert plan.levels == 2 and plan.cells == 30
-    centroids, coarse = train_cells(images, plan, 0)
-    cells = Cells(centroids, coarse, 0.0)
+    centroids, coarse, parents = train_cells(images, plan, 0)
+    cells = Cells(centroids, coarse, parents, 0.0)
     rows, assigned = cells.assign(images)
-    exact = np.argmax(images @ cells.centroids.T, axis=1)
+    exact = np.argmax(images @ cells.centroids.numpy().T, axis=1)
     assert np.mean(assigned == exact[rows]) > 0.97 and len(np.unique(assigned)) > 20
 
 
@@ -186,7 +188,7 @@ def test_score_save_embeddings_dedup_filter(tmp_path, tiny_config, reference_che
     hashes = {row["key"]: (row["image_sha1"], row["caption_sha1"]) for row in table}
     assert hashes["copy-a"] == hashes["copy-b"] == hashes["00000003"] != hashes["00000004"]
     assert all(len(value) == 20 for pair in hashes.values() for value in pair)
-    stats = _dedup(run, "--max-threshold", "0.05")
+    stats = _dedup(run, "--max-threshold", "0.1")
     assert stats["samples"] == 14 and (run / "dedup" / "_SUCCESS").exists()
     result = CliRunner().invoke(cli, ["filter", str(run), "--dedup", "--dedup-threshold", "0.0", "--out",
                                       str(tmp_path / "out")])
@@ -205,3 +207,11 @@ def test_dedup_refuses_what_it_cannot_use(tmp_path):
     result = CliRunner().invoke(cli, ["dedup", str(run), "--features-from", str(tmp_path / "files"),
                                       "--embedding-column", "image"])
     assert result.exit_code == 2 and "--dedup-on pair needs the text side" in result.output
+
+
+def test_the_command_line_defaults_are_the_librarys():
+    from mimicfilter.dedup import config
+    from mimicfilter_cli import dedup
+
+    assert (dedup.MAX_EPSILON, dedup.CAPTION_FACTOR, dedup.CELL_SIZE, dedup.MARGIN) == (
+        config.DEFAULT_MAX_EPSILON, config.DEFAULT_CAPTION_FACTOR, config.DEFAULT_CELL_SIZE, config.DEFAULT_MARGIN)

@@ -57,9 +57,9 @@ def _pairs_dir(path, edges: list[tuple[int, int, float]], mode: str = "pair", ma
 
 @pytest.fixture
 def run(tmp_path):
-    """A run whose dedup/ holds near pairs: {5, 6, 7} at cosine 0.99 and 0.97, {10, 11} at 0.93."""
+    """A run whose dedup/ holds near pairs: {5, 6, 7} at similarity 0.99 and 0.97, {10, 11} at 0.88."""
     directory = write_score_run(tmp_path / "run", _rows(), [SHARD])
-    _pairs_dir(directory / "dedup", [(5, 6, 0.99), (6, 7, 0.97), (10, 11, 0.93)])
+    _pairs_dir(directory / "dedup", [(5, 6, 0.99), (6, 7, 0.97), (10, 11, 0.88)])
     return directory
 
 
@@ -78,9 +78,9 @@ def test_groups_join_exact_and_near_duplicates_and_keep_the_best(run, tmp_path):
                        5: f"duplicate of {SHARD}/k007", 6: f"duplicate of {SHARD}/k007"}
     assert all(not manifest[index]["kept"] for index in dropped)
     assert manifest[0]["duplicate_group"] == manifest[2]["duplicate_group"] != manifest[5]["duplicate_group"]
-    assert manifest[10]["duplicate_group"] is None  # 0.93 < 1 - 0.05
+    assert manifest[10]["duplicate_group"] is None  # 0.88 < 1 - 0.1
     assert summary["dedup"] | {"sources": None} == summary["dedup"] | {
-        "groups": 2, "samples_in_groups": 6, "dropped": 4, "largest": [3, 3], "epsilon": 0.05, "on": "pair",
+        "groups": 2, "samples_in_groups": 6, "dropped": 4, "largest": [3, 3], "epsilon": 0.1, "on": "pair",
         "keep": "mimic_score:highest", "sources": None}
     assert summary["reasons"]["duplicate of a kept sample"] == 4
     assert summary["duplicates"]["content"] == {"counted": True, "on": "pair", "groups": 1, "samples": 3, "largest": 3,
@@ -88,7 +88,7 @@ def test_groups_join_exact_and_near_duplicates_and_keep_the_best(run, tmp_path):
 
 
 def test_the_threshold_and_the_keep_column_are_the_users(run, tmp_path):
-    manifest, summary = _filter(run, tmp_path / "loose", "--dedup", "--dedup-threshold", "0.1", "--dedup-keep",
+    manifest, summary = _filter(run, tmp_path / "loose", "--dedup", "--dedup-threshold", "0.15", "--dedup-keep",
                                 "clip_score")
     assert {index for index, row in manifest.items() if row["duplicate_of"]} == {1, 2, 6, 7, 11}  # lowest index: best clip
     assert summary["dedup"]["groups"] == 3
@@ -178,3 +178,34 @@ def test_components_and_the_spanning_forest_agree_with_a_plain_union_find():
         again = spanning_forest(count, a[shuffled], b[shuffled], weight[shuffled])
         assert sorted(zip(np.minimum(a, b)[forest], np.maximum(a, b)[forest])) == \
             sorted(zip(np.minimum(a, b)[shuffled][again], np.maximum(a, b)[shuffled][again]))
+
+
+def test_report_shows_the_groups_the_funnel_step_and_the_largest_groups(tmp_path):
+    from helpers import image_text_samples, write_tar
+
+    shard = write_tar(tmp_path / "s.tar", image_text_samples(12))
+    rows = []
+    for index in range(12):
+        row = score_row(str(shard), f"{index:08d}", index, 0, index / 10)
+        same = "banner" if index in (3, 4, 5) else f"image {index}"
+        rows.append(row | {"image_sha1": sha1(same), "caption_sha1": sha1(same)})
+    run = write_score_run(tmp_path / "run", rows, [str(shard)])
+    result = CliRunner().invoke(cli, ["report", str(run), "--out", str(tmp_path / "plain"), "--json"])
+    assert result.exit_code == 0, result.output
+    plain = json.loads(result.stdout)
+    assert plain["duplicates"] | {"largest": None, "warnings": None} == plain["duplicates"] | {
+        "source": "run", "removed": False, "groups": 1, "samples_in_groups": 3, "duplicates": 2, "largest": None,
+        "warnings": None}
+    assert "duplicates" not in plain["funnel"]  # the default rule keeps them
+    group = plain["duplicates"]["largest"][0]
+    assert group["size"] == 3 and [card["key"] for card in group["cards"]][0] == "00000005"  # the kept one first
+    assert all(card["thumbnail"] for card in group["cards"])
+
+    _filter(run, tmp_path / "curated", "--dedup", "--keep-votes")
+    result = CliRunner().invoke(cli, ["report", str(run), "--filter-manifest", str(tmp_path / "curated" / "manifest.parquet"),
+                                      "--out", str(tmp_path / "report"), "--json"])
+    assert result.exit_code == 0, result.output
+    summary = json.loads(result.stdout)
+    assert summary["duplicates"]["source"] == "manifest" and summary["funnel"]["duplicates"] == 2
+    page = (tmp_path / "report" / "index.html").read_text()
+    assert "id='duplicates'" in page and "one per duplicate group" in page and "duplicates dropped" in page

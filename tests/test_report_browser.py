@@ -71,6 +71,10 @@ def expected_numbers(summary: dict) -> dict[str, float]:
                "ok": summary["ok"], "kept": summary["kept"]}
     numbers |= {f"funnel.{name}": value for name, value in summary["funnel"].items()}
     numbers |= {f"reason:{reason['reason']}": reason["count"] for reason in summary["drop_reasons"]}
+    duplicates = summary.get("duplicates") or {}
+    numbers |= {f"duplicates.{name}": duplicates[name] for name in ("groups", "duplicates") if name in duplicates}
+    if (duplicates.get("exact") or {}).get("counted"):
+        numbers["duplicates.exact.groups"] = duplicates["exact"]["groups"]
     for shard in summary["shards_worst_first"]:
         numbers |= {f"shard-ok:{shard['shard']}": shard["ok"], f"shard-kept:{shard['shard']}": shard["kept"]}
         if shard["quality"] is not None:

@@ -33,7 +33,7 @@ from mimicfilter.store.paths import RUN_FILE, SUCCESS_FILE, is_remote_url, run_p
 from mimicfilter.store.schema import HASH_COLUMNS
 
 DEDUP_ON = ("pair", "image")  # pair: the image AND the caption alike (another caption: another training pair)
-DEFAULT_EPSILON = 0.05  # pairs with cosine ≥ 0.95 (both sides with pair); docs/filter.md#duplicates
+DEFAULT_EPSILON = 0.1  # images at cosine ≥ 0.9 (captions ≥ 1 − caption_factor × 0.1 with pair); docs/filter.md#duplicates
 EDGES_GLOB = "edges/[!.]*.parquet"
 DEFAULT_PAIRS_DIR = "dedup"
 DUPLICATE_PREFIX = "duplicate of "
@@ -217,10 +217,10 @@ def _group_members(connection, edge_sql: list[str]) -> int:
     return len(a)
 
 
-def prepare(connection, options: DedupOptions, inputs: tuple[str, ...], rules: list) -> DedupState:
-    """Filter's first dedup hook, right after the score tables load: count the pool's exact
-    duplicates (always) and, with ``--dedup``, find the groups, choose each one's kept sample and
-    narrow ``scores`` to the survivors."""
+def find_groups(connection, options: DedupOptions, inputs: tuple[str, ...], rules: list) -> DedupState:
+    """Count the pool's exact duplicates (always) and, with ``--dedup``, find the groups and each
+    one's kept sample: table ``dedup_groups`` (shard, index, duplicate_group, kept_name, position:
+    1 for the kept member)."""
     sources = pairs_sources(options, inputs) if options.enabled else []
     mode = sources[0].mode if sources else "pair"
     column, lowest = keep_choice(options, rules)
@@ -243,14 +243,23 @@ def prepare(connection, options: DedupOptions, inputs: tuple[str, ...], rules: l
         f"first(n.shard || '/' || n.key) OVER w AS kept_name, row_number() OVER w AS position "
         "FROM dedup_members m JOIN dedup_nodes n USING (node) "
         f"WINDOW w AS (PARTITION BY m.grp ORDER BY n.keep_value {order} NULLS LAST, n.shard, n.\"index\")")
-    connection.execute('CREATE OR REPLACE TEMP TABLE dedup_dropped AS SELECT shard, "index" FROM dedup_groups WHERE position > 1')
-    narrow(connection)
     state.counts = _group_counts(connection, edges)
+    return state
+
+
+def prepare(connection, options: DedupOptions, inputs: tuple[str, ...], rules: list) -> DedupState:
+    """Filter's first dedup hook, right after the score tables load: :func:`find_groups`, then
+    ``scores`` narrowed to the survivors (one sample per group)."""
+    state = find_groups(connection, options, inputs, rules)
+    if options.enabled:
+        narrow(connection)
     return state
 
 
 def narrow(connection) -> None:
     """``scores`` from here on holds the survivors only; ``pool_scores`` keeps every pool row."""
+    connection.execute('CREATE OR REPLACE TEMP TABLE dedup_dropped AS SELECT shard, "index" FROM dedup_groups '
+                       "WHERE position > 1")
     connection.execute("ALTER VIEW scores RENAME TO pool_scores")
     connection.execute('CREATE VIEW scores AS SELECT s.* FROM pool_scores s ANTI JOIN dedup_dropped d '
                        'ON s.shard = d.shard AND s."index" = d."index"')

@@ -15,6 +15,7 @@ from mimicfilter.extrapolate.external import ExternalSpec
 
 DEFAULT_MAX_EPSILON = 0.15  # pairs are kept down to cosine 0.85: filter may pick any ε up to this later
 DEFAULT_CELL_SIZE = 2048  # samples per k-means cell on average: the pair search costs N × this × d
+DEFAULT_CAPTION_FACTOR = 0.02  # with pair, captions must be 50 times as close as images (cos ≥ 1 − 0.02 ε)
 DEFAULT_MARGIN = 0.02  # a sample joins every cell whose centroid is within this cosine of its nearest one
 DEDUP_DIR = "dedup"  # the default --out: inside the run it deduplicates, where `filter --dedup` looks
 
@@ -29,6 +30,7 @@ class DedupConfig:
     features_from: ExternalSpec | None = None  # DataComp .npz / Parquet embeddings, matched by uid or key
     dedup_on: str = "pair"  # pair: image AND caption alike; image: the image alone
     max_epsilon: float = DEFAULT_MAX_EPSILON
+    caption_factor: float = DEFAULT_CAPTION_FACTOR
     cell_size: int = DEFAULT_CELL_SIZE
     margin: float = DEFAULT_MARGIN
     seed: int = 0
@@ -50,6 +52,9 @@ class DedupConfig:
         if self.max_epsilon < DEFAULT_EPSILON:
             raise MimicfilterError(f"--max-threshold {self.max_epsilon} is below filter's default ε {DEFAULT_EPSILON}",
                                    hint="filter --dedup could not use its default; raise --max-threshold")
+        if not 0 < self.caption_factor <= 1:
+            raise MimicfilterError(f"--caption-factor {self.caption_factor}: in (0, 1]",
+                                   hint="with --dedup-on pair the captions must be within this factor of ε")
         if self.cell_size < 64:
             raise MimicfilterError(f"--cell-size {self.cell_size}: at least 64 samples per cell")
         if not 0 <= self.margin < 1:
@@ -67,5 +72,5 @@ class DedupConfig:
 
     def choices(self) -> dict[str, Any]:
         """What changes the result (the fingerprint and run.json record it)."""
-        return {"dedup_on": self.dedup_on, "max_epsilon": self.max_epsilon, "cell_size": self.cell_size,
-                "margin": self.margin, "seed": self.seed}
+        return {"dedup_on": self.dedup_on, "max_epsilon": self.max_epsilon, "caption_factor": self.caption_factor,
+                "cell_size": self.cell_size, "margin": self.margin, "seed": self.seed}

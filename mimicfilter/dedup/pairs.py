@@ -1,10 +1,12 @@
 """Near-duplicate pairs inside one cell, and the edges a range of cells writes.
 
 Within a cell: byte-identical vectors are collapsed first (a banner copied 10,000 times costs one
-comparison, not 10⁸); the rest are compared all against all by a faiss range search on the image
-side at the floor cosine 1 − ``max_epsilon`` (BLAS blocks, no n × n matrix kept); with ``pair``
-the candidates' captions are compared too, and a pair's similarity is the lower of the two cosines
-(both must pass). Of all those pairs only a maximum spanning forest is written
+comparison, not 10⁸); the rest are compared all against all on the image side, a block of rows
+against the rows after it (each pair once: about half a similarity matrix, never held whole), for
+pairs at or above the floor cosine 1 − ``max_epsilon``. With ``pair`` the candidates' captions are
+compared too and must be ``caption_factor`` times as close: cos ≥ 1 − caption_factor × ε, so one
+number, the pair's similarity min(image cos, 1 − (1 − caption cos) / caption_factor), says at
+which ε the pair is a duplicate. Of all those pairs only a maximum spanning forest is written
 (:func:`~mimicfilter.curate.groups.spanning_forest`): at most one edge per sample, and for every
 ε ≤ max_epsilon its edges of similarity ≥ 1 − ε connect exactly the samples all pairs would, so
 ``filter`` picks ε afterwards without a new search.
@@ -15,18 +17,19 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-import faiss
 import numpy as np
 import pyarrow as pa
+import torch
 
 from mimicfilter.curate.dedup import EDGE_SCHEMA
 from mimicfilter.curate.groups import spanning_forest
 from mimicfilter.dedup.buckets import CellBlock, identities, read_range
 from mimicfilter.dedup.sources import Unit
-from mimicfilter.extrapolate.index import ADD_BLOCK, as_float32
+from mimicfilter.extrapolate.index import ADD_BLOCK
 from mimicfilter.store.parts import write_part
 
 EDGES_DIR = "edges"
+BLOCK = 1024  # rows compared with every later row at a time (a 1024 × n float32 block)
 
 
 @dataclass
@@ -68,7 +71,32 @@ def _dots(left: np.ndarray, right: np.ndarray) -> np.ndarray:
     return out
 
 
-def cell_edges(vectors: np.ndarray, floor: float, pair: bool) -> CellEdges:
+def _above(images: np.ndarray, floor: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Pairs (i < j) of unit rows whose cosine is at least ``floor``: a block of rows against every
+    row after its start (torch BLAS), so about half the similarity matrix is computed, a block at a time."""
+    rows = torch.from_numpy(np.ascontiguousarray(images, dtype=np.float32))
+    lower = torch.ones(BLOCK, BLOCK, dtype=torch.bool).tril()  # the pairs (i, j ≤ i) of a block with itself
+    found_a, found_b, found_s = [], [], []
+    for start in range(0, len(rows), BLOCK):
+        sims = rows[start : start + BLOCK] @ rows[start:].T
+        size = len(sims)
+        sims[:, :size].masked_fill_(lower[:size, :size], 0.0)  # each pair once (0 never reaches a floor > 0)
+        hits = (sims >= floor).nonzero()
+        found_a.append(hits[:, 0].numpy() + start)
+        found_b.append(hits[:, 1].numpy() + start)
+        found_s.append(sims[hits[:, 0], hits[:, 1]].numpy())
+    if not found_a:
+        return np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(0, np.float32)
+    return np.concatenate(found_a), np.concatenate(found_b), np.concatenate(found_s)
+
+
+def pair_similarity(image: np.ndarray, text: np.ndarray, caption_factor: float) -> np.ndarray:
+    """One number per pair on the image's scale: ≥ 1 − ε exactly when the images are within ε and
+    the captions within caption_factor × ε."""
+    return np.minimum(image, 1.0 - (1.0 - text) / caption_factor).astype(np.float32)
+
+
+def cell_edges(vectors: np.ndarray, floor: float, pair: bool, caption_factor: float = 1.0) -> CellEdges:
     """The spanning forest of the pairs of one cell's samples ([n, sides, d] float16) above ``floor``."""
     count = len(vectors)
     if count < 2:
@@ -79,21 +107,16 @@ def cell_edges(vectors: np.ndarray, floor: float, pair: bool) -> CellEdges:
     ones = np.ones(len(copies), dtype=np.float32)
     found = [CellEdges(copies, representative_of[copies], ones, ones, ones if pair else np.full(len(copies), np.nan, np.float32))]
     if len(representatives) > 1:
-        images = as_float32(vectors[representatives, 0])
-        index = faiss.IndexFlatIP(images.shape[1])
-        index.add(images)
-        limits, sims, neighbours = index.range_search(images, floor)
-        queries = np.repeat(np.arange(len(representatives)), np.diff(limits).astype(np.int64))
-        upper = neighbours > queries  # each pair once, no self pairs
-        a, b, image = representatives[queries[upper]], representatives[neighbours[upper]], sims[upper].astype(np.float32)
+        a, b, image = _above(vectors[representatives, 0], floor)
+        a, b, image = representatives[a], representatives[b], np.minimum(image, 1.0)
         text = np.full(len(a), np.nan, dtype=np.float32)
         similarity = image
         if pair and len(a):
-            text = _dots(vectors[a, 1], vectors[b, 1])
-            passed = text >= floor
-            a, b, image, text = a[passed], b[passed], image[passed], text[passed]
-            similarity = np.minimum(image, text)
-        found.append(CellEdges(a, b, np.minimum(similarity, 1.0), np.minimum(image, 1.0), np.minimum(text, 1.0)))
+            text = np.minimum(_dots(vectors[a, 1], vectors[b, 1]), 1.0)
+            similarity = pair_similarity(image, text, caption_factor)
+            passed = similarity >= floor
+            a, b, image, text, similarity = a[passed], b[passed], image[passed], text[passed], similarity[passed]
+        found.append(CellEdges(a, b, similarity, image, text))
     edges = CellEdges.concat(found)
     return edges.take(spanning_forest(count, edges.a, edges.b, edges.similarity))
 
@@ -102,7 +125,8 @@ def range_part(out_dir: Path, start: int, stop: int) -> Path:
     return Path(out_dir) / EDGES_DIR / f"cells-{start:08d}-{stop:08d}.parquet"
 
 
-def write_range(out_dir: Path, units: list[Unit], start: int, stop: int, floor: float, pair: bool) -> int:
+def write_range(out_dir: Path, units: list[Unit], start: int, stop: int, floor: float, pair: bool,
+                caption_factor: float = 1.0) -> int:
     """The edges of cells [start, stop) as one Parquet part (skipped when it exists); returns its edges."""
     path = range_part(out_dir, start, stop)
     if path.exists():
@@ -111,7 +135,7 @@ def write_range(out_dir: Path, units: list[Unit], start: int, stop: int, floor: 
     boundaries = np.flatnonzero(np.diff(block.cells)) + 1
     found, offsets = [], []
     for low, high in zip(np.r_[0, boundaries], np.r_[boundaries, len(block.cells)]):
-        edges = cell_edges(block.vectors[low:high], floor, pair)
+        edges = cell_edges(block.vectors[low:high], floor, pair, caption_factor)
         found.append(edges)
         offsets.append(np.full(len(edges.a), low, dtype=np.int64))
     edges = CellEdges.concat(found) if found else CellEdges.empty()

@@ -21,6 +21,7 @@ buckets missing (other ranks still at step 3) stops after its own, and the same 
 from __future__ import annotations
 
 import dataclasses
+import json
 import shutil
 import time
 from dataclasses import dataclass
@@ -40,6 +41,7 @@ from mimicfilter.errors import MimicfilterError
 from mimicfilter.execute.local import OrderedPool
 from mimicfilter.execute.ray import run_with_ray
 from mimicfilter.extrapolate.config import files_digest
+from mimicfilter.store.paths import STATS_FILE, SUCCESS_FILE
 from mimicfilter.store.rundir import RunDirectory, write_rank_stats
 
 SAMPLE_SHARE = 4  # at most a quarter of a unit's samples join the k-means sample: it spreads over units
@@ -64,18 +66,22 @@ class WorkerFactory:
     units: tuple[Unit, ...]
     floor: float
     pair: bool
+    caption_factor: float
     threads: int | None = None
 
     def __call__(self) -> Callable[[Unit | RangeTask], int]:
         import faiss
+        import torch
 
         if self.threads:
             faiss.omp_set_num_threads(self.threads)
+            torch.set_num_threads(self.threads)
         loaded: list[Cells] = []
 
         def work(task: Unit | RangeTask) -> int:
             if isinstance(task, RangeTask):
-                return write_range(self.out_dir, list(self.units), task.start, task.stop, self.floor, self.pair)
+                return write_range(self.out_dir, list(self.units), task.start, task.stop, self.floor, self.pair,
+                                   self.caption_factor)
             if not loaded:
                 loaded.append(Cells.load(self.out_dir / CELLS_DIR)[0])
             return write_bucket(task, self.reading, loaded[0], self.out_dir)
@@ -120,9 +126,9 @@ def fit_cells(config: DedupConfig, inputs: Inputs, say: Callable[[str], None]) -
         plan = plan_cells(inputs.rows, config.cell_size)
         say(f"training {plan.cells} cells on {plan.training_points or 'no'} samples ({plan.levels} level(s))")
         sample = _sample(inputs, plan.training_points, config.seed) if plan.cells > 1 else None
-        centroids, coarse = train_cells(sample, plan, config.seed) if sample is not None else \
-            (np.zeros((1, inputs.reading.dim), dtype=np.float32), None)
-        Cells(centroids, coarse, config.margin).save(folder, plan_record(plan, len(centroids)))
+        centroids, coarse, parents = train_cells(sample, plan, config.seed) if sample is not None else \
+            (np.zeros((1, inputs.reading.dim), dtype=np.float32), None, None)
+        Cells(centroids, coarse, parents, config.margin).save(folder, plan_record(plan, len(centroids)))
     return Cells.load(folder)[1]
 
 
@@ -168,37 +174,40 @@ def run_dedup(config: DedupConfig, echo: Callable[[str], None] | None = None) ->
         for name in (CELLS_DIR, BUCKETS_DIR, EDGES_DIR):
             shutil.rmtree(out / name, ignore_errors=True)
         (out / RANGES_FILE).unlink(missing_ok=True)
-    run.open(_fingerprint(config, inputs), {"run": str(config.run), "embeddings": [str(path) for path in config.embeddings],
-                                            "embedding": inputs.space, "match": list(inputs.match), **config.choices()},
-             config.overwrite, concurrent=config.partition.partitioned)
+    resuming = run.open(_fingerprint(config, inputs), {"run": str(config.run), "embeddings": [
+        str(path) for path in config.embeddings], "embedding": inputs.space, "match": list(inputs.match),
+        **config.choices()}, config.overwrite, concurrent=config.partition.partitioned)
+    if resuming and (out / SUCCESS_FILE).exists() and (out / STATS_FILE).is_file():
+        return json.loads((out / STATS_FILE).read_text())  # finished: nothing to redo
     started = time.time()
     record = fit_cells(config, inputs, say)
+    seconds = {"cells": round(time.time() - started, 3)}
     factory = WorkerFactory(out, inputs.reading, tuple(inputs.units), 1.0 - config.max_epsilon,
-                            config.dedup_on == "pair", config.threads)
+                            config.dedup_on == "pair", config.caption_factor, config.threads)
     mine = config.partition.select(inputs.units)
     pending = [unit for unit in mine if not bucket_dir(out, unit).exists()]
     say(f"{len(inputs.units)} units into {record['cells']} cells: {len(pending)} to sort here")
     executor, failures = _run_tasks(config, factory, pending)
     _fail(failures, config)
+    seconds["buckets"] = round(time.time() - started - sum(seconds.values()), 3)
     shared = {"units": len(inputs.units), "cells": record["cells"], "cell_plan": record, "executor": executor,
               "rank": config.partition.rank, "world_size": config.partition.world_size}
-    if (out / EDGES_DIR).is_dir() and not (out / BUCKETS_DIR).is_dir():
-        ranges = []  # finished before, and the buckets removed: nothing left to search
-    else:
-        waiting = sum(not bucket_dir(out, unit).exists() for unit in inputs.units)
-        if waiting:
-            return _partial(run, config, shared | {"buckets_missing": waiting})
-        row_bytes = len(inputs.reading.columns) * inputs.reading.dim * 2
-        ranges = [RangeTask(*pair) for pair in saved_ranges(out, inputs.units, record["cells"], row_bytes)]
+    waiting = sum(not bucket_dir(out, unit).exists() for unit in inputs.units)
+    if waiting:
+        return _partial(run, config, shared | {"buckets_missing": waiting})
+    row_bytes = len(inputs.reading.columns) * inputs.reading.dim * 2
+    ranges = [RangeTask(*pair) for pair in saved_ranges(out, inputs.units, record["cells"], row_bytes)]
     todo = [task for task in config.partition.select(ranges) if not range_part(out, task.start, task.stop).exists()]
     say(f"searching {len(todo)} of {len(ranges)} ranges of cells for pairs above cosine {1 - config.max_epsilon:g}")
     _, failures = _run_tasks(config, factory, todo)
     _fail(failures, config)
+    seconds["pairs"] = round(time.time() - started - sum(seconds.values()), 3)
     missing = sum(not range_part(out, task.start, task.stop).exists() for task in ranges)
     if missing:
         return _partial(run, config, shared | {"ranges_missing": missing})
     stats = run.stats(shared | edge_counts(out, inputs.units, config.max_epsilon, DEFAULT_EPSILON) |
-                      {"dedup_on": config.dedup_on, "max_epsilon": config.max_epsilon, "search_seconds": round(time.time() - started, 3)})
+                      {"dedup_on": config.dedup_on, "max_epsilon": config.max_epsilon, "caption_factor": config.caption_factor,
+                       "seconds_by_step": seconds, "search_seconds": round(time.time() - started, 3)})
     run.finish(stats)
     remove_buckets(out)
     return stats

@@ -11,6 +11,7 @@ every epoch's row).
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -108,12 +109,15 @@ def open_inputs(config: DedupConfig) -> Inputs:
 
 
 def _checked(config: DedupConfig, inputs: Inputs) -> Inputs:
+    """The inputs as the mode reads them: both sides for ``pair``, the image alone for ``image``."""
     if config.dedup_on == "pair" and len(inputs.reading.columns) < 2:
         raise MimicfilterError(f"--dedup-on pair needs the text side of the embeddings; these hold the image only "
                                f"({', '.join(inputs.reading.columns)})",
                                hint="use --dedup-on image, or name both columns with --embedding-column IMAGE,TEXT")
     if not inputs.units:
         raise MimicfilterError(f"{config.run} has no parts to read", hint="finish the run first")
+    if config.dedup_on == "image":
+        return dataclasses.replace(inputs, reading=dataclasses.replace(inputs.reading, columns=inputs.reading.columns[:1]))
     return inputs
 
 

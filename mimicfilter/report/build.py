@@ -34,6 +34,7 @@ from mimicfilter.curate.duck import check_memory_limit, connect, load_scores, sc
 from mimicfilter.curate.estimate import estimate_quality, headline_fields
 from mimicfilter.curate.votes import AggregateConfig
 from mimicfilter.errors import MimicfilterError
+from mimicfilter.report.duplicates import duplicate_groups, funnel_step, group_sheets
 from mimicfilter.report.curves import budgets, curve_points, distribution, equivalent_cut, keep_curve, mean_clip_of
 from mimicfilter.report.html import render_html
 from mimicfilter.report.plots import (
@@ -152,6 +153,7 @@ def _write_report(config: ReportConfig, info: dict[str, Any], files: list[str], 
         pool = sample_pool(connection, config.sample_rows)
         cut = equivalent_cut(scored.data["mimic_score"], scored.data["kept"])
         sheets = sheet_entries(connection, config.sheet_size, cut.mimic_score if cut else None)
+        duplicates = duplicate_groups(connection, config.run_dir, config.filter_manifest, config.sheet_size)
         connection.close()
     quality = counts.kept / counts.usable if counts.usable else None
     curve = keep_curve(scored.data["mimic_score"], scored.data["clip_score"])
@@ -168,6 +170,7 @@ def _write_report(config: ReportConfig, info: dict[str, Any], files: list[str], 
         {entry.shard for entries in sheets.values() for entry in entries}))
     sheets = {name: [replace(entry, shard=locate(entry.shard)) for entry in entries] for name, entries in sheets.items()}
     cards = contact_sheets(sheets, decode_config_of_run(info), out)
+    duplicates = group_sheets(duplicates, decode_config_of_run(info), out, locate)
     clip, kept = scored.data["clip_score"], scored.data["kept"]
     return {
         "run_dir": str(config.run_dir),
@@ -179,7 +182,8 @@ def _write_report(config: ReportConfig, info: dict[str, Any], files: list[str], 
         "ok": counts.usable,
         "kept": counts.kept,
         **headline_fields(rule["keep"], rule["drop"], counts.kept, counts.usable, estimate),
-        "funnel": asdict(counts),
+        "funnel": asdict(counts) | funnel_step(duplicates),
+        "duplicates": duplicates,
         "drop_reasons": [asdict(reason) for reason in reasons],
         "shards_worst_first": [asdict(shard) | {"quality": shard.quality} for shard in shards],
         "status_counts": statuses,

@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from mimicfilter.curate.estimate import QUALITY_LABEL, RELATIVE_LABEL, headline_rows
+from mimicfilter.report.duplicates import duplicates_section
 from mimicfilter.report.page_parts import (
     STYLE,
     contact_sheet_section,
@@ -69,8 +70,9 @@ def _funnel(summary: dict[str, Any]) -> str:
     rows = [("samples", "samples read", funnel["samples"], ""),
             ("usable", "usable (status ok)", funnel["usable"],
              f"{number(funnel['samples'] - funnel['usable'])} could not be scored"),
+            *_unique_step(funnel),
             ("kept", "kept by the rule", funnel["kept"],
-             f"{number(funnel['usable'] - funnel['kept'])} usable samples dropped")]
+             f"{number(funnel['usable'] - funnel.get('duplicates', 0) - funnel['kept'])} usable samples dropped")]
     parts = ["<section id='funnel'><h2>From samples to the kept set</h2><div class='funnel'>"]
     for key, label, count, note in rows:
         width = 100 * count / total
@@ -80,6 +82,14 @@ def _funnel(summary: dict[str, Any]) -> str:
                      f"<span class='note muted'>{note}</span></div>")
     parts.append("</div></section>")
     return "".join(parts)
+
+
+def _unique_step(funnel: dict[str, Any]) -> list[tuple[str, str, int, str]]:
+    """The funnel's step for a filter that removed duplicates first (filter --dedup)."""
+    if "duplicates" not in funnel:
+        return []
+    return [("unique", "one per duplicate group", funnel["usable"] - funnel["duplicates"],
+             f"{number(funnel['duplicates'], 'funnel.duplicates')} duplicates dropped")]
 
 
 def _reason_examples(reason: dict[str, Any]) -> str:
@@ -210,7 +220,8 @@ def render_html(summary: dict[str, Any], info: dict[str, Any]) -> str:
     architecture = info.get("models", {}).get("architecture", "?")
     train = info.get("train", {}).get("mode", "?")
     navigation = " · ".join(f"<a href='#{anchor}'>{text}</a>" for anchor, text in (
-        ("estimate", "estimate"), ("funnel", "funnel"), ("dropped", "drop reasons"), ("threshold", "threshold"),
+        ("estimate", "estimate"), ("funnel", "funnel"), ("dropped", "drop reasons"), ("duplicates", "duplicates"),
+        ("threshold", "threshold"),
         ("shards", "shards"), ("sheets", "samples"), ("pool", "pool")))
     parts = [
         "<!doctype html><html lang='en'><head><meta charset='utf-8'>",
@@ -222,6 +233,7 @@ def render_html(summary: dict[str, Any], info: dict[str, Any]) -> str:
         headline(summary),
         _funnel(summary),
         _drop_reasons(summary),
+        duplicates_section(summary),
         _threshold(summary),
         _shards(summary),
         contact_sheet_section(summary),

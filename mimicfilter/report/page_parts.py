@@ -39,7 +39,8 @@ figcaption { font-size: .88em; color: #555; }
 .bar { position: relative; display: inline-block; width: 100%; height: 1em; background: #ececec; border-radius: 2px;
        vertical-align: middle; }
 .fill { position: absolute; left: 0; top: 0; bottom: 0; border-radius: 2px; }
-.fill.samples { background: #9aa8bd; } .fill.usable { background: #5b7fb8; } .fill.kept { background: #2a9d55; }
+.fill.samples { background: #9aa8bd; } .fill.usable { background: #5b7fb8; } .fill.unique { background: #4a93a0; }
+.fill.kept { background: #2a9d55; }
 .mark { position: absolute; top: -3px; bottom: -3px; width: 2px; background: #222; }
 td.share { white-space: nowrap; } td.share .bar { width: 7em; }
 table.reasons td:first-child code { white-space: nowrap; overflow-wrap: normal; }
@@ -112,7 +113,8 @@ def sample_note(plot_rows: dict[str, int]) -> str:
             "rows).</p>")
 
 
-def _card(card: dict[str, Any], rank: int | None) -> str:
+def sample_card(card: dict[str, Any], rank: int | None) -> str:
+    """One sample on a contact sheet (a card of report/sheets.py as a dict); ``rank``: its place on a ranked sheet."""
     verdict = "kept" if card["kept"] else "dropped"
     if card["thumbnail"]:
         picture = f"<img src='{e(card['thumbnail'])}' alt='{e(card['caption'] or card['key'])}'>"
@@ -145,7 +147,7 @@ def contact_sheet_section(summary: dict[str, Any]) -> str:
         ranked = name in ("lowest", "highest")
         parts.append(f"<h3 id='sheet-{name}'>{title} <span class='muted'>({len(cards)})</span></h3>"
                      f"<p class='muted'>{hint}</p><div class='sheet'>")
-        parts.extend(_card(card, position + 1 if ranked else None) for position, card in enumerate(cards))
+        parts.extend(sample_card(each, position + 1 if ranked else None) for position, each in enumerate(cards))
         parts.append("</div>")
     parts.append("</section>")
     return "".join(parts)
