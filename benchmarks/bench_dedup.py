@@ -248,19 +248,25 @@ def parse_args(argv=None) -> argparse.Namespace:
     return args
 
 
-def main(argv=None) -> None:
+def emoji_reference(args):
+    """The emoji, their 64-px pictures, the pool (emoji the reference never saw) and the reference CLIP
+    (trained on the others, or loaded when the same one is in --workdir)."""
     import logging
 
     import torch
 
-    args = parse_args(argv)
     logging.getLogger().setLevel(logging.ERROR)  # open_clip's "no pretrained weights": intended
     torch.set_num_threads(args.threads)
     entries = it.load_emoji()
     pictures = it.render_all(entries, it.IMAGE_SIZE)
     _, ref_split, pool = it.split(len(entries), 0, args.ref_size, args.seed)
-    reference = it.Reference(args.workdir / "emoji-model", entries, pictures, ref_split, args.ref_steps, args.seed,
-                             args.threads)
+    return entries, pictures, pool, it.Reference(args.workdir / "emoji-model", entries, pictures, ref_split,
+                                                 args.ref_steps, args.seed, args.threads)
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
+    entries, pictures, pool, reference = emoji_reference(args)
     load = subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip()
     print(f"pool: {len(pool)} emoji the reference never saw; {load}", flush=True)
     results = [one_rate(args, rate, entries, pictures, pool, reference, args.workdir) for rate in args.rates]

@@ -18,9 +18,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
@@ -28,7 +26,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from bench_extrapolate_scale import centres, samples, tree_rss_mib
+from bench_extrapolate_scale import centres, run_watched, samples
 from common import ROOT, mimicfilter_command
 
 COPY_SHARE = 0.05
@@ -70,30 +68,12 @@ def write_pool(workdir: Path, total: int, dim: int, per_file: int, pair: bool) -
     marker.write_text(json.dumps(params))
 
 
-def run_dedup(workdir: Path, out: Path, pair: bool, extra: list[str]) -> tuple[dict, float, float]:
+def run_dedup(workdir: Path, out: Path, pair: bool, extra: list[str]) -> dict:
     """One `dedup` in a fresh process: its stats, wall seconds and peak RSS (MiB, process tree)."""
     columns = f"{IMAGE},{TEXT}" if pair else IMAGE
-    command = [*mimicfilter_command(), "dedup", str(workdir), "--features-from", str(workdir / "pool"),
-               "--embedding-column", columns, "--dedup-on", "pair" if pair else "image", "--out", str(out),
-               "--overwrite", "--json", *extra]
-    started = time.time()
-    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    peak = [0.0]
-
-    def watch() -> None:
-        while process.poll() is None:
-            peak[0] = max(peak[0], tree_rss_mib(process.pid))
-            time.sleep(0.2)
-
-    watcher = threading.Thread(target=watch, daemon=True)
-    watcher.start()
-    stdout, stderr = process.communicate()
-    wall = time.time() - started
-    watcher.join()
-    if process.returncode != 0:
-        sys.stderr.write(stderr)
-        raise SystemExit(f"error: dedup exited with {process.returncode}")
-    return json.loads(stdout), wall, peak[0]
+    return run_watched([*mimicfilter_command(), "dedup", str(workdir), "--features-from", str(workdir / "pool"),
+                        "--embedding-column", columns, "--dedup-on", "pair" if pair else "image", "--out", str(out),
+                        "--overwrite", "--json", *extra])
 
 
 def planted_recall(workdir: Path, out: Path, epsilon: float) -> float:
@@ -134,7 +114,8 @@ def main(argv=None) -> None:
     write_pool(args.workdir, args.samples, args.dim, args.per_file, pair)
     print(f"pool: {args.samples:,} samples ({args.dedup_on}), written or reused in {time.time() - started:.0f} s", flush=True)
     load_before = os.getloadavg()[0]
-    stats, wall, peak = run_dedup(args.workdir, args.workdir / "dedup", pair, args.extra)
+    watched = run_dedup(args.workdir, args.workdir / "dedup", pair, args.extra)
+    stats, wall, peak = watched["stats"], watched["wall_s"], watched["peak_rss_mib"]
     load_after = os.getloadavg()[0]
     from mimicfilter.curate.dedup import DEFAULT_EPSILON
 

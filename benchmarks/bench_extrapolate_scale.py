@@ -67,7 +67,8 @@ def write_file(stem: Path, uids: list[str], vectors: np.ndarray, truth: np.ndarr
 
 def write_scored_run(run_dir: Path, shards: list[tuple[str, list[str], np.ndarray]]) -> None:
     """A finished `score` run (one epoch, --train none) holding ``shards``: (shard, uids, scores)."""
-    from mimicfilter.store.parts import part_path, write_part
+    from mimicfilter.store.parts import write_part
+    from mimicfilter.store.paths import part_path
     from mimicfilter.store.rundir import RunDirectory
     from mimicfilter.store.schema import SCORE_SCHEMA
 
@@ -126,10 +127,8 @@ def tree_rss_mib(pid: int) -> float:
     return total / 1024
 
 
-def extrapolate(workdir: Path, out: Path, extra: list[str]) -> dict:
-    """One `extrapolate` in a fresh process: its stats, wall time and peak RSS (process tree)."""
-    command = [str(MIMICFILTER), "extrapolate", "--scored", str(workdir / "scored"), "--features-from",
-               str(workdir / "pool"), "--embedding-column", ARRAY, "--out", str(out), "--overwrite", "--json", *extra]
+def run_watched(command: list[str]) -> dict:
+    """A command's JSON stdout in a fresh process, its wall time and the peak RSS of its process tree."""
     started = time.time()
     process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     peak = [0.0]
@@ -144,8 +143,15 @@ def extrapolate(workdir: Path, out: Path, extra: list[str]) -> dict:
     stdout, stderr = process.communicate()
     watcher.join()
     if process.returncode:
-        raise SystemExit(f"extrapolate failed ({process.returncode}): {stderr.strip()[-2000:]}")
+        raise SystemExit(f"{command[1]} failed ({process.returncode}): {stderr.strip()[-2000:]}")
     return {"wall_s": round(time.time() - started, 1), "peak_rss_mib": round(peak[0]), "stats": json.loads(stdout)}
+
+
+def extrapolate(workdir: Path, out: Path, extra: list[str]) -> dict:
+    """One `extrapolate` in a fresh process: its stats, wall time and peak RSS (process tree)."""
+    return run_watched([str(MIMICFILTER), "extrapolate", "--scored", str(workdir / "scored"), "--features-from",
+                        str(workdir / "pool"), "--embedding-column", ARRAY, "--out", str(out), "--overwrite", "--json",
+                        *extra])
 
 
 def evaluate(workdir: Path, out: Path, k: int, eval_queries: int, seed: int = 0) -> dict:

@@ -5,8 +5,9 @@ from __future__ import annotations
 import contextlib
 import functools
 import gc
+import json
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import click
 from tqdm import tqdm
@@ -40,6 +41,19 @@ def one_line_errors(command):
             sys.exit(130)
 
     return wrapper
+
+
+def run_with_summary(run: Callable[..., dict], config, options: dict, summary: Callable[[dict], list[str]]) -> dict:
+    """``run(config, echo=...)`` with progress lines on stderr (none with --quiet or --json), then the
+    stats as JSON on stdout (--json) or the summary's lines on stderr; returns the stats."""
+    quiet, as_json = options["quiet"], options["as_json"]
+    stats = run(config, echo=None if quiet or as_json else (lambda line: click.echo(line, err=True)))
+    if as_json:
+        click.echo(json.dumps(stats, indent=2, sort_keys=True))
+    elif not quiet:
+        for line in summary(stats):
+            click.echo(line, err=True)
+    return stats
 
 
 def print_warnings(warnings: list[str]) -> None:

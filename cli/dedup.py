@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import json
 import sys
 from pathlib import Path
 
 import click
 
-from mimicfilter_cli.common import one_line_errors
+from mimicfilter_cli.common import one_line_errors, run_with_summary
 from mimicfilter_cli.options import external_embedding_options, external_spec_from
 
 # the library's defaults, written out: importing them would load faiss and torch for --help
@@ -104,11 +103,4 @@ def dedup(run, **options):
     """
     from mimicfilter.dedup.run import run_dedup
 
-    config = _config(run, options, tuple(sys.argv))
-    quiet, as_json = options["quiet"], options["as_json"]
-    stats = run_dedup(config, echo=None if quiet or as_json else (lambda line: click.echo(line, err=True)))
-    if as_json:
-        click.echo(json.dumps(stats, indent=2, sort_keys=True))
-    elif not quiet:
-        for line in _summary(stats):
-            click.echo(line, err=True)
+    run_with_summary(run_dedup, _config(run, options, tuple(sys.argv)), options, _summary)

@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import json
 import sys
 
 import click
 
-from mimicfilter_cli.common import one_line_errors
+from mimicfilter_cli.common import one_line_errors, run_with_summary
 from mimicfilter_cli.options import external_embedding_options, external_spec_from, group
 
 
@@ -175,15 +174,8 @@ def extrapolate(**options):
     """
     from mimicfilter.extrapolate.run import run_extrapolate
 
-    config = _config(options, tuple(sys.argv))
-    quiet, as_json = options["quiet"], options["as_json"]
-    stats = run_extrapolate(config, echo=None if quiet or as_json else (lambda line: click.echo(line, err=True)))
-    if as_json:
-        click.echo(json.dumps(stats, indent=2, sort_keys=True))
-    elif not quiet:
-        for line in _summary(stats):
-            click.echo(line, err=True)
-    if not stats["trusted"] and not quiet:
+    stats = run_with_summary(run_extrapolate, _config(options, tuple(sys.argv)), options, _summary)
+    if not stats["trusted"] and not options["quiet"]:
         click.echo(
             f"Warning: held-out rho {stats['heldout_spearman']:.2f} is below --min-rho {stats['min_rho']:g}: the "
             "extrapolated scores should not be trusted for filtering (score more samples; image-text pools: "

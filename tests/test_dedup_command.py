@@ -215,3 +215,12 @@ def test_the_command_line_defaults_are_the_librarys():
 
     assert (dedup.MAX_EPSILON, dedup.CAPTION_FACTOR, dedup.CELL_SIZE, dedup.MARGIN) == (
         config.DEFAULT_MAX_EPSILON, config.DEFAULT_CAPTION_FACTOR, config.DEFAULT_CELL_SIZE, config.DEFAULT_MARGIN)
+
+
+def test_out_never_replaces_an_input(pool, tmp_path):
+    folder, *_ = pool
+    run = write_score_run(tmp_path / "run", [score_row("/s.tar", "k", 0, 0, 1.0)], ["/s.tar"])
+    for out in (run, run / "scores", folder / "files"):
+        result = CliRunner().invoke(cli, ["dedup", str(run), "--features-from", str(folder / "files"),
+                                          "--embedding-column", "image,text", "--out", str(out)])
+        assert result.exit_code == 2 and len(result.output.strip().splitlines()) == 1, result.output

@@ -41,6 +41,7 @@ from mimicfilter.errors import MimicfilterError
 from mimicfilter.execute.local import OrderedPool
 from mimicfilter.execute.ray import run_with_ray
 from mimicfilter.extrapolate.config import files_digest
+from mimicfilter.store.guard import Inputs as GuardedInputs, Output, guard_outputs
 from mimicfilter.store.paths import STATS_FILE, SUCCESS_FILE
 from mimicfilter.store.rundir import RunDirectory, write_rank_stats
 
@@ -169,6 +170,9 @@ def run_dedup(config: DedupConfig, echo: Callable[[str], None] | None = None) ->
     say = echo or (lambda message: None)
     out = Path(config.out_dir)
     run = RunDirectory(out, "dedup", config.argv)
+    external = config.features_from.paths if config.features_from is not None else ()
+    guard_outputs([Output("--out", out, directory=True, run=True)],
+                  GuardedInputs.of(runs=[config.run, *config.embeddings], embeddings_file=external))
     inputs = open_inputs(config)
     if config.overwrite:
         for name in (CELLS_DIR, BUCKETS_DIR, EDGES_DIR):

@@ -23,9 +23,10 @@ import pyarrow.parquet as pq
 
 from mimicfilter.dedup.config import DedupConfig
 from mimicfilter.errors import MimicfilterError
-from mimicfilter.extrapolate.external import ExternalFile, check_file, list_files, read_file, resolve_columns, row_count
+from mimicfilter.extrapolate.external import ExternalFile, open_features, read_file, row_count
 from mimicfilter.extrapolate.features import unit_rows
 from mimicfilter.extrapolate.sources import Source, check_spaces, open_run, vectors_of
+from mimicfilter.extrapolate.stream import Reading  # how units are read: the columns (image first), width, id column
 from mimicfilter.store.parts import part_paths
 from mimicfilter.store.paths import part_name, trajectory_part_epoch
 from mimicfilter.store.schema import ANCHOR_COLUMN, EMBEDDING_COLUMN
@@ -46,15 +47,6 @@ class Unit:
 
     def __str__(self) -> str:
         return self.path
-
-
-@dataclass(frozen=True)
-class Reading:
-    """How units are read: the embedding columns (image first), their width, the external id column."""
-
-    columns: tuple[str, ...]
-    dim: int
-    id_column: str = "uid"
 
 
 @dataclass
@@ -82,19 +74,10 @@ def _run_units(source: Source) -> list[Unit]:
 def open_inputs(config: DedupConfig) -> Inputs:
     """The units and how to read them; refuses sources without embeddings, or of two spaces."""
     if config.features_from is not None:
-        spec = config.features_from
-        files = list_files(spec)
-        if len({file.layout for file in files}) > 1:
-            raise MimicfilterError("--features-from mixes .npz and .parquet files", hint="give one layout per run")
-        columns = resolve_columns(spec, files[0])
-        dim = None
-        for file in files:  # headers and footers only: a bad file stops the run before anything is written
-            dim = check_file(file, columns, spec.id_column, dim)
-        space = {"source": "features-from", "layout": files[0].layout, "columns": list(columns), "dim": dim,
-                 "id_column": spec.id_column, "files": len(files)}
-        units = [Unit(file.layout, file.path) for file in files]
-        reading = Reading(columns, int(dim), spec.id_column)
-        return _checked(config, Inputs(units, reading, space, (spec.id_column,), sum(row_count(f) for f in files)))
+        spec, opened = config.features_from, open_features(config.features_from)
+        units = [Unit(file.layout, file.path) for file in opened.files]
+        return _checked(config, Inputs(units, Reading(opened.columns, opened.dim, spec.id_column), opened.space,
+                                       (spec.id_column,), sum(row_count(file) for file in opened.files)))
     sources = [open_run(Path(path), "--embeddings run") for path in config.embeddings] or \
         [open_run(Path(config.run), "run")]
     for source in sources:

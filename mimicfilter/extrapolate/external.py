@@ -101,6 +101,32 @@ def list_files(spec: ExternalSpec) -> list[ExternalFile]:
     return list(seen.values())
 
 
+@dataclass(frozen=True)
+class Opened:
+    """``--features-from`` opened: its files (checked from headers and footers), the columns read and
+    their width, and the space a run records (layout, columns, dim, id column, file count)."""
+
+    files: list[ExternalFile]
+    columns: tuple[str, ...]
+    dim: int
+    space: dict[str, Any]
+
+
+def open_features(spec: ExternalSpec) -> Opened:
+    """Every file of ``spec``, one layout, checked before any is read: a bad file stops a run
+    before anything is written."""
+    files = list_files(spec)
+    if len({file.layout for file in files}) > 1:
+        raise MimicfilterError("--features-from mixes .npz and .parquet files", hint="give one layout per run")
+    columns = resolve_columns(spec, files[0])
+    dim = None
+    for file in files:
+        dim = check_file(file, columns, spec.id_column, dim)
+    space = {"source": "features-from", "layout": files[0].layout, "columns": list(columns), "dim": dim,
+             "id_column": spec.id_column, "files": len(files)}
+    return Opened(files, columns, int(dim), space)
+
+
 def _open_npz(path: str) -> Any:
     _npz_shapes(path)  # readable, not empty
     return np.load(path, allow_pickle=False)

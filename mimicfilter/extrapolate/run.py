@@ -42,22 +42,15 @@ from mimicfilter.execute.local import OrderedPool
 from mimicfilter.execute.ray import run_with_ray
 from mimicfilter.extrapolate import saved as saved_module
 from mimicfilter.extrapolate.config import ExtrapolateConfig, files_digest
-from mimicfilter.extrapolate.external import (
-    ExternalFile,
-    check_file,
-    list_files,
-    resolve_columns,
-    row_count,
-    scored_vectors_from_files,
-)
+from mimicfilter.extrapolate.external import ExternalFile, open_features, row_count, scored_vectors_from_files
 from mimicfilter.extrapolate.fit import describe, fit, fit_record
 from mimicfilter.extrapolate.methods import ReferenceSet, SearchSettings
 from mimicfilter.extrapolate.features import Embedded
 from mimicfilter.extrapolate.sources import Scored, Source, check_spaces, open_run, read_scored, scored_vectors_from_runs
 from mimicfilter.extrapolate.stream import LazyWorker, Reading, Unit, UnitWorkerFactory, part_counts
 from mimicfilter.mimic.device import resolve_device
-from mimicfilter.store.parts import part_path, part_paths, table_stats
-from mimicfilter.store.paths import RUN_FILE
+from mimicfilter.store.parts import part_paths, table_stats
+from mimicfilter.store.paths import RUN_FILE, part_path
 from mimicfilter.store.rundir import RunDirectory, write_rank_stats
 from mimicfilter.store.schema import EXTRAPOLATED_COLUMN
 
@@ -99,17 +92,10 @@ def open_inputs(config: ExtrapolateConfig, scored: Scored | None = None) -> tupl
     embedding_sources = [open_run(Path(path), "--embeddings run") for path in config.embeddings]
     files: list[ExternalFile] = []
     if config.features_from is not None:
-        spec = config.features_from
-        files = list_files(spec)
-        if len({file.layout for file in files}) > 1:
-            raise MimicfilterError("--features-from mixes .npz and .parquet files", hint="give one layout per run")
-        columns = resolve_columns(spec, files[0])
-        dim = None
-        for file in files:  # headers and footers only: a bad file stops the run before anything is written
-            dim = check_file(file, columns, spec.id_column, dim)
-        space = {"source": "features-from", "layout": files[0].layout, "columns": list(columns), "dim": dim,
-                 "id_column": spec.id_column, "files": len(files), "files_sha1": files_digest([f.path for f in files])}
-        reading = Reading(columns, dim, spec.id_column)
+        opened = open_features(config.features_from)
+        files = opened.files
+        space = opened.space | {"files_sha1": files_digest([f.path for f in files])}
+        reading = Reading(opened.columns, opened.dim, config.features_from.id_column)
         units = [Unit(file.layout, file.path, file.path) for file in files]
     else:
         for source in embedding_sources:
