@@ -97,8 +97,8 @@ def _print_summary(summary: dict, dry_run: bool) -> None:
 @click.option("--dedup-from", "dedup_from", default=None, metavar="DIR",
               help="--dedup: the `mimicfilter dedup --out` directory to read [default: dedup/ in each input run].")
 @click.option("--dedup-threshold", "dedup_threshold", type=float, default=DEFAULT_EPSILON, show_default=True,
-              metavar="EPS", help="--dedup: near-duplicates are pairs with cosine >= 1 - EPS (with --dedup-on pair: "
-              "the image's and the caption's).")
+              metavar="EPS", help="--dedup: near-duplicates are pairs whose images have cosine >= 1 - EPS (with dedup's "
+              "--dedup-on pair, captions >= 1 - caption factor x EPS); at most dedup's --max-threshold.")
 @click.option("--dedup-keep", "dedup_keep", default=None, metavar="COL[:lowest]",
               help="--dedup: the member kept of each group, the highest (or :lowest) by COL [default: the first keep "
               "rule's column (lowest for bottom-frac/max), else mimic_score].")

@@ -3,6 +3,7 @@ resumable ranks, --dedup-on pair vs image, and the whole path from `score --save
 
 from __future__ import annotations
 
+import importlib.util
 import json
 
 import numpy as np
@@ -113,6 +114,9 @@ def test_the_same_pairs_whatever_the_executor_and_ranks_resume(pool, tmp_path):
     _dedup(tmp_path / "run", *features, "--out", tmp_path / "ranks", "--rank", "0", "--world-size", "2")
     assert (tmp_path / "ranks" / "_SUCCESS").exists()
     assert _edges(tmp_path / "local") == _edges(tmp_path / "workers") == _edges(tmp_path / "ranks")
+    if importlib.util.find_spec("ray") is not None:
+        ray = _dedup(tmp_path / "run", *features, "--out", tmp_path / "ray", "--ray", "--ray-actors", "2")
+        assert ray["executor"] == "ray (2 actors)" and _edges(tmp_path / "ray") == _edges(tmp_path / "local")
     again = _dedup(tmp_path / "run", *features, "--out", tmp_path / "local")  # finished: nothing redone
     assert again["edges"] == len(_edges(tmp_path / "local"))
     result = CliRunner().invoke(cli, ["dedup", str(tmp_path / "run"), *map(str, features), "--out",
@@ -159,7 +163,7 @@ def test_two_level_cells_assign_like_flat_ones(monkeypatch):
     centroids, coarse, parents = train_cells(images, plan, 0)
     cells = Cells(centroids, coarse, parents, 0.0)
     rows, assigned = cells.assign(images)
-    exact = np.argmax(images @ cells.centroids.numpy().T, axis=1)
+    exact = np.argmax(images @ cells.centroids.T, axis=1)
     assert np.mean(assigned == exact[rows]) > 0.97 and len(np.unique(assigned)) > 20
 
 

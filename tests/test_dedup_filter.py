@@ -187,14 +187,14 @@ def test_report_shows_the_groups_the_funnel_step_and_the_largest_groups(tmp_path
     rows = []
     for index in range(12):
         row = score_row(str(shard), f"{index:08d}", index, 0, index / 10)
-        same = "banner" if index in (3, 4, 5) else f"image {index}"
+        same = "banner" if index in (3, 4, 5) else "logo" if index in (8, 9) else f"image {index}"
         rows.append(row | {"image_sha1": sha1(same), "caption_sha1": sha1(same)})
     run = write_score_run(tmp_path / "run", rows, [str(shard)])
     result = CliRunner().invoke(cli, ["report", str(run), "--out", str(tmp_path / "plain"), "--json"])
     assert result.exit_code == 0, result.output
     plain = json.loads(result.stdout)
     assert plain["duplicates"] | {"largest": None, "warnings": None} == plain["duplicates"] | {
-        "source": "run", "removed": False, "groups": 1, "samples_in_groups": 3, "duplicates": 2, "largest": None,
+        "source": "run", "removed": False, "groups": 2, "samples_in_groups": 5, "duplicates": 3, "largest": None,
         "warnings": None}
     assert "duplicates" not in plain["funnel"]  # the default rule keeps them
     group = plain["duplicates"]["largest"][0]
@@ -206,6 +206,8 @@ def test_report_shows_the_groups_the_funnel_step_and_the_largest_groups(tmp_path
                                       "--out", str(tmp_path / "report"), "--json"])
     assert result.exit_code == 0, result.output
     summary = json.loads(result.stdout)
-    assert summary["duplicates"]["source"] == "manifest" and summary["funnel"]["duplicates"] == 2
+    assert summary["duplicates"]["source"] == "manifest" and summary["funnel"]["duplicates"] == 3
+    assert [reason["reason"] for reason in summary["drop_reasons"]].count("duplicate of a kept sample") == 1
+    assert not any(reason["reason"].startswith("duplicate of /") for reason in summary["drop_reasons"])
     page = (tmp_path / "report" / "index.html").read_text()
     assert "id='duplicates'" in page and "one per duplicate group" in page and "duplicates dropped" in page

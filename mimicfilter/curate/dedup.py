@@ -37,6 +37,7 @@ DEFAULT_EPSILON = 0.1  # images at cosine ≥ 0.9 (captions ≥ 1 − caption_fa
 EDGES_GLOB = "edges/[!.]*.parquet"
 DEFAULT_PAIRS_DIR = "dedup"
 DUPLICATE_PREFIX = "duplicate of "
+MERGED_DUPLICATE_REASON = "duplicate of a kept sample"  # every ``duplicate of SHARD/KEY`` counted together
 KEEP_DIRECTIONS = ("highest", "lowest")
 LOWEST_FIRST_RULES = ("bottom-frac", "max")
 # per-sample columns the kept member can be chosen by (the votes come later, from the survivors)
@@ -305,7 +306,7 @@ def summarise(summary: dict[str, Any], state: DedupState) -> dict[str, Any]:
         return summary
     reasons: dict[str, int] = {}
     for reason, count in summary.get("reasons", {}).items():
-        name = "duplicate of a kept sample" if reason.startswith(DUPLICATE_PREFIX) else reason
+        name = MERGED_DUPLICATE_REASON if reason.startswith(DUPLICATE_PREFIX) else reason
         reasons[name] = reasons.get(name, 0) + count
     summary["reasons"] = dict(sorted(reasons.items(), key=lambda item: (-item[1], item[0])))
     summary["dedup"] = {"on": state.mode, "epsilon": state.options.epsilon, "min_cosine": 1 - state.options.epsilon,

@@ -7,7 +7,7 @@ sample of the image embeddings and saved, and each sample's cells.
 * **Training** (spherical k-means, faiss): flat up to :data:`FLAT_CELLS` cells; beyond, two levels —
   √K coarse cells on the sample, then each coarse cell's share of the K fine cells on its own
   points — so training costs the sample × 2√K instead of the sample × K.
-* **Assignment**: a sample's nearest cell by cosine (matrix products; beyond FLAT_CELLS only the
+* **Assignment**: a sample's nearest cell by cosine (numpy matrix products; beyond FLAT_CELLS only the
   fine cells of its :data:`COARSE_PROBES` nearest coarse cells are compared), **plus every other of
   its :data:`ASSIGNED_CELLS` nearest cells within ``margin`` of the nearest**. Two
   near-duplicates on either side of a cell boundary then share a cell: measured on clustered 512-d
@@ -29,12 +29,11 @@ from pathlib import Path
 
 import faiss
 import numpy as np
-import torch
 
 from mimicfilter.extrapolate.index import KMEANS_ITERATIONS, TRAINING_POINTS_PER_CELL, as_float32
 
 FLAT_CELLS = 1024  # beyond this many cells: two-level training and an IVF over the centroids
-COARSE_PROBES = 8  # coarse cells whose fine cells a sample is compared with (two levels)
+COARSE_PROBES = 4  # coarse cells whose fine cells a sample is compared with (two levels)
 QUERY_BLOCK = 65536  # samples assigned at a time
 ASSIGNED_CELLS = 3  # a sample joins at most this many cells
 CELLS_DIR = "cells"
@@ -85,39 +84,50 @@ def train_cells(sample: np.ndarray, plan: CellPlan, seed: int) -> tuple[np.ndarr
     return np.concatenate(fine), coarse, np.concatenate(parents)
 
 
-def _top(sims: torch.Tensor, ids: torch.Tensor, wanted: int) -> tuple[torch.Tensor, torch.Tensor]:
-    best = torch.topk(sims, min(wanted, sims.shape[1]), dim=1)
-    return best.values, torch.gather(ids, 1, best.indices)
+def _best(sims: np.ndarray, ids: np.ndarray, wanted: int) -> tuple[np.ndarray, np.ndarray]:
+    """The ``wanted`` highest of each row (nearest first), with their ids."""
+    wanted = min(wanted, sims.shape[1])
+    top = np.argpartition(-sims, wanted - 1, axis=1)[:, :wanted]
+    top_sims = np.take_along_axis(sims, top, 1)
+    order = np.argsort(-top_sims, axis=1, kind="stable")
+    return np.take_along_axis(top_sims, order, 1), np.take_along_axis(np.take_along_axis(ids, top, 1), order, 1)
 
 
 class Cells:
-    """The trained cells: each image embedding's nearest cells by cosine (matrix products, torch)."""
+    """The trained cells: each image embedding's nearest cells by cosine (matrix products, then a few
+    whole-array operations per coarse cell: no per-sample Python)."""
 
     def __init__(self, centroids: np.ndarray, coarse: np.ndarray | None, parents: np.ndarray | None, margin: float):
-        self.centroids = torch.from_numpy(as_float32(centroids))
-        self.coarse = None if coarse is None else torch.from_numpy(as_float32(coarse))
+        self.centroids = as_float32(centroids)
+        self.coarse = None if coarse is None else as_float32(coarse)
         self.parents = None if parents is None else np.asarray(parents, dtype=np.int64)
+        self.members = None if parents is None else [np.flatnonzero(self.parents == cell) for cell in range(len(coarse))]
         self.margin = margin
 
     @property
     def count(self) -> int:
         return len(self.centroids)
 
-    def _nearest(self, queries: torch.Tensor, wanted: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def _nearest(self, queries: np.ndarray, wanted: int) -> tuple[np.ndarray, np.ndarray]:
         """(cosines, cells) of each query's ``wanted`` nearest cells, nearest first."""
         if self.coarse is None:
             sims = queries @ self.centroids.T
-            return _top(sims, torch.arange(self.count).expand_as(sims), wanted)
-        probes = torch.topk(queries @ self.coarse.T, min(COARSE_PROBES, len(self.coarse)), dim=1).indices
-        best_sims = torch.full((len(queries), wanted), -torch.inf)
-        best_ids = torch.full((len(queries), wanted), -1, dtype=torch.int64)
-        for cell in torch.unique(probes).tolist():
-            rows = torch.nonzero((probes == cell).any(dim=1))[:, 0]
-            members = torch.from_numpy(np.flatnonzero(self.parents == cell))
+            return _best(sims, np.broadcast_to(np.arange(self.count), sims.shape), wanted)
+        probes = _best(queries @ self.coarse.T, np.broadcast_to(np.arange(len(self.coarse)), (len(queries), len(self.coarse))),
+                       min(COARSE_PROBES, len(self.coarse)))[1]
+        best_sims = np.full((len(queries), wanted), -np.inf, dtype=np.float32)
+        best_ids = np.full((len(queries), wanted), -1, dtype=np.int64)
+        flat = probes.reshape(-1)
+        order = np.argsort(flat, kind="stable")
+        query_of = np.repeat(np.arange(len(queries)), probes.shape[1])[order]
+        starts = np.searchsorted(flat[order], np.arange(len(self.coarse) + 1))
+        for cell in np.flatnonzero(np.diff(starts)):
+            rows, members = query_of[starts[cell] : starts[cell + 1]], self.members[cell]
+            if not len(members):
+                continue
             sims = queries[rows] @ self.centroids[members].T
-            merged = _top(torch.cat([best_sims[rows], sims], 1),
-                          torch.cat([best_ids[rows], members.expand(len(rows), -1)], 1), wanted)
-            best_sims[rows], best_ids[rows] = merged
+            best_sims[rows], best_ids[rows] = _best(np.concatenate([best_sims[rows], sims], 1), np.concatenate(
+                [best_ids[rows], np.broadcast_to(members, sims.shape)], 1), wanted)
         return best_sims, best_ids
 
     def assign(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -127,9 +137,9 @@ class Cells:
         if self.count == 1 or not len(images):
             return rows, np.zeros(len(images), dtype=np.int64)
         wanted = min(ASSIGNED_CELLS, self.count)
-        parts = [self._nearest(torch.from_numpy(as_float32(images[start : start + QUERY_BLOCK])), wanted)
+        parts = [self._nearest(as_float32(images[start : start + QUERY_BLOCK]), wanted)
                  for start in range(0, len(images), QUERY_BLOCK)]
-        sims, cells = (torch.cat([part[i] for part in parts]).numpy() for i in (0, 1))
+        sims, cells = (np.concatenate([part[i] for part in parts]) for i in (0, 1))
         near = (cells >= 0) & (sims >= sims[:, :1] - self.margin)
         near[:, 0] = True
         row_of = np.broadcast_to(rows[:, None], cells.shape)[near]
@@ -143,9 +153,9 @@ class Cells:
             return
         staging = directory.with_name(f".{directory.name}.{uuid.uuid4().hex}.tmp")
         staging.mkdir(parents=True)
-        np.save(staging / "centroids.npy", self.centroids.numpy())
+        np.save(staging / "centroids.npy", self.centroids)
         if self.coarse is not None:
-            np.save(staging / "coarse.npy", self.coarse.numpy())
+            np.save(staging / "coarse.npy", self.coarse)
             np.save(staging / "parents.npy", self.parents)
         (staging / "cells.json").write_text(json.dumps(record | {"margin": self.margin, "cells": self.count}))
         try:

@@ -34,7 +34,7 @@ from mimicfilter.curate.duck import check_memory_limit, connect, load_scores, sc
 from mimicfilter.curate.estimate import estimate_quality, headline_fields
 from mimicfilter.curate.votes import AggregateConfig
 from mimicfilter.errors import MimicfilterError
-from mimicfilter.report.duplicates import duplicate_groups, funnel_step, group_sheets
+from mimicfilter.report.duplicates import duplicate_groups, funnel_step, group_sheets, merge_duplicate_reasons
 from mimicfilter.report.curves import budgets, curve_points, distribution, equivalent_cut, keep_curve, mean_clip_of
 from mimicfilter.report.html import render_html
 from mimicfilter.report.plots import (
@@ -147,7 +147,7 @@ def _write_report(config: ReportConfig, info: dict[str, Any], files: list[str], 
         counts = funnel(connection)
         shards = shard_quality(connection)
         statuses = status_counts(connection)
-        reasons = drop_reasons(connection, statuses)
+        reasons = merge_duplicate_reasons(drop_reasons(connection, statuses))
         scored = sample_scores(connection, config.sample_rows)
         score_rows_used, score_rows_total = score_rows_sampled(connection, config.sample_rows)
         pool = sample_pool(connection, config.sample_rows)

@@ -14,12 +14,13 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from mimicfilter.curate.dedup import DEFAULT_EPSILON, DedupOptions, find_groups
+from mimicfilter.curate.dedup import DEFAULT_EPSILON, DUPLICATE_PREFIX, MERGED_DUPLICATE_REASON, DedupOptions, find_groups
 from mimicfilter.curate.duck import sql_string
 from mimicfilter.errors import MimicfilterError
 from mimicfilter.report.page_parts import sample_card
 from mimicfilter.report.samples import SheetEntry
 from mimicfilter.report.sheets import contact_sheets
+from mimicfilter.report.tally import DropReason
 from mimicfilter.shards.decode import DecodeConfig
 
 GROUPS_SHOWN = 4  # the largest groups on the page
@@ -87,6 +88,18 @@ def group_sheets(duplicates: dict[str, Any], decode: DecodeConfig, out_dir: Path
     largest = [{"group": group["group"], "size": group["size"],
                 "cards": [asdict(each) for each in cards.get(str(group["group"]), [])]} for group in duplicates["largest"]]
     return {**duplicates, "largest": largest}
+
+
+def merge_duplicate_reasons(reasons: list[DropReason]) -> list[DropReason]:
+    """One drop reason for every ``duplicate of SHARD/KEY`` (a manifest of ``filter --dedup`` has one
+    per kept sample), with the first examples; the list stays most common first."""
+    duplicates = [reason for reason in reasons if reason.reason.startswith(DUPLICATE_PREFIX)]
+    if not duplicates:
+        return reasons
+    examples = [example for reason in duplicates for example in reason.examples][:3]
+    merged = DropReason(MERGED_DUPLICATE_REASON, "rule", sum(reason.count for reason in duplicates), examples)
+    others = [reason for reason in reasons if not reason.reason.startswith(DUPLICATE_PREFIX)]
+    return sorted([*others, merged], key=lambda reason: (-reason.count, reason.reason))
 
 
 def funnel_step(duplicates: dict[str, Any]) -> dict[str, int]:
