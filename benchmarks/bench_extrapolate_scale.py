@@ -67,7 +67,8 @@ def write_file(stem: Path, uids: list[str], vectors: np.ndarray, truth: np.ndarr
 
 def write_scored_run(run_dir: Path, shards: list[tuple[str, list[str], np.ndarray]]) -> None:
     """A finished `score` run (one epoch, --train none) holding ``shards``: (shard, uids, scores)."""
-    from mimicfilter.store.parts import part_path, write_part
+    from mimicfilter.store.parts import write_part
+    from mimicfilter.store.paths import part_path
     from mimicfilter.store.rundir import RunDirectory
     from mimicfilter.store.schema import SCORE_SCHEMA
 

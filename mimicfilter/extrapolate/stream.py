@@ -28,7 +28,8 @@ from mimicfilter.extrapolate.methods import SearchSettings
 from mimicfilter.extrapolate.overlap import ScoredMembers
 from mimicfilter.extrapolate.saved import Saved, load
 from mimicfilter.extrapolate.sources import vectors_of
-from mimicfilter.store.parts import part_path, write_part
+from mimicfilter.store.parts import write_part
+from mimicfilter.store.paths import part_path
 from mimicfilter.store.schema import EMBEDDING_COLUMN, score_schema
 
 TARGETS = ("mimic_score", "mimic_weight")  # what is extrapolated, in this order
