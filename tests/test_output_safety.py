@@ -348,5 +348,5 @@ def test_extrapolate_never_writes_into_its_inputs(tmp_path):
     before = snapshot(run)
     for out in (run, run / "scores"):
         line = one_line_error(invoke("extrapolate", "--scored", run, "--embeddings", run, "--out", out))
-        assert "refus" in line and "input run" in line
+        assert "input run" in line
     assert snapshot(run) == before
