@@ -136,3 +136,22 @@ def test_synthetic_share_needs_trusted_samples(tmp_path, pool, tiny_config, refe
                                       str(reference_checkpoint), "--trusted", str(tmp_path / "empty.tar"),
                                       "--out", str(tmp_path / "r")])
     assert result.exit_code == 2 and "no samples" in result.stderr
+
+
+@pytest.mark.parametrize("mode", ["none", "head"])
+def test_anchors_leave_the_pools_own_scores_unchanged(tmp_path, pool, tiny_config, reference_checkpoint, mode):
+    shards, trusted = pool
+    train = TrainConfig(mode=mode, epochs=1 if mode == "none" else 2, lr=1e-2, shuffle_buffer=0)
+    model = ModelSpec(str(tiny_config), str(reference_checkpoint))
+    tables = {}
+    for name, extra in (("plain", {}), ("anchored", {"trusted": trusted, "synthetic_share": 0.25})):
+        run_score(ScoreConfig(shards, tmp_path / name, model, batch_size=6, train=train, **extra))
+        tables[name] = read_scores(tmp_path / name)
+    plain = {(r["shard"], r["index"], r["epoch"]): r for r in tables["plain"].to_pylist()}
+    anchored = [r for r in tables["anchored"].to_pylist() if r["anchor"] is None]
+    assert len(anchored) == len(plain) and len(tables["anchored"]) > len(plain)
+    for row in anchored:
+        twin = plain[(row["shard"], row["index"], row["epoch"])]
+        assert row["step"] == twin["step"]  # the same batches
+        for column in ("mimic_score", "mimic_weight", "loss", "clip_score", "ref_loss", "negclip_score"):
+            assert row[column] == pytest.approx(twin[column], rel=1e-4, abs=1e-5), column

@@ -8,7 +8,9 @@ Slurm ranks). Trajectory epochs are one stream whose batches span shards.
 Tail rule: a stream's last batch would often be tiny (a batch of 3 has only 2 negatives per
 sample), so a remainder smaller than half a batch joins the batch before it (that batch holds
 B + r < 1.5 B samples); a larger remainder forms its own batch. Samples that are not ``ok`` ride
-along with the batch being filled when they are read and take no part in its loss.
+along with the batch being filled when they are read and take no part in its loss. Anchors
+(``score --trusted``) ride along too: they do not count towards the batch size, and are scored as
+extra members of the pool's batch without changing any pool sample's score (mimic.losses).
 
 Collation stacks the ok samples' uint8 images (and token ids) once, straight into page-locked
 memory when the batch goes to a GPU (``pin_memory``), so the copy to the device is asynchronous.
@@ -42,6 +44,17 @@ class Batch:
     # --decoder gpu: (row of ``images``, JPEG bytes) of the images still to decode on the device;
     # their rows of ``images`` are zeros until then (pipeline.decoder.Decoder.decode_on_device)
     encoded: tuple[tuple[int, bytes], ...] = ()
+
+    @property
+    def anchors(self) -> Any:
+        """Which ok samples are anchors (a bool tensor over the rows of ``images``), or None."""
+        flags = [sample.anchor is not None for sample in self.samples if sample.ok]
+        return torch.tensor(flags) if any(flags) else None
+
+    @property
+    def pool_samples(self) -> int:
+        """Ok samples of the pool (not anchors): those the proxy learns from."""
+        return sum(sample.ok and sample.anchor is None for sample in self.samples)
 
     @property
     def targets(self) -> Any:
@@ -89,7 +102,7 @@ def group_batches(
     samples: Iterable[DecodedSample], batch_size: int, shard: str | None, first_step: int = 0,
     pin_memory: bool = False,
 ) -> Iterator[Batch]:
-    """Collated batches of ``batch_size`` ok samples (tail rule above); the final one has ``last``.
+    """Collated batches of ``batch_size`` ok pool samples (tail rule above); the final one has ``last``.
 
     ``shard`` names the shard of a per-shard stream (static scoring) and is None for a stream that
     spans shards (trajectory epochs); every sample carries its own shard either way. Steps count
@@ -102,8 +115,9 @@ def group_batches(
     step = first_step
     for sample in samples:
         current.append(sample)
-        current_ok += sample.ok
-        if sample.ok and current_ok == batch_size:
+        pool = sample.ok and sample.anchor is None
+        current_ok += pool
+        if pool and current_ok == batch_size:
             if held is not None:
                 yield _collate(shard, step, held, False, pin_memory)
                 step += 1
