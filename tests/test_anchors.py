@@ -155,3 +155,21 @@ def test_anchors_leave_the_pools_own_scores_unchanged(tmp_path, pool, tiny_confi
         assert row["step"] == twin["step"]  # the same batches
         for column in ("mimic_score", "mimic_weight", "loss", "clip_score", "ref_loss", "negclip_score"):
             assert row[column] == pytest.approx(twin[column], rel=1e-4, abs=1e-5), column
+
+
+def test_an_anchor_is_never_contrasted_with_its_own_copies():
+    import torch
+
+    from mimicfilter.mimic.losses import Anchors, contrastive_per_sample_loss
+
+    torch.manual_seed(0)
+    image, text = (torch.nn.functional.normalize(torch.randn(6, 8), dim=-1) for _ in range(2))
+    image[5], text[5] = image[1], text[3]  # an anchor made of pool sample 1's image and pool sample 3's caption
+    mask = torch.tensor([False] * 5 + [True])
+    twins = torch.tensor([[False, True, False, True, False]])
+    for bias in (None, torch.tensor(-2.0)):
+        masked = contrastive_per_sample_loss(image, text, torch.tensor(10.0), bias, Anchors(mask, twins))
+        alone = torch.tensor([True, False, True, False, True, True])  # the batch without its twins
+        expected = contrastive_per_sample_loss(image[alone], text[alone], torch.tensor(10.0), bias)
+        assert torch.allclose(masked[5], expected[-1]) and not torch.allclose(
+            masked[5], contrastive_per_sample_loss(image, text, torch.tensor(10.0), bias)[5])

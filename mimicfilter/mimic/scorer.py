@@ -29,6 +29,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from mimicfilter.mimic.jvp import ParamDict, mimic_direction, mimic_forward, mimic_scores
 from mimicfilter.mimic.layers import parameters_of, unshare_parameters
+from mimicfilter.mimic.losses import Anchors
 from mimicfilter.mimic.models import LoadedModels
 
 
@@ -117,7 +118,7 @@ class MimicScorer:
     def _dtype(self) -> torch.dtype:
         return next(self.models.proxy.parameters()).dtype
 
-    def _prepare(self, images: torch.Tensor, targets: torch.Tensor, anchors: torch.Tensor | None) -> Prepared:
+    def _prepare(self, images: torch.Tensor, targets: torch.Tensor, anchors: Anchors | None) -> Prepared:
         """``anchors`` (bool per sample, on the device): samples that ride along without changing the
         others' losses (see mimic.losses.contrastive_per_sample_loss)."""
         raise NotImplementedError
@@ -131,10 +132,10 @@ class MimicScorer:
     def mimic_parameters(self) -> ParamDict:
         return dict(self._mimic_parameters)
 
-    def _anchors(self, anchors: torch.Tensor | None) -> torch.Tensor | None:
-        return None if anchors is None or not bool(anchors.any()) else anchors.to(self.models.device)
+    def _anchors(self, anchors: Anchors | None) -> Anchors | None:
+        return None if anchors is None or not bool(anchors.mask.any()) else anchors.to(self.models.device)
 
-    def score(self, images: torch.Tensor, targets: torch.Tensor, anchors: torch.Tensor | None = None) -> BatchScores:
+    def score(self, images: torch.Tensor, targets: torch.Tensor, anchors: Anchors | None = None) -> BatchScores:
         """Static scores of one batch (the proxy is not changed); ``anchors`` marks the samples scored
         beside the pool (score --trusted) without touching the pool's scores."""
         anchors = self._anchors(anchors)
@@ -159,7 +160,7 @@ class MimicScorer:
         return trained
 
     def train_step(self, images: torch.Tensor, targets: torch.Tensor, optimizer: torch.optim.Optimizer,
-                   anchors: torch.Tensor | None = None) -> BatchScores:
+                   anchors: Anchors | None = None) -> BatchScores:
         """Score the batch at the current proxy, then update it with the re-weighted loss sum_i w_i l_i.
 
         Mimic layers get the gradient of the re-weighted loss; with a training trunk (``full``) every
@@ -174,7 +175,7 @@ class MimicScorer:
         result = mimic_forward(prepared.per_sample_loss, mimic_params, direction.unit, self.temperature, anchors)
         pool_loss, pool_weight = result.loss, result.weight.detach()
         if anchors is not None:
-            pool_loss, pool_weight = pool_loss[~anchors], pool_weight[~anchors]
+            pool_loss, pool_weight = pool_loss[~anchors.mask], pool_weight[~anchors.mask]
         batch = pool_loss.shape[0]
         weighted_loss = (pool_weight / batch * pool_loss).sum()
         optimizer.zero_grad(set_to_none=True)

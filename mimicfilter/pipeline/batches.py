@@ -22,11 +22,13 @@ GPU, instead of every decode worker transposing each image (a tenth of the fast 
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Iterator
 
 import torch
 
+from mimicfilter.mimic.losses import Anchors
 from mimicfilter.shards.records import DecodedSample, SampleInfo
 
 
@@ -44,12 +46,13 @@ class Batch:
     # --decoder gpu: (row of ``images``, JPEG bytes) of the images still to decode on the device;
     # their rows of ``images`` are zeros until then (pipeline.decoder.Decoder.decode_on_device)
     encoded: tuple[tuple[int, bytes], ...] = ()
+    twins: Any = None  # image–text batches with anchors: bool [anchors, pool samples] sharing an image or caption
 
     @property
-    def anchors(self) -> Any:
-        """Which ok samples are anchors (a bool tensor over the rows of ``images``), or None."""
+    def anchors(self) -> Anchors | None:
+        """Which ok samples are anchors (over the rows of ``images``) and their twins, or None."""
         flags = [sample.anchor is not None for sample in self.samples if sample.ok]
-        return torch.tensor(flags) if any(flags) else None
+        return Anchors(torch.tensor(flags), self.twins) if any(flags) else None
 
     @property
     def pool_samples(self) -> int:
@@ -95,7 +98,28 @@ def _collate(shard: str | None, step: int, samples: list[DecodedSample], last: b
             texts = stack_into([sample.text for sample in ok], _host_memory(pin_memory))
         if ok[0].label is not None:
             labels = torch.tensor([sample.label for sample in ok])
-    return Batch(shard, step, last, [sample.info for sample in samples], images, texts, labels, encoded)
+    return Batch(shard, step, last, [sample.info for sample in samples], images, texts, labels, encoded, _twins(ok))
+
+
+def _content(sample: DecodedSample) -> bytes:
+    pixels = sample.encoded if sample.image is None else sample.image.numpy().tobytes()
+    return hashlib.blake2b(pixels, digest_size=16).digest()
+
+
+def _twins(ok: list[DecodedSample]) -> Any:
+    """For an image–text batch with anchors: which pool samples share each anchor's image (the same
+    pixels) or caption, so the anchor is not contrasted with its own copies (mimic.losses.Anchors)."""
+    anchors = [sample for sample in ok if sample.anchor is not None]
+    if not anchors or ok[0].caption is None:
+        return None
+    pool = [sample for sample in ok if sample.anchor is None]
+    images = [_content(sample) for sample in pool]
+    twins = torch.zeros((len(anchors), len(pool)), dtype=torch.bool)
+    for row, anchor in enumerate(anchors):
+        image = _content(anchor)
+        twins[row] = torch.tensor([other == image or sample.caption == anchor.caption
+                                   for other, sample in zip(images, pool)], dtype=torch.bool)
+    return twins
 
 
 def group_batches(
