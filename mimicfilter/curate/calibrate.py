@@ -18,14 +18,7 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 
 from mimicfilter.curate.duck import hash_condition, per_sample_sql
-from mimicfilter.curate.mixture import (
-    best_bin,
-    bootstrap,
-    tail_curve,
-    threshold_for_precision,
-    threshold_for_recall,
-    two_component,
-)
+from mimicfilter.curate.mixture import clean_share, tail_curve, threshold_for_precision, threshold_for_recall
 from mimicfilter.curate.rules import Rule
 from mimicfilter.defaults import CALIBRATED_TARGET_RECALL as DEFAULT_TARGET_RECALL
 from mimicfilter.errors import MimicfilterError
@@ -35,7 +28,6 @@ POOL_SAMPLE = 200_000  # pool samples the estimate and the curve are computed on
 MIN_ANCHORS = 20  # fewer usable trusted (or synthetic) samples: no calibration, a warning instead
 WEAK_SEPARATION = 0.85  # below this AUROC (trusted vs synthetic) the estimate's worst case is wider
 BOOTSTRAP_ROUNDS = 200
-LEVEL = 0.9  # the interval's coverage
 TRUSTED, SYNTHETIC = "trusted", "synthetic"
 
 
@@ -91,7 +83,8 @@ class Calibration:
     higher_is_clean: bool
     separation: dict[str, float]  # AUROC of each signal, trusted vs synthetic
     upper: float  # the best-bin estimate (an upper bound up to sampling error)
-    explained: float  # the two-component estimate (trusted + synthetic)
+    explained: float | None  # the two-component estimate (trusted + synthetic)
+    method: str  # which of the two is the value: "two-component", or "best-bin" when the noise is unlike the synthetic
     curve: list[dict[str, float]] = field(default_factory=list)  # threshold, kept, recall, precision
 
     def as_dict(self) -> dict:
@@ -148,19 +141,17 @@ def estimate(data: Anchored, seed: int = 0) -> Calibration:
     """The clean share (see docs/filter.md "Calibrated curation"), its bootstrap interval and the curve."""
     if not len(data.pool):
         raise MimicfilterError("no usable pool sample to calibrate", hint="check the run's statuses")
-    upper, _ = best_bin(data.pool, data.trusted)
-    explained = two_component(data.pool, data.trusted, data.synthetic)
-    value = upper
-    rounds = bootstrap(lambda p, t: best_bin(p, t)[0], (data.pool, data.trusted), BOOTSTRAP_ROUNDS, seed=seed)
-    low, high = (float(x) for x in np.quantile(rounds, [(1 - LEVEL) / 2, (1 + LEVEL) / 2]))
+    share = clean_share(data.pool, data.trusted, data.synthetic, BOOTSTRAP_ROUNDS, seed)
+    value = share.value
     curve = tail_curve(data.pool, data.trusted, value)
     sign = 1.0 if data.signal.higher_is_clean else -1.0
     points = [{"threshold": round(sign * float(t), 6), "kept": round(float(k), 6), "recall": round(float(r), 6),
                "precision": round(float(p), 6)}
               for t, k, r, p in zip(curve["threshold"], curve["kept"], curve["recall"], curve["precision"])]
-    return Calibration(round(value, 6), round(min(low, value), 6), round(max(high, value), 6), len(data.trusted),
+    return Calibration(round(value, 6), round(share.low, 6), round(share.high, 6), len(data.trusted),
                        len(data.synthetic), data.signal.name, data.signal.higher_is_clean, data.separation,
-                       round(upper, 6), round(explained, 6), points)
+                       round(share.upper, 6), None if np.isnan(share.explained) else round(share.explained, 6),
+                       share.method, points)
 
 
 def cut_threshold(data: Anchored, calibration: Calibration, target_precision: float | None,

@@ -248,11 +248,15 @@ def _calibration_warnings(connection, cut: CalibratedCut | None) -> list[str]:
     if cut is None:
         return [f"only {counts.get('trusted', 0)} trusted anchors: at least {MIN_ANCHORS} usable ones calibrate the "
                 "estimate; the relative score is uncalibrated"] if counts else []
+    warnings = []
     separation = cut.calibration.separation[cut.calibration.signal]
     if separation < WEAK_SEPARATION:
-        return [f"the anchors' best signal ({cut.calibration.signal}) separates trusted from synthetic samples with "
-                f"AUROC {separation:.2f} only: read the quality estimate with its interval"]
-    return []
+        warnings.append(f"the anchors' best signal ({cut.calibration.signal}) separates trusted from synthetic samples "
+                        f"with AUROC {separation:.2f} only: read the quality estimate with its interval")
+    if cut.calibration.method == "best-bin":
+        warnings.append("the pool's noise scores closer to the trusted samples than the synthetic negatives do: the "
+                        "quality estimate is the best-bin upper bound, and may read high")
+    return warnings
 
 
 def run_filter(config: FilterConfig, stdout: IO[str] = sys.stdout) -> dict[str, Any]:
