@@ -55,18 +55,21 @@ def candidate_signals(columns: set[str], epochs: list[int]) -> list[Signal]:
     return signals
 
 
-def _epoch_columns(epochs: list[int]) -> list[str]:
+def epoch_columns(epochs: list[int]) -> list[str]:
     return [f"avg(mimic_score) FILTER (WHERE epoch = {epoch}) AS mimic_score_e{epoch}" for epoch in epochs]
 
 
-def _values(connection, source: str, signals: list[Signal], epochs: list[int], where: str = "true",
-            extra: tuple[str, ...] = ()) -> dict[str, np.ndarray]:
+def signal_values(connection, source: str, signals: list[Signal], epochs: list[int], where: str = "true",
+                  extra: tuple[str, ...] = ()) -> dict[str, np.ndarray]:
+    """Per usable sample of ``source`` (``scores`` or ``anchor_scores``): every signal's value (NaN where
+    missing), plus the ``extra`` aggregates (``"any_value(anchor) AS anchor"``)."""
     rows = f"(SELECT * FROM {source} WHERE {where})"
-    sql = per_sample_sql(connection, source, list(extra) + (_epoch_columns(epochs) if len(epochs) > 1 else []), rows)
+    sql = per_sample_sql(connection, source, list(extra) + (epoch_columns(epochs) if len(epochs) > 1 else []), rows)
     selected = ", ".join([f"{signal.column}::DOUBLE AS {signal.column}" for signal in signals]
                          + [name.rsplit(" AS ", 1)[-1] for name in extra])
     data = connection.execute(f"SELECT {selected} FROM ({sql}) WHERE status = 'ok'").fetchnumpy()
-    return {name: np.ma.filled(np.ma.asarray(values).astype(float), np.nan) if name != "anchor" else np.asarray(values)
+    floats = {signal.column for signal in signals}
+    return {name: np.ma.filled(np.ma.asarray(values).astype(float), np.nan) if name in floats else np.asarray(values)
             for name, values in data.items()}
 
 
@@ -114,10 +117,17 @@ def gather(connection, epochs: list[int]) -> Anchored | None:
         return None
     columns = {row[0] for row in connection.execute("DESCRIBE scores").fetchall()}
     signals = candidate_signals(columns, epochs)
-    anchors = _values(connection, "anchor_scores", signals, epochs, extra=("any_value(anchor) AS anchor",))
+    anchors = signal_values(connection, "anchor_scores", signals, epochs, extra=("any_value(anchor) AS anchor",))
     is_trusted, is_synthetic = anchors["anchor"] == TRUSTED, anchors["anchor"] == SYNTHETIC
     total = connection.execute("SELECT count(*) FROM samples WHERE status = 'ok'").fetchone()[0]
-    pool = _values(connection, "scores", signals, epochs, hash_condition(total, POOL_SAMPLE))
+    pool = signal_values(connection, "scores", signals, epochs, hash_condition(total, POOL_SAMPLE))
+    return choose_signal(signals, pool, anchors, is_trusted, is_synthetic)
+
+
+def choose_signal(signals: list[Signal], pool: dict[str, np.ndarray], anchors: dict[str, np.ndarray],
+                  is_trusted: np.ndarray, is_synthetic: np.ndarray) -> Anchored | None:
+    """Each signal's separation of the trusted from the synthetic anchors (AUROC); the arrays of the best
+    one (ties: the first listed); None when no signal has enough of both."""
     separation = {}
     for signal in signals:
         values = signal.oriented(anchors[signal.column])

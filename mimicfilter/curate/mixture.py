@@ -14,7 +14,8 @@ The trusted sample stands for the clean component; the synthetic negatives for o
   consistent with the best-bin bound (not above the bound's 99th bootstrap percentile); otherwise
   the pool's noise is unlike the synthetic negatives (milder: it scores closer to the clean data),
   and the best-bin bound is the estimate. The interval spans both estimators' 90 % bootstrap
-  intervals.
+  intervals, and reaches 100 % whenever a two-sample test cannot tell the pool from the trusted
+  sample (a clean pool must not be ruled out by a small trusted sample's luck).
 * :func:`tail_curve` — for thresholds on the signal: the kept share, the estimated recall (the trusted
   sample's tail) and precision (π · recall / kept share) of the kept set.
 
@@ -60,6 +61,19 @@ def two_component(pool: np.ndarray, trusted: np.ndarray, synthetic: np.ndarray) 
     return float(np.clip(((pool_cdf - synthetic_cdf) @ spread) / denominator, 0.0, 1.0))
 
 
+def same_distribution_p(first: np.ndarray, second: np.ndarray) -> float:
+    """The two-sample Kolmogorov–Smirnov test's p-value (asymptotic, Stephens' correction)."""
+    grid = np.concatenate([first, second])
+    distance = float(np.max(np.abs(np.searchsorted(np.sort(first), grid, side="right") / len(first)
+                                   - np.searchsorted(np.sort(second), grid, side="right") / len(second))))
+    effective = len(first) * len(second) / (len(first) + len(second))
+    scaled = (math.sqrt(effective) + 0.12 + 0.11 / math.sqrt(effective)) * distance
+    if scaled < 1e-3:
+        return 1.0
+    terms = [2 * (-1) ** (k - 1) * math.exp(-2 * k * k * scaled * scaled) for k in range(1, 101)]
+    return float(min(1.0, max(0.0, sum(terms))))
+
+
 def bootstrap(estimate, samples: tuple[np.ndarray, ...], rounds: int = 200, seed: int = 0) -> np.ndarray:
     """``estimate(*resampled)`` over ``rounds`` resamples of every array (with replacement), seeded."""
     rng = np.random.default_rng(seed)
@@ -67,6 +81,7 @@ def bootstrap(estimate, samples: tuple[np.ndarray, ...], rounds: int = 200, seed
                      for _ in range(rounds)])
 
 
+CLEAN_TEST_LEVEL = 0.05  # Kolmogorov–Smirnov: the pool and the trusted sample differ below this p-value
 BOOTSTRAP_POOL = 50_000  # pool values resampled per bootstrap round (the trusted sample's error dominates)
 SWITCH_QUANTILE = 0.99  # the two-component share above this quantile of the best-bin bound: unlike the noise
 
@@ -94,6 +109,8 @@ def clean_share(pool: np.ndarray, trusted: np.ndarray, synthetic: np.ndarray, ro
     value, method = (explained, "two-component") if consistent else (upper, "best-bin")
     lows = [np.quantile(bounds, 0.05)] + ([np.quantile(fits, 0.05)] if consistent else [])
     highs = [np.quantile(bounds, 0.95)] + ([np.quantile(fits, 0.95)] if consistent else [])
+    if same_distribution_p(pool, trusted) >= CLEAN_TEST_LEVEL:
+        highs.append(1.0)
     low, high = min(min(lows), value), max(max(highs), value)
     return CleanShare(float(value), float(low), float(high), float(upper), float(explained), method)
 
