@@ -103,7 +103,7 @@ def summary_rows(runs: list[dict], count: str) -> list[list[str]]:
                      f"{100 * np.mean(errors):+.1f} ({100 * min(errors):+.1f}…{100 * max(errors):+.1f})",
                      f"{np.mean([d['covered'] for d in draws]):.2f}", "/".join(signals),
                      f"{_mean([d['separation'] for d in draws]):.2f}",
-                     f"{np.mean([d['method'] == 'best-bin' for d in draws]):.2f}",
+                     f"{np.mean([d['method'].startswith('best-bin') for d in draws]):.2f}",
                      f"{100 * _mean([d['kept_clean'] for d in draws]):.1f}%",
                      "–" if draws[0]["f1"] is None else f"{_mean([d['f1'] for d in draws]):.2f} / {best_single:.2f}",
                      f"{100 * run['rules'][run['default_rule']]['error']:+.1f}"])

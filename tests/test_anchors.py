@@ -141,7 +141,7 @@ def test_synthetic_share_needs_trusted_samples(tmp_path, pool, tiny_config, refe
 @pytest.mark.parametrize("mode", ["none", "head"])
 def test_anchors_leave_the_pools_own_scores_unchanged(tmp_path, pool, tiny_config, reference_checkpoint, mode):
     shards, trusted = pool
-    train = TrainConfig(mode=mode, epochs=1 if mode == "none" else 2, lr=1e-2, shuffle_buffer=0)
+    train = TrainConfig(mode=mode, epochs=1 if mode == "none" else 2, lr=1e-2, shuffle_buffer=8)
     model = ModelSpec(str(tiny_config), str(reference_checkpoint))
     tables = {}
     for name, extra in (("plain", {}), ("anchored", {"trusted": trusted, "synthetic_share": 0.25})):

@@ -88,6 +88,7 @@ class Calibration:
     upper: float  # the best-bin estimate (an upper bound up to sampling error)
     explained: float | None  # the two-component estimate (trusted + synthetic)
     method: str  # which of the two is the value: "two-component", or "best-bin" when the noise is unlike the synthetic
+    clean_p: float  # two-sample KS p-value of the pool against the trusted sample (≥ 0.05: a clean pool is possible)
     curve: list[dict[str, float]] = field(default_factory=list)  # threshold, kept, recall, precision
 
     def as_dict(self) -> dict:
@@ -161,7 +162,7 @@ def estimate(data: Anchored, seed: int = 0) -> Calibration:
     return Calibration(round(value, 6), round(share.low, 6), round(share.high, 6), len(data.trusted),
                        len(data.synthetic), data.signal.name, data.signal.higher_is_clean, data.separation,
                        round(share.upper, 6), None if np.isnan(share.explained) else round(share.explained, 6),
-                       share.method, points)
+                       share.method, round(share.clean_p, 6), points)
 
 
 def cut_threshold(data: Anchored, calibration: Calibration, target_precision: float | None,

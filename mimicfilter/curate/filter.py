@@ -253,7 +253,7 @@ def _calibration_warnings(connection, cut: CalibratedCut | None) -> list[str]:
     if separation < WEAK_SEPARATION:
         warnings.append(f"the anchors' best signal ({cut.calibration.signal}) separates trusted from synthetic samples "
                         f"with AUROC {separation:.2f} only: read the quality estimate with its interval")
-    if cut.calibration.method == "best-bin":
+    if cut.calibration.method.startswith("best-bin"):
         warnings.append("the pool's noise scores closer to the trusted samples than the synthetic negatives do: the "
                         "quality estimate is the best-bin upper bound, and may read high")
     return warnings
