@@ -32,6 +32,7 @@ import numpy as np
 
 from mimicfilter.curate.duck import check_memory_limit, connect, load_scores, score_files
 from mimicfilter.curate.estimate import estimate_quality, headline_fields
+from mimicfilter.curate.samples_cache import check_reuse
 from mimicfilter.curate.votes import AggregateConfig
 from mimicfilter.errors import MimicfilterError
 from mimicfilter.report.curves import budgets, curve_points, distribution, equivalent_cut, keep_curve, mean_clip_of
@@ -139,10 +140,13 @@ def build_report(config: ReportConfig) -> dict[str, Any]:
 def _write_report(config: ReportConfig, info: dict[str, Any], files: list[str], out: Path) -> dict[str, Any]:
     """The numbers, plots and sheets, written into ``out`` (the staging directory)."""
     with tempfile.TemporaryDirectory(prefix="mimicfilter-report-") as spill:
+        # before the parts are read: one that changes later makes a manifest's per-sample table stale
+        reuse = check_reuse(config.filter_manifest, files, config.aggregation) if config.filter_manifest else None
         connection = connect(config.memory_limit, spill)
         load_scores(connection, files)
-        rule = decisions(connection, config.aggregation, config.filter_manifest)
-        estimate = estimate_quality(connection, rule["aggregation"], config.aggregation)
+        rule = decisions(connection, config.aggregation, config.filter_manifest, reuse)
+        estimate = (reuse.estimate if reuse and reuse.usable
+                    else estimate_quality(connection, rule["aggregation"], config.aggregation))
         counts = funnel(connection)
         shards = shard_quality(connection)
         statuses = status_counts(connection)
@@ -194,4 +198,5 @@ def _write_report(config: ReportConfig, info: dict[str, Any], files: list[str], 
         "task": info.get("fingerprint", {}).get("task"),
         "epochs": info.get("train", {}).get("epochs", 1),
         "images": images,
+        "per_sample_table": reuse.as_dict() if reuse else {"from": "score parts"},
     }
