@@ -133,8 +133,9 @@ def check_reuse(manifest: str | Path, files: Sequence[str], config: AggregateCon
             return refused(f"the score parts changed since the filter read them ({record['parts']['count']} parts "
                            f"then, {parts['count']} now; names, sizes or modification times differ)")
         if record["options"] != _options(config):
-            then = ", ".join(f"{name} {value}" for name, value in sorted(record["options"].items()))
-            return refused(f"it was aggregated with other options ({then})")
+            then, now = (", ".join(f"{name} {value}" for name, value in sorted(options.items()))
+                         for options in (record["options"], _options(config)))
+            return refused(f"it was aggregated with other options ({then}; asked now: {now})")
         if record["samples"] != metadata.num_rows:
             return refused(f"it holds {metadata.num_rows} rows, its record says {record['samples']}")
         columns = set(metadata.schema.names)

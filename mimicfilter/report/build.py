@@ -44,7 +44,7 @@ from mimicfilter.report.plots import (
     plot_score_split,
     plot_score_vs_clip,
 )
-from mimicfilter.report.samples import Sampled, sample_pool, sample_scores, score_rows_sampled, sheet_entries
+from mimicfilter.report.samples import Sampled, draw_samples, sheet_entries
 from mimicfilter.report.sheets import contact_sheets, decode_config_of_run
 from mimicfilter.report.sheets import THUMBNAIL_DIR
 from mimicfilter.report.tally import decisions, drop_reasons, funnel, shard_quality, status_counts
@@ -151,9 +151,8 @@ def _write_report(config: ReportConfig, info: dict[str, Any], files: list[str], 
         shards = shard_quality(connection)
         statuses = status_counts(connection)
         reasons = drop_reasons(connection, statuses)
-        scored = sample_scores(connection, config.sample_rows)
-        score_rows_used, score_rows_total = score_rows_sampled(connection, config.sample_rows)
-        pool = sample_pool(connection, config.sample_rows)
+        drawn = draw_samples(connection, config.sample_rows)
+        scored, pool = drawn.scores, drawn.pool
         cut = equivalent_cut(scored.data["mimic_score"], scored.data["kept"])
         sheets = sheet_entries(connection, config.sheet_size, cut.mimic_score if cut else None)
         connection.close()
@@ -191,7 +190,7 @@ def _write_report(config: ReportConfig, info: dict[str, Any], files: list[str], 
         "mean_clip_score": {"usable": mean_clip_of(clip, np.ones_like(kept)), "kept": mean_clip_of(clip, kept)},
         "keep_curve": curve_points(curve),
         "budgets": budgets(curve),
-        "plot_rows": {"score_rows_used": score_rows_used, "score_rows_total": score_rows_total,
+        "plot_rows": {"score_rows_used": drawn.score_rows_used, "score_rows_total": drawn.score_rows_total,
                       "samples_used": scored.used, "samples_total": scored.total},
         "pool": _pool_summary(pool),
         "sheets": {name: [asdict(card) for card in entries] for name, entries in cards.items()},
