@@ -7,21 +7,22 @@ goes through, as whole processes, alternating in every round:
 
   A  `mimicfilter filter RUN --out CURATED --binarize sign --memory-limit 3GB`, then
      `mimicfilter report RUN --filter-manifest CURATED/manifest.parquet --binarize sign --sheet-size 6
-     --memory-limit 3GB` (the report reads the per-sample table the filter's manifest holds; the shards
-     do not exist, so every tile is an "unreadable image": the sheets' read-back is timed but costs no
-     decoding);
+     --memory-limit 3GB` (the report reads the per-sample table the filter's manifest holds; the
+     shards do not exist, so every tile is an "unreadable image": the sheets' read-back is timed but
+     costs no decoding);
   B  a plain script written here: one DuckDB pass over all rows for the per-sample means and the
      sign votes (majority over epochs), then the report's five figures from every sample (no
      sampling, no sheets, no page);
   C  (with --cold) `mimicfilter report RUN` alone, which aggregates the score parts itself.
 
-`--binarize sign` gives A and B the same cheap rule (the default `mirror` adds the mixture's passes to
-the filter, as bench_filter.py measures). Prints each process's wall time and peak RSS (wait4; no
-command starts subprocesses), and the ratios report / plain and filter + report / plain (best wall of
-the rounds, largest peak RSS). Checks that the report reused the manifest and that its page states
+`--memory-limit` (3GB) caps DuckDB in A, B and C alike. `--binarize sign` gives A and B the same
+cheap rule (the default `mirror` adds the mixture's passes to the filter, as bench_filter.py
+measures). Prints each process's wall time and peak RSS (wait4; no command starts subprocesses),
+and the ratios report / plain and filter + report / plain (best wall of the rounds, largest peak
+RSS). Checks that the report reused the manifest and that its page states
 the hash sample behind its plots.
 
-    python benchmarks/bench_report.py [--rows 10000000] [--epochs 3] [--rounds 2] [--cold]
+    python benchmarks/bench_report.py [--rows 10000000] [--epochs 3] [--rounds 2] [--memory-limit 3GB] [--cold]
 """
 
 from __future__ import annotations
@@ -41,9 +42,9 @@ PLAIN_SCRIPT = r'''
 import sys, duckdb, numpy as np, matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
-run, out = sys.argv[1], sys.argv[2]
+run, out, memory_limit = sys.argv[1], sys.argv[2], sys.argv[3]
 con = duckdb.connect()
-con.execute("SET memory_limit = '3GB'")
+con.execute("SET memory_limit = ?", [memory_limit])
 s = con.execute(f"""
     SELECT avg(mimic_score) AS score, avg(clip_score) AS clip, arg_max(status, epoch) = 'ok' AS ok,
            sum(CASE WHEN mimic_score > 0 THEN 1 ELSE 0 END) * 2 > count(*) AS kept,
@@ -93,14 +94,15 @@ def timed(command: list[str]) -> tuple[float, float, str, str]:
         return wall, usage.ru_maxrss / 2**20, stdout.read(), stderr.read()  # ru_maxrss: KiB
 
 
-def commands(run: Path, scratch: Path, name: str, binarize: str, plain: Path) -> list[tuple[str, list[str]]]:
+def commands(run: Path, scratch: Path, name: str, binarize: str, memory_limit: str,
+             plain: Path) -> list[tuple[str, list[str]]]:
     """The processes of one contender, in order: (label, command)."""
     mimicfilter = [sys.executable, "-m", "mimicfilter"]
-    limits = ["--binarize", binarize, "--memory-limit", "3GB"]
+    limits = ["--binarize", binarize, "--memory-limit", memory_limit]
     curated, out = scratch / f"{name}-curated", scratch / f"{name}-report"
     if name == "plain":
         out.mkdir(exist_ok=True)
-        return [("plain", [sys.executable, str(plain), str(run), str(out)])]
+        return [("plain", [sys.executable, str(plain), str(run), str(out), memory_limit])]
     report = [*mimicfilter, "report", str(run), "--out", str(out), "--sheet-size", "6", *limits, "--json"]
     if name == "cold":
         return [("report (cold)", report)]
@@ -115,6 +117,7 @@ def main(argv=None) -> None:
     parser.add_argument("--parts", type=int, default=20, help="parts per epoch")
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--binarize", default="sign", help="the vote rule of filter and report (sign: the plain script's)")
+    parser.add_argument("--memory-limit", default="3GB", help="DuckDB's memory cap, the same in every process")
     parser.add_argument("--cold", action="store_true", help="also time `report RUN` without a manifest (C)")
     args = parser.parse_args(argv)
     contenders = ["filter+report", "plain"] + (["cold"] if args.cold else [])
@@ -130,7 +133,7 @@ def main(argv=None) -> None:
         summaries = {}
         for round_number in range(args.rounds):
             for name in contenders:  # alternating, so a busy neighbour hits every contender alike
-                for label, command in commands(run, scratch, name, args.binarize, plain):
+                for label, command in commands(run, scratch, name, args.binarize, args.memory_limit, plain):
                     wall, peak, stdout, stderr = timed(command)
                     results.setdefault(label, []).append((wall, peak))
                     print(f"round {round_number + 1} {label:13s}: {wall:6.1f} s, peak RSS {peak:.2f} GiB", flush=True)
@@ -142,10 +145,11 @@ def main(argv=None) -> None:
     peak = {label: max(rss for _, rss in runs) for label, runs in results.items()}
     summary = summaries["report"]
     rows = summary["plot_rows"]
-    stated = f"{rows['samples_used']:,} of {rows['samples_total']:,} usable samples" in summary["page"]
+    sampled = rows["samples_used"] < rows["samples_total"]  # small tables are drawn whole
+    stated = not sampled or f"{rows['samples_used']:,} of {rows['samples_total']:,} usable samples" in summary["page"]
     reused = summary["per_sample_table"]["from"] == "filter manifest"
     print(json.dumps({
-        "rows": args.rows, "epochs": args.epochs, "binarize": args.binarize, "samples": summary["samples"],
+        "rows": args.rows, "epochs": args.epochs, "binarize": args.binarize, "memory_limit": args.memory_limit, "samples": summary["samples"],
         "plot_samples_used": rows["samples_used"], "plot_samples_total": rows["samples_total"],
         "page_states_the_sample": stated, "report_reused_the_manifest": reused, "images": sorted(summary["images"]),
         "wall_s": {label: [round(wall, 1) for wall, _ in runs] for label, runs in results.items()},
