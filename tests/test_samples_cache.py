@@ -19,6 +19,7 @@ from mimicfilter.curate import samples_cache
 from mimicfilter.curate.filter import FilterConfig, run_filter
 from mimicfilter.curate.votes import AggregateConfig
 from mimicfilter.report import tally
+from mimicfilter.report import build as build_module
 from mimicfilter.report.build import ReportConfig, build_report
 from mimicfilter.store.parts import write_part
 from mimicfilter.store.schema import rows_to_table
@@ -198,3 +199,19 @@ def test_the_fingerprint_follows_names_sizes_and_times_not_order(tmp_path):
     second.write_bytes(b"33")
     os.utime(second, ns=(0, 0))
     assert samples_cache.parts_fingerprint([str(first), str(second)]) != fingerprint
+
+
+def test_a_manifest_replaced_while_the_report_reads_it_is_refused(run, tmp_path, monkeypatch):
+    manifest = filtered(run, tmp_path / "curated")
+    real_entries = build_module.sheet_entries
+
+    def refilter_meanwhile(*args):
+        filtered(run, tmp_path / "curated", "--top-frac", "mimic_score=0.5")  # swaps --out in whole
+        return real_entries(*args)
+
+    monkeypatch.setattr(build_module, "sheet_entries", refilter_meanwhile)
+    result = CliRunner().invoke(cli, ["report", str(run), "--filter-manifest", str(manifest), "--out",
+                                      str(tmp_path / "report")])
+    assert result.exit_code == 2
+    assert f"--filter-manifest {manifest} was replaced while the report read it" in result.output
+    assert not (tmp_path / "report").exists()

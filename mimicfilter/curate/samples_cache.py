@@ -33,6 +33,7 @@ import pyarrow.parquet as pq
 
 from mimicfilter.curate.estimate import QualityEstimate
 from mimicfilter.curate.votes import AggregateConfig
+from mimicfilter.errors import MimicfilterError
 from mimicfilter.store.paths import is_remote_url
 from mimicfilter.version import __version__
 
@@ -89,15 +90,30 @@ class Reuse:
     aggregation: dict | None = None  # set when reusable
     estimate: QualityEstimate | None = None
     reason: str | None = None  # why not, when not
+    file_state: tuple[int, int, int] | None = None  # the manifest's inode, size and mtime when checked
 
     @property
     def usable(self) -> bool:
         return self.reason is None
 
+    def confirm_unchanged(self) -> None:
+        """The report reads the manifest several times: refuse it if a filter replaced it meanwhile."""
+        if self.usable and _file_state(self.manifest) != self.file_state:
+            raise MimicfilterError(f"--filter-manifest {self.manifest} was replaced while the report read it",
+                                   hint="run the report again once the filter has finished")
+
     def as_dict(self) -> dict:
         if self.usable:
             return {"from": "filter manifest", "manifest": self.manifest}
         return {"from": "score parts", "manifest": self.manifest, "not_reused": self.reason}
+
+
+def _file_state(path: str) -> tuple[int, int, int] | None:
+    try:
+        info = os.stat(path)
+    except OSError:
+        return None
+    return info.st_ino, info.st_size, info.st_mtime_ns
 
 
 def _estimate_of(values: dict) -> QualityEstimate:
@@ -115,6 +131,7 @@ def check_reuse(manifest: str | Path, files: Sequence[str], config: AggregateCon
     def refused(why: str) -> Reuse:
         return Reuse(manifest, reason=why)
 
+    state = _file_state(manifest)
     try:
         metadata = pq.read_metadata(manifest)
         raw = (metadata.schema.to_arrow_schema().metadata or {}).get(RECORD_KEY)
@@ -141,6 +158,6 @@ def check_reuse(manifest: str | Path, files: Sequence[str], config: AggregateCon
         columns = set(metadata.schema.names)
         if not set(REQUIRED_COLUMNS) <= columns:
             return refused(f"it lacks column(s) {', '.join(sorted(set(REQUIRED_COLUMNS) - columns))}")
-        return Reuse(manifest, record["aggregation"], _estimate_of(record["quality"]))
+        return Reuse(manifest, record["aggregation"], _estimate_of(record["quality"]), file_state=state)
     except (ValueError, KeyError, TypeError, AttributeError) as error:
         return refused(f"its record is damaged ({type(error).__name__}: {str(error)[:80]})")

@@ -156,6 +156,8 @@ def _write_report(config: ReportConfig, info: dict[str, Any], files: list[str], 
         cut = equivalent_cut(scored.data["mimic_score"], scored.data["kept"])
         sheets = sheet_entries(connection, config.sheet_size, cut.mimic_score if cut else None)
         connection.close()
+        if reuse is not None:
+            reuse.confirm_unchanged()
     quality = counts.kept / counts.usable if counts.usable else None
     curve = keep_curve(scored.data["mimic_score"], scored.data["clip_score"])
     images = {
