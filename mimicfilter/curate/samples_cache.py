@@ -8,7 +8,8 @@ what the table was made from:
 * the score parts: their count and a SHA-256 over each part's resolved path, size and
   modification time (taken before the filter read them);
 * the aggregation options (``--binarize``, ``--combine-votes``);
-* the code: the mimicfilter version and a SHA-256 of the ``curate`` modules' source;
+* the code: the mimicfilter version and a SHA-256 of the source of the ``curate`` modules and the
+  table schema;
 * the result that is not in the rows: the vote aggregation (thresholds, mixtures) and the quality
   estimate, and the number of samples.
 
@@ -34,6 +35,7 @@ import pyarrow.parquet as pq
 from mimicfilter.curate.estimate import QualityEstimate
 from mimicfilter.curate.votes import AggregateConfig
 from mimicfilter.errors import MimicfilterError
+from mimicfilter.store import schema
 from mimicfilter.store.paths import is_remote_url
 from mimicfilter.version import __version__
 
@@ -61,9 +63,10 @@ def parts_fingerprint(files: Sequence[str]) -> dict | None:
 
 
 def code_fingerprint() -> str:
-    """SHA-256 of the source of the modules that aggregate and estimate (all of ``curate``)."""
+    """SHA-256 of the source of the modules that aggregate and estimate: all of ``curate``, and the
+    table schema (which columns are scores, what counts as non-finite)."""
     digest = hashlib.sha256(__version__.encode())
-    for path in sorted(Path(__file__).parent.glob("*.py")):
+    for path in [*sorted(Path(__file__).parent.glob("*.py")), Path(schema.__file__)]:
         digest.update(path.name.encode() + b"\0" + path.read_bytes())
     return digest.hexdigest()
 
