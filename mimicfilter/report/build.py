@@ -32,6 +32,7 @@ import numpy as np
 
 from mimicfilter.curate.duck import check_memory_limit, connect, load_scores, score_files
 from mimicfilter.curate.estimate import estimate_quality, headline_fields
+from mimicfilter.curate.samples_cache import check_reuse
 from mimicfilter.curate.votes import AggregateConfig
 from mimicfilter.errors import MimicfilterError
 from mimicfilter.report.curves import budgets, curve_points, distribution, equivalent_cut, keep_curve, mean_clip_of
@@ -43,7 +44,7 @@ from mimicfilter.report.plots import (
     plot_score_split,
     plot_score_vs_clip,
 )
-from mimicfilter.report.samples import Sampled, sample_pool, sample_scores, score_rows_sampled, sheet_entries
+from mimicfilter.report.samples import Sampled, draw_samples, sheet_entries
 from mimicfilter.report.sheets import contact_sheets, decode_config_of_run
 from mimicfilter.report.sheets import THUMBNAIL_DIR
 from mimicfilter.report.tally import decisions, drop_reasons, funnel, shard_quality, status_counts
@@ -139,20 +140,24 @@ def build_report(config: ReportConfig) -> dict[str, Any]:
 def _write_report(config: ReportConfig, info: dict[str, Any], files: list[str], out: Path) -> dict[str, Any]:
     """The numbers, plots and sheets, written into ``out`` (the staging directory)."""
     with tempfile.TemporaryDirectory(prefix="mimicfilter-report-") as spill:
+        # before the parts are read: one that changes later makes a manifest's per-sample table stale
+        reuse = check_reuse(config.filter_manifest, files, config.aggregation) if config.filter_manifest else None
         connection = connect(config.memory_limit, spill)
         load_scores(connection, files)
-        rule = decisions(connection, config.aggregation, config.filter_manifest)
-        estimate = estimate_quality(connection, rule["aggregation"], config.aggregation)
+        rule = decisions(connection, config.aggregation, config.filter_manifest, reuse)
+        estimate = (reuse.estimate if reuse and reuse.usable
+                    else estimate_quality(connection, rule["aggregation"], config.aggregation))
         counts = funnel(connection)
         shards = shard_quality(connection)
         statuses = status_counts(connection)
         reasons = drop_reasons(connection, statuses)
-        scored = sample_scores(connection, config.sample_rows)
-        score_rows_used, score_rows_total = score_rows_sampled(connection, config.sample_rows)
-        pool = sample_pool(connection, config.sample_rows)
+        drawn = draw_samples(connection, config.sample_rows)
+        scored, pool = drawn.scores, drawn.pool
         cut = equivalent_cut(scored.data["mimic_score"], scored.data["kept"])
         sheets = sheet_entries(connection, config.sheet_size, cut.mimic_score if cut else None)
         connection.close()
+        if reuse is not None:
+            reuse.confirm_unchanged()
     quality = counts.kept / counts.usable if counts.usable else None
     curve = keep_curve(scored.data["mimic_score"], scored.data["clip_score"])
     images = {
@@ -187,11 +192,12 @@ def _write_report(config: ReportConfig, info: dict[str, Any], files: list[str], 
         "mean_clip_score": {"usable": mean_clip_of(clip, np.ones_like(kept)), "kept": mean_clip_of(clip, kept)},
         "keep_curve": curve_points(curve),
         "budgets": budgets(curve),
-        "plot_rows": {"score_rows_used": score_rows_used, "score_rows_total": score_rows_total,
+        "plot_rows": {"score_rows_used": drawn.score_rows_used, "score_rows_total": drawn.score_rows_total,
                       "samples_used": scored.used, "samples_total": scored.total},
         "pool": _pool_summary(pool),
         "sheets": {name: [asdict(card) for card in entries] for name, entries in cards.items()},
         "task": info.get("fingerprint", {}).get("task"),
         "epochs": info.get("train", {}).get("epochs", 1),
         "images": images,
+        "per_sample_table": reuse.as_dict() if reuse else {"from": "score parts"},
     }
