@@ -18,7 +18,7 @@ import numpy as np
 
 from mimicfilter import metrics
 from mimicfilter.curate import calibrate
-from mimicfilter.curate.duck import per_sample_sql
+from mimicfilter.curate.duck import epoch_columns, per_sample_sql
 from mimicfilter.curate.mixture import threshold_for_recall
 from mimicfilter.defaults import CALIBRATED_TARGET_RECALL
 
@@ -28,8 +28,7 @@ MIN_SYNTHETIC = 200
 
 
 def _pool(connection, signals: list[calibrate.Signal], epochs: list[int]) -> dict[str, np.ndarray]:
-    extra = calibrate.epoch_columns(epochs) if len(epochs) > 1 else []
-    sql = per_sample_sql(connection, "scores", extra)
+    sql = per_sample_sql(connection, "scores", epoch_columns(epochs))
     columns = ", ".join(f"{signal.column}::DOUBLE AS {signal.column}" for signal in signals)
     data = connection.execute(f"SELECT shard, key, {columns} FROM ({sql}) WHERE status = 'ok'").fetchnumpy()
     return {name: np.asarray(values) if name in ("shard", "key") else np.ma.filled(np.ma.asarray(values).astype(float), np.nan)

@@ -17,7 +17,7 @@ from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
-from mimicfilter.curate.duck import hash_condition, per_sample_sql
+from mimicfilter.curate.duck import epoch_columns, hash_condition, per_sample_sql
 from mimicfilter.curate.mixture import clean_share, tail_curve, threshold_for_precision, threshold_for_recall
 from mimicfilter.curate.rules import Rule
 from mimicfilter.defaults import CALIBRATED_TARGET_RECALL as DEFAULT_TARGET_RECALL
@@ -45,7 +45,7 @@ class Signal:
 
 
 def candidate_signals(columns: set[str], epochs: list[int]) -> list[Signal]:
-    """The signals a run's table can give (per-epoch mimic scores only with more than one epoch)."""
+    """The signals a run's per-sample table can give (per-epoch mimic scores only with more than one epoch)."""
     signals = [Signal("mimic_score")]
     if len(epochs) > 1:
         signals += [Signal(f"mimic_score_e{epoch}") for epoch in epochs]
@@ -55,16 +55,12 @@ def candidate_signals(columns: set[str], epochs: list[int]) -> list[Signal]:
     return signals
 
 
-def epoch_columns(epochs: list[int]) -> list[str]:
-    return [f"avg(mimic_score) FILTER (WHERE epoch = {epoch}) AS mimic_score_e{epoch}" for epoch in epochs]
-
-
 def signal_values(connection, source: str, signals: list[Signal], epochs: list[int], where: str = "true",
                   extra: tuple[str, ...] = ()) -> dict[str, np.ndarray]:
     """Per usable sample of ``source`` (``scores`` or ``anchor_scores``): every signal's value (NaN where
     missing), plus the ``extra`` aggregates (``"any_value(anchor) AS anchor"``)."""
     rows = f"(SELECT * FROM {source} WHERE {where})"
-    sql = per_sample_sql(connection, source, list(extra) + (epoch_columns(epochs) if len(epochs) > 1 else []), rows)
+    sql = per_sample_sql(connection, source, list(extra) + epoch_columns(epochs), rows)
     selected = ", ".join([f"{signal.column}::DOUBLE AS {signal.column}" for signal in signals]
                          + [name.rsplit(" AS ", 1)[-1] for name in extra])
     data = connection.execute(f"SELECT {selected} FROM ({sql}) WHERE status = 'ok'").fetchnumpy()
@@ -116,13 +112,22 @@ def gather(connection, epochs: list[int]) -> Anchored | None:
     counts = anchor_counts(connection)
     if counts.get(TRUSTED, 0) < MIN_ANCHORS:
         return None
-    columns = {row[0] for row in connection.execute("DESCRIBE scores").fetchall()}
-    signals = candidate_signals(columns, epochs)
+    columns = {row[0] for row in connection.execute("DESCRIBE samples").fetchall()}
+    signals = [signal for signal in candidate_signals(columns, epochs) if signal.column in columns]
     anchors = signal_values(connection, "anchor_scores", signals, epochs, extra=("any_value(anchor) AS anchor",))
     is_trusted, is_synthetic = anchors["anchor"] == TRUSTED, anchors["anchor"] == SYNTHETIC
-    total = connection.execute("SELECT count(*) FROM samples WHERE status = 'ok'").fetchone()[0]
-    pool = signal_values(connection, "scores", signals, epochs, hash_condition(total, POOL_SAMPLE))
+    pool = pool_values(connection, signals)
     return choose_signal(signals, pool, anchors, is_trusted, is_synthetic)
+
+
+def pool_values(connection, signals: list[Signal]) -> dict[str, np.ndarray]:
+    """Every signal of a hash sample of the usable pool samples, from the per-sample table ``samples``
+    (made once by the votes' aggregation, or a filter manifest's): no further pass over the score rows."""
+    total = connection.execute("SELECT count(*) FROM samples WHERE status = 'ok'").fetchone()[0]
+    columns = ", ".join(f"{signal.column}::DOUBLE AS {signal.column}" for signal in signals)
+    data = connection.execute(
+        f"SELECT {columns} FROM samples WHERE status = 'ok' AND {hash_condition(total, POOL_SAMPLE)}").fetchnumpy()
+    return {name: np.ma.filled(np.ma.asarray(values).astype(float), np.nan) for name, values in data.items()}
 
 
 def choose_signal(signals: list[Signal], pool: dict[str, np.ndarray], anchors: dict[str, np.ndarray],
@@ -199,18 +204,6 @@ def _expected(data: Anchored, calibration: Calibration, threshold: float) -> dic
             "precision": round(min(1.0, calibration.value * recall / kept) if kept else 1.0, 6)}
 
 
-def add_signal_column(connection, signal: str) -> None:
-    """A per-epoch signal (``mimic_score_eK``) as a column of ``samples``, for the cut's rule."""
-    columns = {row[0] for row in connection.execute("DESCRIBE samples").fetchall()}
-    if signal in columns or not signal.startswith("mimic_score_e"):
-        return
-    epoch = int(signal.removeprefix("mimic_score_e"))
-    connection.execute(
-        f'CREATE OR REPLACE TABLE samples AS SELECT s.*, e.value AS {signal} FROM samples s LEFT JOIN '
-        f'(SELECT shard, "index", avg(mimic_score) AS value FROM scores WHERE epoch = {epoch} GROUP BY shard, "index") e '
-        'USING (shard, "index")')
-
-
 def calibrated_cut(connection, epochs: list[int], target_precision: float | None = None,
                    target_recall: float | None = None, seed: int = 0) -> CalibratedCut | None:
     """Calibrate the pool against its anchors and make the cut for the target (recall by default);
@@ -224,7 +217,6 @@ def calibrated_cut(connection, epochs: list[int], target_precision: float | None
     threshold = cut_threshold(data, calibration, target_precision, target.get("recall"))
     if threshold is None:
         return CalibratedCut(calibration, None, target, None)
-    add_signal_column(connection, data.signal.column)
     rule = Rule("calibrated", column=data.signal.column, value=threshold,
                 expression=">=" if data.signal.higher_is_clean else "<=")
     return CalibratedCut(calibration, rule, target, _expected(data, calibration, threshold))

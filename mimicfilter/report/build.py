@@ -30,6 +30,7 @@ from typing import Any
 
 import numpy as np
 
+from mimicfilter.curate.calibrate import CalibratedCut, calibrated_cut
 from mimicfilter.curate.duck import check_memory_limit, connect, load_scores, score_files
 from mimicfilter.curate.estimate import estimate_quality, headline_fields
 from mimicfilter.curate.samples_cache import check_reuse
@@ -38,6 +39,7 @@ from mimicfilter.errors import MimicfilterError
 from mimicfilter.report.curves import budgets, curve_points, distribution, equivalent_cut, keep_curve, mean_clip_of
 from mimicfilter.report.html import render_html
 from mimicfilter.report.plots import (
+    plot_calibrated_cut,
     plot_caption_lengths,
     plot_image_sizes,
     plot_keep_curve,
@@ -137,6 +139,11 @@ def build_report(config: ReportConfig) -> dict[str, Any]:
     return summary
 
 
+def _calibration(connection, rule: dict[str, Any]) -> CalibratedCut | None:
+    """With a filter manifest: the pool's calibration against its anchors (the manifest decides what is kept)."""
+    return calibrated_cut(connection, [int(epoch) for epoch in (rule.get("aggregation") or {}).get("thresholds", {})])
+
+
 def _write_report(config: ReportConfig, info: dict[str, Any], files: list[str], out: Path) -> dict[str, Any]:
     """The numbers, plots and sheets, written into ``out`` (the staging directory)."""
     with tempfile.TemporaryDirectory(prefix="mimicfilter-report-") as spill:
@@ -145,6 +152,7 @@ def _write_report(config: ReportConfig, info: dict[str, Any], files: list[str], 
         connection = connect(config.memory_limit, spill)
         load_scores(connection, files)
         rule = decisions(connection, config.aggregation, config.filter_manifest, reuse)
+        calibration = rule.get("calibration") or _calibration(connection, rule)
         estimate = (reuse.estimate if reuse and reuse.usable
                     else estimate_quality(connection, rule["aggregation"], config.aggregation))
         counts = funnel(connection)
@@ -165,6 +173,8 @@ def _write_report(config: ReportConfig, info: dict[str, Any], files: list[str], 
         "keep_curve": plot_keep_curve(curve, cut, quality, out / "keep_curve.svg"),
         "score_vs_clip": plot_score_vs_clip(scored, out / "score_vs_clip.svg"),
     }
+    if calibration is not None:
+        images["calibrated_cut"] = plot_calibrated_cut(calibration.summary(), out / "calibrated_cut.svg")
     if pool is not None:
         images["caption_lengths"] = plot_caption_lengths(pool, out / "caption_lengths.svg")
         images["image_sizes"] = plot_image_sizes(pool, out / "image_sizes.svg")
@@ -183,7 +193,9 @@ def _write_report(config: ReportConfig, info: dict[str, Any], files: list[str], 
         "samples": counts.samples,
         "ok": counts.usable,
         "kept": counts.kept,
-        **headline_fields(rule["keep"], rule["drop"], counts.kept, counts.usable, estimate),
+        **headline_fields(rule["keep"], rule["drop"], counts.kept, counts.usable, estimate,
+                          calibration.calibration.as_dict() if calibration else None),
+        **({"calibration": calibration.summary()} if calibration else {}),
         "funnel": asdict(counts),
         "drop_reasons": [asdict(reason) for reason in reasons],
         "shards_worst_first": [asdict(shard) | {"quality": shard.quality} for shard in shards],

@@ -9,6 +9,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from mimicfilter.curate.calibrate import calibrated_cut
+from mimicfilter.curate.rules import apply_rules
 from mimicfilter.curate.duck import sql_string
 from mimicfilter.curate.samples_cache import Reuse
 from mimicfilter.curate.votes import AggregateConfig, aggregate
@@ -63,6 +65,12 @@ def decisions(connection, aggregation_config: AggregateConfig, filter_manifest: 
         return _manifest_rule(str(filter_manifest), reuse.aggregation)
     aggregation = aggregate(connection, aggregation_config)
     if filter_manifest is None:
+        cut = calibrated_cut(connection, [int(epoch) for epoch in aggregation["thresholds"]])
+        if cut is not None and cut.rule is not None:  # a run with anchors: filter's default rule is its cut
+            apply_rules(connection, [cut.rule], [], "and")
+            connection.execute("CREATE OR REPLACE TABLE samples AS SELECT * FROM decisions")
+            return {"name": cut.rule.text, "aggregation": aggregation, "thresholds": aggregation["thresholds"],
+                    "keep": [cut.rule.text], "drop": [], "calibration": cut}
         connection.execute(
             "CREATE OR REPLACE TABLE samples AS SELECT *, (status = 'ok' AND vote_keep) AS kept, "
             f"CASE WHEN status <> 'ok' THEN {sql_string(STATUS_PREFIX)} || status "
@@ -70,7 +78,7 @@ def decisions(connection, aggregation_config: AggregateConfig, filter_manifest: 
         )
         name = f"keep-votes ({aggregation['binarize']} per epoch, {aggregation['combine_votes']} over epochs)"
         return {"name": name, "aggregation": aggregation, "thresholds": aggregation["thresholds"],
-                "keep": ["keep-votes"], "drop": []}
+                "keep": ["keep-votes"], "drop": [], "calibration": cut}
     manifest = str(filter_manifest)
     try:
         columns = {row[0] for row in connection.execute(f"DESCRIBE SELECT * FROM read_parquet({sql_string(manifest)})").fetchall()}
