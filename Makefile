@@ -35,7 +35,7 @@ test-fast: dev
 	$(PY) -m pytest -q -m "not slow"
 
 demo: install
-	$(VENV)/bin/mimicfilter score demo/shards --model demo/tiny-clip.json \
+	$(VENV)/bin/mimicfilter score demo/shards --trusted demo/trusted --model demo/tiny-clip.json \
 		--reference demo/reference.safetensors --batch-size 128 --epochs 3 --out $(DEMO_RUN) --overwrite
 	$(VENV)/bin/mimicfilter filter $(DEMO_RUN) --out $(DEMO_RUN)/curated --write-shards $(DEMO_RUN)/curated/shards
 	$(PY) scripts/demo_summary.py $(DEMO_RUN)

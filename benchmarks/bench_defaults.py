@@ -17,6 +17,11 @@ temperatures, learning rates and epochs, and then, for every run and every vote 
 It prints one table per task (rows: runs; columns: rules, "error / F1"), the worst case of each rule
 over all runs, and the worst case per setting, and writes OUT/results.json and OUT/results.md.
 Defaults are chosen by the WORST case, not the mean. Everything is cached under OUT.
+
+Runs at the defaults and their variants are scored with anchors (``--trusted``, 500 per pool); for
+them it also reports the calibrated estimate, its interval and the calibrated cut for 100, 200 and
+500 trusted samples (benchmarks/calibration_eval.py), and, on one pool, how far the anchors move the
+pool's own scores next to how far another seed moves them.
 """
 
 from __future__ import annotations
@@ -34,6 +39,7 @@ from pathlib import Path
 
 import numpy as np
 
+import calibration_eval
 import defaults_suite as suite
 from common import ROOT, idle_cores, md_table
 from mimicfilter import metrics
@@ -79,8 +85,57 @@ def evaluate(run: dict) -> dict:
                 entry["by_rule"] = estimate.by_rule
                 entry["second_mode"] = estimate.second_mode
             results[rule_name(config)] = entry
+        calibration = None
+        if run.get("anchored"):
+            epoch_list = [row[0] for row in connection.execute("SELECT DISTINCT epoch FROM scores ORDER BY 1").fetchall()]
+            calibration = calibration_eval.evaluate(connection, truth, epoch_list)
         connection.close()
-    return {"epochs": epochs, "clean_fraction": float(np.mean(list(truth.values()))), "rules": results}
+    return {"epochs": epochs, "clean_fraction": float(np.mean(list(truth.values()))), "rules": results,
+            "calibration": calibration, "default_rule": rule_name(DEFAULT)}
+
+
+def calibration_tables(results: list[dict]) -> str:
+    """The calibrated estimate per anchored run (200 trusted samples) and the worst cases per anchor count."""
+    anchored = [r for r in results if r.get("calibration")]
+    if not anchored:
+        return ""
+    out = [md_table("Calibrated estimate with 200 trusted samples (mean over draws; the relative score's error for "
+                    "comparison)", calibration_eval.SUMMARY_HEADER, calibration_eval.summary_rows(anchored, "200"))]
+    rows = []
+    for count in calibration_eval.ANCHOR_COUNTS:
+        worst = calibration_eval.acceptance(anchored, str(count))
+        fmt = lambda value, scale=100: "–" if value is None else f"{scale * value:.1f}"  # noqa: E731
+        rows.append([str(count), str(worst["draws"]), fmt(worst["coverage"]), fmt(worst["worst_error_separated"]),
+                     fmt(worst["worst_error_other"]), fmt(worst["clean_min_estimate"]), fmt(worst["clean_min_kept"])])
+    out.append(md_table("Calibration's worst cases over every draw of every anchored run", [
+        "trusted", "draws", "interval holds truth (%)", f"worst |error|, AUROC ≥ 0.85", "worst |error|, elsewhere",
+        "clean pools: lowest estimate (%)", "clean pools: least kept (%)"], rows))
+    return "\n".join(out)
+
+
+def anchor_invariance(data, out: Path, threads: int, seed: int) -> str:
+    """How far the anchors move one pool's own scores, next to how far another seed moves them."""
+    pool = next(p for p in suite.POOLS if p.name == "emoji-swap30")
+    setting = suite.SETTINGS["contrastive"][0][0]
+    runs = {name: suite.score(data, pool, "unseen", setting, out, threads, run_seed, anchored, f"invariance-{name}")
+            for name, run_seed, anchored in (("anchored", seed, True), ("plain", seed, False), ("seed-1", seed + 1, False))}
+    with tempfile.TemporaryDirectory() as spill:
+        connection = connect(None, spill)
+        scores = {}
+        for name, run in runs.items():
+            load_scores(connection, score_files([str(run["run_dir"])]))
+            scores[name] = dict(connection.execute('SELECT shard || \'/\' || "index", mimic_score FROM scores').fetchall())
+        connection.close()
+    keys = sorted(scores["plain"])
+
+    def compare(name: str) -> str:
+        a, b = np.array([scores["plain"][k] for k in keys]), np.array([scores[name][k] for k in keys])
+        return (f"max |Δ| {np.max(np.abs(a - b)):.2e}, mean |Δ| {np.mean(np.abs(a - b)):.2e}, "
+                f"Spearman {metrics.spearman(a, b):.4f}")
+
+    return (f"Anchors and the pool's own scores ({pool.name}, unseen reference, defaults; mimic scores of the "
+            f"{len(keys)} pool samples): with anchors vs without: {compare('anchored')}; another seed without "
+            f"anchors: {compare('seed-1')}.\n")
 
 
 def fmt_entry(entry: dict | None) -> str:
@@ -241,7 +296,9 @@ def main(argv=None) -> None:
             scored = "" if run["wall_s"] is None else f" [scored in {run['wall_s']:.0f} s]"
             print(f"{pool.name:14s} {reference:7s} {setting.name:22s} truth {evaluated['clean_fraction']:.3f} default "
                   f"{default['estimate']:.3f} (F1 {f1}){scored}", flush=True)
-    text = tables(results)
+    text = tables(results) + "\n" + calibration_tables(results)
+    if args.pools is None or "emoji-swap30" in args.pools.split(","):
+        text += "\n" + anchor_invariance(data["contrastive"].result(), args.out, per_job, args.seed)
     total = time.time() - started
     cpu = sum(getattr(resource.getrusage(who), field) for who in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN)
               for field in ("ru_utime", "ru_stime"))

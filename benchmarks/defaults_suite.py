@@ -22,6 +22,12 @@ Ankle boot -> Sandal, Dress -> T-shirt, Trouser -> Dress, Bag -> Pullover); the 
 
 Settings: every pool at the task's defaults; some pools also at another batch size, the other
 temperature, another learning rate and another number of epochs (``SETTINGS``).
+
+Anchors: the runs at the defaults and their variants are scored with ``--trusted``: 500 clean samples
+of the same kind that are not in the pool (emoji the pool did not draw, never seen by the ``unseen``
+reference; Fashion-MNIST images the pool did not draw), a random draw per pool. The pool's own
+scores do not change with anchors (tests/test_anchors.py), so the vote rules read the same tables;
+calibration is evaluated on draws of 100, 200 and all 500 of them (bench_defaults.py).
 """
 
 from __future__ import annotations
@@ -46,6 +52,8 @@ from mimicfilter.defaults import TASK_DEFAULTS
 
 EMOJI_REF_SIZE, EMOJI_POOL_SIZE, EMOJI_REF_STEPS = 1500, 1200, 700
 FMNIST_REF_SIZE, FMNIST_POOL_SIZE, FMNIST_REF_EPOCHS = 10_000, 3000, 4
+TRUSTED_SIZE = 500  # checked samples per pool scored as anchors (calibration draws 100 and 200 of them)
+ANCHORED_ROLES = ("default", "variant")
 
 
 @dataclass(frozen=True)
@@ -148,6 +156,10 @@ def runs_of(pools=POOLS) -> list[tuple[Pool, str, Setting]]:
 # ------------------------------------------------------------------------------------------- emoji
 
 
+def _pool_seed(seed: int, pool: Pool) -> int:
+    return seed + int(hashlib.md5(pool.name.encode()).hexdigest()[:6], 16)
+
+
 class EmojiData:
     """Rendered emoji, the reference split and a cached reference CLIP."""
 
@@ -162,11 +174,11 @@ class EmojiData:
     def pool(self, pool: Pool) -> tuple[Path, dict]:
         """Shards of the pool and its truth {"shard/key": clean}."""
         directory = self.out / "pools" / pool.name
-        seed = self.seed + int(hashlib.md5(pool.name.encode()).hexdigest()[:6], 16)
+        seed = _pool_seed(self.seed, pool)
         stamp = {"pool": pool.__dict__, "seed": seed, "size": EMOJI_POOL_SIZE, "candidates": digest(self.candidates)}
         truth_file = directory / "truth.json"
         if not stamped(truth_file, stamp):
-            chosen = np.sort(np.random.default_rng(seed).permutation(self.candidates)[:EMOJI_POOL_SIZE])
+            chosen = self._chosen(seed)
             kinds = ("swap",) if pool.kind == "swap" else imagetext.KINDS
             samples = imagetext.corrupt(chosen, self.entries, self.pictures, pool.noise, seed + 1, kinds=kinds)
             where = imagetext.write_pool(directory / "shards", samples, 4, pool.name)
@@ -174,6 +186,24 @@ class EmojiData:
             truth_file.write_text(json.dumps(truth))
             write_stamp(truth_file, stamp)
         return directory / "shards", json.loads(truth_file.read_text())
+
+    def _chosen(self, seed: int) -> np.ndarray:
+        return np.sort(np.random.default_rng(seed).permutation(self.candidates)[:EMOJI_POOL_SIZE])
+
+    def trusted(self, pool: Pool) -> Path:
+        """The pool's trusted sample: clean pairs of emoji the pool did not draw."""
+        directory = self.out / "pools" / pool.name / "trusted"
+        seed = _pool_seed(self.seed, pool)
+        outside = np.setdiff1d(self.candidates, self._chosen(seed))
+        stamp = {"pool": pool.__dict__, "seed": seed, "size": TRUSTED_SIZE, "outside": digest(outside)}
+        marker = directory / "trusted.json"
+        if not stamped(marker, stamp):
+            picked = np.sort(np.random.default_rng(seed + 2).choice(outside, TRUSTED_SIZE, replace=False))
+            samples = imagetext.corrupt(picked, self.entries, self.pictures, 0.0, seed + 3)
+            imagetext.write_pool(directory, samples, 1, f"{pool.name}-trusted")
+            marker.write_text(json.dumps({"samples": TRUSTED_SIZE}))
+            write_stamp(marker, stamp)
+        return directory
 
     def score_options(self, reference: str) -> list[str]:
         if reference == "seen":
@@ -197,7 +227,7 @@ class FashionData:
 
     def pool(self, pool: Pool) -> tuple[Path, dict]:
         directory = self.out / "pools" / pool.name
-        seed = self.seed + int(hashlib.md5(pool.name.encode()).hexdigest()[:6], 16)
+        seed = _pool_seed(self.seed, pool)
         size = POOL_SIZES.get(pool.name, FMNIST_POOL_SIZE)
         stamp = {"pool": pool.__dict__, "seed": seed, "size": size, "candidates": digest(self.candidates),
                  "similar": SIMILAR_CLASS}
@@ -215,6 +245,24 @@ class FashionData:
             write_stamp(truth_file, stamp)
         return directory / "shards", json.loads(truth_file.read_text())
 
+    def trusted(self, pool: Pool) -> Path:
+        """The pool's trusted sample: correctly labelled images the pool did not draw."""
+        directory = self.out / "pools" / pool.name / "trusted"
+        seed = _pool_seed(self.seed, pool)
+        size = POOL_SIZES.get(pool.name, FMNIST_POOL_SIZE)
+        outside = np.setdiff1d(self.candidates, np.random.default_rng(seed).permutation(self.candidates)[:size])
+        stamp = {"pool": pool.__dict__, "seed": seed, "size": TRUSTED_SIZE, "outside": digest(outside)}
+        marker = directory / "trusted.json"
+        if not stamped(marker, stamp):
+            picked = np.sort(np.random.default_rng(seed + 2).choice(outside, TRUSTED_SIZE, replace=False))
+            labels = self.data["train_labels"][picked].astype(np.int64)
+            shutil.rmtree(directory, ignore_errors=True)
+            fmnist.write_shards(directory, self.data["train_images"][picked], labels, labels,
+                                np.zeros(len(picked), dtype=bool), 1, seed + 2)
+            marker.write_text(json.dumps({"samples": TRUSTED_SIZE}))
+            write_stamp(marker, stamp)
+        return directory
+
     def score_options(self, reference: str) -> list[str]:
         return self.reference.score_options()
 
@@ -222,11 +270,15 @@ class FashionData:
 # ------------------------------------------------------------------------------------------ scoring
 
 
-def score(data, pool: Pool, reference: str, setting: Setting, out: Path, threads: int, seed: int) -> dict:
-    """Score the pool with `mimicfilter score` (skipped when the same command already finished)."""
+def score(data, pool: Pool, reference: str, setting: Setting, out: Path, threads: int, seed: int,
+          anchored: bool | None = None, name: str | None = None) -> dict:
+    """Score the pool with `mimicfilter score` (skipped when the same command already finished); runs at
+    the defaults and their variants carry the pool's trusted sample as anchors unless ``anchored`` says."""
     shards, truth = data.pool(pool)
-    run_dir = out / "runs" / slug(f"{pool.name}-{reference}-{setting.name}")
-    command = mimicfilter_command() + ["score", str(shards), *data.score_options(reference), "--seed", str(seed),
+    anchored = setting.role in ANCHORED_ROLES if anchored is None else anchored
+    trusted = ["--trusted", str(data.trusted(pool))] if anchored else []
+    run_dir = out / "runs" / slug(name or f"{pool.name}-{reference}-{setting.name}")
+    command = mimicfilter_command() + ["score", str(shards), *trusted, *data.score_options(reference), "--seed", str(seed),
                                        "--workers", "0", "--threads", str(threads), "--quiet", "--json",
                                        "--overwrite", *setting.options, "--out", str(run_dir)]
     # the options left out take the task's defaults: a change of the defaults table scores again
@@ -241,4 +293,4 @@ def score(data, pool: Pool, reference: str, setting: Setting, out: Path, threads
             raise SystemExit(f"error: mimicfilter exited with {done.returncode}: {shlex.join(command)}")
         wall = time.time() - started
         write_stamp(run_dir, stamp)
-    return {"run_dir": run_dir, "truth": truth, "command": shlex.join(command), "wall_s": wall}
+    return {"run_dir": run_dir, "truth": truth, "command": shlex.join(command), "wall_s": wall, "anchored": anchored}

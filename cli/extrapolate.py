@@ -60,8 +60,9 @@ search_options = group(
                  help="IVF: nprobe (and the candidates re-ranked) grow until recall@10 against exact search "
                  "reaches this on calibration queries."),
     click.option("--block-size", type=int, default=16384, show_default=True, help="Queries handed to faiss at a time."),
-    click.option("--device", default="cpu", show_default=True,
-                 help="cpu, cuda, cuda:N or auto (the GPU index needs faiss-gpu; the GNN trains there too)."),
+    click.option("--device", default="auto", show_default=True,
+                 help="auto (a GPU when there is one, as for score and embed), cpu, cuda or cuda:N (the GPU index "
+                 "needs faiss-gpu; the GNN trains there too)."),
     click.option("--threads", type=int, default=None,
                  help="faiss threads per process [default: all cores; 1 per --workers process]."),
 )

@@ -93,6 +93,8 @@ def report(run_dir, out_dir, filter_manifest, sheet_size, sample_rows, shard_roo
     )
     summary = build_report(config)
     print_warnings(summary.get("warnings", []))
+    if reason := summary["per_sample_table"].get("not_reused"):
+        click.echo(f"Note: the score parts were aggregated again, not read from {filter_manifest}: {reason}", err=True)
     if as_json:
         click.echo(json.dumps(summary, indent=2, sort_keys=True, default=str))
     else:

@@ -51,7 +51,8 @@ def main(run_dir: Path) -> None:
         for sample in iter_shard_samples(shard):
             meta = json.loads(sample.files.get("json", b"{}") or b"{}")
             truth[(shard, sample.key)] = meta
-    rows = _mean_over_epochs([row for row in read_scores(run_dir).to_pylist() if row["status"] == "ok"])
+    rows = _mean_over_epochs([row for row in read_scores(run_dir).to_pylist()
+                              if row["status"] == "ok" and row.get("anchor") is None])  # the pool, not its anchors
     swapped = np.array([truth[(row["shard"], row["key"])].get("swapped", False) for row in rows])
     console = Console()
     epochs = info["train"]["epochs"]
@@ -81,10 +82,14 @@ def main(run_dir: Path) -> None:
         summary = json.loads(filter_summary.read_text())
         kept = {(row["shard"], row["key"]) for row in read_manifest(run_dir / "curated" / "manifest.parquet")}
         kept_swapped = sum(truth[key].get("swapped", False) for key in kept)
+        calibrated = summary["quality"].get("calibrated")
+        estimate = (f"quality estimate {calibrated['value']:.1%} (90% interval {calibrated['low']:.1%}–"
+                    f"{calibrated['high']:.1%}, calibrated on {calibrated['trusted']} trusted pairs)" if calibrated else
+                    f"relative score {summary['relative_score']:.1%} (uncalibrated)")
         console.print(
             f"filter ({' AND '.join(summary['rules']['keep'])}): kept {summary['kept']} of {summary['samples']} "
-            f"pairs; quality estimate {summary['quality_estimate']:.1%} vs true clean fraction "
-            f"{1 - swapped.mean():.1%}; {kept_swapped} swapped pairs left in the curated set"
+            f"pairs; {estimate} vs true clean fraction {1 - swapped.mean():.1%}; {kept_swapped} swapped pairs "
+            f"left in the curated set ({1 - kept_swapped / max(1, len(kept)):.1%} clean)"
         )
     console.print(f"Scores: {run_dir}/scores/*.parquet  ·  provenance: {run_dir}/run.json  ·  stats: {run_dir}/stats.json")
 

@@ -136,3 +136,40 @@ def test_synthetic_share_needs_trusted_samples(tmp_path, pool, tiny_config, refe
                                       str(reference_checkpoint), "--trusted", str(tmp_path / "empty.tar"),
                                       "--out", str(tmp_path / "r")])
     assert result.exit_code == 2 and "no samples" in result.stderr
+
+
+@pytest.mark.parametrize("mode", ["none", "head"])
+def test_anchors_leave_the_pools_own_scores_unchanged(tmp_path, pool, tiny_config, reference_checkpoint, mode):
+    shards, trusted = pool
+    train = TrainConfig(mode=mode, epochs=1 if mode == "none" else 2, lr=1e-2, shuffle_buffer=8)
+    model = ModelSpec(str(tiny_config), str(reference_checkpoint))
+    tables = {}
+    for name, extra in (("plain", {}), ("anchored", {"trusted": trusted, "synthetic_share": 0.25})):
+        run_score(ScoreConfig(shards, tmp_path / name, model, batch_size=6, train=train, **extra))
+        tables[name] = read_scores(tmp_path / name)
+    plain = {(r["shard"], r["index"], r["epoch"]): r for r in tables["plain"].to_pylist()}
+    anchored = [r for r in tables["anchored"].to_pylist() if r["anchor"] is None]
+    assert len(anchored) == len(plain) and len(tables["anchored"]) > len(plain)
+    for row in anchored:
+        twin = plain[(row["shard"], row["index"], row["epoch"])]
+        assert row["step"] == twin["step"]  # the same batches
+        for column in ("mimic_score", "mimic_weight", "loss", "clip_score", "ref_loss", "negclip_score"):
+            assert row[column] == pytest.approx(twin[column], rel=1e-4, abs=1e-5), column
+
+
+def test_an_anchor_is_never_contrasted_with_its_own_copies():
+    import torch
+
+    from mimicfilter.mimic.losses import Anchors, contrastive_per_sample_loss
+
+    torch.manual_seed(0)
+    image, text = (torch.nn.functional.normalize(torch.randn(6, 8), dim=-1) for _ in range(2))
+    image[5], text[5] = image[1], text[3]  # an anchor made of pool sample 1's image and pool sample 3's caption
+    mask = torch.tensor([False] * 5 + [True])
+    twins = torch.tensor([[False, True, False, True, False]])
+    for bias in (None, torch.tensor(-2.0)):
+        masked = contrastive_per_sample_loss(image, text, torch.tensor(10.0), bias, Anchors(mask, twins))
+        alone = torch.tensor([True, False, True, False, True, True])  # the batch without its twins
+        expected = contrastive_per_sample_loss(image[alone], text[alone], torch.tensor(10.0), bias)
+        assert torch.allclose(masked[5], expected[-1]) and not torch.allclose(
+            masked[5], contrastive_per_sample_loss(image, text, torch.tensor(10.0), bias)[5])

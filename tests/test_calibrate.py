@@ -130,7 +130,11 @@ def test_anchors_never_reach_a_count_or_an_output(tmp_path):
     assert "duplicates" in summary and summary["duplicates"]["uids"]["names"] == 0  # anchors' uids are not pool uids
     report = invoke("report", run, "--out", tmp_path / "report", "--sheet-size", "2", "--json")
     assert report.exit_code == 0, report.output
-    assert json.loads(report.stdout)["samples"] == 1000
+    shown = json.loads(report.stdout)
+    assert shown["samples"] == 1000 and shown["quality"]["calibrated"]["trusted"] == 200
+    assert shown["quality_estimate"] == shown["quality"]["calibrated"]["value"] and shown["rule"].startswith("calibrated")
+    page = (tmp_path / "report" / "index.html").read_text()
+    assert "Dataset quality estimate" in page and "calibrated_cut.svg" in page
 
 
 def test_without_anchors_nothing_is_called_a_quality_estimate(tmp_path):

@@ -341,3 +341,12 @@ def test_large_transparent_images_become_rgb_band_by_band_with_the_same_pixels(m
         banded = np.asarray(decode._to_rgb(image.copy()))
         monkeypatch.undo()
         assert banded.shape == whole.shape == (300, 200, 3) and np.array_equal(banded, whole), mode
+
+
+def test_extrapolate_never_writes_into_its_inputs(tmp_path):
+    run, _ = image_text_run(tmp_path)
+    before = snapshot(run)
+    for out in (run, run / "scores"):
+        line = one_line_error(invoke("extrapolate", "--scored", run, "--embeddings", run, "--out", out))
+        assert "input run" in line
+    assert snapshot(run) == before

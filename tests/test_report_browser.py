@@ -20,7 +20,8 @@ pytestmark = [pytest.mark.browser, pytest.mark.slow]
 
 @pytest.fixture(scope="module")
 def demo_report(tmp_path_factory):
-    """`make demo`'s commands on two demo shards plus a file that is not a tar and a truncated shard."""
+    """`make demo`'s commands (anchored by the demo's trusted sample) on two demo shards plus a file that
+    is not a tar and a truncated shard."""
     missing = missing_browser()
     if missing:
         if os.environ.get("CI") == "true":
@@ -35,7 +36,8 @@ def demo_report(tmp_path_factory):
     (shards / "truncated-000009.tar").write_bytes((DEMO / "shards" / "emoji-000002.tar").read_bytes()[:200_000])
     run, curated, report = root / "run", root / "run" / "curated", root / "run" / "report"
     commands = [
-        ["score", str(shards), "--model", str(DEMO / "tiny-clip.json"), "--reference", str(DEMO / "reference.safetensors"),
+        ["score", str(shards), "--trusted", str(DEMO / "trusted"), "--model", str(DEMO / "tiny-clip.json"),
+         "--reference", str(DEMO / "reference.safetensors"),
          "--batch-size", "128", "--epochs", "2", "--out", str(run), "--quiet"],
         ["filter", str(run), "--out", str(curated)],
         ["report", str(run), "--filter-manifest", str(curated / "manifest.parquet"), "--out", str(report)],

@@ -17,15 +17,8 @@ from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
-from mimicfilter.curate.duck import hash_condition, per_sample_sql
-from mimicfilter.curate.mixture import (
-    best_bin,
-    bootstrap,
-    tail_curve,
-    threshold_for_precision,
-    threshold_for_recall,
-    two_component,
-)
+from mimicfilter.curate.duck import epoch_columns, hash_condition, per_sample_sql
+from mimicfilter.curate.mixture import clean_share, tail_curve, threshold_for_precision, threshold_for_recall
 from mimicfilter.curate.rules import Rule
 from mimicfilter.defaults import CALIBRATED_TARGET_RECALL as DEFAULT_TARGET_RECALL
 from mimicfilter.errors import MimicfilterError
@@ -35,7 +28,6 @@ POOL_SAMPLE = 200_000  # pool samples the estimate and the curve are computed on
 MIN_ANCHORS = 20  # fewer usable trusted (or synthetic) samples: no calibration, a warning instead
 WEAK_SEPARATION = 0.85  # below this AUROC (trusted vs synthetic) the estimate's worst case is wider
 BOOTSTRAP_ROUNDS = 200
-LEVEL = 0.9  # the interval's coverage
 TRUSTED, SYNTHETIC = "trusted", "synthetic"
 
 
@@ -53,7 +45,7 @@ class Signal:
 
 
 def candidate_signals(columns: set[str], epochs: list[int]) -> list[Signal]:
-    """The signals a run's table can give (per-epoch mimic scores only with more than one epoch)."""
+    """The signals a run's per-sample table can give (per-epoch mimic scores only with more than one epoch)."""
     signals = [Signal("mimic_score")]
     if len(epochs) > 1:
         signals += [Signal(f"mimic_score_e{epoch}") for epoch in epochs]
@@ -63,18 +55,17 @@ def candidate_signals(columns: set[str], epochs: list[int]) -> list[Signal]:
     return signals
 
 
-def _epoch_columns(epochs: list[int]) -> list[str]:
-    return [f"avg(mimic_score) FILTER (WHERE epoch = {epoch}) AS mimic_score_e{epoch}" for epoch in epochs]
-
-
-def _values(connection, source: str, signals: list[Signal], epochs: list[int], where: str = "true",
-            extra: tuple[str, ...] = ()) -> dict[str, np.ndarray]:
+def signal_values(connection, source: str, signals: list[Signal], epochs: list[int], where: str = "true",
+                  extra: tuple[str, ...] = ()) -> dict[str, np.ndarray]:
+    """Per usable sample of ``source`` (``scores`` or ``anchor_scores``): every signal's value (NaN where
+    missing), plus the ``extra`` aggregates (``"any_value(anchor) AS anchor"``)."""
     rows = f"(SELECT * FROM {source} WHERE {where})"
-    sql = per_sample_sql(connection, source, list(extra) + (_epoch_columns(epochs) if len(epochs) > 1 else []), rows)
+    sql = per_sample_sql(connection, source, list(extra) + epoch_columns(epochs), rows)
     selected = ", ".join([f"{signal.column}::DOUBLE AS {signal.column}" for signal in signals]
                          + [name.rsplit(" AS ", 1)[-1] for name in extra])
     data = connection.execute(f"SELECT {selected} FROM ({sql}) WHERE status = 'ok'").fetchnumpy()
-    return {name: np.ma.filled(np.ma.asarray(values).astype(float), np.nan) if name != "anchor" else np.asarray(values)
+    floats = {signal.column for signal in signals}
+    return {name: np.ma.filled(np.ma.asarray(values).astype(float), np.nan) if name in floats else np.asarray(values)
             for name, values in data.items()}
 
 
@@ -91,7 +82,9 @@ class Calibration:
     higher_is_clean: bool
     separation: dict[str, float]  # AUROC of each signal, trusted vs synthetic
     upper: float  # the best-bin estimate (an upper bound up to sampling error)
-    explained: float  # the two-component estimate (trusted + synthetic)
+    explained: float | None  # the two-component estimate (trusted + synthetic)
+    method: str  # which of the two is the value: "two-component", or "best-bin" when the noise is unlike the synthetic
+    clean_p: float  # two-sample KS p-value of the pool against the trusted sample (≥ 0.05: a clean pool is possible)
     curve: list[dict[str, float]] = field(default_factory=list)  # threshold, kept, recall, precision
 
     def as_dict(self) -> dict:
@@ -119,12 +112,28 @@ def gather(connection, epochs: list[int]) -> Anchored | None:
     counts = anchor_counts(connection)
     if counts.get(TRUSTED, 0) < MIN_ANCHORS:
         return None
-    columns = {row[0] for row in connection.execute("DESCRIBE scores").fetchall()}
-    signals = candidate_signals(columns, epochs)
-    anchors = _values(connection, "anchor_scores", signals, epochs, extra=("any_value(anchor) AS anchor",))
+    columns = {row[0] for row in connection.execute("DESCRIBE samples").fetchall()}
+    signals = [signal for signal in candidate_signals(columns, epochs) if signal.column in columns]
+    anchors = signal_values(connection, "anchor_scores", signals, epochs, extra=("any_value(anchor) AS anchor",))
     is_trusted, is_synthetic = anchors["anchor"] == TRUSTED, anchors["anchor"] == SYNTHETIC
+    pool = pool_values(connection, signals)
+    return choose_signal(signals, pool, anchors, is_trusted, is_synthetic)
+
+
+def pool_values(connection, signals: list[Signal]) -> dict[str, np.ndarray]:
+    """Every signal of a hash sample of the usable pool samples, from the per-sample table ``samples``
+    (made once by the votes' aggregation, or a filter manifest's): no further pass over the score rows."""
     total = connection.execute("SELECT count(*) FROM samples WHERE status = 'ok'").fetchone()[0]
-    pool = _values(connection, "scores", signals, epochs, hash_condition(total, POOL_SAMPLE))
+    columns = ", ".join(f"{signal.column}::DOUBLE AS {signal.column}" for signal in signals)
+    data = connection.execute(
+        f"SELECT {columns} FROM samples WHERE status = 'ok' AND {hash_condition(total, POOL_SAMPLE)}").fetchnumpy()
+    return {name: np.ma.filled(np.ma.asarray(values).astype(float), np.nan) for name, values in data.items()}
+
+
+def choose_signal(signals: list[Signal], pool: dict[str, np.ndarray], anchors: dict[str, np.ndarray],
+                  is_trusted: np.ndarray, is_synthetic: np.ndarray) -> Anchored | None:
+    """Each signal's separation of the trusted from the synthetic anchors (AUROC); the arrays of the best
+    one (ties: the first listed); None when no signal has enough of both."""
     separation = {}
     for signal in signals:
         values = signal.oriented(anchors[signal.column])
@@ -148,19 +157,17 @@ def estimate(data: Anchored, seed: int = 0) -> Calibration:
     """The clean share (see docs/filter.md "Calibrated curation"), its bootstrap interval and the curve."""
     if not len(data.pool):
         raise MimicfilterError("no usable pool sample to calibrate", hint="check the run's statuses")
-    upper, _ = best_bin(data.pool, data.trusted)
-    explained = two_component(data.pool, data.trusted, data.synthetic)
-    value = upper
-    rounds = bootstrap(lambda p, t: best_bin(p, t)[0], (data.pool, data.trusted), BOOTSTRAP_ROUNDS, seed=seed)
-    low, high = (float(x) for x in np.quantile(rounds, [(1 - LEVEL) / 2, (1 + LEVEL) / 2]))
+    share = clean_share(data.pool, data.trusted, data.synthetic, BOOTSTRAP_ROUNDS, seed)
+    value = share.value
     curve = tail_curve(data.pool, data.trusted, value)
     sign = 1.0 if data.signal.higher_is_clean else -1.0
     points = [{"threshold": round(sign * float(t), 6), "kept": round(float(k), 6), "recall": round(float(r), 6),
                "precision": round(float(p), 6)}
               for t, k, r, p in zip(curve["threshold"], curve["kept"], curve["recall"], curve["precision"])]
-    return Calibration(round(value, 6), round(min(low, value), 6), round(max(high, value), 6), len(data.trusted),
+    return Calibration(round(value, 6), round(share.low, 6), round(share.high, 6), len(data.trusted),
                        len(data.synthetic), data.signal.name, data.signal.higher_is_clean, data.separation,
-                       round(upper, 6), round(explained, 6), points)
+                       round(share.upper, 6), None if np.isnan(share.explained) else round(share.explained, 6),
+                       share.method, round(share.clean_p, 6), points)
 
 
 def cut_threshold(data: Anchored, calibration: Calibration, target_precision: float | None,
@@ -197,18 +204,6 @@ def _expected(data: Anchored, calibration: Calibration, threshold: float) -> dic
             "precision": round(min(1.0, calibration.value * recall / kept) if kept else 1.0, 6)}
 
 
-def add_signal_column(connection, signal: str) -> None:
-    """A per-epoch signal (``mimic_score_eK``) as a column of ``samples``, for the cut's rule."""
-    columns = {row[0] for row in connection.execute("DESCRIBE samples").fetchall()}
-    if signal in columns or not signal.startswith("mimic_score_e"):
-        return
-    epoch = int(signal.removeprefix("mimic_score_e"))
-    connection.execute(
-        f'CREATE OR REPLACE TABLE samples AS SELECT s.*, e.value AS {signal} FROM samples s LEFT JOIN '
-        f'(SELECT shard, "index", avg(mimic_score) AS value FROM scores WHERE epoch = {epoch} GROUP BY shard, "index") e '
-        'USING (shard, "index")')
-
-
 def calibrated_cut(connection, epochs: list[int], target_precision: float | None = None,
                    target_recall: float | None = None, seed: int = 0) -> CalibratedCut | None:
     """Calibrate the pool against its anchors and make the cut for the target (recall by default);
@@ -222,7 +217,6 @@ def calibrated_cut(connection, epochs: list[int], target_precision: float | None
     threshold = cut_threshold(data, calibration, target_precision, target.get("recall"))
     if threshold is None:
         return CalibratedCut(calibration, None, target, None)
-    add_signal_column(connection, data.signal.column)
     rule = Rule("calibrated", column=data.signal.column, value=threshold,
                 expression=">=" if data.signal.higher_is_clean else "<=")
     return CalibratedCut(calibration, rule, target, _expected(data, calibration, threshold))

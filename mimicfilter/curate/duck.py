@@ -163,6 +163,13 @@ SAMPLE_ERROR_SQL = (f"CASE WHEN bool_or(status = '{NON_FINITE}') THEN 'epoch ' |
                     "ELSE arg_max(error, epoch) END")
 
 
+def epoch_columns(epochs: Sequence[int]) -> list[str]:
+    """Each epoch's mimic score as a per-sample column (``mimic_score_e0`` ...) when there are several."""
+    if len(epochs) < 2:
+        return []
+    return [f"avg(mimic_score) FILTER (WHERE epoch = {epoch}) AS mimic_score_e{epoch}" for epoch in epochs]
+
+
 def per_sample_sql(connection: duckdb.DuckDBPyConnection, source: str = "scores", extra: Sequence[str] = (),
                    rows: str | None = None) -> str:
     """SELECT one row per sample (shard, index) from the epoch rows of ``source``.

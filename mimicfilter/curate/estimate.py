@@ -114,7 +114,7 @@ def estimate_quality(connection, aggregation: dict, config: AggregateConfig) -> 
     if known and high - low > DISAGREEMENT_MARGIN:
         listed = ", ".join(f"{name} {_percent(share)}" for name, share in by_rule.items())
         warnings.append(f"the vote rules disagree by {100 * (high - low):.0f} points ({listed}): "
-                        "read the estimate as a range")
+                        "read the relative score as a range")
     flat = [epoch for epoch, bimodal_epoch in second_mode.items() if not bimodal_epoch]
     if flat:
         which = "the scores show" if len(flat) == len(second_mode) else f"the scores of epoch(s) {', '.join(flat)} show"

@@ -29,6 +29,7 @@ from mimicfilter.curate.estimate import QualityEstimate, estimate_quality, headl
 from mimicfilter.curate.outputs import write_keys
 from mimicfilter.curate.publish import MANIFEST, SUMMARY, publish
 from mimicfilter.curate.rules import Rule, apply_rules
+from mimicfilter.curate.samples_cache import parts_fingerprint, samples_record
 from mimicfilter.curate.votes import AggregateConfig, aggregate
 from mimicfilter.errors import MimicfilterError
 from mimicfilter.shards.discover import shard_locator
@@ -250,11 +251,15 @@ def _calibration_warnings(connection, cut: CalibratedCut | None) -> list[str]:
     if cut is None:
         return [f"only {counts.get('trusted', 0)} trusted anchors: at least {MIN_ANCHORS} usable ones calibrate the "
                 "estimate; the relative score is uncalibrated"] if counts else []
+    warnings = []
     separation = cut.calibration.separation[cut.calibration.signal]
     if separation < WEAK_SEPARATION:
-        return [f"the anchors' best signal ({cut.calibration.signal}) separates trusted from synthetic samples with "
-                f"AUROC {separation:.2f} only: read the quality estimate with its interval"]
-    return []
+        warnings.append(f"the anchors' best signal ({cut.calibration.signal}) separates trusted from synthetic samples "
+                        f"with AUROC {separation:.2f} only: read the quality estimate with its interval")
+    if cut.calibration.method.startswith("best-bin"):
+        warnings.append("the pool's noise scores closer to the trusted samples than the synthetic negatives do: the "
+                        "quality estimate is the best-bin upper bound, and may read high")
+    return warnings
 
 
 def run_filter(config: FilterConfig, stdout: IO[str] = sys.stdout) -> dict[str, Any]:
@@ -264,6 +269,7 @@ def run_filter(config: FilterConfig, stdout: IO[str] = sys.stdout) -> dict[str, 
     unfinished = [message for item in config.inputs if (message := unfinished_run(item))]
     if unfinished and config.strict:
         raise MimicfilterError(unfinished[0], hint="wait for the run to finish (or resume it), or drop --strict")
+    parts = parts_fingerprint(files)  # before reading them: a part that changes later makes the record stale
     with tempfile.TemporaryDirectory(prefix="mimicfilter-duckdb-") as spill:
         connection = connect(config.memory_limit, spill)
         load_scores(connection, files)
@@ -301,9 +307,16 @@ def run_filter(config: FilterConfig, stdout: IO[str] = sys.stdout) -> dict[str, 
                           datacomp_npy=targets.get("--datacomp-npy"),
                           shards_dir=targets["--write-shards"].path if config.write_shards else None,
                           maxcount=config.maxcount, shard_order=shard_order, locate=locate, summary=summary,
-                          stdout=stdout)
+                          stdout=stdout, manifest_metadata=_samples_cache(parts, config, aggregation, estimate, summary))
         connection.close()
     return summary
+
+
+def _samples_cache(parts: dict | None, config: FilterConfig, aggregation: dict, estimate: QualityEstimate,
+                   summary: dict) -> dict[bytes, bytes]:
+    """The manifest's record of its per-sample table, so `report --filter-manifest` need not aggregate
+    again (curate/samples_cache.py); the report uses it only when it reads exactly these parts."""
+    return samples_record(parts, config.aggregation, aggregation, estimate, summary["samples"])
 
 
 def _run_shard_order(inputs: tuple[str, ...]) -> list[str]:

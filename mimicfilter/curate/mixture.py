@@ -10,6 +10,13 @@ The trusted sample stands for the clean component; the synthetic negatives for o
 * :func:`two_component` — the share that best explains the pool's distribution as trusted plus
   synthetic (least squares over the pooled quantiles): unbiased when the pool's noise looks like the
   synthetic negatives, low when the noise is further from the clean data than they are.
+* :func:`clean_share` — the estimate filter reports: the two-component share while it is
+  consistent with the best-bin bound (not above the bound's 99th bootstrap percentile); otherwise
+  the pool's noise is unlike the synthetic negatives (milder: it scores closer to the clean data),
+  and the best-bin bound is the estimate. The interval spans both estimators' 90 % bootstrap
+  intervals. When a two-sample test cannot tell the pool from the trusted sample (p ≥ 5 %), a clean
+  pool is not ruled out: the interval reaches 100 % and the estimate is the top of the estimators'
+  intervals — a small trusted sample's luck alone would otherwise read a clean pool 5–10 points low.
 * :func:`tail_curve` — for thresholds on the signal: the kept share, the estimated recall (the trusted
   sample's tail) and precision (π · recall / kept share) of the kept set.
 
@@ -55,19 +62,61 @@ def two_component(pool: np.ndarray, trusted: np.ndarray, synthetic: np.ndarray) 
     return float(np.clip(((pool_cdf - synthetic_cdf) @ spread) / denominator, 0.0, 1.0))
 
 
-@dataclass(frozen=True)
-class Interval:
-    value: float
-    low: float
-    high: float
+def same_distribution_p(first: np.ndarray, second: np.ndarray) -> float:
+    """The two-sample Kolmogorov–Smirnov test's p-value (asymptotic, Stephens' correction)."""
+    grid = np.concatenate([first, second])
+    distance = float(np.max(np.abs(np.searchsorted(np.sort(first), grid, side="right") / len(first)
+                                   - np.searchsorted(np.sort(second), grid, side="right") / len(second))))
+    effective = len(first) * len(second) / (len(first) + len(second))
+    scaled = (math.sqrt(effective) + 0.12 + 0.11 / math.sqrt(effective)) * distance
+    if scaled < 1e-3:
+        return 1.0
+    terms = [2 * (-1) ** (k - 1) * math.exp(-2 * k * k * scaled * scaled) for k in range(1, 101)]
+    return float(min(1.0, max(0.0, sum(terms))))
 
 
-def bootstrap(estimate, samples: tuple[np.ndarray, ...], rounds: int = 200, level: float = 0.9,
-              seed: int = 0) -> np.ndarray:
+def bootstrap(estimate, samples: tuple[np.ndarray, ...], rounds: int = 200, seed: int = 0) -> np.ndarray:
     """``estimate(*resampled)`` over ``rounds`` resamples of every array (with replacement), seeded."""
     rng = np.random.default_rng(seed)
     return np.array([estimate(*(array[rng.integers(0, len(array), len(array))] for array in samples))
                      for _ in range(rounds)])
+
+
+CLEAN_TEST_LEVEL = 0.05  # Kolmogorov–Smirnov: the pool and the trusted sample differ below this p-value
+BOOTSTRAP_POOL = 50_000  # pool values resampled per bootstrap round (the trusted sample's error dominates)
+SWITCH_QUANTILE = 0.99  # the two-component share above this quantile of the best-bin bound: unlike the noise
+
+
+@dataclass(frozen=True)
+class CleanShare:
+    value: float
+    low: float  # the 90 % interval
+    high: float
+    upper: float  # the best-bin estimate
+    explained: float  # the two-component estimate (NaN without synthetic negatives)
+    method: str  # "two-component" or "best-bin" (", consistent with clean" when the test cannot tell)
+    clean_p: float = 1.0  # the KS test's p-value, pool vs trusted sample
+
+
+def clean_share(pool: np.ndarray, trusted: np.ndarray, synthetic: np.ndarray, rounds: int = 200,
+                seed: int = 0) -> CleanShare:
+    """The pool's clean share (see the module docstring); arrays oriented higher = cleaner."""
+    upper = best_bin(pool, trusted)[0]
+    explained = two_component(pool, trusted, synthetic) if len(synthetic) else float("nan")
+    resampled = pool if len(pool) <= BOOTSTRAP_POOL else np.random.default_rng(seed).choice(pool, BOOTSTRAP_POOL)
+    rounds_of = bootstrap(lambda p, t, s: (best_bin(p, t)[0], two_component(p, t, s) if len(s) else np.nan),
+                          (resampled, trusted, synthetic if len(synthetic) else np.zeros(1)), rounds, seed)
+    bounds, fits = rounds_of[:, 0], rounds_of[:, 1]
+    consistent = not math.isnan(explained) and explained <= np.quantile(bounds, SWITCH_QUANTILE)
+    value, method = (explained, "two-component") if consistent else (upper, "best-bin")
+    lows = [np.quantile(bounds, 0.05)] + ([np.quantile(fits, 0.05)] if consistent else [])
+    highs = [np.quantile(bounds, 0.95)] + ([np.quantile(fits, 0.95)] if consistent else [])
+    clean_p = same_distribution_p(pool, trusted)
+    if clean_p >= CLEAN_TEST_LEVEL:  # the data cannot rule out a clean pool
+        value, method = max(value, max(highs)), method + ", consistent with clean"
+        highs.append(1.0)
+    low, high = min(min(lows), value), max(max(highs), value)
+    return CleanShare(float(value), float(low), float(high), float(upper), float(explained), method, clean_p)
 
 
 def tail_curve(pool: np.ndarray, trusted: np.ndarray, clean_share: float, points: int = 101) -> dict[str, np.ndarray]:

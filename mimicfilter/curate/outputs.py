@@ -28,16 +28,18 @@ def _manifest_columns(connection) -> str:
     return ", ".join(f'"{column}"' for column in leading + rest)
 
 
-def write_manifest(connection, path: Path, run_id: str) -> None:
+def write_manifest(connection, path: Path, run_id: str, metadata: dict[bytes, bytes] | None = None) -> None:
     """manifest.parquet: every sample with ``kept`` and its ``reason``, in shard order.
 
     Streamed from DuckDB in Arrow batches (DuckDB itself may no longer touch files once user SQL
-    has run); the file's metadata carries the filter run's id, as summary.json does.
+    has run); the file's metadata carries the filter run's id, as summary.json does, and
+    ``metadata`` (the record of its per-sample table: curate/samples_cache.py).
     """
     reader = connection.sql(
         f"SELECT {_manifest_columns(connection)} FROM decisions ORDER BY shard, \"index\", key"
     ).to_arrow_reader(FETCH_ROWS)
-    schema = reader.schema.with_metadata({**(reader.schema.metadata or {}), b"mimicfilter_run_id": run_id.encode()})
+    schema = reader.schema.with_metadata({**(reader.schema.metadata or {}), **(metadata or {}),
+                                         b"mimicfilter_run_id": run_id.encode()})
     with atomic_path(path) as temp, pq.ParquetWriter(str(temp), schema, compression="zstd") as writer:
         for batch in reader:
             writer.write_batch(batch.replace_schema_metadata(schema.metadata))

@@ -64,7 +64,7 @@ def _owned_by_filter(out: Path, requested: list[Path]) -> Callable[[str], bool]:
 
 def publish(connection, *, out: Path, keys: Target | str | None, datacomp_npy: Target | None, shards_dir: Path | None,
             maxcount: int, shard_order: list[str], locate: Callable[[str], str], summary: dict[str, Any],
-            stdout: IO[str]) -> dict[str, Any]:
+            stdout: IO[str], manifest_metadata: dict[bytes, bytes] | None = None) -> dict[str, Any]:
     """Write every requested output as described above; returns the summary as written.
 
     ``keys`` is ``-`` (stdout) or a checked target (store/guard.py), like ``datacomp_npy``. Streams
@@ -86,7 +86,7 @@ def publish(connection, *, out: Path, keys: Target | str | None, datacomp_npy: T
         def place(name: str, path: Path) -> Path:
             return staging / inside[name] if inside[name] is not None else path
 
-        write_manifest(connection, staging / MANIFEST, run_id)
+        write_manifest(connection, staging / MANIFEST, run_id, manifest_metadata)
         if shards_dir is not None and inside["curated_shards"] is not None:
             summary["curated_shards"] = write_shards(connection, shard_order, place("curated_shards", shards_dir),
                                                      shards_dir, maxcount, locate)

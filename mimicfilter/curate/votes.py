@@ -22,7 +22,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from mimicfilter.curate.duck import per_sample_sql
+from mimicfilter.curate.duck import epoch_columns, per_sample_sql
 from mimicfilter.defaults import BINARIZE_RULES, DEFAULT_BINARIZE, DEFAULT_COMBINE_VOTES, VOTE_COMBINERS
 from mimicfilter.errors import MimicfilterError
 
@@ -309,6 +309,7 @@ def aggregate(connection, config: AggregateConfig) -> dict:
         "sum(CASE WHEN vote THEN (1::BIGINT << epoch::BIGINT) ELSE 0 END)::BIGINT AS vote_pattern",
     ]
     rows = f"(SELECT *, coalesce({rule.sql()}, false) AS vote FROM scores)"
+    votes += epoch_columns(sorted(rule.thresholds))  # per-epoch mimic scores: rules and calibration read them
     connection.execute(f"CREATE OR REPLACE TABLE samples AS {per_sample_sql(connection, 'scores', votes, rows)}")
     epochs = len(rule.thresholds)
     if config.combine_votes == "majority":

@@ -43,7 +43,7 @@ class ExtrapolateConfig:
     index: str = "auto"  # exact | ivf-sq8 | ivf-sq4 | auto (by size)
     recall_target: float = RECALL_TARGET
     block_size: int = 16384  # queries handed to faiss at a time
-    device: str = "cpu"
+    device: str = "auto"  # as score and embed: a GPU when there is one
     seed: int = 0
     workers: int = 0  # local worker processes predicting units (0: this process)
     threads: int | None = None  # faiss threads per process (None: all cores; workers: 1 each)

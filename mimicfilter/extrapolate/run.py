@@ -50,6 +50,7 @@ from mimicfilter.extrapolate.sources import Scored, Source, check_spaces, open_r
 from mimicfilter.extrapolate.stream import LazyWorker, Reading, Unit, UnitWorkerFactory, part_counts
 from mimicfilter.mimic.device import resolve_device
 from mimicfilter.store.parts import part_paths, table_stats
+from mimicfilter.store.guard import Inputs as GuardedInputs, Output, guard_outputs
 from mimicfilter.store.paths import RUN_FILE, part_path
 from mimicfilter.store.rundir import RunDirectory, write_rank_stats
 from mimicfilter.store.schema import EXTRAPOLATED_COLUMN
@@ -204,6 +205,9 @@ def run_extrapolate(config: ExtrapolateConfig, observer: Callable[[int], None] |
     """
     say = echo or (lambda message: None)
     run = RunDirectory(config.out_dir, "extrapolate", config.argv)
+    external = config.features_from.paths if config.features_from is not None else ()
+    guard_outputs([Output("--out", config.out_dir, directory=True, run=True)],
+                  GuardedInputs.of(runs=[config.scored, *config.embeddings], embeddings_file=external))
     device = resolve_device(config.device)
     inputs, scored = open_inputs(config)
     say(f"scored run: {scored.table.num_rows} samples; {len(inputs.units)} units of work")

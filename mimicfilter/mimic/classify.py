@@ -24,7 +24,8 @@ class ClassifierScorer(MimicScorer):
     def route(self) -> str:
         return "head" if self.head_only else "full"
 
-    def _prepare(self, images, labels) -> Prepared:
+    def _prepare(self, images, labels, anchors=None) -> Prepared:
+        # classification losses do not couple samples: anchors need nothing here (only their weights do)
         proxy, reference = self.models.proxy, self.models.reference
         labels = labels.long()
         dtype = self._dtype()

@@ -141,7 +141,7 @@ class ContrastiveScorer(MimicScorer):
         dtype = self._dtype()
         return F.normalize(image.to(dtype), dim=-1), F.normalize(text.to(dtype), dim=-1)
 
-    def _baselines(self, reference_image, reference_text) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    def _baselines(self, reference_image, reference_text, anchors=None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         """The reference's per-sample loss, CLIP score and, for softmax CLIP, the negCLIP score
         (Wang et al. 2024: the CLIP score less the batch's contrastive normaliser τ/2·(LSE_row + LSE_col),
         which is exactly -ref_loss·τ; averaged over epochs it is averaged over random batches)."""
@@ -149,14 +149,14 @@ class ContrastiveScorer(MimicScorer):
         with torch.no_grad():
             clip_score = clip_similarity(reference_image, reference_text)
             scale = reference.logit_scale.exp()
-            ref_loss = contrastive_per_sample_loss(reference_image, reference_text, scale, reference.logit_bias)
+            ref_loss = contrastive_per_sample_loss(reference_image, reference_text, scale, reference.logit_bias, anchors)
             negclip = -ref_loss / scale if reference.logit_bias is None else None
         return ref_loss, clip_score, negclip
 
-    def _prepare(self, images, texts) -> Prepared:
+    def _prepare(self, images, texts, anchors=None) -> Prepared:
         proxy = self.models.proxy
         if self.heads is None:
-            return self._prepare_full(images, texts)
+            return self._prepare_full(images, texts, anchors)
         heads = self.heads
         dtype = self._dtype()
         proxy_image, proxy_text = (t.to(dtype) for t in self._trunk(heads, images, texts))
@@ -168,21 +168,21 @@ class ContrastiveScorer(MimicScorer):
             reference_image, reference_text = F.normalize(image, dim=-1), F.normalize(text, dim=-1)
         else:
             reference_image, reference_text = self._reference_features(images, texts)
-        ref_loss, clip_score, negclip = self._baselines(reference_image, reference_text)
+        ref_loss, clip_score, negclip = self._baselines(reference_image, reference_text, anchors)
 
         def per_sample_loss(params: ParamDict) -> torch.Tensor:
             image = heads["image"].apply(params, proxy_image) if "image" in heads else proxy_image
             text = heads["text"].apply(params, proxy_text) if "text" in heads else proxy_text
             return contrastive_per_sample_loss(
-                F.normalize(image, dim=-1), F.normalize(text, dim=-1), proxy.logit_scale.exp(), proxy.logit_bias
+                F.normalize(image, dim=-1), F.normalize(text, dim=-1), proxy.logit_scale.exp(), proxy.logit_bias, anchors
             )
 
         return Prepared(per_sample_loss, ref_loss, clip_score, (reference_image, reference_text), negclip)
 
-    def _prepare_full(self, images, texts) -> Prepared:
+    def _prepare_full(self, images, texts, anchors=None) -> Prepared:
         proxy = self.models.proxy
         reference_image, reference_text = self._reference_features(images, texts)
-        ref_loss, clip_score, negclip = self._baselines(reference_image, reference_text)
+        ref_loss, clip_score, negclip = self._baselines(reference_image, reference_text, anchors)
 
         def per_sample_loss(params: ParamDict) -> torch.Tensor:
             # The JVP stays in full precision: no autocast on this route.
@@ -193,7 +193,7 @@ class ContrastiveScorer(MimicScorer):
             logit_scale = params.get("logit_scale", proxy.logit_scale).exp()
             logit_bias = params.get("logit_bias", proxy.logit_bias)
             return contrastive_per_sample_loss(
-                F.normalize(image, dim=-1), F.normalize(text, dim=-1), logit_scale, logit_bias
+                F.normalize(image, dim=-1), F.normalize(text, dim=-1), logit_scale, logit_bias, anchors
             )
 
         return Prepared(per_sample_loss, ref_loss, clip_score, (reference_image, reference_text), negclip)

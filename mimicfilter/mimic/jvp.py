@@ -20,6 +20,8 @@ from typing import Callable
 import torch
 import torch.autograd.forward_ad as forward_ad
 
+from mimicfilter.mimic.losses import Anchors
+
 ParamDict = dict[str, torch.Tensor]
 
 
@@ -41,9 +43,23 @@ def _quiet_forward_ad():
         yield
 
 
-def relative_weights(scores: torch.Tensor, temperature: float) -> torch.Tensor:
-    """r_i = B * softmax(s / tau)_i: the batch weights of Grad-Mimic, scaled so uniform is 1."""
-    return scores.numel() * torch.softmax(scores / temperature, dim=0)
+def relative_weights(scores: torch.Tensor, temperature: float, anchors: Anchors | None = None) -> torch.Tensor:
+    """r_i = B * softmax(s / tau)_i: the batch weights of Grad-Mimic, scaled so uniform is 1.
+
+    ``anchors`` ride along: the pool's weights are over the pool's scores alone, and an anchor's
+    weight is the one it would have as the only extra member of the batch ((B+1) · its share)."""
+    if anchors is None or not bool(anchors.mask.any()):
+        return scores.numel() * torch.softmax(scores / temperature, dim=0)
+    mask = anchors.mask
+    pool = ~mask
+    logits = scores / temperature
+    pool_logits = logits[pool]
+    weights = torch.empty_like(scores)
+    weights[pool] = pool_logits.numel() * torch.softmax(pool_logits, dim=0)
+    pool_mass = torch.logsumexp(pool_logits, dim=0) if pool_logits.numel() else torch.tensor(float("-inf"), dtype=logits.dtype)
+    own = logits[mask]
+    weights[mask] = (pool_logits.numel() + 1) * torch.exp(own - torch.logaddexp(own, pool_mass))
+    return weights
 
 
 @dataclass(frozen=True)
@@ -80,6 +96,7 @@ def mimic_scores(
     params: ParamDict,
     unit_direction: ParamDict,
     temperature: float,
+    anchors: Anchors | None = None,
 ) -> MimicResult:
     """Scores of a batch from one forward-mode JVP of ``per_sample_loss`` at ``params``.
 
@@ -91,7 +108,8 @@ def mimic_scores(
     with _quiet_forward_ad():
         loss, directional = torch.func.jvp(per_sample_loss, (primals,), (tangents,))
     score = -directional
-    return MimicResult(loss=loss.detach(), score=score.detach(), weight=relative_weights(score.detach(), temperature))
+    return MimicResult(loss=loss.detach(), score=score.detach(),
+                       weight=relative_weights(score.detach(), temperature, anchors))
 
 
 def mimic_forward(
@@ -99,6 +117,7 @@ def mimic_forward(
     params: ParamDict,
     unit_direction: ParamDict,
     temperature: float,
+    anchors: Anchors | None = None,
 ) -> MimicResult:
     """Like :func:`mimic_scores`, but the losses keep their autograd graph for a training step.
 
@@ -112,4 +131,4 @@ def mimic_forward(
     if directional is None:  # the loss does not depend on the mimic layers at all
         directional = torch.zeros_like(loss)
     score = -directional.detach()
-    return MimicResult(loss=loss, score=score, weight=relative_weights(score, temperature))
+    return MimicResult(loss=loss, score=score, weight=relative_weights(score, temperature, anchors))

@@ -29,6 +29,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from mimicfilter.mimic.jvp import ParamDict, mimic_direction, mimic_forward, mimic_scores
 from mimicfilter.mimic.layers import parameters_of, unshare_parameters
+from mimicfilter.mimic.losses import Anchors
 from mimicfilter.mimic.models import LoadedModels
 
 
@@ -117,7 +118,9 @@ class MimicScorer:
     def _dtype(self) -> torch.dtype:
         return next(self.models.proxy.parameters()).dtype
 
-    def _prepare(self, images: torch.Tensor, targets: torch.Tensor) -> Prepared:
+    def _prepare(self, images: torch.Tensor, targets: torch.Tensor, anchors: Anchors | None) -> Prepared:
+        """``anchors`` (bool per sample, on the device): samples that ride along without changing the
+        others' losses (see mimic.losses.contrastive_per_sample_loss)."""
         raise NotImplementedError
 
     def _inputs(self, images: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -129,10 +132,16 @@ class MimicScorer:
     def mimic_parameters(self) -> ParamDict:
         return dict(self._mimic_parameters)
 
-    def score(self, images: torch.Tensor, targets: torch.Tensor) -> BatchScores:
-        """Static scores of one batch (the proxy is not changed)."""
-        prepared = self._prepare(*self._inputs(images, targets))
-        result = mimic_scores(prepared.per_sample_loss, self.mimic_parameters(), self.models.direction.unit, self.temperature)
+    def _anchors(self, anchors: Anchors | None) -> Anchors | None:
+        return None if anchors is None or not bool(anchors.mask.any()) else anchors.to(self.models.device)
+
+    def score(self, images: torch.Tensor, targets: torch.Tensor, anchors: Anchors | None = None) -> BatchScores:
+        """Static scores of one batch (the proxy is not changed); ``anchors`` marks the samples scored
+        beside the pool (score --trusted) without touching the pool's scores."""
+        anchors = self._anchors(anchors)
+        prepared = self._prepare(*self._inputs(images, targets), anchors)
+        result = mimic_scores(prepared.per_sample_loss, self.mimic_parameters(), self.models.direction.unit,
+                              self.temperature, anchors)
         return self._batch_scores(result.score, result.weight, result.loss, prepared)
 
     def enable_training(self, mode: str) -> list[nn.Parameter]:
@@ -150,24 +159,30 @@ class MimicScorer:
             parameter.requires_grad_(True)
         return trained
 
-    def train_step(self, images: torch.Tensor, targets: torch.Tensor, optimizer: torch.optim.Optimizer) -> BatchScores:
+    def train_step(self, images: torch.Tensor, targets: torch.Tensor, optimizer: torch.optim.Optimizer,
+                   anchors: Anchors | None = None) -> BatchScores:
         """Score the batch at the current proxy, then update it with the re-weighted loss sum_i w_i l_i.
 
         Mimic layers get the gradient of the re-weighted loss; with a training trunk (``full``) every
         other parameter gets the gradient of the plain mean loss, as in the paper's code. The
-        direction V is recomputed from the current proxy at every step.
+        direction V is recomputed from the current proxy at every step. ``anchors`` are scored at
+        the same proxy state and take no part in the step: the proxy learns from the pool alone.
         """
+        anchors = self._anchors(anchors)
         mimic_params = self.mimic_parameters()
         direction = mimic_direction(self._reference_parameters, {k: v.detach() for k, v in mimic_params.items()})
-        prepared = self._prepare(*self._inputs(images, targets))
-        result = mimic_forward(prepared.per_sample_loss, mimic_params, direction.unit, self.temperature)
-        batch = result.loss.shape[0]
-        weighted_loss = (result.weight.detach() / batch * result.loss).sum()
+        prepared = self._prepare(*self._inputs(images, targets), anchors)
+        result = mimic_forward(prepared.per_sample_loss, mimic_params, direction.unit, self.temperature, anchors)
+        pool_loss, pool_weight = result.loss, result.weight.detach()
+        if anchors is not None:
+            pool_loss, pool_weight = pool_loss[~anchors.mask], pool_weight[~anchors.mask]
+        batch = pool_loss.shape[0]
+        weighted_loss = (pool_weight / batch * pool_loss).sum()
         optimizer.zero_grad(set_to_none=True)
         if self.trunk_trains:
             mimic_grads = torch.autograd.grad(weighted_loss, list(mimic_params.values()), retain_graph=True)
             others = [p for p in self.models.proxy.parameters() if p.requires_grad and all(p is not q for q in mimic_params.values())]
-            result.loss.mean().backward(inputs=others)
+            pool_loss.mean().backward(inputs=others)
             for parameter, gradient in zip(mimic_params.values(), mimic_grads):
                 parameter.grad = gradient
         else:

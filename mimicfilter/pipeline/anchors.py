@@ -26,7 +26,8 @@ from __future__ import annotations
 import functools
 import hashlib
 import random
-from collections.abc import Iterable, Iterator
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
@@ -176,12 +177,43 @@ def spread_trusted(samples: Iterable[RawSample], trusted: tuple[RawSample, ...],
     yield from trusted[placed:]
 
 
-def pool_with_anchors(samples: Iterable[RawSample], plan: AnchorPlan | None, shard: str | None = None) -> Iterable[RawSample]:
-    """The raw stream with its anchors: one pool shard's (static, ``shard``) or a whole epoch's."""
+def _set_aside(samples: Iterable[RawSample], plan: AnchorPlan, made: deque) -> Iterator[RawSample]:
+    """The pool samples alone; each synthetic negative goes to ``made`` with the number of pool samples
+    read before it."""
+    read = 0
+    for sample in with_synthetic(samples, plan):
+        if sample.anchor is None:
+            read += 1
+            yield sample
+        else:
+            made.append((read, sample))
+
+
+def pool_with_anchors(samples: Iterable[RawSample], plan: AnchorPlan | None, shard: str | None = None,
+                      reorder: Callable[[Iterable[RawSample]], Iterator[RawSample]] | None = None) -> Iterator[RawSample]:
+    """The raw stream with its anchors: one pool shard's (static, ``shard``) or a whole epoch's.
+
+    ``reorder`` (a trajectory's seeded shuffle) sees the pool samples alone, so the pool's order — and so
+    every pool batch — is the one a run without anchors has; each synthetic negative follows the pool
+    sample after which it was made (counted in the reordered stream), and the trusted samples are spread
+    over the reordered stream."""
+    reorder = reorder or iter
     if plan is None:
-        return samples
+        return reorder(samples)
     if shard is None:
-        return spread_trusted(with_synthetic(samples, plan), read_trusted(plan.trusted_shards, plan.allow_pipe),
-                              plan.pool_estimate)
-    return spread_trusted(with_synthetic(samples, plan), plan.trusted_for(shard),
-                          plan.pool_estimate / max(1, len(plan.pool_shards)))
+        trusted, expected = read_trusted(plan.trusted_shards, plan.allow_pipe), plan.pool_estimate
+    else:
+        trusted, expected = plan.trusted_for(shard), plan.pool_estimate / max(1, len(plan.pool_shards))
+    made: deque = deque()
+    return spread_trusted(_merge_made(reorder(_set_aside(samples, plan, made)), made), trusted, expected)
+
+
+def _merge_made(pool: Iterator[RawSample], made: deque) -> Iterator[RawSample]:
+    given = 0
+    for sample in pool:
+        yield sample
+        given += 1
+        while made and made[0][0] <= given:
+            yield made.popleft()[1]
+    while made:
+        yield made.popleft()[1]

@@ -84,17 +84,17 @@ class BatchScorer:
         """Static scores of the batch (the proxy does not change)."""
         if batch.images is None:
             return score_rows(batch, None, epoch=epoch)
-        scores = self.scorer.score(batch.images, batch.targets)
+        scores = self.scorer.score(batch.images, batch.targets, batch.anchors)
         return score_rows(batch, scores, self._embeddings(scores), epoch)
 
     def train(self, batch: Batch, optimizer: torch.optim.Optimizer, epoch: int) -> list[dict[str, Any]]:
         """Score the batch at the current proxy, then take one Grad-Mimic step on it."""
         if batch.images is None:
             return score_rows(batch, None, epoch=epoch)
-        if batch.images.shape[0] > 1:
-            scores = self.scorer.train_step(batch.images, batch.targets, optimizer)
+        if batch.pool_samples > 1:
+            scores = self.scorer.train_step(batch.images, batch.targets, optimizer, batch.anchors)
         else:  # a batch of one has no contrast and a zero gradient: score it, but take no step
-            scores = self.scorer.score(batch.images, batch.targets)
+            scores = self.scorer.score(batch.images, batch.targets, batch.anchors)
         return score_rows(batch, scores, self._embeddings(scores), epoch)
 
 

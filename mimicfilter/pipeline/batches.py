@@ -8,7 +8,9 @@ Slurm ranks). Trajectory epochs are one stream whose batches span shards.
 Tail rule: a stream's last batch would often be tiny (a batch of 3 has only 2 negatives per
 sample), so a remainder smaller than half a batch joins the batch before it (that batch holds
 B + r < 1.5 B samples); a larger remainder forms its own batch. Samples that are not ``ok`` ride
-along with the batch being filled when they are read and take no part in its loss.
+along with the batch being filled when they are read and take no part in its loss. Anchors
+(``score --trusted``) ride along too: they do not count towards the batch size, and are scored as
+extra members of the pool's batch without changing any pool sample's score (mimic.losses).
 
 Collation stacks the ok samples' uint8 images (and token ids) once, straight into page-locked
 memory when the batch goes to a GPU (``pin_memory``), so the copy to the device is asynchronous.
@@ -20,11 +22,13 @@ GPU, instead of every decode worker transposing each image (a tenth of the fast 
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Iterator
 
 import torch
 
+from mimicfilter.mimic.losses import Anchors
 from mimicfilter.shards.records import DecodedSample, SampleInfo
 
 
@@ -42,6 +46,18 @@ class Batch:
     # --decoder gpu: (row of ``images``, JPEG bytes) of the images still to decode on the device;
     # their rows of ``images`` are zeros until then (pipeline.decoder.Decoder.decode_on_device)
     encoded: tuple[tuple[int, bytes], ...] = ()
+    twins: Any = None  # image–text batches with anchors: bool [anchors, pool samples] sharing an image or caption
+
+    @property
+    def anchors(self) -> Anchors | None:
+        """Which ok samples are anchors (over the rows of ``images``) and their twins, or None."""
+        flags = [sample.anchor is not None for sample in self.samples if sample.ok]
+        return Anchors(torch.tensor(flags), self.twins) if any(flags) else None
+
+    @property
+    def pool_samples(self) -> int:
+        """Ok samples of the pool (not anchors): those the proxy learns from."""
+        return sum(sample.ok and sample.anchor is None for sample in self.samples)
 
     @property
     def targets(self) -> Any:
@@ -82,14 +98,35 @@ def _collate(shard: str | None, step: int, samples: list[DecodedSample], last: b
             texts = stack_into([sample.text for sample in ok], _host_memory(pin_memory))
         if ok[0].label is not None:
             labels = torch.tensor([sample.label for sample in ok])
-    return Batch(shard, step, last, [sample.info for sample in samples], images, texts, labels, encoded)
+    return Batch(shard, step, last, [sample.info for sample in samples], images, texts, labels, encoded, _twins(ok))
+
+
+def _content(sample: DecodedSample) -> bytes:
+    pixels = sample.encoded if sample.image is None else sample.image.numpy().tobytes()
+    return hashlib.blake2b(pixels, digest_size=16).digest()
+
+
+def _twins(ok: list[DecodedSample]) -> Any:
+    """For an image–text batch with anchors: which pool samples share each anchor's image (the same
+    pixels) or caption, so the anchor is not contrasted with its own copies (mimic.losses.Anchors)."""
+    anchors = [sample for sample in ok if sample.anchor is not None]
+    if not anchors or ok[0].caption is None:
+        return None
+    pool = [sample for sample in ok if sample.anchor is None]
+    images = [_content(sample) for sample in pool]
+    twins = torch.zeros((len(anchors), len(pool)), dtype=torch.bool)
+    for row, anchor in enumerate(anchors):
+        image = _content(anchor)
+        twins[row] = torch.tensor([other == image or sample.caption == anchor.caption
+                                   for other, sample in zip(images, pool)], dtype=torch.bool)
+    return twins
 
 
 def group_batches(
     samples: Iterable[DecodedSample], batch_size: int, shard: str | None, first_step: int = 0,
     pin_memory: bool = False,
 ) -> Iterator[Batch]:
-    """Collated batches of ``batch_size`` ok samples (tail rule above); the final one has ``last``.
+    """Collated batches of ``batch_size`` ok pool samples (tail rule above); the final one has ``last``.
 
     ``shard`` names the shard of a per-shard stream (static scoring) and is None for a stream that
     spans shards (trajectory epochs); every sample carries its own shard either way. Steps count
@@ -102,8 +139,9 @@ def group_batches(
     step = first_step
     for sample in samples:
         current.append(sample)
-        current_ok += sample.ok
-        if sample.ok and current_ok == batch_size:
+        pool = sample.ok and sample.anchor is None
+        current_ok += pool
+        if pool and current_ok == batch_size:
             if held is not None:
                 yield _collate(shard, step, held, False, pin_memory)
                 step += 1

@@ -79,7 +79,8 @@ def epoch_samples(shards: tuple[str, ...], epoch: int, seed: int, shuffle_buffer
     """The raw samples of one epoch (with their anchors), in the order the proxy sees them (a
     function of seed and epoch)."""
     rng = random.Random(seed * 1_000_003 + epoch)
-    return shuffled(pool_with_anchors(raw_stream(shards, allow_pipe), anchors), shuffle_buffer, rng)
+    return pool_with_anchors(raw_stream(shards, allow_pipe), anchors,
+                             reorder=lambda pool: shuffled(pool, shuffle_buffer, rng))
 
 
 @dataclass(frozen=True)

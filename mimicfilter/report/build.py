@@ -30,21 +30,24 @@ from typing import Any
 
 import numpy as np
 
+from mimicfilter.curate.calibrate import CalibratedCut, calibrated_cut
 from mimicfilter.curate.duck import check_memory_limit, connect, load_scores, score_files
 from mimicfilter.curate.estimate import estimate_quality, headline_fields
+from mimicfilter.curate.samples_cache import check_reuse
 from mimicfilter.curate.votes import AggregateConfig
 from mimicfilter.errors import MimicfilterError
 from mimicfilter.report.duplicates import duplicate_groups, funnel_step, group_sheets, merge_duplicate_reasons
 from mimicfilter.report.curves import budgets, curve_points, distribution, equivalent_cut, keep_curve, mean_clip_of
 from mimicfilter.report.html import render_html
 from mimicfilter.report.plots import (
+    plot_calibrated_cut,
     plot_caption_lengths,
     plot_image_sizes,
     plot_keep_curve,
     plot_score_split,
     plot_score_vs_clip,
 )
-from mimicfilter.report.samples import Sampled, sample_pool, sample_scores, score_rows_sampled, sheet_entries
+from mimicfilter.report.samples import Sampled, draw_samples, sheet_entries
 from mimicfilter.report.sheets import contact_sheets, decode_config_of_run
 from mimicfilter.report.sheets import THUMBNAIL_DIR
 from mimicfilter.report.tally import decisions, drop_reasons, funnel, shard_quality, status_counts
@@ -137,24 +140,34 @@ def build_report(config: ReportConfig) -> dict[str, Any]:
     return summary
 
 
+def _calibration(connection, rule: dict[str, Any]) -> CalibratedCut | None:
+    """With a filter manifest: the pool's calibration against its anchors (the manifest decides what is kept)."""
+    return calibrated_cut(connection, [int(epoch) for epoch in (rule.get("aggregation") or {}).get("thresholds", {})])
+
+
 def _write_report(config: ReportConfig, info: dict[str, Any], files: list[str], out: Path) -> dict[str, Any]:
     """The numbers, plots and sheets, written into ``out`` (the staging directory)."""
     with tempfile.TemporaryDirectory(prefix="mimicfilter-report-") as spill:
+        # before the parts are read: one that changes later makes a manifest's per-sample table stale
+        reuse = check_reuse(config.filter_manifest, files, config.aggregation) if config.filter_manifest else None
         connection = connect(config.memory_limit, spill)
         load_scores(connection, files)
-        rule = decisions(connection, config.aggregation, config.filter_manifest)
-        estimate = estimate_quality(connection, rule["aggregation"], config.aggregation)
+        rule = decisions(connection, config.aggregation, config.filter_manifest, reuse)
+        calibration = rule.get("calibration") or _calibration(connection, rule)
+        estimate = (reuse.estimate if reuse and reuse.usable
+                    else estimate_quality(connection, rule["aggregation"], config.aggregation))
         counts = funnel(connection)
         shards = shard_quality(connection)
         statuses = status_counts(connection)
         reasons = merge_duplicate_reasons(drop_reasons(connection, statuses))
-        scored = sample_scores(connection, config.sample_rows)
-        score_rows_used, score_rows_total = score_rows_sampled(connection, config.sample_rows)
-        pool = sample_pool(connection, config.sample_rows)
+        drawn = draw_samples(connection, config.sample_rows)
+        scored, pool = drawn.scores, drawn.pool
         cut = equivalent_cut(scored.data["mimic_score"], scored.data["kept"])
         sheets = sheet_entries(connection, config.sheet_size, cut.mimic_score if cut else None)
         duplicates = duplicate_groups(connection, config.run_dir, config.filter_manifest, config.sheet_size)
         connection.close()
+        if reuse is not None:
+            reuse.confirm_unchanged()
     quality = counts.kept / counts.usable if counts.usable else None
     curve = keep_curve(scored.data["mimic_score"], scored.data["clip_score"])
     images = {
@@ -162,6 +175,8 @@ def _write_report(config: ReportConfig, info: dict[str, Any], files: list[str], 
         "keep_curve": plot_keep_curve(curve, cut, quality, out / "keep_curve.svg"),
         "score_vs_clip": plot_score_vs_clip(scored, out / "score_vs_clip.svg"),
     }
+    if calibration is not None:
+        images["calibrated_cut"] = plot_calibrated_cut(calibration.summary(), out / "calibrated_cut.svg")
     if pool is not None:
         images["caption_lengths"] = plot_caption_lengths(pool, out / "caption_lengths.svg")
         images["image_sizes"] = plot_image_sizes(pool, out / "image_sizes.svg")
@@ -181,7 +196,9 @@ def _write_report(config: ReportConfig, info: dict[str, Any], files: list[str], 
         "samples": counts.samples,
         "ok": counts.usable,
         "kept": counts.kept,
-        **headline_fields(rule["keep"], rule["drop"], counts.kept, counts.usable, estimate),
+        **headline_fields(rule["keep"], rule["drop"], counts.kept, counts.usable, estimate,
+                          calibration.calibration.as_dict() if calibration else None),
+        **({"calibration": calibration.summary()} if calibration else {}),
         "funnel": asdict(counts) | funnel_step(duplicates),
         "duplicates": duplicates,
         "drop_reasons": [asdict(reason) for reason in reasons],
@@ -191,11 +208,12 @@ def _write_report(config: ReportConfig, info: dict[str, Any], files: list[str], 
         "mean_clip_score": {"usable": mean_clip_of(clip, np.ones_like(kept)), "kept": mean_clip_of(clip, kept)},
         "keep_curve": curve_points(curve),
         "budgets": budgets(curve),
-        "plot_rows": {"score_rows_used": score_rows_used, "score_rows_total": score_rows_total,
+        "plot_rows": {"score_rows_used": drawn.score_rows_used, "score_rows_total": drawn.score_rows_total,
                       "samples_used": scored.used, "samples_total": scored.total},
         "pool": _pool_summary(pool),
         "sheets": {name: [asdict(card) for card in entries] for name, entries in cards.items()},
         "task": info.get("fingerprint", {}).get("task"),
         "epochs": info.get("train", {}).get("epochs", 1),
         "images": images,
+        "per_sample_table": reuse.as_dict() if reuse else {"from": "score parts"},
     }

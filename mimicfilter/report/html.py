@@ -170,6 +170,13 @@ def _threshold(summary: dict[str, Any]) -> str:
                         "Move the threshold right to keep less; the blue line says how clean (by the reference's CLIP "
                         "score) the kept set gets."))
     parts.append(_budgets(summary))
+    if "calibrated_cut" in images:
+        calibration = summary["calibration"]
+        separations = ", ".join(f"{name} {value:.2f}" for name, value in calibration["separation"].items())
+        parts.append(figure(images, "calibrated_cut", "estimated precision and recall of the kept set by threshold",
+                            f"Measured against {calibration['trusted']} trusted samples and {calibration['synthetic']} "
+                            f"synthetic negatives on {calibration['signal']}, the signal that separates them best "
+                            f"(AUROC: {separations}). Choose a cut with filter --target-precision or --target-recall."))
     parts.append(figure(images, "score_vs_clip", "mimic score versus the reference CLIP score",
                         "Each usable sample by both scores (a 2-D histogram above 20,000 samples). Low on both "
                         "axes: pairs both scores reject."))

@@ -163,3 +163,29 @@ def plot_image_sizes(pool: Sampled, path: Path) -> Path | None:
     bins = 2 ** np.linspace(low, max(high, low + 1), int(4 * max(high - low, 1)) + 1)
     return _split_histogram(shorter, kept[known], bins, "shorter image side, pixels (log scale)",
                             "Image sizes (original pixels)", path, log_x=True)
+
+
+def plot_calibrated_cut(calibration: dict | None, path: Path) -> Path | None:
+    """With anchors: the estimated precision and recall of the kept set at every threshold of the
+    calibration's signal, against the share of the pool it keeps (curate/calibrate.py)."""
+    points = (calibration or {}).get("curve") or []
+    if len(points) < 2:
+        return None
+    plt = _pyplot()
+    figure, axes = plt.subplots(figsize=FIGURE_SIZE)
+    kept = [100 * point["kept"] for point in points]
+    axes.plot(kept, [100 * point["precision"] for point in points], color=KEPT, linewidth=2,
+              label="estimated precision (clean share of the kept)")
+    axes.plot(kept, [100 * point["recall"] for point in points], color="#3a5ba0", linewidth=1.6,
+              label="estimated recall (share of the clean samples kept)")
+    cut = calibration.get("cut") or {}
+    if cut.get("kept") is not None:
+        axes.axvline(100 * cut["kept"], color=CUT, linestyle="--", linewidth=1.2, label="the calibrated cut")
+    axes.set_xlabel(f"kept share of usable samples (%), cut on {calibration['signal']}")
+    axes.set_ylabel("%")
+    axes.set_ylim(0, 102)
+    axes.set_xlim(0, 102)
+    axes.grid(alpha=0.25)
+    axes.legend(frameon=False, loc="upper center", bbox_to_anchor=(0.5, -0.17), ncol=1)
+    axes.set_title("Calibrated cut: precision and recall by threshold")
+    return _save(figure, path)

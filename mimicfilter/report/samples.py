@@ -1,6 +1,7 @@
-"""What the report draws and shows, taken from the ``samples`` table of tally.py: a deterministic hash
-sample of the samples for the plots (with the optional pool columns), and the samples of each
-contact sheet (lowest, highest, borderline, random kept, random dropped)."""
+"""What the report draws and shows, taken from the ``samples`` table of tally.py (or the view over a
+filter manifest that stands for it): a deterministic hash sample of the samples for the plots (with
+the optional pool columns), drawn in one pass, and the samples of each contact sheet (lowest,
+highest, borderline, random kept, random dropped)."""
 
 from __future__ import annotations
 
@@ -62,47 +63,51 @@ def score_columns(connection) -> set[str]:
     return {row[0] for row in connection.execute("DESCRIBE scores").fetchall()}
 
 
-def sample_scores(connection, wanted: int) -> Sampled:
-    """Usable samples' mean mimic score, CLIP score (NaN where absent) and keep decision, hash-sampled."""
-    total = connection.execute("SELECT count(*) FROM samples WHERE status = 'ok' AND mimic_score IS NOT NULL").fetchone()[0]
-    where = hash_condition(total, wanted)
-    data = connection.execute(
-        "SELECT mimic_score::DOUBLE AS mimic_score, clip_score::DOUBLE AS clip_score, kept FROM samples "
-        f"WHERE status = 'ok' AND mimic_score IS NOT NULL AND {where}"
-    ).fetchnumpy()
-    arrays = _as_arrays(data, ("mimic_score", "clip_score"))
-    arrays["kept"] = arrays["kept"].astype(bool)
-    return Sampled(arrays, len(arrays["kept"]), total)
+@dataclass(frozen=True)
+class Drawn:
+    """Everything the plots stand on: the hash samples and the score rows behind them."""
+
+    scores: Sampled  # usable samples: mean mimic score, CLIP score (NaN where absent), kept
+    pool: Sampled | None  # every sample: kept and the pool columns (None: the table has none of them)
+    score_rows_used: int  # score rows (epochs) of the sampled usable samples
+    score_rows_total: int  # score rows of all usable samples
 
 
-def score_rows_sampled(connection, wanted: int) -> tuple[int, int]:
-    """(score rows of the hash-sampled usable samples, score rows of all usable samples): what the
-    plots stand on, counted from the per-sample table (no second pass over the score parts)."""
-    usable = "status = 'ok' AND mimic_score IS NOT NULL"
-    total_samples = connection.execute(f"SELECT count(*) FROM samples WHERE {usable}").fetchone()[0]
-    where = hash_condition(total_samples, wanted)
-    used, total = connection.execute(
-        f"SELECT coalesce(sum(epochs) FILTER (WHERE {where}), 0), coalesce(sum(epochs), 0) FROM samples WHERE {usable}"
-    ).fetchone()
-    return int(used), int(total)
+_USABLE = "status = 'ok' AND mimic_score IS NOT NULL"
 
 
-def sample_pool(connection, wanted: int) -> Sampled | None:
-    """Caption length and image size per sample (all statuses) with its keep decision; None when the
-    score table has no value in any pool column (the per-sample table carries them: no second pass)."""
+def draw_samples(connection, wanted: int) -> Drawn:
+    """Two passes over ``samples``, whatever it holds: one counts, one draws both hash samples.
+
+    The usable samples behind the score plots and every sample behind the pool plots are each a
+    deterministic hash sample of about ``wanted`` (by the sample's identity, so the same run draws
+    the same samples), fetched in (shard, index) order, so scatters overplot alike every time.
+    """
     columns = [column for column in POOL_COLUMNS if column in score_columns(connection)]
-    counts = connection.execute(f"SELECT {', '.join(f'count({c})' for c in columns)} FROM samples").fetchone() if columns else ()
-    present = [column for column, count in zip(columns, counts) if count]  # all null: the table predates them
-    if not present:
-        return None
-    total = connection.execute("SELECT count(*) FROM samples").fetchone()[0]
-    where = hash_condition(total, wanted)
-    data = connection.execute(
-        f"SELECT kept, {', '.join(f'{column}::DOUBLE AS {column}' for column in present)} FROM samples WHERE {where}"
-    ).fetchnumpy()
-    arrays = _as_arrays(data, tuple(present))
-    arrays["kept"] = arrays["kept"].astype(bool)
-    return Sampled(arrays, len(arrays["kept"]), total)
+    counts = connection.execute(
+        f"SELECT count(*), count(*) FILTER (WHERE {_USABLE}), coalesce(sum(epochs) FILTER (WHERE {_USABLE}), 0)"
+        + "".join(f", count({column})" for column in columns) + " FROM samples").fetchone()
+    total, usable, rows_total = counts[:3]
+    present = [column for column, count in zip(columns, counts[3:]) if count]  # all null: the table predates them
+    for_scores = f"({_USABLE} AND {hash_condition(usable, wanted)})"
+    for_pool = hash_condition(total, wanted) if present else "false"
+    connection.execute(
+        'CREATE OR REPLACE TEMP TABLE drawn AS SELECT shard, "index", mimic_score::DOUBLE AS mimic_score, '
+        "clip_score::DOUBLE AS clip_score, kept, epochs, "
+        + "".join(f"{column}::DOUBLE AS {column}, " for column in present)
+        + f"{for_scores} AS for_scores, {for_pool} AS for_pool FROM samples WHERE {for_scores} OR {for_pool}")
+    order = 'ORDER BY shard, "index"'  # the connection does not keep insertion order
+    scores = _as_arrays(connection.execute(f"SELECT mimic_score, clip_score, kept FROM drawn WHERE for_scores {order}")
+                        .fetchnumpy(), ("mimic_score", "clip_score"))
+    scores["kept"] = scores["kept"].astype(bool)
+    rows_used = connection.execute("SELECT coalesce(sum(epochs), 0) FROM drawn WHERE for_scores").fetchone()[0]
+    pool = None
+    if present:
+        data = _as_arrays(connection.execute(f"SELECT kept, {', '.join(present)} FROM drawn WHERE for_pool {order}")
+                          .fetchnumpy(), tuple(present))
+        data["kept"] = data["kept"].astype(bool)
+        pool = Sampled(data, len(data["kept"]), total)
+    return Drawn(Sampled(scores, len(scores["kept"]), usable), pool, int(rows_used), int(rows_total))
 
 
 def _entries(connection, condition: str, order: str, count: int, parameters: list | None = None) -> list[SheetEntry]:

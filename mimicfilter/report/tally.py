@@ -9,7 +9,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from mimicfilter.curate.calibrate import calibrated_cut
+from mimicfilter.curate.rules import apply_rules
 from mimicfilter.curate.duck import sql_string
+from mimicfilter.curate.samples_cache import Reuse
 from mimicfilter.curate.votes import AggregateConfig, aggregate
 from mimicfilter.errors import MimicfilterError
 
@@ -47,14 +50,27 @@ class DropReason:
     examples: list[dict[str, Any]]  # status: {error, count, first}; rule: {shard, key, mimic_score}
 
 
-def decisions(connection, aggregation_config: AggregateConfig, filter_manifest: Path | None) -> dict[str, Any]:
+def decisions(connection, aggregation_config: AggregateConfig, filter_manifest: Path | None,
+              reuse: Reuse | None = None) -> dict[str, Any]:
     """Table ``samples`` with ``kept`` and ``reason`` columns; returns the rule that decided them.
 
     Reasons read like ``filter``'s manifest: ``kept``, ``status:<status>``, ``not keep-votes``, or,
     with a manifest, its own ``reason`` column (``not in the manifest`` for samples it does not name).
+    A manifest whose per-sample table may be reused (curate/samples_cache.py) *is* ``samples``: a
+    view over the file, read where needed, nothing aggregated again.
     """
+    if filter_manifest is not None and reuse is not None and reuse.usable:
+        connection.execute("CREATE OR REPLACE VIEW samples AS SELECT * REPLACE (coalesce(kept, false) AND status = 'ok' "
+                           f"AS kept) FROM read_parquet({sql_string(str(filter_manifest))})")
+        return _manifest_rule(str(filter_manifest), reuse.aggregation)
     aggregation = aggregate(connection, aggregation_config)
     if filter_manifest is None:
+        cut = calibrated_cut(connection, [int(epoch) for epoch in aggregation["thresholds"]])
+        if cut is not None and cut.rule is not None:  # a run with anchors: filter's default rule is its cut
+            apply_rules(connection, [cut.rule], [], "and")
+            connection.execute("CREATE OR REPLACE TABLE samples AS SELECT * FROM decisions")
+            return {"name": cut.rule.text, "aggregation": aggregation, "thresholds": aggregation["thresholds"],
+                    "keep": [cut.rule.text], "drop": [], "calibration": cut}
         connection.execute(
             "CREATE OR REPLACE TABLE samples AS SELECT *, (status = 'ok' AND vote_keep) AS kept, "
             f"CASE WHEN status <> 'ok' THEN {sql_string(STATUS_PREFIX)} || status "
@@ -62,7 +78,7 @@ def decisions(connection, aggregation_config: AggregateConfig, filter_manifest: 
         )
         name = f"keep-votes ({aggregation['binarize']} per epoch, {aggregation['combine_votes']} over epochs)"
         return {"name": name, "aggregation": aggregation, "thresholds": aggregation["thresholds"],
-                "keep": ["keep-votes"], "drop": []}
+                "keep": ["keep-votes"], "drop": [], "calibration": cut}
     manifest = str(filter_manifest)
     try:
         columns = {row[0] for row in connection.execute(f"DESCRIBE SELECT * FROM read_parquet({sql_string(manifest)})").fetchall()}
@@ -86,6 +102,10 @@ def decisions(connection, aggregation_config: AggregateConfig, filter_manifest: 
     if matched == 0:
         raise MimicfilterError(f"--filter-manifest {manifest} names none of this run's samples",
                                hint="pass the manifest of a filter over this run")
+    return _manifest_rule(manifest, aggregation)
+
+
+def _manifest_rule(manifest: str, aggregation: dict) -> dict[str, Any]:
     rules = _manifest_rules(manifest)
     return {"name": _manifest_rule_name(manifest), "aggregation": aggregation, "thresholds": aggregation["thresholds"],
             "keep": rules.get("keep", [f"manifest {manifest}"]), "drop": rules.get("drop", [])}

@@ -1,0 +1,125 @@
+"""Calibration on the validation suite (bench_defaults.py): what ``filter`` reports for a run scored with
+anchors, measured against the truth, for 100, 200 and 500 trusted samples.
+
+Every anchored run carries the pool's 500 trusted samples. For a count n, DRAWS random draws of n of
+them (and of max(n, 200) synthetic negatives, what ``score --trusted`` makes for n trusted samples)
+go through the same functions ``filter`` calls (mimicfilter/curate/calibrate.py): the signal chosen by
+its separation, the clean share and its interval, and the default cut (target recall
+``CALIBRATED_TARGET_RECALL``). Reported per draw: the estimate's error, whether the interval holds the
+truth, the share of the pool's clean samples the cut keeps, and the F1 of the dropped samples as a
+detector of the noisy ones, next to the F1 of the same cut made on every single signal.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from mimicfilter import metrics
+from mimicfilter.curate import calibrate
+from mimicfilter.curate.duck import epoch_columns, per_sample_sql
+from mimicfilter.curate.mixture import threshold_for_recall
+from mimicfilter.defaults import CALIBRATED_TARGET_RECALL
+
+ANCHOR_COUNTS = (100, 200, 500)
+DRAWS = 8
+MIN_SYNTHETIC = 200
+
+
+def _pool(connection, signals: list[calibrate.Signal], epochs: list[int]) -> dict[str, np.ndarray]:
+    sql = per_sample_sql(connection, "scores", epoch_columns(epochs))
+    columns = ", ".join(f"{signal.column}::DOUBLE AS {signal.column}" for signal in signals)
+    data = connection.execute(f"SELECT shard, key, {columns} FROM ({sql}) WHERE status = 'ok'").fetchnumpy()
+    return {name: np.asarray(values) if name in ("shard", "key") else np.ma.filled(np.ma.asarray(values).astype(float), np.nan)
+            for name, values in data.items()}
+
+
+def _f1(kept: np.ndarray, clean: np.ndarray) -> float | None:
+    return metrics.detection(~kept, ~clean).f1 if (~clean).any() else None
+
+
+def evaluate(connection, truth: dict[str, bool], epochs: list[int], seed: int = 0) -> dict:
+    """Per anchor count, the draws' results (see the module docstring)."""
+    columns = {row[0] for row in connection.execute("DESCRIBE scores").fetchall()}
+    signals = calibrate.candidate_signals(columns, epochs)
+    pool = _pool(connection, signals, epochs)
+    clean = np.array([truth[f"{Path(shard).name}/{key}"] for shard, key in zip(pool["shard"], pool["key"])])
+    anchors = calibrate.signal_values(connection, "anchor_scores", signals, epochs, extra=("any_value(anchor) AS anchor",))
+    trusted_rows = np.flatnonzero(anchors["anchor"] == calibrate.TRUSTED)
+    synthetic_rows = np.flatnonzero(anchors["anchor"] == calibrate.SYNTHETIC)
+    rng = np.random.default_rng(seed)
+    results = {}
+    for count in ANCHOR_COUNTS:
+        draws = []
+        for _ in range(DRAWS if count < len(trusted_rows) else 1):
+            picked_t = rng.choice(trusted_rows, min(count, len(trusted_rows)), replace=False)
+            picked_s = rng.choice(synthetic_rows, min(max(count, MIN_SYNTHETIC), len(synthetic_rows)), replace=False)
+            rows = np.concatenate([picked_t, picked_s])
+            sub = {name: values[rows] for name, values in anchors.items()}
+            is_trusted = np.arange(len(rows)) < len(picked_t)
+            data = calibrate.choose_signal(signals, pool, sub, is_trusted, ~is_trusted)
+            if data is None:
+                continue
+            calibration = calibrate.estimate(data, seed)
+            threshold = calibrate.cut_threshold(data, calibration, None, CALIBRATED_TARGET_RECALL)
+            oriented = data.signal.oriented(pool[data.signal.column])
+            kept = oriented >= data.signal.oriented(np.array([threshold]))[0]
+            single = {}
+            for signal in signals:
+                trusted_values = signal.oriented(sub[signal.column][is_trusted])
+                trusted_values = trusted_values[~np.isnan(trusted_values)]
+                if len(trusted_values) >= calibrate.MIN_ANCHORS:
+                    cut = threshold_for_recall(trusted_values, CALIBRATED_TARGET_RECALL)
+                    single[signal.name] = _f1(signal.oriented(pool[signal.column]) >= cut, clean)
+            draws.append({"value": calibration.value, "low": calibration.low, "high": calibration.high,
+                          "error": calibration.value - clean.mean(),
+                          "covered": bool(calibration.low - 1e-9 <= clean.mean() <= calibration.high + 1e-9),
+                          "signal": calibration.signal, "separation": calibration.separation[calibration.signal],
+                          "method": calibration.method, "kept_clean": float(kept[clean].mean()) if clean.any() else None,
+                          "kept": float(kept.mean()), "f1": _f1(kept, clean), "single_f1": single})
+        results[str(count)] = draws
+    return {"truth": float(clean.mean()), "by_count": results}
+
+
+def _mean(values) -> float:
+    values = [v for v in values if v is not None]
+    return float(np.mean(values)) if values else float("nan")
+
+
+def summary_rows(runs: list[dict], count: str) -> list[list[str]]:
+    """One row per anchored run: truth, the estimate over the draws, coverage, signal, cut, F1."""
+    rows = []
+    for run in runs:
+        draws = run["calibration"]["by_count"].get(count) or []
+        if not draws:
+            continue
+        errors = [d["error"] for d in draws]
+        best_single = _mean([max((f for f in d["single_f1"].values() if f is not None), default=None) for d in draws])
+        signals = sorted({d["signal"] for d in draws})
+        rows.append([run["pool"], run["reference"], run["setting"], f"{100 * run['calibration']['truth']:.1f}%",
+                     f"{100 * _mean([d['value'] for d in draws]):.1f}%",
+                     f"{100 * np.mean(errors):+.1f} ({100 * min(errors):+.1f}…{100 * max(errors):+.1f})",
+                     f"{np.mean([d['covered'] for d in draws]):.2f}", "/".join(signals),
+                     f"{_mean([d['separation'] for d in draws]):.2f}",
+                     f"{np.mean([d['method'].startswith('best-bin') for d in draws]):.2f}",
+                     f"{100 * _mean([d['kept_clean'] for d in draws]):.1f}%",
+                     "–" if draws[0]["f1"] is None else f"{_mean([d['f1'] for d in draws]):.2f} / {best_single:.2f}",
+                     f"{100 * run['rules'][run['default_rule']]['error']:+.1f}"])
+    return rows
+
+
+SUMMARY_HEADER = ["pool", "reference", "setting", "truth", "calibrated", "error (draws: min…max)", "covered",
+                  "signal", "AUROC", "best-bin share", "clean kept", "F1 / best single", "relative score error"]
+
+
+def acceptance(runs: list[dict], count: str) -> dict:
+    """The worst cases the issue's acceptance names, over every draw of every anchored run."""
+    draws = [(run, d) for run in runs for d in run["calibration"]["by_count"].get(count) or []]
+    separated = [abs(d["error"]) for _, d in draws if d["separation"] >= calibrate.WEAK_SEPARATION]
+    other = [abs(d["error"]) for _, d in draws if d["separation"] < calibrate.WEAK_SEPARATION]
+    clean_runs = [(run, d) for run, d in draws if run["calibration"]["truth"] == 1.0]
+    return {"draws": len(draws), "coverage": float(np.mean([d["covered"] for _, d in draws])) if draws else None,
+            "worst_error_separated": max(separated, default=None), "worst_error_other": max(other, default=None),
+            "clean_min_estimate": min((d["value"] for _, d in clean_runs), default=None),
+            "clean_min_kept": min((d["kept_clean"] for _, d in clean_runs), default=None)}
