@@ -10,6 +10,7 @@ from typing import Any
 
 import numpy as np
 
+from mimicfilter.curate.duck import hash_condition
 from mimicfilter.store.schema import POOL_COLUMNS  # nullable: tables written before them have none
 
 SHEETS = ("lowest", "borderline", "highest", "random_kept", "random_dropped")
@@ -36,14 +37,6 @@ class Sampled:
     data: dict[str, np.ndarray]
     used: int  # rows drawn
     total: int  # rows the sample was drawn from
-
-
-def hash_condition(total: int, wanted: int, key_sql: str = _IDENTITY) -> str:
-    """A deterministic ~wanted/total sample by hash of the sample's identity (stable across epochs)."""
-    if total <= wanted:
-        return "true"
-    fraction_ppm = max(1, int(1_000_000 * wanted / total))
-    return f"(hash({key_sql}) % 1000000) < {fraction_ppm}"
 
 
 def _as_arrays(data: dict[str, Any], floats: tuple[str, ...]) -> dict[str, np.ndarray]:
@@ -89,8 +82,8 @@ def draw_samples(connection, wanted: int) -> Drawn:
         + "".join(f", count({column})" for column in columns) + " FROM samples").fetchone()
     total, usable, rows_total = counts[:3]
     present = [column for column, count in zip(columns, counts[3:]) if count]  # all null: the table predates them
-    for_scores = f"({_USABLE} AND {hash_condition(usable, wanted)})"
-    for_pool = hash_condition(total, wanted) if present else "false"
+    for_scores = f"({_USABLE} AND {hash_condition(usable, wanted, _IDENTITY)})"
+    for_pool = hash_condition(total, wanted, _IDENTITY) if present else "false"
     connection.execute(
         'CREATE OR REPLACE TEMP TABLE drawn AS SELECT shard, "index", mimic_score::DOUBLE AS mimic_score, '
         "clip_score::DOUBLE AS clip_score, kept, epochs, "
