@@ -202,6 +202,30 @@ def test_score_save_embeddings_dedup_filter(tmp_path, tiny_config, reference_che
     assert len({row["duplicate_group"] for row in group}) == 1 and sum(row["duplicate_of"] is None for row in group) == 1
 
 
+def test_long_captions_are_told_apart_by_their_text(tmp_path, tiny_config, reference_checkpoint):
+    """Captions past the text tower's context (16 tokens here) embed alike whatever their ends say:
+    dedup --dedup-on pair compares them by their folded text (long_caption_sha1) instead."""
+    start = "couple with heart: woman, man, medium-light skin tone, and a few more words to fill the context"
+    picture = image_text_samples(1)[0][1]["jpg"]
+    captions = {"long-a": start + ", dark skin tone", "long-b": start + ", light skin tone",
+                "long-c": "  " + (start + ",  DARK skin tone").upper(), "short-a": "a red apple", "short-b": "A  red apple"}
+    samples = image_text_samples(6, start=1) + [(key, {"jpg": picture, "txt": text.encode()}) for key, text in captions.items()]
+    run = tmp_path / "run"
+    result = CliRunner().invoke(cli, ["score", str(write_tar(tmp_path / "pool.tar", samples)), "--model", str(tiny_config),
+                                      "--reference", str(reference_checkpoint), "--train", "none", "--save-embeddings",
+                                      "--workers", "0", "--out", str(run), "--quiet"])
+    assert result.exit_code == 0, result.output
+    rows = {row["key"]: row for row in read_scores(run, columns=["key", "long_caption_sha1", "text_embedding"]).to_pylist()}
+    assert rows["long-a"]["long_caption_sha1"] == rows["long-c"]["long_caption_sha1"] != rows["long-b"]["long_caption_sha1"]
+    assert rows["short-a"]["long_caption_sha1"] is None and rows["00000001"]["long_caption_sha1"] is None
+    assert rows["long-a"]["text_embedding"] == rows["long-b"]["text_embedding"]  # the tower never saw the ends
+    _dedup(run, "--max-threshold", "0.1")
+    edges = pq.read_table(run / "dedup" / "edges").to_pylist()
+    linked = {frozenset((row["key_a"], row["key_b"])) for row in edges}
+    assert {frozenset(("long-a", "long-c")), frozenset(("short-a", "short-b"))} <= linked
+    assert not any("long-b" in pair for pair in linked)
+
+
 def test_dedup_refuses_what_it_cannot_use(tmp_path):
     run = write_score_run(tmp_path / "run", [score_row("/s.tar", "k", 0, 0, 1.0)], ["/s.tar"])
     result = CliRunner().invoke(cli, ["dedup", str(run)])

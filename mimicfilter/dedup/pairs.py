@@ -6,7 +6,9 @@ against the rows after it (each pair once: about half a similarity matrix, never
 pairs at or above the floor cosine 1 − ``max_epsilon``. With ``pair`` the candidates' captions are
 compared too and must be ``caption_factor`` times as close: cos ≥ 1 − caption_factor × ε, so one
 number, the pair's similarity min(image cos, 1 − (1 − caption cos) / caption_factor), says at
-which ε the pair is a duplicate. Of all those pairs only a maximum spanning forest is written
+which ε the pair is a duplicate — unless the text tower cut either caption at its context length:
+then the captions must also read the same after folding case and whitespace (``long_caption_sha1``
+of the score table), since the embedding saw only their start. Of all those pairs only a maximum spanning forest is written
 (:func:`~mimicfilter.curate.groups.spanning_forest`): at most one edge per sample, and for every
 ε ≤ max_epsilon its edges of similarity ≥ 1 − ε connect exactly the samples all pairs would, so
 ``filter`` picks ε afterwards without a new search.
@@ -55,9 +57,13 @@ class CellEdges:
         return cls(*(np.concatenate([getattr(part, name) for part in parts]) for name in ("a", "b", "similarity", "image", "text")))
 
 
-def _identical(vectors: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """(representatives, each row's representative): rows with the same bytes share the first of them."""
-    keys = np.ascontiguousarray(vectors).reshape(len(vectors), -1).view(np.dtype((np.void, vectors[0].nbytes)))[:, 0]
+def _identical(vectors: np.ndarray, long_captions: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """(representatives, each row's representative): rows with the same bytes (vectors, and long
+    captions' digests when given) share the first of them."""
+    rows = np.ascontiguousarray(vectors).reshape(len(vectors), -1).view(np.uint8)
+    if long_captions is not None:
+        rows = np.hstack([rows, long_captions])
+    keys = np.ascontiguousarray(rows).view(np.dtype((np.void, rows.shape[1])))[:, 0]
     _, first, inverse = np.unique(keys, return_index=True, return_inverse=True)
     return np.sort(first), first[inverse.reshape(-1)]
 
@@ -96,13 +102,26 @@ def pair_similarity(image: np.ndarray, text: np.ndarray, caption_factor: float) 
     return np.minimum(image, 1.0 - (1.0 - text) / caption_factor).astype(np.float32)
 
 
-def cell_edges(vectors: np.ndarray, floor: float, pair: bool, caption_factor: float = 1.0) -> CellEdges:
-    """The spanning forest of the pairs of one cell's samples ([n, sides, d] float16) above ``floor``."""
+def same_text(long_captions: np.ndarray, a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Per pair: may its captions' embeddings decide? Yes when the text tower saw both whole (zero
+    digests); else only when both are long and their folded texts are the same."""
+    left, right = long_captions[a], long_captions[b]
+    whole = ~left.any(axis=1) & ~right.any(axis=1)
+    return whole | (left == right).all(axis=1)
+
+
+def cell_edges(vectors: np.ndarray, floor: float, pair: bool, caption_factor: float = 1.0,
+               long_captions: np.ndarray | None = None) -> CellEdges:
+    """The spanning forest of the pairs of one cell's samples ([n, sides, d] float16) above ``floor``.
+    With ``pair`` and ``long_captions`` ([n, 20] digests, zeros when whole), two captions the text
+    tower cut are near-duplicates only when their folded texts are equal: embeddings of their first
+    tokens cannot tell "kiss: woman, man, dark skin tone, light skin tone" from its other skin tones."""
     count = len(vectors)
     if count < 2:
         return CellEdges.empty()
+    long_captions = long_captions if pair else None
     keyed = vectors if pair else vectors[:, :1]
-    representatives, representative_of = _identical(keyed)
+    representatives, representative_of = _identical(keyed, long_captions)
     copies = np.flatnonzero(representative_of != np.arange(count))
     ones = np.ones(len(copies), dtype=np.float32)
     found = [CellEdges(copies, representative_of[copies], ones, ones, ones if pair else np.full(len(copies), np.nan, np.float32))]
@@ -115,6 +134,8 @@ def cell_edges(vectors: np.ndarray, floor: float, pair: bool, caption_factor: fl
             text = np.minimum(_dots(vectors[a, 1], vectors[b, 1]), 1.0)
             similarity = pair_similarity(image, text, caption_factor)
             passed = similarity >= floor
+            if long_captions is not None:
+                passed &= same_text(long_captions, a, b)
             a, b, image, text, similarity = a[passed], b[passed], image[passed], text[passed], similarity[passed]
         found.append(CellEdges(a, b, similarity, image, text))
     edges = CellEdges.concat(found)
@@ -135,7 +156,8 @@ def write_range(out_dir: Path, units: list[Unit], start: int, stop: int, floor: 
     boundaries = np.flatnonzero(np.diff(block.cells)) + 1
     found, offsets = [], []
     for low, high in zip(np.r_[0, boundaries], np.r_[boundaries, len(block.cells)]):
-        edges = cell_edges(block.vectors[low:high], floor, pair, caption_factor)
+        edges = cell_edges(block.vectors[low:high], floor, pair, caption_factor,
+                           None if block.long_captions is None else block.long_captions[low:high])
         found.append(edges)
         offsets.append(np.full(len(edges.a), low, dtype=np.int64))
     edges = CellEdges.concat(found) if found else CellEdges.empty()

@@ -31,6 +31,8 @@ from mimicfilter.store.parts import part_paths
 from mimicfilter.store.paths import part_name, trajectory_part_epoch
 from mimicfilter.store.schema import ANCHOR_COLUMN, EMBEDDING_COLUMN
 
+LONG_CAPTION_COLUMN = "long_caption_sha1"
+
 IDENTITY = ("shard", "key", "uid", "index")
 
 
@@ -53,6 +55,9 @@ class Unit:
 class UnitRows:
     identity: pa.Table  # IDENTITY columns of the usable rows
     vectors: np.ndarray  # [n, sides, d] float16 unit rows
+    # [n, 20] uint8: each caption's long_caption_sha1 (zeros when the embedding saw it whole); pair mode
+    # on a run's parts only, else None
+    long_captions: np.ndarray | None = None
 
 
 @dataclass(frozen=True)
@@ -112,6 +117,8 @@ def read_unit(unit: Unit, reading: Reading) -> UnitRows:
         return UnitRows(rows.identity.select(list(IDENTITY)).filter(usable), rows.vectors[rows.usable])
     names = set(pq.read_schema(unit.path).names)
     extra = [name for name in ("epoch", ANCHOR_COLUMN) if name in names]
+    if len(reading.columns) > 1 and LONG_CAPTION_COLUMN in names:
+        extra.append(LONG_CAPTION_COLUMN)
     table = pq.read_table(unit.path, columns=[*IDENTITY, "status", *extra, *reading.columns])
     keep = pc.and_(pc.equal(table.column("status"), "ok"), pc.is_valid(table.column(EMBEDDING_COLUMN)))
     if "epoch" in extra:
@@ -120,4 +127,18 @@ def read_unit(unit: Unit, reading: Reading) -> UnitRows:
         keep = pc.and_(keep, pc.is_null(table.column(ANCHOR_COLUMN)))
     table = table.filter(keep)
     vectors, usable = unit_rows(vectors_of(table, reading.columns, reading.dim))
-    return UnitRows(table.select(list(IDENTITY)).filter(pa.array(usable)), vectors[usable])
+    long_captions = None
+    if LONG_CAPTION_COLUMN in extra:
+        long_captions = digests(table.column(LONG_CAPTION_COLUMN))[usable]
+    return UnitRows(table.select(list(IDENTITY)).filter(pa.array(usable)), vectors[usable], long_captions)
+
+
+def digests(column: pa.ChunkedArray) -> np.ndarray:
+    """A nullable binary(20) column as [n, 20] uint8, zeros for null."""
+    out = np.zeros((len(column), 20), dtype=np.uint8)
+    valid = np.asarray(column.is_valid())
+    if valid.any():
+        present = column.filter(column.is_valid()).combine_chunks()
+        out[valid] = np.frombuffer(present.buffers()[1], dtype=np.uint8,
+                                   offset=present.offset * 20, count=len(present) * 20).reshape(-1, 20)
+    return out

@@ -24,7 +24,7 @@ import torch
 from mimicfilter.errors import MimicfilterError, one_line
 from mimicfilter.mimic.models import LoadedModels, ModelInputs
 from mimicfilter.pipeline.batches import Batch, stack_images, stack_into
-from mimicfilter.shards.decode import DecodeConfig, decode_sample, decode_with_pil
+from mimicfilter.shards.decode import DecodeConfig, decode_sample, decode_with_pil, folded_caption_sha1
 from mimicfilter.shards.images import ImageGeometry
 from mimicfilter.shards.records import DecodedSample, RawSample, SampleInfo
 
@@ -113,25 +113,33 @@ class Decoder:
         return DecodedChunk.pack(self.decode_samples(chunk.samples), chunk.shard, chunk.ends_shard)
 
     def _tokenize(self, samples: list[DecodedSample]) -> None:
+        """Token ids for the chunk's captions, in one call. A caption whose last position holds a token
+        rather than the padding an empty caption ends with filled the whole context (it may have been
+        cut: a caption of exactly the context's length counts too) and gets ``long_caption_sha1``."""
         if not samples:
             return
         try:
-            tokens = self.tokenizer([sample.caption for sample in samples])
-            if not isinstance(tokens, torch.Tensor) or tokens.shape[0] != len(samples):
+            tokens = self.tokenizer([*(sample.caption for sample in samples), ""])  # "": the padding, below
+            if not isinstance(tokens, torch.Tensor) or tokens.shape[0] != len(samples) + 1:
                 raise TypeError("unexpected tokenizer output")
         except Exception:  # find the caption(s) at fault one by one; the rest keep their tokens
             for sample in samples:
                 self._tokenize_one(sample)
             return
-        for sample, ids in zip(samples, tokens):
+        cut = tokens[:-1, -1] != tokens[-1, -1]
+        for sample, ids, long in zip(samples, tokens[:-1], cut.tolist()):
             sample.text = ids
+            if long:
+                sample.long_caption_sha1 = folded_caption_sha1(sample.caption)
 
     def _tokenize_one(self, sample: DecodedSample) -> None:
         try:
-            tokens = self.tokenizer([sample.caption])
+            tokens = self.tokenizer([sample.caption, ""])
             if not isinstance(tokens, torch.Tensor):
                 raise TypeError(f"returned {type(tokens).__name__}, expected a tensor")
             sample.text = tokens[0]
+            if bool(tokens[0, -1] != tokens[1, -1]):
+                sample.long_caption_sha1 = folded_caption_sha1(sample.caption)
         except Exception as exc:  # the model's tokenizer: any failure is this sample's problem
             sample.status, sample.error = "decode_error", one_line(f"tokenize failed: {type(exc).__name__}: {exc}")
             sample.image = sample.text = sample.encoded = None

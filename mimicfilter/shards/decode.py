@@ -273,6 +273,11 @@ def _to_rgb(image: Image.Image) -> Image.Image:
     return rgb
 
 
+def folded_caption_sha1(caption: str) -> bytes:
+    """SHA-1 of a caption with case and whitespace folded: what two captions that differ only there share."""
+    return hashlib.sha1(" ".join(caption.casefold().split()).encode("utf-8")).digest()
+
+
 def _caption(files: dict[str, bytes], meta: dict | None, meta_error: str | None, config: DecodeConfig) -> str:
     field = config.json_field
     if field is None:

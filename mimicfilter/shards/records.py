@@ -52,6 +52,9 @@ class SampleInfo:
     # of the caption as scored (null when there is none)
     image_sha1: bytes | None = None
     caption_sha1: bytes | None = None
+    # SHA-1 of the caption folded (case, whitespace) when it is longer than the text tower's context: the
+    # embedding saw only its start, so `dedup --dedup-on pair` compares such captions by this instead
+    long_caption_sha1: bytes | None = None
 
     @property
     def ok(self) -> bool:
@@ -80,6 +83,7 @@ class DecodedSample:
     anchor: str | None = None
     image_sha1: bytes | None = None
     caption_sha1: bytes | None = None
+    long_caption_sha1: bytes | None = None
 
     @property
     def ok(self) -> bool:
@@ -89,4 +93,4 @@ class DecodedSample:
     def info(self) -> SampleInfo:
         return SampleInfo(self.shard, self.key, self.index, self.uid, self.status, self.error, self.label,
                           None if self.caption is None else len(self.caption), self.image_width, self.image_height,
-                          self.anchor, self.image_sha1, self.caption_sha1)
+                          self.anchor, self.image_sha1, self.caption_sha1, self.long_caption_sha1)

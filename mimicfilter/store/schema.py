@@ -46,13 +46,17 @@ SCORE_SCHEMA = pa.schema(
         # somewhere in a billion samples with odds of about 3 %, 160 bits practically never
         pa.field("image_sha1", pa.binary(20)),
         pa.field("caption_sha1", pa.binary(20)),
+        # SHA-1 of the caption folded (case, whitespace) when the text tower cut it at its context
+        # length, null when the embedding saw all of it: near-duplicate captions are then told apart
+        # by their whole text, not by an embedding of their first tokens
+        pa.field("long_caption_sha1", pa.binary(20)),
         # "trusted" or "synthetic" on the rows of score --trusted's anchors; null on pool samples
         pa.field("anchor", pa.string()),
     ]
 )
 SCORE_COLUMNS = tuple(SCORE_SCHEMA.names)
 POOL_COLUMNS = ("caption_chars", "image_width", "image_height")
-HASH_COLUMNS = ("image_sha1", "caption_sha1")
+HASH_COLUMNS = ("image_sha1", "caption_sha1", "long_caption_sha1")
 SCORE_VALUE_COLUMNS = ("mimic_score", "mimic_weight", "loss", "clip_score", "ref_loss", "negclip_score")
 ANCHOR_COLUMN = "anchor"
 
