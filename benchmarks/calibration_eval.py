@@ -30,7 +30,8 @@ MIN_SYNTHETIC = 200
 def _pool(connection, signals: list[calibrate.Signal], epochs: list[int]) -> dict[str, np.ndarray]:
     sql = per_sample_sql(connection, "scores", epoch_columns(epochs))
     columns = ", ".join(f"{signal.column}::DOUBLE AS {signal.column}" for signal in signals)
-    data = connection.execute(f"SELECT shard, key, {columns} FROM ({sql}) WHERE status = 'ok'").fetchnumpy()
+    data = connection.execute(f"SELECT shard, key, {columns} FROM ({sql}) WHERE status = 'ok' "
+                              'ORDER BY shard, "index"').fetchnumpy()
     return {name: np.asarray(values) if name in ("shard", "key") else np.ma.filled(np.ma.asarray(values).astype(float), np.nan)
             for name, values in data.items()}
 
@@ -62,9 +63,9 @@ def evaluate(connection, truth: dict[str, bool], epochs: list[int], seed: int = 
             if data is None:
                 continue
             calibration = calibrate.estimate(data, seed)
-            threshold = calibrate.cut_threshold(data, calibration, None, CALIBRATED_TARGET_RECALL)
-            oriented = data.signal.oriented(pool[data.signal.column])
-            kept = oriented >= data.signal.oriented(np.array([threshold]))[0]
+            cut_signal, threshold = calibrate.cut_threshold(data, calibration, None, CALIBRATED_TARGET_RECALL)
+            oriented = cut_signal.oriented(pool[cut_signal.column])
+            kept = oriented >= cut_signal.oriented(np.array([threshold]))[0]
             single = {}
             for signal in signals:
                 trusted_values = signal.oriented(sub[signal.column][is_trusted])

@@ -53,6 +53,38 @@ def test_the_curve_and_the_cuts_follow_the_trusted_tail():
     assert threshold_for_precision(pool, trusted, 0.8, 1.01) is None
 
 
+def _anchored(signals: dict, pool_of, trusted_of, best: str):
+    from mimicfilter.curate.calibrate import Anchored, Signal
+
+    by_name = {name: Signal(name) for name in signals}
+    others = {name: (by_name[name], pool_of[name], trusted_of[name]) for name in signals}
+    return Anchored(pool_of[best], trusted_of[best], np.zeros(10), by_name[best], signals, others)
+
+
+def test_the_recall_cut_moves_to_the_signal_that_keeps_less_of_the_pool():
+    """At the same recall of the clean samples, the signal whose cut keeps less drops more noise: the
+    cut moves there when it keeps less by more than the trusted recall's standard error."""
+    from mimicfilter.curate.calibrate import cut_signal
+
+    rng = np.random.default_rng(5)
+    clean = rng.normal(1, 0.5, 7000)
+    # "sharp" sees the noise far below the clean samples; "blurry" (the better AUROC on the anchors) does not
+    pool_of = {"blurry": np.concatenate([clean, rng.normal(0.6, 0.5, 3000)]),
+               "sharp": np.concatenate([clean, rng.normal(-2, 0.5, 3000)])}
+    trusted_of = {name: rng.normal(1, 0.5, 200) for name in pool_of}
+    data = _anchored({"blurry": 0.95, "sharp": 0.90}, pool_of, trusted_of, "blurry")
+    signal, values, threshold = cut_signal(data, 0.95)
+    assert signal.name == "sharp" and np.mean(values >= threshold) < 0.75
+    # the same signal twice: no gap beyond sampling error, the estimate's signal stays
+    same = _anchored({"blurry": 0.95, "twin": 0.90}, {"blurry": pool_of["blurry"], "twin": pool_of["blurry"]},
+                     {"blurry": trusted_of["blurry"], "twin": trusted_of["blurry"]}, "blurry")
+    assert cut_signal(same, 0.95)[0].name == "blurry"
+    # a pool the KS test cannot tell from the trusted sample: every signal keeps about r, no move
+    calm = _anchored({"blurry": 0.95, "sharp": 0.90}, {"blurry": clean, "sharp": clean - 0.3},
+                     {"blurry": clean[:200], "sharp": clean[:200]}, "blurry")
+    assert cut_signal(calm, 0.95)[0].name == "blurry"
+
+
 # filter with anchors --------------------------------------------------------------------------------
 
 

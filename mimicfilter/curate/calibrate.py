@@ -13,12 +13,14 @@ is used. Torch-free; everything reads DuckDB views made by curate/duck.py.
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
 from mimicfilter.curate.duck import epoch_columns, hash_condition, per_sample_sql
-from mimicfilter.curate.mixture import clean_share, tail_curve, threshold_for_precision, threshold_for_recall
+from mimicfilter.curate.mixture import (CLEAN_TEST_LEVEL, clean_share, same_distribution_p, tail_curve,
+                                        threshold_for_precision, threshold_for_recall)
 from mimicfilter.curate.rules import Rule
 from mimicfilter.defaults import CALIBRATED_TARGET_RECALL as DEFAULT_TARGET_RECALL
 from mimicfilter.errors import MimicfilterError
@@ -63,7 +65,8 @@ def signal_values(connection, source: str, signals: list[Signal], epochs: list[i
     sql = per_sample_sql(connection, source, list(extra) + epoch_columns(epochs), rows)
     selected = ", ".join([f"{signal.column}::DOUBLE AS {signal.column}" for signal in signals]
                          + [name.rsplit(" AS ", 1)[-1] for name in extra])
-    data = connection.execute(f"SELECT {selected} FROM ({sql}) WHERE status = 'ok'").fetchnumpy()
+    # in a fixed order: the bootstrap resamples by position, so the interval must not follow DuckDB's threads
+    data = connection.execute(f"SELECT {selected} FROM ({sql}) WHERE status = 'ok' ORDER BY shard, \"index\"").fetchnumpy()
     floats = {signal.column for signal in signals}
     return {name: np.ma.filled(np.ma.asarray(values).astype(float), np.nan) if name in floats else np.asarray(values)
             for name, values in data.items()}
@@ -100,6 +103,8 @@ class Anchored:
     synthetic: np.ndarray
     signal: Signal
     separation: dict[str, float]
+    # every separated signal's usable (signal, pool, trusted) values, oriented: the recall cut's candidates
+    others: dict[str, tuple[Signal, np.ndarray, np.ndarray]] = field(default_factory=dict)
 
 
 def anchor_counts(connection) -> dict[str, int]:
@@ -126,7 +131,8 @@ def pool_values(connection, signals: list[Signal]) -> dict[str, np.ndarray]:
     total = connection.execute("SELECT count(*) FROM samples WHERE status = 'ok'").fetchone()[0]
     columns = ", ".join(f"{signal.column}::DOUBLE AS {signal.column}" for signal in signals)
     data = connection.execute(
-        f"SELECT {columns} FROM samples WHERE status = 'ok' AND {hash_condition(total, POOL_SAMPLE)}").fetchnumpy()
+        f"SELECT {columns} FROM samples WHERE status = 'ok' AND {hash_condition(total, POOL_SAMPLE)} "
+        'ORDER BY shard, "index"').fetchnumpy()
     return {name: np.ma.filled(np.ma.asarray(values).astype(float), np.nan) for name, values in data.items()}
 
 
@@ -145,12 +151,36 @@ def choose_signal(signals: list[Signal], pool: dict[str, np.ndarray], anchors: d
     best = max(separation, key=lambda name: (separation[name], -list(separation).index(name)))
     signal = next(s for s in signals if s.name == best)
 
-    def usable(values: np.ndarray) -> np.ndarray:
-        oriented = signal.oriented(values)
+    def usable(values: np.ndarray, of: Signal = signal) -> np.ndarray:
+        oriented = of.oriented(values)
         return oriented[~np.isnan(oriented)]
 
+    others = {s.name: (s, usable(pool[s.column], s), usable(anchors[s.column][is_trusted], s))
+              for s in signals if s.name in separation}
     return Anchored(usable(pool[signal.column]), usable(anchors[signal.column][is_trusted]),
-                    usable(anchors[signal.column][is_synthetic]), signal, separation)
+                    usable(anchors[signal.column][is_synthetic]), signal, separation, others)
+
+
+def cut_signal(data: Anchored, recall: float) -> tuple[Signal, np.ndarray, float]:
+    """The signal the recall cut is made on, its pool values and its (oriented) threshold.
+
+    At a fixed recall of the clean samples, the cut that keeps the least of the pool drops the most noise:
+    with the clean share π the same on every signal, the dropped set's precision and recall both grow as
+    the kept share shrinks. The signal that separates the anchors best (the estimate's) is not always that
+    one: class-dependent label noise is nothing like the random flips of the synthetic negatives, and a
+    signal with a lower AUROC on them can drop more of it. So the cut moves to the signal keeping the least
+    when it keeps less by more than one standard error of the trusted sample's recall (√(r(1-r)/n), the
+    kept share's sampling error at the threshold) — a smaller gap is the trusted sample's luck. Not when
+    the pool is consistent with clean (the KS test): there every signal keeps ≈ r, and the least is luck."""
+    threshold = threshold_for_recall(data.trusted, recall)
+    chosen = (data.signal, data.pool, threshold)
+    if not data.others or same_distribution_p(data.pool, data.trusted) >= CLEAN_TEST_LEVEL:
+        return chosen
+    kept = float(np.mean(data.pool >= threshold))
+    options = [(float(np.mean(pool >= t)), (signal, pool, t)) for signal, pool, trusted in data.others.values()
+               if len(pool) and len(trusted) >= MIN_ANCHORS for t in [threshold_for_recall(trusted, recall)]]
+    least, option = min(options, key=lambda pair: pair[0], default=(kept, chosen))
+    return option if least < kept - math.sqrt(recall * (1 - recall) / len(data.trusted)) else chosen
 
 
 def estimate(data: Anchored, seed: int = 0) -> Calibration:
@@ -171,15 +201,18 @@ def estimate(data: Anchored, seed: int = 0) -> Calibration:
 
 
 def cut_threshold(data: Anchored, calibration: Calibration, target_precision: float | None,
-                  target_recall: float | None) -> float | None:
-    """The threshold on the signal (in its own orientation) meeting the target; None when none does."""
+                  target_recall: float | None) -> tuple[Signal, float] | None:
+    """The signal and its threshold (in the signal's own orientation) meeting the target; None when none
+    does. A recall target is cut on :func:`cut_signal`'s choice, a precision target on the estimate's signal
+    (the precision curve is the estimate's)."""
     if target_recall is not None:
-        oriented = threshold_for_recall(data.trusted, target_recall)
+        signal, _, oriented = cut_signal(data, target_recall)
     else:
+        signal = data.signal
         oriented = threshold_for_precision(data.pool, data.trusted, calibration.value, target_precision)
         if oriented is None:
             return None
-    return oriented if data.signal.higher_is_clean else -oriented
+    return signal, (oriented if signal.higher_is_clean else -oriented)
 
 
 @dataclass(frozen=True)
@@ -193,13 +226,15 @@ class CalibratedCut:
 
     def summary(self) -> dict:
         return {**self.calibration.as_dict(), "cut": {"target": self.target, "rule": self.rule.text if self.rule else None,
+                                                      "signal": self.rule.column if self.rule else None,
                                                       **(self.expected or {})}}
 
 
-def _expected(data: Anchored, calibration: Calibration, threshold: float) -> dict[str, float]:
-    oriented = threshold if data.signal.higher_is_clean else -threshold
-    kept = float(np.mean(data.pool >= oriented))
-    recall = float(np.mean(data.trusted >= oriented))
+def _expected(data: Anchored, calibration: Calibration, signal: Signal, threshold: float) -> dict[str, float]:
+    _, pool, trusted = data.others.get(signal.name, (signal, data.pool, data.trusted))
+    oriented = threshold if signal.higher_is_clean else -threshold
+    kept = float(np.mean(pool >= oriented))
+    recall = float(np.mean(trusted >= oriented))
     return {"threshold": threshold, "kept": round(kept, 6), "recall": round(recall, 6),
             "precision": round(min(1.0, calibration.value * recall / kept) if kept else 1.0, 6)}
 
@@ -214,9 +249,10 @@ def calibrated_cut(connection, epochs: list[int], target_precision: float | None
     calibration = estimate(data, seed)
     target = {"precision": target_precision} if target_precision is not None else {
         "recall": target_recall if target_recall is not None else DEFAULT_TARGET_RECALL}
-    threshold = cut_threshold(data, calibration, target_precision, target.get("recall"))
-    if threshold is None:
+    cut = cut_threshold(data, calibration, target_precision, target.get("recall"))
+    if cut is None:
         return CalibratedCut(calibration, None, target, None)
-    rule = Rule("calibrated", column=data.signal.column, value=threshold,
-                expression=">=" if data.signal.higher_is_clean else "<=")
-    return CalibratedCut(calibration, rule, target, _expected(data, calibration, threshold))
+    signal, threshold = cut
+    rule = Rule("calibrated", column=signal.column, value=threshold,
+                expression=">=" if signal.higher_is_clean else "<=")
+    return CalibratedCut(calibration, rule, target, _expected(data, calibration, signal, threshold))

@@ -180,8 +180,10 @@ def plot_calibrated_cut(calibration: dict | None, path: Path) -> Path | None:
               label="estimated recall (share of the clean samples kept)")
     cut = calibration.get("cut") or {}
     if cut.get("kept") is not None:
-        axes.axvline(100 * cut["kept"], color=CUT, linestyle="--", linewidth=1.2, label="the calibrated cut")
-    axes.set_xlabel(f"kept share of usable samples (%), cut on {calibration['signal']}")
+        on = cut.get("signal") or calibration["signal"]
+        axes.axvline(100 * cut["kept"], color=CUT, linestyle="--", linewidth=1.2,
+                     label="the calibrated cut" + ("" if on == calibration["signal"] else f" (made on {on})"))
+    axes.set_xlabel(f"kept share of usable samples (%), thresholds on {calibration['signal']}")
     axes.set_ylabel("%")
     axes.set_ylim(0, 102)
     axes.set_xlim(0, 102)
