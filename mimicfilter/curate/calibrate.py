@@ -66,7 +66,8 @@ def signal_values(connection, source: str, signals: list[Signal], epochs: list[i
     selected = ", ".join([f"{signal.column}::DOUBLE AS {signal.column}" for signal in signals]
                          + [name.rsplit(" AS ", 1)[-1] for name in extra])
     # in a fixed order: the bootstrap resamples by position, so the interval must not follow DuckDB's threads
-    data = connection.execute(f"SELECT {selected} FROM ({sql}) WHERE status = 'ok' ORDER BY shard, \"index\"").fetchnumpy()
+    data = connection.execute(f"SELECT {selected} FROM ({sql}) WHERE status = 'ok' "
+                              'ORDER BY shard, "index"').fetchnumpy()
     floats = {signal.column for signal in signals}
     return {name: np.ma.filled(np.ma.asarray(values).astype(float), np.nan) if name in floats else np.asarray(values)
             for name, values in data.items()}

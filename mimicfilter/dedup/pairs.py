@@ -8,10 +8,10 @@ compared too and must be ``caption_factor`` times as close: cos ≥ 1 − captio
 number, the pair's similarity min(image cos, 1 − (1 − caption cos) / caption_factor), says at
 which ε the pair is a duplicate — unless the text tower cut either caption at its context length:
 then the captions must also read the same after folding case and whitespace (``long_caption_sha1``
-of the score table), since the embedding saw only their start. Of all those pairs only a maximum spanning forest is written
-(:func:`~mimicfilter.curate.groups.spanning_forest`): at most one edge per sample, and for every
-ε ≤ max_epsilon its edges of similarity ≥ 1 − ε connect exactly the samples all pairs would, so
-``filter`` picks ε afterwards without a new search.
+of the score table), since the embedding saw only their start. Of all those pairs only a maximum
+spanning forest is written (:func:`~mimicfilter.curate.groups.spanning_forest`): at most one edge
+per sample, and for every ε ≤ max_epsilon its edges of similarity ≥ 1 − ε connect exactly the
+samples all pairs would, so ``filter`` picks ε afterwards without a new search.
 """
 
 from __future__ import annotations
