@@ -158,8 +158,9 @@ def choose_signal(signals: list[Signal], pool: dict[str, np.ndarray], anchors: d
 
     others = {s.name: (s, usable(pool[s.column], s), usable(anchors[s.column][is_trusted], s))
               for s in signals if s.name in separation}
-    return Anchored(usable(pool[signal.column]), usable(anchors[signal.column][is_trusted]),
-                    usable(anchors[signal.column][is_synthetic]), signal, separation, others)
+    _, pool_side, trusted_side = others[best]
+    return Anchored(pool_side, trusted_side, usable(anchors[signal.column][is_synthetic]), signal, separation,
+                    others)
 
 
 def cut_signal(data: Anchored, recall: float) -> tuple[Signal, np.ndarray, float]:

@@ -29,9 +29,7 @@ from mimicfilter.extrapolate.sources import Source, check_spaces, open_run, vect
 from mimicfilter.extrapolate.stream import Reading  # how units are read: the columns (image first), width, id column
 from mimicfilter.store.parts import part_paths
 from mimicfilter.store.paths import part_name, trajectory_part_epoch
-from mimicfilter.store.schema import ANCHOR_COLUMN, EMBEDDING_COLUMN
-
-LONG_CAPTION_COLUMN = "long_caption_sha1"
+from mimicfilter.store.schema import ANCHOR_COLUMN, EMBEDDING_COLUMN, LONG_CAPTION_COLUMN
 
 IDENTITY = ("shard", "key", "uid", "index")
 

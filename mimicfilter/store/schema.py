@@ -56,7 +56,8 @@ SCORE_SCHEMA = pa.schema(
 )
 SCORE_COLUMNS = tuple(SCORE_SCHEMA.names)
 POOL_COLUMNS = ("caption_chars", "image_width", "image_height")
-HASH_COLUMNS = ("image_sha1", "caption_sha1", "long_caption_sha1")
+HASH_COLUMNS = ("image_sha1", "caption_sha1")  # the exact-duplicate keys
+LONG_CAPTION_COLUMN = "long_caption_sha1"  # read by dedup --dedup-on pair only
 SCORE_VALUE_COLUMNS = ("mimic_score", "mimic_weight", "loss", "clip_score", "ref_loss", "negclip_score")
 ANCHOR_COLUMN = "anchor"
 
@@ -70,7 +71,8 @@ EXTRAPOLATED_COLUMN = "extrapolated"  # `extrapolate` output: true where the sco
 PAIR_COLUMNS = (EMBEDDING_COLUMN, TEXT_EMBEDDING_COLUMN)
 
 # `embed` parts: who the sample is, its status, label and pair embedding.
-EMBED_COLUMNS = ("shard", "key", "uid", "index", "status", "error", "label", *HASH_COLUMNS, *PAIR_COLUMNS)
+EMBED_COLUMNS = ("shard", "key", "uid", "index", "status", "error", "label", *HASH_COLUMNS, LONG_CAPTION_COLUMN,
+                 *PAIR_COLUMNS)
 
 
 def embedding_field(dim: int, name: str = EMBEDDING_COLUMN) -> pa.Field:
