@@ -12,9 +12,10 @@ from click.testing import CliRunner
 from helpers import image_bytes, image_text_samples, write_tar
 
 from mimicfilter.mimic.models import ModelSpec
-from mimicfilter.pipeline.anchors import SYNTHETIC, SYNTHETIC_SUFFIX, TRUSTED
+from mimicfilter.pipeline.anchors import SYNTHETIC, SYNTHETIC_SUFFIX, TRUSTED, AnchorPlan, with_synthetic
 from mimicfilter.pipeline.config import ScoreConfig, TrainConfig
 from mimicfilter.pipeline.run import run_score
+from mimicfilter.shards.records import RawSample
 from mimicfilter.store.parts import read_scores
 from mimicfilter_cli.main import cli
 
@@ -33,6 +34,21 @@ def _score(tmp_path, name, pool, tiny_config, reference_checkpoint, **changes):
                          batch_size=6, train=train, trusted=trusted, synthetic_share=0.25, **changes)
     run_score(config)
     return read_scores(tmp_path / name)
+
+
+def test_a_moved_pool_gets_the_same_synthetic_negatives():
+    """The synthetic pairs follow the shard's file name, key and position, not the folder it lies in:
+    a pool copied elsewhere (a fresh clone, another bucket) is calibrated against the same anchors."""
+    plan = AnchorPlan((), (), 40, 0, 0.3, ("txt",), seed=3)
+
+    def made(shard):
+        samples = [RawSample(shard, f"{i:04d}", i, {"jpg": b"i%d" % i, "txt": b"t%d" % i}) for i in range(40)]
+        return [(s.key, s.files["txt"]) for s in with_synthetic(samples, plan) if s.anchor == SYNTHETIC]
+
+    here = made("/data/pool/pool-000.tar")
+    assert len(here) >= 5
+    assert here == made("s3://bucket/copy/pool-000.tar") == made("relative/dir/pool-000.tar")
+    assert here != made("/data/pool/pool-001.tar")  # another shard: other picks
 
 
 def _captions(rows):

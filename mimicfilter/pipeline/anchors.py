@@ -73,10 +73,17 @@ class AnchorPlan:
         return () if number is None else trusted[number::len(self.pool_shards)]
 
     def chosen(self, sample: RawSample) -> bool:
-        """Whether this pool sample's pair makes a synthetic negative (a seeded hash: the same everywhere)."""
-        digest = hashlib.blake2b(f"{self.seed}\x00{sample.shard}\x00{sample.key}\x00{sample.index}".encode(),
-                                 digest_size=8).digest()
+        """Whether this pool sample's pair makes a synthetic negative (a seeded hash: the same everywhere,
+        wherever the pool lies)."""
+        name = f"{self.seed}\x00{shard_file_name(sample.shard)}\x00{sample.key}\x00{sample.index}"
+        digest = hashlib.blake2b(name.encode(), digest_size=8).digest()
         return int.from_bytes(digest, "big") / 2**64 < self.synthetic_share
+
+
+def shard_file_name(shard: str) -> str:
+    """The shard's file name (a path's or a URL's last part): what seeds its anchors, so a pool copied or
+    moved elsewhere gets the same synthetic negatives."""
+    return shard.rstrip("/").rsplit("/", 1)[-1]
 
 
 def partner_files(decode: DecodeConfig) -> tuple[str, ...]:
@@ -149,7 +156,7 @@ def with_synthetic(samples: Iterable[RawSample], plan: AnchorPlan) -> Iterator[R
         if sample.anchor is None and sample.shard != shard:
             yield from close_shard()
             shard, first, partners = sample.shard, None, []
-            rng = random.Random(f"{plan.seed}\x00{shard}")
+            rng = random.Random(f"{plan.seed}\x00{shard_file_name(shard)}")
         yield sample
         if sample.anchor is not None or sample.status != "ok" or not plan.chosen(sample):
             continue
