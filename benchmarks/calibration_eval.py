@@ -2,9 +2,9 @@
 anchors, measured against the truth, for 100, 200 and 500 trusted samples.
 
 Every anchored run carries the pool's 500 trusted samples. For a count n, DRAWS random draws of n of
-them (and of max(n, 200) synthetic negatives, what ``score --trusted`` makes for n trusted samples)
-go through the same functions ``filter`` calls (mimicfilter/curate/calibrate.py): the signal chosen by
-its separation, the clean share and its interval, and the default cut (target recall
+them (and of max(n, 200) synthetic negatives, what ``score --trusted`` makes for n trusted samples, and
+as many confusable negatives on labelled pools) go through the same functions ``filter`` calls
+(mimicfilter/curate/calibrate.py): the signal chosen by its separation, the clean share and its interval, and the default cut (target recall
 ``CALIBRATED_TARGET_RECALL``). Reported per draw: the estimate's error, whether the interval holds the
 truth, the share of the pool's clean samples the cut keeps, and the F1 of the dropped samples as a
 detector of the noisy ones, next to the F1 of the same cut made on every single signal.
@@ -49,6 +49,7 @@ def evaluate(connection, truth: dict[str, bool], epochs: list[int], seed: int = 
     anchors = calibrate.signal_values(connection, "anchor_scores", signals, epochs, extra=("any_value(anchor) AS anchor",))
     trusted_rows = np.flatnonzero(anchors["anchor"] == calibrate.TRUSTED)
     synthetic_rows = np.flatnonzero(anchors["anchor"] == calibrate.SYNTHETIC)
+    confusable_rows = np.flatnonzero(anchors["anchor"] == calibrate.CONFUSABLE)
     rng = np.random.default_rng(seed)
     results = {}
     for count in ANCHOR_COUNTS:
@@ -56,10 +57,13 @@ def evaluate(connection, truth: dict[str, bool], epochs: list[int], seed: int = 
         for _ in range(DRAWS if count < len(trusted_rows) else 1):
             picked_t = rng.choice(trusted_rows, min(count, len(trusted_rows)), replace=False)
             picked_s = rng.choice(synthetic_rows, min(max(count, MIN_SYNTHETIC), len(synthetic_rows)), replace=False)
-            rows = np.concatenate([picked_t, picked_s])
+            picked_c = rng.choice(confusable_rows, min(max(count, MIN_SYNTHETIC), len(confusable_rows)), replace=False)
+            rows = np.concatenate([picked_t, picked_s, picked_c])
             sub = {name: values[rows] for name, values in anchors.items()}
-            is_trusted = np.arange(len(rows)) < len(picked_t)
-            data = calibrate.choose_signal(signals, pool, sub, is_trusted, ~is_trusted)
+            kind = sub["anchor"]
+            is_trusted = kind == calibrate.TRUSTED
+            data = calibrate.choose_signal(signals, pool, sub, is_trusted, kind == calibrate.SYNTHETIC,
+                                           kind == calibrate.CONFUSABLE)
             if data is None:
                 continue
             calibration = calibrate.estimate(data, seed)

@@ -8,11 +8,12 @@ import time
 from collections import Counter
 
 import pytest
+import torch
 from click.testing import CliRunner
 from helpers import image_bytes, image_text_samples, write_tar
 
 from mimicfilter.mimic.models import ModelSpec
-from mimicfilter.pipeline.anchors import SYNTHETIC, SYNTHETIC_SUFFIX, TRUSTED, AnchorPlan, with_synthetic
+from mimicfilter.pipeline.anchors import CONFUSABLE, SYNTHETIC, SYNTHETIC_SUFFIX, TRUSTED, AnchorPlan, with_synthetic
 from mimicfilter.pipeline.config import ScoreConfig, TrainConfig
 from mimicfilter.pipeline.run import run_score
 from mimicfilter.shards.records import RawSample
@@ -189,3 +190,45 @@ def test_an_anchor_is_never_contrasted_with_its_own_copies():
         expected = contrastive_per_sample_loss(image[alone], text[alone], torch.tensor(10.0), bias)
         assert torch.allclose(masked[5], expected[-1]) and not torch.allclose(
             masked[5], contrastive_per_sample_loss(image, text, torch.tensor(10.0), bias)[5])
+
+
+def test_confusable_negatives_take_the_references_runner_up_class(tmp_path, tiny_config, reference_checkpoint):
+    samples = [(f"{i:05d}", {"png": image_bytes(i, fmt="PNG"), "cls": str(i % 3).encode()}) for i in range(30)]
+    shard = write_tar(tmp_path / "labelled.tar", samples)
+    trusted = write_tar(tmp_path / "trusted.tar", samples[:5])
+    classnames = tmp_path / "classes.txt"
+    classnames.write_text("cat\ndog\nbird\n")
+    model = ModelSpec(str(tiny_config), str(reference_checkpoint), task="classify", classnames=str(classnames))
+    from mimicfilter.shards.decode import DecodeConfig
+
+    config = ScoreConfig((str(shard),), tmp_path / "run", model, decode=DecodeConfig(task="classify"), batch_size=8,
+                         trusted=(str(trusted),), synthetic_share=0.5, train=TrainConfig(mode="none"))
+    run_score(config)
+    rows = read_scores(tmp_path / "run").to_pylist()
+    pool = {row["key"]: row for row in rows if row["anchor"] is None}
+    confusable = [row for row in rows if row["anchor"] == CONFUSABLE]
+    assert confusable and all(row["key"].endswith("~confusable") and row["shard"].endswith("#confusable")
+                              for row in confusable)
+    flips = {row["key"].split("~")[0]: row for row in rows if row["anchor"] == SYNTHETIC}
+    assert set(flips) <= {row["key"].split("~")[0] for row in confusable}  # every chosen image makes both kinds
+    made = [row for row in confusable if row["status"] == "ok"]
+    assert made and {row["status"] for row in confusable} <= {"ok", "not_confusable"}
+    compared = 0
+    for row in made:
+        own = pool[row["key"].split("~")[0]]
+        assert row["label"] != own["label"]  # scored with another class, for an image the reference gets right ...
+        assert own["ref_loss"] < row["ref_loss"]
+        if (flip := flips.get(row["key"].split("~")[0])) is not None:  # ... its most likely other class
+            assert row["ref_loss"] <= flip["ref_loss"] + 1e-5
+            compared += 1
+    assert compared
+    for row in confusable:
+        if row["status"] == "not_confusable":  # the reference ranks another class first: no negative, no score
+            assert row["ref_loss"] is None and row["mimic_score"] is None
+
+
+def test_runner_up_is_the_most_likely_other_class():
+    from mimicfilter.mimic.classify import runner_up
+
+    logits = torch.tensor([[3.0, 2.0, 1.0], [3.0, 2.0, 1.0], [0.0, 5.0, 4.0]])
+    assert runner_up(logits, torch.tensor([0, 1, 1])).tolist() == [1, 0, 2]

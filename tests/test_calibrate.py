@@ -184,3 +184,17 @@ def test_without_anchors_nothing_is_called_a_quality_estimate(tmp_path):
     page = (tmp_path / "report" / "index.html").read_text().lower()
     assert "quality estimate" not in page and "relative score" in page
     assert invoke("filter", run, "--dry-run", "--target-recall", "0.9").exit_code == 2
+
+
+def test_confusable_negatives_explain_noise_between_clean_and_random_flips():
+    """Label noise between look-alike classes scores between the clean samples and random flips: with
+    random flips alone the fit reads such a pool high; with the confusable kind as a second negative,
+    it reads the truth, and a pool of random-flip noise still reads its own truth."""
+    rng = np.random.default_rng(7)
+    trusted, synthetic, confusable = rng.normal(2, 1, 400), rng.normal(-2, 1, 400), rng.normal(0.3, 1, 400)
+    look_alike = np.concatenate([rng.normal(2, 1, 6000), rng.normal(0.3, 1, 4000)])
+    random_flips = np.concatenate([rng.normal(2, 1, 6000), rng.normal(-2, 1, 4000)])
+    assert two_component(look_alike, trusted, synthetic) > 0.7
+    assert two_component(look_alike, trusted, synthetic, confusable) == pytest.approx(0.6, abs=0.04)
+    assert two_component(random_flips, trusted, synthetic, confusable) == pytest.approx(0.6, abs=0.04)
+    assert two_component(trusted[:200], trusted[200:], synthetic, confusable) > 0.9  # a clean pool

@@ -30,7 +30,7 @@ POOL_SAMPLE = 200_000  # pool samples the estimate and the curve are computed on
 MIN_ANCHORS = 20  # fewer usable trusted (or synthetic) samples: no calibration, a warning instead
 WEAK_SEPARATION = 0.85  # below this AUROC (trusted vs synthetic) the estimate's worst case is wider
 BOOTSTRAP_ROUNDS = 200
-TRUSTED, SYNTHETIC = "trusted", "synthetic"
+TRUSTED, SYNTHETIC, CONFUSABLE = "trusted", "synthetic", "confusable"
 
 
 @dataclass(frozen=True)
@@ -81,7 +81,7 @@ class Calibration:
     low: float
     high: float
     trusted: int  # usable anchors the estimate stands on
-    synthetic: int
+    synthetic: int  # synthetic negatives of both kinds
     signal: str  # the per-sample column it was computed on
     higher_is_clean: bool
     separation: dict[str, float]  # AUROC of each signal, trusted vs synthetic
@@ -89,6 +89,7 @@ class Calibration:
     explained: float | None  # the two-component estimate (trusted + synthetic)
     method: str  # which of the two is the value: "two-component", or "best-bin" when the noise is unlike the synthetic
     clean_p: float  # two-sample KS p-value of the pool against the trusted sample (≥ 0.05: a clean pool is possible)
+    confusable: int = 0  # of the synthetic negatives: the confusable ones (labelled pools)
     curve: list[dict[str, float]] = field(default_factory=list)  # threshold, kept, recall, precision
 
     def as_dict(self) -> dict:
@@ -106,6 +107,7 @@ class Anchored:
     separation: dict[str, float]
     # every separated signal's usable (signal, pool, trusted) values, oriented: the recall cut's candidates
     others: dict[str, tuple[Signal, np.ndarray, np.ndarray]] = field(default_factory=dict)
+    confusable: np.ndarray = field(default_factory=lambda: np.zeros(0))  # labelled pools' confusable negatives
 
 
 def anchor_counts(connection) -> dict[str, int]:
@@ -123,7 +125,7 @@ def gather(connection, epochs: list[int]) -> Anchored | None:
     anchors = signal_values(connection, "anchor_scores", signals, epochs, extra=("any_value(anchor) AS anchor",))
     is_trusted, is_synthetic = anchors["anchor"] == TRUSTED, anchors["anchor"] == SYNTHETIC
     pool = pool_values(connection, signals)
-    return choose_signal(signals, pool, anchors, is_trusted, is_synthetic)
+    return choose_signal(signals, pool, anchors, is_trusted, is_synthetic, anchors["anchor"] == CONFUSABLE)
 
 
 def pool_values(connection, signals: list[Signal]) -> dict[str, np.ndarray]:
@@ -138,7 +140,7 @@ def pool_values(connection, signals: list[Signal]) -> dict[str, np.ndarray]:
 
 
 def choose_signal(signals: list[Signal], pool: dict[str, np.ndarray], anchors: dict[str, np.ndarray],
-                  is_trusted: np.ndarray, is_synthetic: np.ndarray) -> Anchored | None:
+                  is_trusted: np.ndarray, is_synthetic: np.ndarray, is_confusable: np.ndarray | None = None) -> Anchored | None:
     """Each signal's separation of the trusted from the synthetic anchors (AUROC); the arrays of the best
     one (ties: the first listed); None when no signal has enough of both."""
     separation = {}
@@ -159,8 +161,9 @@ def choose_signal(signals: list[Signal], pool: dict[str, np.ndarray], anchors: d
     others = {s.name: (s, usable(pool[s.column], s), usable(anchors[s.column][is_trusted], s))
               for s in signals if s.name in separation}
     _, pool_side, trusted_side = others[best]
+    confusable = usable(anchors[signal.column][is_confusable]) if is_confusable is not None else np.zeros(0)
     return Anchored(pool_side, trusted_side, usable(anchors[signal.column][is_synthetic]), signal, separation,
-                    others)
+                    others, confusable if len(confusable) >= MIN_ANCHORS else np.zeros(0))
 
 
 def cut_signal(data: Anchored, recall: float) -> tuple[Signal, np.ndarray, float]:
@@ -189,7 +192,7 @@ def estimate(data: Anchored, seed: int = 0) -> Calibration:
     """The clean share (see docs/filter.md "Calibrated curation"), its bootstrap interval and the curve."""
     if not len(data.pool):
         raise MimicfilterError("no usable pool sample to calibrate", hint="check the run's statuses")
-    share = clean_share(data.pool, data.trusted, data.synthetic, BOOTSTRAP_ROUNDS, seed)
+    share = clean_share(data.pool, data.trusted, data.synthetic, BOOTSTRAP_ROUNDS, seed, data.confusable)
     value = share.value
     curve = tail_curve(data.pool, data.trusted, value)
     sign = 1.0 if data.signal.higher_is_clean else -1.0
@@ -197,9 +200,10 @@ def estimate(data: Anchored, seed: int = 0) -> Calibration:
                "precision": round(float(p), 6)}
               for t, k, r, p in zip(curve["threshold"], curve["kept"], curve["recall"], curve["precision"])]
     return Calibration(round(value, 6), round(share.low, 6), round(share.high, 6), len(data.trusted),
-                       len(data.synthetic), data.signal.name, data.signal.higher_is_clean, data.separation,
-                       round(share.upper, 6), None if np.isnan(share.explained) else round(share.explained, 6),
-                       share.method, round(share.clean_p, 6), points)
+                       len(data.synthetic) + len(data.confusable), data.signal.name, data.signal.higher_is_clean,
+                       data.separation, round(share.upper, 6),
+                       None if np.isnan(share.explained) else round(share.explained, 6), share.method,
+                       round(share.clean_p, 6), len(data.confusable), points)
 
 
 def cut_threshold(data: Anchored, calibration: Calibration, target_precision: float | None,

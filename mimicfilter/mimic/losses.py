@@ -16,9 +16,12 @@ class Anchors:
 
     mask: torch.Tensor  # [N] bool over the batch's samples
     twins: torch.Tensor | None = None  # [A, B] bool: anchor × pool sample
+    # [N] bool: labelled confusable negatives, scored with the reference's most likely other class
+    confusable: torch.Tensor | None = None
 
     def to(self, device) -> Anchors:
-        return Anchors(self.mask.to(device), None if self.twins is None else self.twins.to(device))
+        return Anchors(self.mask.to(device), None if self.twins is None else self.twins.to(device),
+                       None if self.confusable is None else self.confusable.to(device))
 
 
 def contrastive_per_sample_loss(

@@ -48,6 +48,9 @@ class BatchScores:
     # for the baselines anyway: the pair embedding of mimic.embedder (for classification the text
     # side is the label's class embedding).
     reference_embeddings: tuple[torch.Tensor, torch.Tensor] | None = None
+    # classification batches with confusable anchors (score --trusted): the label each sample was scored
+    # with; -1 for a confusable anchor whose image the reference misclassifies (no negative made)
+    relabelled: torch.Tensor | None = None
 
 
 @dataclass
@@ -60,6 +63,7 @@ class Prepared:
     clip_score: torch.Tensor | None
     reference_embeddings: tuple[torch.Tensor, torch.Tensor] | None = None
     negclip_score: torch.Tensor | None = None
+    relabelled: torch.Tensor | None = None  # classification with confusable anchors: the labels scored
 
 
 @contextlib.contextmanager
@@ -200,5 +204,6 @@ class MimicScorer:
             negclip_score=None if prepared.negclip_score is None else prepared.negclip_score.detach().cpu(),
             reference_embeddings=None if prepared.reference_embeddings is None
             else tuple(value.detach() for value in prepared.reference_embeddings),
+            relabelled=None if prepared.relabelled is None else prepared.relabelled.cpu(),
         )
 

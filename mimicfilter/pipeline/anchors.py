@@ -13,11 +13,17 @@ proxy states, so that ``filter`` can calibrate the quality estimate and the cut 
   every epoch and every process, made as the stream goes, with the partners' caption or label files
   as the only memory. Random partners, not neighbours: shards are often sorted (by source, by
   class), and a neighbour's caption may fit. A pair whose caption or label is its own is not made.
+* **Confusable negatives** (labelled images only): each chosen sample's image once more, flagged
+  ``confusable``, scored with the class the reference finds most likely after the image's own label
+  (mimic/classify.py relabels it on the device). Random flips are label noise at its most obvious;
+  real label noise is mostly between classes that look alike (shirt and T-shirt), which scores much
+  closer to clean data. The calibration fits the pool with both kinds (curate/mixture.py).
 
 Anchors enter the batches, and the proxy's re-weighted loss, exactly as pool samples do: a trusted
 sample is scored as a clean pool sample would be, a synthetic one as a mismatched pool pair. Their
-rows carry ``anchor`` = ``trusted`` or ``synthetic``; a synthetic row's shard is its image's shard
-with ``#synthetic`` appended and its key ``IMAGE_KEY~PARTNER_KEY``. Downstream, nothing counts them
+rows carry ``anchor`` = ``trusted``, ``synthetic`` or ``confusable``; a synthetic row's shard is its
+image's shard with ``#synthetic`` appended and its key ``IMAGE_KEY~PARTNER_KEY``; a confusable row's
+shard ends in ``#confusable`` and its key is ``IMAGE_KEY~confusable``. Downstream, nothing counts them
 as pool samples (curate/duck.py keeps them apart).
 """
 
@@ -36,8 +42,8 @@ from mimicfilter.shards.decode import DecodeConfig
 from mimicfilter.shards.records import RawSample
 from mimicfilter.shards.samples import count_shard_samples, iter_shard_samples
 
-TRUSTED, SYNTHETIC = "trusted", "synthetic"
-SYNTHETIC_SUFFIX = "#synthetic"
+TRUSTED, SYNTHETIC, CONFUSABLE = "trusted", "synthetic", "confusable"
+SYNTHETIC_SUFFIX, CONFUSABLE_SUFFIX = "#synthetic", "#confusable"  # appended to the image's shard
 MAX_TRUSTED = 20_000  # held in memory by every scoring process
 COUNTED_SHARDS = 256  # shards whose headers are counted for the pool's size (evenly spaced beyond that)
 MIN_SYNTHETIC = 200  # synthetic negatives aimed at when there are fewer trusted samples
@@ -55,11 +61,14 @@ class AnchorPlan:
     partner_files: tuple[str, ...]  # what a synthetic pair takes from its partner: the caption or label file
     seed: int = 0
     allow_pipe: bool = False
+    confusable: bool = False  # labelled images: each chosen sample also makes a confusable negative
 
     def provenance(self) -> dict:
         return {"trusted": list(self.trusted_shards), "trusted_samples": self.trusted_samples,
                 "pool_estimate": self.pool_estimate, "synthetic_share": self.synthetic_share,
                 "synthetic": f"the {'/'.join(self.partner_files)} of the next chosen sample of the same shard",
+                **({"confusable": "the reference's most likely class after the image's own label"}
+                   if self.confusable else {}),
                 "seed": self.seed}
 
     @functools.cached_property
@@ -126,7 +135,7 @@ def plan_anchors(trusted: tuple[str, ...], pool_shards: tuple[str, ...], decode:
     if synthetic_share is None:
         synthetic_share = min(0.5, max(len(samples), MIN_SYNTHETIC) / max(1, estimate))
     return AnchorPlan(trusted, pool_shards, estimate, len(samples), round(synthetic_share, 6), partner_files(decode),
-                      seed, allow_pipe)
+                      seed, allow_pipe, confusable=decode.task == "classify")
 
 
 def _synthetic(image: RawSample, partner: RawSample, plan: AnchorPlan) -> RawSample | None:
@@ -141,8 +150,8 @@ def _synthetic(image: RawSample, partner: RawSample, plan: AnchorPlan) -> RawSam
 
 def with_synthetic(samples: Iterable[RawSample], plan: AnchorPlan) -> Iterator[RawSample]:
     """The samples, each chosen one followed by its synthetic pair (its image with the caption or label
-    of a random earlier chosen sample of its shard); a shard's first chosen sample is paired with a
-    random later one when the shard ends."""
+    of a random earlier chosen sample of its shard) and, for labelled images, its confusable negative; a
+    shard's first chosen sample is paired with a random later one when the shard ends."""
     shard: str | None = None
     first: RawSample | None = None
     partners: list[RawSample] = []  # the shard's chosen samples so far, with their partner files only
@@ -162,6 +171,9 @@ def with_synthetic(samples: Iterable[RawSample], plan: AnchorPlan) -> Iterator[R
             continue
         if partners and (made := _synthetic(sample, rng.choice(partners), plan)):
             yield made
+        if plan.confusable:
+            yield RawSample(sample.shard + CONFUSABLE_SUFFIX, f"{sample.key}~{CONFUSABLE}", sample.index,
+                            dict(sample.files), anchor=CONFUSABLE)
         if first is None:
             first = sample
         partners.append(RawSample(sample.shard, sample.key, sample.index,

@@ -17,7 +17,8 @@ from mimicfilter.mimic.embedder import EmbeddingsFromScores, PairEmbeddings
 from mimicfilter.mimic.models import LoadedModels, ModelSpec, load_models_on_device
 from mimicfilter.mimic.scorer import BatchScores, MimicScorer
 from mimicfilter.pipeline.batches import Batch
-from mimicfilter.store.schema import EMBEDDING_COLUMN, NON_FINITE, SCORE_VALUE_COLUMNS, TEXT_EMBEDDING_COLUMN
+from mimicfilter.store.schema import (EMBEDDING_COLUMN, NON_FINITE, NOT_CONFUSABLE, SCORE_VALUE_COLUMNS,
+                                      TEXT_EMBEDDING_COLUMN)
 
 
 def _pair_cells(embeddings: PairEmbeddings, position: int) -> dict[str, Any]:
@@ -38,9 +39,21 @@ def score_rows(batch: Batch, scores: BatchScores | None, embeddings: PairEmbeddi
             if embeddings is not None:
                 row |= _pair_cells(embeddings, ok_position)
             ok_position += 1
+            if scores.relabelled is not None:  # a confusable anchor's row names the label it was scored with
+                _relabel(row, int(scores.relabelled[ok_position - 1]))
             _mark_non_finite(row)
         rows.append(row)
     return rows
+
+
+def _relabel(row: dict[str, Any], label: int) -> None:
+    if label >= 0:
+        row["label"] = label
+        return
+    row["status"] = NOT_CONFUSABLE
+    row["error"] = "no confusable negative: the reference ranks another class above the image's own label"
+    for column in SCORE_VALUE_COLUMNS:
+        row[column] = None
 
 
 def _mark_non_finite(row: dict[str, Any]) -> None:

@@ -29,6 +29,7 @@ from typing import Any, Callable, Iterable, Iterator
 import torch
 
 from mimicfilter.mimic.losses import Anchors
+from mimicfilter.pipeline.anchors import CONFUSABLE
 from mimicfilter.shards.records import DecodedSample, SampleInfo
 
 
@@ -51,8 +52,11 @@ class Batch:
     @property
     def anchors(self) -> Anchors | None:
         """Which ok samples are anchors (over the rows of ``images``) and their twins, or None."""
-        flags = [sample.anchor is not None for sample in self.samples if sample.ok]
-        return Anchors(torch.tensor(flags), self.twins) if any(flags) else None
+        ok = [sample for sample in self.samples if sample.ok]
+        flags = [sample.anchor is not None for sample in ok]
+        confusable = [sample.anchor == CONFUSABLE for sample in ok]
+        return Anchors(torch.tensor(flags), self.twins, torch.tensor(confusable) if any(confusable) else None) \
+            if any(flags) else None
 
     @property
     def pool_samples(self) -> int:

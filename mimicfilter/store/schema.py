@@ -15,6 +15,8 @@ STATUSES = ("ok", "decode_error", "missing_image", "missing_text", "missing_labe
             "non_finite_score")
 SHARD_ERROR = "shard_error"  # a shard could not be read (any further): one row for the failure
 NON_FINITE = "non_finite_score"  # a score column came out NaN or infinite (diverged proxy, NaN weights)
+# anchors only (never a pool row): a confusable negative not made, its image misclassified by the reference
+NOT_CONFUSABLE = "not_confusable"
 
 SCORE_SCHEMA = pa.schema(
     [
