@@ -98,8 +98,9 @@ scale_options = group(
 anchor_options = group(
     click.option("--trusted", "trusted", multiple=True, metavar="SPEC",
                  help="Shards of samples you checked (100-500; same formats as SHARDS, repeatable): scored in the "
-                 "pool's stream as anchors, with synthetic negatives made from the pool, so that `filter` "
-                 "calibrates the quality estimate and the cut (docs/filter.md)."),
+                 "pool's stream as anchors, with synthetic negatives made from the pool (labelled pools: also "
+                 "confusable ones, the reference's runner-up class), so that `filter` calibrates the quality "
+                 "estimate and the cut (docs/filter.md)."),
     click.option("--synthetic-share", type=float, default=None,
                  help="Share of pool samples whose pair makes a synthetic negative (a caption or label from "
                  "another sample) [default: as many as trusted samples, at least 200]."),
