@@ -106,10 +106,12 @@ def calibration_tables(results: list[dict]) -> str:
         worst = calibration_eval.acceptance(anchored, str(count))
         fmt = lambda value, scale=100: "–" if value is None else f"{scale * value:.1f}"  # noqa: E731
         rows.append([str(count), str(worst["draws"]), fmt(worst["coverage"]), fmt(worst["worst_error_separated"]),
-                     fmt(worst["worst_error_other"]), fmt(worst["clean_min_estimate"]), fmt(worst["clean_min_kept"])])
+                     fmt(worst["worst_error_other"]), fmt(worst["clean_min_estimate"]), fmt(worst["clean_min_kept"]),
+                     "–" if worst["labelled_f1_gap"] is None else f"{worst['labelled_f1_gap']:+.3f}"])
     out.append(md_table("Calibration's worst cases over every draw of every anchored run", [
         "trusted", "draws", "interval holds truth (%)", f"worst |error|, AUROC ≥ 0.85", "worst |error|, elsewhere",
-        "clean pools: lowest estimate (%)", "clean pools: least kept (%)"], rows))
+        "clean pools: lowest estimate (%)", "clean pools: least kept (%)",
+        "labelled pools: F1 less the best single signal's (worst)"], rows))
     return "\n".join(out)
 
 
