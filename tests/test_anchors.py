@@ -232,3 +232,28 @@ def test_runner_up_is_the_most_likely_other_class():
 
     logits = torch.tensor([[3.0, 2.0, 1.0], [3.0, 2.0, 1.0], [0.0, 5.0, 4.0]])
     assert runner_up(logits, torch.tensor([0, 1, 1])).tolist() == [1, 0, 2]
+
+
+def test_confusable_anchors_leave_a_labelled_pools_scores_unchanged(tmp_path, tiny_config, reference_checkpoint):
+    samples = [(f"{i:05d}", {"png": image_bytes(i, fmt="PNG"), "cls": str(i % 3).encode()}) for i in range(30)]
+    shard = write_tar(tmp_path / "labelled.tar", samples)
+    trusted = write_tar(tmp_path / "trusted.tar", samples[:5])
+    classnames = tmp_path / "classes.txt"
+    classnames.write_text("cat\ndog\nbird\n")
+    model = ModelSpec(str(tiny_config), str(reference_checkpoint), task="classify", classnames=str(classnames))
+    from mimicfilter.shards.decode import DecodeConfig
+
+    train = TrainConfig(mode="head", epochs=2, lr=1e-2, shuffle_buffer=8)
+    tables = {}
+    for name, extra in (("plain", {}), ("anchored", {"trusted": (str(trusted),), "synthetic_share": 0.5})):
+        run_score(ScoreConfig((str(shard),), tmp_path / name, model, decode=DecodeConfig(task="classify"),
+                              batch_size=8, train=train, **extra))
+        tables[name] = read_scores(tmp_path / name)
+    assert CONFUSABLE in set(tables["anchored"].column("anchor").drop_null().to_pylist())
+    plain = {(r["index"], r["epoch"]): r for r in tables["plain"].to_pylist()}
+    anchored = [r for r in tables["anchored"].to_pylist() if r["anchor"] is None]
+    assert len(anchored) == len(plain)
+    for row in anchored:
+        twin = plain[(row["index"], row["epoch"])]
+        for column in ("mimic_score", "mimic_weight", "loss", "ref_loss"):
+            assert row[column] == pytest.approx(twin[column], rel=1e-4, abs=1e-5), column
