@@ -125,19 +125,25 @@ def test_a_killed_run_with_anchors_resumes_to_the_same_table(tmp_path, pool, tin
     assert read_scores(out).equals(read_scores(tmp_path / "baseline"))
 
 
-def test_label_flips_for_labelled_pools(tmp_path, tiny_config, reference_checkpoint):
+def labelled_rows(tmp_path, tiny_config, reference_checkpoint, name="run", train=None, anchored=True) -> list[dict]:
+    """The score rows of a 30-image, 3-class labelled pool, with 5 trusted samples and half the pool
+    making negatives when ``anchored``."""
+    from mimicfilter.shards.decode import DecodeConfig
+
     samples = [(f"{i:05d}", {"png": image_bytes(i, fmt="PNG"), "cls": str(i % 3).encode()}) for i in range(30)]
     shard = write_tar(tmp_path / "labelled.tar", samples)
     trusted = write_tar(tmp_path / "trusted.tar", samples[:5])
-    classnames = tmp_path / "classes.txt"
-    classnames.write_text("cat\ndog\nbird\n")
-    model = ModelSpec(str(tiny_config), str(reference_checkpoint), task="classify", classnames=str(classnames))
-    from mimicfilter.shards.decode import DecodeConfig
+    (tmp_path / "classes.txt").write_text("cat\ndog\nbird\n")
+    model = ModelSpec(str(tiny_config), str(reference_checkpoint), task="classify",
+                      classnames=str(tmp_path / "classes.txt"))
+    anchors = {"trusted": (str(trusted),), "synthetic_share": 0.5} if anchored else {}
+    run_score(ScoreConfig((str(shard),), tmp_path / name, model, decode=DecodeConfig(task="classify"), batch_size=8,
+                          train=train or TrainConfig(mode="none"), **anchors))
+    return read_scores(tmp_path / name).to_pylist()
 
-    config = ScoreConfig((str(shard),), tmp_path / "run", model, decode=DecodeConfig(task="classify"), batch_size=8,
-                         trusted=(str(trusted),), synthetic_share=0.5, train=TrainConfig(mode="none"))
-    run_score(config)
-    rows = read_scores(tmp_path / "run").to_pylist()
+
+def test_label_flips_for_labelled_pools(tmp_path, tiny_config, reference_checkpoint):
+    rows = labelled_rows(tmp_path, tiny_config, reference_checkpoint)
     labels = {row["key"]: row["label"] for row in rows if row["anchor"] is None}
     flips = [row for row in rows if row["anchor"] == SYNTHETIC]
     assert flips and all(row["label"] != labels[row["key"].split("~")[0]] for row in flips)
@@ -193,18 +199,7 @@ def test_an_anchor_is_never_contrasted_with_its_own_copies():
 
 
 def test_confusable_negatives_take_the_references_runner_up_class(tmp_path, tiny_config, reference_checkpoint):
-    samples = [(f"{i:05d}", {"png": image_bytes(i, fmt="PNG"), "cls": str(i % 3).encode()}) for i in range(30)]
-    shard = write_tar(tmp_path / "labelled.tar", samples)
-    trusted = write_tar(tmp_path / "trusted.tar", samples[:5])
-    classnames = tmp_path / "classes.txt"
-    classnames.write_text("cat\ndog\nbird\n")
-    model = ModelSpec(str(tiny_config), str(reference_checkpoint), task="classify", classnames=str(classnames))
-    from mimicfilter.shards.decode import DecodeConfig
-
-    config = ScoreConfig((str(shard),), tmp_path / "run", model, decode=DecodeConfig(task="classify"), batch_size=8,
-                         trusted=(str(trusted),), synthetic_share=0.5, train=TrainConfig(mode="none"))
-    run_score(config)
-    rows = read_scores(tmp_path / "run").to_pylist()
+    rows = labelled_rows(tmp_path, tiny_config, reference_checkpoint)
     pool = {row["key"]: row for row in rows if row["anchor"] is None}
     confusable = [row for row in rows if row["anchor"] == CONFUSABLE]
     assert confusable and all(row["key"].endswith("~confusable") and row["shard"].endswith("#confusable")
@@ -235,23 +230,12 @@ def test_runner_up_is_the_most_likely_other_class():
 
 
 def test_confusable_anchors_leave_a_labelled_pools_scores_unchanged(tmp_path, tiny_config, reference_checkpoint):
-    samples = [(f"{i:05d}", {"png": image_bytes(i, fmt="PNG"), "cls": str(i % 3).encode()}) for i in range(30)]
-    shard = write_tar(tmp_path / "labelled.tar", samples)
-    trusted = write_tar(tmp_path / "trusted.tar", samples[:5])
-    classnames = tmp_path / "classes.txt"
-    classnames.write_text("cat\ndog\nbird\n")
-    model = ModelSpec(str(tiny_config), str(reference_checkpoint), task="classify", classnames=str(classnames))
-    from mimicfilter.shards.decode import DecodeConfig
-
     train = TrainConfig(mode="head", epochs=2, lr=1e-2, shuffle_buffer=8)
-    tables = {}
-    for name, extra in (("plain", {}), ("anchored", {"trusted": (str(trusted),), "synthetic_share": 0.5})):
-        run_score(ScoreConfig((str(shard),), tmp_path / name, model, decode=DecodeConfig(task="classify"),
-                              batch_size=8, train=train, **extra))
-        tables[name] = read_scores(tmp_path / name)
-    assert CONFUSABLE in set(tables["anchored"].column("anchor").drop_null().to_pylist())
-    plain = {(r["index"], r["epoch"]): r for r in tables["plain"].to_pylist()}
-    anchored = [r for r in tables["anchored"].to_pylist() if r["anchor"] is None]
+    plain = {(r["index"], r["epoch"]): r for r in labelled_rows(tmp_path, tiny_config, reference_checkpoint, "plain",
+                                                                 train, anchored=False)}
+    rows = labelled_rows(tmp_path, tiny_config, reference_checkpoint, "anchored", train)
+    assert CONFUSABLE in {r["anchor"] for r in rows}
+    anchored = [r for r in rows if r["anchor"] is None]
     assert len(anchored) == len(plain)
     for row in anchored:
         twin = plain[(row["index"], row["epoch"])]
