@@ -86,9 +86,9 @@ class Calibration:
     higher_is_clean: bool
     separation: dict[str, float]  # AUROC of each signal, trusted vs synthetic
     upper: float  # the best-bin estimate (an upper bound up to sampling error)
-    explained: float | None  # the two-component estimate (trusted + synthetic)
+    explained: float | None  # the two-component estimate (trusted + negatives; its bootstrap median)
     method: str  # which of the two is the value: "two-component", or "best-bin" when the noise is unlike the synthetic
-    clean_p: float  # two-sample KS p-value of the pool against the trusted sample (≥ 0.05: a clean pool is possible)
+    clean_p: float  # two-sample KS p-value of the pool against the trusted sample (≥ 0.001: a clean pool is possible)
     confusable: int = 0  # of the synthetic negatives: the confusable ones (labelled pools)
     curve: list[dict[str, float]] = field(default_factory=list)  # threshold, kept, recall, precision
 

@@ -15,7 +15,8 @@ proxy states, so that ``filter`` can calibrate the quality estimate and the cut 
   class), and a neighbour's caption may fit. A pair whose caption or label is its own is not made.
 * **Confusable negatives** (labelled images only): each chosen sample's image once more, flagged
   ``confusable``, scored with the class the reference finds most likely after the image's own label
-  (mimic/classify.py relabels it on the device). Random flips are label noise at its most obvious;
+  (mimic/classify.py relabels it on the device) — made only where the reference ranks the image's
+  own label first; otherwise its row gets status ``not_confusable`` and no scores. Random flips are label noise at its most obvious;
   real label noise is mostly between classes that look alike (shirt and T-shirt), which scores much
   closer to clean data. The calibration fits the pool with both kinds (curate/mixture.py).
 
