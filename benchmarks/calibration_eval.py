@@ -4,8 +4,8 @@ anchors, measured against the truth, for 100, 200 and 500 trusted samples.
 Every anchored run carries the pool's 500 trusted samples. For a count n, DRAWS random draws of n of
 them (and of max(n, 200) synthetic negatives, what ``score --trusted`` makes for n trusted samples, and
 as many confusable negatives on labelled pools) go through the same functions ``filter`` calls
-(mimicfilter/curate/calibrate.py): the signal chosen by its separation, the clean share and its interval, and the default cut (target recall
-``CALIBRATED_TARGET_RECALL``). Reported per draw: the estimate's error, whether the interval holds the
+(mimicfilter/curate/calibrate.py): the signal chosen by its separation, the clean share and its
+interval, and the default cut (target recall ``CALIBRATED_TARGET_RECALL``). Reported per draw: the estimate's error, whether the interval holds the
 truth, the share of the pool's clean samples the cut keeps, and the F1 of the dropped samples as a
 detector of the noisy ones, next to the F1 of the same cut made on every single signal.
 """
@@ -135,7 +135,8 @@ def acceptance(runs: list[dict], count: str) -> dict:
     labelled = [run["calibration"]["by_count"][count] for run in runs if run.get("task") == "classify"
                 and run["calibration"]["by_count"].get(count) and run["calibration"]["by_count"][count][0]["f1"] is not None]
     gaps = [_mean([d["f1"] for d in draws_of]) - best_single_signal(draws_of) for draws_of in labelled]
-    return {"labelled_f1_gap": min(gaps, default=None), "draws": len(draws), "coverage": float(np.mean([d["covered"] for _, d in draws])) if draws else None,
+    return {"draws": len(draws), "coverage": float(np.mean([d["covered"] for _, d in draws])) if draws else None,
+            "labelled_f1_gap": min(gaps, default=None),
             "worst_error_separated": max(separated, default=None), "worst_error_other": max(other, default=None),
             "clean_min_estimate": min((d["value"] for _, d in clean_runs), default=None),
             "clean_min_kept": min((d["kept_clean"] for _, d in clean_runs), default=None)}

@@ -23,6 +23,7 @@ import pyarrow as pa
 from mimicfilter.dedup.cells import Cells
 from mimicfilter.dedup.sources import Reading, Unit, read_unit
 from mimicfilter.store.atomic import atomic_write_json
+from mimicfilter.store.schema import DIGEST_BYTES
 
 BUCKETS_DIR = "buckets"
 RANGES_FILE = "ranges.json"
@@ -132,7 +133,7 @@ def read_range(out_dir: Path, units: list[Unit], start: int, stop: int) -> CellB
         del mapped
         if (folder / LONG_CAPTIONS_FILE).is_file():
             if long_captions is None:
-                long_captions = np.zeros((len(order), 20), dtype=np.uint8)
+                long_captions = np.zeros((len(order), DIGEST_BYTES), dtype=np.uint8)
             long_captions[into] = np.load(folder / LONG_CAPTIONS_FILE, mmap_mode="r")[low:high]
         offset += high - low
     return CellBlock(cells[order], owners[order], rows[order], vectors, long_captions)

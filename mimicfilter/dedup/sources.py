@@ -29,7 +29,7 @@ from mimicfilter.extrapolate.sources import Source, check_spaces, open_run, vect
 from mimicfilter.extrapolate.stream import Reading  # how units are read: the columns (image first), width, id column
 from mimicfilter.store.parts import part_paths
 from mimicfilter.store.paths import part_name, trajectory_part_epoch
-from mimicfilter.store.schema import ANCHOR_COLUMN, EMBEDDING_COLUMN, LONG_CAPTION_COLUMN
+from mimicfilter.store.schema import ANCHOR_COLUMN, DIGEST_BYTES, EMBEDDING_COLUMN, LONG_CAPTION_COLUMN
 
 IDENTITY = ("shard", "key", "uid", "index")
 
@@ -133,10 +133,11 @@ def read_unit(unit: Unit, reading: Reading) -> UnitRows:
 
 def digests(column: pa.ChunkedArray) -> np.ndarray:
     """A nullable binary(20) column as [n, 20] uint8, zeros for null."""
-    out = np.zeros((len(column), 20), dtype=np.uint8)
+    out = np.zeros((len(column), DIGEST_BYTES), dtype=np.uint8)
     valid = np.asarray(column.is_valid())
     if valid.any():
         present = column.filter(column.is_valid()).combine_chunks()
         out[valid] = np.frombuffer(present.buffers()[1], dtype=np.uint8,
-                                   offset=present.offset * 20, count=len(present) * 20).reshape(-1, 20)
+                                   offset=present.offset * DIGEST_BYTES,
+                                   count=len(present) * DIGEST_BYTES).reshape(-1, DIGEST_BYTES)
     return out

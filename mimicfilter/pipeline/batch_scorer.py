@@ -38,9 +38,9 @@ def score_rows(batch: Batch, scores: BatchScores | None, embeddings: PairEmbeddi
                 row[column] = None if values is None else float(values[ok_position])
             if embeddings is not None:
                 row |= _pair_cells(embeddings, ok_position)
-            ok_position += 1
             if scores.relabelled is not None:  # a confusable anchor's row names the label it was scored with
-                _relabel(row, int(scores.relabelled[ok_position - 1]))
+                _relabel(row, int(scores.relabelled[ok_position]))
+            ok_position += 1
             _mark_non_finite(row)
         rows.append(row)
     return rows

@@ -82,6 +82,12 @@ def _shared(dtype: torch.dtype, shape: tuple[int, ...]) -> Any:
     return torch.empty(0, dtype=dtype).set_(storage).view(shape)
 
 
+def _fills_context(tokens: torch.Tensor) -> torch.Tensor:
+    """Per caption of a tokenizer call whose last row is the empty caption's: whether its last position
+    holds a token rather than the padding, i.e. it filled the whole context (and may have been cut)."""
+    return tokens[:-1, -1] != tokens[-1, -1]
+
+
 @dataclass(frozen=True)
 class Decoder:
     """Raw samples → model inputs with the models' geometry and tokenizer (inherited by workers)."""
@@ -126,8 +132,7 @@ class Decoder:
             for sample in samples:
                 self._tokenize_one(sample)
             return
-        cut = tokens[:-1, -1] != tokens[-1, -1]
-        for sample, ids, long in zip(samples, tokens[:-1], cut.tolist()):
+        for sample, ids, long in zip(samples, tokens[:-1], _fills_context(tokens).tolist()):
             sample.text = ids
             if long:
                 sample.long_caption_sha1 = folded_caption_sha1(sample.caption)
@@ -138,7 +143,7 @@ class Decoder:
             if not isinstance(tokens, torch.Tensor):
                 raise TypeError(f"returned {type(tokens).__name__}, expected a tensor")
             sample.text = tokens[0]
-            if bool(tokens[0, -1] != tokens[1, -1]):
+            if bool(_fills_context(tokens)[0]):
                 sample.long_caption_sha1 = folded_caption_sha1(sample.caption)
         except Exception as exc:  # the model's tokenizer: any failure is this sample's problem
             sample.status, sample.error = "decode_error", one_line(f"tokenize failed: {type(exc).__name__}: {exc}")

@@ -14,6 +14,7 @@ import pyarrow as pa
 STATUSES = ("ok", "decode_error", "missing_image", "missing_text", "missing_label", "too_large", "shard_error",
             "non_finite_score")
 SHARD_ERROR = "shard_error"  # a shard could not be read (any further): one row for the failure
+DIGEST_BYTES = 20  # SHA-1: the hash columns' width
 NON_FINITE = "non_finite_score"  # a score column came out NaN or infinite (diverged proxy, NaN weights)
 # anchors only (never a pool row): a confusable negative not made, its image misclassified by the reference
 NOT_CONFUSABLE = "not_confusable"
@@ -46,13 +47,13 @@ SCORE_SCHEMA = pa.schema(
         # scored (UTF-8, stripped), 20 bytes each — hex strings would take 40 — so 40 bytes per row, 40 GB
         # per billion rows before compression (hashes do not compress); a 64-bit digest would collide
         # somewhere in a billion samples with odds of about 3 %, 160 bits practically never
-        pa.field("image_sha1", pa.binary(20)),
-        pa.field("caption_sha1", pa.binary(20)),
+        pa.field("image_sha1", pa.binary(DIGEST_BYTES)),
+        pa.field("caption_sha1", pa.binary(DIGEST_BYTES)),
         # SHA-1 of the caption folded (case, whitespace) when the text tower cut it at its context
         # length, null when the embedding saw all of it: near-duplicate captions are then told apart
         # by their whole text, not by an embedding of their first tokens
-        pa.field("long_caption_sha1", pa.binary(20)),
-        # "trusted" or "synthetic" on the rows of score --trusted's anchors; null on pool samples
+        pa.field("long_caption_sha1", pa.binary(DIGEST_BYTES)),
+        # "trusted", "synthetic" or "confusable" on the rows of score --trusted's anchors; null on pool samples
         pa.field("anchor", pa.string()),
     ]
 )
