@@ -1,4 +1,6 @@
+import os
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -16,6 +18,23 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip_gpu)
+
+
+@pytest.fixture(autouse=True, scope="session")
+def scratch_tempdir(tmp_path_factory):
+    """The temporary files of the code under test, and of every process it starts, go to this session's
+    scratch instead of the machine's temporary directory: tests touch only their own paths, even when a
+    test kills a run before it removes its DuckDB spill directory."""
+    scratch = tmp_path_factory.mktemp("tempdir")
+    previous = os.environ.get("TMPDIR")
+    os.environ["TMPDIR"] = str(scratch)
+    tempfile.tempdir = None  # gettempdir() caches its first answer; forget it so TMPDIR is read again
+    yield scratch
+    if previous is None:
+        os.environ.pop("TMPDIR", None)
+    else:
+        os.environ["TMPDIR"] = previous
+    tempfile.tempdir = None
 
 
 @pytest.fixture

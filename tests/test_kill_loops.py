@@ -1,7 +1,8 @@
 """Issue 17, red-team item 11: `filter` and `report` killed (SIGKILL) again and again never leave
 outputs of two runs side by side. Each loop alternates two different commands on one output
 directory, kills 20 of them (half once their staging directory exists, i.e. while they write; half
-at a random moment), and checks after every kill that what a reader finds is one complete run."""
+at a random moment), and checks after every kill that what a reader finds is one complete run, and at
+the end that no killed run's scratch (DuckDB spill) directory is left behind."""
 
 import hashlib
 import json
@@ -15,6 +16,8 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 from helpers import image_text_run
+
+from mimicfilter.store import scratch
 
 KILLS = 20
 
@@ -63,15 +66,20 @@ def staging_exists(out: Path) -> bool:
 
 
 def kill_loop(commands: list[list[str]], out: Path, mixed, seed: int = 17) -> dict:
-    """Run ``commands`` alternately, killing most of them; returns counts, fails on any mixed state."""
+    """Run ``commands`` alternately, killing most of them; returns counts, fails on any mixed state or
+    a scratch directory left once the last run has finished."""
     rng = random.Random(seed)
+    temporary = out.parent / "tmp"  # the runs' TMPDIR, where their DuckDB spill directories go
+    temporary.mkdir()
+    env = {**os.environ, "TMPDIR": str(temporary)}
     started = time.monotonic()
-    subprocess.run(commands[0], check=True, capture_output=True, timeout=300)
+    subprocess.run(commands[0], check=True, capture_output=True, timeout=300, env=env)
     full = time.monotonic() - started
     assert mixed(out) is None
     counts = {"killed_while_writing": 0, "killed_at_random": 0, "finished": 0, "mixed": []}
     for number in range(KILLS):
-        process = subprocess.Popen(commands[number % 2 - 1], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        process = subprocess.Popen(commands[number % 2 - 1], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                                   env=env)
         if number % 2:  # wait until it writes, then kill it a little later
             deadline = time.monotonic() + 120
             while not staging_exists(out) and process.poll() is None and time.monotonic() < deadline:
@@ -90,8 +98,9 @@ def kill_loop(commands: list[list[str]], out: Path, mixed, seed: int = 17) -> di
         assert out.is_dir(), f"kill {number}: the outputs are gone"
         if (problem := mixed(out)) is not None:
             counts["mixed"].append(f"kill {number}: {problem}")
-    subprocess.run(commands[1], check=True, capture_output=True, timeout=300)  # cleans up after the killed ones
+    subprocess.run(commands[1], check=True, capture_output=True, timeout=300, env=env)  # cleans up after the killed ones
     assert mixed(out) is None and not staging_exists(out)
+    assert list(temporary.iterdir()) == [], "a killed run's scratch directory outlived the next run"
     return counts
 
 
@@ -115,3 +124,33 @@ def test_report_killed_20_times_never_mixes_two_runs(tmp_path):
     counts = kill_loop([base + ["--binarize", "sign"], base + ["--binarize", "gmm"]], out, report_mixed)
     assert counts["mixed"] == []
     assert counts["killed_while_writing"] + counts["killed_at_random"] >= KILLS * 3 // 4, counts
+
+
+def _dead_pid() -> int:
+    finished = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True,
+                              check=True)
+    return int(finished.stdout)
+
+
+def test_a_run_removes_only_the_scratch_of_killed_runs_of_this_user_on_this_host(tmp_path):
+    host = scratch._host()
+    killed = tmp_path / f"mimicfilter-duckdb-{_dead_pid()}@{host}-ab_c12x9"
+    (killed / "duckdb_temp_storage").mkdir(parents=True)
+    (killed / "duckdb_temp_storage" / "spill.tmp").write_bytes(b"x" * 100)
+    live = tmp_path / f"mimicfilter-report-{os.getppid()}@{host}-k2j4h5l6"  # a process that is still running
+    elsewhere = tmp_path / f"mimicfilter-duckdb-{_dead_pid()}@another.host-q1w2e3r4"  # a TMPDIR shared by hosts
+    unrelated = tmp_path / "mimicfilter-duckdb-0qa8c1b2"  # no owner in the name (an older version's)
+    for directory in (live, elsewhere, unrelated):
+        directory.mkdir()
+    assert scratch.sweep_stale(tmp_path) == [killed]
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(p.name for p in (live, elsewhere, unrelated))
+
+
+def test_a_scratch_directory_names_its_owner_and_is_removed_on_exit(tmp_path, monkeypatch):
+    monkeypatch.setenv("TMPDIR", str(tmp_path))
+    monkeypatch.setattr("tempfile.tempdir", None)
+    with scratch.scratch_directory("duckdb") as path:
+        assert Path(path).parent == tmp_path and Path(path).is_dir()
+        assert scratch._owner(Path(path).name) == (scratch._host(), os.getpid())
+        assert scratch.sweep_stale(tmp_path) == []  # its own, live
+    assert list(tmp_path.iterdir()) == []

@@ -14,7 +14,6 @@ from __future__ import annotations
 import json
 import os
 import sys
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
@@ -37,6 +36,7 @@ from mimicfilter.store.guard import Inputs, Output, Target, guard_outputs
 from mimicfilter.store.schema import NON_FINITE
 from mimicfilter.store.paths import RUN_FILE, SUCCESS_FILE, is_remote_url, run_path
 from mimicfilter.store.rundir import unfinished_run
+from mimicfilter.store.scratch import scratch_directory
 
 JOIN_KEYS = {"uid": ("uid",), "shard,key": ("shard", "key")}
 
@@ -270,7 +270,7 @@ def run_filter(config: FilterConfig, stdout: IO[str] = sys.stdout) -> dict[str, 
     if unfinished and config.strict:
         raise MimicfilterError(unfinished[0], hint="wait for the run to finish (or resume it), or drop --strict")
     parts = parts_fingerprint(files)  # before reading them: a part that changes later makes the record stale
-    with tempfile.TemporaryDirectory(prefix="mimicfilter-duckdb-") as spill:
+    with scratch_directory("duckdb") as spill:
         connection = connect(config.memory_limit, spill)
         load_scores(connection, files)
         rows = connection.execute("SELECT count(*) FROM scores").fetchone()[0]

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import json
 import secrets
-import tempfile
 import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -56,6 +55,7 @@ from mimicfilter.store.atomic import atomic_write_bytes, atomic_write_json
 from mimicfilter.store.guard import Inputs, Output, guard_outputs
 from mimicfilter.store.paths import SUCCESS_FILE, is_remote
 from mimicfilter.store.rundir import read_run_info, unfinished_run
+from mimicfilter.store.scratch import scratch_directory
 from mimicfilter.store.swap import is_temp_name, replaced_directory
 
 # What a report directory holds (plus the images its report.json names): a new report may replace it.
@@ -147,7 +147,7 @@ def _calibration(connection, rule: dict[str, Any]) -> CalibratedCut | None:
 
 def _write_report(config: ReportConfig, info: dict[str, Any], files: list[str], out: Path) -> dict[str, Any]:
     """The numbers, plots and sheets, written into ``out`` (the staging directory)."""
-    with tempfile.TemporaryDirectory(prefix="mimicfilter-report-") as spill:
+    with scratch_directory("report") as spill:
         # before the parts are read: one that changes later makes a manifest's per-sample table stale
         reuse = check_reuse(config.filter_manifest, files, config.aggregation) if config.filter_manifest else None
         connection = connect(config.memory_limit, spill)

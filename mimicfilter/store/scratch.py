@@ -1,0 +1,72 @@
+"""Private scratch directories (DuckDB's spill files) that a killed run does not leave behind for good.
+
+A run removes its scratch directory when it ends, but a run killed with SIGKILL (or by the OOM killer)
+cannot, and at a billion samples DuckDB's spill can be gigabytes. So each directory's name carries the
+host and process that made it, and every run first removes the ones whose process is gone: made on this
+host, owned by this user, by a process that no longer exists. A directory of a live process, of another
+user or of another host sharing the temporary directory is never touched.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import socket
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+PREFIX = "mimicfilter-"
+
+
+def _host() -> str:
+    return re.sub(r"[^A-Za-z0-9.]", "_", socket.gethostname()) or "host"
+
+
+def _owner(name: str) -> tuple[str, int] | None:
+    """(host, pid) of a scratch directory's name; None for any other name."""
+    match = re.fullmatch(rf"{re.escape(PREFIX)}[a-z]+-(\d+)@([A-Za-z0-9._]+)-[A-Za-z0-9_]+", name)
+    return (match.group(2), int(match.group(1))) if match else None
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process: alive
+        return True
+    return True
+
+
+def sweep_stale(directory: Path | None = None) -> list[Path]:
+    """Remove the scratch directories left by killed runs of this user on this host; returns them."""
+    directory = Path(directory or tempfile.gettempdir())
+    host, uid, removed = _host(), os.getuid(), []
+    try:
+        entries = list(directory.iterdir())
+    except OSError:
+        return removed
+    for entry in entries:
+        owner = _owner(entry.name)
+        if owner is None or owner[0] != host or owner[1] == os.getpid() or _alive(owner[1]):
+            continue
+        try:
+            if entry.is_symlink() or not entry.is_dir() or entry.stat().st_uid != uid:
+                continue
+        except OSError:
+            continue
+        shutil.rmtree(entry, ignore_errors=True)
+        removed.append(entry)
+    return removed
+
+
+@contextmanager
+def scratch_directory(stage: str) -> Iterator[str]:
+    """A new private directory in the temporary directory (``TMPDIR``) for ``stage``'s scratch files,
+    removed on exit; the ones killed runs left are removed first."""
+    sweep_stale()
+    with tempfile.TemporaryDirectory(prefix=f"{PREFIX}{stage}-{os.getpid()}@{_host()}-") as path:
+        yield path
