@@ -13,7 +13,6 @@ import json
 import logging
 import pickle
 import sys
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterator
@@ -25,6 +24,7 @@ from mimicfilter.checksums import sha256_of_file, start_hashing
 from mimicfilter.errors import MimicfilterError, one_line
 from mimicfilter.lean_imports import import_open_clip, require
 from mimicfilter.mimic.hub import pretrained_access, suggest_models
+from mimicfilter.store.scratch import scratch_directory
 from mimicfilter.timing import phase
 
 open_clip = import_open_clip()  # without timm and huggingface_hub until a model needs them (lean_imports)
@@ -232,7 +232,7 @@ class Architecture:
         if self.json_config is None:
             yield self.name
             return
-        with tempfile.TemporaryDirectory(prefix="mimicfilter-config-") as config_dir:
+        with scratch_directory("config") as config_dir:
             (Path(config_dir) / "open_clip_config.json").write_text(json.dumps(self.json_config))
             if checkpoint is not None:
                 name = "open_clip_model.safetensors" if checkpoint.suffix.lower() == ".safetensors" else \
