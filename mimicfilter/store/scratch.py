@@ -2,9 +2,9 @@
 
 A run removes its scratch directory when it ends, but a run killed with SIGKILL (or by the OOM killer)
 cannot, and at a billion samples DuckDB's spill can be gigabytes. So each directory's name carries the
-host and process that made it, and every run first removes the ones whose process is gone: made on this
-host, owned by this user, by a process that no longer exists. A directory of a live process, of another
-user or of another host sharing the temporary directory is never touched.
+host (and PID namespace) and process that made it, and every run first removes the ones whose process is
+gone: made on this host, owned by this user, by a process that no longer exists. A directory of a live
+process, of another user, or of another host or container sharing the temporary directory is never touched.
 """
 
 from __future__ import annotations
@@ -22,7 +22,13 @@ PREFIX = "mimicfilter-"
 
 
 def _host() -> str:
-    return re.sub(r"[^A-Za-z0-9.]", "_", socket.gethostname()) or "host"
+    """The host name, and the PID namespace where there is one: containers sharing a host name and a
+    temporary directory do not see each other's processes, so each owns only its own directories."""
+    try:
+        namespace = "." + re.sub(r"\D", "", os.readlink("/proc/self/ns/pid"))
+    except OSError:
+        namespace = ""
+    return (re.sub(r"[^A-Za-z0-9.]", "_", socket.gethostname()) or "host") + namespace
 
 
 def _owner(name: str) -> tuple[str, int] | None:
