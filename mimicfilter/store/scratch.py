@@ -18,6 +18,8 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+from mimicfilter.store.swap import process_alive
+
 PREFIX = "mimicfilter-"
 
 
@@ -37,16 +39,6 @@ def _owner(name: str) -> tuple[str, int] | None:
     return (match.group(2), int(match.group(1))) if match else None
 
 
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # another user's process: alive
-        return True
-    return True
-
-
 def sweep_stale(directory: Path | None = None) -> list[Path]:
     """Remove the scratch directories left by killed runs of this user on this host; returns them."""
     directory = Path(directory or tempfile.gettempdir())
@@ -57,7 +49,7 @@ def sweep_stale(directory: Path | None = None) -> list[Path]:
         return removed
     for entry in entries:
         owner = _owner(entry.name)
-        if owner is None or owner[0] != host or owner[1] == os.getpid() or _alive(owner[1]):
+        if owner is None or owner[0] != host or process_alive(owner[1]):
             continue
         try:
             if entry.is_symlink() or not entry.is_dir() or entry.stat().st_uid != uid:

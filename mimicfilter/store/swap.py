@@ -37,7 +37,8 @@ def _sibling_pattern(target: Path) -> re.Pattern:
     return re.compile(rf"^\.{re.escape(target.name)}\.({STAGING}|{RETIRED})-(\d+)-[0-9a-f]+$")
 
 
-def _process_alive(pid: int) -> bool:
+def process_alive(pid: int) -> bool:
+    """Whether process ``pid`` runs on this host (this process included; another user's counts)."""
     if pid == os.getpid():
         return True
     try:
@@ -56,7 +57,7 @@ def recover(target: Path) -> None:
         return
     pattern = _sibling_pattern(target)
     leftovers = sorted((match.group(1), entry) for entry in parent.iterdir()
-                       if (match := pattern.match(entry.name)) and not _process_alive(int(match.group(2))))
+                       if (match := pattern.match(entry.name)) and not process_alive(int(match.group(2))))
     for role, entry in leftovers:
         if role == RETIRED and not target.exists():
             os.rename(entry, target)  # killed between the two renames of the fallback swap
