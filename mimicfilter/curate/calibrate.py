@@ -25,12 +25,12 @@ from mimicfilter.curate.rules import Rule
 from mimicfilter.defaults import CALIBRATED_TARGET_RECALL as DEFAULT_TARGET_RECALL
 from mimicfilter.errors import MimicfilterError
 from mimicfilter.metrics import auroc
+from mimicfilter.store.schema import CONFUSABLE, SYNTHETIC, TRUSTED
 
 POOL_SAMPLE = 200_000  # pool samples the estimate and the curve are computed on (hash-sampled beyond)
 MIN_ANCHORS = 20  # fewer usable trusted (or synthetic) samples: no calibration, a warning instead
 WEAK_SEPARATION = 0.85  # below this AUROC (trusted vs synthetic) the estimate's worst case is wider
 BOOTSTRAP_ROUNDS = 200
-TRUSTED, SYNTHETIC, CONFUSABLE = "trusted", "synthetic", "confusable"
 
 
 @dataclass(frozen=True)

@@ -16,9 +16,9 @@ proxy states, so that ``filter`` can calibrate the quality estimate and the cut 
 * **Confusable negatives** (labelled images only): each chosen sample's image once more, flagged
   ``confusable``, scored with the class the reference finds most likely after the image's own label
   (mimic/classify.py relabels it on the device) — made only where the reference ranks the image's
-  own label first; otherwise its row gets status ``not_confusable`` and no scores. Random flips are label noise at its most obvious;
-  real label noise is mostly between classes that look alike (shirt and T-shirt), which scores much
-  closer to clean data. The calibration fits the pool with both kinds (curate/mixture.py).
+  own label first; otherwise its row gets status ``not_confusable`` and no scores. Random flips are
+  label noise at its most obvious; real label noise is mostly between classes that look alike (shirt
+  and T-shirt), which scores much closer to clean data. The calibration fits the pool with both kinds (curate/mixture.py).
 
 Anchors enter the batches, and the proxy's re-weighted loss, exactly as pool samples do: a trusted
 sample is scored as a clean pool sample would be, a synthetic one as a mismatched pool pair. Their
@@ -42,8 +42,8 @@ from mimicfilter.errors import MimicfilterError
 from mimicfilter.shards.decode import DecodeConfig
 from mimicfilter.shards.records import RawSample
 from mimicfilter.shards.samples import count_shard_samples, iter_shard_samples
+from mimicfilter.store.schema import CONFUSABLE, SYNTHETIC, TRUSTED
 
-TRUSTED, SYNTHETIC, CONFUSABLE = "trusted", "synthetic", "confusable"
 SYNTHETIC_SUFFIX, CONFUSABLE_SUFFIX = "#synthetic", "#confusable"  # appended to the image's shard
 MAX_TRUSTED = 20_000  # held in memory by every scoring process
 COUNTED_SHARDS = 256  # shards whose headers are counted for the pool's size (evenly spaced beyond that)

@@ -29,8 +29,8 @@ from typing import Any, Callable, Iterable, Iterator
 import torch
 
 from mimicfilter.mimic.losses import Anchors
-from mimicfilter.pipeline.anchors import CONFUSABLE
 from mimicfilter.shards.records import DecodedSample, SampleInfo
+from mimicfilter.store.schema import CONFUSABLE
 
 
 @dataclass(frozen=True)

@@ -63,6 +63,8 @@ HASH_COLUMNS = ("image_sha1", "caption_sha1")  # the exact-duplicate keys
 LONG_CAPTION_COLUMN = "long_caption_sha1"  # read by dedup --dedup-on pair only
 SCORE_VALUE_COLUMNS = ("mimic_score", "mimic_weight", "loss", "clip_score", "ref_loss", "negclip_score")
 ANCHOR_COLUMN = "anchor"
+# its values: what an anchor row is (pipeline/anchors.py makes them, curate/calibrate.py reads them)
+TRUSTED, SYNTHETIC, CONFUSABLE = "trusted", "synthetic", "confusable"
 
 # Optional columns, appended after SCORE_SCHEMA's only when a run asks for them: the default schema
 # (and every reader of it) is unchanged. ``read_part``/``read_scores`` drop them unless named.
