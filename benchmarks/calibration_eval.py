@@ -5,9 +5,10 @@ Every anchored run carries the pool's 500 trusted samples. For a count n, DRAWS 
 them (and of max(n, 200) synthetic negatives, what ``score --trusted`` makes for n trusted samples, and
 as many confusable negatives on labelled pools) go through the same functions ``filter`` calls
 (mimicfilter/curate/calibrate.py): the signal chosen by its separation, the clean share and its
-interval, and the default cut (target recall ``CALIBRATED_TARGET_RECALL``). Reported per draw: the estimate's error, whether the interval holds the
-truth, the share of the pool's clean samples the cut keeps, and the F1 of the dropped samples as a
-detector of the noisy ones, next to the F1 of the same cut made on every single signal.
+interval, and the default cut (target recall ``CALIBRATED_TARGET_RECALL``). Reported per draw: the
+estimate's error, whether the interval holds the truth, the share of the pool's clean samples the cut
+keeps, and the F1 of the dropped samples as a detector of the noisy ones, next to the F1 of the same cut
+made on every single signal.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from mimicfilter.curate import calibrate
 from mimicfilter.curate.duck import epoch_columns, per_sample_sql
 from mimicfilter.curate.mixture import threshold_for_recall
 from mimicfilter.defaults import CALIBRATED_TARGET_RECALL
+from mimicfilter.store.schema import CONFUSABLE, SYNTHETIC, TRUSTED
 
 ANCHOR_COUNTS = (100, 200, 500)
 DRAWS = 8
@@ -47,9 +49,9 @@ def evaluate(connection, truth: dict[str, bool], epochs: list[int], seed: int = 
     pool = _pool(connection, signals, epochs)
     clean = np.array([truth[f"{Path(shard).name}/{key}"] for shard, key in zip(pool["shard"], pool["key"])])
     anchors = calibrate.signal_values(connection, "anchor_scores", signals, epochs, extra=("any_value(anchor) AS anchor",))
-    trusted_rows = np.flatnonzero(anchors["anchor"] == calibrate.TRUSTED)
-    synthetic_rows = np.flatnonzero(anchors["anchor"] == calibrate.SYNTHETIC)
-    confusable_rows = np.flatnonzero(anchors["anchor"] == calibrate.CONFUSABLE)
+    trusted_rows = np.flatnonzero(anchors["anchor"] == TRUSTED)
+    synthetic_rows = np.flatnonzero(anchors["anchor"] == SYNTHETIC)
+    confusable_rows = np.flatnonzero(anchors["anchor"] == CONFUSABLE)
     rng = np.random.default_rng(seed)
     results = {}
     for count in ANCHOR_COUNTS:
@@ -61,9 +63,9 @@ def evaluate(connection, truth: dict[str, bool], epochs: list[int], seed: int = 
             rows = np.concatenate([picked_t, picked_s, picked_c])
             sub = {name: values[rows] for name, values in anchors.items()}
             kind = sub["anchor"]
-            is_trusted = kind == calibrate.TRUSTED
-            data = calibrate.choose_signal(signals, pool, sub, is_trusted, kind == calibrate.SYNTHETIC,
-                                           kind == calibrate.CONFUSABLE)
+            is_trusted = kind == TRUSTED
+            data = calibrate.choose_signal(signals, pool, sub, is_trusted, kind == SYNTHETIC,
+                                           kind == CONFUSABLE)
             if data is None:
                 continue
             calibration = calibrate.estimate(data, seed)
