@@ -17,7 +17,7 @@ import pyarrow.parquet as pq
 import pytest
 from helpers import image_text_run
 
-from mimicfilter.store import scratch
+from mimicfilter.store import owners, scratch
 
 KILLS = 20
 
@@ -133,7 +133,7 @@ def _dead_pid() -> int:
 
 
 def test_a_run_removes_only_the_scratch_of_killed_runs_of_this_user_on_this_host(tmp_path):
-    host = scratch._host()
+    host = owners.host_tag()
     killed = tmp_path / f"mimicfilter-duckdb-{_dead_pid()}@{host}-ab_c12x9"
     (killed / "duckdb_temp_storage").mkdir(parents=True)
     (killed / "duckdb_temp_storage" / "spill.tmp").write_bytes(b"x" * 100)
@@ -151,6 +151,24 @@ def test_a_scratch_directory_names_its_owner_and_is_removed_on_exit(tmp_path, mo
     monkeypatch.setattr("tempfile.tempdir", None)
     with scratch.scratch_directory("duckdb") as path:
         assert Path(path).parent == tmp_path and Path(path).is_dir()
-        assert scratch._owner(Path(path).name) == (scratch._host(), os.getpid())
+        assert scratch._owner(Path(path).name) == (owners.host_tag(), os.getpid())
         assert scratch.sweep_stale(tmp_path) == []  # its own, live
     assert list(tmp_path.iterdir()) == []
+
+
+def test_an_output_directory_recovers_only_the_leftovers_of_killed_runs_on_this_host(tmp_path):
+    from mimicfilter.store import swap
+
+    host, dead = owners.host_tag(), _dead_pid()
+    target = tmp_path / "out"
+    target.mkdir()
+    killed = tmp_path / f".out.staging-{dead}@{host}-11ee11ee"
+    older = tmp_path / f".out.old-{dead}-22dd22dd"  # an older version's name: the PID alone
+    live = tmp_path / f".out.staging-{os.getppid()}@{host}-33cc33cc"
+    elsewhere = tmp_path / f".out.staging-{dead}@another.host-44bb44bb"  # an output on a shared filesystem
+    for directory in (killed, older, live, elsewhere):
+        directory.mkdir()
+    with swap.replaced_directory(target, lambda name: False, "--out") as staging:
+        assert staging.name.startswith(f".out.staging-{os.getpid()}@{host}-")
+        assert sorted(p.name for p in tmp_path.iterdir()) == sorted(p.name for p in (target, live, elsewhere, staging))
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(p.name for p in (target, live, elsewhere))

@@ -2,8 +2,8 @@
 
 A run removes its scratch directory when it ends, but a run killed with SIGKILL (or by the OOM killer)
 cannot, and at a billion samples DuckDB's spill can be gigabytes. So each directory's name carries the
-host (and PID namespace) and process that made it, and every run first removes the ones whose process is
-gone: made on this host, owned by this user, by a process that no longer exists. A directory of a live
+host (and PID namespace) and process that made it (store/owners.py), and every run first removes the ones
+whose process is gone: made on this host, owned by this user, by a process that no longer exists. A directory of a live
 process, of another user, or of another host or container sharing the temporary directory is never touched.
 """
 
@@ -12,44 +12,33 @@ from __future__ import annotations
 import os
 import re
 import shutil
-import socket
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from mimicfilter.store.swap import process_alive
+from mimicfilter.store.owners import OWNER_PATTERN, left_by_dead_process, owner_tag
 
 PREFIX = "mimicfilter-"
 
 
-def _host() -> str:
-    """The host name, and the PID namespace where there is one: containers sharing a host name and a
-    temporary directory do not see each other's processes, so each owns only its own directories."""
-    try:
-        namespace = "." + re.sub(r"\D", "", os.readlink("/proc/self/ns/pid"))
-    except OSError:
-        namespace = ""
-    return (re.sub(r"[^A-Za-z0-9.]", "_", socket.gethostname()) or "host") + namespace
-
-
 def _owner(name: str) -> tuple[str, int] | None:
     """(host, pid) of a scratch directory's name; None for any other name."""
-    match = re.fullmatch(rf"{re.escape(PREFIX)}[a-z]+-(\d+)@([A-Za-z0-9._]+)-[A-Za-z0-9_]+", name)
-    return (match.group(2), int(match.group(1))) if match else None
+    match = re.fullmatch(rf"{re.escape(PREFIX)}[a-z]+-{OWNER_PATTERN}-[A-Za-z0-9_]+", name)
+    return (match["host"], int(match["pid"])) if match else None
 
 
 def sweep_stale(directory: Path | None = None) -> list[Path]:
     """Remove the scratch directories left by killed runs of this user on this host; returns them."""
     directory = Path(directory or tempfile.gettempdir())
-    host, uid, removed = _host(), os.getuid(), []
+    uid, removed = os.getuid(), []
     try:
         entries = list(directory.iterdir())
     except OSError:
         return removed
     for entry in entries:
         owner = _owner(entry.name)
-        if owner is None or owner[0] != host or process_alive(owner[1]):
+        if owner is None or not left_by_dead_process(owner[1], owner[0]):
             continue
         try:
             if entry.is_symlink() or not entry.is_dir() or entry.stat().st_uid != uid:
@@ -66,5 +55,5 @@ def scratch_directory(stage: str) -> Iterator[str]:
     """A new private directory in the temporary directory (``TMPDIR``) for ``stage``'s scratch files,
     removed on exit; the ones killed runs left are removed first."""
     sweep_stale()
-    with tempfile.TemporaryDirectory(prefix=f"{PREFIX}{stage}-{os.getpid()}@{_host()}-") as path:
+    with tempfile.TemporaryDirectory(prefix=f"{PREFIX}{stage}-{owner_tag()}-") as path:
         yield path

@@ -8,9 +8,11 @@ complete: on Linux by one atomic exchange (``renameat2(RENAME_EXCHANGE)``), else
 renames, between which the target is briefly absent but never mixed. The old set is deleted only
 after the swap; a set that a kill left half-swapped is put back by the next run.
 
-Staging and retired directories are named ``.{name}.staging-{pid}-{token}`` and
-``.{name}.old-{pid}-{token}``; those of processes that no longer run are cleaned up (or, for a
-retired set whose target is missing, restored) before a new unit starts.
+Staging and retired directories are named ``.{name}.staging-{pid}@{host}-{token}`` and
+``.{name}.old-{pid}@{host}-{token}``; those of this host's processes that no longer run are cleaned up
+(or, for a retired set whose target is missing, restored) before a new unit starts. Another host's are
+left alone: on a shared filesystem its PIDs say nothing here. (Names without ``@{host}``, written by
+older versions, are judged by the PID alone, as those versions did.)
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from mimicfilter.errors import MimicfilterError, one_line
+from mimicfilter.store.owners import OWNER_PATTERN, left_by_dead_process, owner_tag
 
 STAGING, RETIRED = "staging", "old"
 _AT_FDCWD = -100
@@ -34,20 +37,14 @@ _RENAME_EXCHANGE = 2
 
 
 def _sibling_pattern(target: Path) -> re.Pattern:
-    return re.compile(rf"^\.{re.escape(target.name)}\.({STAGING}|{RETIRED})-(\d+)-[0-9a-f]+$")
+    legacy = r"(?P<legacy>\d+)"  # older versions named the PID alone
+    return re.compile(rf"^\.{re.escape(target.name)}\.(?P<role>{STAGING}|{RETIRED})-(?:{OWNER_PATTERN}|{legacy})-[0-9a-f]+$")
 
 
-def process_alive(pid: int) -> bool:
-    """Whether process ``pid`` runs on this host (this process included; another user's counts)."""
-    if pid == os.getpid():
-        return True
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True  # someone else's process
-    return True
+def _stale(match: re.Match) -> bool:
+    if match["legacy"] is not None:
+        return left_by_dead_process(int(match["legacy"]), None)
+    return left_by_dead_process(int(match["pid"]), match["host"])
 
 
 def recover(target: Path) -> None:
@@ -56,8 +53,8 @@ def recover(target: Path) -> None:
     if not parent.is_dir():
         return
     pattern = _sibling_pattern(target)
-    leftovers = sorted((match.group(1), entry) for entry in parent.iterdir()
-                       if (match := pattern.match(entry.name)) and not process_alive(int(match.group(2))))
+    leftovers = sorted((match["role"], entry) for entry in parent.iterdir()
+                       if (match := pattern.match(entry.name)) and _stale(match))
     for role, entry in leftovers:
         if role == RETIRED and not target.exists():
             os.rename(entry, target)  # killed between the two renames of the fallback swap
@@ -100,7 +97,7 @@ def _exchange(first: Path, second: Path) -> bool:
 
 def _new_sibling(target: Path, role: str) -> Path:
     while True:
-        candidate = target.parent / f".{target.name}.{role}-{os.getpid()}-{secrets.token_hex(4)}"
+        candidate = target.parent / f".{target.name}.{role}-{owner_tag()}-{secrets.token_hex(4)}"
         try:
             candidate.mkdir()  # 0777 less the umask, like any directory the user makes
             return candidate
