@@ -1,6 +1,6 @@
 """The validation suite the filter's defaults are chosen on (``make bench-defaults``).
 
-    python benchmarks/bench_defaults.py                  # cold: 15 min on 2 idle cores (docs/benchmarks.md); cached: ~5 min
+    python benchmarks/bench_defaults.py                  # cold: ~19 min on 2 idle cores (docs/benchmarks.md); cached: ~6 min
     python benchmarks/bench_defaults.py --out DIR --jobs 2
 
 Builds the pools of ``benchmarks/defaults_suite.py`` (image–text pools with swapped captions at 0-70 %
@@ -20,7 +20,8 @@ Defaults are chosen by the WORST case, not the mean. Everything is cached under 
 
 Runs at the defaults and their variants are scored with anchors (``--trusted``, 500 per pool); for
 them it also reports the calibrated estimate, its interval and the calibrated cut for 100, 200 and
-500 trusted samples (benchmarks/calibration_eval.py), and, on one pool, how far the anchors move the
+500 trusted samples, and again on fresh draws of 200 that no default was chosen on
+(benchmarks/calibration_eval.py), and, on one pool, how far the anchors move the
 pool's own scores next to how far another seed moves them.
 """
 
@@ -102,16 +103,19 @@ def calibration_tables(results: list[dict]) -> str:
     out = [md_table("Calibrated estimate with 200 trusted samples (mean over draws; the relative score's error for "
                     "comparison)", calibration_eval.SUMMARY_HEADER, calibration_eval.summary_rows(anchored, "200"))]
     rows = []
-    for count in calibration_eval.ANCHOR_COUNTS:
-        worst = calibration_eval.acceptance(anchored, str(count))
+    for count in [*map(str, calibration_eval.ANCHOR_COUNTS), calibration_eval.HELD_OUT]:
+        worst = calibration_eval.acceptance(anchored, count)
         fmt = lambda value, scale=100: "–" if value is None else f"{scale * value:.1f}"  # noqa: E731
-        rows.append([str(count), str(worst["draws"]), fmt(worst["coverage"]), fmt(worst["worst_error_separated"]),
+        label = f"{calibration_eval.HELD_OUT_COUNT}, held-out draws" if count == calibration_eval.HELD_OUT else count
+        rows.append([label, str(worst["draws"]), fmt(worst["coverage"]), fmt(worst["worst_error_separated"]),
                      fmt(worst["worst_error_other"]), fmt(worst["clean_min_estimate"]), fmt(worst["clean_min_kept"]),
-                     "–" if worst["labelled_f1_gap"] is None else f"{worst['labelled_f1_gap']:+.3f}"])
-    out.append(md_table("Calibration's worst cases over every draw of every anchored run", [
+                     "–" if worst["labelled_f1_gap"] is None else f"{worst['labelled_f1_gap']:+.3f}",
+                     fmt(worst["within_bounds"])])
+    out.append(md_table("Calibration's worst cases over every draw of every anchored run (held-out: fresh draws that "
+                        "no default was chosen on)", [
         "trusted", "draws", "interval holds truth (%)", f"worst |error|, AUROC ≥ 0.85", "worst |error|, elsewhere",
         "clean pools: lowest estimate (%)", "clean pools: least kept (%)",
-        "labelled pools: F1 less the best single signal's (worst)"], rows))
+        "labelled pools: F1 less the best single signal's (worst)", "draws within every bound (%)"], rows))
     return "\n".join(out)
 
 

@@ -12,7 +12,7 @@ ROOT = Path(__file__).resolve().parent.parent
 PAGES = sorted((ROOT / "docs").glob("*.md")) + [ROOT / "README.md"]
 LINKED_PAGES = PAGES + [ROOT / "CHANGELOG.md"]
 BENCHMARKS = ROOT / "docs" / "benchmarks.md"
-MAX_BENCHMARK_LINES = 450
+MAX_BENCHMARK_LINES = 460
 
 # The history of the measurements lives in git and CHANGELOG.md, not in the docs. These patterns
 # cover sittings, other people's jobs on the machine and hardware that was not at hand.
