@@ -10,7 +10,8 @@ from click.testing import CliRunner
 from helpers import image_text_samples, score_row, write_score_run, write_tar
 
 from mimicfilter.curate.datacomp import read_datacomp_npy
-from mimicfilter.curate.mixture import best_bin, tail_curve, threshold_for_precision, threshold_for_recall, two_component
+from mimicfilter.curate.mixture import (best_bin, best_bin_ceiling, clean_share, tail_curve, threshold_for_precision,
+                                       threshold_for_recall, two_component)
 from mimicfilter_cli.main import cli
 
 
@@ -198,3 +199,18 @@ def test_confusable_negatives_explain_noise_between_clean_and_random_flips():
     assert two_component(look_alike, trusted, synthetic, confusable) == pytest.approx(0.6, abs=0.04)
     assert two_component(random_flips, trusted, synthetic, confusable) == pytest.approx(0.6, abs=0.04)
     assert two_component(trusted[:200], trusted[200:], synthetic, confusable) > 0.9  # a clean pool
+
+
+def test_a_fit_above_the_best_bin_confidence_bound_gives_way_to_the_best_bin_estimate():
+    # noise milder than the synthetic negatives: explained by trusted + synthetic, the pool reads too clean
+    rng = np.random.default_rng(3)
+    pool = np.concatenate([rng.normal(2, 0.5, 10_000), rng.normal(0, 0.5, 10_000)])
+    trusted, synthetic = rng.normal(2, 0.5, 500), rng.normal(-3, 0.5, 500)
+    assert two_component(pool, trusted, synthetic) > best_bin_ceiling(pool, trusted) > 0.5
+    share = clean_share(pool, trusted, synthetic, rounds=50)
+    assert share.method == "best-bin" and share.value == pytest.approx(0.5, abs=0.05)
+    assert share.low <= 0.5 <= share.high
+    # the same pool with noise like the negatives: the fit stands
+    like = np.concatenate([pool[:10_000], rng.normal(-3, 0.5, 10_000)])
+    share = clean_share(like, trusted, synthetic, rounds=50)
+    assert share.method == "two-component" and share.value == pytest.approx(0.5, abs=0.02)

@@ -13,9 +13,11 @@ on labelled pools the confusable negatives for another (flips to the class the r
   unbiased when the pool's noise looks like a mix of the negatives, low when it is further from the
   clean data than they are, high when it is closer.
 * :func:`clean_share` — the estimate filter reports: the two-component share (the median of its
-  bootstrap) while it is consistent with the best-bin bound (not above the bound's 99th bootstrap
-  percentile); otherwise the pool's noise is unlike the negatives (milder: it scores closer to the
-  clean data), and the best-bin bound is the estimate. The interval spans both estimators' 90 %
+  bootstrap) while it is consistent with best-bin's upper confidence bound (:func:`best_bin_ceiling`);
+  above it the pool's noise is unlike the negatives (milder: it scores closer to the clean data), and
+  the best-bin estimate is reported. (The test is against the confidence bound, not the bootstrap of
+  best-bin's point estimate: that point is the least of many noisy tail ratios, and a trusted sample
+  that happened to over-fill one tail read a clean pool 70 % through it.) The interval spans both estimators' 90 %
   bootstrap intervals. When a two-sample test cannot tell the pool from the trusted sample (p ≥ 0.1 %),
   a clean pool is not ruled out: the interval reaches 100 % and the estimate is at least the
   estimators' 90th bootstrap percentile — a small trusted sample's luck alone would otherwise read a
@@ -48,15 +50,27 @@ def _tail_shares(values: np.ndarray, thresholds: np.ndarray) -> np.ndarray:
     return 1.0 - np.searchsorted(values, thresholds, side="left") / len(values)
 
 
-def best_bin(pool: np.ndarray, trusted: np.ndarray) -> tuple[float, float]:
-    """(π upper estimate, the tail's threshold) by best-bin estimation; arrays need not be sorted."""
+def _tails(pool: np.ndarray, trusted: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Per candidate tail: pool(c)/trusted(c), that ratio plus its confidence term (Garg et al.'s upper
+    bound on π, holding with probability 1 - DELTA), and the threshold c."""
     pool, trusted = np.sort(pool), np.sort(trusted)
     thresholds = np.unique(np.quantile(trusted, TAIL_QUANTILES))
     in_pool, in_trusted = _tail_shares(pool, thresholds), _tail_shares(trusted, thresholds)
     confidence = math.sqrt(math.log(4 / DELTA) / (2 * len(trusted))) + math.sqrt(math.log(4 / DELTA) / (2 * len(pool)))
-    bound = in_pool / in_trusted + (1 + GAMMA) / in_trusted * confidence
+    return in_pool / in_trusted, in_pool / in_trusted + (1 + GAMMA) / in_trusted * confidence, thresholds
+
+
+def best_bin(pool: np.ndarray, trusted: np.ndarray) -> tuple[float, float]:
+    """(π upper estimate, the tail's threshold) by best-bin estimation; arrays need not be sorted."""
+    ratio, bound, thresholds = _tails(pool, trusted)
     best = int(np.argmin(bound))
-    return float(min(1.0, in_pool[best] / in_trusted[best])), float(thresholds[best])
+    return float(min(1.0, ratio[best])), float(thresholds[best])
+
+
+def best_bin_ceiling(pool: np.ndarray, trusted: np.ndarray) -> float:
+    """Best-bin's upper confidence bound on π: the least, over the tails, of the ratio plus its
+    confidence term (π lies below it with probability 1 - DELTA)."""
+    return float(min(1.0, _tails(pool, trusted)[1].min()))
 
 
 def two_component(pool: np.ndarray, trusted: np.ndarray, synthetic: np.ndarray,
@@ -116,7 +130,6 @@ CLEAN_TEST_LEVEL = 0.05  # Kolmogorov–Smirnov: the pool and the trusted sample
 LIFT_TEST_LEVEL = 0.001
 LIFT_QUANTILE = 0.9  # a pool that may be clean reads the estimators' 90th bootstrap percentile at least
 BOOTSTRAP_POOL = 50_000  # pool values resampled per bootstrap round (the trusted sample's error dominates)
-SWITCH_QUANTILE = 0.99  # the two-component share above this quantile of the best-bin bound: unlike the noise
 
 
 @dataclass(frozen=True)
@@ -145,12 +158,18 @@ def clean_share(pool: np.ndarray, trusted: np.ndarray, synthetic: np.ndarray, ro
     rounds_of = bootstrap(both, (resampled, trusted, synthetic if len(synthetic) else np.zeros(1),
                                  confusable if len(confusable) else np.zeros(1)), rounds, seed)
     bounds, fits = rounds_of[:, 0], rounds_of[:, 1]
-    consistent = not math.isnan(explained) and explained <= np.quantile(bounds, SWITCH_QUANTILE)
-    if consistent:  # bagged: the bootstrap's median is steadier than one fit on a small trusted sample
+    fitted = not math.isnan(explained)
+    if fitted:  # bagged: the bootstrap's median is steadier than one fit on a small trusted sample
         explained = float(np.median(fits))
-    value, method = (explained, "two-component") if consistent else (upper, "best-bin")
+    ceiling = best_bin_ceiling(pool, trusted)
+    consistent = fitted and explained <= ceiling
+    if consistent:
+        value, method = explained, "two-component"
+    else:  # no negatives, or a fit above what the pool's top tail allows: its noise is unlike the negatives
+        value, method = upper, "best-bin"
     lows = [np.quantile(bounds, 0.05)] + ([np.quantile(fits, 0.05)] if consistent else [])
-    highs = [np.quantile(bounds, 0.95)] + ([np.quantile(fits, 0.95)] if consistent else [])
+    # best-bin's point estimate, the least of many noisy tail ratios, runs low: its confidence bound is the top
+    highs = [np.quantile(bounds, 0.95)] + ([np.quantile(fits, 0.95)] if consistent else [ceiling])
     clean_p = same_distribution_p(pool, trusted)
     if clean_p >= LIFT_TEST_LEVEL:  # the data cannot rule out a clean pool
         lift = [np.quantile(bounds, LIFT_QUANTILE)] + ([np.quantile(fits, LIFT_QUANTILE)] if consistent else [])
