@@ -258,7 +258,8 @@ def _calibration_warnings(connection, cut: CalibratedCut | None) -> list[str]:
                         f"with AUROC {separation:.2f} only: read the quality estimate with its interval")
     if cut.calibration.method.startswith("best-bin"):
         warnings.append("the pool's noise scores closer to the trusted samples than the synthetic negatives do: the "
-                        "quality estimate is the best-bin upper bound, and may read high")
+                        "quality estimate is best-bin's, read from the top of the signal; its interval reaches up to "
+                        "best-bin's confidence bound")
     return warnings
 
 
