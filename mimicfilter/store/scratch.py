@@ -2,9 +2,10 @@
 
 A run removes its scratch directory when it ends, but a run killed with SIGKILL (or by the OOM killer)
 cannot, and at a billion samples DuckDB's spill can be gigabytes. So each directory's name carries the
-host (and PID namespace) and process that made it (store/owners.py), and every run first removes the ones
-whose process is gone: made on this host, owned by this user, by a process that no longer exists. A directory of a live
-process, of another user, or of another host or container sharing the temporary directory is never touched.
+host (and PID namespace) and process that made it (store/owners.py), and every run first removes the
+ones whose process is gone: made on this host, owned by this user, by a process that no longer exists.
+A directory of a live process, of another user, or of another host or container sharing the temporary
+directory is never touched.
 """
 
 from __future__ import annotations
