@@ -17,7 +17,7 @@ on labelled pools the confusable negatives for another (flips to the class the r
   above it the pool's noise is unlike the negatives (milder: it scores closer to the clean data), and
   the best-bin estimate is reported. (The test is against the confidence bound, not the bootstrap of
   best-bin's point estimate: that point is the least of many noisy tail ratios, and a trusted sample
-  that happened to over-fill one tail read a clean pool 70 % through it.) The interval spans both
+  that happens to over-fill one tail can read a clean pool 70 % through it.) The interval spans both
   estimators' 90 % bootstrap intervals. When a two-sample test cannot tell the pool from the trusted sample (p ≥ 0.1 %),
   a clean pool is not ruled out: the interval reaches 100 % and the estimate is at least the
   estimators' 90th bootstrap percentile — a small trusted sample's luck alone would otherwise read a
