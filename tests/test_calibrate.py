@@ -10,7 +10,7 @@ from click.testing import CliRunner
 from helpers import image_text_samples, score_row, write_score_run, write_tar
 
 from mimicfilter.curate.datacomp import read_datacomp_npy
-from mimicfilter.curate.mixture import (best_bin, best_bin_ceiling, clean_share, tail_curve, threshold_for_precision,
+from mimicfilter.curate.mixture import (best_bin, clean_share, tail_curve, threshold_for_precision,
                                        threshold_for_recall, two_component)
 from mimicfilter_cli.main import cli
 
@@ -28,7 +28,7 @@ def test_best_bin_and_two_components_recover_the_clean_share(share):
     clean, noise = lambda n: rng.normal(1.0, 0.5, n), lambda n: rng.normal(-1.0, 0.5, n)  # noqa: E731
     pool = np.concatenate([clean(int(20_000 * share)), noise(20_000 - int(20_000 * share))])
     trusted, synthetic = clean(500), noise(500)
-    upper, _ = best_bin(pool, trusted)
+    upper = best_bin(pool, trusted).estimate
     assert share - 0.03 <= upper <= min(1.0, share + 0.05)
     assert two_component(pool, trusted, synthetic) == pytest.approx(share, abs=0.03)
 
@@ -36,7 +36,7 @@ def test_best_bin_and_two_components_recover_the_clean_share(share):
 def test_best_bin_is_an_upper_bound_when_noise_reaches_the_top():
     rng = np.random.default_rng(1)
     pool = np.concatenate([rng.normal(0.3, 1, 6000), rng.normal(0, 1, 4000)])  # barely apart
-    upper, _ = best_bin(pool, rng.normal(0.3, 1, 500))
+    upper = best_bin(pool, rng.normal(0.3, 1, 500)).estimate
     assert upper >= 0.6 - 0.03
 
 
@@ -206,7 +206,7 @@ def test_a_fit_above_the_best_bin_confidence_bound_gives_way_to_the_best_bin_est
     rng = np.random.default_rng(3)
     pool = np.concatenate([rng.normal(2, 0.5, 10_000), rng.normal(0, 0.5, 10_000)])
     trusted, synthetic = rng.normal(2, 0.5, 500), rng.normal(-3, 0.5, 500)
-    assert two_component(pool, trusted, synthetic) > best_bin_ceiling(pool, trusted) > 0.5
+    assert two_component(pool, trusted, synthetic) > best_bin(pool, trusted).ceiling > 0.5
     share = clean_share(pool, trusted, synthetic, rounds=50)
     assert share.method == "best-bin" and share.value == pytest.approx(0.5, abs=0.05)
     assert share.low <= 0.5 <= share.high

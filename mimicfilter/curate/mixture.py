@@ -13,7 +13,7 @@ on labelled pools the confusable negatives for another (flips to the class the r
   unbiased when the pool's noise looks like a mix of the negatives, low when it is further from the
   clean data than they are, high when it is closer.
 * :func:`clean_share` — the estimate filter reports: the two-component share (the median of its
-  bootstrap) while it is consistent with best-bin's upper confidence bound (:func:`best_bin_ceiling`);
+  bootstrap) while it is consistent with best-bin's upper confidence bound (``BestBin.ceiling``);
   above it the pool's noise is unlike the negatives (milder: it scores closer to the clean data), and
   the best-bin estimate is reported. (The test is against the confidence bound, not the bootstrap of
   best-bin's point estimate: that point is the least of many noisy tail ratios, and a trusted sample
@@ -33,6 +33,7 @@ from __future__ import annotations
 import itertools
 import math
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import numpy as np
 
@@ -60,17 +61,17 @@ def _tails(pool: np.ndarray, trusted: np.ndarray) -> tuple[np.ndarray, np.ndarra
     return in_pool / in_trusted, in_pool / in_trusted + (1 + GAMMA) / in_trusted * confidence, thresholds
 
 
-def best_bin(pool: np.ndarray, trusted: np.ndarray) -> tuple[float, float]:
-    """(π upper estimate, the tail's threshold) by best-bin estimation; arrays need not be sorted."""
+class BestBin(NamedTuple):
+    estimate: float  # π read from the best tail: pool(c) / trusted(c)
+    threshold: float  # that tail's c
+    ceiling: float  # the estimate plus its confidence term: an upper bound on π with probability 1 - DELTA
+
+
+def best_bin(pool: np.ndarray, trusted: np.ndarray) -> BestBin:
+    """Best-bin estimation over the candidate tails (the one minimising the bound); arrays need not be sorted."""
     ratio, bound, thresholds = _tails(pool, trusted)
     best = int(np.argmin(bound))
-    return float(min(1.0, ratio[best])), float(thresholds[best])
-
-
-def best_bin_ceiling(pool: np.ndarray, trusted: np.ndarray) -> float:
-    """Best-bin's upper confidence bound on π: the least, over the tails, of the ratio plus its
-    confidence term (π lies below it with probability 1 - DELTA)."""
-    return float(min(1.0, _tails(pool, trusted)[1].min()))
+    return BestBin(float(min(1.0, ratio[best])), float(thresholds[best]), float(min(1.0, bound[best])))
 
 
 def two_component(pool: np.ndarray, trusted: np.ndarray, synthetic: np.ndarray,
@@ -147,12 +148,12 @@ def clean_share(pool: np.ndarray, trusted: np.ndarray, synthetic: np.ndarray, ro
                 seed: int = 0, confusable: np.ndarray | None = None) -> CleanShare:
     """The pool's clean share (see the module docstring); arrays oriented higher = cleaner."""
     confusable = np.zeros(0) if confusable is None else confusable
-    upper = best_bin(pool, trusted)[0]
+    upper, _, ceiling = best_bin(pool, trusted)
     explained = two_component(pool, trusted, synthetic, confusable) if len(synthetic) else float("nan")
     resampled = pool if len(pool) <= BOOTSTRAP_POOL else np.random.default_rng(seed).choice(pool, BOOTSTRAP_POOL)
 
     def both(p, t, s, c):
-        return best_bin(p, t)[0], (two_component(p, t, s, c if len(confusable) else np.zeros(0)) if len(synthetic)
+        return best_bin(p, t).estimate, (two_component(p, t, s, c if len(confusable) else np.zeros(0)) if len(synthetic)
                                    else np.nan)
 
     rounds_of = bootstrap(both, (resampled, trusted, synthetic if len(synthetic) else np.zeros(1),
@@ -161,7 +162,6 @@ def clean_share(pool: np.ndarray, trusted: np.ndarray, synthetic: np.ndarray, ro
     fitted = not math.isnan(explained)
     if fitted:  # bagged: the bootstrap's median is steadier than one fit on a small trusted sample
         explained = float(np.median(fits))
-    ceiling = best_bin_ceiling(pool, trusted)
     consistent = fitted and explained <= ceiling
     if consistent:
         value, method = explained, "two-component"
