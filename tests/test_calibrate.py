@@ -214,3 +214,15 @@ def test_a_fit_above_the_best_bin_confidence_bound_gives_way_to_the_best_bin_est
     like = np.concatenate([pool[:10_000], rng.normal(-3, 0.5, 10_000)])
     share = clean_share(like, trusted, synthetic, rounds=50)
     assert share.method == "two-component" and share.value == pytest.approx(0.5, abs=0.02)
+
+
+def test_a_trusted_sample_over_filling_one_tail_does_not_pull_a_clean_pool_down_to_best_bin():
+    # a clean pool; 20 of the 200 trusted values come from its top 5 %: the tail ratio there reads π ≈ 0.34,
+    # but the confidence bound at that tail (0.96) does not rule out the fit, which stands
+    rng = np.random.default_rng(0)
+    pool, synthetic = rng.normal(0, 1, 20_000), rng.normal(-3, 0.5, 200)
+    top = rng.normal(0, 1, 20_000)
+    trusted = np.concatenate([rng.normal(0, 1, 180), top[top > 1.6][:20]])
+    assert best_bin(pool, trusted).estimate < 0.4
+    share = clean_share(pool, trusted, synthetic, rounds=100)
+    assert share.method.startswith("two-component") and share.value >= 0.95 and share.high == 1.0
