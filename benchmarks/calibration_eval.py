@@ -32,7 +32,8 @@ DRAWS = 8
 MIN_SYNTHETIC = 200
 # Fresh draws of 200 trusted samples that no default was chosen on: the defaults were tuned on the
 # worst case over the DRAWS draws above, and a worst case chosen on is an optimistic one.
-HELD_OUT, HELD_OUT_COUNT, HELD_OUT_DRAWS, HELD_OUT_STREAM = "200-held-out", 200, 24, 1
+HELD_OUT_COUNT, HELD_OUT_DRAWS, HELD_OUT_STREAM = 200, 24, 1
+HELD_OUT = f"{HELD_OUT_COUNT}-held-out"  # their key in ``by_count``
 
 
 def _pool(connection, signals: list[calibrate.Signal], epochs: list[int]) -> dict[str, np.ndarray]:

@@ -17,7 +17,7 @@ import pyarrow.parquet as pq
 import pytest
 from helpers import image_text_run
 
-from mimicfilter.store import owners, scratch
+from mimicfilter.store import owners, scratch, swap
 
 KILLS = 20
 
@@ -157,8 +157,6 @@ def test_a_scratch_directory_names_its_owner_and_is_removed_on_exit(tmp_path, mo
 
 
 def test_an_output_directory_recovers_only_the_leftovers_of_killed_runs_on_this_host(tmp_path):
-    from mimicfilter.store import swap
-
     host, dead = owners.host_tag(), _dead_pid()
     target = tmp_path / "out"
     target.mkdir()
