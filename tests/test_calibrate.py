@@ -86,6 +86,27 @@ def test_the_recall_cut_moves_to_the_signal_that_keeps_less_of_the_pool():
     assert cut_signal(calm, 0.95)[0].name == "blurry"
 
 
+def test_the_recall_cut_does_not_move_for_a_lucky_trusted_tail():
+    """Two signals with the same pool, one of whose trusted samples lies high right at the 95 % order
+    statistic: at that one threshold it keeps 3 points less, beyond the standard error, but it drops
+    nothing the other does not. Averaged over the recall targets near 0.95 the gap is luck, so the
+    cut stays on the estimate's signal."""
+    from mimicfilter.curate.calibrate import cut_signal, kept_near
+    from mimicfilter.curate.mixture import threshold_for_recall
+
+    rng = np.random.default_rng(7)
+    pool = np.concatenate([rng.normal(1, 0.5, 7000), rng.normal(0.2, 0.5, 3000)])
+    steady = np.sort(rng.normal(1, 0.5, 200))
+    lucky = steady.copy()
+    lucky[10:14] = lucky[14]  # the 11th–14th lowest of 200 pushed up to the 15th
+    at_target = {name: np.mean(pool >= threshold_for_recall(t, 0.95)) for name, t in (("steady", steady), ("lucky", lucky))}
+    assert at_target["lucky"] < at_target["steady"] - np.sqrt(0.95 * 0.05 / 200)
+    assert abs(kept_near(pool, lucky, 0.95) - kept_near(pool, steady, 0.95)) < np.sqrt(0.95 * 0.05 / 200)
+    data = _anchored({"steady": 0.95, "lucky": 0.90}, {"steady": pool, "lucky": pool},
+                     {"steady": steady, "lucky": lucky}, "steady")
+    assert cut_signal(data, 0.95)[0].name == "steady"
+
+
 # filter with anchors --------------------------------------------------------------------------------
 
 
