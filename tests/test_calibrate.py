@@ -91,8 +91,8 @@ def test_the_recall_cut_does_not_move_for_a_lucky_trusted_tail():
     95 % order statistic: at that one threshold it keeps 3 points less, beyond the standard error, but
     it drops nothing the other would not at the same recall. Averaged over the recall targets near 0.95 the gap is luck, so the
     cut stays on the estimate's signal."""
-    from mimicfilter.curate.calibrate import cut_signal, kept_near
-    from mimicfilter.curate.mixture import threshold_for_recall
+    from mimicfilter.curate.calibrate import cut_signal
+    from mimicfilter.curate.mixture import kept_near, threshold_for_recall
 
     rng = np.random.default_rng(7)
     pool = np.concatenate([rng.normal(1, 0.5, 7000), rng.normal(0.2, 0.5, 3000)])

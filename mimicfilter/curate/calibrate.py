@@ -19,7 +19,7 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 
 from mimicfilter.curate.duck import epoch_columns, hash_condition, per_sample_sql
-from mimicfilter.curate.mixture import (CLEAN_TEST_LEVEL, clean_share, same_distribution_p, tail_curve,
+from mimicfilter.curate.mixture import (CLEAN_TEST_LEVEL, clean_share, kept_near, same_distribution_p, tail_curve,
                                         threshold_for_precision, threshold_for_recall)
 from mimicfilter.curate.rules import Rule
 from mimicfilter.defaults import CALIBRATED_TARGET_RECALL as DEFAULT_TARGET_RECALL
@@ -31,9 +31,6 @@ POOL_SAMPLE = 200_000  # pool samples the estimate and the curve are computed on
 MIN_ANCHORS = 20  # fewer usable trusted (or synthetic) samples: no calibration, a warning instead
 WEAK_SEPARATION = 0.85  # below this AUROC (trusted vs synthetic) the estimate's worst case is wider
 BOOTSTRAP_ROUNDS = 200
-# the cut's signal is chosen on the kept share averaged over recall targets this many standard errors
-# either side of the target (kept_near); chosen on the validation suite by the worst labelled F1
-NEAR_RECALL_ERRORS, NEAR_RECALL_TARGETS = 1.5, 13
 
 
 @dataclass(frozen=True)
@@ -167,23 +164,6 @@ def choose_signal(signals: list[Signal], pool: dict[str, np.ndarray], anchors: d
     confusable = usable(anchors[signal.column][is_confusable]) if is_confusable is not None else np.zeros(0)
     return Anchored(pool_side, trusted_side, usable(anchors[signal.column][is_synthetic]), signal, separation,
                     others, confusable if len(confusable) >= MIN_ANCHORS else np.zeros(0))
-
-
-def kept_near(pool: np.ndarray, trusted: np.ndarray, recall: float) -> float:
-    """The pool share the trusted sample's recall cut keeps, averaged over the recall targets within
-    NEAR_RECALL_ERRORS standard errors of ``recall`` (√(r(1-r)/n), NEAR_RECALL_TARGETS of them).
-
-    One target's threshold is one order statistic of the trusted sample, and where noise is dense
-    the kept share moves a lot with it: a trusted tail that happens to lie high makes a signal look as
-    if it dropped more noise when it only drops more clean samples. Averaging over the targets that
-    the trusted sample cannot tell apart from ``recall`` leaves less of that luck. NaN for an empty pool."""
-    if not len(pool):
-        return math.nan
-    half = NEAR_RECALL_ERRORS * math.sqrt(recall * (1 - recall) / len(trusted))
-    targets = np.clip(np.linspace(recall - half, recall + half, NEAR_RECALL_TARGETS), 0.0, 1.0)
-    ordered = np.sort(pool)
-    thresholds = np.array([threshold_for_recall(trusted, target) for target in targets])
-    return float(np.mean(1.0 - np.searchsorted(ordered, thresholds, side="left") / len(ordered)))
 
 
 def cut_signal(data: Anchored, recall: float) -> tuple[Signal, np.ndarray, float]:

@@ -24,6 +24,8 @@ on labelled pools the confusable negatives for another (flips to the class the r
   clean pool 5–10 points low.
 * :func:`tail_curve` — for thresholds on the signal: the kept share, the estimated recall (the trusted
   sample's tail) and precision (π · recall / kept share) of the kept set.
+* :func:`kept_near` — the share a recall cut keeps, averaged over the recall targets the trusted
+  sample cannot tell apart (what the cut compares signals on).
 
 Everything is a pure function of arrays; the bootstrap is seeded.
 """
@@ -131,6 +133,9 @@ CLEAN_TEST_LEVEL = 0.05  # Kolmogorov–Smirnov: the pool and the trusted sample
 LIFT_TEST_LEVEL = 0.001
 LIFT_QUANTILE = 0.9  # a pool that may be clean reads the estimators' 90th bootstrap percentile at least
 BOOTSTRAP_POOL = 50_000  # pool values resampled per bootstrap round (the trusted sample's error dominates)
+# kept_near averages over the recall targets this many standard errors either side of the target
+# (chosen on the validation suite by the worst labelled F1 of the cut it picks the signal for)
+NEAR_RECALL_ERRORS, NEAR_RECALL_TARGETS = 1.5, 13
 
 
 @dataclass(frozen=True)
@@ -194,6 +199,22 @@ def threshold_for_recall(trusted: np.ndarray, recall: float) -> float:
     ordered = np.sort(trusted)
     index = min(len(ordered) - 1, max(0, int(math.floor((1.0 - recall) * len(ordered) + 1e-9))))
     return float(ordered[index])
+
+
+def kept_near(pool: np.ndarray, trusted: np.ndarray, recall: float) -> float:
+    """The pool share the trusted sample's recall cut keeps, averaged over the recall targets within
+    NEAR_RECALL_ERRORS standard errors of ``recall`` (√(r(1-r)/n), NEAR_RECALL_TARGETS of them).
+
+    One target's threshold is one order statistic of the trusted sample, and where noise is dense
+    the kept share moves a lot with it: a trusted tail that happens to lie high makes a signal look as
+    if it dropped more noise when it only drops more clean samples. Averaging over the targets that
+    the trusted sample cannot tell apart from ``recall`` leaves less of that luck. NaN for an empty pool."""
+    if not len(pool):
+        return math.nan
+    half = NEAR_RECALL_ERRORS * math.sqrt(recall * (1 - recall) / len(trusted))
+    targets = np.clip(np.linspace(recall - half, recall + half, NEAR_RECALL_TARGETS), 0.0, 1.0)
+    thresholds = np.array([threshold_for_recall(trusted, target) for target in targets])
+    return float(np.mean(_tail_shares(np.sort(pool), thresholds)))
 
 
 def threshold_for_precision(pool: np.ndarray, trusted: np.ndarray, clean_share: float, precision: float) -> float | None:
