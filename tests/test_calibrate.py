@@ -89,8 +89,8 @@ def test_the_recall_cut_moves_to_the_signal_that_keeps_less_of_the_pool():
 def test_the_recall_cut_does_not_move_for_a_lucky_trusted_tail():
     """Two signals with the same pool, one with a trusted sample whose low tail lies high right at the
     95 % order statistic: at that one threshold it keeps 3 points less, beyond the standard error, but
-    it drops nothing the other would not at the same recall. Averaged over the recall targets near 0.95 the gap is luck, so the
-    cut stays on the estimate's signal."""
+    it drops nothing the other would not at the same recall. Averaged over the recall targets near
+    0.95 the gap is luck, so the cut stays on the estimate's signal."""
     from mimicfilter.curate.calibrate import cut_signal
     from mimicfilter.curate.mixture import kept_near, threshold_for_recall
 

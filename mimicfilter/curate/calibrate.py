@@ -13,14 +13,13 @@ is used. Torch-free; everything reads DuckDB views made by curate/duck.py.
 
 from __future__ import annotations
 
-import math
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
 from mimicfilter.curate.duck import epoch_columns, hash_condition, per_sample_sql
-from mimicfilter.curate.mixture import (CLEAN_TEST_LEVEL, clean_share, kept_near, same_distribution_p, tail_curve,
-                                        threshold_for_precision, threshold_for_recall)
+from mimicfilter.curate.mixture import (CLEAN_TEST_LEVEL, clean_share, kept_near, recall_error, same_distribution_p,
+                                        tail_curve, threshold_for_precision, threshold_for_recall)
 from mimicfilter.curate.rules import Rule
 from mimicfilter.defaults import CALIBRATED_TARGET_RECALL as DEFAULT_TARGET_RECALL
 from mimicfilter.errors import MimicfilterError
@@ -186,7 +185,7 @@ def cut_signal(data: Anchored, recall: float) -> tuple[Signal, np.ndarray, float
     options = [(kept_near(pool, trusted, recall), (signal, pool, threshold_for_recall(trusted, recall)))
                for signal, pool, trusted in data.others.values() if len(pool) and len(trusted) >= MIN_ANCHORS]
     least, option = min(options, key=lambda pair: pair[0], default=(kept, chosen))
-    return option if least < kept - math.sqrt(recall * (1 - recall) / len(data.trusted)) else chosen
+    return option if least < kept - recall_error(recall, len(data.trusted)) else chosen
 
 
 def estimate(data: Anchored, seed: int = 0) -> Calibration:

@@ -201,9 +201,14 @@ def threshold_for_recall(trusted: np.ndarray, recall: float) -> float:
     return float(ordered[index])
 
 
+def recall_error(recall: float, trusted_count: int) -> float:
+    """The standard error of a recall measured on ``trusted_count`` trusted samples: √(r(1-r)/n)."""
+    return math.sqrt(recall * (1 - recall) / trusted_count)
+
+
 def kept_near(pool: np.ndarray, trusted: np.ndarray, recall: float) -> float:
     """The pool share the trusted sample's recall cut keeps, averaged over the recall targets within
-    NEAR_RECALL_ERRORS standard errors of ``recall`` (√(r(1-r)/n), NEAR_RECALL_TARGETS of them).
+    NEAR_RECALL_ERRORS standard errors (:func:`recall_error`) of ``recall``, NEAR_RECALL_TARGETS of them.
 
     One target's threshold is one order statistic of the trusted sample, and where noise is dense
     the kept share moves a lot with it: a trusted tail that happens to lie high makes a signal look as
@@ -211,7 +216,7 @@ def kept_near(pool: np.ndarray, trusted: np.ndarray, recall: float) -> float:
     the trusted sample cannot tell apart from ``recall`` leaves less of that luck. NaN for an empty pool."""
     if not len(pool):
         return math.nan
-    half = NEAR_RECALL_ERRORS * math.sqrt(recall * (1 - recall) / len(trusted))
+    half = NEAR_RECALL_ERRORS * recall_error(recall, len(trusted))
     targets = np.clip(np.linspace(recall - half, recall + half, NEAR_RECALL_TARGETS), 0.0, 1.0)
     thresholds = np.array([threshold_for_recall(trusted, target) for target in targets])
     return float(np.mean(_tail_shares(np.sort(pool), thresholds)))
