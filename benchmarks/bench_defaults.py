@@ -270,6 +270,13 @@ def main(argv=None) -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     pools = [p for p in suite.POOLS if args.pools is None or p.name in args.pools.split(",")]
     runs = suite.runs_of(pools)
+    # The Debian data packages, one after the other before the tasks prepare side by side: two
+    # apt-gets at once fail on apt's lock (a fresh machine has neither).
+    tasks_needed = {pool.task for pool, _, _ in runs}
+    if "contrastive" in tasks_needed:
+        suite.imagetext.ensure_packages()
+    if "classify" in tasks_needed:
+        suite.fmnist.ensure_dataset()
 
     def prepare(task: str):
         """The task's reference and its pools, each pool written once before runs share it."""
