@@ -270,6 +270,15 @@ class FashionData:
 # ------------------------------------------------------------------------------------------ scoring
 
 
+def relative_to_roots(argument: str, out: Path) -> str:
+    """A command's argument with OUT and the checkout written as ``$OUT`` and ``$ROOT``."""
+    return argument.replace(str(out.resolve()), "$OUT").replace(str(out), "$OUT").replace(str(ROOT), "$ROOT")
+
+
+def file_digest(path: Path) -> str:
+    return hashlib.md5(path.read_bytes()).hexdigest()
+
+
 def score(data, pool: Pool, reference: str, setting: Setting, out: Path, threads: int, seed: int,
           anchored: bool | None = None, name: str | None = None) -> dict:
     """Score the pool with `mimicfilter score` (skipped when the same command already finished); runs at
@@ -281,8 +290,12 @@ def score(data, pool: Pool, reference: str, setting: Setting, out: Path, threads
     command = mimicfilter_command() + ["score", str(shards), *trusted, *data.score_options(reference), "--seed", str(seed),
                                        "--workers", "0", "--threads", str(threads), "--quiet", "--json",
                                        "--overwrite", *setting.options, "--out", str(run_dir)]
-    # the options left out take the task's defaults: a change of the defaults table scores again
-    stamp = {"command": command[:-2], "truth": hashlib.md5(json.dumps(truth, sort_keys=True).encode()).hexdigest(),
+    # the options left out take the task's defaults: a change of the defaults table scores again. Paths
+    # are stamped relative to OUT and the checkout, files by their content (a reference trained again
+    # scores again): a copied or moved OUT keeps its runs
+    stamp = {"command": [relative_to_roots(arg, out) for arg in command[:-2]],
+             "files": {relative_to_roots(arg, out): file_digest(Path(arg)) for arg in command[:-2] if Path(arg).is_file()},
+             "truth": hashlib.md5(json.dumps(truth, sort_keys=True).encode()).hexdigest(),
              "task_defaults": dataclasses.asdict(TASK_DEFAULTS[pool.task])}
     wall = None
     if not (stamped(run_dir, stamp) and (run_dir / "_SUCCESS").exists()):

@@ -82,3 +82,17 @@ def test_scripts_run_as_scripts(script):
     done = subprocess.run([sys.executable, str(BENCHMARKS / script), "--help"], capture_output=True, text=True,
                           cwd=ROOT / "docs", timeout=120)
     assert done.returncode == 0 and done.stdout.startswith("usage: "), done.stderr
+
+
+def test_the_suite_stamps_a_run_by_what_it_reads_not_where_out_lies(benchmark_path, tmp_path):
+    """A copied or moved output directory keeps its runs (no 14-minute re-score), and a reference
+    trained again under the same path scores again."""
+    suite = load(BENCHMARKS / "defaults_suite.py")
+    out = tmp_path / "defaults"
+    assert suite.relative_to_roots(str(out / "pools" / "emoji-clean" / "shards"), out) == "$OUT/pools/emoji-clean/shards"
+    assert suite.relative_to_roots(str(ROOT / "demo" / "tiny-clip.json"), out) == "$ROOT/demo/tiny-clip.json"
+    weights = tmp_path / "reference.safetensors"
+    weights.write_bytes(b"first")
+    first = suite.file_digest(weights)
+    weights.write_bytes(b"again")
+    assert suite.file_digest(weights) != first
