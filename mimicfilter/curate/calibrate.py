@@ -181,11 +181,15 @@ def cut_signal(data: Anchored, recall: float) -> tuple[Signal, np.ndarray, float
     chosen = (data.signal, data.pool, threshold)
     if not data.others or same_distribution_p(data.pool, data.trusted) >= CLEAN_TEST_LEVEL:
         return chosen
-    kept = kept_near(data.pool, data.trusted, recall)
-    options = [(kept_near(pool, trusted, recall), (signal, pool, threshold_for_recall(trusted, recall)))
-               for signal, pool, trusted in data.others.values() if len(pool) and len(trusted) >= MIN_ANCHORS]
-    least, option = min(options, key=lambda pair: pair[0], default=(kept, chosen))
-    return option if least < kept - recall_error(recall, len(data.trusted)) else chosen
+    kept = {name: kept_near(pool, trusted, recall) for name, (_, pool, trusted) in data.others.items()
+            if len(pool) and len(trusted) >= MIN_ANCHORS}
+    if data.signal.name not in kept:
+        kept[data.signal.name] = kept_near(data.pool, data.trusted, recall)
+    least = min(kept, key=kept.get)  # ties: the first listed
+    if kept[least] >= kept[data.signal.name] - recall_error(recall, len(data.trusted)):
+        return chosen
+    signal, pool, trusted = data.others[least]
+    return signal, pool, threshold_for_recall(trusted, recall)
 
 
 def estimate(data: Anchored, seed: int = 0) -> Calibration:
