@@ -92,7 +92,7 @@ def test_the_recall_cut_does_not_move_for_a_lucky_trusted_tail():
     it drops nothing the other would not at the same recall. Averaged over the recall targets near
     0.95 the gap is luck, so the cut stays on the estimate's signal."""
     from mimicfilter.curate.calibrate import cut_signal
-    from mimicfilter.curate.mixture import kept_near, threshold_for_recall
+    from mimicfilter.curate.mixture import kept_near, recall_error, threshold_for_recall
 
     rng = np.random.default_rng(7)
     pool = np.concatenate([rng.normal(1, 0.5, 7000), rng.normal(0.2, 0.5, 3000)])
@@ -100,8 +100,8 @@ def test_the_recall_cut_does_not_move_for_a_lucky_trusted_tail():
     lucky = steady.copy()
     lucky[10:14] = lucky[14]  # the 11th–14th lowest of 200 pushed up to the 15th
     at_target = {name: np.mean(pool >= threshold_for_recall(t, 0.95)) for name, t in (("steady", steady), ("lucky", lucky))}
-    assert at_target["lucky"] < at_target["steady"] - np.sqrt(0.95 * 0.05 / 200)
-    assert abs(kept_near(pool, lucky, 0.95) - kept_near(pool, steady, 0.95)) < np.sqrt(0.95 * 0.05 / 200)
+    assert at_target["lucky"] < at_target["steady"] - recall_error(0.95, 200)
+    assert abs(kept_near(pool, lucky, 0.95) - kept_near(pool, steady, 0.95)) < recall_error(0.95, 200)
     data = _anchored({"steady": 0.95, "lucky": 0.90}, {"steady": pool, "lucky": pool},
                      {"steady": steady, "lucky": lucky}, "steady")
     assert cut_signal(data, 0.95)[0].name == "steady"
