@@ -270,8 +270,9 @@ def main(argv=None) -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     pools = [p for p in suite.POOLS if args.pools is None or p.name in args.pools.split(",")]
     runs = suite.runs_of(pools)
-    # The Debian data packages, one after the other before the tasks prepare side by side: two
-    # apt-gets at once fail on apt's lock (a fresh machine has neither).
+    # The Debian data packages before the tasks prepare side by side: installing libfribidi0 starts
+    # this program again (scripts/emoji_data.py), which must not happen in the middle of the other
+    # task's work.
     tasks_needed = {pool.task for pool, _, _ in runs}
     if "contrastive" in tasks_needed:
         suite.imagetext.ensure_packages()

@@ -45,6 +45,7 @@ from pathlib import Path
 import numpy as np
 
 from common import ROOT, write_tar
+from debian_packages import install as install_debian_packages  # (scripts/, importable once common is)
 from plain_forward import tar_samples
 from process_runs import TINY_224, processes, run_process, score_command, write_model
 
@@ -59,11 +60,11 @@ BASELINE_REV = "f3659a7"  # the last commit before the new input path (issue 14)
 def source_photos() -> list[Path]:
     """The photographs of the wallpaper packages (installed with apt-get when missing, as root)."""
     found = [p for d in PHOTO_DIRS for p in sorted(Path(d).rglob("*.jpg")) if "screenshot" not in p.name]
-    if not found and os.geteuid() == 0:
-        subprocess.run(["apt-get", "install", "-y", "-q", *PHOTO_PACKAGES], check=True, capture_output=True)
+    if not found:
+        install_debian_packages(PHOTO_PACKAGES, "the photographs")
         found = [p for d in PHOTO_DIRS for p in sorted(Path(d).rglob("*.jpg")) if "screenshot" not in p.name]
     if not found:
-        raise SystemExit(f"no photos: apt-get install {' '.join(PHOTO_PACKAGES)}")
+        raise SystemExit(f"error: no photographs in {', '.join(PHOTO_DIRS)} after installing {' '.join(PHOTO_PACKAGES)}")
     by_name: dict[str, Path] = {}
     for path in found:  # one file per picture (the wallpapers come in many resolutions): the largest
         name = path.parent.parent.name if path.parent.name.startswith("images") else path.stem

@@ -22,9 +22,7 @@ from __future__ import annotations
 import gzip
 import hashlib
 import json
-import os
 import shutil
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -32,6 +30,7 @@ from pathlib import Path
 import numpy as np
 
 from common import SIMILAR_CLASS, digest, png_bytes, save_head, save_state_dict, stamped, write_pool, write_stamp
+from debian_packages import install as install_debian_packages  # (scripts/, importable once common is)
 
 DATA_DIR = Path("/usr/share/datasets/fashion-mnist")
 DATA_PACKAGE = "dataset-fashion-mnist"
@@ -60,12 +59,7 @@ def ensure_dataset() -> None:
     """Install the Debian package when the files are missing (as root), else exit with a hint."""
     if all((DATA_DIR / name).is_file() for name in DATA_FILES.values()):
         return
-    if os.geteuid() != 0 or shutil.which("apt-get") is None:
-        sys.exit(f"error: Fashion-MNIST not found in {DATA_DIR}: install it with `sudo apt-get install {DATA_PACKAGE}`")
-    print(f"installing {DATA_PACKAGE} with apt-get ...", flush=True)
-    env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
-    subprocess.run(["apt-get", "update", "-qq"], check=True, env=env)
-    subprocess.run(["apt-get", "install", "-y", "-qq", DATA_PACKAGE], check=True, env=env)
+    install_debian_packages([DATA_PACKAGE], f"Fashion-MNIST (the idx files in {DATA_DIR})")
     if not all((DATA_DIR / name).is_file() for name in DATA_FILES.values()):
         sys.exit(f"error: {DATA_PACKAGE} is installed but {DATA_DIR} lacks the idx files")
 

@@ -15,14 +15,14 @@ from __future__ import annotations
 
 import ctypes.util
 import os
-import shutil
-import subprocess
 import sys
 import warnings
 from functools import lru_cache
 from pathlib import Path
 
 from PIL import Image, ImageDraw, ImageFont, features
+
+import debian_packages
 
 FONT_PATH = Path("/usr/share/fonts/truetype/noto/NotoColorEmoji.ttf")
 EMOJI_TEST_PATH = Path("/usr/share/unicode/emoji/emoji-test.txt")
@@ -48,10 +48,7 @@ def ensure_packages() -> None:
     missing = missing_packages()
     if not missing:
         return
-    if os.geteuid() != 0 or shutil.which("apt-get") is None:
-        sys.exit(f"error: missing Debian packages; run: apt-get install {' '.join(missing)}")
-    subprocess.run(["apt-get", "update", "-qq"], check=True)
-    subprocess.run(["apt-get", "install", "-y", "-qq", *missing], check=True)
+    debian_packages.install(missing, "the emoji images and their names")
     if "libfribidi0" in missing:
         os.execv(sys.executable, sys.orig_argv)
 

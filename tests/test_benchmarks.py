@@ -7,9 +7,12 @@ benchmarks/ first on sys.path (``python benchmarks/NAME.py`` puts it there).
 
 from __future__ import annotations
 
+import fcntl
 import importlib.util
+import os
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import pytest
@@ -96,3 +99,44 @@ def test_the_suite_stamps_a_run_by_what_it_reads_not_where_out_lies(benchmark_pa
     first = suite.file_digest(weights)
     weights.write_bytes(b"again")
     assert suite.file_digest(weights) != first
+
+
+@pytest.fixture
+def fake_apt(tmp_path, monkeypatch):
+    """A root user whose apt-get (on PATH) logs its arguments and exits with $FAKE_APT_EXIT; the module."""
+    log, bin_dir = tmp_path / "apt.log", tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "apt-get").write_text(f'#!/bin/sh\necho "$*" >> {log}\nexit "${{FAKE_APT_EXIT:-0}}"\n')
+    (bin_dir / "apt-get").chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bin_dir}:{os.environ['PATH']}")
+    monkeypatch.setattr(os, "geteuid", lambda: 0)
+    return load(ROOT / "scripts" / "debian_packages.py"), log
+
+
+def test_debian_packages_update_then_install_one_program_at_a_time(fake_apt, tmp_path):
+    debian, log = fake_apt
+    lock_path = tmp_path / "apt.lock"
+    with open(lock_path, "a") as held:  # another of our programs is installing
+        fcntl.flock(held, fcntl.LOCK_EX)
+        installer = threading.Thread(target=debian.install, args=(["pkg-a", "pkg-b"], "a test", lock_path))
+        installer.start()
+        installer.join(0.5)
+        assert installer.is_alive() and not log.exists(), "apt-get ran while another installer held the lock"
+    installer.join(30)
+    lines = log.read_text().splitlines()
+    assert lines[0] == "update -qq" and lines[1].startswith("install -y -qq") and lines[1].endswith("pkg-a pkg-b")
+
+
+def test_debian_packages_say_in_one_line_what_to_run(fake_apt, tmp_path, monkeypatch):
+    debian, log = fake_apt
+    monkeypatch.setenv("FAKE_APT_EXIT", "100")  # e.g. apt's own lock held by a package manager
+    with pytest.raises(SystemExit) as failed:
+        debian.install(["pkg-a"], "a test", tmp_path / "apt.lock")
+    assert log.read_text().splitlines() == ["update -qq"]  # no install after a failed update
+    message = str(failed.value.code)
+    assert "\n" not in message and "`apt-get update` failed (exit 100)" in message and "sudo apt-get install pkg-a" in message
+    monkeypatch.setattr(os, "geteuid", lambda: 1000)
+    with pytest.raises(SystemExit) as not_root:
+        debian.install(["pkg-a"], "a test", tmp_path / "apt.lock")
+    assert str(not_root.value.code) == "error: missing Debian packages needed for a test; run: sudo apt-get install pkg-a"
+    assert len(log.read_text().splitlines()) == 1
