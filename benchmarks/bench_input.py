@@ -34,6 +34,7 @@ import json
 import os
 import platform
 import random
+import re
 import shutil
 import statistics
 import subprocess
@@ -67,10 +68,18 @@ def source_photos() -> list[Path]:
         raise SystemExit(f"error: no photographs in {', '.join(PHOTO_DIRS)} after installing {' '.join(PHOTO_PACKAGES)}")
     by_name: dict[str, Path] = {}
     for path in found:  # one file per picture (the wallpapers come in many resolutions): the largest
-        name = path.parent.parent.name if path.parent.name.startswith("images") else path.stem
+        name = picture_name(path)
         if name not in by_name or path.stat().st_size > by_name[name].stat().st_size:
             by_name[name] = path
     return sorted(by_name.values())
+
+
+def picture_name(path: Path) -> str:
+    """The picture a wallpaper file shows: Plasma's NAME/contents/images*/WxH.jpg is NAME (every size,
+    light or dark), MATE's NAME_WxH.jpg is NAME."""
+    if "contents" in path.parts:
+        return path.parts[path.parts.index("contents") - 1]
+    return re.sub(r"_\d+x\d+$", "", path.stem)
 
 
 def photo_pool(out: Path, count: int, per_shard: int, seed: int, fixed_size: int | None = None) -> list[str]:

@@ -140,3 +140,12 @@ def test_debian_packages_say_in_one_line_what_to_run(fake_apt, tmp_path, monkeyp
         debian.install(["pkg-a"], "a test", tmp_path / "apt.lock")
     assert str(not_root.value.code) == "error: missing Debian packages needed for a test; run: sudo apt-get install pkg-a"
     assert len(log.read_text().splitlines()) == 1
+
+
+def test_the_input_benchmark_takes_each_wallpaper_once_whatever_its_sizes(benchmark_path):
+    picture_name = load(BENCHMARKS / "bench_input.py").picture_name
+    plasma = Path("/usr/share/wallpapers/Autumn/contents")
+    assert {picture_name(plasma / "images" / "1920x1080.jpg"), picture_name(plasma / "images_dark" / "5120x2880.jpg")} == {"Autumn"}
+    mate = Path("/usr/share/backgrounds/mate/nature")
+    assert {picture_name(mate / "Elephants.jpg"), picture_name(mate / "Elephants_3840x2160.jpg")} == {"Elephants"}
+    assert picture_name(mate / "Dune.jpg") == "Dune"
