@@ -102,7 +102,7 @@ def test_the_suite_stamps_a_run_by_what_it_reads_not_where_out_lies(benchmark_pa
 
 
 @pytest.fixture
-def fake_apt(tmp_path, monkeypatch):
+def fake_apt(benchmark_path, tmp_path, monkeypatch):
     """A root user whose apt-get (on PATH) logs its arguments and exits with $FAKE_APT_EXIT; the module."""
     log, bin_dir = tmp_path / "apt.log", tmp_path / "bin"
     bin_dir.mkdir()
@@ -123,6 +123,7 @@ def test_debian_packages_update_then_install_one_program_at_a_time(fake_apt, tmp
         installer.join(0.5)
         assert installer.is_alive() and not log.exists(), "apt-get ran while another installer held the lock"
     installer.join(30)
+    assert not installer.is_alive()
     lines = log.read_text().splitlines()
     assert lines[0] == "update -qq" and lines[1].startswith("install -y -qq") and lines[1].endswith("pkg-a pkg-b")
 
