@@ -34,7 +34,11 @@ def install(packages: Sequence[str], needed_for: str, lock_path: Path = LOCK_PAT
         sys.exit(f"error: missing Debian packages needed for {needed_for}; run: {command}")
     print(f"installing {', '.join(packages)} with apt-get ...", file=sys.stderr, flush=True)
     env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
-    with open(lock_path, "a") as lock:
+    try:  # O_NOFOLLOW: root opens a name in a directory everyone writes to, never through a planted link
+        descriptor = os.open(lock_path, os.O_RDONLY | os.O_CREAT | os.O_NOFOLLOW, 0o644)
+    except OSError as error:
+        sys.exit(f"error: cannot open the install lock {lock_path} ({error.strerror}); remove it and run again")
+    with os.fdopen(descriptor) as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
         for step in (["apt-get", "update", "-qq"],
                      ["apt-get", "install", "-y", "-qq", "-o", f"DPkg::Lock::Timeout={DPKG_LOCK_TIMEOUT}", *packages]):

@@ -141,6 +141,12 @@ def test_debian_packages_say_in_one_line_what_to_run(fake_apt, tmp_path, monkeyp
         debian.install(["pkg-a"], "a test", tmp_path / "apt.lock")
     assert str(not_root.value.code) == "error: missing Debian packages needed for a test; run: sudo apt-get install pkg-a"
     assert len(log.read_text().splitlines()) == 1
+    monkeypatch.setattr(os, "geteuid", lambda: 0)
+    (tmp_path / "planted.lock").symlink_to(tmp_path / "elsewhere")
+    with pytest.raises(SystemExit) as planted:
+        debian.install(["pkg-a"], "a test", tmp_path / "planted.lock")
+    assert str(planted.value.code).startswith(f"error: cannot open the install lock {tmp_path / 'planted.lock'} (")
+    assert not (tmp_path / "elsewhere").exists() and len(log.read_text().splitlines()) == 1
 
 
 def test_the_input_benchmark_takes_each_wallpaper_once_whatever_its_sizes(benchmark_path):
