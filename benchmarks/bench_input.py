@@ -60,10 +60,13 @@ BASELINE_REV = "f3659a7"  # the last commit before the new input path (issue 14)
 
 def source_photos() -> list[Path]:
     """The photographs of the wallpaper packages (installed with apt-get when missing, as root)."""
-    found = [p for d in PHOTO_DIRS for p in sorted(Path(d).rglob("*.jpg")) if "screenshot" not in p.name]
+    def photo_files() -> list[Path]:
+        return [p for d in PHOTO_DIRS for p in sorted(Path(d).rglob("*.jpg")) if "screenshot" not in p.name]
+
+    found = photo_files()
     if not found:
         install_debian_packages(PHOTO_PACKAGES, "the photographs")
-        found = [p for d in PHOTO_DIRS for p in sorted(Path(d).rglob("*.jpg")) if "screenshot" not in p.name]
+        found = photo_files()
     if not found:
         raise SystemExit(f"error: no photographs in {', '.join(PHOTO_DIRS)} after installing {' '.join(PHOTO_PACKAGES)}")
     by_name: dict[str, Path] = {}
