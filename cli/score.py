@@ -9,8 +9,8 @@ from rich.console import Console
 from rich.table import Table
 
 from mimicfilter import timing
-from mimicfilter.defaults import TRAIN_MODES
-from mimicfilter_cli.common import ProgressBar, heavy_imports, one_line_errors
+from mimicfilter.defaults import MIN_ANCHORS, TRAIN_MODES
+from mimicfilter_cli.common import ProgressBar, heavy_imports, one_line_errors, print_warnings
 from mimicfilter_cli.options import (
     execution_options,
     group,
@@ -50,8 +50,10 @@ def _print_summary(stats: dict) -> None:
     for status, count in stats["status_counts"].items():
         if count:
             table.add_row(f"  {status} (rows)" if epochs > 1 else f"  {status}", str(count))
+    usable = stats.get("anchor_usable_rows", {})
     for anchor, count in stats.get("anchor_rows", {}).items():
-        table.add_row(f"{anchor} anchors (rows, not in the pool)", str(count))
+        unusable = count - usable.get(anchor, count)
+        table.add_row(f"{anchor} anchors (rows, not in the pool)", f"{count}{f' ({unusable} not ok)' if unusable else ''}")
     if stats["mimic_score_mean"] is not None:
         table.add_row("mean mimic score", f"{stats['mimic_score_mean']:.4g}")
         table.add_row("score > 0 (pulls toward reference)", f"{stats['mimic_score_positive_fraction']:.1%}")
@@ -149,6 +151,21 @@ def score(shards, **options):
         click.echo(json.dumps(stats, indent=2, sort_keys=True))
     elif not options["quiet"]:
         _print_summary(stats)
+    print_warnings(anchor_warnings(stats))
+
+
+def anchor_warnings(stats: dict) -> list[str]:
+    """A trusted sample too small to calibrate, said now rather than when `filter` finds it out."""
+    from mimicfilter.store.schema import TRUSTED  # pyarrow: loaded by the run already, not by --help
+
+    if TRUSTED not in stats.get("anchor_rows", {}) or stats.get("shards_missing"):
+        return []  # (with ranks still scoring, their share of the trusted samples is not in the table yet)
+    epochs = stats["epochs"] if stats["train"] != "none" else 1
+    rows, usable = stats["anchor_rows"][TRUSTED], stats["anchor_usable_rows"][TRUSTED]
+    if usable // epochs >= MIN_ANCHORS:
+        return []
+    return [f"only {usable // epochs} of {rows // epochs} trusted samples could be scored: filter calibrates with at "
+            f"least {MIN_ANCHORS} (the anchor rows' status and error columns say why)"]
 
 
 def _print_startup(stats: dict) -> None:

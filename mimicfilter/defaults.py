@@ -18,6 +18,9 @@ DEFAULT_COMBINE_VOTES = "majority"
 # clean samples (the trusted sample's tail); chosen on the validation suite by its worst case
 # (docs/benchmarks.md, "Calibrated curation").
 CALIBRATED_TARGET_RECALL = 0.95
+# Fewer usable trusted (or synthetic) anchors than this: no calibration, a warning instead (score warns
+# when its trusted samples fall short; none usable at all is an error before any model loads).
+MIN_ANCHORS = 20
 TRAIN_MODES = ("none", "head", "full")
 MIMIC_LAYER_PRESETS = {
     "image-proj": "the image tower's final projection (contrastive default)",

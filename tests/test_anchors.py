@@ -1,6 +1,7 @@
 """Anchors (score --trusted): trusted samples and synthetic negatives scored in the pool's stream,
 flagged, deterministic, resumable, split over ranks, and never counted as pool samples."""
 
+import json
 import signal
 import subprocess
 import sys
@@ -159,6 +160,44 @@ def test_synthetic_share_needs_trusted_samples(tmp_path, pool, tiny_config, refe
                                       str(reference_checkpoint), "--trusted", str(tmp_path / "empty.tar"),
                                       "--out", str(tmp_path / "r")])
     assert result.exit_code == 2 and "no samples" in result.stderr
+
+
+def test_trusted_shards_that_cannot_be_scored_are_refused_before_any_model_loads(tmp_path, pool, tiny_config):
+    shards, _ = pool
+    captionless = [(key, {"jpg": files["jpg"]}) for key, files in image_text_samples(30, start=500)]
+    trusted = write_tar(tmp_path / "labelled.tar", captionless)
+    result = CliRunner().invoke(cli, ["score", *shards, "--model", str(tiny_config), "--reference",
+                                      str(tmp_path / "never-read.safetensors"), "--trusted", str(trusted),
+                                      "--out", str(tmp_path / "r")])
+    assert result.exit_code == 2, result.output
+    assert result.stderr.count("\n") == 1
+    assert "none of the 30 --trusted samples can be scored: missing_text ×30 (no caption file (txt))" in result.stderr
+    assert not (tmp_path / "r").exists()
+
+
+def test_too_few_usable_trusted_samples_are_named_by_score_and_by_filter(tmp_path, pool, tiny_config,
+                                                                         reference_checkpoint):
+    """25 trusted samples of which 10 have no caption: score says so when it ends, and the warning of
+    filter and report counts the usable ones and says what the others lack (not "only 25 trusted anchors")."""
+    shards, _ = pool
+    samples = [(key, {name: data for name, data in files.items() if name != "txt" or i >= 10})
+               for i, (key, files) in enumerate(image_text_samples(25, start=500))]
+    trusted = write_tar(tmp_path / "trusted.tar", samples)
+    run = tmp_path / "run"
+    result = CliRunner().invoke(cli, ["score", *shards, "--trusted", str(trusted), "--model", str(tiny_config),
+                                      "--reference", str(reference_checkpoint), "--batch-size", "6", "--epochs", "2",
+                                      "--quiet", "--out", str(run)])
+    assert result.exit_code == 0, result.output
+    assert result.stderr == ("Warning: only 15 of 25 trusted samples could be scored: filter calibrates with at least "
+                             "20 (the anchor rows' status and error columns say why)\n")
+    warning = ("only 15 of 25 trusted anchors are usable (missing_text 10): at least 20 usable ones calibrate the "
+               "estimate; the relative score is uncalibrated")
+    for command in (["filter", str(run), "--out", str(tmp_path / "curated")],
+                    ["report", str(run), "--out", str(tmp_path / "report")]):
+        result = CliRunner().invoke(cli, command)
+        assert result.exit_code == 0, result.output
+        assert f"Warning: {warning}\n" in result.stderr, command[0]
+    assert warning in json.loads((tmp_path / "report" / "report.json").read_text())["warnings"]
 
 
 @pytest.mark.parametrize("mode", ["none", "head"])

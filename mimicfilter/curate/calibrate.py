@@ -21,13 +21,12 @@ from mimicfilter.curate.duck import epoch_columns, hash_condition, per_sample_sq
 from mimicfilter.curate.mixture import (CLEAN_TEST_LEVEL, clean_share, kept_near, recall_error, same_distribution_p,
                                         tail_curve, threshold_for_precision, threshold_for_recall)
 from mimicfilter.curate.rules import Rule
-from mimicfilter.defaults import CALIBRATED_TARGET_RECALL as DEFAULT_TARGET_RECALL
+from mimicfilter.defaults import CALIBRATED_TARGET_RECALL as DEFAULT_TARGET_RECALL, MIN_ANCHORS
 from mimicfilter.errors import MimicfilterError
 from mimicfilter.metrics import auroc
 from mimicfilter.store.schema import CONFUSABLE, SYNTHETIC, TRUSTED
 
 POOL_SAMPLE = 200_000  # pool samples the estimate and the curve are computed on (hash-sampled beyond)
-MIN_ANCHORS = 20  # fewer usable trusted (or synthetic) samples: no calibration, a warning instead
 WEAK_SEPARATION = 0.85  # below this AUROC (trusted vs synthetic) the estimate's worst case is wider
 BOOTSTRAP_ROUNDS = 200
 
@@ -109,15 +108,19 @@ class Anchored:
     confusable: np.ndarray = field(default_factory=lambda: np.zeros(0))  # labelled pools' confusable negatives
 
 
-def anchor_counts(connection) -> dict[str, int]:
-    return dict(connection.execute(
-        "SELECT anchor, count(DISTINCT (shard, \"index\")) FROM anchor_scores GROUP BY anchor").fetchall())
+def anchor_statuses(connection) -> dict[str, dict[str, int]]:
+    """Per anchor kind (trusted, synthetic, confusable): how many anchors have each status ("ok": usable)."""
+    sql = per_sample_sql(connection, "anchor_scores", ["any_value(anchor) AS anchor"])
+    statuses: dict[str, dict[str, int]] = {}
+    for kind, status, count in connection.execute(
+            f"SELECT anchor, status, count(*) FROM ({sql}) GROUP BY ALL ORDER BY ALL").fetchall():
+        statuses.setdefault(kind, {})[status] = count
+    return statuses
 
 
 def gather(connection, epochs: list[int]) -> Anchored | None:
     """The anchors' and a hash sample of the pool's signals; None without enough usable anchors."""
-    counts = anchor_counts(connection)
-    if counts.get(TRUSTED, 0) < MIN_ANCHORS:
+    if anchor_statuses(connection).get(TRUSTED, {}).get("ok", 0) < MIN_ANCHORS:
         return None
     columns = {row[0] for row in connection.execute("DESCRIBE samples").fetchall()}
     signals = [signal for signal in candidate_signals(columns, epochs) if signal.column in columns]
@@ -266,3 +269,29 @@ def calibrated_cut(connection, epochs: list[int], target_precision: float | None
     rule = Rule("calibrated", column=signal.column, value=threshold,
                 expression=">=" if signal.higher_is_clean else "<=")
     return CalibratedCut(calibration, rule, target, _expected(data, calibration, signal, threshold))
+
+
+def calibration_warnings(connection, cut: CalibratedCut | None) -> list[str]:
+    """What `filter` and `report` warn of: too few usable anchors to calibrate (how many, and what the
+    others lack), a weak signal, an estimate read from the top of the signal."""
+    if cut is None:
+        statuses = anchor_statuses(connection)
+        if not statuses:
+            return []
+        usable = {kind: statuses.get(kind, {}).get("ok", 0) for kind in (TRUSTED, SYNTHETIC)}
+        short = next((kind for kind, count in usable.items() if count < MIN_ANCHORS), TRUSTED)
+        of_kind = statuses.get(short, {})
+        unusable = ", ".join(f"{status} {count}" for status, count in of_kind.items() if status != "ok")
+        return [f"only {usable[short]} of {sum(of_kind.values())} {short} anchors are usable"
+                f"{f' ({unusable})' if unusable else ''}: at least {MIN_ANCHORS} usable ones calibrate the estimate; "
+                "the relative score is uncalibrated"]
+    warnings = []
+    separation = cut.calibration.separation[cut.calibration.signal]
+    if separation < WEAK_SEPARATION:
+        warnings.append(f"the anchors' best signal ({cut.calibration.signal}) separates trusted from synthetic samples "
+                        f"with AUROC {separation:.2f} only: read the quality estimate with its interval")
+    if cut.calibration.method.startswith("best-bin"):
+        warnings.append("the pool's noise scores closer to the trusted samples than the synthetic negatives do: the "
+                        "quality estimate is best-bin's, read from the top of the signal; its interval reaches up to "
+                        "best-bin's confidence bound")
+    return warnings

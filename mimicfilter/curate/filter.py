@@ -20,7 +20,7 @@ from typing import IO, Any
 
 import duckdb
 
-from mimicfilter.curate.calibrate import MIN_ANCHORS, WEAK_SEPARATION, CalibratedCut, anchor_counts, calibrated_cut
+from mimicfilter.curate.calibrate import MIN_ANCHORS, CalibratedCut, calibrated_cut, calibration_warnings
 from mimicfilter.curate import dedup as content_dedup
 from mimicfilter.curate.duck import check_memory_limit, connect, forbid_file_access, load_scores, score_files, sql_string
 from mimicfilter.curate.duplicates import DEDUPE_UID, dedupe_uids, find_duplicates, shared_kept_uids
@@ -246,23 +246,6 @@ def _keep_rules(config: FilterConfig, cut: CalibratedCut | None) -> tuple[Rule, 
     return (cut.rule,)
 
 
-def _calibration_warnings(connection, cut: CalibratedCut | None) -> list[str]:
-    counts = anchor_counts(connection)
-    if cut is None:
-        return [f"only {counts.get('trusted', 0)} trusted anchors: at least {MIN_ANCHORS} usable ones calibrate the "
-                "estimate; the relative score is uncalibrated"] if counts else []
-    warnings = []
-    separation = cut.calibration.separation[cut.calibration.signal]
-    if separation < WEAK_SEPARATION:
-        warnings.append(f"the anchors' best signal ({cut.calibration.signal}) separates trusted from synthetic samples "
-                        f"with AUROC {separation:.2f} only: read the quality estimate with its interval")
-    if cut.calibration.method.startswith("best-bin"):
-        warnings.append("the pool's noise scores closer to the trusted samples than the synthetic negatives do: the "
-                        "quality estimate is best-bin's, read from the top of the signal; its interval reaches up to "
-                        "best-bin's confidence bound")
-    return warnings
-
-
 def run_filter(config: FilterConfig, stdout: IO[str] = sys.stdout) -> dict[str, Any]:
     """Run the filter; returns the summary (also written to summary.json unless --dry-run)."""
     files = score_files(config.inputs)
@@ -281,7 +264,7 @@ def run_filter(config: FilterConfig, stdout: IO[str] = sys.stdout) -> dict[str, 
         cut = calibrated_cut(connection, [int(epoch) for epoch in aggregation["thresholds"]], config.target_precision,
                              config.target_recall)
         keep = _keep_rules(config, cut)
-        calibration_warnings = _calibration_warnings(connection, cut)
+        anchor_warnings = calibration_warnings(connection, cut)
         content_dedup.add_duplicates(connection, dedup)  # the dropped duplicates' rows, never kept by a rule
         joins = _join(connection, config.joins)
         forbid_file_access(connection)  # user SQL (--where) runs from here on: tables only, no files
@@ -291,7 +274,7 @@ def run_filter(config: FilterConfig, stdout: IO[str] = sys.stdout) -> dict[str, 
         duplicates = find_duplicates(connection)
         summary = _summary(connection, config, keep, aggregation, joins, estimate, cut)
         summary |= {"score_rows": rows, "duplicates": duplicates,
-                    "warnings": calibration_warnings + list(estimate.warnings)
+                    "warnings": anchor_warnings + list(estimate.warnings)
                     + _warnings(connection, config, unfinished, duplicates) + _top_k_warnings(connection, keep + config.drop)}
         if config.dedupe_uid != "off":
             summary["dedupe_uid"] = {"mode": config.dedupe_uid, "dropped": dropped}

@@ -33,13 +33,13 @@ from __future__ import annotations
 import functools
 import hashlib
 import random
-from collections import deque
+from collections import Counter, deque
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 from mimicfilter.errors import MimicfilterError
-from mimicfilter.shards.decode import DecodeConfig
+from mimicfilter.shards.decode import DecodeConfig, format_problem
 from mimicfilter.shards.records import RawSample
 from mimicfilter.shards.samples import count_shard_samples, iter_shard_samples
 from mimicfilter.store.schema import CONFUSABLE, SYNTHETIC, TRUSTED
@@ -132,11 +132,24 @@ def plan_anchors(trusted: tuple[str, ...], pool_shards: tuple[str, ...], decode:
     samples = read_trusted(trusted, allow_pipe)
     if not samples:
         raise MimicfilterError("--trusted holds no samples", hint="pass shards of checked samples, like the pool's")
+    problems = [problem for problem in (format_problem(sample, decode) for sample in samples) if problem]
+    if len(problems) == len(samples):  # shards of another format: scoring them would calibrate nothing
+        raise MimicfilterError(f"none of the {len(samples)} --trusted samples can be scored: {problem_counts(problems)}",
+                               hint="pass readable shards in the pool's format (its image and caption or label keys)")
     estimate = estimate_pool_size(pool_shards, allow_pipe)
     if synthetic_share is None:
         synthetic_share = min(0.5, max(len(samples), MIN_SYNTHETIC) / max(1, estimate))
     return AnchorPlan(trusted, pool_shards, estimate, len(samples), round(synthetic_share, 6), partner_files(decode),
                       seed, allow_pipe, confusable=decode.task == "classify")
+
+
+def problem_counts(problems: list[tuple[str, str]]) -> str:
+    """``missing_text ×500 (no caption file (txt))``: each status with its count and its first error."""
+    counts = Counter(status for status, _ in problems)
+    first = {}
+    for status, error in problems:
+        first.setdefault(status, error)
+    return ", ".join(f"{status} ×{count} ({first[status]})" for status, count in counts.most_common())
 
 
 def _synthetic(image: RawSample, partner: RawSample, plan: AnchorPlan) -> RawSample | None:

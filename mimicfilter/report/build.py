@@ -29,7 +29,7 @@ from typing import Any
 
 import numpy as np
 
-from mimicfilter.curate.calibrate import CalibratedCut, calibrated_cut
+from mimicfilter.curate.calibrate import CalibratedCut, calibrated_cut, calibration_warnings
 from mimicfilter.curate.duck import check_memory_limit, connect, load_scores, score_files
 from mimicfilter.curate.estimate import estimate_quality, headline_fields
 from mimicfilter.curate.samples_cache import check_reuse
@@ -132,8 +132,8 @@ def build_report(config: ReportConfig) -> dict[str, Any]:
         shard=info.get("shards") or []))["--out"].path
     with replaced_directory(out, _owned_by_report(out), "--out") as staging:
         summary = _write_report(config, info, files, staging)
-        summary["warnings"] = summary["quality"]["warnings"] + (
-            [f"{unfinished}: the report covers what it holds so far"] if unfinished else [])
+        if unfinished:
+            summary["warnings"].append(f"{unfinished}: the report covers what it holds so far")
         atomic_write_bytes(staging / "index.html", render_html(summary, info).encode())
         atomic_write_json(staging / "report.json", summary)
         atomic_write_bytes(staging / SUCCESS_FILE, f"{summary['run_id']}\n".encode())
@@ -154,6 +154,7 @@ def _write_report(config: ReportConfig, info: dict[str, Any], files: list[str], 
         load_scores(connection, files)
         rule = decisions(connection, config.aggregation, config.filter_manifest, reuse)
         calibration = rule.get("calibration") or _calibration(connection, rule)
+        anchor_warnings = calibration_warnings(connection, calibration)
         estimate = (reuse.estimate if reuse and reuse.usable
                     else estimate_quality(connection, rule["aggregation"], config.aggregation))
         counts = funnel(connection)
@@ -216,4 +217,5 @@ def _write_report(config: ReportConfig, info: dict[str, Any], files: list[str], 
         "epochs": info.get("train", {}).get("epochs", 1),
         "images": images,
         "per_sample_table": reuse.as_dict() if reuse else {"from": "score parts"},
+        "warnings": anchor_warnings + list(estimate.warnings),
     }

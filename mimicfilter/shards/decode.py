@@ -123,6 +123,24 @@ def decode_sample(raw: RawSample, config: DecodeConfig, geometry: ImageGeometry)
     return sample
 
 
+def format_problem(raw: RawSample, config: DecodeConfig) -> tuple[str, str] | None:
+    """Why ``raw`` cannot be scored, as far as its files tell without decoding the image: (status,
+    error) — its raw status, no image file, no caption or label — or None. The statuses are
+    :func:`decode_sample`'s; an image that fails to decode is only found by decoding it."""
+    if raw.status != "ok":
+        return raw.status, raw.error or raw.status
+    meta, meta_error = _parse_json(raw.files.get("json"))
+    try:
+        _image_ext(raw.files, config)
+        if config.task == "contrastive":
+            _caption(raw.files, meta, meta_error, config)
+        else:
+            _label(raw.files, config)
+    except _Reject as reject:
+        return reject.status, reject.error
+    return None
+
+
 @dataclass(frozen=True)
 class DisplaySample:
     """What a human looks at: the image (None when unreadable), its caption or label, or why not."""

@@ -68,11 +68,12 @@ def table_stats(run_dir: RunPath, score_column: str | None = "mimic_score", flag
 
     With ``score_column``: the mean and the positive fraction of its non-null values; with
     ``flag_column``: how many rows have it true (``{flag_column}_rows``). Anchor rows (score
-    --trusted) are counted apart (``anchor_rows``), never as pool rows. Memory does not grow with
-    the run.
+    --trusted) are counted apart (``anchor_rows``, and of those with status ok ``anchor_usable_rows``),
+    never as pool rows. Memory does not grow with the run.
     """
     counts: Counter = Counter()
     anchors: Counter = Counter()
+    usable_anchors: Counter = Counter()  # of those, the rows with status ok
     rows = scored = positive = flagged = 0
     score_sum = 0.0
     columns = ["status"] + [column for column in (score_column, flag_column) if column]
@@ -83,6 +84,8 @@ def table_stats(run_dir: RunPath, score_column: str | None = "mimic_score", flag
         table = pq.read_table(source["source"], filesystem=source.get("filesystem"), columns=wanted)
         if ANCHOR_COLUMN in names:
             anchors.update(table.column(ANCHOR_COLUMN).drop_null().to_pylist())
+            usable_anchors.update(table.filter(pc.equal(table.column("status"), "ok")).column(ANCHOR_COLUMN)
+                                  .drop_null().to_pylist())
             table = table.filter(pc.is_null(table.column(ANCHOR_COLUMN)))
         table = table.select(columns)
         rows += table.num_rows
@@ -103,4 +106,5 @@ def table_stats(run_dir: RunPath, score_column: str | None = "mimic_score", flag
         stats[f"{flag_column}_rows"] = flagged
     if anchors:
         stats["anchor_rows"] = dict(sorted(anchors.items()))
+        stats["anchor_usable_rows"] = {kind: usable_anchors.get(kind, 0) for kind in stats["anchor_rows"]}
     return stats
