@@ -39,6 +39,21 @@ def one_line_errors(command):
         except KeyboardInterrupt:
             click.echo("Interrupted: finished parts are kept; re-run the same command to resume.", err=True)
             sys.exit(130)
+        except Exception as error:
+            # a file that is not the table it should be (empty, cut short, a corrupt page, a column of
+            # another type), found where it is read: Arrow's or DuckDB's message, on one line. (The
+            # libraries from sys.modules: --help never imports them.)
+            arrow, duckdb = sys.modules.get("pyarrow"), sys.modules.get("duckdb")
+            if arrow is not None and isinstance(error, arrow.lib.ArrowException):
+                click.echo(f"Error: cannot read a table: {one_line(error)} (hint: a Parquet file the command reads "
+                           "is empty, cut short or of another kind; check the files it names)", err=True)
+                sys.exit(2)
+            if duckdb is not None and isinstance(error, duckdb.Error):
+                click.echo(f"Error: a query over the tables failed: {one_line(error)} (hint: a score part, manifest "
+                           "or joined file may be corrupt or of another kind; check the files the command reads)",
+                           err=True)
+                sys.exit(1)
+            raise
 
     return wrapper
 

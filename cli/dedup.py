@@ -76,7 +76,7 @@ def _summary(stats: dict) -> list[str]:
 @click.option("--rank", type=int, default=None,
               help="Do only this rank's share (every WORLD-SIZE-th unit, then range of cells); with --world-size.")
 @click.option("--world-size", type=int, default=None, help="Number of ranks sharing --out.")
-@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the k-means sample and cells.")
+@click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True, help="Seed of the k-means sample and cells.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing --out made by a different command.")
 @click.option("--quiet", "-q", is_flag=True, help="No summary.")
 @click.option("--json", "as_json", is_flag=True, help="Print the stats as JSON on stdout.")

@@ -143,7 +143,7 @@ def _summary(stats: dict) -> list[str]:
 @method_options
 @search_options
 @scale_options
-@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the held-out split, the index and the GNN.")
+@click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True, help="Seed of the held-out split, the index and the GNN.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing run directory made by a different command.")
 @click.option("--quiet", "-q", is_flag=True, help="No summary.")
 @click.option("--json", "as_json", is_flag=True, help="Print the run's stats as JSON on stdout.")

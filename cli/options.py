@@ -82,7 +82,8 @@ model_options = group(
     click.option("--mimic-layers", default=None,
                  help=f"Preset ({', '.join(MIMIC_LAYER_PRESETS)}) or comma-separated globs over parameter names "
                  f"[default: {per_task_default('mimic_layers')}]."),
-    click.option("--seed", type=int, default=0, show_default=True, help="Seed of the proxy's re-initialised layers."),
+    click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True,
+                 help="Seed of the proxy's re-initialised layers."),
     click.option("--task", type=click.Choice(["auto", "contrastive", "classify"]), default="auto", show_default=True,
                  help="auto: classify when samples carry .cls and no caption."),
     click.option("--classnames", type=click.Path(dir_okay=False), default=None,

@@ -209,7 +209,12 @@ def test_join_with_duplicate_keys_is_refused(run, tmp_path):
         (["--top-frac", "mimic_score=1.5"], "fraction"),
         (["--top-k", "mimic_score=x"], "not a number"),
         (["--drop", "bottom-frac"], "--drop"),
-        (["--where", "nonsense((("], "rules"),
+        (["--where", "nonsense((("], "not one SQL expression"),
+        (["--where", "no_such_column > 0"], "rules"),
+        # ends the rule's expression early and rewrites the query around it (keeps every sample, ok or not)
+        (["--where", "true), false))) OR true) AS kept, CASE WHEN $x$ = '' AND coalesce(false, coalesce((true"],
+         "not one SQL expression"),
+        (["--where", "mimic_score > 0; SELECT 1"], "not one SQL expression"),
     ],
 )
 def test_bad_rules_exit_2_with_one_line(run, tmp_path, args, named):

@@ -18,7 +18,6 @@ duplicates come back as rows the rules never keep (:func:`add_duplicates`).
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -30,6 +29,7 @@ from mimicfilter.curate.duck import per_sample_sql, sql_string
 from mimicfilter.curate.groups import components
 from mimicfilter.errors import MimicfilterError
 from mimicfilter.store.paths import RUN_FILE, SUCCESS_FILE, is_remote_url, run_path
+from mimicfilter.store.rundir import run_record
 from mimicfilter.store.schema import HASH_COLUMNS
 
 DEDUP_ON = ("pair", "image")  # pair: the image AND the caption alike (another caption: another training pair)
@@ -112,7 +112,7 @@ def pairs_sources(options: DedupOptions, inputs: tuple[str, ...]) -> list[PairsS
         folders = [folder for folder in folders if (folder / RUN_FILE).is_file()]
     sources = []
     for folder in folders:
-        info = json.loads((folder / RUN_FILE).read_text())
+        info = run_record(folder / RUN_FILE)
         if info.get("command") != "dedup":
             raise MimicfilterError(f"{folder} was written by `{info.get('command')}`, not `mimicfilter dedup`")
         if not (folder / SUCCESS_FILE).exists():

@@ -66,6 +66,11 @@ def sql_string(text: str) -> str:
     return "'" + text.replace("'", "''") + "'"
 
 
+def sql_identifier(name: str) -> str:
+    """A quoted SQL identifier: a column name taken from a user's file may hold any character."""
+    return '"' + name.replace('"', '""') + '"'
+
+
 def check_memory_limit(memory_limit: str | None) -> str | None:
     """``--memory-limit`` as DuckDB reads it (a number and a unit), or a one-line error."""
     if memory_limit is None:
@@ -98,6 +103,19 @@ def forbid_file_access(connection: duckdb.DuckDBPyConnection) -> None:
     connection.execute("SET enable_external_access = false")
 
 
+# the score table's core columns and the kind of type each must have (a part of another kind of table
+# would otherwise fail deep inside a query)
+_SCORE_COLUMN_KINDS = {"shard": "text", "key": "text", "status": "text", "index": "integer", "epoch": "integer",
+                       "mimic_score": "number", "mimic_weight": "number"}
+_TYPES_OF_KIND = {"text": ("VARCHAR",), "integer": ("TINYINT", "SMALLINT", "INTEGER", "BIGINT", "HUGEINT", "UTINYINT",
+                                                    "USMALLINT", "UINTEGER", "UBIGINT"),
+                  "number": ("FLOAT", "DOUBLE", "DECIMAL", "TINYINT", "SMALLINT", "INTEGER", "BIGINT")}
+
+
+def _of_kind(type_name: str, kind: str) -> bool:
+    return type_name.split("(")[0] in _TYPES_OF_KIND[kind] or type_name.strip('"') == "NULL"
+
+
 def load_scores(connection: duckdb.DuckDBPyConnection, files: Sequence[str]) -> None:
     """A view ``scores`` over the pool's rows of the given parts, and ``anchor_scores`` over the rows
     of the anchors scored beside it (score --trusted; empty when there are none)."""
@@ -111,12 +129,26 @@ def load_scores(connection: duckdb.DuckDBPyConnection, files: Sequence[str]) -> 
         connection.execute(
             f"CREATE OR REPLACE VIEW score_rows AS SELECT * FROM read_parquet([{listing}], union_by_name = true)"
         )
-        columns = {row[0] for row in connection.execute("DESCRIBE score_rows").fetchall()}
+        types = {row[0]: row[1] for row in connection.execute("DESCRIBE score_rows").fetchall()}
     except duckdb.Error as error:
         raise MimicfilterError(f"cannot read the score tables: {' '.join(str(error).split())[:300]}") from error
+    columns = set(types)
     missing = {"shard", "key", "index", "status", "epoch", "mimic_score", "mimic_weight"} - columns
     if missing:
         raise MimicfilterError(f"not a mimicfilter score table: no column {', '.join(sorted(missing))}")
+    wrong = [f"{name} is {types[name]}" for name, kind in _SCORE_COLUMN_KINDS.items()
+             if name in types and not _of_kind(types[name], kind)]
+    if wrong:
+        raise MimicfilterError(f"not a mimicfilter score table: {', '.join(wrong)}",
+                               hint="a score part was written by another program, or edited")
+    # a row without its identity would be a sample of its own (or break the report's shard order); the
+    # Parquet statistics answer this without reading the columns
+    identity = ("shard", "key", "index", "epoch", "status")
+    unnamed = connection.execute("SELECT count(*) FROM score_rows WHERE "
+                                 + " OR ".join(f'"{name}" IS NULL' for name in identity)).fetchone()[0]
+    if unnamed:
+        raise MimicfilterError(f"not a mimicfilter score table: {unnamed} row(s) without one of {', '.join(identity)}",
+                               hint="a score part was written by another program, or edited")
     finite = _finite_rows_sql(columns)
     if ANCHOR_COLUMN not in columns:
         finite = f"SELECT *, NULL::VARCHAR AS {ANCHOR_COLUMN} FROM ({finite})"

@@ -11,7 +11,6 @@ one unit (publish.py).
 
 from __future__ import annotations
 
-import json
 import os
 import sys
 from dataclasses import dataclass, field
@@ -22,7 +21,8 @@ import duckdb
 
 from mimicfilter.curate.calibrate import MIN_ANCHORS, CalibratedCut, calibrated_cut, calibration_warnings
 from mimicfilter.curate import dedup as content_dedup
-from mimicfilter.curate.duck import check_memory_limit, connect, forbid_file_access, load_scores, score_files, sql_string
+from mimicfilter.curate.duck import (check_memory_limit, connect, forbid_file_access, load_scores, score_files,
+                                     sql_identifier, sql_string)
 from mimicfilter.curate.duplicates import DEDUPE_UID, dedupe_uids, find_duplicates, shared_kept_uids
 from mimicfilter.curate.estimate import QualityEstimate, estimate_quality, headline_fields
 from mimicfilter.curate.outputs import write_keys
@@ -35,7 +35,7 @@ from mimicfilter.shards.discover import shard_locator
 from mimicfilter.store.guard import Inputs, Output, Target, guard_outputs
 from mimicfilter.store.schema import NON_FINITE
 from mimicfilter.store.paths import RUN_FILE, SUCCESS_FILE, is_remote_url, run_path
-from mimicfilter.store.rundir import unfinished_run
+from mimicfilter.store.rundir import epochs_missing, run_record, unfinished_run
 from mimicfilter.store.scratch import scratch_directory
 
 JOIN_KEYS = {"uid": ("uid",), "shard,key": ("shard", "key")}
@@ -128,24 +128,33 @@ def _join(connection, joins: tuple[JoinSpec, ...]) -> list[dict]:
             connection.execute(
                 f"CREATE OR REPLACE VIEW external_{number} AS SELECT * FROM read_parquet({sql_string(join.path)})"
             )
-            external_columns = [row[0] for row in connection.execute(f"DESCRIBE external_{number}").fetchall()]
+            external_types = {row[0]: row[1] for row in connection.execute(f"DESCRIBE external_{number}").fetchall()}
         except duckdb.Error as error:
             raise MimicfilterError(f"cannot read --join {join.path}: {' '.join(str(error).split())[:200]}") from error
+        external_columns = list(external_types)
         missing = [key for key in keys if key not in external_columns]
         if missing:
             raise MimicfilterError(f"--join {join.path} has no column {', '.join(missing)} to join --on {join.on}")
-        key_list = ", ".join(f'"{key}"' for key in keys)
-        total, distinct = connection.execute(
-            f"SELECT count(*), count(DISTINCT ({key_list})) FROM external_{number}"
+        not_text = [f"{key} is {external_types[key]}" for key in keys if external_types[key] != "VARCHAR"]
+        if not_text:  # the run's keys are text: another type would fail inside the join
+            raise MimicfilterError(f"--join {join.path}: {', '.join(not_text)}, not text like the run's",
+                                   hint="write the key column as strings")
+        key_list = ", ".join(sql_identifier(key) for key in keys)
+        keyless = " OR ".join(f"{sql_identifier(key)} IS NULL" for key in keys)
+        total, distinct, unkeyed = connection.execute(
+            f"SELECT count(*), count(DISTINCT ({key_list})), count(*) FILTER (WHERE {keyless}) FROM external_{number}"
         ).fetchone()
+        if unkeyed:
+            raise MimicfilterError(f"--join {join.path}: {unkeyed} row(s) without a {join.on} value match no sample",
+                                   hint="drop those rows, or fill in their key")
         if total != distinct:
             raise MimicfilterError(f"--join {join.path}: {total - distinct} duplicate {join.on} value(s)",
                                    hint="the joined table needs one row per sample")
         ours = {row[0] for row in connection.execute("DESCRIBE samples").fetchall()}
         added = [column for column in external_columns if column not in ours]
         skipped = [column for column in external_columns if column in ours and column not in keys]
-        selected = ", ".join(f'e."{column}"' for column in added)
-        condition = " AND ".join(f's."{key}" = e."{key}"' for key in keys)
+        selected = ", ".join(f"e.{sql_identifier(column)}" for column in added)
+        condition = " AND ".join(f"s.{sql_identifier(key)} = e.{sql_identifier(key)}" for key in keys)
         connection.execute(
             f"CREATE OR REPLACE TABLE samples AS SELECT s.*{', ' + selected if selected else ''} "
             f"FROM samples s LEFT JOIN external_{number} e ON {condition}"
@@ -190,8 +199,9 @@ def _shard_order(connection) -> list[str]:
     return [row[0] for row in connection.execute("SELECT DISTINCT shard FROM samples ORDER BY shard").fetchall()]
 
 
-def _warnings(connection, config: FilterConfig, unfinished: list[str], duplicates: dict) -> list[str]:
+def _warnings(connection, config: FilterConfig, unfinished: list[str], duplicates: dict, epochs: set[int]) -> list[str]:
     warnings = [f"{message}: filtering what it holds so far" for message in unfinished]
+    warnings += [message for item in config.inputs if (message := epochs_missing(item, epochs))]
     for what, found in duplicates.items():
         if found["names"]:
             example = found["example"]
@@ -249,7 +259,9 @@ def _keep_rules(config: FilterConfig, cut: CalibratedCut | None) -> tuple[Rule, 
 def run_filter(config: FilterConfig, stdout: IO[str] = sys.stdout) -> dict[str, Any]:
     """Run the filter; returns the summary (also written to summary.json unless --dry-run)."""
     files = score_files(config.inputs)
-    _guard(config, files, _run_shard_order(config.inputs))
+    runs = _input_runs(config.inputs)
+    _check_comparable(runs)
+    _guard(config, files, _run_shard_order(runs))
     unfinished = [message for item in config.inputs if (message := unfinished_run(item))]
     if unfinished and config.strict:
         raise MimicfilterError(unfinished[0], hint="wait for the run to finish (or resume it), or drop --strict")
@@ -275,11 +287,12 @@ def run_filter(config: FilterConfig, stdout: IO[str] = sys.stdout) -> dict[str, 
         summary = _summary(connection, config, keep, aggregation, joins, estimate, cut)
         summary |= {"score_rows": rows, "duplicates": duplicates,
                     "warnings": anchor_warnings + list(estimate.warnings)
-                    + _warnings(connection, config, unfinished, duplicates) + _top_k_warnings(connection, keep + config.drop)}
+                    + _warnings(connection, config, unfinished, duplicates, {int(epoch) for epoch in aggregation["thresholds"]})
+                    + _top_k_warnings(connection, keep + config.drop)}
         if config.dedupe_uid != "off":
             summary["dedupe_uid"] = {"mode": config.dedupe_uid, "dropped": dropped}
         summary = content_dedup.summarise(summary, dedup)
-        shard_order = _run_shard_order(config.inputs) or _shard_order(connection)
+        shard_order = _run_shard_order(runs) or _shard_order(connection)
         if config.dry_run:
             if config.keys == "-":  # stdout is no file: a dry run still shows what would be kept
                 written = write_keys(connection, shard_order, None, stdout)
@@ -303,11 +316,27 @@ def _samples_cache(parts: dict | None, config: FilterConfig, aggregation: dict, 
     return samples_record(parts, config.aggregation, aggregation, estimate, summary["samples"])
 
 
-def _run_shard_order(inputs: tuple[str, ...]) -> list[str]:
+def _input_runs(inputs: tuple[str, ...]) -> list[tuple[str, dict]]:
+    """The inputs that are run directories, with their run.json records."""
+    return [(item, run_record(run_path(item) / RUN_FILE)) for item in inputs if (run_path(item) / RUN_FILE).is_file()]
+
+
+def _run_shard_order(runs: list[tuple[str, dict]]) -> list[str]:
     """The shard order of the runs' run.json files, so curated shards follow the original order."""
-    order: list[str] = []
-    for item in inputs:
-        run_file = run_path(item) / RUN_FILE
-        if run_file.is_file():
-            order.extend(json.loads(run_file.read_text()).get("shards", []))
-    return list(dict.fromkeys(order))
+    return list(dict.fromkeys(shard for _, info in runs for shard in info.get("shards", [])))
+
+
+POOLABLE = ("shards", "device_type")  # what may differ between the score runs of one filter
+
+
+def _check_comparable(runs: list[tuple[str, dict]]) -> None:
+    """Runs filtered together are judged by one set of per-epoch votes (and one calibration): their
+    scores must come from the same settings — task, models, trajectory, anchors; only shards may differ."""
+    scored = [(item, {key: value for key, value in (info.get("fingerprint") or {}).items() if key not in POOLABLE})
+              for item, info in runs if info.get("command") == "score"]
+    for item, fingerprint in scored[1:]:
+        first_item, first = scored[0]
+        differs = sorted(key for key in set(first) | set(fingerprint) if first.get(key) != fingerprint.get(key))
+        if differs:
+            raise MimicfilterError(f"{first_item} and {item} were scored with different settings ({', '.join(differs)}): "
+                                   "one set of votes cannot judge both", hint="filter each run on its own")

@@ -12,6 +12,7 @@ import numpy as np
 import pyarrow.parquet as pq
 
 from mimicfilter.curate.datacomp import UID_DTYPE, save_uid_array
+from mimicfilter.curate.duck import sql_identifier
 from mimicfilter.curate.reshard import index_file_name, write_curated_shards
 from mimicfilter.errors import MimicfilterError
 from mimicfilter.store.atomic import atomic_path
@@ -25,7 +26,7 @@ def _manifest_columns(connection) -> str:
     columns = [row[0] for row in connection.execute("DESCRIBE decisions").fetchall()]
     leading = ["shard", "key", "uid", "kept", "reason"]
     rest = [column for column in columns if column not in leading and column != "vote_pattern"]
-    return ", ".join(f'"{column}"' for column in leading + rest)
+    return ", ".join(sql_identifier(column) for column in leading + rest)
 
 
 def write_manifest(connection, path: Path, run_id: str, metadata: dict[bytes, bytes] | None = None) -> None:

@@ -52,6 +52,19 @@ class Rule:
         return f"{self.kind} {self.column}={value:g}" if self.kind != "top-k" else f"top-k {self.column}={value}"
 
 
+def _one_expression(text: str) -> str:
+    """``text`` if DuckDB parses it as exactly one expression: the rule is pasted into the filter's SQL,
+    where a stray parenthesis or quote could otherwise end the expression and rewrite the query around it
+    (keep samples whose status is not ok, say)."""
+    try:
+        duckdb.SQLExpression(text)
+    except duckdb.Error as error:
+        message = " ".join(str(error).split())
+        raise MimicfilterError(f"--where {text!r} is not one SQL expression: {message[:200]}",
+                               hint="e.g. --where 'clip_score > 0.25 AND mimic_score > 0'") from error
+    return text
+
+
 def parse_rule(kind: str, argument: str | None = None) -> Rule:
     """``parse_rule("top-frac", "clip_score=0.3")``; one-line errors naming the rule."""
     if kind == "keep-votes":
@@ -59,7 +72,7 @@ def parse_rule(kind: str, argument: str | None = None) -> Rule:
     if kind == "where":
         if not argument or not argument.strip():
             raise MimicfilterError("--where needs an SQL expression", hint="e.g. --where 'clip_score > 0.25'")
-        return Rule(kind, expression=argument.strip())
+        return Rule(kind, expression=_one_expression(argument.strip()))
     if kind not in VALUE_KINDS:
         raise MimicfilterError(f"unknown rule {kind!r}", hint=f"one of {', '.join(KINDS)}")
     if not argument or "=" not in argument:
@@ -113,7 +126,7 @@ def _compile(rules: list[Rule], prefix: str, table: str, excluded: str | None) -
         elif rule.kind == "calibrated":  # expression: ">=" (higher is cleaner) or "<="
             predicates.append(f"coalesce({column} {rule.expression} {_sql_literal(rule.value)}, false)")
         elif rule.kind == "where":
-            predicates.append(f"coalesce(({rule.expression}), false)")
+            predicates.append(f"coalesce((\n{rule.expression}\n), false)")  # newlines: a trailing -- comment ends
         else:
             rank, eligible = f"{prefix}_rank_{index}", f"(status = 'ok' AND {column} IS NOT NULL"
             eligible += f" AND ({excluded}) IS NULL)" if excluded else ")"

@@ -212,6 +212,9 @@ def run_dedup(config: DedupConfig, echo: Callable[[str], None] | None = None) ->
     stats = run.stats(shared | edge_counts(out, inputs.units, config.max_epsilon, DEFAULT_EPSILON) |
                       {"dedup_on": config.dedup_on, "max_epsilon": config.max_epsilon, "caption_factor": config.caption_factor,
                        "seconds_by_step": seconds, "search_seconds": round(time.time() - started, 3)})
+    if not stats["samples"]:  # nothing was searched: "no duplicates" would be read as a finding
+        raise MimicfilterError("no sample of the inputs has a usable embedding (null, zero, not finite, or too large "
+                               "for float16)", hint="check the embeddings the run reads")
     run.finish(stats)
     remove_buckets(out)
     return stats

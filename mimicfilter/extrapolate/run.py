@@ -52,7 +52,7 @@ from mimicfilter.mimic.device import resolve_device
 from mimicfilter.store.parts import part_paths, table_stats
 from mimicfilter.store.guard import Inputs as GuardedInputs, Output, guard_outputs
 from mimicfilter.store.paths import RUN_FILE, part_path
-from mimicfilter.store.rundir import RunDirectory, write_rank_stats
+from mimicfilter.store.rundir import RunDirectory, run_record, write_rank_stats
 from mimicfilter.store.schema import EXTRAPOLATED_COLUMN
 
 
@@ -90,6 +90,10 @@ def _run_units(source: Source) -> list[Unit]:
 
 def open_inputs(config: ExtrapolateConfig, scored: Scored | None = None) -> tuple[Inputs, Scored]:
     scored_source = open_run(Path(config.scored), "--scored run")
+    if scored_source.info.get("command") != "score":
+        raise MimicfilterError(f"--scored {config.scored} was written by `mimicfilter "
+                               f"{scored_source.info.get('command')}`: only measured scores can be extrapolated",
+                               hint="pass the `mimicfilter score --out` directory")
     embedding_sources = [open_run(Path(path), "--embeddings run") for path in config.embeddings]
     files: list[ExternalFile] = []
     if config.features_from is not None:
@@ -213,7 +217,7 @@ def run_extrapolate(config: ExtrapolateConfig, observer: Callable[[int], None] |
     say(f"scored run: {scored.table.num_rows} samples; {len(inputs.units)} units of work")
     fingerprint = _fingerprint(config, inputs, device)
     run_file = Path(config.out_dir) / RUN_FILE
-    if run_file.is_file() and not config.overwrite and json.loads(run_file.read_text()).get("fingerprint") != fingerprint:
+    if run_file.is_file() and not config.overwrite and run_record(run_file).get("fingerprint") != fingerprint:
         run.open(fingerprint, {}, overwrite=False)  # refuses, naming what differs, before any fitting
     settings = SearchSettings(config.index, inputs.query_count, config.recall_target, str(device), config.seed,
                               config.block_size, observer)

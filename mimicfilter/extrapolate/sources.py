@@ -3,7 +3,6 @@ per-sample SQL), its embeddings, and the embeddings runs of the samples to extra
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -19,6 +18,7 @@ from mimicfilter.extrapolate.features import unit_rows
 from mimicfilter.extrapolate.overlap import SortedIds
 from mimicfilter.store.parts import part_paths
 from mimicfilter.store.paths import RUN_FILE, SUCCESS_FILE
+from mimicfilter.store.rundir import run_record
 from mimicfilter.store.schema import EMBEDDING_COLUMN, PAIR_COLUMNS
 
 
@@ -41,7 +41,7 @@ def open_run(path: Path, role: str) -> Source:
     if not (path / SUCCESS_FILE).exists():
         raise MimicfilterError(f"{role} {path} has not finished (no _SUCCESS)",
                                hint="re-run the command that made it to complete it")
-    info = json.loads((path / RUN_FILE).read_text())
+    info = run_record(path / RUN_FILE)
     return Source(path, info, info.get("embedding"))
 
 

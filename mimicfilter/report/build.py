@@ -54,7 +54,7 @@ from mimicfilter.shards.discover import shard_locator
 from mimicfilter.store.atomic import atomic_write_bytes, atomic_write_json
 from mimicfilter.store.guard import Inputs, Output, guard_outputs
 from mimicfilter.store.paths import SUCCESS_FILE, is_remote
-from mimicfilter.store.rundir import read_run_info, unfinished_run
+from mimicfilter.store.rundir import epochs_missing, read_run_info, unfinished_run
 from mimicfilter.store.scratch import scratch_directory
 from mimicfilter.store.swap import is_temp_name, replaced_directory
 
@@ -134,6 +134,9 @@ def build_report(config: ReportConfig) -> dict[str, Any]:
         summary = _write_report(config, info, files, staging)
         if unfinished:
             summary["warnings"].append(f"{unfinished}: the report covers what it holds so far")
+        epochs = {int(epoch) for epoch in (summary.get("aggregation") or {}).get("thresholds", {})}
+        if missing := epochs_missing(config.run_dir, epochs):
+            summary["warnings"].append(missing)
         atomic_write_bytes(staging / "index.html", render_html(summary, info).encode())
         atomic_write_json(staging / "report.json", summary)
         atomic_write_bytes(staging / SUCCESS_FILE, f"{summary['run_id']}\n".encode())

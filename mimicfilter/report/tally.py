@@ -59,6 +59,7 @@ def decisions(connection, aggregation_config: AggregateConfig, filter_manifest: 
     A manifest whose per-sample table may be reused (curate/samples_cache.py) *is* ``samples``: a
     view over the file, read where needed, nothing aggregated again.
     """
+    columns = _manifest_columns(connection, str(filter_manifest)) if filter_manifest is not None else set()
     if filter_manifest is not None and reuse is not None and reuse.usable:
         connection.execute("CREATE OR REPLACE VIEW samples AS SELECT * REPLACE (coalesce(kept, false) AND status = 'ok' "
                            f"AS kept) FROM read_parquet({sql_string(str(filter_manifest))})")
@@ -80,15 +81,14 @@ def decisions(connection, aggregation_config: AggregateConfig, filter_manifest: 
         return {"name": name, "aggregation": aggregation, "thresholds": aggregation["thresholds"],
                 "keep": ["keep-votes"], "drop": [], "calibration": cut}
     manifest = str(filter_manifest)
-    try:
-        columns = {row[0] for row in connection.execute(f"DESCRIBE SELECT * FROM read_parquet({sql_string(manifest)})").fetchall()}
-    except Exception as error:  # duckdb raises several types for unreadable files
-        raise MimicfilterError(f"cannot read --filter-manifest {manifest}: {' '.join(str(error).split())[:200]}") from error
-    if not {"shard", "key", "kept"} <= columns:
-        raise MimicfilterError(f"--filter-manifest {manifest} is not a filter manifest (needs shard, key, kept)")
     stated = "m.reason" if "reason" in columns else f"CASE WHEN m.kept THEN {sql_string(KEPT_REASON)} ELSE 'dropped' END"
     # a sample is (shard, index); manifests written before the index column existed join on the key
     identity = ("index",) if "index" in columns else ("key",)
+    repeated = connection.execute(f"SELECT count(*) - count(DISTINCT (shard, \"{identity[0]}\")) "
+                                  f"FROM read_parquet({sql_string(manifest)})").fetchone()[0]
+    if repeated:  # each would count its sample twice
+        raise MimicfilterError(f"--filter-manifest {manifest} names {repeated} sample(s) more than once",
+                               hint="pass the manifest.parquet that filter wrote")
     condition = " AND ".join(f's."{name}" = m."{name}"' for name in ("shard", *identity))
     connection.execute(
         f"CREATE OR REPLACE TABLE samples AS SELECT s.*, coalesce(m.kept, false) AND s.status = 'ok' AS kept, "
@@ -105,24 +105,45 @@ def decisions(connection, aggregation_config: AggregateConfig, filter_manifest: 
     return _manifest_rule(manifest, aggregation)
 
 
+def _manifest_columns(connection, manifest: str) -> set[str]:
+    """The manifest's columns, once it is known to be one: shard, key and a true/false ``kept``."""
+    try:
+        types = {row[0]: row[1] for row in
+                 connection.execute(f"DESCRIBE SELECT * FROM read_parquet({sql_string(manifest)})").fetchall()}
+    except Exception as error:  # duckdb raises several types for unreadable files
+        raise MimicfilterError(f"cannot read --filter-manifest {manifest}: {' '.join(str(error).split())[:200]}") from error
+    if not {"shard", "key", "kept"} <= set(types) or types["kept"] != "BOOLEAN":
+        raise MimicfilterError(f"--filter-manifest {manifest} is not a filter manifest (needs shard, key and a "
+                               "true/false kept)")
+    return set(types)
+
+
 def _manifest_rule(manifest: str, aggregation: dict) -> dict[str, Any]:
     rules = _manifest_rules(manifest)
     return {"name": _manifest_rule_name(manifest), "aggregation": aggregation, "thresholds": aggregation["thresholds"],
             "keep": rules.get("keep", [f"manifest {manifest}"]), "drop": rules.get("drop", [])}
 
 
+def _filter_summary(manifest: str) -> dict[str, Any] | None:
+    """The ``summary.json`` that ``filter`` wrote next to the manifest; None without one (or an unreadable one)."""
+    summary_file = Path(manifest).with_name("summary.json")
+    try:
+        summary = json.loads(summary_file.read_text()) if summary_file.is_file() else None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return None
+    return summary if isinstance(summary, dict) else None
+
+
 def _manifest_rules(manifest: str) -> dict[str, Any]:
     """The filter's rules from its ``summary.json``; none known (a rule that may fix the kept share) without one."""
-    summary_file = Path(manifest).with_name("summary.json")
-    return json.loads(summary_file.read_text()).get("rules", {}) if summary_file.is_file() else {}
+    return (_filter_summary(manifest) or {}).get("rules", {})
 
 
 def _manifest_rule_name(manifest: str) -> str:
     """The rule in full, from the ``summary.json`` that ``filter`` wrote next to the manifest."""
-    summary_file = Path(manifest).with_name("summary.json")
-    if not summary_file.is_file():
+    filter_summary = _filter_summary(manifest)
+    if filter_summary is None:
         return f"manifest {manifest}"
-    filter_summary = json.loads(summary_file.read_text())
     rules, votes = filter_summary.get("rules", {}), filter_summary.get("aggregation", {})
     keep = [
         f"{rule} ({votes['binarize']} per epoch, {votes['combine_votes']} over epochs)"

@@ -129,8 +129,10 @@ def prepare_run_dir(
     if run_file.exists():
         try:
             earlier = json.loads(run_file.read_text())
-        except (OSError, json.JSONDecodeError) as error:
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
             raise MimicfilterError(f"cannot read {run_file}: {error}", hint="use --overwrite to start afresh") from error
+        if not isinstance(earlier, dict):
+            raise MimicfilterError(f"cannot read {run_file}: not a run record", hint="use --overwrite to start afresh")
         same = earlier.get("fingerprint") == normalised
         if same and not overwrite:
             resuming = True
@@ -207,8 +209,8 @@ def unfinished_run(run_dir: RunPath | str) -> str | None:
     if (path / SUCCESS_FILE).exists() or not (path / RUN_FILE).exists():
         return None
     try:
-        info = json.loads((path / RUN_FILE).read_text())
-    except (OSError, json.JSONDecodeError):
+        info = run_record(path / RUN_FILE)
+    except (OSError, MimicfilterError):
         info = {}
     parts = [part.name for part in part_paths(path)]
     train = info.get("train") or {}
@@ -224,8 +226,41 @@ def unfinished_run(run_dir: RunPath | str) -> str | None:
     return f"{run_dir} is unfinished (no {SUCCESS_FILE}; {held})"
 
 
+def epochs_missing(run_dir: RunPath | str, present: set[int]) -> str | None:
+    """For a finished trajectory run: the epochs its run.json promises that no score row holds
+    (``present``: the epochs a reader found), as a warning; None when every one is there. A part
+    removed or emptied after the run finished would otherwise read as a run of fewer epochs."""
+    path = run_path(run_dir)
+    if not (path / SUCCESS_FILE).exists() or not (path / RUN_FILE).exists():
+        return None  # unfinished runs are reported as such
+    try:
+        train = run_record(path / RUN_FILE).get("train") or {}
+    except (OSError, MimicfilterError):
+        return None
+    if train.get("mode", "none") == "none" or not isinstance(train.get("epochs"), int):
+        return None
+    missing = sorted(set(range(train["epochs"])) - present)
+    if not missing:
+        return None
+    return (f"{run_dir} finished {train['epochs']} epochs, but its score parts hold no row of epoch "
+            f"{', '.join(map(str, missing))} (0-based): a part was removed or emptied; the votes read the other epochs")
+
+
 def read_run_info(run_dir: RunPath | str) -> dict[str, Any]:
     run_file = run_path(run_dir) / RUN_FILE
     if not run_file.is_file():
         raise MimicfilterError(f"{run_dir} is not a mimicfilter run directory (no run.json)", hint="pass a `score --out` dir")
-    return json.loads(run_file.read_text())
+    return run_record(run_file)
+
+
+def run_record(run_file: RunPath) -> dict[str, Any]:
+    """A run.json's record; a file cut short or edited into something else is a one-line error."""
+    try:
+        info = json.loads(run_file.read_text())
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise MimicfilterError(f"cannot read {run_file}: {error}",
+                               hint="re-run the command that wrote it, or restore the file") from error
+    if not isinstance(info, dict):
+        raise MimicfilterError(f"cannot read {run_file}: not a run record (a JSON {type(info).__name__})",
+                               hint="re-run the command that wrote it, or restore the file")
+    return info
