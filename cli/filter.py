@@ -39,7 +39,8 @@ def _print_summary(summary: dict, dry_run: bool) -> None:
         table.add_row(name, value)
     cut = summary.get("calibration", {}).get("cut") or {}
     if cut.get("rule"):
-        table.add_row("calibrated cut (estimated)", f"keeps {cut['kept']:.1%}: precision {cut['precision']:.1%}, "
+        precision = "–" if cut["precision"] is None else f"{cut['precision']:.1%}"
+        table.add_row("calibrated cut (estimated)", f"keeps {cut['kept']:.1%}: precision {precision}, "
                       f"recall {cut['recall']:.1%}")
     for reason, count in summary["reasons"].items():
         table.add_row(f"  {reason}", str(count))

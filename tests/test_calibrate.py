@@ -9,6 +9,7 @@ import pytest
 from click.testing import CliRunner
 from helpers import image_text_samples, score_row, write_score_run, write_tar
 
+from mimicfilter.curate import calibrate
 from mimicfilter.curate.datacomp import read_datacomp_npy
 from mimicfilter.curate.mixture import (best_bin, clean_share, tail_curve, threshold_for_precision,
                                        threshold_for_recall, two_component)
@@ -165,6 +166,15 @@ def test_targets_choose_the_cut(tmp_path):
     assert invoke("filter", run, "--dry-run", "--target-precision", "1.5").exit_code == 2
     assert "choose the calibrated cut" in invoke("filter", run, "--dry-run", "--target-recall", "0.9",
                                                   "--top-frac", "clip_score=0.5").stderr
+
+
+def test_a_cut_that_keeps_nothing_has_no_precision():
+    """Not "precision 100 %" of an empty set (a --target-recall below what the trusted sample can measure)."""
+    from types import SimpleNamespace
+
+    data = calibrate.Anchored(np.arange(10.0), np.arange(20.0), np.zeros(20), calibrate.Signal("clip_score"), {})
+    expected = calibrate._expected(data, SimpleNamespace(value=0.7), data.signal, 50.0)
+    assert expected["kept"] == 0 and expected["precision"] is None
 
 
 def test_anchors_never_reach_a_count_or_an_output(tmp_path):

@@ -115,6 +115,28 @@ def test_parquet_embeddings_and_scored_samples_without_one(pool, subset_run, res
     assert len(lacking) == 1 and lacking[0]["mimic_score"] is not None  # kept with its true score
 
 
+def test_a_features_row_without_its_id_is_a_status_row_not_a_score(pool, subset_run, rest_embeddings, tmp_path):
+    """Such a row names no sample: it gets a row with a status and an error, and no score to keep."""
+    vectors = pool_vectors(subset_run, rest_embeddings)
+    folder = tmp_path / "parquet"
+    folder.mkdir()
+    uids = list(vectors)
+    scored = {row["uid"] for row in read_scores(subset_run, columns=["uid"]).to_pylist()}
+    unscored = next(uid for uid in uids if uid not in scored)
+    ids = [None if uid == unscored else uid for uid in uids]
+    pq.write_table(pa.table({"uid": pa.array(ids, pa.string()), "vec": [vectors[uid]["embedding"] for uid in uids]}),
+                   folder / "embeddings.parquet")
+    out = tmp_path / "out"
+    result = CliRunner().invoke(cli, [str(a) for a in ["extrapolate", "--scored", subset_run, "--features-from", folder,
+                                                       "--embedding-column", "vec", "--k", "1,2", "--out", out]])
+    assert result.exit_code == 0, result.output
+    rows = read_scores(out, columns=["uid", "status", "error", "mimic_score", "extrapolated"]).to_pylist()
+    nameless = [row for row in rows if row["uid"] is None]
+    assert len(nameless) == 1 and nameless[0]["status"] == "decode_error" and nameless[0]["mimic_score"] is None
+    assert nameless[0]["error"] == "no uid in embeddings.parquet"
+    assert unscored not in {row["uid"] for row in rows}
+
+
 def error_of(*args):
     result = CliRunner().invoke(cli, ["extrapolate", *map(str, args)])
     assert result.exit_code == 2, result.output

@@ -249,7 +249,7 @@ def _expected(data: Anchored, calibration: Calibration, signal: Signal, threshol
     kept = float(np.mean(pool >= oriented))
     recall = float(np.mean(trusted >= oriented))
     return {"threshold": threshold, "kept": round(kept, 6), "recall": round(recall, 6),
-            "precision": round(min(1.0, calibration.value * recall / kept) if kept else 1.0, 6)}
+            "precision": round(min(1.0, calibration.value * recall / kept), 6) if kept else None}  # none kept: none
 
 
 def calibrated_cut(connection, epochs: list[int], target_precision: float | None = None,

@@ -37,6 +37,7 @@ ID_COLUMNS = ("uid", "key")
 NPZ_DEFAULTS = (("l14_img", "l14_txt"), ("b32_img", "b32_txt"))
 PARQUET_DEFAULTS = ("embedding", "text_embedding")
 NO_EMBEDDING = "missing_image"  # the status of a row whose embedding is null, zero or not finite
+NO_ID = "decode_error"  # the status of a row without its id (the sample it stands for cannot be told)
 
 
 @dataclass(frozen=True)
@@ -276,13 +277,18 @@ def read_file(file: ExternalFile, columns: tuple[str, ...], id_column: str, dim:
     uid = table.column("uid").combine_chunks().cast(pa.string()) if "uid" in table.column_names else pa.nulls(count, pa.string())
     label = table.column("label").combine_chunks().cast(pa.int32()) if "label" in table.column_names else pa.nulls(count, pa.int32())
     why = f"no usable embedding in {Path(file.path).name} (null, zero or not finite)"
+    # a row without its id names no sample: a status row, never a score nobody can match
+    named = ids.is_valid().to_numpy(zero_copy_only=False)
+    unnamed = f"no {id_column} in {Path(file.path).name}"
+    usable = usable & named
     identity = pa.table({
         "shard": pa.array([file.path] * count, pa.string()),
         "key": pc.if_else(key.is_valid(), key, pa.scalar("", pa.string())),
         "uid": uid,
         "index": pa.array(np.arange(count, dtype=np.int32)),
-        "status": pa.array(np.where(usable, "ok", NO_EMBEDDING).tolist(), pa.string()),
-        "error": pa.array([None if ok else why for ok in usable.tolist()], pa.string()),
+        "status": pa.array(np.where(usable, "ok", np.where(named, NO_EMBEDDING, NO_ID)).tolist(), pa.string()),
+        "error": pa.array([None if ok else why if has_id else unnamed for ok, has_id in zip(usable.tolist(), named.tolist())],
+                          pa.string()),
         "label": label,
     })
     return ExternalRows(identity, ids, vectors, usable)
