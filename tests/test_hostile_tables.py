@@ -156,3 +156,20 @@ def test_an_empty_features_file_is_one_line_for_extrapolate_and_dedup(tmp_path, 
 def test_a_negative_seed_is_a_usage_error(tmp_path, command):
     result = invoke(*command, "--seed", "-1")
     assert result.exit_code == 2 and "--seed" in result.stderr and "Traceback" not in result.output
+
+
+def test_a_manifest_of_another_run_is_refused_and_a_stale_one_is_said_on_the_page(tmp_path):
+    (tmp_path / "a").mkdir(), (tmp_path / "b").mkdir()
+    run, other = image_text_run(tmp_path / "a", epochs=2)[0], image_text_run(tmp_path / "b", epochs=2)[0]
+    assert invoke("filter", other, "--out", tmp_path / "other", "--top-frac", "mimic_score=0.1").exit_code == 0
+    refused = one_line_error(invoke("report", run, "--filter-manifest", tmp_path / "other" / "manifest.parquet",
+                                    "--out", tmp_path / "r1"))
+    assert "was written by a filter over" in refused and not (tmp_path / "r1").exists()
+    assert invoke("filter", run, "--out", tmp_path / "mine").exit_code == 0
+    part = next((run / "scores").glob("*.parquet"))
+    pq.write_table(pq.read_table(part), part)  # the run's parts change after the filter read them
+    result = invoke("report", run, "--filter-manifest", tmp_path / "mine" / "manifest.parquet", "--out", tmp_path / "r2")
+    assert result.exit_code == 0, result.output
+    stale = "was made from other score parts than"
+    assert stale in result.stderr
+    assert any(stale in line for line in json.loads((tmp_path / "r2" / "report.json").read_text())["warnings"])

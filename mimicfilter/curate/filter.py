@@ -175,6 +175,8 @@ def _summary(connection, config: FilterConfig, keep: tuple[Rule, ...], aggregati
     ).fetchone()
     return {
         "inputs": list(config.inputs),
+        # where they lie, whatever the directory filter ran in: report --filter-manifest checks its run is one
+        "resolved_inputs": [os.path.realpath(item) for item in config.inputs if not is_remote_url(item)],
         "argv": list(config.argv),
         "rules": {
             "keep": [rule.text for rule in keep],

@@ -94,6 +94,7 @@ class Reuse:
     estimate: QualityEstimate | None = None
     reason: str | None = None  # why not, when not
     file_state: tuple[int, int, int] | None = None  # the manifest's inode, size and mtime when checked
+    stale: bool = False  # the manifest was made from other score parts: its decisions are not of these scores
 
     @property
     def usable(self) -> bool:
@@ -131,8 +132,8 @@ def check_reuse(manifest: str | Path, files: Sequence[str], config: AggregateCon
     """Read the manifest's record and compare it with the run's parts and the options given now."""
     manifest = str(manifest)
 
-    def refused(why: str) -> Reuse:
-        return Reuse(manifest, reason=why)
+    def refused(why: str, stale: bool = False) -> Reuse:
+        return Reuse(manifest, reason=why, stale=stale)
 
     state = _file_state(manifest)
     try:
@@ -151,7 +152,7 @@ def check_reuse(manifest: str | Path, files: Sequence[str], config: AggregateCon
             return refused("the score parts are remote (their modification times are not compared)")
         if record["parts"] != parts:
             return refused(f"the score parts changed since the filter read them ({record['parts']['count']} parts "
-                           f"then, {parts['count']} now; names, sizes or modification times differ)")
+                           f"then, {parts['count']} now; names, sizes or modification times differ)", stale=True)
         if record["options"] != _options(config):
             then, now = (", ".join(f"{name} {value}" for name, value in sorted(options.items()))
                          for options in (record["options"], _options(config)))

@@ -49,7 +49,8 @@ from mimicfilter.report.plots import (
 from mimicfilter.report.samples import Sampled, draw_samples, sheet_entries
 from mimicfilter.report.sheets import contact_sheets, decode_config_of_run
 from mimicfilter.report.sheets import THUMBNAIL_DIR
-from mimicfilter.report.tally import decisions, drop_reasons, funnel, shard_quality, status_counts
+from mimicfilter.report.tally import (check_manifest_inputs, decisions, drop_reasons, funnel, shard_quality,
+                                      status_counts)
 from mimicfilter.shards.discover import shard_locator
 from mimicfilter.store.atomic import atomic_write_bytes, atomic_write_json
 from mimicfilter.store.guard import Inputs, Output, guard_outputs
@@ -127,6 +128,8 @@ def build_report(config: ReportConfig) -> dict[str, Any]:
     if unfinished and config.strict:
         raise MimicfilterError(unfinished, hint="wait for the run to finish (or resume it), or drop --strict")
     files = score_files([str(config.run_dir)])
+    if config.filter_manifest is not None:
+        check_manifest_inputs(config.filter_manifest, config.run_dir)
     out = guard_outputs([Output("--out", config.out_dir, directory=True, whole=True)], Inputs.of(
         runs=[config.run_dir], score_table=files, filter_manifest=config.filter_manifest,
         shard=info.get("shards") or []))["--out"].path
@@ -220,5 +223,8 @@ def _write_report(config: ReportConfig, info: dict[str, Any], files: list[str], 
         "epochs": info.get("train", {}).get("epochs", 1),
         "images": images,
         "per_sample_table": reuse.as_dict() if reuse else {"from": "score parts"},
-        "warnings": anchor_warnings + list(estimate.warnings),
+        "warnings": anchor_warnings + list(estimate.warnings) + ([
+            f"--filter-manifest {config.filter_manifest} was made from other score parts than {config.run_dir} holds "
+            "now: the kept set is that filter's decisions, not a filter of these scores (run filter again)"]
+            if reuse is not None and reuse.stale else []),
     }
