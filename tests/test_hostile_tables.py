@@ -173,3 +173,19 @@ def test_a_manifest_of_another_run_is_refused_and_a_stale_one_is_said_on_the_pag
     stale = "was made from other score parts than"
     assert stale in result.stderr
     assert any(stale in line for line in json.loads((tmp_path / "r2" / "report.json").read_text())["warnings"])
+
+
+def test_outputs_another_run_is_writing_are_refused_and_no_lock_file_stays(tmp_path, run):
+    """Two filters writing the same --out and --write-shards at once could publish one's manifest
+    beside the other's shards; the second is refused while the first holds them."""
+    from mimicfilter.store.swap import sole_writer
+
+    out, shards = tmp_path / "out", tmp_path / "curated"
+    assert invoke("filter", run, "--out", out).exit_code == 0
+    before = {path.name: path.read_bytes() for path in out.iterdir()}
+    with sole_writer([(shards, "--write-shards")]):  # another run is writing the curated shards
+        result = invoke("filter", run, "--out", out, "--write-shards", shards, "--top-frac", "mimic_score=0.5")
+        assert "is being written by another mimicfilter run now" in one_line_error(result, code=1)
+    assert {path.name: path.read_bytes() for path in out.iterdir()} == before and not shards.exists()
+    assert invoke("filter", run, "--out", out, "--write-shards", shards).exit_code == 0
+    assert not [path.name for path in tmp_path.iterdir() if path.name.endswith(".lock")]

@@ -25,7 +25,7 @@ from mimicfilter.curate.outputs import is_curated_name, write_datacomp, write_ke
 from mimicfilter.store.atomic import atomic_write_bytes, atomic_write_json
 from mimicfilter.store.guard import Target
 from mimicfilter.store.paths import SUCCESS_FILE
-from mimicfilter.store.swap import is_temp_name, replaced_directory
+from mimicfilter.store.swap import is_temp_name, replaced_directory, sole_writer
 
 MANIFEST, SUMMARY = "manifest.parquet", "summary.json"
 
@@ -78,38 +78,40 @@ def publish(connection, *, out: Path, keys: Target | str | None, datacomp_npy: T
     inside = {name: _inside(path, out) for name, path in
               (("keys", keys_file), ("datacomp_npy", npy_file), ("curated_shards", shards_dir))}
     requested = [path for path in inside.values() if path is not None]
-    outputs = {"manifest": str(out / MANIFEST)}
-    if shards_dir is not None and inside["curated_shards"] is None:
-        with replaced_directory(shards_dir, is_curated_name, "--write-shards") as staging:
-            summary["curated_shards"] = write_shards(connection, shard_order, staging, shards_dir, maxcount, locate)
-    with replaced_directory(out, _owned_by_filter(out, requested), "--out") as staging:
-        def place(name: str, path: Path) -> Path:
-            return staging / inside[name] if inside[name] is not None else path
+    outside = shards_dir is not None and inside["curated_shards"] is None
+    with sole_writer([(out, "--out")] + ([(shards_dir, "--write-shards")] if outside else [])):
+        outputs = {"manifest": str(out / MANIFEST)}
+        if outside:
+            with replaced_directory(shards_dir, is_curated_name, "--write-shards") as staging:
+                summary["curated_shards"] = write_shards(connection, shard_order, staging, shards_dir, maxcount, locate)
+        with replaced_directory(out, _owned_by_filter(out, requested), "--out") as staging:
+            def place(name: str, path: Path) -> Path:
+                return staging / inside[name] if inside[name] is not None else path
 
-        write_manifest(connection, staging / MANIFEST, run_id, manifest_metadata)
-        if shards_dir is not None and inside["curated_shards"] is not None:
-            summary["curated_shards"] = write_shards(connection, shard_order, place("curated_shards", shards_dir),
-                                                     shards_dir, maxcount, locate)
-        if npy_file is not None:
-            summary["datacomp_uids"] = write_datacomp(connection, place("datacomp_npy", npy_file))
-        if keys_file is not None:
-            summary["keys_written"] = write_keys(connection, shard_order, place("keys", keys_file), None).lines
-        # streams last: nothing but summary.json and _SUCCESS is written after them
-        if datacomp_npy is not None and datacomp_npy.stream:
-            summary["datacomp_uids"] = write_datacomp(connection, datacomp_npy.path, stream=True)
-        if keys is not None and keys_file is None:
-            written = write_keys(connection, shard_order, None if keys == "-" else keys.path, stdout, stream=True)
-            summary["keys_written"] = written.lines
-            if written.reader_closed:
-                summary["keys_reader_closed"] = True  # `| head`: the other outputs are complete all the same
-        if keys is not None:
-            outputs["keys"] = keys if keys == "-" else str(keys.path)
-        if datacomp_npy is not None:
-            outputs["datacomp_npy"] = str(datacomp_npy.path)
-        if shards_dir is not None:
-            outputs["curated_shards"] = str(shards_dir)
-        summary["outputs"] = outputs
-        summary["files"] = sorted({entry.name for entry in staging.iterdir()} | {SUMMARY, SUCCESS_FILE})
-        atomic_write_json(staging / SUMMARY, summary)
-        atomic_write_bytes(staging / SUCCESS_FILE, f"{run_id}\n".encode())
-    return summary
+            write_manifest(connection, staging / MANIFEST, run_id, manifest_metadata)
+            if shards_dir is not None and inside["curated_shards"] is not None:
+                summary["curated_shards"] = write_shards(connection, shard_order, place("curated_shards", shards_dir),
+                                                         shards_dir, maxcount, locate)
+            if npy_file is not None:
+                summary["datacomp_uids"] = write_datacomp(connection, place("datacomp_npy", npy_file))
+            if keys_file is not None:
+                summary["keys_written"] = write_keys(connection, shard_order, place("keys", keys_file), None).lines
+            # streams last: nothing but summary.json and _SUCCESS is written after them
+            if datacomp_npy is not None and datacomp_npy.stream:
+                summary["datacomp_uids"] = write_datacomp(connection, datacomp_npy.path, stream=True)
+            if keys is not None and keys_file is None:
+                written = write_keys(connection, shard_order, None if keys == "-" else keys.path, stdout, stream=True)
+                summary["keys_written"] = written.lines
+                if written.reader_closed:
+                    summary["keys_reader_closed"] = True  # `| head`: the other outputs are complete all the same
+            if keys is not None:
+                outputs["keys"] = keys if keys == "-" else str(keys.path)
+            if datacomp_npy is not None:
+                outputs["datacomp_npy"] = str(datacomp_npy.path)
+            if shards_dir is not None:
+                outputs["curated_shards"] = str(shards_dir)
+            summary["outputs"] = outputs
+            summary["files"] = sorted({entry.name for entry in staging.iterdir()} | {SUMMARY, SUCCESS_FILE})
+            atomic_write_json(staging / SUMMARY, summary)
+            atomic_write_bytes(staging / SUCCESS_FILE, f"{run_id}\n".encode())
+        return summary

@@ -57,7 +57,7 @@ from mimicfilter.store.guard import Inputs, Output, guard_outputs
 from mimicfilter.store.paths import SUCCESS_FILE, is_remote
 from mimicfilter.store.rundir import epochs_missing, read_run_info, unfinished_run
 from mimicfilter.store.scratch import scratch_directory
-from mimicfilter.store.swap import is_temp_name, replaced_directory
+from mimicfilter.store.swap import is_temp_name, replaced_directory, sole_writer
 
 # What a report directory holds (plus the images its report.json names): a new report may replace it.
 REPORT_FILES = {"index.html", "report.json", SUCCESS_FILE, THUMBNAIL_DIR, "scores.png", "weights.png",
@@ -133,7 +133,7 @@ def build_report(config: ReportConfig) -> dict[str, Any]:
     out = guard_outputs([Output("--out", config.out_dir, directory=True, whole=True)], Inputs.of(
         runs=[config.run_dir], score_table=files, filter_manifest=config.filter_manifest,
         shard=info.get("shards") or []))["--out"].path
-    with replaced_directory(out, _owned_by_report(out), "--out") as staging:
+    with sole_writer([(out, "--out")]), replaced_directory(out, _owned_by_report(out), "--out") as staging:
         summary = _write_report(config, info, files, staging)
         if unfinished:
             summary["warnings"].append(f"{unfinished}: the report covers what it holds so far")

@@ -20,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import errno
+import fcntl
 import os
 import re
 import secrets
@@ -139,6 +140,45 @@ def replaced_directory(target: Path, owned: Callable[[str], bool], option: str) 
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
+
+
+@contextlib.contextmanager
+def sole_writer(targets: list[tuple[Path, str]]) -> Iterator[None]:
+    """Hold each target's writer lock (``.{name}.lock`` beside it, ``flock``) for the block: outputs
+    replaced as two units (``filter``'s --out and curated shards outside it) come from one run even
+    when two runs write them at once. A target another process holds is refused (``option`` names it).
+    The lock file is removed while still held; one taken after its removal is taken again."""
+    with contextlib.ExitStack() as held:
+        for target, option in targets:
+            target = Path(os.path.realpath(target))
+            target.parent.mkdir(parents=True, exist_ok=True)
+            held.enter_context(_locked(target.parent / f".{target.name}.lock", f"{option} {target}"))
+        yield
+
+
+@contextlib.contextmanager
+def _locked(lock: Path, what: str) -> Iterator[None]:
+    while True:
+        descriptor = os.open(lock, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o666)
+        try:
+            fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(descriptor)
+            raise MimicfilterError(f"{what} is being written by another mimicfilter run now",
+                                   hint="wait for it to finish, or choose another path", exit_code=1) from None
+        try:
+            current = os.stat(lock, follow_symlinks=False).st_ino
+        except FileNotFoundError:
+            current = None
+        if current == os.fstat(descriptor).st_ino:
+            break
+        os.close(descriptor)  # its holder removed it as we opened it: take the one at the path now
+    try:
+        yield
+    finally:
+        with contextlib.suppress(OSError):
+            os.unlink(lock)
+        os.close(descriptor)
 
 
 def is_temp_name(name: str) -> bool:
