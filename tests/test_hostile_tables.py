@@ -189,3 +189,11 @@ def test_outputs_another_run_is_writing_are_refused_and_no_lock_file_stays(tmp_p
     assert {path.name: path.read_bytes() for path in out.iterdir()} == before and not shards.exists()
     assert invoke("filter", run, "--out", out, "--write-shards", shards).exit_code == 0
     assert not [path.name for path in tmp_path.iterdir() if path.name.endswith(".lock")]
+
+
+def test_an_out_that_links_nowhere_is_one_line(tmp_path, run, tiny_config, reference_checkpoint):
+    (tmp_path / "link").symlink_to(tmp_path / "nowhere")
+    result = invoke("score", tmp_path / "shards", "--model", tiny_config, "--reference", reference_checkpoint,
+                    "--quiet", "--out", tmp_path / "link")
+    assert "is a link to" in one_line_error(result)
+    assert not (tmp_path / "nowhere").exists()

@@ -276,7 +276,7 @@ def read_file(file: ExternalFile, columns: tuple[str, ...], id_column: str, dim:
     key = table.column("key").combine_chunks().cast(pa.string()) if "key" in table.column_names else ids
     uid = table.column("uid").combine_chunks().cast(pa.string()) if "uid" in table.column_names else pa.nulls(count, pa.string())
     label = table.column("label").combine_chunks().cast(pa.int32()) if "label" in table.column_names else pa.nulls(count, pa.int32())
-    why = f"no usable embedding in {Path(file.path).name} (null, zero or not finite)"
+    why = f"no usable embedding in {Path(file.path).name} (null, zero, not finite, or beyond float16's ±65504)"
     # a row without its id names no sample: a status row, never a score nobody can match
     named = ids.is_valid().to_numpy(zero_copy_only=False)
     unnamed = f"no {id_column} in {Path(file.path).name}"

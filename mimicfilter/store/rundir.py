@@ -124,6 +124,9 @@ def prepare_run_dir(
     run_file = run_dir / RUN_FILE
     if run_dir.exists() and not run_dir.is_dir():
         raise MimicfilterError(f"--out {run_dir} exists and is not a directory", hint="choose another --out")
+    if not is_remote(run_dir) and os.path.islink(run_dir) and not os.path.exists(run_dir):
+        raise MimicfilterError(f"--out {run_dir} is a link to {os.readlink(run_dir)}, which does not exist",
+                               hint="create the directory it points to, or choose another --out")
     resuming = False
     normalised = json.loads(json.dumps(fingerprint, default=str))
     if run_file.exists():
