@@ -237,6 +237,34 @@ def test_dedup_refuses_what_it_cannot_use(tmp_path):
     assert result.exit_code == 2 and "--dedup-on pair needs the text side" in result.output
 
 
+def test_embeddings_of_another_model_than_the_runs_are_refused(tmp_path, tiny_config, reference_checkpoint):
+    """--embeddings made with another reference than the run's saved ones: their neighbours are not the
+    run's; refused as extrapolate refuses them."""
+    from helpers import write_random_checkpoint
+
+    shard = write_tar(tmp_path / "pool.tar", image_text_samples(12))
+    run, embedded = tmp_path / "run", tmp_path / "embedded"
+    common = ["--model", str(tiny_config), "--workers", "0", "--quiet"]
+    assert CliRunner().invoke(cli, ["score", str(shard), "--reference", str(reference_checkpoint), "--train", "none",
+                                    "--save-embeddings", *common, "--out", str(run)]).exit_code == 0
+    other = write_random_checkpoint(tmp_path / "other.pt", seed=1)
+    assert CliRunner().invoke(cli, ["embed", str(shard), "--reference", str(other), *common,
+                                    "--out", str(embedded)]).exit_code == 0
+    result = CliRunner().invoke(cli, ["dedup", str(run), "--embeddings", str(embedded), "--out", str(tmp_path / "d")])
+    assert result.exit_code == 2 and "hold embeddings of different models" in result.stderr, result.output
+
+
+def test_inputs_without_one_usable_embedding_are_an_error_not_no_duplicates(tmp_path):
+    run = write_score_run(tmp_path / "run", [score_row("/s.tar", "k", 0, 0, 1.0)], ["/s.tar"])
+    vectors, _, _ = planted(50, 5)
+    with np.errstate(over="ignore"):
+        write_features(tmp_path / "files", vectors * 1e30)  # every row overflows float16
+    result = CliRunner().invoke(cli, ["dedup", str(run), "--features-from", str(tmp_path / "files"),
+                                      "--embedding-column", "image,text", "--out", str(tmp_path / "d")])
+    assert result.exit_code == 2 and "no sample of the inputs has a usable embedding" in result.stderr, result.output
+    assert not (tmp_path / "d" / "_SUCCESS").exists()
+
+
 def test_the_command_line_defaults_are_the_librarys():
     from mimicfilter.dedup import config
     from mimicfilter_cli import dedup

@@ -88,7 +88,10 @@ def open_inputs(config: DedupConfig) -> Inputs:
             raise MimicfilterError(f"{source.path} holds no embeddings",
                                    hint="score with --save-embeddings, embed the shards (`mimicfilter embed`) and pass "
                                    "--embeddings, or pass --features-from FILES")
-    space = check_spaces(sources)
+    run = open_run(Path(config.run), "run") if config.embeddings else None
+    # the run's own embeddings, where it saved them, say its space: --embeddings of another model
+    # would find duplicates among vectors the run's scores never saw
+    space = check_spaces(([run] if run is not None and run.space is not None else []) + sources)
     units = [unit for source in sources for unit in _run_units(source)]
     rows = sum(pq.ParquetFile(unit.path).metadata.num_rows for unit in units)
     return _checked(config, Inputs(units, Reading(sources[0].columns, int(space["dim"])), space, ("shard", "index"), rows))

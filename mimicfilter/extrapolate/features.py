@@ -82,7 +82,11 @@ def unit_rows(vectors: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     rounding are normalised (in float32); zero or non-finite rows are not usable. Every source of
     embeddings goes through here, so the same vectors give the same neighbours whatever the source."""
     vectors = np.asarray(vectors)
-    wide = vectors.astype(np.float32)
+    with np.errstate(all="ignore"):  # rows of inf or NaN are found unusable below, not warned of
+        return _unit_rows(vectors, vectors.astype(np.float32))
+
+
+def _unit_rows(vectors: np.ndarray, wide: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     norms = np.sqrt(np.einsum("...d,...d->...", wide, wide))
     usable = np.isfinite(norms) & (norms > 0)
     if vectors.ndim == 3:
