@@ -8,7 +8,7 @@ from pathlib import Path
 import click
 
 from mimicfilter_cli.common import one_line_errors, run_with_summary
-from mimicfilter_cli.options import external_embedding_options, external_spec_from
+from mimicfilter_cli.options import a_path, external_embedding_options, external_spec_from
 
 # the library's defaults, written out: importing them would load faiss and torch for --help
 MAX_EPSILON, CAPTION_FACTOR, CELL_SIZE, MARGIN = 0.15, 0.02, 2048, 0.02
@@ -48,7 +48,7 @@ def _summary(stats: dict) -> list[str]:
 
 @click.command(name="dedup")
 @click.argument("run")
-@click.option("--out", "out_dir", default=None, help="Where the pairs go [default: RUN/dedup, where filter --dedup looks].")
+@click.option("--out", "out_dir", default=None, callback=a_path, help="Where the pairs go [default: RUN/dedup, where filter --dedup looks].")
 @click.option("--embeddings", "embeddings", multiple=True,
               help="`embed` run(s) of the run's shards, when RUN itself was scored without --save-embeddings (repeatable).")
 @external_embedding_options("Samples are matched to RUN's by --id-column.")

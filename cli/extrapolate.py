@@ -7,7 +7,7 @@ import sys
 import click
 
 from mimicfilter_cli.common import one_line_errors, run_with_summary
-from mimicfilter_cli.options import external_embedding_options, external_spec_from, group
+from mimicfilter_cli.options import a_path, external_embedding_options, external_spec_from, group
 
 
 def _parse_k(value: str) -> tuple[int, ...]:
@@ -139,7 +139,7 @@ def _summary(stats: dict) -> list[str]:
 
 @click.command(name="extrapolate")
 @source_options
-@click.option("--out", "out_dir", required=True, help="Run directory to write (a score run: filter and report read it).")
+@click.option("--out", "out_dir", required=True, callback=a_path, help="Run directory to write (a score run: filter and report read it).")
 @method_options
 @search_options
 @scale_options

@@ -18,7 +18,7 @@ from mimicfilter.curate.filter import FilterConfig, JoinSpec, run_filter
 from mimicfilter.curate.rules import parse_drop, parse_rule
 from mimicfilter.errors import MimicfilterError
 from mimicfilter_cli.common import one_line_errors, print_warnings
-from mimicfilter_cli.options import aggregation_from, strict_option, votes_options
+from mimicfilter_cli.options import a_directory_path, aggregation_from, strict_option, votes_options
 
 
 def _print_summary(summary: dict, dry_run: bool) -> None:
@@ -58,7 +58,7 @@ def _print_summary(summary: dict, dry_run: bool) -> None:
 
 @click.command(name="filter")
 @click.argument("inputs", nargs=-1, required=True)
-@click.option("--out", "out_dir", type=click.Path(file_okay=False, path_type=Path), default=None,
+@click.option("--out", "out_dir", type=click.Path(file_okay=False), default=None, callback=a_directory_path,
               help="Directory for manifest.parquet and summary.json.")
 @click.option("--min", "minimum", multiple=True, metavar="COL=X", help="Keep COL >= X.")
 @click.option("--max", "maximum", multiple=True, metavar="COL=X", help="Keep COL <= X.")

@@ -59,6 +59,20 @@ def per_task_default(attribute: str) -> str:
                      for task, defaults in TASK_DEFAULTS.items())
 
 
+def a_path(ctx: click.Context, param: click.Parameter, value):
+    """An output path option's value, refused when empty (``--out ""`` would otherwise mean ``.``)."""
+    if value is not None and not str(value).strip():
+        raise click.BadParameter("an empty path", ctx=ctx, param=param)
+    return value
+
+
+def a_directory_path(ctx: click.Context, param: click.Parameter, value):
+    """:func:`a_path` as a ``Path`` (click's own ``Path`` type would read an empty value as ``.``)."""
+    from pathlib import Path
+
+    return None if a_path(ctx, param, value) is None else Path(value)
+
+
 def group(*decorators: Callable) -> Callable:
     """Apply click decorators so the options appear in ``--help`` in the order written."""
 
@@ -115,7 +129,7 @@ execution_options = group(
 )
 
 output_options = group(
-    click.option("--out", "out_dir", required=True,
+    click.option("--out", "out_dir", required=True, callback=a_path,
                  help="Run directory to write (re-run the same command to resume): a path, or an fsspec URL "
                  "(s3://…) for static scoring."),
     click.option("--overwrite", is_flag=True, help="Replace an existing run directory made by a different command."),

@@ -14,7 +14,7 @@ from mimicfilter.report.build import ReportConfig, build_report
 from mimicfilter.report.html import worst_shards
 from mimicfilter.store.paths import run_path
 from mimicfilter_cli.common import one_line_errors, print_warnings
-from mimicfilter_cli.options import aggregation_from, strict_option, votes_options
+from mimicfilter_cli.options import a_directory_path, aggregation_from, strict_option, votes_options
 
 
 def _percent(value: float | None) -> str:
@@ -50,7 +50,7 @@ def _print_summary(summary: dict, out_dir: Path) -> None:
 
 @click.command(name="report")
 @click.argument("run_dir")
-@click.option("--out", "out_dir", type=click.Path(file_okay=False, path_type=Path), default=None,
+@click.option("--out", "out_dir", type=click.Path(file_okay=False), default=None, callback=a_directory_path,
               help="Directory for index.html, its plots and thumbnails, and report.json, replaced as a whole "
               "[default: RUN_DIR/report].")
 @click.option("--filter-manifest", type=click.Path(dir_okay=False, path_type=Path), default=None,

@@ -197,3 +197,10 @@ def test_an_out_that_links_nowhere_is_one_line(tmp_path, run, tiny_config, refer
                     "--quiet", "--out", tmp_path / "link")
     assert "is a link to" in one_line_error(result)
     assert not (tmp_path / "nowhere").exists()
+
+
+@pytest.mark.parametrize("command", [["filter", "R"], ["report", "R"], ["dedup", "R"],
+                                     ["extrapolate", "--scored", "R", "--embeddings", "E"]])
+def test_an_empty_out_is_a_usage_error_not_the_current_directory(command):
+    result = invoke(*command, "--out", "")
+    assert result.exit_code == 2 and "an empty path" in result.stderr, result.output
