@@ -3,6 +3,7 @@ and SQL that tries to leave its expression: one-line errors, or a warning where 
 never a traceback, a file read through a column name, or a sample kept by a rewritten query."""
 
 import json
+import shutil
 
 import duckdb
 import pyarrow as pa
@@ -161,11 +162,18 @@ def test_a_negative_seed_is_a_usage_error(tmp_path, command):
 def test_a_manifest_of_another_run_is_refused_and_a_stale_one_is_said_on_the_page(tmp_path):
     (tmp_path / "a").mkdir(), (tmp_path / "b").mkdir()
     run, other = image_text_run(tmp_path / "a", epochs=2)[0], image_text_run(tmp_path / "b", epochs=2)[0]
+    for number, path in enumerate((run, other)):  # runs that `score` wrote carry when they started
+        info = json.loads((path / "run.json").read_text())
+        (path / "run.json").write_text(json.dumps(info | {"started_at": f"2026-12-0{number + 1}T00:00:00"}))
     assert invoke("filter", other, "--out", tmp_path / "other", "--top-frac", "mimic_score=0.1").exit_code == 0
     refused = one_line_error(invoke("report", run, "--filter-manifest", tmp_path / "other" / "manifest.parquet",
                                     "--out", tmp_path / "r1"))
     assert "was written by a filter over" in refused and not (tmp_path / "r1").exists()
     assert invoke("filter", run, "--out", tmp_path / "mine").exit_code == 0
+    moved = tmp_path / "moved"
+    shutil.copytree(run, moved)  # the same run elsewhere: still its manifest
+    assert invoke("report", moved, "--filter-manifest", tmp_path / "mine" / "manifest.parquet",
+                  "--out", tmp_path / "r0").exit_code == 0
     part = next((run / "scores").glob("*.parquet"))
     pq.write_table(pq.read_table(part), part)  # the run's parts change after the filter read them
     result = invoke("report", run, "--filter-manifest", tmp_path / "mine" / "manifest.parquet", "--out", tmp_path / "r2")

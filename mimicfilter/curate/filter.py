@@ -35,7 +35,7 @@ from mimicfilter.shards.discover import shard_locator
 from mimicfilter.store.guard import Inputs, Output, Target, guard_outputs
 from mimicfilter.store.schema import NON_FINITE
 from mimicfilter.store.paths import RUN_FILE, SUCCESS_FILE, is_remote_url, run_path
-from mimicfilter.store.rundir import epochs_missing, run_record, unfinished_run
+from mimicfilter.store.rundir import epochs_missing, run_identity, run_record, unfinished_run
 from mimicfilter.store.scratch import scratch_directory
 
 JOIN_KEYS = {"uid": ("uid",), "shard,key": ("shard", "key")}
@@ -175,8 +175,6 @@ def _summary(connection, config: FilterConfig, keep: tuple[Rule, ...], aggregati
     ).fetchone()
     return {
         "inputs": list(config.inputs),
-        # where they lie, whatever the directory filter ran in: report --filter-manifest checks its run is one
-        "resolved_inputs": [os.path.realpath(item) for item in config.inputs if not is_remote_url(item)],
         "argv": list(config.argv),
         "rules": {
             "keep": [rule.text for rule in keep],
@@ -287,6 +285,8 @@ def run_filter(config: FilterConfig, stdout: IO[str] = sys.stdout) -> dict[str, 
         dropped = dedupe_uids(connection, config.dedupe_uid)
         duplicates = find_duplicates(connection)
         summary = _summary(connection, config, keep, aggregation, joins, estimate, cut)
+        # which runs these are, wherever they are moved: report --filter-manifest checks its run is one
+        summary["input_runs"] = [{"run": item} | run_identity(info) for item, info in runs]
         summary |= {"score_rows": rows, "duplicates": duplicates,
                     "warnings": anchor_warnings + list(estimate.warnings)
                     + _warnings(connection, config, unfinished, duplicates, {int(epoch) for epoch in aggregation["thresholds"]})

@@ -129,7 +129,7 @@ def build_report(config: ReportConfig) -> dict[str, Any]:
         raise MimicfilterError(unfinished, hint="wait for the run to finish (or resume it), or drop --strict")
     files = score_files([str(config.run_dir)])
     if config.filter_manifest is not None:
-        check_manifest_inputs(config.filter_manifest, config.run_dir)
+        check_manifest_inputs(config.filter_manifest, config.run_dir, info)
     out = guard_outputs([Output("--out", config.out_dir, directory=True, whole=True)], Inputs.of(
         runs=[config.run_dir], score_table=files, filter_manifest=config.filter_manifest,
         shard=info.get("shards") or []))["--out"].path

@@ -5,7 +5,6 @@ errors, and the drop reasons with examples."""
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -16,7 +15,7 @@ from mimicfilter.curate.duck import sql_string
 from mimicfilter.curate.samples_cache import Reuse
 from mimicfilter.curate.votes import AggregateConfig, aggregate
 from mimicfilter.errors import MimicfilterError
-from mimicfilter.store.paths import is_remote_url
+from mimicfilter.store.rundir import run_identity
 
 ERROR_EXAMPLES = 3
 KEPT_REASON = "kept"
@@ -136,17 +135,18 @@ def _filter_summary(manifest: str) -> dict[str, Any] | None:
     return summary if isinstance(summary, dict) else None
 
 
-def check_manifest_inputs(manifest: Path, run_dir) -> None:
-    """A manifest whose filter read other runs than ``run_dir`` (its ``summary.json``'s resolved inputs):
-    its decisions are about other scores, even where the shards are the same. Nothing to check without
-    that record (an older filter, remote inputs)."""
-    inputs = (_filter_summary(str(manifest)) or {}).get("resolved_inputs")
-    if not isinstance(inputs, list) or not inputs or is_remote_url(str(run_dir)):
+def check_manifest_inputs(manifest: Path, run_dir, info: dict[str, Any]) -> None:
+    """A manifest whose filter read other runs than this one (``info``: its run.json), by the runs that
+    its ``summary.json`` names: its decisions are about other scores, even where the shards are the
+    same. A run moved or copied since is the same run. Nothing to check without that record."""
+    runs = (_filter_summary(str(manifest)) or {}).get("input_runs")
+    if not isinstance(runs, list) or not runs:
         return
-    run = os.path.realpath(str(run_dir))
-    if not any(str(item) == run or str(item).startswith(run + os.sep) for item in inputs):
-        raise MimicfilterError(f"--filter-manifest {manifest} was written by a filter over {', '.join(map(str, inputs))}, "
-                               f"not over {run_dir}", hint="pass the manifest of a filter over this run")
+    mine = run_identity(info)
+    if not any(isinstance(run, dict) and all(run.get(name) == value for name, value in mine.items()) for run in runs):
+        named = ", ".join(str(run.get("run")) for run in runs if isinstance(run, dict))
+        raise MimicfilterError(f"--filter-manifest {manifest} was written by a filter over {named}, not over {run_dir}",
+                               hint="pass the manifest of a filter over this run")
 
 
 def _manifest_rules(manifest: str) -> dict[str, Any]:

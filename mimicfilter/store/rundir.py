@@ -13,6 +13,7 @@ argv and start time), the closing statistics (stats.json, with wall time and mac
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import sys
@@ -254,6 +255,13 @@ def read_run_info(run_dir: RunPath | str) -> dict[str, Any]:
     if not run_file.is_file():
         raise MimicfilterError(f"{run_dir} is not a mimicfilter run directory (no run.json)", hint="pass a `score --out` dir")
     return run_record(run_file)
+
+
+def run_identity(info: dict[str, Any]) -> dict[str, Any]:
+    """What tells one run from another wherever its directory lies (moved or copied, it is the same run):
+    when it started and a digest of its fingerprint."""
+    fingerprint = json.dumps(info.get("fingerprint"), sort_keys=True, default=str).encode()
+    return {"started_at": info.get("started_at"), "fingerprint_sha256": hashlib.sha256(fingerprint).hexdigest()}
 
 
 def run_record(run_file: RunPath) -> dict[str, Any]:
