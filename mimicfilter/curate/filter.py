@@ -334,8 +334,12 @@ POOLABLE = ("shards", "device_type")  # what may differ between the score runs o
 def _check_comparable(runs: list[tuple[str, dict]]) -> None:
     """Runs filtered together are judged by one set of per-epoch votes (and one calibration): their
     scores must come from the same settings — task, models, trajectory, anchors; only shards may differ."""
-    scored = [(item, {key: value for key, value in (info.get("fingerprint") or {}).items() if key not in POOLABLE})
-              for item, info in runs if info.get("command") == "score"]
+    def settings(fingerprint: dict) -> dict:
+        # a local model config is compared by its contents, not by the path it was read from
+        skipped = {*POOLABLE, "architecture"} if "architecture_config" in fingerprint else set(POOLABLE)
+        return {key: value for key, value in fingerprint.items() if key not in skipped}
+
+    scored = [(item, settings(info.get("fingerprint") or {})) for item, info in runs if info.get("command") == "score"]
     for item, fingerprint in scored[1:]:
         first_item, first = scored[0]
         differs = sorted(key for key in set(first) | set(fingerprint) if first.get(key) != fingerprint.get(key))
