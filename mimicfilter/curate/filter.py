@@ -333,7 +333,9 @@ POOLABLE = ("shards", "device_type")  # what may differ between the score runs o
 
 def _check_comparable(runs: list[tuple[str, dict]]) -> None:
     """Runs filtered together are judged by one set of per-epoch votes (and one calibration): their
-    scores must come from the same settings — task, models, trajectory, anchors; only shards may differ."""
+    scores must come from the same settings — task, models, trajectory, anchors; only the shards, the
+    device and the path of a local model config may differ."""
+
     def settings(fingerprint: dict) -> dict:
         # a local model config is compared by its contents, not by the path it was read from
         skipped = {*POOLABLE, "architecture"} if "architecture_config" in fingerprint else set(POOLABLE)

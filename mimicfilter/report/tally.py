@@ -145,8 +145,9 @@ def check_manifest_inputs(manifest: Path, run_dir, info: dict[str, Any]) -> None
     mine = run_identity(info)
     if not any(isinstance(run, dict) and all(run.get(name) == value for name, value in mine.items()) for run in runs):
         named = ", ".join(str(run.get("run")) for run in runs if isinstance(run, dict))
-        raise MimicfilterError(f"--filter-manifest {manifest} was written by a filter over {named}, not over {run_dir}",
-                               hint="pass the manifest of a filter over this run")
+        raise MimicfilterError(f"--filter-manifest {manifest} was written by a filter over {named}, which is not the run "
+                               f"now in {run_dir} (another run, or one scored again since)",
+                               hint="pass the manifest of a filter over this run, or filter it again")
 
 
 def _manifest_rules(manifest: str) -> dict[str, Any]:
