@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import dataclasses
+import math
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import ClassVar, Protocol
@@ -17,6 +19,11 @@ from mimicfilter.mimic.models import ModelSpec
 from mimicfilter.pipeline.anchors import AnchorPlan
 from mimicfilter.shards.decode import DecodeConfig
 from mimicfilter.store.paths import is_remote
+
+
+def max_workers() -> int:
+    """The most decode processes a run may start: 4 per core (I/O-bound remote shards), at least 64."""
+    return max(64, 4 * (os.cpu_count() or 1))
 
 
 @dataclass(frozen=True)
@@ -37,8 +44,10 @@ class TrainConfig:
             raise MimicfilterError(f"--epochs {self.epochs}: must be at least 1")
         if self.mode == "none" and self.epochs != 1:
             raise MimicfilterError("--epochs needs a learning proxy", hint="use --train head or full, or drop --epochs")
-        if (self.lr is not None and not self.lr > 0) or self.weight_decay < 0:
-            raise MimicfilterError(f"--lr {self.lr} / --weight-decay {self.weight_decay}: need lr > 0 and decay >= 0")
+        if self.lr is not None and not 0 < self.lr < math.inf:
+            raise MimicfilterError(f"--lr {self.lr}: needs a finite number above 0")
+        if not 0 <= self.weight_decay < math.inf:  # (NaN fails both)
+            raise MimicfilterError(f"--weight-decay {self.weight_decay}: needs a finite number, 0 or more")
         if self.shuffle_buffer < 0 or self.checkpoint_every < 0:
             raise MimicfilterError("--shuffle-buffer and --checkpoint-every must be 0 or more")
 
@@ -68,6 +77,9 @@ class StreamConfig:
                                    hint="pass shard files, a directory, a pattern or @list.txt")
         if self.workers < 0:
             raise MimicfilterError(f"--workers {self.workers}: must be 0 or more")
+        if self.workers > max_workers():
+            raise MimicfilterError(f"--workers {self.workers}: more decode processes than this machine can run "
+                                   f"(at most {max_workers()}: 4 per core, or 64)", hint="the default suits most machines")
         if self.threads is not None and self.threads < 1:
             raise MimicfilterError(f"--threads {self.threads}: must be at least 1")
         if self.chunk_size < 1:

@@ -47,6 +47,8 @@ def run_embed(config: EmbedConfig, progress: Progress | None = None) -> dict[str
         "embedding": embedder.space,
         "device_type": models.device.type,
         "decode": asdict(config.decode),
+        # a batch's size moves float16 embeddings in their last bit: a resume at another size would mix tables
+        "batch_size": config.batch_size,
     }
     provenance = {
         "models": models.provenance,

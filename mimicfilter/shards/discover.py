@@ -41,6 +41,13 @@ def expand_shards(specs: Sequence[str], *, allow_pipe: bool = False, stdin: Text
     if not shards:
         what = "no shards matched" if specs else "no shards given"
         raise MimicfilterError(what, hint="pass tar files, directories, brace patterns, globs or @list.txt")
+    for shard in shards:  # every table names its shard in UTF-8: a name that is not cannot be written down
+        try:
+            shard.encode("utf-8")
+        except UnicodeEncodeError:
+            readable = shard.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+            raise MimicfilterError(f"shard path {readable} is not valid UTF-8",
+                                   hint="rename it (or link it under a UTF-8 name)") from None
     return shards
 
 

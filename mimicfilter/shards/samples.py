@@ -27,6 +27,12 @@ def _split_header(header: PlainHeader) -> tuple[str | None, str | None]:
     return split_name(header.name) if header.regular else (None, None)
 
 
+def readable_key(name: str) -> str:
+    """A key as text every table can hold: tar names that are not UTF-8 come with their bytes escaped
+    (``\\xff``), the rest unchanged."""
+    return name.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+
+
 class _Samples:
     """Members → samples: consecutive members sharing a key form a sample, which is complete only
     once the key changes (the shard's last sample is yielded by its reader, after a clean end)."""
@@ -35,17 +41,21 @@ class _Samples:
         self.url = url
         self.limit = limit
         self.pending: RawSample | None = None  # the sample being assembled
+        self._name: str | None = None  # its key as tar read it (escaped in ``pending`` when not UTF-8)
         self.next_index = 0
         self._seen_exts: set[str] = set()  # extensions of the pending sample, including unread too-large ones
 
     def begin(self, key: str) -> RawSample | None:
         """A member of sample ``key`` is next: returns the sample this completes (when the key changes)."""
-        if self.pending is not None and key == self.pending.key:
+        if self.pending is not None and key == self._name:
             return None
         done = self.pending
         if done is not None:
             self.next_index += 1
-        self.pending, self._seen_exts = RawSample(self.url, key, self.next_index), set()
+        self._name, self._seen_exts = key, set()
+        self.pending = RawSample(self.url, readable_key(key), self.next_index)
+        if self.pending.key != key:  # a name tar read as bytes that are not UTF-8: a row, not a crash at the write
+            self.pending.mark("decode_error", f"member name {self.pending.key} is not valid UTF-8")
         return done
 
     def add(self, ext: str, name: str, size: int, read: Callable[[], bytes]) -> None:

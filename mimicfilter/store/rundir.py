@@ -141,6 +141,10 @@ def prepare_run_dir(
         if same and not overwrite:
             resuming = True
         elif not overwrite:
+            theirs, ours = earlier.get("command"), provenance.get("command")
+            if theirs and ours and theirs != ours:  # their fingerprints hold different things: say which command
+                raise MimicfilterError(f"{run_dir} holds a `mimicfilter {theirs}` run, not a `{ours}` one",
+                                       hint="choose another --out, or pass --overwrite to replace it")
             changed = _differences(earlier.get("fingerprint", {}), normalised)
             raise MimicfilterError(
                 f"{run_dir} holds a run of a different command (differs in: {', '.join(changed[:6]) or 'format'})",
