@@ -179,7 +179,8 @@ def test_the_checksum_of_a_header_with_many_high_bytes(tmp_path):
         header[148:156] = b"%06o\0 " % stored
         data[:512] = header
         (tmp_path / "high.tar").write_bytes(bytes(data))
-        assert same_as_tarfile(tmp_path / "high.tar")[0][4] == ("ok" if stored == total else "shard_error")
+        # read, the member's name (its prefix of 0xff bytes) is not UTF-8: a decode_error row, as from tarfile
+        assert same_as_tarfile(tmp_path / "high.tar")[0][4] == ("decode_error" if stored == total else "shard_error")
 
 
 @pytest.mark.parametrize("field", [(100, 108), (108, 116), (116, 124), (124, 136), (136, 148), (329, 337), (337, 345)])

@@ -296,7 +296,7 @@ def test_the_api_example_in_the_docs_runs():
 
 @pytest.mark.parametrize(
     "args, message",
-    [(["--train", "none", "--epochs", "2"], "learning proxy"), (["--epochs", "0"], "at least 1"), (["--lr", "0"], "lr > 0")],
+    [(["--train", "none", "--epochs", "2"], "learning proxy"), (["--epochs", "0"], "at least 1"), (["--lr", "0"], "--lr 0.0: needs a finite number above 0")],
 )
 def test_bad_training_options_exit_2_with_one_line(tiny_config, reference_checkpoint, tmp_path, args, message):
     shard = write_tar(tmp_path / "s.tar", image_text_samples(4))
