@@ -76,3 +76,15 @@ def test_a_run_directory_of_another_command_or_batch_size_is_not_reopened(tmp_pa
     assert "holds a `mimicfilter embed` run, not a `score` one" in one_line(
         invoke("score", shard, *models, "--quiet", "--out", out))
     assert json.loads((out / "run.json").read_text())["command"] == "embed"
+
+
+def test_a_caption_the_tokenizer_reads_as_empty_is_missing_text_not_a_score(tmp_path, models):
+    samples = [(f"{i:04d}", {"jpg": image_bytes(i), "txt": caption})
+               for i, caption in enumerate([b"a red apple", b"\x00", b"\x01\x02\x03", b"a green pear"])]
+    out = tmp_path / "run"
+    result = invoke("score", write_tar(tmp_path / "pool.tar", samples), *models, "--train", "none", "--workers", "0",
+                    "--quiet", "--out", out)
+    assert result.exit_code == 0, result.output
+    status = {row["key"]: (row["status"], row["mimic_score"]) for row in pq.read_table(out / "scores").to_pylist()}
+    assert status["0001"][0] == status["0002"][0] == "missing_text" and status["0001"][1] is None
+    assert status["0000"][0] == status["0003"][0] == "ok"

@@ -88,6 +88,22 @@ def _fills_context(tokens: torch.Tensor) -> torch.Tensor:
     return tokens[:-1, -1] != tokens[-1, -1]
 
 
+def _reject(sample: DecodedSample, status: str, error: str) -> None:
+    sample.status, sample.error = status, one_line(error)
+    sample.image = sample.text = sample.encoded = None
+
+
+def _take_tokens(sample: DecodedSample, ids: torch.Tensor, empty: torch.Tensor, long: bool) -> None:
+    """The caption's token ids; a caption that tokenises as the empty one (control characters, a NUL:
+    nothing the model reads) is ``missing_text``, like an empty caption, not a score of nothing."""
+    if torch.equal(ids, empty):
+        _reject(sample, "missing_text", "caption has nothing the tokenizer reads (control characters only?)")
+        return
+    sample.text = ids
+    if long:
+        sample.long_caption_sha1 = folded_caption_sha1(sample.caption)
+
+
 @dataclass(frozen=True)
 class Decoder:
     """Raw samples → model inputs with the models' geometry and tokenizer (inherited by workers)."""
@@ -133,21 +149,16 @@ class Decoder:
                 self._tokenize_one(sample)
             return
         for sample, ids, long in zip(samples, tokens[:-1], _fills_context(tokens).tolist()):
-            sample.text = ids
-            if long:
-                sample.long_caption_sha1 = folded_caption_sha1(sample.caption)
+            _take_tokens(sample, ids, tokens[-1], long)
 
     def _tokenize_one(self, sample: DecodedSample) -> None:
         try:
             tokens = self.tokenizer([sample.caption, ""])
             if not isinstance(tokens, torch.Tensor):
                 raise TypeError(f"returned {type(tokens).__name__}, expected a tensor")
-            sample.text = tokens[0]
-            if bool(_fills_context(tokens)[0]):
-                sample.long_caption_sha1 = folded_caption_sha1(sample.caption)
+            _take_tokens(sample, tokens[0], tokens[1], bool(_fills_context(tokens)[0]))
         except Exception as exc:  # the model's tokenizer: any failure is this sample's problem
-            sample.status, sample.error = "decode_error", one_line(f"tokenize failed: {type(exc).__name__}: {exc}")
-            sample.image = sample.text = sample.encoded = None
+            _reject(sample, "decode_error", f"tokenize failed: {type(exc).__name__}: {exc}")
 
     def decode_on_device(self, batch: Batch, device: torch.device) -> Batch:
         """``--decoder gpu``: decode the batch's JPEGs on ``device``; a file the device rejects is
