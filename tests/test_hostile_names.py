@@ -88,3 +88,15 @@ def test_a_caption_the_tokenizer_reads_as_empty_is_missing_text_not_a_score(tmp_
     status = {row["key"]: (row["status"], row["mimic_score"]) for row in pq.read_table(out / "scores").to_pylist()}
     assert status["0001"][0] == status["0002"][0] == "missing_text" and status["0001"][1] is None
     assert status["0000"][0] == status["0003"][0] == "ok"
+
+
+def test_a_uid_that_is_not_a_string_is_kept_as_json_not_as_a_python_repr():
+    from mimicfilter.shards.decode import DecodeConfig, decode_sample
+    from mimicfilter.shards.images import ImageGeometry
+    from mimicfilter.shards.records import RawSample
+
+    def uid_of(value):
+        raw = RawSample("s.tar", "k", 0, {"jpg": image_bytes(0), "txt": b"a cat", "json": json.dumps({"uid": value}).encode()})
+        return decode_sample(raw, DecodeConfig(), ImageGeometry()).uid
+
+    assert [uid_of(value) for value in ("abc", 12345, {"a": 1}, [1, 2], None)] == ["abc", "12345", '{"a": 1}', "[1, 2]", None]

@@ -186,8 +186,11 @@ def _parse_json(data: bytes | None) -> tuple[dict | None, str | None]:
 
 
 def _uid(meta: dict | None) -> str | None:
-    uid = meta.get("uid") if meta else None
-    return None if uid is None else str(uid)
+    """The sample's uid as text: a string as it is, anything else as JSON (not Python's repr of it)."""
+    uid = meta.get("uid") if isinstance(meta, dict) else None
+    if uid is None or isinstance(uid, str):
+        return uid
+    return json.dumps(uid, sort_keys=True, ensure_ascii=False)
 
 
 def _present_image_ext(files: dict[str, bytes], config: DecodeConfig) -> str | None:
