@@ -191,3 +191,11 @@ def test_bad_files_give_one_line_errors(pool, subset_run, rest_embeddings, tmp_p
     np.savez(unrelated / "a.npz", b32_img=np.ones((2, 16), np.float16))
     pq.write_table(pa.table({"uid": ["nobody", "nobody-else"]}), unrelated / "a.parquet")
     assert "can be used: no uid of it is in the --features-from files" in error_of(*common, "--features-from", unrelated)
+
+
+def test_only_a_score_run_can_be_the_scored_run(pool, subset_run, rest_embeddings, tmp_path):
+    """An embed run (or an extrapolate run: predicted scores) given as --scored is refused in one line."""
+    result = CliRunner().invoke(cli, [str(a) for a in ["extrapolate", "--scored", rest_embeddings, "--embeddings",
+                                                       rest_embeddings, "--out", tmp_path / "out"]])
+    assert result.exit_code == 2 and "only measured scores can be extrapolated" in result.stderr, result.output
+    assert len(result.stderr.strip().splitlines()) == 1
