@@ -161,7 +161,8 @@ def anchor_warnings(stats: dict) -> list[str]:
     if TRUSTED not in stats.get("anchor_rows", {}) or stats.get("shards_missing"):
         return []  # (with ranks still scoring, their share of the trusted samples is not in the table yet)
     epochs = stats["epochs"] if stats["train"] != "none" else 1
-    rows, usable = stats["anchor_rows"][TRUSTED], stats["anchor_usable_rows"][TRUSTED]
+    rows = stats["anchor_rows"][TRUSTED]
+    usable = stats.get("anchor_usable_rows", {}).get(TRUSTED, rows)
     if usable // epochs >= MIN_ANCHORS:
         return []
     return [f"only {usable // epochs} of {rows // epochs} trusted samples could be scored: filter calibrates with at "
