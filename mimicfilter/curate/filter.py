@@ -199,9 +199,9 @@ def _shard_order(connection) -> list[str]:
     return [row[0] for row in connection.execute("SELECT DISTINCT shard FROM samples ORDER BY shard").fetchall()]
 
 
-def _warnings(connection, config: FilterConfig, unfinished: list[str], duplicates: dict, epochs: set[int]) -> list[str]:
-    warnings = [f"{message}: filtering what it holds so far" for message in unfinished]
-    warnings += [message for item in config.inputs if (message := epochs_missing(item, epochs))]
+def _warnings(connection, config: FilterConfig, unfinished: list[str], duplicates: dict,
+              missing_epochs: list[str]) -> list[str]:
+    warnings = [f"{message}: filtering what it holds so far" for message in unfinished] + missing_epochs
     for what, found in duplicates.items():
         if found["names"]:
             example = found["example"]
@@ -289,7 +289,7 @@ def run_filter(config: FilterConfig, stdout: IO[str] = sys.stdout) -> dict[str, 
         summary["input_runs"] = [{"run": item} | run_identity(info) for item, info in runs]
         summary |= {"score_rows": rows, "duplicates": duplicates,
                     "warnings": anchor_warnings + list(estimate.warnings)
-                    + _warnings(connection, config, unfinished, duplicates, {int(epoch) for epoch in aggregation["thresholds"]})
+                    + _warnings(connection, config, unfinished, duplicates, _epochs_missing(runs, aggregation))
                     + _top_k_warnings(connection, keep + config.drop)}
         if config.dedupe_uid != "off":
             summary["dedupe_uid"] = {"mode": config.dedupe_uid, "dropped": dropped}
@@ -323,6 +323,12 @@ def _input_runs(inputs: tuple[str, ...]) -> list[tuple[str, dict]]:
     return [(item, run_record(run_path(item) / RUN_FILE)) for item in inputs if (run_path(item) / RUN_FILE).is_file()]
 
 
+def _epochs_missing(runs: list[tuple[str, dict]], aggregation: dict) -> list[str]:
+    """A warning per finished run whose score rows lack an epoch its run.json promises."""
+    present = {int(epoch) for epoch in aggregation["thresholds"]}
+    return [message for item, info in runs if (message := epochs_missing(item, info, present))]
+
+
 def _run_shard_order(runs: list[tuple[str, dict]]) -> list[str]:
     """The shard order of the runs' run.json files, so curated shards follow the original order."""
     return list(dict.fromkeys(shard for _, info in runs for shard in info.get("shards", [])))
@@ -342,8 +348,8 @@ def _check_comparable(runs: list[tuple[str, dict]]) -> None:
         return {key: value for key, value in fingerprint.items() if key not in skipped}
 
     scored = [(item, settings(info.get("fingerprint") or {})) for item, info in runs if info.get("command") == "score"]
+    first_item, first = scored[0] if scored else (None, {})
     for item, fingerprint in scored[1:]:
-        first_item, first = scored[0]
         differs = sorted(key for key in set(first) | set(fingerprint) if first.get(key) != fingerprint.get(key))
         if differs:
             raise MimicfilterError(f"{first_item} and {item} were scored with different settings ({', '.join(differs)}): "

@@ -138,7 +138,7 @@ def build_report(config: ReportConfig) -> dict[str, Any]:
         if unfinished:
             summary["warnings"].append(f"{unfinished}: the report covers what it holds so far")
         epochs = {int(epoch) for epoch in (summary.get("aggregation") or {}).get("thresholds", {})}
-        if missing := epochs_missing(config.run_dir, epochs):
+        if missing := epochs_missing(config.run_dir, info, epochs):
             summary["warnings"].append(missing)
         atomic_write_bytes(staging / "index.html", render_html(summary, info).encode())
         atomic_write_json(staging / "report.json", summary)

@@ -131,12 +131,7 @@ def prepare_run_dir(
     resuming = False
     normalised = json.loads(json.dumps(fingerprint, default=str))
     if run_file.exists():
-        try:
-            earlier = json.loads(run_file.read_text())
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
-            raise MimicfilterError(f"cannot read {run_file}: {error}", hint="use --overwrite to start afresh") from error
-        if not isinstance(earlier, dict):
-            raise MimicfilterError(f"cannot read {run_file}: not a run record", hint="use --overwrite to start afresh")
+        earlier = run_record(run_file, hint="use --overwrite to start afresh")
         same = earlier.get("fingerprint") == normalised
         if same and not overwrite:
             resuming = True
@@ -218,7 +213,7 @@ def unfinished_run(run_dir: RunPath | str) -> str | None:
         return None
     try:
         info = run_record(path / RUN_FILE)
-    except (OSError, MimicfilterError):
+    except MimicfilterError:  # (an unreadable run.json included)
         info = {}
     parts = [part.name for part in part_paths(path)]
     train = info.get("train") or {}
@@ -234,17 +229,13 @@ def unfinished_run(run_dir: RunPath | str) -> str | None:
     return f"{run_dir} is unfinished (no {SUCCESS_FILE}; {held})"
 
 
-def epochs_missing(run_dir: RunPath | str, present: set[int]) -> str | None:
-    """For a finished trajectory run: the epochs its run.json promises that no score row holds
-    (``present``: the epochs a reader found), as a warning; None when every one is there. A part
+def epochs_missing(run_dir: RunPath | str, info: dict[str, Any], present: set[int]) -> str | None:
+    """For a finished trajectory run (``info``: its run.json): the epochs it promises that no score row
+    holds (``present``: the epochs a reader found), as a warning; None when every one is there. A part
     removed or emptied after the run finished would otherwise read as a run of fewer epochs."""
-    path = run_path(run_dir)
-    if not (path / SUCCESS_FILE).exists() or not (path / RUN_FILE).exists():
+    if not (run_path(run_dir) / SUCCESS_FILE).exists():
         return None  # unfinished runs are reported as such
-    try:
-        train = run_record(path / RUN_FILE).get("train") or {}
-    except (OSError, MimicfilterError):
-        return None
+    train = info.get("train") or {}
     if train.get("mode", "none") == "none" or not isinstance(train.get("epochs"), int):
         return None
     missing = sorted(set(range(train["epochs"])) - present)
@@ -268,14 +259,13 @@ def run_identity(info: dict[str, Any]) -> dict[str, Any]:
     return {"started_at": info.get("started_at"), "fingerprint_sha256": hashlib.sha256(fingerprint).hexdigest()}
 
 
-def run_record(run_file: RunPath) -> dict[str, Any]:
-    """A run.json's record; a file cut short or edited into something else is a one-line error."""
+def run_record(run_file: RunPath, hint: str = "re-run the command that wrote it, or restore the file") -> dict[str, Any]:
+    """A run.json's record; a file that cannot be read, is cut short or was edited into something else
+    is a one-line error (``hint``: what to do about it)."""
     try:
         info = json.loads(run_file.read_text())
-    except (UnicodeDecodeError, json.JSONDecodeError) as error:
-        raise MimicfilterError(f"cannot read {run_file}: {error}",
-                               hint="re-run the command that wrote it, or restore the file") from error
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise MimicfilterError(f"cannot read {run_file}: {error}", hint=hint) from error
     if not isinstance(info, dict):
-        raise MimicfilterError(f"cannot read {run_file}: not a run record (a JSON {type(info).__name__})",
-                               hint="re-run the command that wrote it, or restore the file")
+        raise MimicfilterError(f"cannot read {run_file}: not a run record (a JSON {type(info).__name__})", hint=hint)
     return info
