@@ -7,6 +7,7 @@ import shutil
 
 import duckdb
 import pyarrow as pa
+import pyarrow.compute  # noqa: F401  (pa.compute)
 import pyarrow.parquet as pq
 import pytest
 from click.testing import CliRunner
@@ -82,6 +83,17 @@ def test_a_score_part_of_another_kind_is_one_line_for_filter_and_report(tmp_path
     assert named in one_line_error(invoke("filter", run, "--dry-run"))
     assert named in one_line_error(invoke("report", run, "--out", tmp_path / "report"))
     assert not (tmp_path / "report").exists()
+
+
+def test_a_part_lacking_a_core_column_is_named_not_read_as_non_finite_rows(tmp_path, run):
+    """Parts are read by column name: one part without mimic_score must not become rows of null scores."""
+    part = next((run / "scores").glob("*.parquet"))
+    table = pq.read_table(part)
+    first = pa.compute.equal(table.column("shard"), table.column("shard")[0])
+    pq.write_table(table.filter(first), part)
+    pq.write_table(table.filter(pa.compute.invert(first)).drop_columns(["mimic_score"]), run / "scores" / "part-2.parquet")
+    for command in (["filter", run, "--dry-run"], ["report", run, "--out", tmp_path / "report"]):
+        assert "part-2.parquet lacks mimic_score, which the other parts have" in one_line_error(invoke(*command))
 
 
 def test_a_corrupt_page_inside_a_part_is_one_line(tmp_path, run):

@@ -130,12 +130,21 @@ def load_scores(connection: duckdb.DuckDBPyConnection, files: Sequence[str]) -> 
             f"CREATE OR REPLACE VIEW score_rows AS SELECT * FROM read_parquet([{listing}], union_by_name = true)"
         )
         types = {row[0]: row[1] for row in connection.execute("DESCRIBE score_rows").fetchall()}
+        # union_by_name fills a column one part lacks with nulls: a part without mimic_score would read
+        # as rows of non-finite scores, not as the broken part it is (its footer says; no data is read)
+        lacking = connection.execute(f"SELECT file_name, list(name) FROM parquet_schema([{listing}]) "
+                                     "GROUP BY file_name ORDER BY file_name").fetchall()
     except duckdb.Error as error:
         raise MimicfilterError(f"cannot read the score tables: {' '.join(str(error).split())[:300]}") from error
     columns = set(types)
-    missing = {"shard", "key", "index", "status", "epoch", "mimic_score", "mimic_weight"} - columns
+    missing = set(_SCORE_COLUMN_KINDS) - columns
     if missing:
         raise MimicfilterError(f"not a mimicfilter score table: no column {', '.join(sorted(missing))}")
+    for file_name, names in lacking:
+        if set(_SCORE_COLUMN_KINDS) - set(names):
+            absent = ", ".join(sorted(set(_SCORE_COLUMN_KINDS) - set(names)))
+            raise MimicfilterError(f"score part {file_name} lacks {absent}, which the other parts have",
+                                   hint="a score part was written by another program, or edited")
     wrong = [f"{name} is {types[name]}" for name, kind in _SCORE_COLUMN_KINDS.items()
              if name in types and not _of_kind(types[name], kind)]
     if wrong:
