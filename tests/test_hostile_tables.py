@@ -211,6 +211,25 @@ def test_outputs_another_run_is_writing_are_refused_and_no_lock_file_stays(tmp_p
     assert not [path.name for path in tmp_path.iterdir() if path.name.endswith(".lock")]
 
 
+def test_curated_shards_of_another_filter_run_beside_a_manifest_are_said_by_report(tmp_path, run):
+    """Shards outside --out are swapped in before --out: a filter stopped between the two leaves new
+    shards beside the old manifest. The wids index names its filter run, and report compares."""
+    out, shards = tmp_path / "out", tmp_path / "curated"
+    assert invoke("filter", run, "--out", out, "--write-shards", shards).exit_code == 0
+    run_id = (out / "_SUCCESS").read_text().strip()
+    assert json.loads((shards / "curated.wids.json").read_text())["mimicfilter_run_id"] == run_id
+    result = invoke("report", run, "--filter-manifest", out / "manifest.parquet", "--out", tmp_path / "r1")
+    assert result.exit_code == 0 and "curated shards" not in result.stderr, result.output
+    # the state such a stop leaves: the shards of a later filter run, the manifest of the first
+    assert invoke("filter", run, "--out", tmp_path / "later", "--write-shards", shards,
+                  "--top-frac", "mimic_score=0.5").exit_code == 0
+    result = invoke("report", run, "--filter-manifest", out / "manifest.parquet", "--out", tmp_path / "r2")
+    assert result.exit_code == 0, result.output
+    said = f"the curated shards in {shards} were written by filter run"
+    assert said in result.stderr and run_id in result.stderr
+    assert any(said in line for line in json.loads((tmp_path / "r2" / "report.json").read_text())["warnings"])
+
+
 def test_an_out_that_links_nowhere_is_one_line(tmp_path, run, tiny_config, reference_checkpoint):
     (tmp_path / "link").symlink_to(tmp_path / "nowhere")
     result = invoke("score", tmp_path / "shards", "--model", tiny_config, "--reference", reference_checkpoint,

@@ -133,13 +133,13 @@ def is_curated_name(name: str) -> bool:
 
 
 def write_shards(connection, shard_order: list[str], staging: Path, final: Path, maxcount: int,
-                 locate: Callable[[str], str]) -> list[dict]:
+                 locate: Callable[[str], str], run_id: str | None = None) -> list[dict]:
     """Curated shards of the kept samples (and their index) into the empty directory ``staging``,
     which becomes ``final``; ``locate`` says where each recorded shard is read from now."""
     staging.mkdir(parents=True, exist_ok=True)
     kept = ((locate(shard), key, index) for shard, key, index in kept_keys(connection, shard_order))
     try:
-        written = write_curated_shards(kept, staging, maxcount=maxcount, prefix=CURATED_PREFIX)
+        written = write_curated_shards(kept, staging, maxcount=maxcount, prefix=CURATED_PREFIX, run_id=run_id)
     except OSError as error:
         if error.filename is None or not str(error.filename).startswith(str(staging)):
             raise

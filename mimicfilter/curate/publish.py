@@ -83,7 +83,8 @@ def publish(connection, *, out: Path, keys: Target | str | None, datacomp_npy: T
         outputs = {"manifest": str(out / MANIFEST)}
         if outside:
             with replaced_directory(shards_dir, is_curated_name, "--write-shards") as staging:
-                summary["curated_shards"] = write_shards(connection, shard_order, staging, shards_dir, maxcount, locate)
+                summary["curated_shards"] = write_shards(connection, shard_order, staging, shards_dir, maxcount, locate,
+                                                         run_id)
         with replaced_directory(out, _owned_by_filter(out, requested), "--out") as staging:
             def place(name: str, path: Path) -> Path:
                 return staging / inside[name] if inside[name] is not None else path
@@ -91,7 +92,7 @@ def publish(connection, *, out: Path, keys: Target | str | None, datacomp_npy: T
             write_manifest(connection, staging / MANIFEST, run_id, manifest_metadata)
             if shards_dir is not None and inside["curated_shards"] is not None:
                 summary["curated_shards"] = write_shards(connection, shard_order, place("curated_shards", shards_dir),
-                                                         shards_dir, maxcount, locate)
+                                                         shards_dir, maxcount, locate, run_id)
             if npy_file is not None:
                 summary["datacomp_uids"] = write_datacomp(connection, place("datacomp_npy", npy_file))
             if keys_file is not None:

@@ -26,6 +26,7 @@ from mimicfilter.shards.tar_stream import STREAM_ERRORS, TarStream
 from mimicfilter.store.atomic import atomic_write_json, temp_path_beside
 
 WIDS_KIND = "wids-shard-index-v1"
+RUN_ID_FIELD = "mimicfilter_run_id"  # the filter run that wrote the shards (readers of wids ignore it)
 SHARD_DIGITS = 6
 
 _CONTROL_CHARS = re.compile(r"[\x00-\x1f\x7f]")
@@ -71,6 +72,7 @@ def write_curated_shards(
     maxcount: int = 10000,
     prefix: str = "curated",
     allow_pipe: bool = False,
+    run_id: str | None = None,
 ) -> list[CuratedShard]:
     """Copy the kept (shard url, sample key[, sample index]) into ``{prefix}-NNNNNN.tar`` shards and a wids index.
 
@@ -79,6 +81,7 @@ def write_curated_shards(
     order; output order is source order.
     Raises MimicfilterError (before writing anything) for unsafe keys or ungrouped input, and
     (leaving no output shard behind) for unreadable shards or kept keys a shard does not hold.
+    ``run_id`` (the filter run's, as in its ``_SUCCESS``) goes in the index as ``mimicfilter_run_id``.
     """
     _check_options(maxcount, prefix)
     plans = _plan_sources(kept, allow_pipe=allow_pipe)
@@ -93,6 +96,8 @@ def write_curated_shards(
         sink.discard()
         raise
     index = {"__kind__": WIDS_KIND, "wids_version": 1, "name": prefix, "shardlist": [shard.index_entry() for shard in shards]}
+    if run_id is not None:
+        index[RUN_ID_FIELD] = run_id
     atomic_write_json(out_dir / index_file_name(prefix), index)
     return shards
 

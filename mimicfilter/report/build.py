@@ -49,8 +49,8 @@ from mimicfilter.report.plots import (
 from mimicfilter.report.samples import Sampled, draw_samples, sheet_entries
 from mimicfilter.report.sheets import contact_sheets, decode_config_of_run
 from mimicfilter.report.sheets import THUMBNAIL_DIR
-from mimicfilter.report.tally import (check_manifest_inputs, decisions, drop_reasons, funnel, shard_quality,
-                                      status_counts)
+from mimicfilter.report.tally import (check_manifest_inputs, curated_shards_mismatch, decisions, drop_reasons, funnel,
+                                      shard_quality, status_counts)
 from mimicfilter.shards.discover import shard_locator
 from mimicfilter.store.atomic import atomic_write_bytes, atomic_write_json
 from mimicfilter.store.guard import Inputs, Output, guard_outputs
@@ -137,6 +137,8 @@ def build_report(config: ReportConfig) -> dict[str, Any]:
         summary = _write_report(config, info, files, staging)
         if unfinished:
             summary["warnings"].append(f"{unfinished}: the report covers what it holds so far")
+        if config.filter_manifest is not None and (mismatch := curated_shards_mismatch(config.filter_manifest)):
+            summary["warnings"].append(mismatch)
         epochs = {int(epoch) for epoch in (summary.get("aggregation") or {}).get("thresholds", {})}
         if missing := epochs_missing(config.run_dir, info, epochs):
             summary["warnings"].append(missing)

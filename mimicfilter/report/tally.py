@@ -12,6 +12,8 @@ from typing import Any
 from mimicfilter.curate.calibrate import calibrated_cut
 from mimicfilter.curate.rules import apply_rules
 from mimicfilter.curate.duck import sql_string
+from mimicfilter.curate.outputs import CURATED_PREFIX
+from mimicfilter.curate.reshard import RUN_ID_FIELD, index_file_name
 from mimicfilter.curate.samples_cache import Reuse
 from mimicfilter.curate.votes import AggregateConfig, aggregate
 from mimicfilter.errors import MimicfilterError
@@ -148,6 +150,24 @@ def check_manifest_inputs(manifest: Path, run_dir, info: dict[str, Any]) -> None
         raise MimicfilterError(f"--filter-manifest {manifest} was written by a filter over {named}, which is not the run "
                                f"now in {run_dir} (another run, or one scored again since)",
                                hint="pass the manifest of a filter over this run, or filter it again")
+
+
+def curated_shards_mismatch(manifest: Path) -> str | None:
+    """Curated shards outside the manifest's directory are published first, as a unit of their own: a
+    filter killed between the two swaps leaves new shards beside the old manifest. Their wids index
+    names the filter run that wrote them; a warning when that is not the manifest's run."""
+    summary = _filter_summary(str(manifest)) or {}
+    shards = (summary.get("outputs") or {}).get("curated_shards")
+    if not isinstance(shards, str) or not summary.get("run_id"):
+        return None
+    try:
+        written_by = json.loads((Path(shards) / index_file_name(CURATED_PREFIX)).read_text()).get(RUN_ID_FIELD)
+    except (OSError, UnicodeDecodeError, ValueError, AttributeError):
+        return None  # gone or not ours: nothing to compare
+    if written_by in (None, summary["run_id"]):
+        return None
+    return (f"the curated shards in {shards} were written by filter run {written_by}, not by the run {summary['run_id']} "
+            "that wrote this manifest (a filter stopped between publishing the two?): run the filter again")
 
 
 def _manifest_rules(manifest: str) -> dict[str, Any]:
