@@ -76,7 +76,8 @@ def test_plain_tars_are_read_without_tarfile_and_agree(tmp_path):
     assert read_plainly(odd)
     table = same_as_tarfile(odd, limit=1000)
     assert [(key, status) for _, key, _, _, status, _ in table] == [
-        ("a", "decode_error"), ("b", "too_large"), ("deep/" * 19 + "deep/c", "ok"), ("d", "ok")]
+        ("a", "decode_error"), ("link", "decode_error"), ("b", "too_large"), ("deep/" * 19 + "deep/c", "ok"), ("d", "ok")]
+    assert table[1][5] == "member link.jpg is a symbolic link, not a regular file (links are not followed)"
     shard = webdataset_tar(tmp_path / "webdataset.tar")
     assert read_plainly(shard) and b"mtime=" in shard.read_bytes()
     assert [row[4] for row in same_as_tarfile(shard)] == ["ok"] * 4

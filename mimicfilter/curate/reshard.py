@@ -193,11 +193,10 @@ class _GuardedReader:
 
 
 def _copy_source(plan: _SourcePlan, sink: _ShardSink, *, allow_pipe: bool) -> None:
-    """Stream one source shard once, copying every member of its kept samples into ``sink``.
-
-    Samples are counted as the scorer counts them (shards.samples: consecutive members with one key
-    form one sample), so a sample's index here is its ``index`` in the score table.
-    """
+    """Stream one source shard once, copying every regular member of its kept samples into ``sink``
+    (a link, FIFO, device or directory never: nothing is followed). Samples are counted as the scorer
+    counts them (shards.samples: consecutive members with one key form one sample, whatever their
+    type), so a sample's index here is its ``index`` in the score table."""
     found: set[str] = set()
     found_indices: set[int] = set()
     sample_key: str | None = None  # key of the sample whose members are being read
@@ -207,7 +206,7 @@ def _copy_source(plan: _SourcePlan, sink: _ShardSink, *, allow_pipe: bool) -> No
         with stream.open() as members:
             for member in members:
                 if member.key is None:
-                    continue  # directories, links, extension-less names belong to no sample
+                    continue  # names without an extension (e.g. directories) belong to no sample
                 starts = member.key != sample_key
                 if starts:
                     sample_index += 1
@@ -218,8 +217,9 @@ def _copy_source(plan: _SourcePlan, sink: _ShardSink, *, allow_pipe: bool) -> No
                         sink.start_sample()
                         found.add(member.key)
                         found_indices.add(sample_index)
-                    with stream.member_data(member) as data:
-                        sink.add_member(member.info, _GuardedReader(data))
+                    if member.regular:
+                        with stream.member_data(member) as data:
+                            sink.add_member(member.info, _GuardedReader(data))
     except _SourceReadError as exc:
         _raise_read_error(stream, exc.cause)
     except WriteRefused:

@@ -15,16 +15,11 @@ from collections.abc import Callable, Iterable, Iterator
 
 from mimicfilter.shards.decode import DecodeConfig
 from mimicfilter.shards.records import RawSample
-from mimicfilter.shards.tar_headers import NeedsTarfile, PlainHeader, PlainTar
-from mimicfilter.shards.tar_stream import STREAM_ERRORS, TarMember, TarStream, split_name
+from mimicfilter.shards.tar_headers import NeedsTarfile, PlainTar
+from mimicfilter.shards.tar_stream import STREAM_ERRORS, TarMember, TarStream, not_regular, split_name
 from mimicfilter.store.paths import is_url
 
 DEFAULT_MAX_MEMBER_BYTES = 64 * 2**20
-
-
-def _split_header(header: PlainHeader) -> tuple[str | None, str | None]:
-    """(key, lowercased ext) of a header of the plain reader, as :class:`TarStream` splits its members."""
-    return split_name(header.name) if header.regular else (None, None)
 
 
 def readable_key(name: str) -> str:
@@ -60,15 +55,27 @@ class _Samples:
 
     def add(self, ext: str, name: str, size: int, read: Callable[[], bytes]) -> None:
         """Add one file to the pending sample; skipped data is never read."""
-        sample = self.pending
-        if ext in self._seen_exts:
-            sample.mark("decode_error", f"duplicate member {sample.key}.{ext}")
+        if not self._first(ext):
             return
-        self._seen_exts.add(ext)
         if size > self.limit:  # left unread: the reader skips the data when it moves to the next header
-            sample.mark("too_large", f"member {name} is {size} bytes, over the {self.limit}-byte limit")
+            self.pending.mark("too_large", f"member {name} is {size} bytes, over the {self.limit}-byte limit")
             return
-        sample.files[ext] = read()
+        self.pending.files[ext] = read()
+
+    def add_not_regular(self, ext: str, name: str, kind: bytes) -> None:
+        """A member named like one of the sample's files that is a link, FIFO, device or directory
+        (tar type ``kind``): the sample is a decode_error naming it, not one without that file.
+        Nothing is read from it and no link is followed."""
+        if self._first(ext):
+            self.pending.mark("decode_error", not_regular(name, kind))
+
+    def _first(self, ext: str) -> bool:
+        """Whether ``ext`` is new to the pending sample (a second member with it is a decode_error)."""
+        if ext in self._seen_exts:
+            self.pending.mark("decode_error", f"duplicate member {self.pending.key}.{ext}")
+            return False
+        self._seen_exts.add(ext)
+        return True
 
     def failed(self, error: str) -> RawSample:
         """The one shard_error row of a broken stream: the in-progress sample's key and index, or
@@ -107,12 +114,15 @@ def _plain_samples(url: str, limit: int) -> Iterator[RawSample]:
     with PlainTar.open(url) as tar:
         try:
             for header in tar.headers():
-                key, ext = _split_header(header)
+                key, ext = split_name(header.name)
                 if key is None:
                     continue
                 if (done := samples.begin(key)) is not None:
                     yield done
-                samples.add(ext, header.name, header.size, tar.read)
+                if header.regular:
+                    samples.add(ext, header.name, header.size, tar.read)
+                else:
+                    samples.add_not_regular(ext, header.name, bytes((header.kind,)))
         except OSError as exc:  # tarfile reads it again and says what went wrong, and where
             raise NeedsTarfile(str(exc)) from None
     if samples.pending is not None:
@@ -134,14 +144,17 @@ def _tarfile_samples(url: str, allow_pipe: bool, limit: int) -> Iterator[RawSamp
         with stream.open() as members:
             for member in members:
                 if member.key is None:
-                    continue  # directories, links, extension-less names belong to no sample
+                    continue  # names without an extension (e.g. directories) belong to no sample
                 if (done := samples.begin(member.key)) is not None:
                     try:
                         yield done
                     except GeneratorExit:
                         abandoned = True
                         raise
-                samples.add(member.ext, member.info.name, member.info.size, reader(member))
+                if member.regular:
+                    samples.add(member.ext, member.info.name, member.info.size, reader(member))
+                else:
+                    samples.add_not_regular(member.ext, member.info.name, member.info.type)
     except STREAM_ERRORS as exc:
         if not abandoned:  # (e.g. a pipe's SIGPIPE exit status after the consumer stopped reading)
             yield samples.failed(stream.describe(exc))
@@ -162,7 +175,7 @@ def count_shard_samples(url: str, *, allow_pipe: bool = False) -> int:
     if local:
         try:
             with PlainTar.open(url) as tar:
-                return _count_keys(_split_header(header)[0] for header in tar.headers())
+                return _count_keys(split_name(header.name)[0] for header in tar.headers())
         except (NeedsTarfile, OSError):
             pass  # tarfile reads it (and stops where it is broken)
     return _count_keys(_tarfile_keys(url, allow_pipe, local))

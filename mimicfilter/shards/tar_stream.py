@@ -116,24 +116,35 @@ def describe_failure(url: str, exc: BaseException, *, done: str | None, reading:
 
 @dataclass(frozen=True)
 class TarMember:
-    """One member of a shard; ``key``/``ext`` are None for members that are not sample files."""
+    """One member of a shard; ``key``/``ext`` are None for members whose name is no sample file's
+    (``KEY.EXT``). A member so named that is not a regular file (``regular`` False: a link, a FIFO,
+    a device, a directory) still belongs to its sample, which it makes a ``decode_error``; its
+    data is never read and a link is never followed."""
 
     info: tarfile.TarInfo
     key: str | None
     ext: str | None  # lower case
-
-
-def _split_member(member: tarfile.TarInfo) -> tuple[str | None, str | None]:
-    """(key, lowercased ext) the WebDataset way, or (None, None) for members that are not sample files."""
-    return split_name(member.name) if member.isreg() else (None, None)
+    regular: bool = True
 
 
 def split_name(name: str) -> tuple[str | None, str | None]:
-    """(key, lowercased ext) of a regular member's name, or (None, None) when it names no sample file."""
+    """(key, lowercased ext) of a member's name, or (None, None) when it names no sample file."""
     key, ext = base_plus_ext(name)
     if key is None or not ext:
         return None, None
     return key, ext.lower()
+
+
+_NOT_REGULAR = {tarfile.SYMTYPE: "a symbolic link", tarfile.LNKTYPE: "a hard link", tarfile.FIFOTYPE: "a FIFO",
+                tarfile.CHRTYPE: "a character device", tarfile.BLKTYPE: "a block device", tarfile.DIRTYPE: "a directory"}
+
+
+def not_regular(name: str, kind: bytes) -> str:
+    """Why a member named like a sample's file, of tar type ``kind``, is not one: nothing is read from
+    it and no link is followed (a link may point at any file, inside the tar or outside it)."""
+    what = _NOT_REGULAR.get(kind) or f"a tar entry of type {kind.decode('latin-1')!r}"
+    links = " (links are not followed)" if kind in (tarfile.SYMTYPE, tarfile.LNKTYPE) else ""
+    return f"member {name} is {what}, not a regular file{links}"
 
 
 class TarStream:
@@ -170,8 +181,8 @@ class TarStream:
     def _members(self, tar: tarfile.TarFile) -> Iterator[TarMember]:
         while (info := tar.next()) is not None:
             tar.members = []  # streaming: do not accumulate TarInfo objects for huge shards
-            key, ext = _split_member(info)
-            yield TarMember(info, key, ext)
+            key, ext = split_name(info.name)
+            yield TarMember(info, key, ext, info.isreg())
             self.done = info.name
         problem = _end_problem(self._header_errors)
         if problem is not None:

@@ -1,0 +1,146 @@
+"""Hostile shards `score` must answer with a precise row: members that are links, FIFOs, devices or
+directories where a sample's file should be."""
+
+import io
+import tarfile
+
+import pyarrow.parquet as pq
+import pytest
+from click.testing import CliRunner
+from helpers import image_bytes, image_text_samples, write_tar
+
+from mimicfilter.shards.samples import _tarfile_samples, count_shard_samples, iter_shard_samples
+from mimicfilter_cli.main import cli
+
+
+def invoke(*args):
+    return CliRunner().invoke(cli, [str(arg) for arg in args], catch_exceptions=False)
+
+
+@pytest.fixture
+def models(tiny_config, reference_checkpoint):
+    return ["--model", tiny_config, "--reference", reference_checkpoint]
+
+
+def rows(samples) -> list[tuple]:
+    return [(s.key, s.index, dict(s.files), s.status, s.error) for s in samples]
+
+
+def add(tar: tarfile.TarFile, name: str, data: bytes = b"", kind: bytes = tarfile.REGTYPE, linkname: str = "") -> None:
+    """One tar entry; links, FIFOs and devices are only headers (nothing is made on disk)."""
+    info = tarfile.TarInfo(name)
+    info.type, info.size, info.mtime, info.linkname = kind, len(data), 0, linkname
+    tar.addfile(info, io.BytesIO(data) if data else None)
+
+
+# 1 ----------------------------------------------------------------------------------------------
+
+NOT_REGULAR = {
+    tarfile.SYMTYPE: "a symbolic link, not a regular file (links are not followed)",
+    tarfile.LNKTYPE: "a hard link, not a regular file (links are not followed)",
+    tarfile.FIFOTYPE: "a FIFO, not a regular file",
+    tarfile.CHRTYPE: "a character device, not a regular file",
+    tarfile.BLKTYPE: "a block device, not a regular file",
+    tarfile.DIRTYPE: "a directory, not a regular file",
+}
+
+
+def shard_with_special_member(path, ext: str, kind: bytes, target: str, form=tarfile.USTAR_FORMAT):
+    """Three samples (image, caption, label); the middle one's ``ext`` member is an entry of type
+    ``kind`` pointing (links) at ``target``."""
+    with tarfile.open(path, "w", format=form) as tar:
+        for number in range(3):
+            files = {"jpg": image_bytes(number), "txt": b"a caption", "cls": b"3"}
+            for member_ext, data in files.items():
+                name = f"{number:06d}.{member_ext}"
+                if number == 1 and member_ext == ext:
+                    add(tar, name, kind=kind, linkname=target if kind in (tarfile.SYMTYPE, tarfile.LNKTYPE) else "")
+                else:
+                    add(tar, name, data)
+    return path
+
+
+@pytest.mark.parametrize("kind", list(NOT_REGULAR))
+@pytest.mark.parametrize("ext", ["jpg", "txt", "cls"])
+def test_a_member_that_is_not_a_regular_file_is_named_not_missing(tmp_path, kind, ext):
+    secret = tmp_path / "secret.jpg"  # a real file a symlink points at: never read
+    secret.write_bytes(image_bytes(99))
+    target = str(secret) if kind == tarfile.SYMTYPE else f"000000.{ext}"  # a hard link names another member
+    for form in (tarfile.USTAR_FORMAT, tarfile.GNU_FORMAT):
+        shard = shard_with_special_member(tmp_path / f"special-{form}.tar", ext, kind, target, form)
+        ours = rows(iter_shard_samples(str(shard)))
+        assert ours == rows(_tarfile_samples(str(shard), False, 64 * 2**20))  # both readers agree
+        assert [(key, index, status) for key, index, _, status, _ in ours] == [
+            ("000000", 0, "ok"), ("000001", 1, "decode_error"), ("000002", 2, "ok")]
+        assert ours[1][4] == f"member 000001.{ext} is {NOT_REGULAR[kind]}"
+        assert ext not in ours[1][2] and image_bytes(99) not in ours[1][2].values()  # nothing read or followed
+        assert count_shard_samples(str(shard)) == 3
+
+
+def test_the_status_survives_decoding_for_captions_and_labels(tmp_path):
+    from mimicfilter.shards.decode import DecodeConfig, decode_sample, format_problem
+    from mimicfilter.shards.images import ImageGeometry
+
+    for ext, task in (("txt", "contrastive"), ("cls", "classify")):
+        shard = shard_with_special_member(tmp_path / f"{ext}.tar", ext, tarfile.SYMTYPE, "/etc/passwd")
+        raw = list(iter_shard_samples(str(shard)))[1]
+        decoded = decode_sample(raw, DecodeConfig(task=task), ImageGeometry())
+        expected = f"member 000001.{ext} is a symbolic link, not a regular file (links are not followed)"
+        assert (decoded.status, decoded.error) == ("decode_error", expected)
+        assert format_problem(raw, DecodeConfig(task=task)) == ("decode_error", expected)
+
+
+def test_a_sample_made_only_of_links_keeps_its_row_and_curated_shards_never_copy_links(tmp_path):
+    from mimicfilter.curate.reshard import write_curated_shards
+
+    shard = tmp_path / "links.tar"
+    with tarfile.open(shard, "w") as tar:
+        for key, files in image_text_samples(3):
+            if key == "00000001":  # every member a link: still a sample, at its own index
+                add(tar, f"{key}.jpg", kind=tarfile.SYMTYPE, linkname="00000000.jpg")
+                add(tar, f"{key}.txt", kind=tarfile.LNKTYPE, linkname="00000000.txt")
+                continue
+            for ext, data in files.items():
+                add(tar, f"{key}.{ext}", data)
+    table = rows(iter_shard_samples(str(shard)))
+    assert [(key, index, status) for key, index, _, status, _ in table] == [
+        ("00000000", 0, "ok"), ("00000001", 1, "decode_error"), ("00000002", 2, "ok")]
+    written = write_curated_shards([(str(shard), "00000002", 2), (str(shard), "00000001")], tmp_path / "curated")
+    with tarfile.open(written[0].path) as tar:
+        members = tar.getmembers()
+    assert all(member.isreg() for member in members)  # the links were not copied, nor followed
+    assert {member.name for member in members} == {"00000002.jpg", "00000002.txt", "00000002.json"}
+
+
+def test_score_names_links_fifos_and_directories_in_place_of_a_samples_files(tmp_path, models):
+    shard = tmp_path / "hostile.tar"
+    with tarfile.open(shard, "w") as tar:
+        add(tar, "000000.jpg", image_bytes(0))
+        add(tar, "000000.txt", b"a good one")
+        add(tar, "000001.jpg", kind=tarfile.SYMTYPE, linkname="/etc/passwd")
+        add(tar, "000001.txt", b"a symlink for an image")
+        add(tar, "000002.jpg", kind=tarfile.LNKTYPE, linkname="000000.jpg")
+        add(tar, "000002.txt", b"a hard link for an image")
+        add(tar, "000003.jpg", image_bytes(3))
+        add(tar, "000003.txt", kind=tarfile.SYMTYPE, linkname="000000.txt")
+        add(tar, "000004.jpg", kind=tarfile.FIFOTYPE)
+        add(tar, "000004.txt", b"a FIFO for an image")
+        add(tar, "000005.jpg", kind=tarfile.DIRTYPE)
+        add(tar, "000005.txt", b"a directory for an image")
+        add(tar, "000006.jpg", image_bytes(6))
+        add(tar, "000006.txt", b"another good one")
+    out = tmp_path / "run"
+    result = invoke("score", shard, *models, "--train", "none", "--workers", "0", "--batch-size", "4", "--quiet",
+                    "--out", out)
+    assert result.exit_code == 0 and "Traceback" not in result.output, result.output
+    table = {row["key"]: (row["status"], row["error"]) for row in pq.read_table(out / "scores").to_pylist()}
+    assert table == {
+        "000000": ("ok", None),
+        "000001": ("decode_error", "member 000001.jpg is a symbolic link, not a regular file (links are not followed)"),
+        "000002": ("decode_error", "member 000002.jpg is a hard link, not a regular file (links are not followed)"),
+        "000003": ("decode_error", "member 000003.txt is a symbolic link, not a regular file (links are not followed)"),
+        "000004": ("decode_error", "member 000004.jpg is a FIFO, not a regular file"),
+        "000005": ("decode_error", "member 000005.jpg is a directory, not a regular file"),
+        "000006": ("ok", None),
+    }
+    assert (out / "_SUCCESS").exists()
