@@ -1,8 +1,10 @@
 """Hostile shards `score` must answer with a precise row: members that are links, FIFOs, devices or
-directories where a sample's file should be."""
+directories where a sample's file should be (1); PNG decompression bombs (2)."""
 
 import io
+import struct
 import tarfile
+import zlib
 
 import pyarrow.parquet as pq
 import pytest
@@ -144,3 +146,64 @@ def test_score_names_links_fifos_and_directories_in_place_of_a_samples_files(tmp
         "000006": ("ok", None),
     }
     assert (out / "_SUCCESS").exists()
+
+
+# 2 ----------------------------------------------------------------------------------------------
+
+
+def png_declaring(width: int, height: int) -> bytes:
+    """A PNG of a few dozen bytes whose header declares ``width`` x ``height`` one-bit pixels (never decoded)."""
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 1, 0, 0, 0, 0))
+            + chunk(b"IDAT", zlib.compress(bytes(64))) + chunk(b"IEND", b""))
+
+
+@pytest.mark.parametrize("width, height", [(30000, 30000), (10000, 10000), (12000, 8000)])
+def test_a_png_decompression_bomb_says_its_size(width, height):
+    """Pillow refuses these in Image.open (over twice its limit: an error; over it: a warning made an
+    error) before the size guards see them; the row still gives the size from the header."""
+    from mimicfilter.shards.decode import DecodeConfig, decode_for_display, decode_sample
+    from mimicfilter.shards.images import ImageGeometry
+    from mimicfilter.shards.records import RawSample
+
+    raw = RawSample("s.tar", "bomb", 0, {"png": png_declaring(width, height), "txt": b"a caption"})
+    expected = f"image png: image is {width}x{height} pixels, over the 89478485-pixel limit"
+    for decoder in ("fast", "pil", "gpu"):
+        decoded = decode_sample(raw, DecodeConfig(decoder=decoder), ImageGeometry())
+        assert (decoded.status, decoded.error) == ("too_large", expected)
+        assert (decoded.image_width, decoded.image_height) == (width, height)
+    assert decode_for_display(raw, DecodeConfig()).error == expected
+
+
+def test_a_bomb_under_a_raised_limit_is_refused_by_pillow_with_its_size():
+    from mimicfilter.shards.decode import DecodeConfig, decode_sample
+    from mimicfilter.shards.images import ImageGeometry, header_size
+    from mimicfilter.shards.records import RawSample
+
+    config = DecodeConfig(decoder="pil", max_image_pixels=500_000_000)
+    huge = decode_sample(RawSample("s.tar", "k", 0, {"png": png_declaring(30000, 30000)}), config, ImageGeometry())
+    assert huge.error == "image png: image is 30000x30000 pixels, over the 500000000-pixel limit"
+    # within the raised limit, but over twice Pillow's own: Pillow still refuses it, and the row says so
+    big = decode_sample(RawSample("s.tar", "k", 0, {"png": png_declaring(15000, 12000)}), config, ImageGeometry())
+    assert big.status == "too_large" and (big.image_width, big.image_height) == (15000, 12000)
+    assert big.error.startswith("image png: image is 15000x12000 pixels, rejected by Pillow as a decompression bomb: ")
+    assert header_size(png_declaring(30000, 7)) == (30000, 7)
+    assert header_size(b"not an image") is None and header_size(b"") is None
+
+
+def test_score_gives_a_bombs_size(tmp_path, models):
+    samples = image_text_samples(3)
+    samples[1][1].pop("jpg")
+    samples[1][1]["png"] = png_declaring(30000, 30000)
+    out = tmp_path / "run"
+    result = invoke("score", write_tar(tmp_path / "bomb.tar", samples), *models, "--train", "none", "--workers", "0",
+                    "--quiet", "--out", out)
+    assert result.exit_code == 0, result.output
+    table = {row["key"]: row for row in pq.read_table(out / "scores").to_pylist()}
+    bomb = table["00000001"]
+    assert (bomb["status"], bomb["error"]) == ("too_large", "image png: image is 30000x30000 pixels, over the 89478485-pixel limit")
+    assert (bomb["image_width"], bomb["image_height"]) == (30000, 30000)
+    assert table["00000000"]["status"] == table["00000002"]["status"] == "ok"
+

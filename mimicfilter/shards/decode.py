@@ -26,7 +26,7 @@ from PIL import Image, UnidentifiedImageError
 
 from mimicfilter.defaults import TASKS
 from mimicfilter.errors import MimicfilterError, one_line
-from mimicfilter.shards.images import DEFAULT_MAX_ASPECT_RATIO, ImageGeometry, TooLarge
+from mimicfilter.shards.images import DEFAULT_MAX_ASPECT_RATIO, ImageGeometry, TooLarge, header_size
 from mimicfilter.shards.records import DecodedSample, RawSample
 
 _INTEGER = re.compile(r"[+-]?[0-9]+")
@@ -231,11 +231,7 @@ def _load_image(files: dict[str, bytes], config: DecodeConfig, geometry: ImageGe
         try:
             with Image.open(io.BytesIO(data)) as opened:
                 width, height = opened.size  # from the header: checked before any pixel is decoded
-                if geometry is None:
-                    if width * height > config.max_image_pixels:
-                        raise TooLarge(f"image is {width}x{height} pixels, over the {config.max_image_pixels}-pixel limit")
-                else:
-                    geometry.check_size(width, height, config.max_image_pixels, config.max_aspect_ratio)
+                _check_size(width, height, config, geometry)
                 opened.load()  # force a full decode so truncated/corrupt data fails here, not later
                 rgb = _to_rgb(opened)
                 if geometry is not None:
@@ -244,11 +240,33 @@ def _load_image(files: dict[str, bytes], config: DecodeConfig, geometry: ImageGe
         except TooLarge as exc:
             raise _Reject("too_large", f"image {ext}: {exc}", None if width is None else (width, height)) from None
         except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
-            raise _Reject("too_large", f"image {ext} rejected as a decompression bomb: {exc}") from None
+            size = (width, height) if width is not None else header_size(data)  # Image.open refused it unread
+            raise _Reject("too_large", _bomb_error(ext, exc, size, config, geometry), size) from None
         except UnidentifiedImageError:
             raise _Reject("decode_error", f"cannot decode image {ext}: not a recognised image format") from None
         except Exception as exc:  # Pillow plugins raise many unrelated types (OSError, SyntaxError, struct.error...) on bad data
             raise _Reject("decode_error", f"cannot decode image {ext}: {type(exc).__name__}: {exc}") from None
+
+
+def _check_size(width: int, height: int, config: DecodeConfig, geometry: ImageGeometry | None) -> None:
+    """The size guards (:class:`TooLarge`); for display (no geometry) the pixel limit alone."""
+    if geometry is not None:
+        geometry.check_size(width, height, config.max_image_pixels, config.max_aspect_ratio)
+    elif width * height > config.max_image_pixels:
+        raise TooLarge(f"image is {width}x{height} pixels, over the {config.max_image_pixels}-pixel limit")
+
+
+def _bomb_error(ext: str, exc: Exception, size: tuple[int, int] | None, config: DecodeConfig,
+                geometry: ImageGeometry | None) -> str:
+    """The error of an image Pillow refused as a decompression bomb: the size guards' own, with the
+    image's size, when its header gives one."""
+    if size is None:
+        return f"image {ext} rejected as a decompression bomb: {exc}"
+    try:
+        _check_size(*size, config, geometry)
+    except TooLarge as too_large:
+        return f"image {ext}: {too_large}"
+    return f"image {ext}: image is {size[0]}x{size[1]} pixels, rejected by Pillow as a decompression bomb: {exc}"
 
 
 def _fast_module():

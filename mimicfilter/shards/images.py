@@ -8,7 +8,8 @@ fill) and reproduces it exactly on PIL images: the PIL route gives the pixels op
 
 Size guards, checked from the header before any pixel is decoded: the source pixel count (the
 decompression-bomb limit), the aspect ratio, and the size of the resized image before its crop
-(a 1×400,000 px PNG is tiny on disk but would be upscaled to billions of pixels).
+(a 1×400,000 px PNG is tiny on disk but would be upscaled to billions of pixels);
+:func:`header_size` reads the size of an image Pillow refuses to open, for its error.
 """
 
 from __future__ import annotations
@@ -25,6 +26,36 @@ DEFAULT_MAX_ASPECT_RATIO = 100.0
 
 class TooLarge(Exception):
     """An image the size guards reject (status ``too_large``)."""
+
+
+def header_size(data: bytes) -> tuple[int, int] | None:
+    """The (width, height) an image file's header declares, read by Pillow's format plugins as
+    ``Image.open`` reads it but without its decompression-bomb check, which refuses a huge image
+    without saying its size. Only the header is parsed (no pixel is decoded); None when no plugin
+    reads it."""
+    import io
+    import warnings
+
+    from PIL import Image
+
+    Image.preinit()  # the common formats first, as Image.open tries them
+    Image.init()
+    prefix = data[:16]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for name in list(Image.ID):
+            factory, accept = Image.OPEN[name]
+            try:
+                accepted = accept(prefix) if accept else True
+                if not accepted or isinstance(accepted, str):  # (a string: Pillow's warning, not a match)
+                    continue
+                with factory(io.BytesIO(data), "") as image:
+                    width, height = image.size
+            except Exception:  # noqa: BLE001 - plugins raise many types on data that is not theirs
+                continue
+            if width > 0 and height > 0:
+                return width, height
+    return None
 
 
 def _pair(size: Any) -> tuple[int, int]:
