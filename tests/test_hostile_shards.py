@@ -1,7 +1,12 @@
 """Hostile shards `score` must answer with a precise row: members that are links, FIFOs, devices or
-directories where a sample's file should be (1); PNG decompression bombs (2)."""
+directories where a sample's file should be (1); PNG decompression bombs (2); compressed shards cut
+short (3)."""
 
+import bz2
+import gzip
 import io
+import lzma
+import random
 import struct
 import tarfile
 import zlib
@@ -207,3 +212,74 @@ def test_score_gives_a_bombs_size(tmp_path, models):
     assert (bomb["image_width"], bomb["image_height"]) == (30000, 30000)
     assert table["00000000"]["status"] == table["00000002"]["status"] == "ok"
 
+
+# 3 ----------------------------------------------------------------------------------------------
+
+COMPRESSORS = {"gzip": gzip.compress, "bz2": lambda data: bz2.compress(data, 1), "xz": lzma.compress}
+
+
+def payload_samples(count: int = 8) -> list[tuple[str, dict[str, bytes]]]:
+    """Samples with 30 kB of incompressible bytes each: bz2 (level 1: 100 kB blocks) needs several blocks."""
+    rng = random.Random(0)
+    return [(key, {**files, "bin": rng.randbytes(30_000)}) for key, files in image_text_samples(count)]
+
+
+@pytest.mark.parametrize("compression", list(COMPRESSORS))
+def test_a_compressed_shard_cut_short_says_so_and_keeps_the_rows_before_the_cut(tmp_path, compression):
+    plain = write_tar(tmp_path / "plain.tar", payload_samples())
+    good = rows(iter_shard_samples(str(plain)))
+    packed = COMPRESSORS[compression](plain.read_bytes())
+    cut = tmp_path / f"cut.tar.{compression}"
+    cut.write_bytes(packed[: len(packed) // 2])
+    table = rows(iter_shard_samples(str(cut)))
+    *before, broken = table
+    assert before and before == good[: len(before)]  # every sample before the cut, as read from the whole shard
+    assert broken[:4] == (good[len(before)][0], len(before), {}, "shard_error")
+    assert broken[4].startswith(f"truncated tar: the {compression} data ends before its end-of-stream marker ")
+    assert f"member {broken[0]}." in broken[4]
+
+
+def test_a_small_tar_bz2_cut_in_half_is_truncated_not_empty(tmp_path):
+    """One bz2 block: nothing decompresses before the cut, and the row says why."""
+    plain = write_tar(tmp_path / "plain.tar", image_text_samples(4)).read_bytes()
+    packed = bz2.compress(plain)
+    cut = tmp_path / "cut.tar.bz2"
+    cut.write_bytes(packed[: len(packed) // 2])
+    assert rows(iter_shard_samples(str(cut))) == [
+        ("", 0, {}, "shard_error", "truncated tar: the bz2 data ends before its end-of-stream marker")]
+
+
+def test_concatenated_streams_are_one_shard_and_corrupt_data_is_named(tmp_path):
+    plain = write_tar(tmp_path / "plain.tar", image_text_samples(6)).read_bytes()
+    good = rows(iter_shard_samples(str(tmp_path / "plain.tar")))
+    middle = len(plain) // 2  # as pbzip2 or `cat a.gz b.gz` write them
+    for name, compress in (("gz", gzip.compress), ("bz2", bz2.compress), ("xz", lzma.compress)):
+        path = tmp_path / f"joined.tar.{name}"
+        path.write_bytes(compress(plain[:middle]) + compress(plain[middle:]))
+        assert rows(iter_shard_samples(str(path))) == good
+    packed = bytearray(lzma.compress(plain))
+    packed[len(packed) // 2] ^= 0xFF
+    (tmp_path / "corrupt.tar.xz").write_bytes(bytes(packed))
+    *before, broken = rows(iter_shard_samples(str(tmp_path / "corrupt.tar.xz")))
+    assert before == good[: len(before)] and broken[3] == "shard_error"
+    assert broken[4].startswith("corrupt compressed stream: xz: Corrupt input data")
+
+
+def test_score_keeps_a_cut_compressed_shards_rows_and_says_it_is_truncated(tmp_path, models):
+    plain = write_tar(tmp_path / "plain.tar", image_text_samples(6)).read_bytes()
+    for name, packed in (("cut.tar.bz2", bz2.compress(plain)), ("cut.tar.gz", gzip.compress(plain))):
+        (tmp_path / name).write_bytes(packed[: len(packed) // 2])
+    out = tmp_path / "run"
+    result = invoke("score", tmp_path / "cut.tar.bz2", tmp_path / "cut.tar.gz", *models, "--train", "none",
+                    "--workers", "0", "--quiet", "--out", out)
+    assert result.exit_code == 0 and "Traceback" not in result.output, result.output
+    table = sorted((row["shard"].rsplit("/", 1)[1], row["index"], row["key"], row["status"], row["error"])
+                   for row in pq.read_table(out / "scores").to_pylist())
+    assert table == [
+        ("cut.tar.bz2", 0, "", "shard_error", "truncated tar: the bz2 data ends before its end-of-stream marker"),
+        ("cut.tar.gz", 0, "00000000", "ok", None),
+        ("cut.tar.gz", 1, "00000001", "ok", None),
+        ("cut.tar.gz", 2, "00000002", "shard_error",
+         "truncated tar: the gzip data ends before its end-of-stream marker in member 00000002.jpg"),
+    ]
+    assert (out / "_SUCCESS").exists()

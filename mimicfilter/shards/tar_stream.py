@@ -1,8 +1,8 @@
 """Any tar shard read member by member: :class:`TarStream`, the general tar reader.
 
 It opens a shard (local file, fsspec URL or allowed ``pipe:``), yields its members in order without
-accumulating headers, tells a clean end from a truncated or corrupt tail, and describes a failure
-in one line naming where it happened. Both :mod:`mimicfilter.shards.samples` (scoring) and
+accumulating headers, tells a clean end from a truncated or corrupt tail (of the tar, or of its
+gzip, bz2 or xz compression), and describes a failure in one line naming where it happened. Both :mod:`mimicfilter.shards.samples` (scoring) and
 :mod:`mimicfilter.curate.reshard` (curated shards) read through it; local plain tars — most
 shards — are read for scoring by the faster :mod:`mimicfilter.shards.tar_headers`, which hands
 anything unusual back to it, so the rows are the same either way.
@@ -10,7 +10,9 @@ anything unusual back to it, so the rows are the same either way.
 
 from __future__ import annotations
 
+import bz2
 import contextlib
+import gzip
 import lzma
 import re
 import tarfile
@@ -91,8 +93,10 @@ def _end_problem(header_errors: list[tarfile.HeaderError]) -> str | None:
     return f"invalid header ({last})"
 
 
-def describe_failure(url: str, exc: BaseException, *, done: str | None, reading: str | None) -> str:
-    """One-line description of a stream failure, naming where in the tar it happened."""
+def describe_failure(url: str, exc: BaseException, *, done: str | None, reading: str | None,
+                     compression: str | None = None) -> str:
+    """One-line description of a stream failure, naming where in the tar it happened; ``compression``
+    names the shard's compression when ``exc`` may come from its decompressor (not from reading the file)."""
     message = one_line(exc) or type(exc).__name__
     where = f" in member {reading}" if reading else (f" after member {done}" if done else "")
     if isinstance(exc, FileNotFoundError):
@@ -100,6 +104,10 @@ def describe_failure(url: str, exc: BaseException, *, done: str | None, reading:
     if url.startswith("pipe:") and isinstance(exc, OSError) and (status := re.search(r"exit (-?\d+)", message)):
         # webdataset's Pipe error repeats Popen's arguments; the command and status are what matter.
         return one_line(f"pipe command failed with exit status {status.group(1)}{where}: {url[5:]}")
+    if compression is not None and isinstance(exc, EOFError):  # the decompressor's: the file was cut short
+        return one_line(f"truncated tar: the {compression} data ends before its end-of-stream marker{where}")
+    if compression is not None and (isinstance(exc, (OSError, zlib.error, lzma.LZMAError)) or message.startswith("zlib")):
+        return one_line(f"corrupt compressed stream: {compression}: {message}{where}")
     compressed = isinstance(exc, (zlib.error, lzma.LZMAError)) or re.search(r"zlib|gzip|bz2|lzma|compress", message)
     if compressed:
         return one_line(f"corrupt compressed stream: {message}{where}")
@@ -147,6 +155,67 @@ def not_regular(name: str, kind: bytes) -> str:
     return f"member {name} is {what}, not a regular file{links}"
 
 
+# tarfile's "r|*" tells compression by these leading bytes (tarfile._StreamProxy); the shard is then
+# decompressed here, by the stdlib's file readers, which (unlike tarfile's stream) raise EOFError when
+# the compressed data ends before its end-of-stream marker: a cut .tar.bz2 is not an "empty file".
+_HEAD_BYTES = 10
+_DECOMPRESSORS = {"gzip": lambda source: gzip.GzipFile(fileobj=source, mode="rb"), "bz2": bz2.BZ2File,
+                  "xz": lzma.LZMAFile}
+
+
+def compression_of(head: bytes) -> str | None:
+    """``gzip``, ``bz2`` or ``xz`` (also legacy .lzma) by a stream's first bytes, as tarfile's "r|*" tells them; else None."""
+    if head.startswith(b"\x1f\x8b\x08"):
+        return "gzip"
+    if head[0:3] == b"BZh" and head[4:10] == b"1AY&SY":
+        return "bz2"
+    if head.startswith((b"\x5d\x00\x00\x80", b"\xfd7zXZ")):
+        return "xz"
+    return None
+
+
+class _Source:
+    """A shard's byte stream with its first bytes (read to tell its compression) put back; it
+    remembers a failed read, so that a decompressor's error is told apart from an I/O error."""
+
+    def __init__(self, raw: IO[bytes]):
+        self._raw = raw
+        self.failed = False
+        head = b""
+        while len(head) < _HEAD_BYTES and (more := self._read(_HEAD_BYTES - len(head))):
+            head += more
+        self.head = self._unread = head
+
+    def _read(self, size: int) -> bytes:
+        try:
+            return self._raw.read(size)
+        except BaseException:
+            self.failed = True
+            raise
+
+    def read(self, size: int = -1) -> bytes:
+        if not self._unread:
+            return self._read(size)
+        head, self._unread = self._unread, b""
+        if size is None or size < 0:
+            return head + self._read(-1)
+        if size < len(head):
+            head, self._unread = head[:size], head[size:]
+        return head
+
+
+class _StepReader:
+    """A decompressing reader read one step at a time (``read1``): its buffered ``read(n)`` loops until
+    it has ``n`` bytes and, when the data ends part way, drops what it had decompressed — and with it
+    the last samples before the cut. tarfile stops asking once it has the header or data it needs."""
+
+    def __init__(self, reader: IO[bytes]):
+        self._reader = reader
+
+    def read(self, size: int = -1) -> bytes:
+        return self._reader.read1(size)
+
+
 class TarStream:
     """One shard read member by member; remembers where it is, so a failure can say where.
 
@@ -169,14 +238,28 @@ class TarStream:
         self.reading: str | None = None  # member whose data is being read right now
         self._header_errors: list[tarfile.HeaderError] = []
         self._tar: tarfile.TarFile | None = None
+        self._source: _Source | None = None
+        self.compression: str | None = None  # gzip, bz2 or xz: decompressed here (streaming only)
 
     @contextlib.contextmanager
     def open(self) -> Iterator[Iterator[TarMember]]:
-        with open_stream(self.url, self.allow_pipe) as raw, tarfile.open(
-            fileobj=raw, mode="r:*" if self.seeking else "r|*", tarinfo=_recording_tarinfo(self._header_errors)
-        ) as tar:
+        tarinfo = _recording_tarinfo(self._header_errors)
+        with contextlib.ExitStack() as stack:
+            raw = stack.enter_context(open_stream(self.url, self.allow_pipe))
+            if self.seeking:  # a local file: tarfile tells and opens any compression itself
+                tar = stack.enter_context(tarfile.open(fileobj=raw, mode="r:*", tarinfo=tarinfo))
+            else:
+                tar = stack.enter_context(tarfile.open(fileobj=self._tar_bytes(raw, stack), mode="r|", tarinfo=tarinfo))
             self._tar = tar
             yield self._members(tar)
+
+    def _tar_bytes(self, raw: IO[bytes], stack: contextlib.ExitStack) -> _Source | _StepReader:
+        """The stream's tar bytes: decompressed here when its first bytes say gzip, bz2 or xz."""
+        self._source = _Source(raw)
+        self.compression = compression_of(self._source.head)
+        if self.compression is None:
+            return self._source
+        return _StepReader(stack.enter_context(_DECOMPRESSORS[self.compression](self._source)))
 
     def _members(self, tar: tarfile.TarFile) -> Iterator[TarMember]:
         while (info := tar.next()) is not None:
@@ -199,4 +282,6 @@ class TarStream:
         self.reading = None
 
     def describe(self, exc: BaseException) -> str:
-        return describe_failure(self.url, exc, done=self.done, reading=self.reading)
+        from_decompressor = self._source is not None and not self._source.failed
+        return describe_failure(self.url, exc, done=self.done, reading=self.reading,
+                                compression=self.compression if from_decompressor else None)
