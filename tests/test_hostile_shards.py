@@ -48,7 +48,6 @@ NOT_REGULAR = {
     tarfile.FIFOTYPE: "a FIFO, not a regular file",
     tarfile.CHRTYPE: "a character device, not a regular file",
     tarfile.BLKTYPE: "a block device, not a regular file",
-    tarfile.DIRTYPE: "a directory, not a regular file",
 }
 
 
@@ -119,7 +118,24 @@ def test_a_sample_made_only_of_links_keeps_its_row_and_curated_shards_never_copy
     assert {member.name for member in members} == {"00000002.jpg", "00000002.txt", "00000002.json"}
 
 
-def test_score_names_links_fifos_and_directories_in_place_of_a_samples_files(tmp_path, models):
+def test_a_directory_entry_is_no_sample_whatever_its_name(tmp_path):
+    """`tar cf shard.tar images.2024/` stores the directory first: it holds files, it is not one."""
+    for form in (tarfile.USTAR_FORMAT, tarfile.GNU_FORMAT):
+        shard = tmp_path / f"dirs-{form}.tar"
+        with tarfile.open(shard, "w", format=form) as tar:
+            add(tar, "images.2024", kind=tarfile.DIRTYPE)
+            for key, files in image_text_samples(2):
+                for ext, data in files.items():
+                    add(tar, f"images.2024/{key}.{ext}", data)
+            add(tar, "00000009.jpg", kind=tarfile.DIRTYPE)  # named like a file: still none
+        ours = rows(iter_shard_samples(str(shard)))
+        assert ours == rows(_tarfile_samples(str(shard), False, 64 * 2**20))
+        assert [(key, index, status) for key, index, _, status, _ in ours] == [
+            ("images.2024/00000000", 0, "ok"), ("images.2024/00000001", 1, "ok")]
+        assert count_shard_samples(str(shard)) == 2
+
+
+def test_score_names_links_and_fifos_in_place_of_a_samples_files(tmp_path, models):
     shard = tmp_path / "hostile.tar"
     with tarfile.open(shard, "w") as tar:
         add(tar, "000000.jpg", image_bytes(0))
@@ -147,7 +163,7 @@ def test_score_names_links_fifos_and_directories_in_place_of_a_samples_files(tmp
         "000002": ("decode_error", "member 000002.jpg is a hard link, not a regular file (links are not followed)"),
         "000003": ("decode_error", "member 000003.txt is a symbolic link, not a regular file (links are not followed)"),
         "000004": ("decode_error", "member 000004.jpg is a FIFO, not a regular file"),
-        "000005": ("decode_error", "member 000005.jpg is a directory, not a regular file"),
+        "000005": ("missing_image", "no image file (looked for jpg, jpeg, png, webp)"),  # a directory holds no image
         "000006": ("ok", None),
     }
     assert (out / "_SUCCESS").exists()

@@ -194,7 +194,7 @@ class _GuardedReader:
 
 def _copy_source(plan: _SourcePlan, sink: _ShardSink, *, allow_pipe: bool) -> None:
     """Stream one source shard once, copying every regular member of its kept samples into ``sink``
-    (a link, FIFO, device or directory never: nothing is followed). Samples are counted as the scorer
+    (a link, FIFO or device never: nothing is followed). Samples are counted as the scorer
     counts them (shards.samples: consecutive members with one key form one sample, whatever their
     type), so a sample's index here is its ``index`` in the score table."""
     found: set[str] = set()
@@ -206,7 +206,7 @@ def _copy_source(plan: _SourcePlan, sink: _ShardSink, *, allow_pipe: bool) -> No
         with stream.open() as members:
             for member in members:
                 if member.key is None:
-                    continue  # names without an extension (e.g. directories) belong to no sample
+                    continue  # directories and names without an extension belong to no sample
                 starts = member.key != sample_key
                 if starts:
                     sample_index += 1

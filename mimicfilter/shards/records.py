@@ -14,7 +14,7 @@ class RawSample:
     """One WebDataset sample as read from its shard: the bytes of its files, or why not.
 
     ``status`` is ``ok``, ``too_large`` (a member over the size limit), ``decode_error`` (e.g. a
-    duplicate member, or a member that is a link, FIFO, device or directory, not a regular file) or
+    duplicate member, or a member that is a link, FIFO or device, not a regular file) or
     ``shard_error`` (the stream broke here; ``files`` is then empty).
     """
 

@@ -63,7 +63,7 @@ class _Samples:
         self.pending.files[ext] = read()
 
     def add_not_regular(self, ext: str, name: str, kind: bytes) -> None:
-        """A member named like one of the sample's files that is a link, FIFO, device or directory
+        """A member named like one of the sample's files that is a link, FIFO or device
         (tar type ``kind``): the sample is a decode_error naming it, not one without that file.
         Nothing is read from it and no link is followed."""
         if self._first(ext):
@@ -114,7 +114,7 @@ def _plain_samples(url: str, limit: int) -> Iterator[RawSample]:
     with PlainTar.open(url) as tar:
         try:
             for header in tar.headers():
-                key, ext = split_name(header.name)
+                key, ext = split_name(header.name, header.directory)
                 if key is None:
                     continue
                 if (done := samples.begin(key)) is not None:
@@ -144,7 +144,7 @@ def _tarfile_samples(url: str, allow_pipe: bool, limit: int) -> Iterator[RawSamp
         with stream.open() as members:
             for member in members:
                 if member.key is None:
-                    continue  # names without an extension (e.g. directories) belong to no sample
+                    continue  # directories and names without an extension belong to no sample
                 if (done := samples.begin(member.key)) is not None:
                     try:
                         yield done
@@ -175,7 +175,7 @@ def count_shard_samples(url: str, *, allow_pipe: bool = False) -> int:
     if local:
         try:
             with PlainTar.open(url) as tar:
-                return _count_keys(split_name(header.name)[0] for header in tar.headers())
+                return _count_keys(split_name(header.name, header.directory)[0] for header in tar.headers())
         except (NeedsTarfile, OSError):
             pass  # tarfile reads it (and stops where it is broken)
     return _count_keys(_tarfile_keys(url, allow_pipe, local))

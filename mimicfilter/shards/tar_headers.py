@@ -26,6 +26,7 @@ from typing import NamedTuple
 
 BLOCK = 512
 _ZERO_BLOCK = bytes(BLOCK)
+_DIRECTORY = ord("5")
 _REGULAR = frozenset(b"07\0")  # tarfile.REGULAR_TYPES less the sparse "S" (which needs tarfile)
 _NO_DATA = frozenset(b"123456")  # links, devices, directories, FIFOs: tarfile skips no data for them
 _PAX = ord("x")  # a pax extended header (webdataset's TarWriter writes one per member for its float mtime)
@@ -52,6 +53,10 @@ class PlainHeader(NamedTuple):
     @property
     def regular(self) -> bool:
         return self.kind in _REGULAR
+
+    @property
+    def directory(self) -> bool:
+        return self.kind == _DIRECTORY
 
     @property
     def extended(self) -> bool:
@@ -117,10 +122,10 @@ def parse_header(block: bytes) -> PlainHeader | None:
     size = _octal(block[124:136])
     name = _text(block[0:100])
     if kind == 0 and name.endswith("/"):  # an old-style directory (tarfile makes it a DIRTYPE)
-        kind = ord("5")
+        kind = _DIRECTORY
     if kind not in _REGULAR and kind not in _NO_DATA and kind != _PAX:
         raise NeedsTarfile(f"member type {chr(kind)!r}")  # global pax, GNU long names, sparse, unknown types
-    if kind == ord("5"):
+    if kind == _DIRECTORY:
         name = name.rstrip("/")
     prefix = _text(block[345:500])
     if prefix:  # tarfile joins a ustar prefix, whatever the header's magic says

@@ -125,8 +125,8 @@ def describe_failure(url: str, exc: BaseException, *, done: str | None, reading:
 @dataclass(frozen=True)
 class TarMember:
     """One member of a shard; ``key``/``ext`` are None for members whose name is no sample file's
-    (``KEY.EXT``). A member so named that is not a regular file (``regular`` False: a link, a FIFO,
-    a device, a directory) still belongs to its sample, which it makes a ``decode_error``; its
+    (``KEY.EXT``; never a directory). A member so named that is not a regular file (``regular`` False:
+    a link, a FIFO, a device) still belongs to its sample, which it makes a ``decode_error``; its
     data is never read and a link is never followed."""
 
     info: tarfile.TarInfo
@@ -135,8 +135,11 @@ class TarMember:
     regular: bool = True
 
 
-def split_name(name: str) -> tuple[str | None, str | None]:
-    """(key, lowercased ext) of a member's name, or (None, None) when it names no sample file."""
+def split_name(name: str, directory: bool = False) -> tuple[str | None, str | None]:
+    """(key, lowercased ext) of a member's name, or (None, None) when it names no sample file. A
+    directory never does, whatever its name (``images.2024/``, say): it holds files, it is not one."""
+    if directory:
+        return None, None
     key, ext = base_plus_ext(name)
     if key is None or not ext:
         return None, None
@@ -144,7 +147,7 @@ def split_name(name: str) -> tuple[str | None, str | None]:
 
 
 _NOT_REGULAR = {tarfile.SYMTYPE: "a symbolic link", tarfile.LNKTYPE: "a hard link", tarfile.FIFOTYPE: "a FIFO",
-                tarfile.CHRTYPE: "a character device", tarfile.BLKTYPE: "a block device", tarfile.DIRTYPE: "a directory"}
+                tarfile.CHRTYPE: "a character device", tarfile.BLKTYPE: "a block device"}
 
 
 def not_regular(name: str, kind: bytes) -> str:
@@ -264,7 +267,7 @@ class TarStream:
     def _members(self, tar: tarfile.TarFile) -> Iterator[TarMember]:
         while (info := tar.next()) is not None:
             tar.members = []  # streaming: do not accumulate TarInfo objects for huge shards
-            key, ext = split_name(info.name)
+            key, ext = split_name(info.name, info.isdir())
             yield TarMember(info, key, ext, info.isreg())
             self.done = info.name
         problem = _end_problem(self._header_errors)
