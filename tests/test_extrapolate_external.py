@@ -10,6 +10,7 @@ import pyarrow.parquet as pq
 import pytest
 from click.testing import CliRunner
 from extrapolate_pool import invoke, pool, rest_embeddings, subset_run  # noqa: F401  (fixtures)
+from helpers import score_row, write_score_run
 
 from mimicfilter.store.parts import read_scores
 from mimicfilter_cli.main import cli
@@ -199,3 +200,33 @@ def test_only_a_score_run_can_be_the_scored_run(pool, subset_run, rest_embedding
                                                        rest_embeddings, "--out", tmp_path / "out"]])
     assert result.exit_code == 2 and "only measured scores can be extrapolated" in result.stderr, result.output
     assert len(result.stderr.strip().splitlines()) == 1
+
+
+def synthetic_pool(tmp_path, scored=300, unscored=300, dim=32, ids=None):
+    """A hand-written score run of ``scored`` samples (uid u0, u1, ...) and one Parquet file of
+    embeddings for them and ``unscored`` more (``ids``: the file's uids instead); no model."""
+    rng = np.random.default_rng(0)
+    vectors = rng.standard_normal((scored + unscored, dim)).astype(np.float32)
+    vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
+    score = vectors @ rng.standard_normal(dim)
+    run = write_score_run(tmp_path / "scored", [score_row("/data/s.tar", f"k{i}", i, 0, float(score[i]), uid=f"u{i}")
+                                                for i in range(scored)], ["/data/s.tar"])
+    folder = tmp_path / "features"
+    folder.mkdir()
+    uids = ids if ids is not None else [f"u{i}" for i in range(scored + unscored)]
+    pq.write_table(pa.table({"uid": uids, "embedding": list(vectors.astype(np.float16))}), folder / "0.parquet")
+    return run, folder
+
+
+@pytest.mark.parametrize("kind", ["ivf-sq8", "ivf-sq4"])
+def test_an_ivf_asked_for_on_a_small_pool_is_exact_and_quiet(tmp_path, capfd, kind):
+    """faiss prints "WARNING clustering N points to K centroids" from C++ when an index trains on too
+    few points: a pool too small for the IVF asked for is searched exactly, and the plan says why."""
+    run, features = synthetic_pool(tmp_path)
+    result = invoke(["extrapolate", "--scored", run, "--features-from", features, "--index", kind, "--k", "5",
+                     "--out", tmp_path / "out", "--json"])
+    assert result.exit_code == 0, result.output
+    index = json.loads(result.stdout)["index"]
+    assert index["kind"] == "exact" and index["reason"] == \
+        f"{kind} asked for, but 300 scored samples are too few to train it (at least 624)"
+    assert "WARNING" not in capfd.readouterr().err

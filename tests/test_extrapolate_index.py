@@ -9,6 +9,7 @@ import torch
 from mimicfilter.extrapolate.features import Embedded
 from mimicfilter.extrapolate.index import (
     EXACT_PAIR_BUDGET,
+    IVF_MIN_VECTORS,
     MIN_IVF_VECTORS,
     SQ8_MAX_VECTORS,
     ScoredIndex,
@@ -47,7 +48,12 @@ def test_the_plan_follows_the_size():
     huge = plan_index(SQ8_MAX_VECTORS + 1, 10**9, 512)
     assert huge.kind == "ivf-sq4" and huge.coarse == "hnsw" and "memory" in huge.reason
     assert huge.factory_string(512) == f"IVF{huge.nlist}_HNSW32,PQ128x4fs,Refine(SQ4)"
-    assert plan_index(50, 1, 16, "ivf-sq8").nlist == 1 and plan_index(10**6, 1, 16, "exact").kind == "exact"
+    assert plan_index(10**6, 1, 16, "exact").kind == "exact"
+    # an IVF asked for on too few samples to train it (its 4-bit PQ needs 16 x 39 points): exact, and why
+    few = plan_index(IVF_MIN_VECTORS - 1, 1, 16, "ivf-sq8")
+    assert few.kind == "exact" and few.reason == f"ivf-sq8 asked for, but {IVF_MIN_VECTORS - 1} scored samples are " \
+        f"too few to train it (at least {IVF_MIN_VECTORS})"
+    assert plan_index(IVF_MIN_VECTORS, 1, 16, "ivf-sq4").kind == "ivf-sq4"
 
 
 def test_exact_search_equals_brute_force_restricted_and_per_label():
@@ -107,6 +113,21 @@ def test_ivf_sq4_and_untuned_indexes():
     assert plan["kind"] == "ivf-sq4" and plan["nprobe"] == 1 and "recall" not in plan  # untuned without a tuner
     sims, ids = index.search(vectors[:5], 3)
     assert ids.shape == (5, 3) and (ids >= 0).all()
+
+
+@pytest.mark.parametrize("count", [IVF_MIN_VECTORS, 700, 1000])
+@pytest.mark.parametrize("kind", ["ivf-sq8", "ivf-sq4"])
+def test_an_ivf_on_few_samples_trains_without_faiss_warnings(capfd, kind, count):
+    """faiss warns from C++ (on the file descriptor) when k-means gets fewer than 39 points per
+    centroid: the plan never asks for more cells, nor for a PQ, than the samples can train."""
+    vectors, _ = clustered(count, dim=32)
+    capfd.readouterr()
+    index = ScoredIndex.build(rows_of(vectors), count, 32, None, 10, kind, 0)
+    assert index.describe()["kind"] == kind
+    assert "WARNING" not in capfd.readouterr().err
+    labels = np.arange(count) % 3  # --same-label: each label's index is planned on its own members
+    labelled = ScoredIndex.build(rows_of(vectors), count, 32, labels, 10, kind, 0)
+    assert labelled.describe()["kinds"] == ["exact"] and "WARNING" not in capfd.readouterr().err
 
 
 @pytest.mark.skipif(gpu_count() < 1, reason="faiss has no GPU support here (faiss-cpu)")

@@ -5,7 +5,9 @@ Which index (:func:`plan_index`, recorded in stats.json with its parameters):
 
 * ``exact`` (``IndexFlatIP``, float32 inner products = cosine on unit vectors) while the whole
   search costs at most :data:`EXACT_PAIR_BUDGET` query–reference pairs (about five minutes on two
-  cores), or the scored set is too small to cluster;
+  cores), or the scored set is too small to cluster; an IVF asked for by name on fewer than
+  :data:`IVF_MIN_VECTORS` samples is exact too (its 4-bit PQ could not be trained: faiss would
+  warn, and an IVF over so few samples is slower than exact search anyway);
 * ``ivf-sq8`` beyond: ``nlist`` ≈ 2·√M k-means cells; within the ``nprobe`` cells searched, a
   4-bit fast-scan product quantiser (d/8 bytes per vector, SIMD table lookups) proposes
   ``k_factor`` × k candidates that are re-ranked on 8-bit scalar codes (d bytes) — table lookups
@@ -42,6 +44,8 @@ EXACT_PAIR_BUDGET = 2e10  # queries × scored samples below which exact search i
 MIN_IVF_VECTORS = 4096  # fewer scored samples (per label) are searched exactly: too few to cluster
 SQ8_MAX_VECTORS = 20_000_000  # 8-bit re-ranking codes up to this many scored samples (d bytes each); 4-bit beyond
 TRAINING_POINTS_PER_CELL = 39  # the k-means sample (faiss's minimum)
+PQ_CENTROIDS = 16  # a 4-bit fast-scan sub-quantiser's centroids, each trained on TRAINING_POINTS_PER_CELL points
+IVF_MIN_VECTORS = PQ_CENTROIDS * TRAINING_POINTS_PER_CELL  # fewer (per label): exact, whatever --index asks
 KMEANS_ITERATIONS = 10
 HNSW_COARSE_ABOVE = 4096  # cells: beyond this many the coarse search is an HNSW graph, not a flat scan
 ADD_BLOCK = 65536  # vectors converted to float32 and added (or compared exactly) at a time
@@ -89,6 +93,9 @@ def plan_index(reference_count: int, query_count: int, dim: int, requested: str 
             f"{reference_count} scored samples: too few to cluster" if reference_count < MIN_IVF_VECTORS
             else f"{pairs:.2g} query-reference pairs <= {EXACT_PAIR_BUDGET:.0g}")
         return IndexPlan("exact", reason=why)
+    if reference_count < IVF_MIN_VECTORS:  # asked for by name: k-means and the PQ would train on too few points
+        return IndexPlan("exact", reason=f"{requested} asked for, but {reference_count} scored samples are too few "
+                                         f"to train it (at least {IVF_MIN_VECTORS})")
     kind = requested if requested != "auto" else ("ivf-sq8" if reference_count <= SQ8_MAX_VECTORS else "ivf-sq4")
     nlist = _cells(reference_count)
     why = "asked for" if requested != "auto" else (
@@ -113,7 +120,10 @@ def _build(vectors: Vectors, members: np.ndarray, dim: int, plan: IndexPlan, see
         ivf = faiss.extract_index_ivf(index)
         ivf.cp.niter = KMEANS_ITERATIONS
         ivf.cp.seed = seed
-        sample = min(len(members), 4 * TRAINING_POINTS_PER_CELL * plan.nlist)
+        # 4 × 39 points per cell, and enough for the PQ's 16 centroids per sub-quantiser (plan_index
+        # never plans an IVF on fewer members, nor more cells than 1 per 39 of them)
+        wanted = max(4 * TRAINING_POINTS_PER_CELL * plan.nlist, IVF_MIN_VECTORS if plan.fast_scan else 0)
+        sample = min(len(members), wanted)
         chosen = np.sort(np.random.default_rng(seed).choice(len(members), sample, replace=False))
         index.train(as_float32(vectors(members[chosen])))
     for start in range(0, len(members), ADD_BLOCK):
