@@ -50,7 +50,7 @@ def one_file(number: int, count: int, start: int, model, text_model, pair: bool)
 
 
 def write_pool(workdir: Path, total: int, dim: int, per_file: int, pair: bool) -> None:
-    params = {"samples": total, "dim": dim, "per_file": per_file, "pair": pair, "copy_share": COPY_SHARE, "format": 1}
+    params = {"samples": total, "dim": dim, "per_file": per_file, "pair": pair, "copy_share": COPY_SHARE, "format": 2}
     marker = workdir / "pool.json"
     if marker.is_file() and json.loads(marker.read_text()) == params:
         return
@@ -65,13 +65,30 @@ def write_pool(workdir: Path, total: int, dim: int, per_file: int, pair: bool) -
         pq.write_table(pa.table({"uid": [f"{start + i:032x}" for i in range(count)]}), folder / f"{number:08d}.parquet")
         planted += pairs
     np.save(workdir / "planted.npy", np.array(planted, dtype=np.int64))
+    write_run(workdir / "run", total, per_file)
     marker.write_text(json.dumps(params))
+
+
+def write_run(run: Path, total: int, per_file: int) -> None:
+    """A stand-in for the run the files embed: one part per file holding its samples' identity (dedup
+    reads a run's uids only, to check that the files' ids name its samples)."""
+    (run / "scores").mkdir(parents=True, exist_ok=True)
+    for number, start in enumerate(range(0, total, per_file)):
+        count = min(per_file, total - start)
+        shard = f"/pool/{number:08d}.tar"
+        pq.write_table(pa.table({"shard": [shard] * count, "key": [f"{i:04d}" for i in range(count)],
+                                 "uid": [f"{start + i:032x}" for i in range(count)],
+                                 "index": pa.array(np.arange(count), pa.int32()), "status": ["ok"] * count}),
+                       run / "scores" / f"{number:08d}.parquet")
+    (run / "run.json").write_text(json.dumps({"command": "score", "shards": [f"/pool/{number:08d}.tar" for number in
+                                                                           range(-(-total // per_file))]}))
+    (run / "_SUCCESS").write_text("")
 
 
 def run_dedup(workdir: Path, out: Path, pair: bool, extra: list[str]) -> dict:
     """One `dedup` in a fresh process: its stats, wall seconds and peak RSS (MiB, process tree)."""
     columns = f"{IMAGE},{TEXT}" if pair else IMAGE
-    return run_watched([*mimicfilter_command(), "dedup", str(workdir), "--features-from", str(workdir / "pool"),
+    return run_watched([*mimicfilter_command(), "dedup", str(workdir / "run"), "--features-from", str(workdir / "pool"),
                         "--embedding-column", columns, "--dedup-on", "pair" if pair else "image", "--out", str(out),
                         "--overwrite", "--json", *extra])
 

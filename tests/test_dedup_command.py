@@ -79,11 +79,17 @@ def _found(edges, threshold: float) -> set[tuple[int, int]]:
     return {(x, y) for members in groups.values() for i, x in enumerate(members) for y in members[i + 1:]}
 
 
+def uid_run(run_dir, uids):
+    """A score run whose samples carry these uids (what --features-from files are matched to)."""
+    return write_score_run(run_dir, [score_row("/data/s.tar", f"k{i}", i, 0, float(i), uid=uid)
+                                     for i, uid in enumerate(uids)], ["/data/s.tar"])
+
+
 @pytest.fixture(scope="module")
 def pool(tmp_path_factory):
     folder = tmp_path_factory.mktemp("features")
     vectors, truth, recaptioned = planted(3000, 150)
-    write_features(folder / "files", vectors)
+    uid_run(folder / "run", write_features(folder / "files", vectors))
     return folder, vectors, truth, recaptioned
 
 
@@ -91,12 +97,12 @@ def test_planted_pairs_are_found_in_cells_and_pair_mode_checks_the_caption(pool,
     folder, _, truth, recaptioned = pool
     features = ["--features-from", folder / "files", "--embedding-column", "image,text", "--cell-size", "256",
                 "--margin", "0.05"]  # 32-d random vectors: wider cell boundaries than real embeddings
-    stats = _dedup(tmp_path / "run", *features, "--out", tmp_path / "pairs")
+    stats = _dedup(folder / "run", *features, "--out", tmp_path / "pairs")
     assert stats["cells"] > 4 and stats["samples"] == 3000
     found = _found(_edges(tmp_path / "pairs"), 0.95)
     assert truth <= found and not found & recaptioned
     assert found == truth  # random vectors: nothing else is alike
-    image = _dedup(tmp_path / "run", *features, "--dedup-on", "image", "--out", tmp_path / "image")
+    image = _dedup(folder / "run", *features, "--dedup-on", "image", "--out", tmp_path / "image")
     assert truth | recaptioned <= _found(_edges(tmp_path / "image"), 0.95)
     assert image["at_default"]["groups"] == len(truth | recaptioned)
     assert not (tmp_path / "pairs" / "buckets").exists() and (tmp_path / "pairs" / "_SUCCESS").exists()
@@ -106,20 +112,20 @@ def test_the_same_pairs_whatever_the_executor_and_ranks_resume(pool, tmp_path):
     folder, *_ = pool
     features = ["--features-from", folder / "files", "--embedding-column", "image,text", "--cell-size", "256",
                 "--margin", "0.05"]  # 32-d random vectors: wider cell boundaries than real embeddings
-    _dedup(tmp_path / "run", *features, "--out", tmp_path / "local")
-    _dedup(tmp_path / "run", *features, "--out", tmp_path / "workers", "--workers", "2")
-    first = _dedup(tmp_path / "run", *features, "--out", tmp_path / "ranks", "--rank", "0", "--world-size", "2")
+    _dedup(folder / "run", *features, "--out", tmp_path / "local")
+    _dedup(folder / "run", *features, "--out", tmp_path / "workers", "--workers", "2")
+    first = _dedup(folder / "run", *features, "--out", tmp_path / "ranks", "--rank", "0", "--world-size", "2")
     assert first["buckets_missing"] > 0 and not (tmp_path / "ranks" / "_SUCCESS").exists()
-    _dedup(tmp_path / "run", *features, "--out", tmp_path / "ranks", "--rank", "1", "--world-size", "2")
-    _dedup(tmp_path / "run", *features, "--out", tmp_path / "ranks", "--rank", "0", "--world-size", "2")
+    _dedup(folder / "run", *features, "--out", tmp_path / "ranks", "--rank", "1", "--world-size", "2")
+    _dedup(folder / "run", *features, "--out", tmp_path / "ranks", "--rank", "0", "--world-size", "2")
     assert (tmp_path / "ranks" / "_SUCCESS").exists()
     assert _edges(tmp_path / "local") == _edges(tmp_path / "workers") == _edges(tmp_path / "ranks")
     if importlib.util.find_spec("ray") is not None:
-        ray = _dedup(tmp_path / "run", *features, "--out", tmp_path / "ray", "--ray", "--ray-actors", "2")
+        ray = _dedup(folder / "run", *features, "--out", tmp_path / "ray", "--ray", "--ray-actors", "2")
         assert ray["executor"] == "ray (2 actors)" and _edges(tmp_path / "ray") == _edges(tmp_path / "local")
-    again = _dedup(tmp_path / "run", *features, "--out", tmp_path / "local")  # finished: nothing redone
+    again = _dedup(folder / "run", *features, "--out", tmp_path / "local")  # finished: nothing redone
     assert again["edges"] == len(_edges(tmp_path / "local"))
-    result = CliRunner().invoke(cli, ["dedup", str(tmp_path / "run"), *map(str, features), "--out",
+    result = CliRunner().invoke(cli, ["dedup", str(folder / "run"), *map(str, features), "--out",
                                       str(tmp_path / "local"), "--cell-size", "512"])
     assert result.exit_code == 2 and "different command" in result.output
 
@@ -255,10 +261,10 @@ def test_embeddings_of_another_model_than_the_runs_are_refused(tmp_path, tiny_co
 
 
 def test_inputs_without_one_usable_embedding_are_an_error_not_no_duplicates(tmp_path):
-    run = write_score_run(tmp_path / "run", [score_row("/s.tar", "k", 0, 0, 1.0)], ["/s.tar"])
     vectors, _, _ = planted(50, 5)
     with np.errstate(over="ignore"):
-        write_features(tmp_path / "files", vectors * 1e30)  # every row overflows float16
+        uids = write_features(tmp_path / "files", vectors * 1e30)  # every row overflows float16
+    run = uid_run(tmp_path / "run", uids)
     result = CliRunner().invoke(cli, ["dedup", str(run), "--features-from", str(tmp_path / "files"),
                                       "--embedding-column", "image,text", "--out", str(tmp_path / "d")])
     assert result.exit_code == 2 and "no sample of the inputs has a usable embedding" in result.stderr, result.output
@@ -280,3 +286,31 @@ def test_out_never_replaces_an_input(pool, tmp_path):
         result = CliRunner().invoke(cli, ["dedup", str(run), "--features-from", str(folder / "files"),
                                           "--embedding-column", "image,text", "--out", str(out)])
         assert result.exit_code == 2 and len(result.output.strip().splitlines()) == 1, result.output
+
+
+def _refused(*arguments) -> str:
+    result = CliRunner().invoke(cli, ["dedup", *map(str, arguments)])
+    assert result.exit_code == 2, result.output
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("Error: ") and "Traceback" not in result.output, result.output
+    return lines[0]
+
+
+def test_features_of_another_pool_are_refused_not_read_as_no_duplicates(pool, tmp_path):
+    """Files whose ids name none of RUN's samples would give pairs filter --dedup can match to nothing
+    (the run looks duplicate-free): refused from a sample of their ids, naming an id of each side."""
+    folder, vectors, *_ = pool
+    features = ["--features-from", folder / "files", "--embedding-column", "image,text", "--out", tmp_path / "d"]
+    other = uid_run(tmp_path / "other", [f"other-{i}" for i in range(len(vectors))])
+    error = _refused(other, *features)
+    assert error == (f"Error: none of the samples of {other} can be used: no uid of it is in the --features-from "
+                     f"files (none of 3000 read from them; e.g. files: '{0:032x}', run: 'other-0') (hint: files of "
+                     "another pool, or the wrong --id-column (uid or key)? the files must embed the run's samples too)")
+    assert not (tmp_path / "d").exists()
+    nameless = uid_run(tmp_path / "nameless", [None] * 5)  # shards without uids: match by key
+    assert "run's samples have no uid) (hint: match by key: --id-column key" in _refused(nameless, *features)
+    assert "is not a mimicfilter run directory" in _refused(tmp_path / "missing", *features)
+    # some of the files' samples are the run's: searched as before (filter matches those it has)
+    half = uid_run(tmp_path / "half", [f"{i:032x}" for i in range(0, len(vectors), 2)])
+    assert _dedup(half, *features)["samples"] == len(vectors)
+

@@ -191,7 +191,11 @@ def test_bad_files_give_one_line_errors(pool, subset_run, rest_embeddings, tmp_p
     unrelated.mkdir()
     np.savez(unrelated / "a.npz", b32_img=np.ones((2, 16), np.float16))
     pq.write_table(pa.table({"uid": ["nobody", "nobody-else"]}), unrelated / "a.parquet")
-    assert "can be used: no uid of it is in the --features-from files" in error_of(*common, "--features-from", unrelated)
+    scored = read_scores(subset_run, columns=["shard", "index", "uid", "status"]).to_pylist()
+    scored_uid = min((row["shard"], row["index"], row["uid"]) for row in scored if row["status"] == "ok")[2]
+    assert error_of(*common, "--features-from", unrelated).startswith(
+        f"Error: none of the 48 scored samples of {subset_run} can be used: no uid of it is in the --features-from "
+        f"files (e.g. files: 'nobody', run: '{scored_uid}') (hint: files of another pool, or the wrong --id-column")
 
 
 def test_only_a_score_run_can_be_the_scored_run(pool, subset_run, rest_embeddings, tmp_path):
@@ -230,3 +234,12 @@ def test_an_ivf_asked_for_on_a_small_pool_is_exact_and_quiet(tmp_path, capfd, ki
     assert index["kind"] == "exact" and index["reason"] == \
         f"{kind} asked for, but 300 scored samples are too few to train it (at least 624)"
     assert "WARNING" not in capfd.readouterr().err
+
+
+def test_a_scored_run_without_uids_is_told_to_match_by_key(tmp_path):
+    run, features = synthetic_pool(tmp_path)
+    rows = [score_row("/data/s.tar", f"k{i}", i, 0, float(i)) for i in range(300)]  # shards without uids
+    run = write_score_run(tmp_path / "nameless", rows, ["/data/s.tar"])
+    assert error_of("--scored", run, "--out", tmp_path / "out", "--features-from", features).endswith(
+        "(e.g. files: 'u0', the run's samples have no uid) (hint: match by key: --id-column key (the run's shards "
+        "gave no uid))")

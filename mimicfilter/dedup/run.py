@@ -1,7 +1,9 @@
 """``mimicfilter dedup`` in named steps, every one resumable and shared out like ``extrapolate``:
 
 1. **Inputs**: the units (one input file each: a run's parts, or ``--features-from`` files), their
-   embedding space, how ``filter`` will match the samples back (shard and position, or the id).
+   embedding space, how ``filter`` will match the samples back (shard and position, or the id);
+   ``--features-from`` ids checked against the run's before anything is written
+   (:mod:`~mimicfilter.extrapolate.external_ids`).
 2. **Cells**: k-means on a sample of the image embeddings (:mod:`~mimicfilter.dedup.cells`),
    trained once and saved in ``cells/`` (the first process to publish wins; the others load it).
 3. **Buckets**: every unit's samples sorted into their cells (:mod:`~mimicfilter.dedup.buckets`),
@@ -35,7 +37,7 @@ from mimicfilter.dedup.buckets import BUCKETS_DIR, RANGES_FILE, bucket_dir, remo
 from mimicfilter.dedup.cells import CELLS_DIR, Cells, plan_cells, plan_record, train_cells
 from mimicfilter.dedup.config import DedupConfig
 from mimicfilter.dedup.pairs import EDGES_DIR, range_part, write_range
-from mimicfilter.dedup.sources import Inputs, Reading, Unit, open_inputs, read_unit
+from mimicfilter.dedup.sources import Inputs, Reading, Unit, check_features_ids, open_inputs, read_unit
 from mimicfilter.dedup.summary import edge_counts
 from mimicfilter.errors import MimicfilterError
 from mimicfilter.execute.local import OrderedPool
@@ -178,6 +180,8 @@ def run_dedup(config: DedupConfig, echo: Callable[[str], None] | None = None) ->
         for name in (CELLS_DIR, BUCKETS_DIR, EDGES_DIR):
             shutil.rmtree(out / name, ignore_errors=True)
         (out / RANGES_FILE).unlink(missing_ok=True)
+    if config.features_from is not None and not (out / CELLS_DIR).exists():  # cells: a process checked these files
+        check_features_ids(config, inputs)
     resuming = run.open(_fingerprint(config, inputs), {"run": str(config.run), "embeddings": [
         str(path) for path in config.embeddings], "embedding": inputs.space, "match": list(inputs.match),
         **config.choices()}, config.overwrite, concurrent=config.partition.partitioned)

@@ -24,6 +24,7 @@ import pyarrow.parquet as pq
 from mimicfilter.dedup.config import DedupConfig
 from mimicfilter.errors import MimicfilterError
 from mimicfilter.extrapolate.external import ExternalFile, open_features, read_file, row_count
+from mimicfilter.extrapolate.external_ids import check_some_match
 from mimicfilter.extrapolate.features import unit_rows
 from mimicfilter.extrapolate.sources import Source, check_spaces, open_run, vectors_of
 from mimicfilter.extrapolate.stream import Reading  # how units are read: the columns (image first), width, id column
@@ -77,6 +78,7 @@ def _run_units(source: Source) -> list[Unit]:
 def open_inputs(config: DedupConfig) -> Inputs:
     """The units and how to read them; refuses sources without embeddings, or of two spaces."""
     if config.features_from is not None:
+        open_run(Path(config.run), "run")  # the run whose samples the files' ids must name
         spec, opened = config.features_from, open_features(config.features_from)
         units = [Unit(file.layout, file.path) for file in opened.files]
         return _checked(config, Inputs(units, Reading(opened.columns, opened.dim, spec.id_column), opened.space,
@@ -95,6 +97,16 @@ def open_inputs(config: DedupConfig) -> Inputs:
     units = [unit for source in sources for unit in _run_units(source)]
     rows = sum(pq.ParquetFile(unit.path).metadata.num_rows for unit in units)
     return _checked(config, Inputs(units, Reading(sources[0].columns, int(space["dim"])), space, ("shard", "index"), rows))
+
+
+def check_features_ids(config: DedupConfig, inputs: Inputs) -> None:
+    """``--features-from``: some of the files' ids (a bounded sample) are RUN's
+    (:mod:`~mimicfilter.extrapolate.external_ids`)."""
+    run = open_run(Path(config.run), "run")
+    files = [ExternalFile(unit.path, unit.kind) for unit in inputs.units]
+    id_column = inputs.reading.id_column
+    check_some_match(files, id_column, [unit.path for unit in _run_units(run)], run.info.get("shards", []),
+                     f"none of the samples of {config.run} can be used")
 
 
 def _checked(config: DedupConfig, inputs: Inputs) -> Inputs:

@@ -11,7 +11,8 @@ The steps (:func:`run_extrapolate`):
 1. **Inputs**: the scored run, the embedding source and its one space, the work units (one per input
    file; the scored rows of shards no input covers are units too).
 2. **Reference set**: the scored samples' targets (epoch means) and embeddings; a scored sample
-   without one is counted and reported (it keeps its scored row).
+   without one is counted and reported (it keeps its scored row). ``--features-from`` files
+   without any scored sample are refused here, before anything is written.
 3. **Fit**, on a held-out split of the scored samples only: the faiss index over the scored side
    (:mod:`~mimicfilter.extrapolate.index`), k or the GNN's epoch, the feature set; the held-out
    Spearman ρ is printed and stored, and below ``--min-rho`` the run is marked untrusted.
@@ -34,6 +35,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
@@ -43,6 +45,7 @@ from mimicfilter.execute.ray import run_with_ray
 from mimicfilter.extrapolate import saved as saved_module
 from mimicfilter.extrapolate.config import ExtrapolateConfig, files_digest
 from mimicfilter.extrapolate.external import ExternalFile, open_features, row_count, scored_vectors_from_files
+from mimicfilter.extrapolate.external_ids import first_id, no_match_error, sample_ids
 from mimicfilter.extrapolate.fit import describe, fit, fit_record
 from mimicfilter.extrapolate.methods import ReferenceSet, SearchSettings
 from mimicfilter.extrapolate.features import Embedded
@@ -138,12 +141,14 @@ def reference_set(config: ExtrapolateConfig, inputs: Inputs, scored: Scored) -> 
         found = scored_vectors_from_runs(inputs.scored_source, inputs.embedding_sources, scored, reading.columns,
                                          reading.dim)
     if not len(found.rows):
-        source = f"no {reading.id_column} of it is in the --features-from files" if inputs.external else \
-            "none has an embedding"
-        raise MimicfilterError(
-            f"none of the {int(scored.wanted().sum())} scored samples of {config.scored} can be used: {source}",
-            hint="--features-from: files covering the scored samples too (same uids); otherwise score with "
-            "--save-embeddings, or embed the scored shards too (same shard paths as when scoring)")
+        what = f"none of the {int(scored.wanted().sum())} scored samples of {config.scored} can be used"
+        if inputs.external:  # every file's ids were read: none is a scored sample's
+            wanted = scored.table.column(reading.id_column).filter(pa.array(scored.wanted()))
+            raise no_match_error(what, reading.id_column, first_id(sample_ids(inputs.files, reading.id_column)),
+                                 first_id(wanted))
+        raise MimicfilterError(f"{what}: none has an embedding",
+                               hint="score with --save-embeddings, or embed the scored shards too (same shard paths "
+                               "as when scoring)")
     vectors = torch.from_numpy(found.vectors)
     embedded = Embedded(vectors[:, 0], vectors[:, 1] if vectors.shape[1] > 1 else None)
     positions = found.rows
