@@ -314,3 +314,19 @@ def test_features_of_another_pool_are_refused_not_read_as_no_duplicates(pool, tm
     half = uid_run(tmp_path / "half", [f"{i:032x}" for i in range(0, len(vectors), 2)])
     assert _dedup(half, *features)["samples"] == len(vectors)
 
+
+def test_an_id_twice_in_the_features_is_refused(tmp_path):
+    vectors, _, _ = planted(1400, 50)
+    uids = write_features(tmp_path / "files", vectors)  # two files of 700
+    run = uid_run(tmp_path / "run", uids)
+    first, second = sorted((tmp_path / "files").glob("*.parquet"))
+    table = pq.read_table(second)
+    pq.write_table(table.set_column(0, "uid", pa.array([uids[3], *uids[701:]])), second)  # sample 3 in both files
+    features = ["--features-from", tmp_path / "files", "--embedding-column", "image,text", "--out", tmp_path / "d"]
+    assert _refused(run, *features) == (
+        f"Error: --features-from: uid '{uids[3]}' is in the files more than once (in {first} and {second}) "
+        "(hint: one row per sample: a sample embedded twice would count as two; drop the repeated rows or the "
+        "repeated file)")
+    pq.write_table(table.set_column(0, "uid", pa.array([uids[702], *uids[701:]])), second)  # twice in one file
+    assert f"uid '{uids[702]}' is in the files more than once (2 times in {second})" in _refused(run, *features)
+    assert not (tmp_path / "d").exists()

@@ -236,6 +236,22 @@ def test_an_ivf_asked_for_on_a_small_pool_is_exact_and_quiet(tmp_path, capfd, ki
     assert "WARNING" not in capfd.readouterr().err
 
 
+def test_an_id_twice_in_the_features_is_refused(tmp_path):
+    """A sample embedded twice would be two neighbours, or two rows with two predictions."""
+    uids = [f"u{i}" for i in range(600)]
+    run, features = synthetic_pool(tmp_path, ids=uids[:450] + ["u7"] + uids[451:])  # u7: scored, twice
+    common = ["--scored", run, "--out", tmp_path / "out", "--features-from", features]
+    assert error_of(*common) == (
+        f"Error: --features-from: uid 'u7' is in the files more than once (2 times in {features / '0.parquet'}) "
+        "(hint: one row per sample: a sample embedded twice would count as two; drop the repeated rows or the "
+        "repeated file)")
+    table = pq.read_table(features / "0.parquet")
+    pq.write_table(table.slice(500), features / "1.parquet")  # u500.. in two files: unscored samples twice
+    pq.write_table(table.slice(0, 501).set_column(0, "uid", pa.array(uids[:501])), features / "0.parquet")
+    assert f"uid 'u500' is in the files more than once (in {features / '0.parquet'} and {features / '1.parquet'})" \
+        in error_of(*common)
+
+
 def test_a_scored_run_without_uids_is_told_to_match_by_key(tmp_path):
     run, features = synthetic_pool(tmp_path)
     rows = [score_row("/data/s.tar", f"k{i}", i, 0, float(i)) for i in range(300)]  # shards without uids

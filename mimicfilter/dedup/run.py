@@ -2,7 +2,7 @@
 
 1. **Inputs**: the units (one input file each: a run's parts, or ``--features-from`` files), their
    embedding space, how ``filter`` will match the samples back (shard and position, or the id);
-   ``--features-from`` ids checked against the run's before anything is written
+   ``--features-from`` ids checked against the run's, and for repeats, before anything is written
    (:mod:`~mimicfilter.extrapolate.external_ids`).
 2. **Cells**: k-means on a sample of the image embeddings (:mod:`~mimicfilter.dedup.cells`),
    trained once and saved in ``cells/`` (the first process to publish wins; the others load it).

@@ -24,7 +24,7 @@ import pyarrow.parquet as pq
 from mimicfilter.dedup.config import DedupConfig
 from mimicfilter.errors import MimicfilterError
 from mimicfilter.extrapolate.external import ExternalFile, open_features, read_file, row_count
-from mimicfilter.extrapolate.external_ids import check_some_match
+from mimicfilter.extrapolate.external_ids import check_some_match, check_unique_ids
 from mimicfilter.extrapolate.features import unit_rows
 from mimicfilter.extrapolate.sources import Source, check_spaces, open_run, vectors_of
 from mimicfilter.extrapolate.stream import Reading  # how units are read: the columns (image first), width, id column
@@ -100,13 +100,14 @@ def open_inputs(config: DedupConfig) -> Inputs:
 
 
 def check_features_ids(config: DedupConfig, inputs: Inputs) -> None:
-    """``--features-from``: some of the files' ids (a bounded sample) are RUN's
-    (:mod:`~mimicfilter.extrapolate.external_ids`)."""
+    """``--features-from``: some of the files' ids (a bounded sample) are RUN's, and none is there
+    twice (:mod:`~mimicfilter.extrapolate.external_ids`)."""
     run = open_run(Path(config.run), "run")
     files = [ExternalFile(unit.path, unit.kind) for unit in inputs.units]
     id_column = inputs.reading.id_column
     check_some_match(files, id_column, [unit.path for unit in _run_units(run)], run.info.get("shards", []),
                      f"none of the samples of {config.run} can be used")
+    check_unique_ids(files, id_column)
 
 
 def _checked(config: DedupConfig, inputs: Inputs) -> Inputs:

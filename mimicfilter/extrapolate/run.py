@@ -11,8 +11,8 @@ The steps (:func:`run_extrapolate`):
 1. **Inputs**: the scored run, the embedding source and its one space, the work units (one per input
    file; the scored rows of shards no input covers are units too).
 2. **Reference set**: the scored samples' targets (epoch means) and embeddings; a scored sample
-   without one is counted and reported (it keeps its scored row). ``--features-from`` files
-   without any scored sample are refused here, before anything is written.
+   without one is counted and reported (it keeps its scored row). ``--features-from`` files with
+   an id twice, or without any scored sample, are refused here, before anything is written.
 3. **Fit**, on a held-out split of the scored samples only: the faiss index over the scored side
    (:mod:`~mimicfilter.extrapolate.index`), k or the GNN's epoch, the feature set; the held-out
    Spearman ρ is printed and stored, and below ``--min-rho`` the run is marked untrusted.
@@ -45,7 +45,7 @@ from mimicfilter.execute.ray import run_with_ray
 from mimicfilter.extrapolate import saved as saved_module
 from mimicfilter.extrapolate.config import ExtrapolateConfig, files_digest
 from mimicfilter.extrapolate.external import ExternalFile, open_features, row_count, scored_vectors_from_files
-from mimicfilter.extrapolate.external_ids import first_id, no_match_error, sample_ids
+from mimicfilter.extrapolate.external_ids import check_unique_ids, first_id, no_match_error, sample_ids
 from mimicfilter.extrapolate.fit import describe, fit, fit_record
 from mimicfilter.extrapolate.methods import ReferenceSet, SearchSettings
 from mimicfilter.extrapolate.features import Embedded
@@ -230,7 +230,9 @@ def run_extrapolate(config: ExtrapolateConfig, observer: Callable[[int], None] |
     resumed = record is not None and record.get("fingerprint") == fingerprint
     fit_started = time.time()
     fitted = None
-    if not resumed:
+    if not resumed:  # the process that fits checks the files once (ranks and resumed runs load its fit)
+        if inputs.external:
+            check_unique_ids(inputs.files, inputs.reading.id_column)
         reference, missing = reference_set(config, inputs, scored)
         fitted, by_features, split = fit(config, reference, settings)
         say(describe(fitted, by_features, split))
