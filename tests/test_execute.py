@@ -101,7 +101,10 @@ def test_read_ahead_keeps_the_order_and_reports_errors():
 def _children(pid: int) -> set[int]:
     found = set()
     for task in Path(f"/proc/{pid}/task").iterdir():
-        text = (task / "children").read_text().split()
+        try:
+            text = (task / "children").read_text().split()
+        except FileNotFoundError:  # a thread that ended since the listing
+            continue
         found |= {int(child) for child in text}
     return found
 

@@ -81,7 +81,6 @@ def write_curated_shards(
     order; output order is source order.
     Raises MimicfilterError (before writing anything) for unsafe keys or ungrouped input, and
     (leaving no output shard behind) for unreadable shards or kept keys a shard does not hold.
-    ``run_id`` (the filter run's, as in its ``_SUCCESS``) goes in the index as ``mimicfilter_run_id``.
     """
     _check_options(maxcount, prefix)
     plans = _plan_sources(kept, allow_pipe=allow_pipe)
@@ -95,9 +94,8 @@ def write_curated_shards(
     except BaseException:
         sink.discard()
         raise
-    index = {"__kind__": WIDS_KIND, "wids_version": 1, "name": prefix, "shardlist": [shard.index_entry() for shard in shards]}
-    if run_id is not None:
-        index[RUN_ID_FIELD] = run_id
+    index = {"__kind__": WIDS_KIND, "wids_version": 1, "name": prefix, "shardlist": [shard.index_entry() for shard in shards],
+             **({RUN_ID_FIELD: run_id} if run_id is not None else {})}
     atomic_write_json(out_dir / index_file_name(prefix), index)
     return shards
 
@@ -111,10 +109,8 @@ def _check_options(maxcount: int, prefix: str) -> None:
     if isinstance(maxcount, bool) or not isinstance(maxcount, int) or maxcount < 1:
         raise MimicfilterError(f"maxcount must be a positive integer, got {maxcount!r}", hint="use e.g. 10000 samples per shard")
     if not _SAFE_PREFIX.fullmatch(prefix):
-        raise MimicfilterError(
-            f"unsafe output shard prefix {one_line(repr(prefix), 80)}",
-            hint="use letters, digits, '.', '_' or '-', starting with a letter or digit",
-        )
+        raise MimicfilterError(f"unsafe output shard prefix {one_line(repr(prefix), 80)}",
+                               hint="use letters, digits, '.', '_' or '-', starting with a letter or digit")
 
 
 def unsafe_key_reason(key: str) -> str | None:
@@ -194,9 +190,8 @@ class _GuardedReader:
 
 def _copy_source(plan: _SourcePlan, sink: _ShardSink, *, allow_pipe: bool) -> None:
     """Stream one source shard once, copying every regular member of its kept samples into ``sink``
-    (a link, FIFO or device never: nothing is followed). Samples are counted as the scorer
-    counts them (shards.samples: consecutive members with one key form one sample, whatever their
-    type), so a sample's index here is its ``index`` in the score table."""
+    (a link, FIFO or device never: nothing is followed). Samples are counted as the scorer counts
+    them (consecutive members with one key, whatever their type): its index is the score table's."""
     found: set[str] = set()
     found_indices: set[int] = set()
     sample_key: str | None = None  # key of the sample whose members are being read
