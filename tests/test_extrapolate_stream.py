@@ -98,7 +98,7 @@ def test_killed_runs_resume_to_the_identical_table(synthetic, reference, tmp_pat
     # killed once the run is open, before its extrapolator is published (the fit takes a fraction of a
     # second here, so waiting for its staging folder races with the whole run): nothing is published
     process = subprocess.Popen(command_line(synthetic, out), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    kill_when(process, lambda: (out / "run.json").exists() or any(out.glob(".extrapolator-*")) if out.exists() else False)
+    kill_when(process, lambda: (out / "run.json").exists() or any(out.glob(".extrapolator.*")) if out.exists() else False)
     published = out / "extrapolator"
     if published.exists():  # the kill came late (a loaded machine): then the extrapolator is whole, never a part
         assert (published / "fit.json").is_file() and (published / "predictor.pt").is_file()

@@ -23,6 +23,7 @@ import pyarrow as pa
 from mimicfilter.dedup.cells import Cells
 from mimicfilter.dedup.sources import Reading, Unit, read_unit
 from mimicfilter.store.atomic import atomic_write_json
+from mimicfilter.store.owners import leftover_name
 from mimicfilter.store.schema import DIGEST_BYTES
 
 BUCKETS_DIR = "buckets"
@@ -42,7 +43,7 @@ def write_bucket(unit: Unit, reading: Reading, cells: Cells, out_dir: Path) -> i
         return 0
     rows = read_unit(unit, reading)
     positions, cell_of = cells.assign(rows.vectors[:, 0])
-    staging = target.with_name(f".{target.name}.{uuid.uuid4().hex}.tmp")
+    staging = target.with_name(leftover_name(target.name, uuid.uuid4().hex))
     staging.mkdir(parents=True)
     np.save(staging / "cells.npy", cell_of)
     np.save(staging / "rows.npy", positions)

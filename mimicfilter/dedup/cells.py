@@ -31,6 +31,7 @@ import faiss
 import numpy as np
 
 from mimicfilter.extrapolate.index import KMEANS_ITERATIONS, TRAINING_POINTS_PER_CELL, as_float32
+from mimicfilter.store.owners import leftover_name
 
 FLAT_CELLS = 1024  # beyond this many cells: two-level training and an IVF over the centroids
 COARSE_PROBES = 4  # coarse cells whose fine cells a sample is compared with (two levels)
@@ -151,7 +152,7 @@ class Cells:
         """Into ``directory`` once: built beside it and renamed (the first of two racing writers wins)."""
         if directory.exists():
             return
-        staging = directory.with_name(f".{directory.name}.{uuid.uuid4().hex}.tmp")
+        staging = directory.with_name(leftover_name(directory.name, uuid.uuid4().hex))
         staging.mkdir(parents=True)
         np.save(staging / "centroids.npy", self.centroids)
         if self.coarse is not None:

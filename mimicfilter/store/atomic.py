@@ -1,7 +1,7 @@
 """Atomic writes: every output file appears whole or not at all.
 
-Local files are written under a temp name in the target's directory (``.NAME.XXXX.tmp``: readers
-skip dot files) and renamed into place, so a crash leaves the old file or no file, never half of
+Local files are written under a temp name in the target's directory (``.NAME.PID@HOST-XXXX.tmp``:
+readers skip dot files; the next run removes those of killed processes, store/scratch.py) and renamed into place, so a crash leaves the old file or no file, never half of
 one. Remote (fsspec) paths are written with one upload, which object stores publish only once it
 is complete.
 
@@ -20,6 +20,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from mimicfilter.store.owners import owner_tag
 from mimicfilter.store.paths import RunPath, is_remote
 
 
@@ -47,7 +48,7 @@ def temp_path_beside(path: Path) -> Path:
     """A new, empty temp file next to ``path`` (same filesystem, so a rename is atomic), with the
     mode a plain new file would have, so the renamed output is as readable as any other."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    descriptor, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    descriptor, name = tempfile.mkstemp(prefix=f".{path.name}.{owner_tag()}-", suffix=".tmp", dir=path.parent)
     try:
         os.fchmod(descriptor, file_mode())
     finally:

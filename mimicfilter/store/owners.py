@@ -40,6 +40,21 @@ def owner_tag() -> str:
 OWNER_PATTERN = r"(?P<pid>\d+)@(?P<host>[A-Za-z0-9._]+)"
 
 
+def leftover_name(name: str, token: str) -> str:
+    """``.NAME.PID@HOST-TOKEN.tmp``: the hidden name of a temp file or staging folder beside ``NAME``
+    that names the process making it, so that the next run can remove it if that process was killed."""
+    return f".{name}.{owner_tag()}-{token}.tmp"
+
+
+_LEFTOVER = re.compile(rf"^\..+\.{OWNER_PATTERN}-[A-Za-z0-9_]+\.tmp$")
+
+
+def stale_leftover(name: str) -> bool:
+    """Whether ``name`` is a :func:`leftover_name` of a process of this host that no longer runs."""
+    match = _LEFTOVER.match(name)
+    return match is not None and left_by_dead_process(int(match["pid"]), match["host"])
+
+
 def left_by_dead_process(pid: int, host: str | None) -> bool:
     """Whether a leftover named after ``pid`` on ``host`` is stale: made on this host (None: a name without
     a host, as older versions wrote) by a process that no longer runs. Another host's is never stale here."""

@@ -26,6 +26,7 @@ from mimicfilter.errors import MimicfilterError, one_line
 from mimicfilter.store.atomic import atomic_write_bytes, atomic_write_json
 from mimicfilter.store.parts import part_paths
 from mimicfilter.store.schema import SHARD_ERROR
+from mimicfilter.store.scratch import sweep_run_leftovers
 from mimicfilter.store.paths import (
     CHECKPOINTS_DIR,
     RANKS_DIR,
@@ -150,10 +151,13 @@ def prepare_run_dir(
             f"--out {run_dir} is not empty and holds no run.json", hint="choose an empty or new directory, or --overwrite"
         )
     if overwrite and run_dir.is_dir():
+        (run_dir / SUCCESS_FILE).unlink(missing_ok=True)  # first: a kill while the rest goes leaves no finished run
         for name in (SCORES_DIR, CHECKPOINTS_DIR, RANKS_DIR):
             remove_tree(run_dir / name)
-        for name in (RUN_FILE, STATS_FILE, SUCCESS_FILE):
+        for name in (RUN_FILE, STATS_FILE):
             (run_dir / name).unlink(missing_ok=True)
+    if not is_remote(run_dir) and run_dir.is_dir():
+        sweep_run_leftovers(run_dir)  # temp files and staging folders of killed runs on this host
     (run_dir / SCORES_DIR).mkdir(parents=True, exist_ok=True)
     if not resuming and concurrent:
         if not _create_once(run_file, {**provenance, "fingerprint": fingerprint}):
@@ -166,9 +170,17 @@ def prepare_run_dir(
 
 
 def _foreign_entries(run_dir: RunPath, concurrent: bool) -> list[str]:
-    """Entries that make ``run_dir`` someone else's; with concurrent ranks, theirs are expected."""
+    """Entries that make ``run_dir`` someone else's; with concurrent ranks, theirs are expected. A run
+    killed before its run.json was written leaves only its own: an empty scores/, a temp file."""
     ours = {RUN_FILE, SCORES_DIR, RANKS_DIR} if concurrent else set()
-    return [p.name for p in run_dir.iterdir() if p.name not in ours and not (concurrent and p.name.startswith("."))]
+    return [p.name for p in run_dir.iterdir()
+            if p.name not in ours and not (concurrent and p.name.startswith(".")) and not _left_before_run_file(p)]
+
+
+def _left_before_run_file(entry: RunPath) -> bool:
+    if entry.name == SCORES_DIR:
+        return entry.is_dir() and not any(entry.iterdir())
+    return entry.name.startswith(".") and entry.name.endswith(".tmp")
 
 
 def _create_once(path: RunPath, payload: dict[str, Any]) -> bool:

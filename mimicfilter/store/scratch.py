@@ -1,4 +1,5 @@
-"""Private scratch directories (DuckDB's spill files) that a killed run does not leave behind for good.
+"""Scratch that a killed run does not leave behind for good: private scratch directories (DuckDB's spill
+files), and the temp files and staging folders in a run directory.
 
 A run removes its scratch directory when it ends, but a run killed with SIGKILL (or by the OOM killer)
 cannot, and at a billion samples DuckDB's spill can be gigabytes. So each directory's name carries the
@@ -6,6 +7,10 @@ host (and PID namespace) and process that made it (store/owners.py), and every r
 ones whose process is gone: made on this host, owned by this user, by a process that no longer exists.
 A directory of a live process, of another user, or of another host or container sharing the temporary
 directory is never touched.
+
+In a run directory, the temp files of atomic writes (store/atomic.py) and the staging folders of whole
+folders (a dedup bucket, the cells, a saved extrapolator) are named by :func:`owners.leftover_name`;
+a run that opens the directory removes those of killed processes (:func:`sweep_run_leftovers`).
 """
 
 from __future__ import annotations
@@ -18,7 +23,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from mimicfilter.store.owners import OWNER_PATTERN, left_by_dead_process, owner_tag
+from mimicfilter.store.owners import OWNER_PATTERN, left_by_dead_process, owner_tag, stale_leftover
 
 PREFIX = "mimicfilter-"
 
@@ -48,6 +53,32 @@ def sweep_stale(directory: Path | None = None) -> list[Path]:
             continue
         shutil.rmtree(entry, ignore_errors=True)
         removed.append(entry)
+    return removed
+
+
+def _listing(directory: Path) -> list[Path]:
+    try:
+        return list(directory.iterdir())
+    except OSError:
+        return []
+
+
+def sweep_run_leftovers(run_dir: Path) -> list[Path]:
+    """Remove the temp files and staging folders that killed processes of this host left in a local run
+    directory, in it and in its folders one level down (parts, checkpoints, buckets, edges); returns them."""
+    run_dir = Path(run_dir)
+    folders = [run_dir] + [entry for entry in _listing(run_dir)
+                           if not entry.name.startswith(".") and entry.is_dir() and not entry.is_symlink()]
+    removed = []
+    for folder in folders:
+        for entry in _listing(folder):
+            if not stale_leftover(entry.name):
+                continue
+            if entry.is_dir() and not entry.is_symlink():
+                shutil.rmtree(entry, ignore_errors=True)
+            else:
+                entry.unlink(missing_ok=True)
+            removed.append(entry)
     return removed
 
 
