@@ -177,6 +177,7 @@ def run_dedup(config: DedupConfig, echo: Callable[[str], None] | None = None) ->
                   GuardedInputs.of(runs=[config.run, *config.embeddings], embeddings_file=external))
     inputs = open_inputs(config)
     if config.overwrite:
+        (out / SUCCESS_FILE).unlink(missing_ok=True)  # first: a kill below never leaves a finished run without edges
         for name in (CELLS_DIR, BUCKETS_DIR, EDGES_DIR):
             shutil.rmtree(out / name, ignore_errors=True)
         (out / RANGES_FILE).unlink(missing_ok=True)
@@ -186,6 +187,7 @@ def run_dedup(config: DedupConfig, echo: Callable[[str], None] | None = None) ->
         str(path) for path in config.embeddings], "embedding": inputs.space, "match": list(inputs.match),
         **config.choices()}, config.overwrite, concurrent=config.partition.partitioned)
     if resuming and (out / SUCCESS_FILE).exists() and (out / STATS_FILE).is_file():
+        remove_buckets(out)  # a run killed between its _SUCCESS and this removal left them
         return json.loads((out / STATS_FILE).read_text())  # finished: nothing to redo
     started = time.time()
     record = fit_cells(config, inputs, say)

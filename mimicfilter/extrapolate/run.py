@@ -243,10 +243,10 @@ def run_extrapolate(config: ExtrapolateConfig, observer: Callable[[int], None] |
     provenance = {"scored_run": str(config.scored), "embeddings_runs": [str(path) for path in config.embeddings],
                   "embedding": inputs.space, **config.choices(), "chosen": record["chosen"], "min_rho": config.min_rho,
                   "index": record["index"], "device": str(device)}
+    if fitted is not None and config.overwrite:  # before run.json names this command: never its extrapolator
+        saved_module.remove(config.out_dir)
     run.open(fingerprint, provenance, config.overwrite, concurrent=config.partition.partitioned)
     if fitted is not None:
-        if config.overwrite:
-            saved_module.remove(config.out_dir)
         saved_module.save(config.out_dir, fitted, scored.table, record)
         record = saved_module.saved_fit(config.out_dir)  # the published one (another rank's, if it won)
         del fitted

@@ -10,7 +10,8 @@ extrapolator/
 ```
 
 It is built in a hidden folder beside it and renamed into place: a folder that exists is complete,
-and of two ranks that fit at once the first to rename wins (the other loads the winner's).
+and of two ranks that fit at once the first to rename wins (the other loads the winner's). One fitted
+for other options (its fingerprint differs) is never loaded: a fit replaces it.
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ from mimicfilter.extrapolate import gnn
 from mimicfilter.extrapolate.index import ScoredIndex
 from mimicfilter.extrapolate.knn import Blend
 from mimicfilter.extrapolate.methods import Fitted, GnnPredictor, KnnPredictor, Standardiser
+from mimicfilter.store.owners import leftover_name
 
 EXTRAPOLATOR_DIR = "extrapolator"
 
@@ -82,7 +84,7 @@ def extrapolator_dir(run_dir: Path) -> Path:
 def save(run_dir: Path, fitted: Fitted, scored: pa.Table, record: dict[str, Any]) -> None:
     """Publish the extrapolator of ``fitted`` (unless another process already did)."""
     final = extrapolator_dir(run_dir)
-    staging = Path(run_dir) / f".{EXTRAPOLATOR_DIR}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    staging = Path(run_dir) / leftover_name(EXTRAPOLATOR_DIR, uuid.uuid4().hex[:8])
     staging.mkdir(parents=True)
     try:
         settings, tensors = _predictor_state(fitted)
@@ -94,8 +96,13 @@ def save(run_dir: Path, fitted: Fitted, scored: pa.Table, record: dict[str, Any]
         try:
             os.rename(staging, final)
         except OSError:  # another rank published first: its extrapolator is the run's
-            if not (final / "fit.json").is_file():
+            published = saved_fit(run_dir)
+            if published is None:
                 raise
+            if published.get("fingerprint") != record.get("fingerprint"):
+                # an earlier command's, left by a kill of `--overwrite` before it was removed: never the run's
+                remove(run_dir)
+                os.rename(staging, final)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
 
