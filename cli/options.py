@@ -35,7 +35,7 @@ if TYPE_CHECKING:
 
 DEFAULT_WORKERS = max(0, min(8, (os.cpu_count() or 2) // 2))
 THREADS_HELP = ("torch CPU threads of this process [default: torch's choice, all cores]; set it when several "
-                "processes share the cores (an oversubscribed CPU can run 10x slower).")
+                "processes share the cores (oversubscribed cores slow every process down).")
 
 
 def per_task_default(attribute: str) -> str:
