@@ -130,6 +130,33 @@ def test_the_same_pairs_whatever_the_executor_and_ranks_resume(pool, tmp_path):
     assert result.exit_code == 2 and "different command" in result.output
 
 
+def test_two_runs_at_once_on_one_out_both_finish_with_the_same_result(pool, tmp_path, monkeypatch):
+    """A second identical command (or another rank) that ends while this one still reads the buckets:
+    it finishes the run and leaves the buckets; this one then reads its stats and removes them."""
+    from mimicfilter.dedup import run as dedup_run
+
+    folder, *_ = pool
+    arguments = [folder / "run", "--features-from", folder / "files", "--embedding-column", "image,text",
+                 "--cell-size", "256", "--out", tmp_path / "both"]
+    original, inner = dedup_run.saved_ranges, []
+
+    def the_other_run_ends_first(*args, **kwargs):
+        if not inner:
+            inner.append(None)
+            inner.append(_dedup(*arguments))  # runs whole while this one holds the buckets
+            assert (tmp_path / "both" / "_SUCCESS").exists()
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(dedup_run, "saved_ranges", the_other_run_ends_first)
+    outer = _dedup(*arguments)
+    assert outer == inner[1] and outer["samples"] == 3000
+    assert not (tmp_path / "both" / "buckets").exists()  # the last reader removed them
+    assert not [p.name for p in (tmp_path / "both").iterdir() if p.name.endswith(".lock")]
+    monkeypatch.undo()
+    _dedup(*arguments[:-1], tmp_path / "alone")
+    assert _edges(tmp_path / "both") == _edges(tmp_path / "alone")
+
+
 def test_filter_matches_features_from_pairs_by_uid(pool, tmp_path):
     folder, vectors, truth, _ = pool
     rows = [score_row("/data/s.tar", f"k{i}", i, 0, float(i), uid=f"{i:032x}") for i in range(len(vectors))]

@@ -6,13 +6,16 @@ import uuid
 
 import pytest
 from helpers import image_text_samples, write_tar
+from test_killed_leftovers import Killed, kill
 
 import mimicfilter.pipeline.run as run_module
+import mimicfilter.pipeline.static as static_module
 from mimicfilter.mimic.architectures import preview_preprocessing, resolve_architecture
 from mimicfilter.mimic.models import ModelInputs, ModelSpec, load_models, preview_inputs
 from mimicfilter.pipeline.config import ScoreConfig, TrainConfig
 from mimicfilter.pipeline.decoder import Decoder
 from mimicfilter.store.parts import read_scores
+from mimicfilter.store.rundir import unfinished_run
 
 CHUNK = 4
 
@@ -80,14 +83,21 @@ def test_a_stream_that_does_not_fit_the_models_is_started_again(shards, tiny_con
     assert read_scores(tmp_path / "early").equals(read_scores(tmp_path / "plain"))
 
 
-def test_a_resumed_static_run_restarts_only_what_is_pending(shards, tiny_config, reference_checkpoint, tmp_path):
+def test_a_resumed_static_run_restarts_only_what_is_pending(shards, tiny_config, reference_checkpoint, tmp_path,
+                                                             monkeypatch):
     model = ModelSpec(str(tiny_config), str(reference_checkpoint))
     config = ScoreConfig(shards, tmp_path / "run", model, batch_size=4, workers=2, chunk_size=CHUNK)
     run_module.run_score(config)
     first = read_scores(tmp_path / "run")
     part = sorted((tmp_path / "run" / "scores").iterdir())[0]
-    part.unlink()
-    (tmp_path / "run" / "_SUCCESS").unlink(missing_ok=True)
+    part.unlink()  # after the run finished
+    # the re-run, killed before it writes the part again: the run no longer reads as finished
+    monkeypatch.setattr(static_module, "open_input", kill)
+    with pytest.raises(Killed):
+        run_module.run_score(config)
+    monkeypatch.undo()
+    assert not (tmp_path / "run" / "_SUCCESS").exists()
+    assert "1 of 2 shard parts" in unfinished_run(tmp_path / "run")
     run_module.run_score(config)
     assert read_scores(tmp_path / "run").equals(first)
 

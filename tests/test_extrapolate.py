@@ -11,13 +11,17 @@ import torch
 from click.testing import CliRunner
 from extrapolate_pool import invoke, model_args, pool, rest_embeddings, subset_run  # noqa: F401  (fixtures)
 from helpers import TINY_CLIP_CONFIG, write_random_checkpoint, write_tar, write_tiny_config
+from test_killed_leftovers import Killed, kill
 
 from mimicfilter.errors import MimicfilterError
 from mimicfilter.extrapolate import gnn
 from mimicfilter.extrapolate import methods as methods_module
 from mimicfilter.extrapolate.gnn import GnnSettings
+from mimicfilter.extrapolate import run as extrapolate_run
 from mimicfilter.extrapolate.run import ExtrapolateConfig, run_extrapolate
+from mimicfilter.pipeline import embed as embed_module
 from mimicfilter.store.parts import read_scores
+from mimicfilter.store.rundir import unfinished_run
 from mimicfilter.store.schema import SCORE_SCHEMA, score_schema
 from mimicfilter_cli.main import cli
 
@@ -348,3 +352,24 @@ def test_samples_of_the_scored_run_are_never_extrapolated(pool, subset_run, rest
     assert invoke(["filter", out, "--out", curated, "--top-frac", "mimic_score=0.5"]).exit_code == 0
     manifest = pq.read_table(curated / "manifest.parquet").to_pylist()
     assert len(manifest) == 96 and all(row["epochs"] == 1 for row in manifest)
+
+
+def test_a_part_removed_from_a_finished_run_unfinishes_it_while_it_is_written_again(pool, subset_run, tmp_path,
+                                                                                      monkeypatch):
+    """embed and extrapolate: the re-run removes _SUCCESS before it writes the missing part, so a kill
+    meanwhile leaves a run that reads as unfinished (score's static runs: tests/test_early_start.py)."""
+    embedded = tmp_path / "embedded"
+    embed = ["embed", *pool["shards"][2:], *model_args(pool), "--batch-size", "16", "--out", embedded]
+    assert invoke(embed).exit_code == 0
+    extrapolated = tmp_path / "extrapolated"
+    extrapolate = ["extrapolate", "--scored", subset_run, "--embeddings", embedded, "--out", extrapolated, "--quiet"]
+    assert invoke(extrapolate).exit_code == 0
+    for run, module, step, command in ((embedded, embed_module, "_embed_shards", embed),
+                                       (extrapolated, extrapolate_run, "_execute", extrapolate)):
+        sorted((run / "scores").iterdir())[0].unlink()  # after the run finished
+        monkeypatch.setattr(module, step, kill)
+        with pytest.raises(Killed):
+            invoke(command)
+        monkeypatch.undo()
+        assert not (run / "_SUCCESS").exists() and "unfinished" in unfinished_run(run)
+        assert invoke(command).exit_code == 0 and (run / "_SUCCESS").exists()

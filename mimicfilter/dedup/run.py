@@ -43,10 +43,14 @@ from mimicfilter.errors import MimicfilterError
 from mimicfilter.execute.local import OrderedPool
 from mimicfilter.execute.ray import run_with_ray
 from mimicfilter.extrapolate.config import files_digest
+from mimicfilter.store.locks import flocked
 from mimicfilter.store.guard import Inputs as GuardedInputs, Output, guard_outputs
 from mimicfilter.store.paths import STATS_FILE, SUCCESS_FILE
 from mimicfilter.store.rundir import RunDirectory, write_rank_stats
 
+# Hidden lock files in --out: readers of the buckets hold the first shared, and only a process that
+# takes it alone removes them; the second lets one process finish the run.
+BUCKETS_LOCK, FINISH_LOCK = ".buckets.lock", ".finish.lock"
 SAMPLE_SHARE = 4  # at most a quarter of a unit's samples join the k-means sample: it spreads over units
 
 
@@ -183,12 +187,29 @@ def run_dedup(config: DedupConfig, echo: Callable[[str], None] | None = None) ->
         (out / RANGES_FILE).unlink(missing_ok=True)
     if config.features_from is not None and not (out / CELLS_DIR).exists():  # cells: a process checked these files
         check_features_ids(config, inputs)
-    resuming = run.open(_fingerprint(config, inputs), {"run": str(config.run), "embeddings": [
+    run.open(_fingerprint(config, inputs), {"run": str(config.run), "embeddings": [
         str(path) for path in config.embeddings], "embedding": inputs.space, "match": list(inputs.match),
         **config.choices()}, config.overwrite, concurrent=config.partition.partitioned)
-    if resuming and (out / SUCCESS_FILE).exists() and (out / STATS_FILE).is_file():
-        remove_buckets(out)  # a run killed between its _SUCCESS and this removal left them
-        return json.loads((out / STATS_FILE).read_text())  # finished: nothing to redo
+    with flocked(out / BUCKETS_LOCK, shared=True):  # the buckets stay while this process may read them
+        stats = _search(run, config, inputs, say)
+    if (out / SUCCESS_FILE).exists():
+        with flocked(out / BUCKETS_LOCK, wait=False, remove=True) as alone:
+            if alone:  # else a process still reading them removes them when it ends
+                remove_buckets(out)
+    return stats
+
+
+def _finished(out: Path) -> dict[str, Any] | None:
+    if (out / SUCCESS_FILE).exists() and (out / STATS_FILE).is_file():
+        return json.loads((out / STATS_FILE).read_text())
+    return None
+
+
+def _search(run: RunDirectory, config: DedupConfig, inputs: Inputs, say: Callable[[str], None]) -> dict[str, Any]:
+    """Steps 2–5 (the module's docstring); the stats of the finished run when another process finished it."""
+    out = run.path
+    if (done := _finished(out)) is not None:
+        return done  # finished (a run killed before removing its buckets left them; the caller removes them)
     started = time.time()
     record = fit_cells(config, inputs, say)
     seconds = {"cells": round(time.time() - started, 3)}
@@ -215,14 +236,17 @@ def run_dedup(config: DedupConfig, echo: Callable[[str], None] | None = None) ->
     missing = sum(not range_part(out, task.start, task.stop).exists() for task in ranges)
     if missing:
         return _partial(run, config, shared | {"ranges_missing": missing})
-    stats = run.stats(shared | edge_counts(out, inputs.units, config.max_epsilon, DEFAULT_EPSILON) |
-                      {"dedup_on": config.dedup_on, "max_epsilon": config.max_epsilon, "caption_factor": config.caption_factor,
-                       "seconds_by_step": seconds, "search_seconds": round(time.time() - started, 3)})
-    if not stats["samples"]:  # nothing was searched: "no duplicates" would be read as a finding
-        raise MimicfilterError("no sample of the inputs has a usable embedding (null, zero, not finite, or too large "
-                               "for float16)", hint="check the embeddings the run reads")
-    run.finish(stats)
-    remove_buckets(out)
+    with flocked(out / FINISH_LOCK, remove=True):  # ranks ending at once: one finishes, the others read its stats
+        if (done := _finished(out)) is not None:
+            return done
+        stats = run.stats(shared | edge_counts(out, inputs.units, config.max_epsilon, DEFAULT_EPSILON) |
+                          {"dedup_on": config.dedup_on, "max_epsilon": config.max_epsilon,
+                           "caption_factor": config.caption_factor, "seconds_by_step": seconds,
+                           "search_seconds": round(time.time() - started, 3)})
+        if not stats["samples"]:  # nothing was searched: "no duplicates" would be read as a finding
+            raise MimicfilterError("no sample of the inputs has a usable embedding (null, zero, not finite, or too "
+                                   "large for float16)", hint="check the embeddings the run reads")
+        run.finish(stats)
     return stats
 
 

@@ -55,7 +55,7 @@ from mimicfilter.mimic.device import resolve_device
 from mimicfilter.store.parts import part_paths, table_stats
 from mimicfilter.store.guard import Inputs as GuardedInputs, Output, guard_outputs
 from mimicfilter.store.paths import RUN_FILE, part_path
-from mimicfilter.store.rundir import RunDirectory, run_record, write_rank_stats
+from mimicfilter.store.rundir import RunDirectory, run_record, unfinish_for, write_rank_stats
 from mimicfilter.store.schema import EXTRAPOLATED_COLUMN
 
 
@@ -254,6 +254,7 @@ def run_extrapolate(config: ExtrapolateConfig, observer: Callable[[int], None] |
 
     mine = config.partition.select(inputs.units)
     pending = [unit for unit in mine if not part_path(config.out_dir, unit.shard).exists()]
+    unfinish_for(config.out_dir, pending)
     executor, failures = ("none (--fit-only)", ()) if config.fit_only else _execute(config, inputs, pending, settings)
     counted = table_stats(config.out_dir, flag_column=EXTRAPOLATED_COLUMN)
     stats = run.stats({

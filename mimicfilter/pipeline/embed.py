@@ -25,7 +25,7 @@ from mimicfilter.pipeline.stream import open_input
 from mimicfilter.store.guard import guard_run_directory
 from mimicfilter.store.parts import table_stats, write_part
 from mimicfilter.store.paths import part_path
-from mimicfilter.store.rundir import RunDirectory
+from mimicfilter.store.rundir import RunDirectory, unfinish_for
 from mimicfilter.store.schema import embed_rows_to_table
 
 
@@ -50,15 +50,11 @@ def run_embed(config: EmbedConfig, progress: Progress | None = None) -> dict[str
         # a batch's size moves float16 embeddings in their last bit: a resume at another size would mix tables
         "batch_size": config.batch_size,
     }
-    provenance = {
-        "models": models.provenance,
-        "embedding": embedder.space,
-        "batch_size": config.batch_size,
-        "device": str(models.device),
-        "shards": list(config.shards),
-    }
+    provenance = {"models": models.provenance, "embedding": embedder.space, "batch_size": config.batch_size,
+                  "device": str(models.device), "shards": list(config.shards)}
     run.open(fingerprint, provenance, config.overwrite)
     pending = [shard for shard in config.shards if not part_path(config.out_dir, shard).exists()]
+    unfinish_for(config.out_dir, pending)
     if progress:
         progress.start(len(config.shards), len(config.shards) - len(pending))
     loop_started = time.time()

@@ -28,6 +28,7 @@ from mimicfilter.pipeline.decoder import Decoder
 from mimicfilter.pipeline.stream import EarlyStart, ShardStream, open_input
 from mimicfilter.store.parts import write_part
 from mimicfilter.store.paths import part_path
+from mimicfilter.store.rundir import unfinish_for
 from mimicfilter.store.schema import rows_to_table
 
 
@@ -118,6 +119,7 @@ def score_static(config: ScoreConfig, batch_scorer: BatchScorer, progress: Progr
     executor (``early``: the pool and stream started before the models loaded, taken if they fit)."""
     mine = config.partition.select(config.shards)
     pending = pending_shards(config)
+    unfinish_for(config.out_dir, pending)
     if progress:
         progress.start(len(mine), len(mine) - len(pending))
     if config.ray is not None:

@@ -214,6 +214,14 @@ def finish_run_dir(run_dir: RunPath, stats: dict[str, Any]) -> None:
     atomic_write_bytes(run_dir / SUCCESS_FILE, b"")
 
 
+def unfinish_for(run_dir: RunPath, pending: Sequence[Any]) -> None:
+    """A finished run whose parts are not all there (one removed after it finished) is not finished
+    while ``pending`` ones are written again: its ``_SUCCESS`` goes first, so that no reader takes the
+    run for whole meanwhile, nor after a kill."""
+    if pending:
+        (run_path(run_dir) / SUCCESS_FILE).unlink(missing_ok=True)
+
+
 def unfinished_run(run_dir: RunPath | str) -> str | None:
     """Why a run directory is not finished (what it holds so far), or None when it has ``_SUCCESS``.
 

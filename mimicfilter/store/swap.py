@@ -20,7 +20,6 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import errno
-import fcntl
 import os
 import re
 import secrets
@@ -30,6 +29,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from mimicfilter.errors import MimicfilterError, one_line
+from mimicfilter.store.locks import flocked
 from mimicfilter.store.owners import OWNER_PATTERN, left_by_dead_process, owner_tag
 
 STAGING, RETIRED = "staging", "old"
@@ -158,27 +158,11 @@ def sole_writer(targets: list[tuple[Path, str]]) -> Iterator[None]:
 
 @contextlib.contextmanager
 def _locked(lock: Path, what: str) -> Iterator[None]:
-    while True:
-        descriptor = os.open(lock, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o666)
-        try:
-            fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            os.close(descriptor)
+    with flocked(lock, wait=False, remove=True) as held:
+        if not held:
             raise MimicfilterError(f"{what} is being written by another mimicfilter run now",
-                                   hint="wait for it to finish, or choose another path", exit_code=1) from None
-        try:
-            current = os.stat(lock, follow_symlinks=False).st_ino
-        except FileNotFoundError:
-            current = None
-        if current == os.fstat(descriptor).st_ino:
-            break
-        os.close(descriptor)  # its holder removed it as we opened it: take the one at the path now
-    try:
+                                   hint="wait for it to finish, or choose another path", exit_code=1)
         yield
-    finally:
-        with contextlib.suppress(OSError):
-            os.unlink(lock)
-        os.close(descriptor)
 
 
 def is_temp_name(name: str) -> bool:
