@@ -2,8 +2,8 @@
 
 Start-up is paid by every run (figures in docs/benchmarks.md, "Input path"). ``import open_clip``
 imports timm — every timm model definition — for the image towers that name a ``timm_model_name``,
-and huggingface_hub (with its HTTP clients) for pretrained tags: together ~0.5 s of a CPU core that
-a run from a local checkpoint never uses.
+and huggingface_hub (with its HTTP clients) for pretrained tags: together ~0.35 s of start-up
+(docs/architecture.md) that a run from a local checkpoint never uses.
 
 :func:`import_open_clip` imports open_clip with both hidden, so open_clip takes its own "not
 installed" branch (``timm = None`` in ``open_clip.timm_model``, ``_has_hf_hub = False`` in

@@ -151,6 +151,10 @@ def test_a_calibrated_estimate_and_its_default_cut(tmp_path):
     assert summary["calibration"]["separation"]["clip_score"] > 0.95
     cut = summary["calibration"]["cut"]
     assert cut["target"] == {"recall": 0.95} and cut["recall"] >= 0.95
+    # what the cut's signal was chosen from: every signal's kept share at the target, the cut's among them
+    assert set(cut["kept_by_signal"]) == set(summary["calibration"]["separation"])
+    assert cut["kept_by_signal"]["clip_score"] == pytest.approx(cut["kept"], abs=0.02)
+    assert min(cut["kept_by_signal"].values()) == cut["kept_by_signal"]["clip_score"]  # mimic_score: noise
     manifest = pq.read_table(out / "manifest.parquet").to_pylist()
     kept_clean = sum(row["kept"] and truth[row["key"]] for row in manifest)
     assert kept_clean / sum(truth.values()) >= 0.9  # the cut keeps the clean samples it promises
@@ -199,6 +203,7 @@ def test_anchors_never_reach_a_count_or_an_output(tmp_path):
     assert shown["quality_estimate"] == shown["quality"]["calibrated"]["value"] and shown["rule"].startswith("calibrated")
     page = (tmp_path / "report" / "index.html").read_text()
     assert "Dataset quality estimate" in page and "calibrated_cut.svg" in page
+    assert "The cut at recall 0.95 is made on clip_score; the pool share each signal" in page
 
 
 def test_without_anchors_nothing_is_called_a_quality_estimate(tmp_path):

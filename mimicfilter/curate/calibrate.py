@@ -14,6 +14,7 @@ is used. Torch-free; everything reads DuckDB views made by curate/duck.py.
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
+from typing import Any
 
 import numpy as np
 
@@ -184,15 +185,22 @@ def cut_signal(data: Anchored, recall: float) -> tuple[Signal, np.ndarray, float
     chosen = (data.signal, data.pool, threshold)
     if not data.others or same_distribution_p(data.pool, data.trusted) >= CLEAN_TEST_LEVEL:
         return chosen
-    kept = {name: kept_near(pool, trusted, recall) for name, (_, pool, trusted) in data.others.items()
-            if len(pool) and len(trusted) >= MIN_ANCHORS}
-    if data.signal.name not in kept:
-        kept[data.signal.name] = kept_near(data.pool, data.trusted, recall)
+    kept = kept_by_signal(data, recall)
     least = min(kept, key=kept.get)  # ties: the first listed
     if kept[least] >= kept[data.signal.name] - recall_error(recall, len(data.trusted)):
         return chosen
     signal, pool, trusted = data.others[least]
     return signal, pool, threshold_for_recall(trusted, recall)
+
+
+def kept_by_signal(data: Anchored, recall: float) -> dict[str, float]:
+    """Each signal's pool share that the trusted sample's cut at ``recall`` keeps (:func:`kept_near`):
+    what :func:`cut_signal` compares, and what summary.json shows of it."""
+    kept = {name: kept_near(pool, trusted, recall) for name, (_, pool, trusted) in data.others.items()
+            if len(pool) and len(trusted) >= MIN_ANCHORS}
+    if data.signal.name not in kept:
+        kept[data.signal.name] = kept_near(data.pool, data.trusted, recall)
+    return kept
 
 
 def estimate(data: Anchored, seed: int = 0) -> Calibration:
@@ -235,7 +243,7 @@ class CalibratedCut:
     calibration: Calibration
     rule: Rule | None  # the calibrated keep rule (None when no threshold reaches the target)
     target: dict[str, float]  # {"recall": r} or {"precision": p}
-    expected: dict[str, float] | None  # the cut's estimated kept share, precision and recall
+    expected: dict[str, Any] | None  # the cut's estimated kept share, precision and recall (and kept_by_signal)
 
     def summary(self) -> dict:
         return {**self.calibration.as_dict(), "cut": {"target": self.target, "rule": self.rule.text if self.rule else None,
@@ -268,7 +276,10 @@ def calibrated_cut(connection, epochs: list[int], target_precision: float | None
     signal, threshold = cut
     rule = Rule("calibrated", column=signal.column, value=threshold,
                 expression=">=" if signal.higher_is_clean else "<=")
-    return CalibratedCut(calibration, rule, target, _expected(data, calibration, signal, threshold))
+    expected = _expected(data, calibration, signal, threshold)
+    if "recall" in target:
+        expected["kept_by_signal"] = {name: round(kept, 6) for name, kept in kept_by_signal(data, target["recall"]).items()}
+    return CalibratedCut(calibration, rule, target, expected)
 
 
 def calibration_warnings(connection, cut: CalibratedCut | None) -> list[str]:

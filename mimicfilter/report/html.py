@@ -161,6 +161,17 @@ def _budgets(summary: dict[str, Any]) -> str:
     return "".join(parts)
 
 
+def _cut_signal_text(calibration: dict[str, Any]) -> str:
+    """Which signal a recall cut is made on, and the pool share each signal's cut would keep."""
+    cut = calibration.get("cut") or {}
+    if not cut.get("kept_by_signal") or not cut.get("signal"):
+        return ""
+    kept = ", ".join(f"{name} {100 * share:.1f}%" for name, share in sorted(cut["kept_by_signal"].items(),
+                                                                           key=lambda item: item[1]))
+    return (f" The cut at recall {cut['target']['recall']:g} is made on {cut['signal']}; the pool share each "
+            f"signal's cut keeps near that recall (what the choice compares): {kept}.")
+
+
 def _threshold(summary: dict[str, Any]) -> str:
     images = summary["images"]
     parts = ["<section id='threshold'><h2>Scores and the threshold</h2>", _cut_text(summary), "<div class='grid'>"]
@@ -176,7 +187,8 @@ def _threshold(summary: dict[str, Any]) -> str:
         parts.append(figure(images, "calibrated_cut", "estimated precision and recall of the kept set by threshold",
                             f"Measured against {calibration['trusted']} trusted samples and {calibration['synthetic']} "
                             f"synthetic negatives on {calibration['signal']}, the signal that separates them best "
-                            f"(AUROC: {separations}). Choose a cut with filter --target-precision or --target-recall."))
+                            f"(AUROC: {separations}).{_cut_signal_text(calibration)} Choose a cut with filter "
+                            "--target-precision or --target-recall."))
     parts.append(figure(images, "score_vs_clip", "mimic score versus the reference CLIP score",
                         "Each usable sample by both scores (a 2-D histogram above 20,000 samples). Low on both "
                         "axes: pairs both scores reject."))
