@@ -162,6 +162,18 @@ def test_synthetic_share_needs_trusted_samples(tmp_path, pool, tiny_config, refe
     assert result.exit_code == 2 and "no samples" in result.stderr
 
 
+def test_a_pool_shard_passed_as_trusted_is_refused(tmp_path, pool, tiny_config):
+    """Its samples would make the pool look like its own trusted sample: a clean-looking estimate."""
+    shards, _ = pool
+    (tmp_path / "linked.tar").symlink_to(shards[1])  # the same file, spelt another way
+    result = CliRunner().invoke(cli, ["score", *shards, "--model", str(tiny_config), "--reference",
+                                      str(tmp_path / "never-read.safetensors"), "--trusted", str(tmp_path / "linked.tar"),
+                                      "--out", str(tmp_path / "r")])
+    assert result.exit_code == 2 and result.stderr.count("\n") == 1, result.output
+    assert "is also one of the pool's shards: the pool would be calibrated against its own samples" in result.stderr
+    assert not (tmp_path / "r").exists()
+
+
 def test_trusted_shards_that_cannot_be_scored_are_refused_before_any_model_loads(tmp_path, pool, tiny_config):
     shards, _ = pool
     captionless = [(key, {"jpg": files["jpg"]}) for key, files in image_text_samples(30, start=500)]

@@ -104,6 +104,11 @@ def use_threads(config: StreamConfig) -> None:
         torch.set_num_threads(config.threads)
 
 
+def _shard_identity(spec: str) -> str:
+    """One name per shard: a local path resolved (links, ``..``), a URL or pipe as written."""
+    return spec if "://" in spec or spec.startswith("pipe:") else os.path.realpath(spec)
+
+
 @dataclass(frozen=True)
 class ScoreConfig(StreamConfig):
     """Everything ``mimicfilter score`` needs; validated once, up front.
@@ -143,6 +148,10 @@ class ScoreConfig(StreamConfig):
             )
         if self.synthetic_share is not None and not 0 < self.synthetic_share <= 0.5:
             raise MimicfilterError(f"--synthetic-share {self.synthetic_share}: must lie in (0, 0.5]")
+        if both := sorted({_shard_identity(spec) for spec in self.trusted} & {_shard_identity(spec) for spec in self.shards}):
+            raise MimicfilterError(f"--trusted {both[0]} is also one of the pool's shards: the pool would be calibrated "
+                                   "against its own samples", hint="pass shards of checked samples apart from the pool's "
+                                   "inputs (checked samples drawn from the pool, written to shards of their own, are fine)")
         if self.synthetic_share is not None and not self.trusted:
             raise MimicfilterError("--synthetic-share makes the negatives beside --trusted samples",
                                    hint="add --trusted SPEC (the checked samples), or drop --synthetic-share")
