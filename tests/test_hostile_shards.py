@@ -1,6 +1,6 @@
 """Hostile shards `score` must answer with a precise row: members that are links, FIFOs, devices or
 directories where a sample's file should be (1); PNG decompression bombs (2); compressed shards cut
-short (3)."""
+short or failing the checks at the end of their compressed data (3)."""
 
 import bz2
 import gzip
@@ -281,21 +281,131 @@ def test_concatenated_streams_are_one_shard_and_corrupt_data_is_named(tmp_path):
     assert broken[4].startswith("corrupt compressed stream: xz: Corrupt input data")
 
 
-def test_score_keeps_a_cut_compressed_shards_rows_and_says_it_is_truncated(tmp_path, models):
+MAY_BE_CORRUPT = "samples read from this shard may hold corrupted bytes"
+GZIP_CRC_FAILS = f"corrupt gzip data: the stream's CRC check fails at its end; {MAY_BE_CORRUPT}"
+
+
+def test_a_gz_shard_with_a_byte_flipped_in_a_stored_block_ends_in_a_shard_error(tmp_path):
+    """A stored deflate block holds its bytes as they are: the flipped byte inflates, and only the CRC
+    at the stream's end, after the tar's end-of-archive marker, tells."""
+    samples = payload_samples(4)
+    plain = write_tar(tmp_path / "plain.tar", samples)
+    good = rows(iter_shard_samples(str(plain)))
+    packed = bytearray(gzip.compress(plain.read_bytes(), compresslevel=0))
+    packed[packed.index(samples[1][1]["bin"][:64]) + 32] ^= 0x01
+    shard = tmp_path / "flipped.tar.gz"
+    shard.write_bytes(bytes(packed))
+    for spec in (str(shard), f"pipe:cat {shard}"):
+        table = rows(iter_shard_samples(spec, allow_pipe=True))
+        assert [row[3] for row in table] == ["ok", "ok", "ok", "shard_error"]
+        assert table[0] == good[0] and table[2] == good[2] and table[1][2] != good[1][2]  # sample 1 read the flip
+        assert table[3] == (good[3][0], 3, {}, "shard_error", GZIP_CRC_FAILS)
+        assert count_shard_samples(spec, allow_pipe=True) == len(table)
+
+
+def wrong_isize(packed: bytes) -> bytes:
+    return packed[:-4] + struct.pack("<I", struct.unpack("<I", packed[-4:])[0] + 1)
+
+
+def flipped(packed: bytes, offset: int) -> bytes:
+    broken = bytearray(packed)
+    broken[offset] ^= 0x01
+    return bytes(broken)
+
+
+def xz_with_a_wrong_check(packed: bytes) -> bytes:
+    """The block's CRC64 flipped: it lies just before the index, whose size the stream footer gives."""
+    index_size = (struct.unpack("<I", packed[-8:-4])[0] + 1) * 4
+    return flipped(packed, len(packed) - 12 - index_size - 8)
+
+
+# A tar padded to a 1 MiB record (tar -b 2048): tarfile stops reading far from the end of its data
+# (bz2 and xz check a block once all of it is read out; a small tar's last read often reaches that).
+PADDED = 1 << 20
+END_CHECKS = {
+    "gzip-length": (0, lambda tar: wrong_isize(gzip.compress(tar)),
+                    f"corrupt gzip data: the stream's length check fails at its end; {MAY_BE_CORRUPT}"),
+    "gzip-last-stream-crc": (0, lambda tar: gzip.compress(tar[: len(tar) // 2]) + flipped(
+        gzip.compress(tar[len(tar) // 2:]), -8), GZIP_CRC_FAILS),
+    "gzip-cut-trailer": (0, lambda tar: gzip.compress(tar)[:-4],
+                         "truncated gzip data: the stream ends after the tar's end-of-archive marker but before "
+                         f"its end checks; {MAY_BE_CORRUPT}"),
+    "gzip-garbage-after": (0, lambda tar: gzip.compress(tar) + b"garbage",
+                           "corrupt gzip data after the tar's end-of-archive marker: Not a gzipped file (b'ga')"),
+    "bz2-stream-crc": (PADDED, lambda tar: flipped(bz2.compress(tar), -2),
+                       "corrupt bz2 data at the stream's end, after the tar's end-of-archive marker: Invalid data "
+                       f"stream; {MAY_BE_CORRUPT}"),
+    "xz-check": (PADDED, lambda tar: xz_with_a_wrong_check(lzma.compress(tar)),
+                 "corrupt xz data at the stream's end, after the tar's end-of-archive marker: Corrupt input data; "
+                 f"{MAY_BE_CORRUPT}"),
+}
+
+
+@pytest.mark.parametrize("case", list(END_CHECKS))
+def test_a_check_failing_after_the_tars_end_is_a_shard_error_in_place_of_the_last_sample(tmp_path, case):
+    padding, make, message = END_CHECKS[case]
+    plain = write_tar(tmp_path / "plain.tar", image_text_samples(4))
+    good = rows(iter_shard_samples(str(plain)))
+    shard = tmp_path / f"broken.tar.{case.split('-')[0]}"
+    shard.write_bytes(make(plain.read_bytes() + bytes(padding)))
+    assert rows(iter_shard_samples(str(shard))) == [*good[:-1], (good[-1][0], 3, {}, "shard_error", message)]
+
+
+def test_clean_padded_and_concatenated_gz_shards_read_as_the_plain_tar(tmp_path):
+    """No false alarm: the checks pass and the padding after the end-of-archive marker is no sample.
+    The same bytes with the last check broken show that the checks were read, not skipped."""
+    plain = write_tar(tmp_path / "plain.tar", payload_samples(4))
+    good = rows(iter_shard_samples(str(plain)))
+    tar = plain.read_bytes()
+    middle = len(tar) // 2
+    shards = {  # name: (the shard, where its last stream's check lies)
+        "clean.tar.gz": (gzip.compress(tar), -8), "stored.tar.gz": (gzip.compress(tar, compresslevel=0), -8),
+        "joined.tar.gz": (gzip.compress(tar[:middle]) + gzip.compress(tar[middle:]), -8),
+        "padding-stream.tar.gz": (gzip.compress(tar) + gzip.compress(bytes(PADDED)), -8),
+        "zeros-after.tar.gz": (gzip.compress(tar) + bytes(100), -108),  # zero padding after a stream, as gzip allows
+        "padded.tar.bz2": (bz2.compress(tar + bytes(PADDED)), -2)}
+    for name, (packed, check) in shards.items():
+        (tmp_path / name).write_bytes(packed)
+        assert rows(iter_shard_samples(str(tmp_path / name))) == good, name
+        (tmp_path / name).write_bytes(flipped(packed, check))
+        assert rows(iter_shard_samples(str(tmp_path / name)))[-1][3:] != ("ok", None), name
+    padded = lzma.compress(tar + bytes(PADDED))
+    (tmp_path / "padded.tar.xz").write_bytes(padded)
+    assert rows(iter_shard_samples(str(tmp_path / "padded.tar.xz"))) == good
+    (tmp_path / "padded.tar.xz").write_bytes(xz_with_a_wrong_check(padded))
+    assert rows(iter_shard_samples(str(tmp_path / "padded.tar.xz")))[-1][3] == "shard_error"
+
+
+def test_more_data_after_the_tars_end_than_is_read_says_its_checks_are_unread(tmp_path, monkeypatch):
+    from mimicfilter.shards import tar_stream
+
+    monkeypatch.setattr(tar_stream, "MAX_AFTER_END_BYTES", PADDED)
+    plain = write_tar(tmp_path / "plain.tar", image_text_samples(2))
+    good = rows(iter_shard_samples(str(plain)))
+    shard = tmp_path / "long.tar.gz"
+    shard.write_bytes(gzip.compress(plain.read_bytes() + bytes(2 * PADDED)))
+    assert rows(iter_shard_samples(str(shard))) == [*good[:-1], (good[-1][0], 1, {}, "shard_error", (
+        "unchecked gzip data: more than 1 MiB follow the tar's end-of-archive marker, so the checks at the "
+        f"stream's end are not read; {MAY_BE_CORRUPT}"))]
+
+
+def test_score_keeps_a_cut_or_failing_compressed_shards_rows_and_says_why(tmp_path, models):
     plain = write_tar(tmp_path / "plain.tar", image_text_samples(6)).read_bytes()
     for name, packed in (("cut.tar.bz2", bz2.compress(plain)), ("cut.tar.gz", gzip.compress(plain))):
         (tmp_path / name).write_bytes(packed[: len(packed) // 2])
+    (tmp_path / "crc.tar.gz").write_bytes(flipped(gzip.compress(plain), -8))
     out = tmp_path / "run"
-    result = invoke("score", tmp_path / "cut.tar.bz2", tmp_path / "cut.tar.gz", *models, "--train", "none",
-                    "--workers", "0", "--quiet", "--out", out)
+    result = invoke("score", tmp_path / "cut.tar.bz2", tmp_path / "cut.tar.gz", tmp_path / "crc.tar.gz", *models,
+                    "--train", "none", "--workers", "0", "--quiet", "--out", out)
     assert result.exit_code == 0 and "Traceback" not in result.output, result.output
     table = sorted((row["shard"].rsplit("/", 1)[1], row["index"], row["key"], row["status"], row["error"])
                    for row in pq.read_table(out / "scores").to_pylist())
-    assert table == [
+    assert table == sorted([
         ("cut.tar.bz2", 0, "", "shard_error", "truncated tar: the bz2 data ends before its end-of-stream marker"),
         ("cut.tar.gz", 0, "00000000", "ok", None),
         ("cut.tar.gz", 1, "00000001", "ok", None),
         ("cut.tar.gz", 2, "00000002", "shard_error",
          "truncated tar: the gzip data ends before its end-of-stream marker in member 00000002.jpg"),
-    ]
+    ] + [("crc.tar.gz", index, f"{index:08d}", "ok", None) for index in range(5)] + [
+        ("crc.tar.gz", 5, "00000005", "shard_error", GZIP_CRC_FAILS)])
     assert (out / "_SUCCESS").exists()

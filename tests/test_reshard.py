@@ -125,6 +125,21 @@ def test_compressed_and_pipe_sources(tmp_path):
     assert [key_of(name) for name in tar_members(shards[0].path)] == ["00000001"] * 3 + ["00000002"] * 3
 
 
+def test_a_compressed_source_failing_its_end_check_is_a_read_error(tmp_path):
+    """The CRC at the end of a gzip stream, after the tar's end-of-archive marker, is checked before
+    the curated shards are written: copied bytes may be corrupt."""
+    plain = write_tar(tmp_path / "s.tar", image_text_samples(3)).read_bytes()
+    packed = bytearray(gzip.compress(plain))
+    packed[-8] ^= 0x01  # the stream's CRC32
+    source = tmp_path / "s.tar.gz"
+    source.write_bytes(bytes(packed))
+    with pytest.raises(MimicfilterError) as info:
+        write_curated_shards([(str(source), "00000001")], tmp_path / "out")
+    assert str(info.value).startswith(f"cannot read shard {source}: corrupt gzip data: the stream's CRC check "
+                                      "fails at its end; samples read from this shard may hold corrupted bytes (hint: ")
+    assert listing(tmp_path / "out") == []
+
+
 def test_pipe_refused_without_flag(tmp_path):
     plain = write_tar(tmp_path / "s.tar", image_text_samples(1))
     with pytest.raises(MimicfilterError, match="pipe"):

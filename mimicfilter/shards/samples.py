@@ -169,7 +169,8 @@ def count_shard_samples(url: str, *, allow_pipe: bool = False) -> int:
     A local plain tar is read header by header, seeking over the data (:class:`PlainTar`);
     anything else goes through tarfile (a URL or ``pipe:`` streamed). A shard that cannot be read
     to its end counts the samples before the failure (scoring then reports the failure as a
-    ``shard_error`` row).
+    ``shard_error`` row). The checks at the end of a compressed shard's data, after the tar's
+    end-of-archive marker, cannot change the count: a failed one takes the last sample's row.
     """
     local = not (is_url(url) or url.startswith("pipe:"))
     if local:

@@ -2,7 +2,8 @@
 
 It opens a shard (local file, fsspec URL or allowed ``pipe:``), yields its members in order without
 accumulating headers, tells a clean end from a truncated or corrupt tail (of the tar, or of its
-gzip, bz2 or xz compression), and describes a failure in one line naming where it happened. Both :mod:`mimicfilter.shards.samples` (scoring) and
+gzip, bz2 or xz compression, read past the tar's end to the checks stored at the end of the
+compressed data), and describes a failure in one line naming where it happened. Both :mod:`mimicfilter.shards.samples` (scoring) and
 :mod:`mimicfilter.curate.reshard` (curated shards) read through it; local plain tars — most
 shards — are read for scoring by the faster :mod:`mimicfilter.shards.tar_headers`, which hands
 anything unusual back to it, so the rows are the same either way.
@@ -93,10 +94,39 @@ def _end_problem(header_errors: list[tarfile.HeaderError]) -> str | None:
     return f"invalid header ({last})"
 
 
+class StreamEndError(tarfile.ReadError):
+    """The compressed data after a tar's end-of-archive marker failed its checks (or could not be
+    read to its end); the message is the whole one-line description."""
+
+
+# Gzip's end checks, as the stdlib words their failures (gzip.BadGzipFile).
+_GZIP_END_CHECKS = {"CRC check failed": "the stream's CRC check fails at its end",
+                    "Incorrect length of data produced": "the stream's length check fails at its end"}
+_MAY_BE_CORRUPT = "samples read from this shard may hold corrupted bytes"
+
+
+def end_failure(compression: str, exc: BaseException) -> str:
+    """One line for a decompressor's failure after the tar's end-of-archive marker: a stream's check
+    (gzip's CRC32 or length, bz2's CRCs, xz's checks and index) failed, its data is corrupt or cut short."""
+    message = one_line(exc) or type(exc).__name__
+    if isinstance(exc, EOFError):
+        return (f"truncated {compression} data: the stream ends after the tar's end-of-archive marker but "
+                f"before its end checks; {_MAY_BE_CORRUPT}")
+    check = next((problem for start, problem in _GZIP_END_CHECKS.items() if message.startswith(start)), None)
+    if check is not None:
+        return f"corrupt {compression} data: {check}; {_MAY_BE_CORRUPT}"
+    if message.startswith("Not a gzipped file"):  # every stream before it passed its checks
+        return f"corrupt gzip data after the tar's end-of-archive marker: {message}"
+    return (f"corrupt {compression} data at the stream's end, after the tar's end-of-archive marker: "
+            f"{message}; {_MAY_BE_CORRUPT}")
+
+
 def describe_failure(url: str, exc: BaseException, *, done: str | None, reading: str | None,
                      compression: str | None = None) -> str:
     """One-line description of a stream failure, naming where in the tar it happened; ``compression``
     names the shard's compression when ``exc`` may come from its decompressor (not from reading the file)."""
+    if isinstance(exc, StreamEndError):
+        return one_line(str(exc))
     message = one_line(exc) or type(exc).__name__
     where = f" in member {reading}" if reading else (f" after member {done}" if done else "")
     if isinstance(exc, FileNotFoundError):
@@ -162,6 +192,11 @@ def not_regular(name: str, kind: bytes) -> str:
 # decompressed here, by the stdlib's file readers, which (unlike tarfile's stream) raise EOFError when
 # the compressed data ends before its end-of-stream marker: a cut .tar.bz2 is not an "empty file".
 _HEAD_BYTES = 10
+# What follows a tar's end-of-archive marker in its compressed data: the marker's second zero block
+# and the padding to the tar's record (10 KiB by default). It is read, in chunks that are dropped, up
+# to this much: the checks stored at the end of the compressed data lie beyond it.
+MAX_AFTER_END_BYTES = 64 * 2**20
+_AFTER_END_CHUNK = 2**16
 _DECOMPRESSORS = {"gzip": lambda source: gzip.GzipFile(fileobj=source, mode="rb"), "bz2": bz2.BZ2File,
                   "xz": lzma.LZMAFile}
 
@@ -242,6 +277,7 @@ class TarStream:
         self._header_errors: list[tarfile.HeaderError] = []
         self._tar: tarfile.TarFile | None = None
         self._source: _Source | None = None
+        self._decompressed: IO[bytes] | None = None  # the decompressor's reader (compressed shards only)
         self.compression: str | None = None  # gzip, bz2 or xz: decompressed here (streaming only)
 
     @contextlib.contextmanager
@@ -262,7 +298,8 @@ class TarStream:
         self.compression = compression_of(self._source.head)
         if self.compression is None:
             return self._source
-        return _StepReader(stack.enter_context(_DECOMPRESSORS[self.compression](self._source)))
+        self._decompressed = stack.enter_context(_DECOMPRESSORS[self.compression](self._source))
+        return _StepReader(self._decompressed)
 
     def _members(self, tar: tarfile.TarFile) -> Iterator[TarMember]:
         while (info := tar.next()) is not None:
@@ -273,6 +310,29 @@ class TarStream:
         problem = _end_problem(self._header_errors)
         if problem is not None:
             raise tarfile.ReadError(problem)
+        if self._decompressed is not None:
+            self._read_to_stream_end(self._decompressed)
+
+    def _read_to_stream_end(self, reader: IO[bytes]) -> None:
+        """Read the decompressed data after the tar's end-of-archive marker to its end, dropping it, so
+        that the decompressor makes the checks stored there: gzip's CRC32 and length of every stream,
+        bz2's block and stream CRCs, xz's block checks and index. Without them a byte flipped in the
+        compressed data (in a stored deflate block, say) gives wrong samples and no error."""
+        after_end = 0
+        while True:
+            try:
+                chunk = reader.read(_AFTER_END_CHUNK)
+            except STREAM_ERRORS as exc:
+                if self._source is not None and self._source.failed:
+                    raise  # reading the file failed, not its checks: described as such
+                raise StreamEndError(end_failure(self.compression or "compressed", exc)) from exc
+            if not chunk:
+                return
+            after_end += len(chunk)
+            if after_end > MAX_AFTER_END_BYTES:
+                raise StreamEndError(
+                    f"unchecked {self.compression} data: more than {MAX_AFTER_END_BYTES / 2**20:g} MiB follow the "
+                    f"tar's end-of-archive marker, so the checks at the stream's end are not read; {_MAY_BE_CORRUPT}")
 
     @contextlib.contextmanager
     def member_data(self, member: TarMember) -> Iterator[IO[bytes]]:
