@@ -115,8 +115,6 @@ def end_failure(compression: str, exc: BaseException) -> str:
     check = next((problem for start, problem in _GZIP_END_CHECKS.items() if message.startswith(start)), None)
     if check is not None:
         return f"corrupt {compression} data: {check}; {_MAY_BE_CORRUPT}"
-    if message.startswith("Not a gzipped file"):  # every stream before it passed its checks
-        return f"corrupt gzip data after the tar's end-of-archive marker: {message}"
     return (f"corrupt {compression} data at the stream's end, after the tar's end-of-archive marker: "
             f"{message}; {_MAY_BE_CORRUPT}")
 
@@ -325,6 +323,8 @@ class TarStream:
             except STREAM_ERRORS as exc:
                 if self._source is not None and self._source.failed:
                     raise  # reading the file failed, not its checks: described as such
+                if isinstance(exc, gzip.BadGzipFile) and str(exc).startswith("Not a gzipped file"):
+                    return  # bytes after the last stream, whose checks passed: ignored, as gzip -d and bz2/xz do
                 raise StreamEndError(end_failure(self.compression or "compressed", exc)) from exc
             if not chunk:
                 return
