@@ -157,6 +157,23 @@ def test_two_runs_at_once_on_one_out_both_finish_with_the_same_result(pool, tmp_
     assert _edges(tmp_path / "both") == _edges(tmp_path / "alone")
 
 
+def test_on_a_filesystem_without_locks_dedup_and_filter_run_unlocked(pool, tmp_path, monkeypatch):
+    import errno
+    import fcntl
+
+    def no_locks(*_):
+        raise OSError(errno.ENOLCK, "No locks available")
+
+    monkeypatch.setattr(fcntl, "flock", no_locks)
+    folder, *_ = pool
+    stats = _dedup(folder / "run", "--features-from", folder / "files", "--embedding-column", "image,text",
+                   "--cell-size", "256", "--out", tmp_path / "pairs")
+    assert stats["samples"] == 3000 and not (tmp_path / "pairs" / "buckets").exists()
+    result = CliRunner().invoke(cli, ["filter", str(folder / "run"), "--dedup", "--dedup-from",
+                                      str(tmp_path / "pairs"), "--out", str(tmp_path / "curated")])
+    assert result.exit_code == 0, result.output
+
+
 def test_filter_matches_features_from_pairs_by_uid(pool, tmp_path):
     folder, vectors, truth, _ = pool
     rows = [score_row("/data/s.tar", f"k{i}", i, 0, float(i), uid=f"{i:032x}") for i in range(len(vectors))]

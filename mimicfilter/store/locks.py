@@ -4,15 +4,23 @@ The kernel releases a lock when its process dies, so a killed run never leaves o
 may be removed by the holder of its exclusive lock; a process that opened the removed file then takes
 the lock again on the file now at the path (its inode is checked), so two processes never hold locks
 on two different files for one path.
+
+On a filesystem that keeps no locks (flock fails with ENOLCK, EOPNOTSUPP or ENOSYS) the block runs
+unlocked rather than not at all: the command works there as it would without locks.
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import os
 from collections.abc import Iterator
 from pathlib import Path
+
+
+# flock's errors on a filesystem that keeps no locks (an NFS mount without a lock daemon, some FUSE ones)
+NO_LOCKS = {errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS}
 
 
 @contextlib.contextmanager
@@ -28,6 +36,12 @@ def flocked(lock: Path, *, shared: bool = False, wait: bool = True, remove: bool
         except BlockingIOError:
             os.close(descriptor)
             yield False
+            return
+        except OSError as exc:
+            os.close(descriptor)
+            if exc.errno not in NO_LOCKS:
+                raise
+            yield True  # a filesystem without locks (NFS without a lock daemon): unlocked, as before locks
             return
         try:
             current = os.stat(lock, follow_symlinks=False).st_ino
