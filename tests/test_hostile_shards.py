@@ -1,6 +1,7 @@
 """Hostile shards `score` must answer with a precise row: members that are links, FIFOs, devices or
 directories where a sample's file should be (1); PNG decompression bombs (2); compressed shards cut
-short or failing the checks at the end of their compressed data (3)."""
+short or failing the checks at the end of their compressed data (3); shards of archives joined by
+`cat a.tar b.tar`, read to their end (4)."""
 
 import bz2
 import gzip
@@ -14,7 +15,7 @@ import zlib
 import pyarrow.parquet as pq
 import pytest
 from click.testing import CliRunner
-from helpers import image_bytes, image_text_samples, write_tar
+from helpers import image_bytes, image_text_samples, score_row, write_score_run, write_tar
 
 from mimicfilter.shards.samples import _tarfile_samples, count_shard_samples, iter_shard_samples
 from mimicfilter_cli.main import cli
@@ -409,3 +410,54 @@ def test_score_keeps_a_cut_or_failing_compressed_shards_rows_and_says_why(tmp_pa
     ] + [("crc.tar.gz", index, f"{index:08d}", "ok", None) for index in range(5)] + [
         ("crc.tar.gz", 5, "00000005", "shard_error", GZIP_CRC_FAILS)])
     assert (out / "_SUCCESS").exists()
+
+
+# 4 ----------------------------------------------------------------------------------------------
+
+PACKERS = {"tar": lambda data: data, **COMPRESSORS}
+
+
+def joined(tmp_path, pack, first: int = 3, second: int = 4):
+    """`cat a.tar b.tar > joined.tar` (each packed by ``pack`` first, as `cat a.tar.gz b.tar.gz` joins
+    them), and the rows scoring a.tar then b.tar gives, b's indices following a's."""
+    a = write_tar(tmp_path / "a.tar", payload_samples(first))
+    b = write_tar(tmp_path / "b.tar", image_text_samples(second, start=first))
+    expected = rows(iter_shard_samples(str(a))) + [
+        (key, first + index, files, status, error) for key, index, files, status, error in rows(iter_shard_samples(str(b)))]
+    path = tmp_path / "joined.tar"
+    path.write_bytes(pack(a.read_bytes()) + pack(b.read_bytes()))
+    return path, expected
+
+
+@pytest.mark.parametrize("packer", list(PACKERS))
+def test_a_shard_of_two_archives_joined_by_cat_reads_both(tmp_path, packer):
+    """Every reader reads on past a's end-of-archive marker, as `tar --ignore-zeros` does: nothing of b
+    is dropped, by the fast reader, tarfile, a pipe or the sample count."""
+    path, expected = joined(tmp_path, PACKERS[packer])
+    assert len(expected) == 7 and [row[1] for row in expected] == list(range(7))
+    assert rows(iter_shard_samples(str(path))) == expected
+    assert rows(_tarfile_samples(str(path), False, 64 * 2**20)) == expected
+    assert rows(iter_shard_samples(f"pipe:cat {path}", allow_pipe=True)) == expected
+    assert count_shard_samples(str(path)) == count_shard_samples(f"pipe:cat {path}", allow_pipe=True) == 7
+
+
+def test_the_checks_at_the_end_of_the_second_archives_stream_are_made(tmp_path):
+    path, expected = joined(tmp_path, gzip.compress)
+    path.write_bytes(flipped(path.read_bytes(), -8))  # b's stream's CRC32
+    assert rows(iter_shard_samples(str(path))) == [*expected[:-1], (expected[-1][0], 6, {}, "shard_error", GZIP_CRC_FAILS)]
+
+
+def test_curated_shards_from_a_joined_source_copy_the_kept_samples_of_both_archives(tmp_path):
+    path, expected = joined(tmp_path, lambda data: data)
+    score_rows = [score_row(str(path), key, index, 0, float(index)) for key, index, *_ in expected]
+    run = write_score_run(tmp_path / "run", score_rows, [str(path)])
+    out = tmp_path / "out"
+    result = invoke("filter", run, "--out", out, "--where", "index % 2 = 0", "--write-shards", out / "shards")
+    assert result.exit_code == 0, result.output
+    copied = {}
+    for shard in sorted((out / "shards").glob("*.tar")):
+        with tarfile.open(shard) as tar:
+            copied.update({member.name: tar.extractfile(member).read() for member in tar})
+    assert copied == {f"{key}.{ext}": data for key, index, files, *_ in expected if index % 2 == 0
+                      for ext, data in files.items()}
+    assert {name.split(".")[0] for name in copied} == {"00000000", "00000002", "00000004", "00000006"}

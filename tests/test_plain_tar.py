@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import gzip
 import io
 import random
 import tarfile
+from pathlib import Path
 
 import pytest
 from helpers import image_text_samples, write_tar
@@ -218,3 +220,76 @@ def test_a_fifo_is_read_once_by_tarfile(tmp_path):
     writer.start()
     assert [row[1:] for row in rows(iter_shard_samples(str(fifo)))] == [row[1:] for row in same_as_tarfile(good)]
     writer.join(timeout=10)
+
+
+def appended(tmp_path, *tails: bytes) -> tuple[Path, list[tuple]]:
+    """a.tar with ``tails`` after it, and a's rows (the shard's name left out)."""
+    a = write_tar(tmp_path / "a.tar", image_text_samples(3))
+    good = [row[1:] for row in same_as_tarfile(a)]
+    path = tmp_path / "joined.tar"
+    path.write_bytes(a.read_bytes() + b"".join(tails))
+    return path, good
+
+
+def every_reader(path) -> list[tuple]:
+    """The rows of the fast reader, which tarfile, a pipe and the sample count agree with."""
+    table = [row[1:] for row in same_as_tarfile(path)]
+    assert [row[1:] for row in rows(iter_shard_samples(f"pipe:cat {path}", allow_pipe=True))] == table
+    assert count_shard_samples(str(path)) == count_shard_samples(f"pipe:cat {path}", allow_pipe=True) == len(table)
+    return table
+
+
+def test_after_the_end_marker_only_a_valid_header_starts_another_archive(tmp_path):
+    """Zero padding, or anything that is no tar header, after the end-of-archive marker ends the shard
+    cleanly, as it always did (it is never read as samples); an archive appended after it is read on."""
+    b = write_tar(tmp_path / "b.tar", image_text_samples(2, start=3)).read_bytes()
+    b_rows = [row[1:] for row in same_as_tarfile(tmp_path / "b.tar")]
+    b_rows = [(key, 3 + index, *rest) for key, index, *rest in b_rows]
+    noise = random.Random(0).randbytes(2048)
+    tails = {"zeros": bytes(5000), "a 1 MiB record's zeros": bytes(1 << 20), "a line": b"hello world\n",
+             "random bytes": noise, "zero blocks, then random bytes": bytes(1024) + noise[:700],
+             "less than a block": b"\x01" * 100, "a gzip stream": gzip.compress(b)}
+    for name, tail in tails.items():
+        path, good = appended(tmp_path, tail)
+        assert every_reader(path) == good, name
+        path, good = appended(tmp_path, b, tail)
+        assert every_reader(path) == good + b_rows, name
+    path, good = appended(tmp_path, bytes(5000))
+    assert read_plainly(path)  # no fall back to tarfile for the padding
+
+
+def test_a_tar_padded_to_a_1_mib_record_then_another_archive_is_read_a_megabyte_at_a_time(tmp_path, monkeypatch):
+    """`tar -b 2048` pads to a 1 MiB record: its zero blocks are skipped in one or two reads, not one
+    read (of a block) each."""
+    a = write_tar(tmp_path / "a.tar", image_text_samples(3)).read_bytes()
+    b = write_tar(tmp_path / "b.tar", image_text_samples(2, start=3)).read_bytes()
+    path = tmp_path / "padded.tar"
+    path.write_bytes(a + bytes(-len(a) % (1 << 20)) + b + bytes(1 << 20))
+    assert read_plainly(path)
+    assert [(key, index, status) for key, index, _, status, _ in every_reader(path)] == [
+        (f"{i:08d}", i, "ok") for i in range(5)]
+    import os
+
+    from mimicfilter.shards import tar_headers
+
+    reads, pread = [], os.pread
+    monkeypatch.setattr(tar_headers.os, "pread", lambda *args: reads.append(args[1]) or pread(*args))
+    assert count_shard_samples(str(path)) == 5
+    # 15 headers and 2 end-of-archive markers, then the zero blocks after each marker in a few 1 MiB reads
+    assert reads.count(512) == 15 + 2 and len(reads) <= 15 + 2 + 6 and max(reads) == tar_headers.ZERO_CHUNK
+
+
+def test_zero_blocks_are_skipped_in_large_chunks():
+    from mimicfilter.shards.tar_headers import ZERO_CHUNK, skip_zero_blocks
+
+    data = io.BytesIO(bytes(3 * ZERO_CHUNK + 1024) + b"\x01" * 1000 + bytes(5000))
+    sizes = []
+
+    def read(size):
+        sizes.append(size)
+        return data.read(size)
+
+    assert skip_zero_blocks(read, bytes(100)) == (3 * ZERO_CHUNK + 1024, (bytes(100) + data.getvalue())[3 * ZERO_CHUNK + 1024:4 * ZERO_CHUNK + 100])
+    assert sizes == [ZERO_CHUNK] * 4
+    assert skip_zero_blocks(io.BytesIO(bytes(700)).read) == (512, bytes(188))  # the data ends first
+    assert skip_zero_blocks(io.BytesIO(bytes(512) + b"\x01" + bytes(600)).read) == (512, b"\x01" + bytes(600))

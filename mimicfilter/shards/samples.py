@@ -166,11 +166,13 @@ def _tarfile_samples(url: str, allow_pipe: bool, limit: int) -> Iterator[RawSamp
 def count_shard_samples(url: str, *, allow_pipe: bool = False) -> int:
     """How many samples a shard holds (consecutive members sharing a key), reading headers only.
 
-    A local plain tar is read header by header, seeking over the data (:class:`PlainTar`);
-    anything else goes through tarfile (a URL or ``pipe:`` streamed). A shard that cannot be read
-    to its end counts the samples before the failure (scoring then reports the failure as a
-    ``shard_error`` row). The checks at the end of a compressed shard's data, after the tar's
-    end-of-archive marker, cannot change the count: a failed one takes the last sample's row.
+    A local plain tar is read header by header, seeking over the data (:class:`PlainTar`, or
+    tarfile for what it leaves); anything else goes through tarfile, streamed (a compressed file, a
+    URL, ``pipe:``). Archives appended after the end-of-archive marker (``cat a.tar b.tar``) are
+    counted, as scoring reads them. A shard that cannot be read to its end counts the samples
+    before the failure (scoring then reports the failure as a ``shard_error`` row). The checks at
+    the end of a compressed shard's data, after the tar's end-of-archive marker, cannot change the
+    count: a failed one takes the last sample's row.
     """
     local = not (is_url(url) or url.startswith("pipe:"))
     if local:

@@ -13,6 +13,10 @@ sizes), global pax or GNU long-name headers, sparse or unknown member types, bas
 header that fails a check, data or headers cut short — raises :class:`NeedsTarfile`, and the caller reads the shard
 with tarfile instead (:func:`mimicfilter.shards.samples.iter_shard_samples` then skips the samples
 it already gave). So a broken shard's status rows and messages stay tarfile's, exactly.
+
+An archive appended after the end-of-archive marker (``cat a.tar b.tar``) is read on, as GNU ``tar
+--ignore-zeros`` and :class:`~mimicfilter.shards.tar_stream.TarStream` read it: the zero blocks are
+skipped a megabyte at a time (:func:`skip_zero_blocks`), and the block after them is the next header.
 """
 
 from __future__ import annotations
@@ -21,7 +25,7 @@ import os
 import re
 import stat
 import zlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import NamedTuple
 
 BLOCK = 512
@@ -36,6 +40,9 @@ MAX_EXTENDED_BYTES = 1 << 16
 _TIMESTAMP_RECORD = re.compile(rb"(\d+) [acm]time=-?\d+(?:\.\d+)?\n")
 # Leading bytes that make tarfile's "r|*" (or "r:*") try a decompressor: gzip, bzip2, xz/lzma, zstd.
 _COMPRESSED = (b"\x1f\x8b", b"BZh", b"\x5d\x00\x00", b"\xfd7zXZ", b"\x28\xb5\x2f\xfd")
+# Zero blocks after an end-of-archive marker are read this much at a time: a tar padded to a 1 MiB
+# record (``tar -b 2048``) is one read, and the usual 10 KiB record's padding one short read.
+ZERO_CHUNK = 1 << 20
 _NUMBER_FIELDS = ((100, 108), (108, 116), (116, 124), (136, 148), (329, 337), (337, 345))  # size: parsed below
 
 
@@ -133,6 +140,40 @@ def parse_header(block: bytes) -> PlainHeader | None:
     return PlainHeader(name, kind, size)
 
 
+def _zero_blocks_at_front(data: bytes) -> int:
+    """How many whole all-zero blocks ``data`` starts with: compared a half at a time (memcmp), not
+    byte by byte in Python."""
+    low, high = 0, len(data) // BLOCK  # data[:low blocks] is all zero; data[:high blocks] is not, once checked
+    if data[:high * BLOCK] == bytes(high * BLOCK):
+        return high
+    while high - low > 1:
+        middle = (low + high) // 2
+        if data[low * BLOCK:middle * BLOCK] == bytes((middle - low) * BLOCK):
+            low = middle
+        else:
+            high = middle
+    return low
+
+
+def skip_zero_blocks(read: Callable[[int], bytes], ahead: bytes = b"") -> tuple[int, bytes]:
+    """Skip the all-zero blocks that follow a tar's end-of-archive marker, as GNU ``tar
+    --ignore-zeros`` does: ``ahead`` (bytes already read there), then what ``read(size)`` gives
+    (``b""`` at the end of the data), in chunks of :data:`ZERO_CHUNK`. Returns how many bytes the
+    skipped blocks hold and the bytes read past them: a whole block that is not all zero (the header
+    of an archive appended to this one, or something else) and whatever was read after it, or fewer
+    than a block's bytes where the data ends."""
+    skipped = 0
+    while True:
+        zeros = _zero_blocks_at_front(ahead) * BLOCK
+        skipped, ahead = skipped + zeros, ahead[zeros:]
+        if len(ahead) >= BLOCK:
+            return skipped, ahead
+        more = read(ZERO_CHUNK)
+        if not more:
+            return skipped, ahead
+        ahead += more
+
+
 def timestamps_only(data: bytes, size: int) -> bool:
     """Whether a pax extended header's data (``size`` bytes of records, then the block's NUL
     padding, as tarfile reads it) holds nothing but well-formed atime/ctime/mtime records."""
@@ -183,8 +224,11 @@ class PlainTar:
             header = parse_header(block)  # past the end (data cut short, skipped): a short header
             if extended and (header is None or header.extended):
                 raise NeedsTarfile("an extended header not followed by a member")
-            if header is None:
-                return
+            if header is None:  # an end-of-archive marker: an archive may follow (``cat a.tar b.tar``)
+                offset = self._after_zero_blocks(offset)
+                if offset is None:
+                    return
+                continue
             data_at, offset = offset + BLOCK, offset + BLOCK + header.stored_bytes
             extended = header.extended
             if extended:
@@ -196,6 +240,22 @@ class PlainTar:
                 continue
             self._data_at, self._unread_data = data_at, header.size if header.regular else 0
             yield header
+
+    def _after_zero_blocks(self, offset: int) -> int | None:
+        """Where the block after the zero blocks from ``offset`` (an all-zero block) lies, or None when the
+        file ends first, or less than a block follows them (tarfile stops there too). Whatever that block
+        is, it is read as the next header: one that fails a check is tarfile's (garbage after the end
+        is no archive to it, and then no error)."""
+        at = offset + BLOCK
+
+        def read(size: int) -> bytes:
+            nonlocal at
+            chunk = os.pread(self._descriptor, size, at)
+            at += len(chunk)
+            return chunk
+
+        skipped, rest = skip_zero_blocks(read)
+        return offset + BLOCK + skipped if len(rest) >= BLOCK else None
 
     def read(self) -> bytes:
         """The current member's data (once)."""

@@ -1,30 +1,33 @@
 """Any tar shard read member by member: :class:`TarStream`, the general tar reader.
 
 It opens a shard (local file, fsspec URL or allowed ``pipe:``), yields its members in order without
-accumulating headers, tells a clean end from a truncated or corrupt tail (of the tar, or of its
-gzip, bz2 or xz compression, read past the tar's end to the checks stored at the end of the
-compressed data), and describes a failure in one line naming where it happened. Both :mod:`mimicfilter.shards.samples` (scoring) and
-:mod:`mimicfilter.curate.reshard` (curated shards) read through it; local plain tars — most
-shards — are read for scoring by the faster :mod:`mimicfilter.shards.tar_headers`, which hands
-anything unusual back to it, so the rows are the same either way.
+accumulating headers, reads on past an end-of-archive marker when another archive follows (``cat
+a.tar b.tar``, as GNU ``tar --ignore-zeros`` does), tells a clean end from a truncated or corrupt
+tail (of the tar, or of its gzip, bz2 or xz compression, read past the tar's end to the checks
+stored at the end of the compressed data), and describes a failure in one line naming where it
+happened. Both :mod:`mimicfilter.shards.samples` (scoring) and :mod:`mimicfilter.curate.reshard`
+(curated shards) read through it; local plain tars — most shards — are read for scoring by the
+faster :mod:`mimicfilter.shards.tar_headers`, which hands anything unusual back to it, so the rows
+are the same either way. A streamed shard's bytes reach tarfile through :mod:`mimicfilter.shards.tar_bytes`.
 """
 
 from __future__ import annotations
 
-import bz2
 import contextlib
 import gzip
 import lzma
 import re
 import tarfile
 import zlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from typing import IO
 
 from mimicfilter.errors import MimicfilterError, one_line
 from mimicfilter.shards.discover import PIPE_HINT, PIPE_REFUSED
+from mimicfilter.shards.tar_bytes import DECOMPRESSORS, Source, TarBytes, compression_of, plain_file
+from mimicfilter.shards.tar_headers import BLOCK, skip_zero_blocks
 from mimicfilter.store.paths import is_url
 
 # What a broken/unreadable stream can raise: tarfile, compression, I/O, and fsspec's
@@ -64,22 +67,43 @@ def open_stream(url: str, allow_pipe: bool) -> AbstractContextManager[IO[bytes]]
     return open(url, "rb")
 
 
-def _recording_tarinfo(header_errors: list[tarfile.HeaderError]) -> type[tarfile.TarInfo]:
-    """A TarInfo class that remembers why tarfile stopped reading headers.
+def _recording_tarinfo(header_errors: list[tarfile.HeaderError],
+                       next_header: Callable[[tarfile.TarFile], bool] | None = None) -> type[tarfile.TarInfo]:
+    """A TarInfo class that remembers why tarfile stopped reading headers, and reads on past an
+    end-of-archive marker when ``next_header`` finds another archive after it.
 
     Streaming tarfile treats a short or garbage header after the first member as a normal end of
     archive; only an all-zero block is a real end marker. Recording the header error lets us tell
     a clean end from a truncated or corrupt tail, which would otherwise lose samples silently.
+
+    An all-zero block where a member's header should be calls ``next_header(tar)``: it skips the zero
+    blocks that follow and says whether a valid header comes next, which is then read as the next
+    member (``cat a.tar b.tar``: b's members follow a's, as with GNU ``tar --ignore-zeros``). Anything
+    else after the zero blocks — garbage, a short block, the end of the data — ends the archive there,
+    cleanly, as the marker alone did. (tarfile's own ``ignore_zeros`` skips garbage blocks too, one
+    block at a time.) Only a member's own header is looked for so: a zero block where a pax or GNU
+    long-name header's member should be stays tarfile's error.
     """
+    depth = 0  # 1 for a member's header; more for the header that a pax or long-name header describes
 
     class RecordingTarInfo(tarfile.TarInfo):
         @classmethod
         def fromtarfile(cls, tar: tarfile.TarFile) -> tarfile.TarInfo:
+            nonlocal depth
+            depth += 1
             try:
-                return super().fromtarfile(tar)
-            except tarfile.HeaderError as exc:
-                header_errors.append(exc)
-                raise
+                while True:
+                    try:
+                        return super().fromtarfile(tar)
+                    except tarfile.EOFHeaderError as exc:
+                        if depth > 1 or next_header is None or not next_header(tar):
+                            header_errors.append(exc)
+                            raise
+                    except tarfile.HeaderError as exc:
+                        header_errors.append(exc)
+                        raise
+            finally:
+                depth -= 1
 
     return RecordingTarInfo
 
@@ -186,70 +210,11 @@ def not_regular(name: str, kind: bytes) -> str:
     return f"member {name} is {what}, not a regular file{links}"
 
 
-# tarfile's "r|*" tells compression by these leading bytes (tarfile._StreamProxy); the shard is then
-# decompressed here, by the stdlib's file readers, which (unlike tarfile's stream) raise EOFError when
-# the compressed data ends before its end-of-stream marker: a cut .tar.bz2 is not an "empty file".
-_HEAD_BYTES = 10
 # What follows a tar's end-of-archive marker in its compressed data: the marker's second zero block
-# and the padding to the tar's record (10 KiB by default). It is read, in chunks that are dropped, up
-# to this much: the checks stored at the end of the compressed data lie beyond it.
+# and the padding to the tar's record (10 KiB by default), or another archive. It is read, in chunks
+# that are dropped, up to this much: the checks stored at the end of the compressed data lie beyond it.
 MAX_AFTER_END_BYTES = 64 * 2**20
 _AFTER_END_CHUNK = 2**16
-_DECOMPRESSORS = {"gzip": lambda source: gzip.GzipFile(fileobj=source, mode="rb"), "bz2": bz2.BZ2File,
-                  "xz": lzma.LZMAFile}
-
-
-def compression_of(head: bytes) -> str | None:
-    """``gzip``, ``bz2`` or ``xz`` (also legacy .lzma) by a stream's first bytes, as tarfile's "r|*" tells them; else None."""
-    if head.startswith(b"\x1f\x8b\x08"):
-        return "gzip"
-    if head[0:3] == b"BZh" and head[4:10] == b"1AY&SY":
-        return "bz2"
-    if head.startswith((b"\x5d\x00\x00\x80", b"\xfd7zXZ")):
-        return "xz"
-    return None
-
-
-class _Source:
-    """A shard's byte stream with its first bytes (read to tell its compression) put back; it
-    remembers a failed read, so that a decompressor's error is told apart from an I/O error."""
-
-    def __init__(self, raw: IO[bytes]):
-        self._raw = raw
-        self.failed = False
-        head = b""
-        while len(head) < _HEAD_BYTES and (more := self._read(_HEAD_BYTES - len(head))):
-            head += more
-        self.head = self._unread = head
-
-    def _read(self, size: int) -> bytes:
-        try:
-            return self._raw.read(size)
-        except BaseException:
-            self.failed = True
-            raise
-
-    def read(self, size: int = -1) -> bytes:
-        if not self._unread:
-            return self._read(size)
-        head, self._unread = self._unread, b""
-        if size is None or size < 0:
-            return head + self._read(-1)
-        if size < len(head):
-            head, self._unread = head[:size], head[size:]
-        return head
-
-
-class _StepReader:
-    """A decompressing reader read one step at a time (``read1``): its buffered ``read(n)`` loops until
-    it has ``n`` bytes and, when the data ends part way, drops what it had decompressed — and with it
-    the last samples before the cut. tarfile stops asking once it has the header or data it needs."""
-
-    def __init__(self, reader: IO[bytes]):
-        self._reader = reader
-
-    def read(self, size: int = -1) -> bytes:
-        return self._reader.read1(size)
 
 
 class TarStream:
@@ -269,35 +234,73 @@ class TarStream:
     def __init__(self, url: str, allow_pipe: bool = False, seeking: bool = False):
         self.url = url
         self.allow_pipe = allow_pipe
-        self.seeking = seeking  # a local file read with seeks over the data (for headers only)
+        self.seeking = seeking  # a local plain file read with seeks over the data (for headers only)
         self.done: str | None = None  # last member fully handled
         self.reading: str | None = None  # member whose data is being read right now
         self._header_errors: list[tarfile.HeaderError] = []
         self._tar: tarfile.TarFile | None = None
-        self._source: _Source | None = None
+        self._source: Source | None = None
+        self._bytes: TarBytes | None = None  # what tarfile reads (streaming only)
         self._decompressed: IO[bytes] | None = None  # the decompressor's reader (compressed shards only)
         self.compression: str | None = None  # gzip, bz2 or xz: decompressed here (streaming only)
+        self._after_marker = 0  # bytes of the decompressed data read past the last end-of-archive marker
+        self._end_error: BaseException | None = None  # the decompressor's, raised there: its end checks failed
 
     @contextlib.contextmanager
     def open(self) -> Iterator[Iterator[TarMember]]:
-        tarinfo = _recording_tarinfo(self._header_errors)
+        tarinfo = _recording_tarinfo(self._header_errors, self._next_header)
         with contextlib.ExitStack() as stack:
             raw = stack.enter_context(open_stream(self.url, self.allow_pipe))
-            if self.seeking:  # a local file: tarfile tells and opens any compression itself
-                tar = stack.enter_context(tarfile.open(fileobj=raw, mode="r:*", tarinfo=tarinfo))
+            if self.seeking and plain_file(raw):  # seeks over the data (a compressed file is streamed)
+                tar = stack.enter_context(tarfile.open(fileobj=raw, mode="r:", tarinfo=tarinfo))
             else:
-                tar = stack.enter_context(tarfile.open(fileobj=self._tar_bytes(raw, stack), mode="r|", tarinfo=tarinfo))
+                self._bytes = self._tar_bytes(raw, stack)
+                tar = stack.enter_context(tarfile.open(fileobj=self._bytes, mode="r:", tarinfo=tarinfo))
             self._tar = tar
             yield self._members(tar)
 
-    def _tar_bytes(self, raw: IO[bytes], stack: contextlib.ExitStack) -> _Source | _StepReader:
+    def _tar_bytes(self, raw: IO[bytes], stack: contextlib.ExitStack) -> TarBytes:
         """The stream's tar bytes: decompressed here when its first bytes say gzip, bz2 or xz."""
-        self._source = _Source(raw)
+        self._source = Source(raw)
         self.compression = compression_of(self._source.head)
         if self.compression is None:
-            return self._source
-        self._decompressed = stack.enter_context(_DECOMPRESSORS[self.compression](self._source))
-        return _StepReader(self._decompressed)
+            return TarBytes(self._source.read)
+        self._decompressed = stack.enter_context(DECOMPRESSORS[self.compression](self._source))
+        return TarBytes(self._decompressed.read1)
+
+    def _next_header(self, tar: tarfile.TarFile) -> bool:
+        """After an all-zero block where a header should be: skip the zero blocks that follow, in large
+        chunks, and say whether a valid tar header comes next (tarfile then reads it)."""
+        if self._bytes is None:  # a local plain file, read with seeks
+            start = tar.fileobj.tell()
+            skipped, rest = skip_zero_blocks(tar.fileobj.read)
+            tar.fileobj.seek(start + skipped)
+        else:
+            self._after_marker = 0
+            skipped, rest = skip_zero_blocks(self._read_past_marker, self._bytes.take_ahead())
+            self._bytes.put_back(skipped, rest)
+        try:
+            tarfile.TarInfo.frombuf(rest[:BLOCK], tar.encoding, tar.errors)
+        except tarfile.HeaderError:
+            return False
+        return True
+
+    def _read_past_marker(self, size: int) -> bytes:
+        """The stream's bytes after an end-of-archive marker. Past a compressed shard's, a failure of
+        the decompressor ends them: it is its end checks', told once the tar has ended
+        (:meth:`_read_to_stream_end`); and at most :data:`MAX_AFTER_END_BYTES` are read there."""
+        try:
+            chunk = self._bytes.read_source(size)
+        except STREAM_ERRORS as exc:
+            if self._decompressed is None or self._source.failed:
+                raise
+            self._end_error = exc
+            return b""
+        if self._decompressed is not None:
+            self._after_marker += len(chunk)
+            if self._after_marker > MAX_AFTER_END_BYTES:
+                raise StreamEndError(self._unchecked())
+        return chunk
 
     def _members(self, tar: tarfile.TarFile) -> Iterator[TarMember]:
         while (info := tar.next()) is not None:
@@ -315,24 +318,29 @@ class TarStream:
         """Read the decompressed data after the tar's end-of-archive marker to its end, dropping it, so
         that the decompressor makes the checks stored there: gzip's CRC32 and length of every stream,
         bz2's block and stream CRCs, xz's block checks and index. Without them a byte flipped in the
-        compressed data (in a stored deflate block, say) gives wrong samples and no error."""
-        after_end = 0
-        while True:
+        compressed data (in a stored deflate block, say) gives wrong samples and no error. (Skipping
+        the marker's zero blocks has often read to the end already.)"""
+        while self._end_error is None:
             try:
                 chunk = reader.read(_AFTER_END_CHUNK)
             except STREAM_ERRORS as exc:
                 if self._source is not None and self._source.failed:
                     raise  # reading the file failed, not its checks: described as such
-                if isinstance(exc, gzip.BadGzipFile) and str(exc).startswith("Not a gzipped file"):
-                    return  # bytes after the last stream, whose checks passed: ignored, as gzip -d and bz2/xz do
-                raise StreamEndError(end_failure(self.compression or "compressed", exc)) from exc
+                self._end_error = exc
+                break
             if not chunk:
                 return
-            after_end += len(chunk)
-            if after_end > MAX_AFTER_END_BYTES:
-                raise StreamEndError(
-                    f"unchecked {self.compression} data: more than {MAX_AFTER_END_BYTES / 2**20:g} MiB follow the "
-                    f"tar's end-of-archive marker, so the checks at the stream's end are not read; {_MAY_BE_CORRUPT}")
+            self._after_marker += len(chunk)
+            if self._after_marker > MAX_AFTER_END_BYTES:
+                raise StreamEndError(self._unchecked())
+        exc = self._end_error
+        if isinstance(exc, gzip.BadGzipFile) and str(exc).startswith("Not a gzipped file"):
+            return  # bytes after the last stream, whose checks passed: ignored, as gzip -d and bz2/xz do
+        raise StreamEndError(end_failure(self.compression or "compressed", exc)) from exc
+
+    def _unchecked(self) -> str:
+        return (f"unchecked {self.compression} data: more than {MAX_AFTER_END_BYTES / 2**20:g} MiB follow the "
+                f"tar's end-of-archive marker, so the checks at the stream's end are not read; {_MAY_BE_CORRUPT}")
 
     @contextlib.contextmanager
     def member_data(self, member: TarMember) -> Iterator[IO[bytes]]:
