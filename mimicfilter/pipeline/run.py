@@ -130,7 +130,7 @@ def with_anchors(config: ScoreConfig) -> ScoreConfig:
 def with_pool_lr(config: ScoreConfig) -> tuple[ScoreConfig, int | None]:
     """The config with the task's default lr where it depends on the pool's size, and the number
     of samples it was computed from (None: nothing to count). The samples are counted from the
-    shards' tar headers (local files: seeking over the data; URLs and pipes: streamed once)."""
+    shards' tar headers (local plain tars: seeking over the data; compressed files, URLs and pipes: streamed once)."""
     if not config.lr_needs_pool_size:
         return config, None
     with ThreadPoolExecutor(max(1, min(16, len(config.shards)))) as readers:
