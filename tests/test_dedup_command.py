@@ -142,7 +142,7 @@ def test_two_runs_at_once_on_one_out_both_finish_with_the_same_result(pool, tmp_
 
     def the_other_run_ends_first(*args, **kwargs):
         if not inner:
-            inner.append(None)
+            inner.append(None)  # first: the inner run calls this too, and must go straight on
             inner.append(_dedup(*arguments))  # runs whole while this one holds the buckets
             assert (tmp_path / "both" / "_SUCCESS").exists()
         return original(*args, **kwargs)
