@@ -172,6 +172,19 @@ def test_targets_choose_the_cut(tmp_path):
                                                   "--top-frac", "clip_score=0.5").stderr
 
 
+def test_a_report_of_a_filter_manifest_describes_the_cut_the_filter_made(tmp_path):
+    run, _ = anchored_run(tmp_path, clean_share=0.5, gap=1.0)
+    for target in (["--target-precision", "0.95"], ["--target-recall", "0.9"], []):
+        out = tmp_path / f"filter{len(target) and target[1]}"
+        assert invoke("filter", run, "--out", out, *target).exit_code == 0
+        made = json.loads((out / "summary.json").read_text())["calibration"]["cut"]
+        result = invoke("report", run, "--filter-manifest", out / "manifest.parquet", "--out", out / "report",
+                        "--sheet-size", "0", "--json")
+        assert result.exit_code == 0, result.output
+        shown = json.loads(result.stdout)["calibration"]["cut"]
+        assert shown["target"] == made["target"] and shown["rule"] == made["rule"], target
+
+
 def test_a_cut_that_keeps_nothing_has_no_precision():
     """Not "precision 100 %" of an empty set (a --target-recall below what the trusted sample can measure)."""
     from types import SimpleNamespace

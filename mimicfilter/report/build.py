@@ -49,8 +49,8 @@ from mimicfilter.report.plots import (
 from mimicfilter.report.samples import Sampled, draw_samples, sheet_entries
 from mimicfilter.report.sheets import contact_sheets, decode_config_of_run
 from mimicfilter.report.sheets import THUMBNAIL_DIR
-from mimicfilter.report.tally import (check_manifest_inputs, curated_shards_mismatch, decisions, drop_reasons, funnel,
-                                      shard_quality, status_counts)
+from mimicfilter.report.tally import (check_manifest_inputs, curated_shards_mismatch, decisions, drop_reasons,
+                                      filter_cut_target, funnel, shard_quality, status_counts)
 from mimicfilter.shards.discover import shard_locator
 from mimicfilter.store.atomic import atomic_write_bytes, atomic_write_json
 from mimicfilter.store.guard import Inputs, Output, guard_outputs
@@ -148,9 +148,12 @@ def build_report(config: ReportConfig) -> dict[str, Any]:
     return summary
 
 
-def _calibration(connection, rule: dict[str, Any]) -> CalibratedCut | None:
-    """With a filter manifest: the pool's calibration against its anchors (the manifest decides what is kept)."""
-    return calibrated_cut(connection, [int(epoch) for epoch in (rule.get("aggregation") or {}).get("thresholds", {})])
+def _calibration(connection, rule: dict[str, Any], manifest: Path | None) -> CalibratedCut | None:
+    """With a filter manifest: the pool's calibration against its anchors, its cut at the target the
+    filter cut at (the manifest decides what is kept; the page describes the same cut)."""
+    target = filter_cut_target(str(manifest)) if manifest is not None else {}
+    return calibrated_cut(connection, [int(epoch) for epoch in (rule.get("aggregation") or {}).get("thresholds", {})],
+                          target.get("precision"), target.get("recall"))
 
 
 def _write_report(config: ReportConfig, info: dict[str, Any], files: list[str], out: Path) -> dict[str, Any]:
@@ -161,7 +164,7 @@ def _write_report(config: ReportConfig, info: dict[str, Any], files: list[str], 
         connection = connect(config.memory_limit, spill)
         load_scores(connection, files)
         rule = decisions(connection, config.aggregation, config.filter_manifest, reuse)
-        calibration = rule.get("calibration") or _calibration(connection, rule)
+        calibration = rule.get("calibration") or _calibration(connection, rule, config.filter_manifest)
         anchor_warnings = calibration_warnings(connection, calibration)
         estimate = (reuse.estimate if reuse and reuse.usable
                     else estimate_quality(connection, rule["aggregation"], config.aggregation))

@@ -170,6 +170,17 @@ def curated_shards_mismatch(manifest: Path) -> str | None:
             "that wrote this manifest (a filter stopped between publishing the two?): run the filter again")
 
 
+def filter_cut_target(manifest: str) -> dict[str, float]:
+    """The calibrated cut's target that ``filter`` wrote the manifest with (``{"precision": p}`` or
+    ``{"recall": r}``, from its summary.json); empty when it made none, or nothing says."""
+    target = ((((_filter_summary(manifest) or {}).get("calibration") or {}).get("cut") or {}).get("target") or {})
+    if not isinstance(target, dict) or len(target) != 1:
+        return {}
+    (name, value), = target.items()
+    ok = name in ("precision", "recall") and isinstance(value, (int, float)) and 0 < value <= 1
+    return {name: float(value)} if ok else {}
+
+
 def _manifest_rules(manifest: str) -> dict[str, Any]:
     """The filter's rules from its ``summary.json``; none known (a rule that may fix the kept share) without one."""
     return (_filter_summary(manifest) or {}).get("rules", {})
