@@ -66,6 +66,7 @@ class Inputs:
     space: dict[str, Any]  # the embedding space, recorded in run.json
     match: tuple[str, ...]  # how filter finds a sample of the run: ("shard", "index") or the id column
     rows: int  # rows in the units (an upper bound of the samples: the cell count follows it)
+    run: Source | None = None  # --features-from: the run whose samples the files' ids must name
 
 
 def _run_units(source: Source) -> list[Unit]:
@@ -78,11 +79,11 @@ def _run_units(source: Source) -> list[Unit]:
 def open_inputs(config: DedupConfig) -> Inputs:
     """The units and how to read them; refuses sources without embeddings, or of two spaces."""
     if config.features_from is not None:
-        open_run(Path(config.run), "run")  # the run whose samples the files' ids must name
+        run = open_run(Path(config.run), "run")
         spec, opened = config.features_from, open_features(config.features_from)
         units = [Unit(file.layout, file.path) for file in opened.files]
         return _checked(config, Inputs(units, Reading(opened.columns, opened.dim, spec.id_column), opened.space,
-                                       (spec.id_column,), sum(row_count(file) for file in opened.files)))
+                                       (spec.id_column,), sum(row_count(file) for file in opened.files), run))
     sources = [open_run(Path(path), "--embeddings run") for path in config.embeddings] or \
         [open_run(Path(config.run), "run")]
     for source in sources:
@@ -102,7 +103,7 @@ def open_inputs(config: DedupConfig) -> Inputs:
 def check_features_ids(config: DedupConfig, inputs: Inputs) -> None:
     """``--features-from``: some of the files' ids (a bounded sample) are RUN's, and none is there
     twice (:mod:`~mimicfilter.extrapolate.external_ids`)."""
-    run = open_run(Path(config.run), "run")
+    run = inputs.run
     files = [ExternalFile(unit.path, unit.kind) for unit in inputs.units]
     id_column = inputs.reading.id_column
     check_some_match(files, id_column, [unit.path for unit in _run_units(run)], run.info.get("shards", []),
