@@ -183,6 +183,14 @@ def test_a_report_of_a_filter_manifest_describes_the_cut_the_filter_made(tmp_pat
         assert result.exit_code == 0, result.output
         shown = json.loads(result.stdout)["calibration"]["cut"]
         assert shown["target"] == made["target"] and shown["rule"] == made["rule"], target
+    # a summary.json edited by hand into other shapes: the default cut, not a traceback
+    summary_file = out / "summary.json"
+    for calibration in ("x", {"cut": []}, {"cut": {"target": {"recall": True}}}):
+        summary_file.write_text(json.dumps(json.loads(summary_file.read_text()) | {"calibration": calibration}))
+        result = invoke("report", run, "--filter-manifest", out / "manifest.parquet", "--out", out / "report",
+                        "--sheet-size", "0", "--json")
+        assert result.exit_code == 0, result.output
+        assert json.loads(result.stdout)["calibration"]["cut"]["target"] == {"recall": 0.95}
 
 
 def test_a_cut_that_keeps_nothing_has_no_precision():

@@ -173,11 +173,14 @@ def curated_shards_mismatch(manifest: Path) -> str | None:
 def filter_cut_target(manifest: str) -> dict[str, float]:
     """The calibrated cut's target that ``filter`` wrote the manifest with (``{"precision": p}`` or
     ``{"recall": r}``, from its summary.json); empty when it made none, or nothing says."""
-    target = ((((_filter_summary(manifest) or {}).get("calibration") or {}).get("cut") or {}).get("target") or {})
+    target: Any = _filter_summary(manifest)
+    for key in ("calibration", "cut", "target"):
+        target = target.get(key) if isinstance(target, dict) else None
     if not isinstance(target, dict) or len(target) != 1:
         return {}
     (name, value), = target.items()
-    ok = name in ("precision", "recall") and isinstance(value, (int, float)) and 0 < value <= 1
+    ok = name in ("precision", "recall") and isinstance(value, (int, float)) and not isinstance(value, bool) \
+        and 0 < value <= 1
     return {name: float(value)} if ok else {}
 
 
