@@ -2,8 +2,8 @@
 
 Local files are written under a temp name in the target's directory (``.NAME.PID@HOST-XXXX.tmp``:
 readers skip dot files; the next run removes those of killed processes, store/scratch.py) and
-renamed into place, so a crash leaves the old file or no file, never half of one. Remote (fsspec) paths are written with one upload, which object stores publish only once it
-is complete.
+renamed into place, so a crash leaves the old file or no file, never half of one. Remote (fsspec)
+paths are written with one upload, which object stores publish only once it is complete.
 
 Files get the mode a plain ``open(path, "w")`` would give them (0666 less the umask): the temp
 files ``mkstemp`` makes are private (0600), and a rename keeps that mode, which would hide every
